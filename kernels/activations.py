@@ -1,0 +1,79 @@
+"""MLP activations and softmax."""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+@njit(cache=True, parallel=True, fastmath=True, nogil=True)
+def silu_mul(gu, out):
+    """SwiGLU. gu: f32[M, 2F] (gate in [:, :F], up in [:, F:]), out: f32[M, F] <- silu(gate) * up."""
+    M, F2 = gu.shape
+    F = F2 // 2
+    for m in prange(M):
+        for i in range(F):
+            g = gu[m, i]
+            out[m, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * gu[m, F + i]
+
+
+@njit(cache=True, parallel=True, fastmath=False, nogil=True)
+def gelu(x):
+    """Exact (erf) GELU, in place on f32[M, F]."""
+    M, F = x.shape
+    for m in prange(M):
+        for i in range(F):
+            v = x[m, i]
+            x[m, i] = np.float32(0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))))
+
+
+@njit(cache=True, parallel=True, fastmath=False, nogil=True)
+def gelu_tanh(x):
+    """tanh-approximated GELU (GPT-2's gelu_new), in place on f32[M, F]."""
+    M, F = x.shape
+    for m in prange(M):
+        for i in range(F):
+            v = np.float64(x[m, i])
+            x[m, i] = np.float32(0.5 * v * (1.0 + math.tanh(SQRT_2_OVER_PI * (v + 0.044715 * v * v * v))))
+
+
+@njit(cache=True, fastmath=True, nogil=True)
+def softmax(x, out):
+    """x, out: f32[V]. Numerically stable softmax (max subtracted); -inf entries give 0."""
+    mx = -np.inf
+    for i in range(x.shape[0]):
+        if x[i] > mx:
+            mx = x[i]
+    s = 0.0
+    for i in range(x.shape[0]):
+        e = math.exp(x[i] - mx)
+        out[i] = e
+        s += e
+    inv = 1.0 / s
+    for i in range(x.shape[0]):
+        out[i] *= inv
+
+
+def silu_mul_ref(gu):
+    gu = np.asarray(gu, np.float64)
+    F = gu.shape[1] // 2
+    g, u = gu[:, :F], gu[:, F:]
+    return (g / (1 + np.exp(-g)) * u).astype(np.float32)
+
+
+def gelu_ref(x):
+    from math import erf
+    x = np.asarray(x, np.float64)
+    return (0.5 * x * (1 + np.vectorize(erf)(x / math.sqrt(2)))).astype(np.float32)
+
+
+def gelu_tanh_ref(x):
+    x = np.asarray(x, np.float64)
+    return (0.5 * x * (1 + np.tanh(SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)))).astype(np.float32)
+
+
+def softmax_ref(x):
+    x = np.asarray(x, np.float64)
+    e = np.exp(x - x.max())
+    return (e / e.sum()).astype(np.float32)

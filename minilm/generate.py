@@ -1,0 +1,106 @@
+"""Token generation on top of the transformer: prompt prefix reuse, sampling, stop conditions,
+and UTF-8-safe streaming detokenization."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .errors import ContextOverflowError
+from .sampling import Sampler, check_params
+
+# How many prompt tokens are decoded together with the continuation so that its first piece
+# keeps its leading space (sentencepiece decoders strip the space of a text's first token).
+_CTX_TOKENS = 4
+
+
+def check_generate_args(max_new_tokens, stop, **sampling):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop={stop!r}: must be a non-empty string or a list of non-empty strings")
+        stop = list(stop)
+    check_params(**sampling)
+    return list(stop or [])
+
+
+def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
+                    eos_ids=(), ignore_eos=False) -> Iterator[int]:
+    """Yield new token ids. Reuses the cached prefix shared with the previous call."""
+    net = model.net
+    cache = net.cache
+    if not prompt_ids:
+        raise ValueError("prompt is empty: give at least one token (or a tokenizer with a BOS token)")
+    if len(prompt_ids) + max_new_tokens > cache.n_ctx:
+        raise ContextOverflowError(
+            f"context overflow: prompt of {len(prompt_ids)} tokens + max_new_tokens={max_new_tokens} "
+            f"> n_ctx={cache.n_ctx}")
+    keep = min(cache.common_prefix(prompt_ids), len(prompt_ids) - 1)  # re-run >= 1 token for logits
+    cache.truncate(keep)
+    logits = net.prefill(prompt_ids[keep:])
+    history = list(prompt_ids)
+    eos = set(eos_ids)
+    for _ in range(max_new_tokens):
+        tok = sampler(logits, history)
+        if tok in eos and not ignore_eos:
+            return
+        history.append(tok)
+        yield tok
+        if len(history) >= cache.n_ctx:        # cannot hold another token; max_new_tokens checked above
+            return
+        logits = net.decode(tok)
+
+
+class TextStream:
+    """Turns token ids into text pieces: never splits a UTF-8 character (holds back a trailing
+    U+FFFD until the rest of its bytes arrive) and never emits text that may start a stop string."""
+
+    def __init__(self, tokenizer, prompt_ids, stop):
+        self.tok = tokenizer
+        self.ctx = list(prompt_ids[-_CTX_TOKENS:])
+        self.ctx_text = tokenizer.decode(self.ctx)
+        self.ids: list[int] = []
+        self.stop = stop
+        self.sent = 0          # chars of the continuation already emitted
+        self.done = False
+
+    def text(self) -> str:
+        full = self.tok.decode(self.ctx + self.ids)
+        if full.startswith(self.ctx_text):
+            return full[len(self.ctx_text):]
+        return self.tok.decode(self.ids)
+
+    def push(self, tok: int) -> str:
+        """Add a token; return the new safe-to-show text (may be ''). Sets done on a stop string."""
+        self.ids.append(tok)
+        t = self.text()
+        for s in self.stop:
+            i = t.find(s, max(0, self.sent - len(s) + 1))
+            if i >= 0:
+                t = t[:i]
+                self.done = True
+        if not self.done:
+            if t.endswith("\ufffd"):
+                return ""                       # incomplete multi-byte character: wait
+            hold = 0
+            for s in self.stop:                 # the tail may be the start of a stop string
+                for k in range(min(len(s) - 1, len(t)), 0, -1):
+                    if t.endswith(s[:k]):
+                        hold = max(hold, k)
+                        break
+            t = t[:len(t) - hold]
+        piece = t[self.sent:] if len(t) > self.sent else ""
+        self.sent = max(self.sent, len(t))
+        return piece
+
+    def finish(self) -> str:
+        """Flush what was held back for a possible stop string once generation ends."""
+        if self.done:
+            return ""
+        t = self.text()
+        piece = t[self.sent:]
+        self.sent = len(t)
+        return piece

@@ -1,0 +1,131 @@
+"""`LM`: what `minilm.load` returns — tokenizer + transformer + generate()/logits()/perplexity()."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from .config import Config
+from .generate import TextStream, check_generate_args, generate_tokens
+from .model import Transformer
+from .sampling import Sampler
+
+
+class LM:
+    def __init__(self, cfg: Config, tensors: dict, tokenizer, n_ctx: int, source: str = "", quant: str = "f32"):
+        self.config = cfg
+        self.tokenizer = tokenizer
+        self.net = Transformer(cfg, tensors, n_ctx)
+        self.tensors = tensors
+        self.source = source
+        self.quant = quant
+        eos = list(cfg.eos_token_ids)
+        for e in tokenizer.eos_token_ids:
+            if e not in eos:
+                eos.append(e)
+        self.eos_token_ids = eos
+
+    @property
+    def n_ctx(self) -> int:
+        return self.net.n_ctx
+
+    def reset(self) -> None:
+        """Forget the cached context."""
+        self.net.cache.reset()
+
+    # ---- scoring ---------------------------------------------------------------------------
+    def logits(self, ids) -> np.ndarray:
+        """f32[len(ids), V]: logits at every position, fresh cache, positions 0..len-1."""
+        ids = self._ids(ids)
+        self.reset()
+        out = self.net.all_logits(ids)
+        self.reset()
+        return out
+
+    def perplexity(self, ids, window: int | None = None) -> dict:
+        """exp(mean NLL) over ids split into non-overlapping windows, each run from position 0."""
+        ids = self._ids(ids)
+        window = window or self.n_ctx
+        nll, n = 0.0, 0
+        for a in range(0, len(ids), window):
+            w = ids[a:a + window]
+            if len(w) < 2:
+                continue
+            lg = self.logits(w).astype(np.float64)[:-1]       # [T-1, V]
+            lse = np.log(np.exp(lg - lg.max(1, keepdims=True)).sum(1)) + lg.max(1)
+            nll += float((lse - lg[np.arange(len(w) - 1), w[1:]]).sum())
+            n += len(w) - 1
+        return {"ppl": float(np.exp(nll / n)), "mean_nll": nll / n, "tokens": n}
+
+    # ---- generation ------------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, stop=None, stream: bool = False, ignore_eos: bool = False):
+        """Continue `prompt` (text, or a list of token ids). Greedy when temperature == 0.
+
+        Returns the new text, or with stream=True an iterator of text pieces that concatenate to
+        exactly that text. Stops at an EOS id, at a stop string (not returned), or after
+        max_new_tokens.
+        """
+        pieces = self._generate(prompt, max_new_tokens, temperature, top_k, top_p, min_p,
+                                repetition_penalty, seed, stop, ignore_eos)
+        return pieces if stream else "".join(pieces)
+
+    def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, min_p,
+                  repetition_penalty, seed, stop, ignore_eos) -> Iterator[str]:
+        # validate eagerly (before the caller starts iterating)
+        stop = check_generate_args(max_new_tokens, stop, temperature=temperature, top_k=top_k,
+                                   top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+        ids = self.encode_prompt(prompt)
+        sampler = Sampler(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        toks = generate_tokens(self, ids, max_new_tokens, sampler, self.eos_token_ids, ignore_eos)
+        return self._stream(toks, TextStream(self.tokenizer, ids, stop))
+
+    @staticmethod
+    def _stream(toks, ts: TextStream) -> Iterator[str]:
+        for t in toks:
+            piece = ts.push(t)
+            if piece:
+                yield piece
+            if ts.done:
+                toks.close()
+                return
+        tail = ts.finish()
+        if tail:
+            yield tail
+
+    def generate_ids(self, prompt, max_new_tokens: int = 128, ignore_eos: bool = False, **sampling) -> list[int]:
+        """Like generate() but returns the new token ids (no stop strings)."""
+        check_generate_args(max_new_tokens, None, **{k: v for k, v in sampling.items() if k != "seed"})
+        seed = sampling.pop("seed", None)
+        sampler = Sampler(self.config.vocab_size, seed=seed, **sampling)
+        return list(generate_tokens(self, self.encode_prompt(prompt), max_new_tokens, sampler,
+                                    self.eos_token_ids, ignore_eos))
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def encode_prompt(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return [int(t) for t in self._ids(prompt)]
+
+    def _ids(self, ids) -> np.ndarray:
+        try:
+            a = np.asarray(ids)
+        except Exception:
+            raise ValueError("ids must be a sequence of integers") from None
+        if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+            raise ValueError(f"ids must be a 1-D sequence of integers, got shape {a.shape} of {a.dtype}")
+        if a.size == 0:
+            raise ValueError("ids is empty")
+        V = self.config.vocab_size
+        if a.min() < 0 or a.max() >= V:
+            raise ValueError(f"ids contain a token id outside [0, {V}) (vocab_size): "
+                             f"{int(a.min()) if a.min() < 0 else int(a.max())}")
+        return a.astype(np.int64)
+
+    def __repr__(self) -> str:
+        c = self.config
+        nbytes = sum(getattr(t, "nbytes", 0) for t in self.tensors.values())
+        return (f"<minilm.LM {c.model_type} from {self.source!r}: {c.n_layers} layers, D={c.hidden_size}, "
+                f"heads {c.n_heads}/{c.n_kv_heads}, vocab {c.vocab_size}, quant={self.quant}, "
+                f"weights {nbytes / 1e6:.1f} MB, KV cache {self.net.cache.nbytes / 1e6:.1f} MB for n_ctx={self.n_ctx}>")

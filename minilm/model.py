@@ -1,0 +1,194 @@
+"""The forward pass: one file, top to bottom.
+
+    ids ─▶ embed (+ learned positions) ─▶ for each layer:
+              norm ─▶ qkv (+bias) ─▶ (q/k norm) ─▶ RoPE ─▶ write k,v into the cache
+                   ─▶ attention over the cache ─▶ out-proj (+bias) ─▶ residual
+              norm ─▶ MLP (gate·up SiLU, or up GELU) ─▶ down (+bias) ─▶ residual
+              (GPT-NeoX: both branches read the same x and add together: parallel residual)
+         ─▶ final norm ─▶ lm head ─▶ logits
+
+Shapes: M new tokens, D hidden, H query heads, Hkv kv heads, hd head dim, F ffn, V vocab.
+Architecture differences are switches read from `Config`; there is one loop for all of them.
+`prefill` runs a whole prompt as matrix-matrix products; `decode` runs one token as
+matrix-vector products. All scratch buffers are allocated once (`RunState`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .cache import KVCache
+from .config import Config, rope_inv_freq
+from .kernels.activations import gelu, gelu_tanh, silu_mul
+from .kernels.attention import attention, store_kv
+from .kernels.norm import layernorm, qk_rmsnorm, rmsnorm
+from .kernels.rope import rope_qk, rope_tables
+from .quant import Linear
+
+PREFILL_CHUNK = 256   # prompt rows per forward call: bounds the scratch buffers
+
+
+class Layer:
+    """One transformer block's weights (canonical names, see weights.py)."""
+
+    def __init__(self, t: dict, i: int):
+        g = lambda n: t.get(f"l{i}.{n}")
+        self.attn_norm_w, self.attn_norm_b = g("attn_norm.w"), g("attn_norm.b")
+        self.ffn_norm_w, self.ffn_norm_b = g("ffn_norm.w"), g("ffn_norm.b")
+        self.wqkv, self.bqkv = g("wqkv"), g("bqkv")            # Linear [(H+2Hkv)hd, D], [(H+2Hkv)hd]
+        self.q_norm, self.k_norm = g("q_norm"), g("k_norm")    # [hd] (Qwen3)
+        self.wo, self.bo = g("wo"), g("bo")                    # Linear [D, H hd], [D]
+        self.w_gate_up, self.b_gate_up = g("w_gate_up"), g("b_gate_up")  # Linear [2F, D]
+        self.w_up, self.b_up = g("w_up"), g("b_up")            # Linear [F, D]
+        self.w_down, self.b_down = g("w_down"), g("b_down")    # Linear [D, F]
+
+
+class RunState:
+    """Scratch buffers for up to `rows` tokens per forward call (views [:M] are C-contiguous)."""
+
+    def __init__(self, c: Config, rows: int):
+        D, F = c.hidden_size, c.intermediate_size
+        self.rows = rows
+        self.x = np.zeros((rows, D), np.float32)                    # residual stream
+        self.xn = np.zeros((rows, D), np.float32)                   # normed input of a block
+        self.qkv = np.zeros((rows, c.q_dim + 2 * c.kv_dim), np.float32)
+        self.att = np.zeros((rows, c.q_dim), np.float32)            # attention output (pre out-proj)
+        self.o = np.zeros((rows, D), np.float32)                    # out-proj / mlp output
+        self.o2 = np.zeros((rows, D), np.float32)                    # second branch (parallel residual)
+        self.ff = np.zeros((rows, 2 * F if c.gated_mlp else F), np.float32)
+        self.act = np.zeros((rows, F), np.float32)
+        self.logits = np.zeros((1, c.vocab_size), np.float32)       # decode logits
+        self.ids = np.zeros(rows, np.int64)
+
+
+class Transformer:
+    """Weights + KV cache + run state of one model; `forward` is the whole network."""
+
+    def __init__(self, cfg: Config, tensors: dict, n_ctx: int):
+        c = self.cfg = cfg
+        self.tok_embd: Linear = tensors["tok_embd"]                # [V, D]
+        self.pos_embd = tensors.get("pos_embd")                    # [P, D] (GPT-2)
+        self.out_norm_w, self.out_norm_b = tensors["out_norm.w"], tensors.get("out_norm.b")
+        self.lm_head: Linear = tensors.get("output", self.tok_embd)  # [V, D]
+        self.layers = [Layer(tensors, i) for i in range(c.n_layers)]
+        self.n_ctx = n_ctx
+        self.cache = KVCache(c.n_layers, c.n_kv_heads, n_ctx, c.head_dim)
+        self.state = RunState(c, min(n_ctx, PREFILL_CHUNK))
+        self.scale = 1.0 / math.sqrt(c.head_dim)
+        if c.rotary_dim:
+            self.cos, self.sin = rope_tables(rope_inv_freq(c), n_ctx)   # [n_ctx, rot/2]
+        self._dynamic = c.rotary_dim and (c.rope_scaling or {}).get("rope_type") == "dynamic"
+
+    # ---- small helpers -------------------------------------------------------------------
+    def _norm(self, x, w, b, out):
+        if b is None:
+            rmsnorm(x, w, self.cfg.norm_eps, out)
+        else:
+            layernorm(x, w, b, self.cfg.norm_eps, out)
+
+    def _rope(self, end: int):
+        """cos/sin tables; dynamic NTK scaling enlarges the base once the sequence outgrows
+        max_position_embeddings (as transformers does, per forward call)."""
+        c = self.cfg
+        if self._dynamic and end > int((c.rope_scaling or {}).get("original_max_position_embeddings")
+                                       or c.max_position_embeddings):
+            return rope_tables(rope_inv_freq(c, seq_len=end), end)
+        return self.cos, self.sin
+
+    def _mlp(self, L: Layer, xn, out, M):
+        s = self.state
+        if self.cfg.gated_mlp:
+            gu = s.ff[:M]
+            L.w_gate_up(xn, gu)                               # [M, D] -> [M, 2F]
+            if L.b_gate_up is not None:
+                gu += L.b_gate_up
+            act = s.act[:M]
+            silu_mul(gu, act)                                 # [M, 2F] -> [M, F]
+        else:
+            act = s.ff[:M]
+            L.w_up(xn, act)                                   # [M, D] -> [M, F]
+            act += L.b_up
+            (gelu_tanh if self.cfg.act == "gelu_tanh" else gelu)(act)
+        L.w_down(act, out)                                    # [M, F] -> [M, D]
+        if L.b_down is not None:
+            out += L.b_down
+
+    # ---- the network ---------------------------------------------------------------------
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        """Run M = len(ids) <= state.rows new tokens at positions cache.pos.., write their k/v
+        into the cache, advance it, and return the final-normed hidden states f32[M, D]."""
+        c, s, cache = self.cfg, self.state, self.cache
+        M = len(ids)
+        p0 = cache.pos
+        cache.check_room(M)
+        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        x, xn, qkv, att, o = s.x[:M], s.xn[:M], s.qkv[:M], s.att[:M], s.o[:M]
+
+        self.tok_embd.rows(ids, x)                            # [M] -> [M, D]
+        if self.pos_embd is not None:
+            x += self.pos_embd[p0:p0 + M]                     # GPT-2 learned positions
+        if c.rotary_dim:
+            cos, sin = self._rope(p0 + M)
+
+        for i, L in enumerate(self.layers):
+            kc, vc = cache.k[i], cache.v[i]                   # [Hkv, n_ctx, hd] each
+            # -- attention branch
+            self._norm(x, L.attn_norm_w, L.attn_norm_b, xn)   # [M, D]
+            L.wqkv(xn, qkv)                                   # [M, D] -> [M, (H + 2Hkv) hd]
+            if L.bqkv is not None:
+                qkv += L.bqkv
+            if c.qk_norm:
+                qk_rmsnorm(qkv, L.q_norm, L.k_norm, H, Hkv, hd, c.norm_eps)
+            if c.rotary_dim:
+                rope_qk(qkv, p0, cos, sin, H, Hkv, hd, c.rotary_dim)
+            store_kv(qkv, kc, vc, p0, H, Hkv, hd)             # cache rows p0..p0+M-1
+            attention(qkv, kc, vc, p0, H, Hkv, hd, self.scale, c.sliding_window, att)  # -> [M, H hd]
+            L.wo(att, o)                                      # [M, H hd] -> [M, D]
+            if L.bo is not None:
+                o += L.bo
+            # -- MLP branch
+            if c.parallel_residual:                           # x + attn(ln1 x) + mlp(ln2 x)
+                self._norm(x, L.ffn_norm_w, L.ffn_norm_b, xn)
+                o2 = s.o2[:M]
+                self._mlp(L, xn, o2, M)
+                x += o
+                x += o2
+            else:                                             # x += attn; x += mlp(ln2 x)
+                x += o
+                self._norm(x, L.ffn_norm_w, L.ffn_norm_b, xn)
+                self._mlp(L, xn, o, M)
+                x += o
+
+        self._norm(x, self.out_norm_w, self.out_norm_b, xn)   # [M, D]
+        cache.pos += M
+        cache.tokens.extend(int(t) for t in ids)
+        return xn
+
+    def prefill(self, ids) -> np.ndarray:
+        """Run a prompt (in chunks of state.rows) and return the logits f32[V] of its last token."""
+        ids = np.asarray(ids, dtype=np.int64)
+        self.cache.check_room(len(ids))
+        for a in range(0, len(ids), self.state.rows):
+            h = self.forward(ids[a:a + self.state.rows])
+        out = self.state.logits
+        self.lm_head(h[-1:], out)                             # [1, D] -> [1, V]
+        return out[0]
+
+    def decode(self, token: int) -> np.ndarray:
+        """One token at position cache.pos -> logits f32[V] (a buffer reused by the next call)."""
+        s = self.state
+        s.ids[0] = token
+        h = self.forward(s.ids[:1])
+        self.lm_head(h, s.logits)                             # [1, D] -> [1, V]
+        return s.logits[0]
+
+    def all_logits(self, ids) -> np.ndarray:
+        """Logits f32[len(ids), V] for every position of ids, on top of the current cache."""
+        ids = np.asarray(ids, dtype=np.int64)
+        self.cache.check_room(len(ids))
+        out = np.empty((len(ids), self.cfg.vocab_size), np.float32)
+        for a in range(0, len(ids), self.state.rows):
+            h = self.forward(ids[a:a + self.state.rows])
+            self.lm_head(h, out[a:a + len(h)])
+        return out

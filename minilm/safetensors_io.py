@@ -1,0 +1,139 @@
+"""Memory-mapped safetensors reading (and writing) with errors that name the file and tensor.
+
+A safetensors file is: 8-byte little-endian header length N, N bytes of JSON
+{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the data.
+We parse the header ourselves and hand out `np.memmap` views, so nothing is read into memory
+until a kernel touches it and no second copy of the weights is ever made.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelLoadError
+
+# safetensors dtype -> numpy dtype. BF16 has no numpy dtype: it is exposed as raw uint16 bits.
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_,
+}
+NP_TO_ST = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+            np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
+            np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.uint16): "U16",
+            np.dtype(np.uint32): "U32", np.dtype(np.bool_): "BOOL"}
+
+
+class SafetensorsFile:
+    """One .safetensors file: `names`, `dtype(name)` ('F32', 'BF16', ...), `get(name)` -> memmap view."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ModelLoadError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8 or n > 100_000_000:
+                    raise ModelLoadError(f"{self.path}: corrupt safetensors header "
+                                         f"(header length {n} but file is {size} bytes)")
+                raw = f.read(n)
+        except FileNotFoundError:
+            raise ModelLoadError(f"{path}: file not found") from None
+        except IsADirectoryError:
+            raise ModelLoadError(f"{path}: is a directory, expected a .safetensors file") from None
+        try:
+            header = json.loads(raw.decode("utf-8").rstrip(" "))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"{self.path}: corrupt safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise ModelLoadError(f"{self.path}: corrupt safetensors header (not a JSON object)")
+        self.metadata: dict = header.pop("__metadata__", None) or {}
+        self._data_start = 8 + n
+        self._entries = {}
+        data_len = size - self._data_start
+        for name, e in header.items():
+            try:
+                dt, shape, (b, end) = e["dtype"], [int(s) for s in e["shape"]], e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise ModelLoadError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
+            if dt not in DTYPES:
+                raise ModelLoadError(f"{self.path}: tensor {name!r} has unsupported dtype {dt}")
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dt]).itemsize
+            if end - b != nbytes or b < 0:
+                raise ModelLoadError(f"{self.path}: tensor {name!r}: data_offsets {b}..{end} do not "
+                                     f"match shape {shape} of {dt}")
+            if end > data_len:
+                raise ModelLoadError(f"{self.path}: truncated file: tensor {name!r} ends at byte "
+                                     f"{self._data_start + end} but the file has {size} bytes")
+            self._entries[name] = (dt, tuple(shape), b)
+        self._mm = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+    def dtype(self, name: str) -> str:
+        return self._entries[name][0]
+
+    def shape(self, name: str) -> tuple:
+        return self._entries[name][1]
+
+    def get(self, name: str) -> np.ndarray:
+        """A read-only memory-mapped view of tensor `name` (BF16 as raw uint16 bits)."""
+        dt, shape, off = self._entries[name]
+        if self._mm is None:
+            # copy-on-write map: writeable arrays (one Numba signature for mapped and in-memory
+            # weights) whose pages stay shared with the page cache because nobody writes them.
+            self._mm = np.memmap(self.path, dtype=np.uint8, mode="c")
+        npdt = np.dtype(DTYPES[dt])
+        n = int(np.prod(shape, dtype=np.int64))
+        start = self._data_start + off
+        arr = np.asarray(self._mm[start:start + n * npdt.itemsize])
+        if start % npdt.itemsize:       # unaligned data: copy (rare; safetensors aligns to 8)
+            arr = arr.copy()
+        return arr.view(npdt).reshape(shape)
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 stored as uint16 bits -> float32 (exact: bf16 is the top half of an f32)."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def to_f32(arr: np.ndarray, st_dtype: str) -> np.ndarray:
+    if st_dtype == "BF16":
+        return bf16_to_f32(arr)
+    return np.asarray(arr, dtype=np.float32)
+
+
+def save_file(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """Write a safetensors file, one tensor at a time (no concatenated copy in memory)."""
+    header, off = {}, 0
+    items = list(tensors.items())
+    for name, a in items:
+        a = np.asarray(a)
+        if a.dtype not in NP_TO_ST:
+            raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be stored in safetensors")
+        header[name] = {"dtype": NP_TO_ST[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [off, off + a.nbytes]}
+        off += a.nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-(len(h) + 8) % 8)
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for _, a in items:
+            f.write(np.ascontiguousarray(a).tobytes(order="C"))
+    os.replace(tmp, path)
