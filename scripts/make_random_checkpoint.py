@@ -1,0 +1,239 @@
+#!/usr/bin/env python3
+"""Write a random-weight Hugging Face (Llama layout) checkpoint of a real model's shape.
+
+Used for speed benchmarks only: the weights are random (N(0, 0.02), RMSNorm
+weights 1.0), so the text they produce is garbage, but every matmul has the
+real model's size, so tokens/s and memory use match the real model.
+
+Usage:
+    python scripts/make_random_checkpoint.py --shape smollm2-135m --out /tmp/ckpt/smollm2-135m
+    python scripts/make_random_checkpoint.py --shape tinyllama-1.1b --out /tmp/ckpt/tinyllama-1.1b
+    python scripts/make_random_checkpoint.py --shape stories15m --out /tmp/ckpt/stories15m --dtype bf16
+
+Output folder:
+    config.json                LlamaForCausalLM, the real hyper-parameters
+    generation_config.json     bos/eos ids
+    model.safetensors          if the whole model fits in one shard (<= 1 GB), else
+    model-0000K-of-0000N.safetensors + model.safetensors.index.json (weight_map)
+    tokenizer.json, tokenizer_config.json   copied from --tokenizer
+
+Tokenizer note: by default the tokenizer comes from <repo>/../shared/tokenizers:
+llama2-32k for tinyllama-1.1b and stories15m (the right 32000-token vocab), gpt2
+for smollm2-135m. The GPT-2 vocab (50257) is NOT the model's 49152 vocab, so
+SmolLM2-shaped checkpoints have a tokenizer whose ids do not match the embedding
+table one-to-one; that is fine for speed benchmarks (feed token ids < 49152),
+not for anything that checks text.
+
+Only numpy is needed (no torch, not even the safetensors package): the
+safetensors format is written by hand (8-byte little-endian header length, JSON
+header, raw little-endian tensor bytes), one tensor at a time, so peak memory is
+about one tensor (the largest is TinyLlama's 32000x2048 embedding, 262 MB f32).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_TOKENIZERS = os.path.join(REPO_ROOT, "..", "shared", "tokenizers")
+
+MAX_SHARD_BYTES = 999_000_000  # tensor data per shard; < 1e9 bytes with the header
+
+# Real hyper-parameters of the models we imitate.
+SHAPES = {
+    # HuggingFaceTB/SmolLM2-135M
+    "smollm2-135m": dict(
+        hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, head_dim=64, intermediate_size=1536,
+        vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=8192,
+        bos_token_id=1, eos_token_id=2, tokenizer="gpt2",
+    ),
+    # TinyLlama/TinyLlama-1.1B-Chat-v1.0
+    "tinyllama-1.1b": dict(
+        hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=64, intermediate_size=5632,
+        vocab_size=32000, tie_word_embeddings=False, rope_theta=10000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=2048,
+        bos_token_id=1, eos_token_id=2, tokenizer="llama2-32k",
+    ),
+    # karpathy/llama2.c stories15M
+    "stories15m": dict(
+        hidden_size=288, num_hidden_layers=6, num_attention_heads=6,
+        num_key_value_heads=6, head_dim=48, intermediate_size=768,
+        vocab_size=32000, tie_word_embeddings=True, rope_theta=10000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=256,
+        bos_token_id=1, eos_token_id=2, tokenizer="llama2-32k",
+    ),
+}
+
+# dtype name -> (safetensors dtype string, torch_dtype string for config.json, bytes per element)
+DTYPES = {
+    "f32": ("F32", "float32", 4),
+    "bf16": ("BF16", "bfloat16", 2),
+    "f16": ("F16", "float16", 2),
+}
+
+
+def tensor_plan(s):
+    """List of (name, shape, kind) in HF order; kind is 'normal' or 'ones'."""
+    h, inter, hd = s["hidden_size"], s["intermediate_size"], s["head_dim"]
+    nq, nkv = s["num_attention_heads"], s["num_key_value_heads"]
+    plan = [("model.embed_tokens.weight", (s["vocab_size"], h), "normal")]
+    for i in range(s["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        plan += [
+            (p + "input_layernorm.weight", (h,), "ones"),
+            (p + "self_attn.q_proj.weight", (nq * hd, h), "normal"),
+            (p + "self_attn.k_proj.weight", (nkv * hd, h), "normal"),
+            (p + "self_attn.v_proj.weight", (nkv * hd, h), "normal"),
+            (p + "self_attn.o_proj.weight", (h, nq * hd), "normal"),
+            (p + "post_attention_layernorm.weight", (h,), "ones"),
+            (p + "mlp.gate_proj.weight", (inter, h), "normal"),
+            (p + "mlp.up_proj.weight", (inter, h), "normal"),
+            (p + "mlp.down_proj.weight", (h, inter), "normal"),
+        ]
+    plan.append(("model.norm.weight", (h,), "ones"))
+    if not s["tie_word_embeddings"]:
+        plan.append(("lm_head.weight", (s["vocab_size"], h), "normal"))
+    return plan
+
+
+def make_tensor(rng, shape, kind, dtype):
+    """Generate one tensor as raw little-endian bytes in the requested dtype."""
+    if kind == "ones":
+        x = np.ones(shape, dtype=np.float32)
+    else:
+        x = rng.standard_normal(shape, dtype=np.float32)
+        x *= np.float32(0.02)
+    if dtype == "f32":
+        return x.astype("<f4", copy=False).tobytes()
+    if dtype == "f16":
+        return x.astype("<f2").tobytes()
+    # bf16: numpy has no bfloat16, so round-to-nearest-even on the float32 bits
+    # and keep the upper 16 bits.
+    u = x.view(np.uint32)
+    u += np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))
+    return (u >> np.uint32(16)).astype("<u2").tobytes()
+
+
+def split_shards(plan, elem_bytes):
+    """Greedily group consecutive tensors into shards of <= MAX_SHARD_BYTES."""
+    shards, cur, cur_bytes = [], [], 0
+    for name, shape, kind in plan:
+        nbytes = int(np.prod(shape)) * elem_bytes
+        if cur and cur_bytes + nbytes > MAX_SHARD_BYTES:
+            shards.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append((name, shape, kind))
+        cur_bytes += nbytes
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def write_shard(path, tensors, rng, dtype):
+    """Write one safetensors file, generating and writing tensors one at a time."""
+    st_dtype, _, elem = DTYPES[dtype]
+    header = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, _ in tensors:
+        nbytes = int(np.prod(shape)) * elem
+        header[name] = {"dtype": st_dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    hbytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hbytes += b" " * (-len(hbytes) % 8)  # pad so tensor data is 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hbytes)))
+        f.write(hbytes)
+        for name, shape, kind in tensors:
+            f.write(make_tensor(rng, shape, kind, dtype))
+    return 8 + len(hbytes) + offset
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", required=True, choices=sorted(SHAPES))
+    ap.add_argument("--out", required=True, help="output folder (created)")
+    ap.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default=None,
+                    help="folder holding tokenizer.json + tokenizer_config.json "
+                         "(default: ../shared/tokenizers/{gpt2|llama2-32k})")
+    args = ap.parse_args(argv)
+
+    t0 = time.time()
+    s = dict(SHAPES[args.shape])
+    default_tok = s.pop("tokenizer")  # not a config key
+    tok_dir = args.tokenizer or os.path.join(SHARED_TOKENIZERS, default_tok)
+    st_dtype, torch_dtype, elem = DTYPES[args.dtype]
+    os.makedirs(args.out, exist_ok=True)
+    total = 0
+
+    # config.json: a plain LlamaForCausalLM config.
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        **s,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": 0.02,
+        "rope_scaling": None,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": torch_dtype,
+    }
+    gen_config = {"bos_token_id": s["bos_token_id"], "eos_token_id": s["eos_token_id"],
+                  "do_sample": False}
+    for fname, obj in (("config.json", config), ("generation_config.json", gen_config)):
+        data = (json.dumps(obj, indent=2) + "\n").encode()
+        with open(os.path.join(args.out, fname), "wb") as f:
+            f.write(data)
+        total += len(data)
+
+    # Weights, shard by shard.
+    rng = np.random.default_rng(args.seed)
+    plan = tensor_plan(s)
+    shards = split_shards(plan, elem)
+    n_params = sum(int(np.prod(shape)) for _, shape, _ in plan)
+    if len(shards) == 1:
+        total += write_shard(os.path.join(args.out, "model.safetensors"), shards[0], rng, args.dtype)
+    else:
+        weight_map = {}
+        for k, tensors in enumerate(shards, 1):
+            fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
+            total += write_shard(os.path.join(args.out, fname), tensors, rng, args.dtype)
+            weight_map.update({name: fname for name, _, _ in tensors})
+            print(f"  wrote {fname} ({len(tensors)} tensors)", flush=True)
+        index = {"metadata": {"total_size": n_params * elem}, "weight_map": weight_map}
+        data = (json.dumps(index, indent=2) + "\n").encode()
+        with open(os.path.join(args.out, "model.safetensors.index.json"), "wb") as f:
+            f.write(data)
+        total += len(data)
+
+    # Tokenizer files (copyfile: the shared copies are read-only, ours need not be).
+    for fname in ("tokenizer.json", "tokenizer_config.json"):
+        src = os.path.join(tok_dir, fname)
+        if not os.path.exists(src):
+            print(f"error: tokenizer file not found: {src}", file=sys.stderr)
+            return 1
+        shutil.copyfile(src, os.path.join(args.out, fname))
+        total += os.path.getsize(src)
+
+    print(f"{args.shape} ({n_params / 1e6:.1f}M params, {args.dtype}, {len(shards)} shard(s)) "
+          f"-> {args.out}")
+    print(f"total bytes written: {total} ({total / 1e9:.3f} GB) in {time.time() - t0:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
