@@ -12,13 +12,15 @@ from .sampling import Sampler
 
 
 class LM:
-    def __init__(self, cfg: Config, tensors: dict, tokenizer, n_ctx: int, source: str = "", quant: str = "f32"):
+    def __init__(self, cfg: Config, tensors: dict, tokenizer, n_ctx: int, source: str = "", quant: str = "f32",
+                 group_size: int = 32):
         self.config = cfg
         self.tokenizer = tokenizer
         self.net = Transformer(cfg, tensors, n_ctx)
         self.tensors = tensors
         self.source = source
         self.quant = quant
+        self.group_size = group_size
         eos = list(cfg.eos_token_ids)
         for e in tokenizer.eos_token_ids:
             if e not in eos:
@@ -123,9 +125,47 @@ class LM:
                              f"{int(a.min()) if a.min() < 0 else int(a.max())}")
         return a.astype(np.int64)
 
-    def __repr__(self) -> str:
+    # ---- saving and describing ------------------------------------------------------------
+    def save(self, folder) -> None:
+        """Write a pre-quantized folder that `minilm.load` maps back without requantizing."""
+        from .prequant import save
+        save(self, folder)
+
+    def summary(self) -> str:
+        """Per-type parameter counts, bytes and bits per weight, padded tensors, KV cache size."""
+        from .quant import Linear
         c = self.config
-        nbytes = sum(getattr(t, "nbytes", 0) for t in self.tensors.values())
-        return (f"<minilm.LM {c.model_type} from {self.source!r}: {c.n_layers} layers, D={c.hidden_size}, "
-                f"heads {c.n_heads}/{c.n_kv_heads}, vocab {c.vocab_size}, quant={self.quant}, "
-                f"weights {nbytes / 1e6:.1f} MB, KV cache {self.net.cache.nbytes / 1e6:.1f} MB for n_ctx={self.n_ctx}>")
+        by_type: dict[str, list] = {}
+        padded = []
+        seen = set()
+        for name, t in self.tensors.items():
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            if isinstance(t, Linear):
+                key, n, b = t.type_name, t.N * t.K, t.nbytes
+                if t.Kp != t.K:
+                    padded.append(f"{name} (K {t.K}->{t.Kp})")
+            else:
+                key, n, b = "f32 (norms, biases, positions)", t.size, t.nbytes
+            e = by_type.setdefault(key, [0, 0, 0])
+            e[0] += 1
+            e[1] += n
+            e[2] += b
+        lines = [f"minilm model: {c.model_type} from {self.source}",
+                 f"  layers {c.n_layers}, hidden {c.hidden_size}, heads {c.n_heads}/{c.n_kv_heads} "
+                 f"(head_dim {c.head_dim}), ffn {c.intermediate_size}, vocab {c.vocab_size}, quant {self.quant}",
+                 f"  {'type':32} {'tensors':>7} {'params':>12} {'MB':>9} {'bits/weight':>11}"]
+        tp = tb = 0
+        for k, (cnt, n, b) in sorted(by_type.items()):
+            lines.append(f"  {k:32} {cnt:7d} {n:12,d} {b / 1e6:9.2f} {8 * b / max(n, 1):11.2f}")
+            tp += n
+            tb += b
+        lines.append(f"  {'total':32} {'':7} {tp:12,d} {tb / 1e6:9.2f} {8 * tb / max(tp, 1):11.2f}")
+        if padded:
+            lines.append(f"  zero-padded to the block size: {', '.join(padded)}")
+        lines.append(f"  KV cache: {self.net.cache.nbytes / 1e6:.2f} MB for n_ctx={self.n_ctx} (f32)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()

@@ -51,10 +51,14 @@ def read_generation_config(folder: Path) -> dict:
         raise ModelLoadError(f"{p}: not valid JSON ({e})") from None
 
 
-def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads: int | None = None):
+def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads: int | None = None,
+         group_size: int | None = None, embed_quant: str | None = None):
     """Load a Hugging Face checkpoint (config.json + tokenizer.json + *.safetensors).
 
-    quant: None/'f32' keeps float32 weights (16-bit checkpoints are converted);
+    quant: None/'f32' keeps float32 weights (16-bit checkpoints are converted); 'f16', 'bf16'
+        (16-bit storage, f32 compute), 'int8' (ggml Q8_0), 'int4' (ggml Q4_0; embeddings and lm
+        head stay int8), 'int4-g64', 'int4-g128'. A pre-quantized folder (model.save) loads as saved.
+    group_size: int4 group size (32, 64, 128); embed_quant: format of embedding / lm head.
     n_ctx: KV cache length (default min(max_position_embeddings, 4096));
     threads: Numba threads for the kernels (default: all cores).
     """
@@ -79,17 +83,27 @@ def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads
         raise ValueError(f"n_ctx={n_ctx!r}: must be a positive integer")
     if cfg.learned_pos and n_ctx > cfg.max_position_embeddings:
         raise ValueError(f"n_ctx={n_ctx} exceeds this model's {cfg.max_position_embeddings} learned positions")
-    fmt = quant or "f32"
-    if fmt != "f32":
-        raise ValueError(f"quant={quant!r}: unknown format (supported: f32)")
+    from . import prequant
+    from .quant import parse_level
 
-    reader = CheckpointReader(folder)
-    tensors = {}
-    for name, get in iter_canonical(reader, cfg):
-        a = get()
-        if MATRICES.match(name):
-            tensors[name] = Linear.from_f32(a, fmt)
-        else:
-            tensors[name] = np.ascontiguousarray(a, dtype=np.float32)
+    if prequant.is_prequantized(folder):
+        tensors, meta = prequant.load_tensors(folder)
+        if quant not in (None, meta["quant"]):
+            raise ValueError(f"quant={quant!r}: {folder} is already quantized as {meta['quant']}; "
+                             "load the original checkpoint to quantize it differently")
+        level, group = meta["quant"], meta["group_size"]
+    else:
+        mat_fmt, emb_fmt, group = parse_level(quant, group_size, embed_quant)
+        level = quant or "f32"
+        reader = CheckpointReader(folder)
+        tensors = {}
+        for name, get in iter_canonical(reader, cfg):      # one tensor at a time: streaming
+            a = get()
+            if MATRICES.match(name):
+                fmt = emb_fmt if name in ("tok_embd", "output") else mat_fmt
+                tensors[name] = Linear.quantize(a, fmt, group, name=name)
+            else:
+                tensors[name] = np.ascontiguousarray(a, dtype=np.float32)
+            del a
     tok = Tokenizer(folder, cfg.bos_token_id, cfg.eos_token_ids)
-    return LM(cfg, tensors, tok, n_ctx=n_ctx, source=str(folder), quant=fmt)
+    return LM(cfg, tensors, tok, n_ctx=n_ctx, source=str(folder), quant=level, group_size=group)

@@ -1,8 +1,19 @@
-"""Weight formats as data: one table from format name to its storage and its kernels.
+"""Weight formats as data: one table from format name to its storage, packer and kernels.
 
-A `Linear` holds one weight matrix W [N, K] in some format and computes out = x @ W.T with the
-format's GEMV (decode, one row of x) or GEMM (prefill, many rows). It can also hand out rows of
-W as float32, which is how token embeddings are looked up.
+    format   storage (W is [N, K])                                  bits/weight
+    f32      w f32[N, K]                                            32
+    f16      w f16[N, K]            (computed in f32)               16
+    bf16     w uint16[N, K]         (raw bf16 bits, f32 compute)    16
+    q8_0     qs int8[N, K], d f16[N, K/32]      ggml Q8_0           8.5
+    q4_0     qs uint8[N, K/2], d f16[N, K/G]    ggml Q4_0, G=32/64/128: 4 + 16/G
+
+A `Linear` holds one matrix in one format and computes out = x @ W.T with the format's GEMV
+(decode: one row of x) or GEMM (prefill: many rows). A K that is not a multiple of the block is
+zero-padded up to one (the padded columns meet zero activations, so the product is unchanged);
+`Linear.K` is the logical width, `Linear.Kp` the stored one. `Linear.rows` dequantizes rows of W
+(token embedding lookup).
+
+User-level quant levels (`minilm.load(..., quant=...)`) map to per-tensor formats in `plan()`.
 """
 from __future__ import annotations
 
@@ -12,45 +23,121 @@ from typing import Callable
 import numpy as np
 
 from .kernels import matmul as _mm
+from .kernels import qmatmul as _qm
 
 
 @dataclass(frozen=True)
 class Format:
     name: str
-    bits_per_weight: float
-    pack: Callable          # f32[N, K] -> dict of arrays (reference, used when writing)
-    gemv: Callable          # (x f32[K], *arrays, out f32[N])
-    gemm: Callable          # (x f32[M, K], *arrays, out f32[M, N])
-    rows: Callable          # (arrays, ids, out f32[len(ids), K]): dequantized rows (embeddings)
-    block: int = 1          # K must be a multiple of this
+    block: int                   # K is padded to a multiple of this
+    pack: Callable               # (w f32[N, Kp], group) -> dict of arrays
+    gemv: Callable               # (x f32[Kp], *arrays, out f32[N])
+    gemm: Callable               # (x f32[M, Kp], *arrays, out f32[M, N])
+    unpack: Callable             # (dict of arrays restricted to some rows) -> f32[rows, Kp]
 
 
-FORMATS: dict[str, Format] = {
-    "f32": Format("f32", 32.0,
-                  pack=lambda w: {"w": np.ascontiguousarray(w, dtype=np.float32)},
-                  gemv=_mm.gemv_f32, gemm=_mm.gemm_f32,
-                  rows=lambda a, ids, out: np.take(a["w"], ids, axis=0, out=out)),
+def _bf16_bits(w):
+    """f32 -> bf16 bits, round to nearest even (as torch does)."""
+    u = np.ascontiguousarray(w, np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _q4_pack(w, group):
+    qs, d = _qm.quantize_q4_0(w, group)
+    return {"qs": qs, "d": d}
+
+
+def _q8_pack(w, group):
+    qs, d = _qm.quantize_q8_0(w)
+    return {"qs": qs, "d": d}
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in [
+    Format("f32", 1, lambda w, g: {"w": np.ascontiguousarray(w, dtype=np.float32)},
+           _mm.gemv_f32, _mm.gemm_f32, lambda a: a["w"]),
+    Format("f16", 1, lambda w, g: {"w": np.ascontiguousarray(w, dtype=np.float16)},
+           _qm.gemv_f16, _qm.gemm_f16, lambda a: a["w"].astype(np.float32)),
+    Format("bf16", 1, lambda w, g: {"w": _bf16_bits(w)},
+           _qm.gemv_bf16, _qm.gemm_bf16, lambda a: (a["w"].astype(np.uint32) << 16).view(np.float32)),
+    Format("q8_0", 32, _q8_pack, _qm.gemv_q8_0, _qm.gemm_q8_0,
+           lambda a: _qm.dequantize_q8_0_ref(a["qs"], a["d"])),
+    Format("q4_0", 32, _q4_pack, _qm.gemv_q4_0, _qm.gemm_q4_0,
+           lambda a: _qm.dequantize_q4_0_ref(a["qs"], a["d"])),
+]}
+
+BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5}
+
+# quant level -> (format of layer matrices, format of token embedding / lm head, group size)
+LEVELS = {
+    "f32": ("f32", "f32", 32),
+    "f16": ("f16", "f16", 32),
+    "bf16": ("bf16", "bf16", 32),
+    "int8": ("q8_0", "q8_0", 32),
+    "int4": ("q4_0", "q8_0", 32),
+    "int4-g64": ("q4_0", "q8_0", 64),
+    "int4-g128": ("q4_0", "q8_0", 128),
 }
 
 
+def parse_level(quant: str | None, group_size: int | None = None, embed: str | None = None):
+    """quant level name (+ overrides) -> (matrix format, embedding format, group)."""
+    q = quant or "f32"
+    if q not in LEVELS:
+        raise ValueError(f"quant={quant!r}: unknown quantization (supported: {', '.join(LEVELS)})")
+    mat, emb, g = LEVELS[q]
+    if group_size is not None:
+        if mat != "q4_0":
+            if group_size != 32:
+                raise ValueError(f"group_size={group_size}: only int4 has a group size option (int8 blocks are 32)")
+        elif group_size not in (32, 64, 128):
+            raise ValueError(f"group_size={group_size!r}: must be 32, 64 or 128")
+        g = group_size
+    if embed is not None:
+        emb = {"int8": "q8_0", "int4": "q4_0"}.get(embed, embed)
+        if emb not in FORMATS:
+            raise ValueError(f"embed quant {embed!r}: unknown (supported: f32, f16, bf16, int8, int4)")
+    return mat, emb, g
+
+
 class Linear:
-    """W [N, K] stored in `fmt`; arrays are C-contiguous (possibly memory-mapped)."""
+    """W [N, K] stored in `fmt` (arrays C-contiguous, possibly memory-mapped)."""
 
-    __slots__ = ("fmt", "N", "K", "arrays", "_args", "_gemv", "_gemm")
+    __slots__ = ("fmt", "N", "K", "Kp", "arrays", "_args", "_gemv", "_gemm", "_xpad")
 
-    def __init__(self, fmt: str, N: int, K: int, arrays: dict):
-        self.fmt, self.N, self.K, self.arrays = fmt, N, K, arrays
+    def __init__(self, fmt: str, N: int, K: int, arrays: dict, Kp: int | None = None):
+        self.fmt, self.N, self.K, self.Kp, self.arrays = fmt, N, K, Kp or K, arrays
         f = FORMATS[fmt]
         self._args = tuple(arrays.values())
         self._gemv, self._gemm = f.gemv, f.gemm
+        self._xpad = np.zeros((1, self.Kp), np.float32) if self.Kp != K else None
 
     @classmethod
-    def from_f32(cls, w: np.ndarray, fmt: str = "f32") -> "Linear":
+    def quantize(cls, w: np.ndarray, fmt: str = "f32", group: int = 32, name: str = "") -> "Linear":
+        """Pack an f32 [N, K] matrix (NaN/Inf rejected for quantized formats, naming the tensor)."""
+        f = FORMATS[fmt]
         N, K = w.shape
-        return cls(fmt, N, K, FORMATS[fmt].pack(w))
+        blk = group if fmt == "q4_0" else f.block
+        Kp = -(-K // blk) * blk
+        if Kp != K:
+            wp = np.zeros((N, Kp), np.float32)
+            wp[:, :K] = w
+            w = wp
+        try:
+            arrays = f.pack(w, group)
+        except ValueError as e:
+            raise ValueError(f"tensor {name or '?'}: {e}") from None
+        return cls(fmt, N, K, arrays, Kp)
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
         """x: f32[M, K] -> out: f32[M, N]."""
+        if self._xpad is not None:                      # odd K: zero-padded copy of x
+            if x.shape[0] == 1:
+                self._xpad[0, :self.K] = x[0]
+                x = self._xpad
+            else:
+                xp = np.zeros((x.shape[0], self.Kp), np.float32)
+                xp[:, :self.K] = x
+                x = xp
         if x.shape[0] == 1:
             self._gemv(x[0], *self._args, out[0])
         else:
@@ -58,8 +145,26 @@ class Linear:
 
     def rows(self, ids: np.ndarray, out: np.ndarray) -> None:
         """out: f32[len(ids), K] <- rows `ids` of W as float32 (embedding lookup)."""
-        FORMATS[self.fmt].rows(self.arrays, ids, out)
+        if self.fmt == "f32" and self.Kp == self.K:
+            np.take(self.arrays["w"], ids, axis=0, out=out)
+        else:
+            sub = {k: a[ids] for k, a in self.arrays.items()}
+            out[:] = FORMATS[self.fmt].unpack(sub)[:, :self.K]
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
+
+    @property
+    def group(self) -> int:
+        if self.fmt == "q4_0":
+            return self.Kp // self.arrays["d"].shape[1]
+        return FORMATS[self.fmt].block
+
+    @property
+    def type_name(self) -> str:
+        return f"q4_0/g{self.group}" if self.fmt == "q4_0" and self.group != 32 else self.fmt
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / (self.N * self.K)
