@@ -39,9 +39,14 @@ def gemv_f32(x, w, out):
                 out[i] = a
 
 
-@njit(cache=True, parallel=True, fastmath=True, nogil=True)
 def gemm_f32(x, w, out):
-    """x: f32[M, K], w: f32[N, K], out: f32[M, N] <- x @ w.T (prefill).
+    """x: f32[M, K], w: f32[N, K], out: f32[M, N] <- x @ w.T (prefill)."""
+    gemm_f32_cols(x, w, out, 0)
+
+
+@njit(cache=True, parallel=True, fastmath=True, nogil=True)
+def gemm_f32_cols(x, w, out, n0):
+    """out[:, n0:n0+N] <- x @ w.T for x: f32[M, K], w: f32[N, K] (a tile of a bigger W).
 
     Register-blocked 4 weight rows x 4 tokens: 16 accumulators, each loaded x[m, k] and
     w[n, k] feeds 4 FMAs. The 4 weight rows stay in L1 while all M tokens stream past them.
@@ -85,36 +90,36 @@ def gemm_f32(x, w, out):
                     a31 += x3 * w1
                     a32 += x3 * w2
                     a33 += x3 * w3
-                out[m0, i0] = a00
-                out[m0, i0 + 1] = a01
-                out[m0, i0 + 2] = a02
-                out[m0, i0 + 3] = a03
-                out[m0 + 1, i0] = a10
-                out[m0 + 1, i0 + 1] = a11
-                out[m0 + 1, i0 + 2] = a12
-                out[m0 + 1, i0 + 3] = a13
-                out[m0 + 2, i0] = a20
-                out[m0 + 2, i0 + 1] = a21
-                out[m0 + 2, i0 + 2] = a22
-                out[m0 + 2, i0 + 3] = a23
-                out[m0 + 3, i0] = a30
-                out[m0 + 3, i0 + 1] = a31
-                out[m0 + 3, i0 + 2] = a32
-                out[m0 + 3, i0 + 3] = a33
+                out[m0, n0 + i0] = a00
+                out[m0, n0 + i0 + 1] = a01
+                out[m0, n0 + i0 + 2] = a02
+                out[m0, n0 + i0 + 3] = a03
+                out[m0 + 1, n0 + i0] = a10
+                out[m0 + 1, n0 + i0 + 1] = a11
+                out[m0 + 1, n0 + i0 + 2] = a12
+                out[m0 + 1, n0 + i0 + 3] = a13
+                out[m0 + 2, n0 + i0] = a20
+                out[m0 + 2, n0 + i0 + 1] = a21
+                out[m0 + 2, n0 + i0 + 2] = a22
+                out[m0 + 2, n0 + i0 + 3] = a23
+                out[m0 + 3, n0 + i0] = a30
+                out[m0 + 3, n0 + i0 + 1] = a31
+                out[m0 + 3, n0 + i0 + 2] = a32
+                out[m0 + 3, n0 + i0 + 3] = a33
                 m0 += 4
             for m in range(m0, M):
                 for i in range(i0, i0 + 4):
                     a = np.float32(0.0)
                     for k in range(K):
                         a += x[m, k] * w[i, k]
-                    out[m, i] = a
+                    out[m, n0 + i] = a
         else:
             for i in range(i0, N):
                 for m in range(M):
                     a = np.float32(0.0)
                     for k in range(K):
                         a += x[m, k] * w[i, k]
-                    out[m, i] = a
+                    out[m, n0 + i] = a
 
 
 def matmul_ref(x, w):

@@ -72,7 +72,7 @@ LEVELS = {
     "f32": ("f32", "f32", 32),
     "f16": ("f16", "f16", 32),
     "bf16": ("bf16", "bf16", 32),
-    "int8": ("q8_0", "q8_0", 32),
+    "int8": ("q8_0", "f16", 32),      # embedding/head f16: see README (accuracy at near-ties)
     "int4": ("q4_0", "q8_0", 32),
     "int4-g64": ("q4_0", "q8_0", 64),
     "int4-g128": ("q4_0", "q8_0", 128),

@@ -1,0 +1,135 @@
+"""Benchmark of the quantized / 16-bit matmul kernels in minilm.kernels.qmatmul.
+
+    python benchmarks/bench_kernels.py [--runs 15] [--quick]
+
+1. STREAM-like read bandwidth (parallel numba sum over a 1 GB float32 array, median of runs).
+2. Decode GEMV for each format and shape: median time, GB/s (bytes of weights + scales read
+   per call / time) and % of the measured read bandwidth. Before each timed call a 512 MB
+   buffer is read so the weights come from DRAM, not from the (large, 300 MB on the test VM)
+   LLC. A plain f32 gemv (this file only) is shown for comparison.
+3. Prefill GEMM (M=128): GFLOP/s = 2*M*N*K / time.
+GB = 1e9 bytes.
+"""
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bandwidth import _fill, _read_sum, measure_bandwidth  # noqa: E402
+from minilm.kernels import qmatmul as Q  # noqa: E402
+
+SHAPES = [(5632, 2048), (2048, 5632), (1536, 576), (576, 1536), (49152, 576)]
+
+
+@njit(cache=True, fastmath=True, parallel=True, nogil=True)
+def gemv_f32(x, w, out):
+    # comparison only: x f32[K], w f32[N,K], out f32[N]; 4 rows share each x load
+    N, K = w.shape
+    ng = (N + 3) // 4
+    for g in prange(ng):
+        r0 = g * 4
+        if r0 + 4 <= N:
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for k in range(K):
+                xv = x[k]
+                s0 += w[r0, k] * xv
+                s1 += w[r0 + 1, k] * xv
+                s2 += w[r0 + 2, k] * xv
+                s3 += w[r0 + 3, k] * xv
+            out[r0] = s0
+            out[r0 + 1] = s1
+            out[r0 + 2] = s2
+            out[r0 + 3] = s3
+        else:
+            for r in range(r0, N):
+                s = np.float32(0.0)
+                for k in range(K):
+                    s += w[r, k] * x[k]
+                out[r] = s
+
+
+def _time(fn, runs, flush=None):
+    fn()
+    ts = []
+    for _ in range(runs):
+        if flush is not None:
+            flush()
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def make_formats(N, K, rng):
+    w = (rng.standard_normal((N, K), dtype=np.float32) * 0.02).astype(np.float32)
+    q8 = Q.quantize_q8_0(w)
+    q4 = Q.quantize_q4_0(w, 32)
+    q4g128 = Q.quantize_q4_0(w, 128) if K % 128 == 0 else None
+    f16 = w.astype(np.float16)
+    bf16 = (w.view(np.uint32) >> 16).astype(np.uint16)
+    fm = {
+        "q8_0": (Q.gemv_q8_0, Q.gemm_q8_0, q8, q8[0].nbytes + q8[1].nbytes),
+        "q4_0": (Q.gemv_q4_0, Q.gemm_q4_0, q4, q4[0].nbytes + q4[1].nbytes),
+        "f16": (Q.gemv_f16, Q.gemm_f16, (f16,), f16.nbytes),
+        "bf16": (Q.gemv_bf16, Q.gemm_bf16, (bf16,), bf16.nbytes),
+        "f32": (gemv_f32, None, (w,), w.nbytes),
+    }
+    if q4g128 is not None:
+        fm["q4_0/128"] = (Q.gemv_q4_0, Q.gemm_q4_0, q4g128, q4g128[0].nbytes + q4g128[1].nbytes)
+    return fm
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--M", type=int, default=128)
+    ap.add_argument("--quick", action="store_true", help="fewer runs, no flush")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    bw = measure_bandwidth(size_mb=1024, runs=7)["read_gbs"]
+    print(f"numba {numba.__version__}, threads {numba.get_num_threads()}, "
+          f"layer {os.environ.get('NUMBA_THREADING_LAYER', 'default')}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"read bandwidth (1 GB, median of 7): {bw:.1f} GB/s")
+
+    flush_buf = np.empty(512 * 1024 * 1024 // 4, np.float32)
+    _fill(flush_buf, np.float32(1.0))
+    flush = None if args.quick else (lambda: _read_sum(flush_buf))
+    runs = 5 if args.quick else args.runs
+
+    rng = np.random.default_rng(0)
+    print(f"\n{'shape NxK':>12} {'format':>9} {'MB':>7} {'gemv us':>9} {'GB/s':>7} {'%bw':>6}"
+          f" {'gemm M=' + str(args.M) + ' GFLOP/s':>20}")
+    for N, K in SHAPES:
+        fm = make_formats(N, K, rng)
+        x = rng.standard_normal(K, dtype=np.float32)
+        X = rng.standard_normal((args.M, K), dtype=np.float32)
+        out = np.empty(N, np.float32)
+        OUT = np.empty((args.M, N), np.float32)
+        for name, (gemv, gemm, arrs, nbytes) in fm.items():
+            t = _time(lambda: gemv(x, *arrs, out), runs, flush)
+            gbs = nbytes / t / 1e9
+            gf = ""
+            if gemm is not None:
+                tg = _time(lambda: gemm(X, *arrs, OUT), 3)
+                gf = f"{2.0 * args.M * N * K / tg / 1e9:.1f}"
+            print(f"{N:>6}x{K:<5} {name:>9} {nbytes / 1e6:>7.1f} {t * 1e6:>9.0f} {gbs:>7.1f}"
+                  f" {100 * gbs / bw:>5.0f}% {gf:>20}")
+    print(f"\n(total {time.time() - t_start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""INT8 / INT4 accuracy against the f32 golden references, and pre-quantized folders."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import minilm
+from minilm import prequant
+from minilm.errors import ModelLoadError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+MODELS = ["stories260K", "proxy-gpt2-shakespeare", "proxy-neox-shakespeare",
+          "proxy-qwen2-shakespeare", "proxy-qwen3-shakespeare"]
+pytestmark = pytest.mark.skipif(not (SHARED / "models").is_dir(),
+                                reason=f"shared models not found at {SHARED} (tests need ../shared)")
+
+
+def golden(name):
+    return json.loads((SHARED / "golden" / f"{name}.json").read_text())
+
+
+def ppl(model, name):
+    spec = golden(name)["perplexity"]
+    text = (SHARED / "texts" / spec["text_file"]).read_text(encoding="utf-8")[:spec["chars"]]
+    ids = model.tokenizer.encode(text, add_special_tokens=False)[:spec["max_tokens"]]
+    return model.perplexity(ids, window=spec["window"])["ppl"], spec["ppl"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_int8_keeps_greedy_tokens_and_perplexity(name):
+    model = minilm.load(SHARED / "models" / name, quant="int8")
+    kept = 0
+    for case in golden(name)["cases"]:
+        new = model.generate_ids(case["input_ids"], max_new_tokens=16, ignore_eos=True)
+        kept += new == case["greedy_new_ids"][:16]
+    assert kept >= 3, f"{name} int8: first 16 greedy tokens kept on only {kept} of 4 prompts"
+    p, ref = ppl(model, name)
+    assert abs(p / ref - 1) <= 0.01, f"{name} int8 perplexity {p:.3f} vs f32 {ref:.3f}"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_int4_perplexity_within_12_percent(name):
+    model = minilm.load(SHARED / "models" / name, quant="int4")
+    p, ref = ppl(model, name)
+    assert abs(p / ref - 1) <= 0.12, f"{name} int4 perplexity {p:.3f} vs f32 {ref:.3f}"
+
+
+@pytest.mark.parametrize("quant", ["f16", "bf16", "int4-g64", "int4-g128"])
+def test_other_levels_stay_close(quant):
+    model = minilm.load(SHARED / "models" / "proxy-qwen2-shakespeare", quant=quant)
+    p, ref = ppl(model, "proxy-qwen2-shakespeare")
+    bound = {"f16": 0.001, "bf16": 0.01}.get(quant, 0.15)
+    assert abs(p / ref - 1) <= bound, f"{quant}: perplexity {p:.3f} vs f32 {ref:.3f}"
+
+
+@pytest.mark.parametrize("name,quant", [("stories260K", "int4"), ("proxy-neox-shakespeare", "int8"),
+                                        ("proxy-gpt2-shakespeare", "int4-g64")])
+def test_save_load_round_trip_is_exact(tmp_path, name, quant, monkeypatch):
+    model = minilm.load(SHARED / "models" / name, quant=quant)
+    ids = golden(name)["cases"][1]["input_ids"]
+    before = model.logits(ids)
+    out = tmp_path / "q"
+    model.save(out)
+    assert not list(out.glob("model.safetensors*")), "the original weights must not be copied"
+    # loading must not touch any original checkpoint reader
+    import minilm.loader as L
+
+    def boom(*a, **k):
+        raise AssertionError("pre-quantized load read an original checkpoint")
+    monkeypatch.setattr(L, "CheckpointReader", boom)
+    small = minilm.load(out)
+    assert small.quant == quant
+    np.testing.assert_array_equal(small.logits(ids), before)
+    assert "q4_0" in repr(small) or "q8_0" in repr(small)
+
+
+def test_prequantized_folder_works_alone(tmp_path):
+    model = minilm.load(SHARED / "models" / "proxy-qwen3-shakespeare", quant="int4")
+    model.save(tmp_path / "q")
+    shutil.move(str(tmp_path / "q"), str(tmp_path / "moved"))     # no path back to the source
+    m2 = minilm.load(tmp_path / "moved")
+    assert m2.generate("ROMEO:", max_new_tokens=8) == model.generate("ROMEO:", max_new_tokens=8)
+    with pytest.raises(ValueError, match="already quantized as int4"):
+        minilm.load(tmp_path / "moved", quant="int8")
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    model = minilm.load(SHARED / "models" / "stories260K", quant="int8")
+    model.save(tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / prequant.MARKER).read_text())
+    meta["format_version"] = prequant.FORMAT_VERSION + 1
+    (tmp_path / "q" / prequant.MARKER).write_text(json.dumps(meta))
+    with pytest.raises(ModelLoadError, match="newer minilm"):
+        minilm.load(tmp_path / "q")
+
+
+def test_nan_weights_are_named_at_quantize_time(tmp_path):
+    src = SHARED / "models" / "stories260K"
+    dst = tmp_path / "nan"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("original"))
+    from minilm.safetensors_io import SafetensorsFile, save_file
+    f = SafetensorsFile(dst / "model.safetensors")
+    t = {n: np.array(f.get(n)) for n in f.names}
+    t["model.layers.2.mlp.up_proj.weight"][3, 5] = np.nan
+    del f
+    save_file(t, dst / "model.safetensors")
+    with pytest.raises(ValueError, match=r"l2\.w_gate_up"):
+        minilm.load(dst, quant="int4")
+    minilm.load(dst)            # f32 keeps the weights as they are
+
+
+def test_odd_shapes_are_padded_and_reported():
+    model = minilm.load(SHARED / "models" / "stories260K", quant="int8")   # ffn 172
+    s = model.summary()
+    assert "l0.w_down (K 172->192)" in s
+    assert "KV cache" in s and "bits/weight" in s
+
+
+def test_bad_quant_arguments():
+    with pytest.raises(ValueError, match="quant="):
+        minilm.load(SHARED / "models" / "stories260K", quant="int3")
+    with pytest.raises(ValueError, match="group_size"):
+        minilm.load(SHARED / "models" / "stories260K", quant="int4", group_size=48)
