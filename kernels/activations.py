@@ -7,35 +7,50 @@ from numba import njit, prange
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
+@njit(cache=True, fastmath=True, nogil=True)
+def silu_mul_row(gu, out):
+    """SwiGLU of one token. gu: f32[2F] (gate then up), out: f32[F] <- silu(gate) * up."""
+    F = out.shape[0]
+    for i in range(F):
+        g = gu[i]
+        out[i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * gu[F + i]
+
+
 @njit(cache=True, parallel=True, fastmath=True, nogil=True)
 def silu_mul(gu, out):
     """SwiGLU. gu: f32[M, 2F] (gate in [:, :F], up in [:, F:]), out: f32[M, F] <- silu(gate) * up."""
-    M, F2 = gu.shape
-    F = F2 // 2
-    for m in prange(M):
-        for i in range(F):
-            g = gu[m, i]
-            out[m, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * gu[m, F + i]
+    for m in prange(gu.shape[0]):
+        silu_mul_row(gu[m], out[m])
 
 
-@njit(cache=True, parallel=True, fastmath=False, nogil=True)
+@njit(cache=True, nogil=True)
+def gelu_row(x):
+    """Exact (erf) GELU, in place on f32[F]."""
+    for i in range(x.shape[0]):
+        v = x[i]
+        x[i] = np.float32(0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))))
+
+
+@njit(cache=True, nogil=True)
+def gelu_tanh_row(x):
+    """tanh-approximated GELU (GPT-2's gelu_new), in place on f32[F]."""
+    for i in range(x.shape[0]):
+        v = np.float64(x[i])
+        x[i] = np.float32(0.5 * v * (1.0 + math.tanh(SQRT_2_OVER_PI * (v + 0.044715 * v * v * v))))
+
+
+@njit(cache=True, parallel=True, nogil=True)
 def gelu(x):
-    """Exact (erf) GELU, in place on f32[M, F]."""
-    M, F = x.shape
-    for m in prange(M):
-        for i in range(F):
-            v = x[m, i]
-            x[m, i] = np.float32(0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))))
+    """Exact GELU in place on f32[M, F]."""
+    for m in prange(x.shape[0]):
+        gelu_row(x[m])
 
 
-@njit(cache=True, parallel=True, fastmath=False, nogil=True)
+@njit(cache=True, parallel=True, nogil=True)
 def gelu_tanh(x):
-    """tanh-approximated GELU (GPT-2's gelu_new), in place on f32[M, F]."""
-    M, F = x.shape
-    for m in prange(M):
-        for i in range(F):
-            v = np.float64(x[m, i])
-            x[m, i] = np.float32(0.5 * v * (1.0 + math.tanh(SQRT_2_OVER_PI * (v + 0.044715 * v * v * v))))
+    """gelu_new in place on f32[M, F]."""
+    for m in prange(x.shape[0]):
+        gelu_tanh_row(x[m])
 
 
 @njit(cache=True, fastmath=True, nogil=True)

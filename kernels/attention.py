@@ -3,14 +3,51 @@
 Cache layout (one layer): k, v: f32[Hkv, n_ctx, hd]. Query head h reads kv head h // (H / Hkv).
 Softmax is computed online (running max and sum, as flash-attention does), so no score buffer
 is needed for any prompt length and nothing is allocated per call.
+
+Prefill uses the parallel kernels (store_kv, attention over M x H). Decode (one token) uses
+`decode_attention`, one serial call that does q/k-norm, RoPE, the cache write and all heads:
+for short contexts a parallel launch costs more than the work. Long contexts use
+`prep_decode` + the parallel `attention`.
 """
 import math
 
 import numpy as np
 from numba import njit, prange
 
+from .norm import head_rmsnorm
+from .rope import rope_head
 
-@njit(cache=True, parallel=True, fastmath=True, nogil=True)
+_J = dict(cache=True, fastmath=True, nogil=True)
+
+
+@njit(**_J)
+def attend_head(q, qo, kc, vc, g, start, p, hd, scale, out, oo):
+    """out[oo:oo+hd] <- softmax over j in [start, p] of (q[qo:qo+hd] . k[g, j]) * scale, times v[g, j]."""
+    for i in range(hd):
+        out[oo + i] = 0.0
+    mx = -np.inf
+    l = np.float32(0.0)
+    for j in range(start, p + 1):
+        s = np.float32(0.0)
+        for i in range(hd):
+            s += q[qo + i] * kc[g, j, i]
+        s *= scale
+        if s > mx:
+            corr = np.float32(math.exp(mx - s))
+            l *= corr
+            for i in range(hd):
+                out[oo + i] *= corr
+            mx = s
+        e = np.float32(math.exp(s - mx))
+        l += e
+        for i in range(hd):
+            out[oo + i] += e * vc[g, j, i]
+    inv = np.float32(1.0) / l
+    for i in range(hd):
+        out[oo + i] *= inv
+
+
+@njit(parallel=True, **_J)
 def store_kv(qkv, kc, vc, pos0, n_heads, n_kv_heads, head_dim):
     """Copy the k and v heads of qkv: f32[M, (H + 2*Hkv) * hd] into cache rows pos0..pos0+M-1."""
     M = qkv.shape[0]
@@ -24,7 +61,7 @@ def store_kv(qkv, kc, vc, pos0, n_heads, n_kv_heads, head_dim):
             vc[g, pos0 + m, i] = qkv[m, vo + g * head_dim + i]
 
 
-@njit(cache=True, parallel=True, fastmath=True, nogil=True)
+@njit(parallel=True, **_J)
 def attention(qkv, kc, vc, pos0, n_heads, n_kv_heads, head_dim, scale, window, out):
     """out: f32[M, H * hd] <- softmax(q k^T * scale) v for each new token and query head.
 
@@ -37,35 +74,38 @@ def attention(qkv, kc, vc, pos0, n_heads, n_kv_heads, head_dim, scale, window, o
     for t in prange(M * n_heads):
         m = t // n_heads
         h = t % n_heads
-        g = h // group
         p = pos0 + m
-        start = 0
-        if window > 0 and p - window + 1 > 0:
-            start = p - window + 1
-        qo = h * head_dim
-        oo = h * head_dim
-        for i in range(head_dim):
-            out[m, oo + i] = 0.0
-        mx = -np.inf
-        l = np.float32(0.0)
-        for j in range(start, p + 1):
-            s = np.float32(0.0)
-            for i in range(head_dim):
-                s += qkv[m, qo + i] * kc[g, j, i]
-            s *= scale
-            if s > mx:
-                corr = np.float32(math.exp(mx - s))
-                l *= corr
-                for i in range(head_dim):
-                    out[m, oo + i] *= corr
-                mx = s
-            e = np.float32(math.exp(s - mx))
-            l += e
-            for i in range(head_dim):
-                out[m, oo + i] += e * vc[g, j, i]
-        inv = np.float32(1.0) / l
-        for i in range(head_dim):
-            out[m, oo + i] *= inv
+        start = max(0, p - window + 1) if window > 0 else 0
+        attend_head(qkv[m], h * head_dim, kc, vc, h // group, start, p, head_dim, scale, out[m], h * head_dim)
+
+
+@njit(**_J)
+def prep_decode(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, eps):
+    """One token: q/k RMSNorm (when qn is non-empty), RoPE (when rot > 0), write k, v at row p.
+    qkv: f32[(H + 2*Hkv) * hd]."""
+    nh = n_heads + n_kv_heads
+    for h in range(nh):
+        o = h * hd
+        if qn.shape[0] > 0:
+            head_rmsnorm(qkv, o, hd, qn if h < n_heads else kn, eps)
+        if rot > 0:
+            rope_head(qkv, o, p, cos, sin, rot)
+    ko = n_heads * hd
+    vo = ko + n_kv_heads * hd
+    for g in range(n_kv_heads):
+        for i in range(hd):
+            kc[g, p, i] = qkv[ko + g * hd + i]
+            vc[g, p, i] = qkv[vo + g * hd + i]
+
+
+@njit(**_J)
+def decode_attention(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, eps, scale, window, out):
+    """prep_decode, then attention of all heads, serially. qkv: f32[(H+2Hkv) hd], out: f32[H hd]."""
+    prep_decode(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, eps)
+    group = n_heads // n_kv_heads
+    start = max(0, p - window + 1) if window > 0 else 0
+    for h in range(n_heads):
+        attend_head(qkv, h * hd, kc, vc, h // group, start, p, hd, scale, out, h * hd)
 
 
 def attention_ref(q, k, v, pos0, scale, window=0):

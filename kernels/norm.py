@@ -1,58 +1,82 @@
-"""RMSNorm and LayerNorm over the last axis of a 2-D array [M, D]."""
+"""RMSNorm and LayerNorm over the last axis.
+
+Each norm has a row kernel (serial: decode calls it directly, a parallel launch costs more than
+one row of work) and a parallel driver over the rows of a [M, D] array (prefill).
+`add_norm*` fuse the residual add with the next norm: x += y; out = norm(x).
+"""
 import numpy as np
 from numba import njit, prange
 
+_J = dict(cache=True, fastmath=True, nogil=True)
 
-@njit(cache=True, parallel=True, fastmath=True, nogil=True)
-def rmsnorm(x, w, eps, out):
-    """x: f32[M, D], w: f32[D], out: f32[M, D] <- x / sqrt(mean(x^2) + eps) * w."""
-    M, D = x.shape
-    for m in prange(M):
+
+@njit(**_J)
+def norm_row(x, w, b, eps, out):
+    """x, out: f32[D]; w: f32[D]; b: f32[D] for LayerNorm, or f32[0] for RMSNorm."""
+    D = x.shape[0]
+    if b.shape[0] == 0:
         ss = np.float32(0.0)
         for i in range(D):
-            ss += x[m, i] * x[m, i]
+            ss += x[i] * x[i]
         r = np.float32(1.0) / np.sqrt(ss / np.float32(D) + np.float32(eps))
         for i in range(D):
-            out[m, i] = x[m, i] * r * w[i]
-
-
-@njit(cache=True, parallel=True, fastmath=True, nogil=True)
-def layernorm(x, w, b, eps, out):
-    """x: f32[M, D], w, b: f32[D], out: f32[M, D] <- (x - mean) / sqrt(var + eps) * w + b."""
-    M, D = x.shape
-    for m in prange(M):
+            out[i] = x[i] * r * w[i]
+    else:
         s = np.float32(0.0)
         for i in range(D):
-            s += x[m, i]
+            s += x[i]
         mu = s / np.float32(D)
         v = np.float32(0.0)
         for i in range(D):
-            d = x[m, i] - mu
+            d = x[i] - mu
             v += d * d
         r = np.float32(1.0) / np.sqrt(v / np.float32(D) + np.float32(eps))
         for i in range(D):
-            out[m, i] = (x[m, i] - mu) * r * w[i] + b[i]
+            out[i] = (x[i] - mu) * r * w[i] + b[i]
 
 
-@njit(cache=True, parallel=True, fastmath=True, nogil=True)
+@njit(**_J)
+def add_norm_row(x, y, w, b, eps, out):
+    """x += y (residual), then out = norm(x). All f32[D] (b may be f32[0]: RMSNorm)."""
+    for i in range(x.shape[0]):
+        x[i] += y[i]
+    norm_row(x, w, b, eps, out)
+
+
+@njit(parallel=True, **_J)
+def norm(x, w, b, eps, out):
+    """x, out: f32[M, D]. RMSNorm when b is empty, else LayerNorm."""
+    for m in prange(x.shape[0]):
+        norm_row(x[m], w, b, eps, out[m])
+
+
+@njit(parallel=True, **_J)
+def add_norm(x, y, w, b, eps, out):
+    """x, y, out: f32[M, D]: x += y; out = norm(x)."""
+    for m in prange(x.shape[0]):
+        add_norm_row(x[m], y[m], w, b, eps, out[m])
+
+
+@njit(**_J)
+def head_rmsnorm(v, o, hd, w, eps):
+    """In place RMSNorm of v[o:o+hd] with weight w: f32[hd] (Qwen3 q/k norm)."""
+    ss = np.float32(0.0)
+    for i in range(hd):
+        ss += v[o + i] * v[o + i]
+    r = np.float32(1.0) / np.sqrt(ss / np.float32(hd) + np.float32(eps))
+    for i in range(hd):
+        v[o + i] = v[o + i] * r * w[i]
+
+
+@njit(parallel=True, **_J)
 def qk_rmsnorm(qkv, qw, kw, n_heads, n_kv_heads, head_dim, eps):
-    """Qwen3 per-head RMSNorm, in place on the q and k heads of qkv: f32[M, (H + 2*Hkv) * hd].
-
-    qw, kw: f32[hd]. The v heads (after the k heads) are left alone.
-    """
+    """Qwen3 per-head RMSNorm, in place on the q and k heads of qkv: f32[M, (H + 2*Hkv) * hd]."""
     M = qkv.shape[0]
     nh = n_heads + n_kv_heads
     for t in prange(M * nh):
         m = t // nh
         h = t % nh
-        w = qw if h < n_heads else kw
-        o = h * head_dim
-        ss = np.float32(0.0)
-        for i in range(head_dim):
-            ss += qkv[m, o + i] * qkv[m, o + i]
-        r = np.float32(1.0) / np.sqrt(ss / np.float32(head_dim) + np.float32(eps))
-        for i in range(head_dim):
-            qkv[m, o + i] = qkv[m, o + i] * r * w[i]
+        head_rmsnorm(qkv[m], h * head_dim, head_dim, qw if h < n_heads else kw, eps)
 
 
 def rmsnorm_ref(x, w, eps):

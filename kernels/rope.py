@@ -8,8 +8,23 @@ cos/sin come from tables [n_pos, rot/2] built once from the config (rope_scaling
 import numpy as np
 from numba import njit, prange
 
+_J = dict(cache=True, fastmath=True, nogil=True)
 
-@njit(cache=True, parallel=True, fastmath=True, nogil=True)
+
+@njit(**_J)
+def rope_head(v, o, p, cos, sin, rot):
+    """Rotate v[o:o+rot] in place for position p."""
+    half = rot // 2
+    for i in range(half):
+        c = cos[p, i]
+        s = sin[p, i]
+        x1 = v[o + i]
+        x2 = v[o + half + i]
+        v[o + i] = x1 * c - x2 * s
+        v[o + half + i] = x2 * c + x1 * s
+
+
+@njit(parallel=True, **_J)
 def rope_qk(qkv, pos0, cos, sin, n_heads, n_kv_heads, head_dim, rot):
     """In place on the q and k heads of qkv: f32[M, (H + 2*Hkv) * hd]; token m is at pos0 + m.
 
@@ -17,18 +32,9 @@ def rope_qk(qkv, pos0, cos, sin, n_heads, n_kv_heads, head_dim, rot):
     """
     M = qkv.shape[0]
     nh = n_heads + n_kv_heads
-    half = rot // 2
     for t in prange(M * nh):
         m = t // nh
-        o = (t % nh) * head_dim
-        p = pos0 + m
-        for i in range(half):
-            c = cos[p, i]
-            s = sin[p, i]
-            x1 = qkv[m, o + i]
-            x2 = qkv[m, o + half + i]
-            qkv[m, o + i] = x1 * c - x2 * s
-            qkv[m, o + half + i] = x2 * c + x1 * s
+        rope_head(qkv[m], (t % nh) * head_dim, pos0 + m, cos, sin, rot)
 
 
 def rope_tables(inv_freq, n_pos):

@@ -20,13 +20,15 @@ import numpy as np
 
 from .cache import KVCache
 from .config import Config, rope_inv_freq
-from .kernels.activations import gelu, gelu_tanh, silu_mul
-from .kernels.attention import attention, store_kv
-from .kernels.norm import layernorm, qk_rmsnorm, rmsnorm
+from .kernels.activations import gelu, gelu_row, gelu_tanh, gelu_tanh_row, silu_mul, silu_mul_row
+from .kernels.attention import attention, decode_attention, prep_decode, store_kv
+from .kernels.norm import add_norm, add_norm_row, norm, norm_row, qk_rmsnorm
 from .kernels.rope import rope_qk, rope_tables
 from .quant import Linear
 
 PREFILL_CHUNK = 256   # prompt rows per forward call: bounds the scratch buffers
+SERIAL_ATTENTION = 512  # decode attends serially (one call, no thread launch) below this position
+NONE = np.zeros(0, np.float32)  # "no bias" / "no q-k norm" for kernels that take optional arrays
 
 
 class Layer:
@@ -34,10 +36,11 @@ class Layer:
 
     def __init__(self, t: dict, i: int):
         g = lambda n: t.get(f"l{i}.{n}")
-        self.attn_norm_w, self.attn_norm_b = g("attn_norm.w"), g("attn_norm.b")
-        self.ffn_norm_w, self.ffn_norm_b = g("ffn_norm.w"), g("ffn_norm.b")
+        opt = lambda n: NONE if g(n) is None else g(n)
+        self.attn_norm = (g("attn_norm.w"), opt("attn_norm.b"))  # [D], [D] or [0] (RMSNorm)
+        self.ffn_norm = (g("ffn_norm.w"), opt("ffn_norm.b"))
         self.wqkv, self.bqkv = g("wqkv"), g("bqkv")            # Linear [(H+2Hkv)hd, D], [(H+2Hkv)hd]
-        self.q_norm, self.k_norm = g("q_norm"), g("k_norm")    # [hd] (Qwen3)
+        self.q_norm, self.k_norm = opt("q_norm"), opt("k_norm")  # [hd] (Qwen3) or [0]
         self.wo, self.bo = g("wo"), g("bo")                    # Linear [D, H hd], [D]
         self.w_gate_up, self.b_gate_up = g("w_gate_up"), g("b_gate_up")  # Linear [2F, D]
         self.w_up, self.b_up = g("w_up"), g("b_up")            # Linear [F, D]
@@ -69,23 +72,32 @@ class Transformer:
         c = self.cfg = cfg
         self.tok_embd: Linear = tensors["tok_embd"]                # [V, D]
         self.pos_embd = tensors.get("pos_embd")                    # [P, D] (GPT-2)
-        self.out_norm_w, self.out_norm_b = tensors["out_norm.w"], tensors.get("out_norm.b")
+        self.out_norm = (tensors["out_norm.w"], tensors.get("out_norm.b", NONE))
         self.lm_head: Linear = tensors.get("output", self.tok_embd)  # [V, D]
         self.layers = [Layer(tensors, i) for i in range(c.n_layers)]
         self.n_ctx = n_ctx
         self.cache = KVCache(c.n_layers, c.n_kv_heads, n_ctx, c.head_dim)
         self.state = RunState(c, min(n_ctx, PREFILL_CHUNK))
         self.scale = 1.0 / math.sqrt(c.head_dim)
+        self.cos = self.sin = np.zeros((1, 1), np.float32)
         if c.rotary_dim:
             self.cos, self.sin = rope_tables(rope_inv_freq(c), n_ctx)   # [n_ctx, rot/2]
         self._dynamic = c.rotary_dim and (c.rope_scaling or {}).get("rope_type") == "dynamic"
 
-    # ---- small helpers -------------------------------------------------------------------
-    def _norm(self, x, w, b, out):
-        if b is None:
-            rmsnorm(x, w, self.cfg.norm_eps, out)
+    # ---- small helpers: one token runs the serial row kernels (a parallel launch costs more
+    # ---- than one row of work), several tokens the parallel ones
+    def _norm(self, x, wb, out):
+        if x.shape[0] == 1:
+            norm_row(x[0], wb[0], wb[1], self.cfg.norm_eps, out[0])
         else:
-            layernorm(x, w, b, self.cfg.norm_eps, out)
+            norm(x, wb[0], wb[1], self.cfg.norm_eps, out)
+
+    def _add_norm(self, x, y, wb, out):
+        """x += y (residual); out = norm(x)."""
+        if x.shape[0] == 1:
+            add_norm_row(x[0], y[0], wb[0], wb[1], self.cfg.norm_eps, out[0])
+        else:
+            add_norm(x, y, wb[0], wb[1], self.cfg.norm_eps, out)
 
     def _rope(self, end: int):
         """cos/sin tables; dynamic NTK scaling enlarges the base once the sequence outgrows
@@ -96,6 +108,25 @@ class Transformer:
             return rope_tables(rope_inv_freq(c, seq_len=end), end)
         return self.cos, self.sin
 
+    def _attention(self, L: Layer, qkv, kc, vc, p0, cos, sin, att):
+        """q/k norm, RoPE, cache write and attention for M tokens at positions p0.."""
+        c = self.cfg
+        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
+        if qkv.shape[0] == 1 and p0 < SERIAL_ATTENTION:
+            decode_attention(qkv[0], kc, vc, p0, cos, sin, L.q_norm, L.k_norm, H, Hkv, hd,
+                             c.rotary_dim, c.norm_eps, self.scale, c.sliding_window, att[0])
+            return
+        if qkv.shape[0] == 1:
+            prep_decode(qkv[0], kc, vc, p0, cos, sin, L.q_norm, L.k_norm, H, Hkv, hd,
+                        c.rotary_dim, c.norm_eps)
+        else:
+            if c.qk_norm:
+                qk_rmsnorm(qkv, L.q_norm, L.k_norm, H, Hkv, hd, c.norm_eps)
+            if c.rotary_dim:
+                rope_qk(qkv, p0, cos, sin, H, Hkv, hd, c.rotary_dim)
+            store_kv(qkv, kc, vc, p0, H, Hkv, hd)                 # cache rows p0..p0+M-1
+        attention(qkv, kc, vc, p0, H, Hkv, hd, self.scale, c.sliding_window, att)
+
     def _mlp(self, L: Layer, xn, out, M):
         s = self.state
         if self.cfg.gated_mlp:
@@ -104,12 +135,18 @@ class Transformer:
             if L.b_gate_up is not None:
                 gu += L.b_gate_up
             act = s.act[:M]
-            silu_mul(gu, act)                                 # [M, 2F] -> [M, F]
+            if M == 1:
+                silu_mul_row(gu[0], act[0])                   # [2F] -> [F]
+            else:
+                silu_mul(gu, act)                             # [M, 2F] -> [M, F]
         else:
             act = s.ff[:M]
             L.w_up(xn, act)                                   # [M, D] -> [M, F]
             act += L.b_up
-            (gelu_tanh if self.cfg.act == "gelu_tanh" else gelu)(act)
+            if M == 1:
+                (gelu_tanh_row if self.cfg.act == "gelu_tanh" else gelu_row)(act[0])
+            else:
+                (gelu_tanh if self.cfg.act == "gelu_tanh" else gelu)(act)
         L.w_down(act, out)                                    # [M, F] -> [M, D]
         if L.b_down is not None:
             out += L.b_down
@@ -122,48 +159,39 @@ class Transformer:
         M = len(ids)
         p0 = cache.pos
         cache.check_room(M)
-        H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
         x, xn, qkv, att, o = s.x[:M], s.xn[:M], s.qkv[:M], s.att[:M], s.o[:M]
 
         self.tok_embd.rows(ids, x)                            # [M] -> [M, D]
         if self.pos_embd is not None:
             x += self.pos_embd[p0:p0 + M]                     # GPT-2 learned positions
-        if c.rotary_dim:
-            cos, sin = self._rope(p0 + M)
+        cos, sin = self._rope(p0 + M)
+        self._norm(x, self.layers[0].attn_norm, xn)           # [M, D]
 
         for i, L in enumerate(self.layers):
-            kc, vc = cache.k[i], cache.v[i]                   # [Hkv, n_ctx, hd] each
-            # -- attention branch
-            self._norm(x, L.attn_norm_w, L.attn_norm_b, xn)   # [M, D]
+            # next norm after this block: the next layer's attention norm, or the final norm
+            next_norm = self.layers[i + 1].attn_norm if i + 1 < len(self.layers) else self.out_norm
+            # -- attention branch (xn = attn_norm(x))
             L.wqkv(xn, qkv)                                   # [M, D] -> [M, (H + 2Hkv) hd]
             if L.bqkv is not None:
                 qkv += L.bqkv
-            if c.qk_norm:
-                qk_rmsnorm(qkv, L.q_norm, L.k_norm, H, Hkv, hd, c.norm_eps)
-            if c.rotary_dim:
-                rope_qk(qkv, p0, cos, sin, H, Hkv, hd, c.rotary_dim)
-            store_kv(qkv, kc, vc, p0, H, Hkv, hd)             # cache rows p0..p0+M-1
-            attention(qkv, kc, vc, p0, H, Hkv, hd, self.scale, c.sliding_window, att)  # -> [M, H hd]
+            self._attention(L, qkv, cache.k[i], cache.v[i], p0, cos, sin, att)  # -> [M, H hd]
             L.wo(att, o)                                      # [M, H hd] -> [M, D]
             if L.bo is not None:
                 o += L.bo
             # -- MLP branch
             if c.parallel_residual:                           # x + attn(ln1 x) + mlp(ln2 x)
-                self._norm(x, L.ffn_norm_w, L.ffn_norm_b, xn)
+                self._norm(x, L.ffn_norm, xn)
                 o2 = s.o2[:M]
                 self._mlp(L, xn, o2, M)
-                x += o
-                x += o2
+                o += o2
             else:                                             # x += attn; x += mlp(ln2 x)
-                x += o
-                self._norm(x, L.ffn_norm_w, L.ffn_norm_b, xn)
+                self._add_norm(x, o, L.ffn_norm, xn)
                 self._mlp(L, xn, o, M)
-                x += o
+            self._add_norm(x, o, next_norm, xn)               # x += branch; xn = next norm(x)
 
-        self._norm(x, self.out_norm_w, self.out_norm_b, xn)   # [M, D]
         cache.pos += M
         cache.tokens.extend(int(t) for t in ids)
-        return xn
+        return xn                                             # [M, D], final-normed
 
     def prefill(self, ids) -> np.ndarray:
         """Run a prompt (in chunks of state.rows) and return the logits f32[V] of its last token."""
