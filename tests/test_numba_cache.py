@@ -1,0 +1,49 @@
+"""cache=True on every kernel: a second process loads compiled code instead of recompiling,
+and each kernel keeps one compiled signature."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+PROBE = r"""
+import json, sys, importlib, pkgutil
+import minilm, minilm.kernels
+from numba.core.registry import CPUDispatcher
+m = minilm.load(sys.argv[1], quant=sys.argv[2])
+m.generate("Once upon a time", max_new_tokens=4)
+m.logits([1, 2, 3, 4, 5])
+misses, sigs, uncached = 0, {}, []
+for info in pkgutil.iter_modules(minilm.kernels.__path__):
+    mod = importlib.import_module("minilm.kernels." + info.name)
+    for name, obj in vars(mod).items():
+        if isinstance(obj, CPUDispatcher) and obj.__module__ == mod.__name__ and obj.signatures:
+            misses += sum(obj.stats.cache_misses.values())
+            if type(obj._cache).__name__ == "NullCache" or not sum(obj.stats.cache_hits.values()):
+                uncached.append(info.name + "." + name)
+            sigs[info.name + "." + name] = len(obj.signatures)
+print("RESULT" + json.dumps({"misses": misses, "sigs": sigs, "uncached": uncached}))
+"""
+
+
+def run_probe(model, quant):
+    out = subprocess.run([sys.executable, "-c", PROBE, str(model), quant], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = [l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1]
+    return json.loads(line[6:])
+
+
+@pytest.mark.skipif(not (SHARED / "models").is_dir(), reason=f"shared models not found at {SHARED}")
+@pytest.mark.parametrize("quant", ["f32", "int4"])
+def test_second_process_does_not_recompile(quant):
+    model = SHARED / "models" / "stories260K"
+    run_probe(model, quant)                       # may compile (cold cache) and write the cache
+    r = run_probe(model, quant)
+    assert r["misses"] == 0, f"kernels recompiled in a second process: {r}"
+    assert not r["uncached"], f"kernels not loaded from the on-disk cache: {r['uncached']}"
+    many = {k: v for k, v in r["sigs"].items() if v != 1}
+    assert not many, f"kernels with more than one compiled signature: {many}"
+    assert len(r["sigs"]) >= 10
