@@ -169,3 +169,19 @@ class LM:
 
     def __repr__(self) -> str:
         return self.summary()
+
+    # ---- chat (minilm/chat.py) -------------------------------------------------------------
+    def chat(self, messages, **kwargs):
+        """Answer a conversation [{"role", "content"}, ...]: text, or pieces with stream=True."""
+        from .chat import chat
+        return chat(self, messages, **kwargs)
+
+    def create_chat_completion(self, messages, **kwargs):
+        """OpenAI-shaped "chat.completion" dict (or chunk iterator with stream=True)."""
+        from .chat import create_chat_completion
+        return create_chat_completion(self, messages, **kwargs)
+
+    def create_completion(self, prompt, **kwargs):
+        """OpenAI-shaped "text_completion" dict (or chunk iterator with stream=True)."""
+        from .chat import create_completion
+        return create_completion(self, prompt, **kwargs)

@@ -1,0 +1,410 @@
+"""Chat on top of `LM`: chat templates, message validation, and OpenAI-shaped completions.
+
+    model = minilm.load("HuggingFaceTB/SmolLM2-135M-Instruct")
+    model.chat([{"role": "user", "content": "Hi!"}], max_tokens=64)          # -> str
+    for piece in model.chat(messages, stream=True): print(piece, end="")     # -> str pieces
+    model.create_chat_completion(messages)        # -> {"object": "chat.completion", ...}
+    model.create_completion("Once upon a time")   # -> {"object": "text_completion", ...}
+
+Chat templates: the Jinja `chat_template` of tokenizer_config.json is rendered in jinja2's
+`ImmutableSandboxedEnvironment` (a template is untrusted input: no attribute access to Python
+internals, no mutation of the messages), with `messages`, `bos_token`, `eos_token`,
+`add_generation_prompt` and the `raise_exception(msg)` helper, as transformers does. A checkpoint
+without a template gets `FALLBACK_CHAT_TEMPLATE` (ChatML: `<|im_start|>role\\n...<|im_end|>\\n`);
+then `<|im_end|>` is also a stop string. A rendered text that already starts with the BOS string
+is encoded without adding another one (never a double BOS).
+
+Multi-turn: the prompt of turn N+1 begins with the text of turn N's prompt and answer, so
+`generate_tokens` reuses the KV cache for that shared prefix (only the new turn is prefilled).
+
+An `LM` is not thread-safe: one generation at a time (the server queues requests).
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .generate import TextStream, generate_tokens
+from .sampling import Sampler
+
+ROLES = ("system", "user", "assistant", "tool")
+
+#: Used for checkpoints whose tokenizer_config.json has no `chat_template` (ChatML, as in
+#: transformers' old default). The tokenizer adds BOS as it does for any text.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+FALLBACK_STOP = ["<|im_end|>", "<|im_start|>"]
+# end-of-turn tokens of common templates: when the template uses one and the vocabulary has it
+# as a single token, generation also stops at that token id.
+_TURN_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+DEFAULT_TEMPERATURE = 0.7
+MAX_STOP = 4
+
+
+class RequestError(ValueError):
+    """Invalid chat/completion arguments. `param` names the field (OpenAI's error.param);
+    `code` is a short machine-readable reason (e.g. 'context_length_exceeded')."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+# ---- messages and templates ------------------------------------------------------------------
+def validate_messages(messages) -> list[dict]:
+    """Check `messages` (a non-empty list of {"role", "content": str} dicts); raise RequestError
+    naming the field, e.g. "messages[1].role: unknown role 'bot'"."""
+    if not isinstance(messages, (list, tuple)):
+        raise RequestError(f"messages: expected a list of messages, got {type(messages).__name__}",
+                           "messages")
+    if not messages:
+        raise RequestError("messages: must contain at least one message", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise RequestError(f"{where}: expected an object with 'role' and 'content', "
+                               f"got {type(m).__name__}", where)
+        role = m.get("role")
+        if "role" not in m:
+            raise RequestError(f"{where}.role: missing", f"{where}.role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise RequestError(f"{where}.role: unknown role {role!r} (expected one of {', '.join(ROLES)})",
+                               f"{where}.role")
+        if "content" not in m:
+            raise RequestError(f"{where}.content: missing", f"{where}.content")
+        if not isinstance(m["content"], str):
+            raise RequestError(f"{where}.content: must be a string, got {type(m['content']).__name__}",
+                               f"{where}.content")
+        out.append(dict(m))
+    return out
+
+
+def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _raise_exception(message):
+    from jinja2.exceptions import TemplateError
+    raise TemplateError(message)
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+    return env.from_string(template)
+
+
+def chat_template_of(tokenizer) -> str | None:
+    """The checkpoint's template (tokenizer_config.json `chat_template`; a named list picks
+    'default'), or None."""
+    t = (getattr(tokenizer, "config", None) or {}).get("chat_template")
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default") or next(iter(named.values()), None)
+    return t if isinstance(t, str) and t.strip() else None
+
+
+def render_chat(tokenizer, messages, add_generation_prompt: bool = True, template: str | None = None) -> str:
+    """The prompt text for `messages` (validated) through the chat template (or the fallback)."""
+    from jinja2.exceptions import SecurityError, TemplateError
+    messages = validate_messages(messages)
+    template = template or chat_template_of(tokenizer) or FALLBACK_CHAT_TEMPLATE
+    try:
+        return _compile(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=getattr(tokenizer, "bos_token", None) or "",
+            eos_token=getattr(tokenizer, "eos_token", None) or "")
+    except SecurityError as e:
+        raise RequestError(f"chat template: unsafe operation refused by the sandbox ({e})", "messages",
+                           "invalid_chat_template") from None
+    except TemplateError as e:
+        raise RequestError(f"messages: rejected by the chat template: {e}", "messages",
+                           "invalid_chat_template") from None
+
+
+def encode_chat(model, messages, add_generation_prompt: bool = True):
+    """(prompt ids, extra stop strings, extra stop token ids) for a conversation."""
+    tok = model.tokenizer
+    template = chat_template_of(tok)
+    text = render_chat(tok, messages, add_generation_prompt, template)
+    bos = getattr(tok, "bos_token", None)
+    if bos and text.startswith(bos):
+        ids = tok.encode(text, add_special_tokens=False)      # the template wrote the BOS itself
+        b = tok.bos_token_id
+        while b is not None and len(ids) >= 2 and ids[0] == b and ids[1] == b:
+            ids = ids[1:]
+    else:
+        ids = tok.encode(text)
+    used = template or FALLBACK_CHAT_TEMPLATE
+    stop_ids = []
+    for s in _TURN_END_TOKENS:
+        if s in used:
+            i = tok._tok.token_to_id(s) if hasattr(tok, "_tok") else None
+            if i is not None:
+                stop_ids.append(int(i))
+    stop = [] if template else list(FALLBACK_STOP)
+    return ids, stop, stop_ids
+
+
+# ---- arguments -------------------------------------------------------------------------------
+def _number(name, v, lo=None, lo_open=False, hi=None):
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+        raise RequestError(f"{name}={v!r}: must be a finite number", name)
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        raise RequestError(f"{name}={v!r}: must be {'>' if lo_open else '>='} {lo}", name)
+    if hi is not None and v > hi:
+        raise RequestError(f"{name}={v!r}: must be <= {hi}", name)
+    return float(v)
+
+
+def check_stop(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or len(stop) > MAX_STOP or \
+            not all(isinstance(s, str) and s for s in stop):
+        raise RequestError(f"stop={stop!r}: must be a non-empty string or a list of at most "
+                           f"{MAX_STOP} non-empty strings", "stop")
+    return list(stop)
+
+
+@dataclass
+class Prepared:
+    """A validated request: prompt ids and generation settings; `run()` generates."""
+    model: object
+    ids: list[int]
+    max_tokens: int
+    sampling: dict
+    stop: list[str]
+    stop_ids: list[int] = field(default_factory=list)
+
+    def run(self, cancel=None) -> "Generation":
+        return Generation(self, cancel)
+
+
+def prepare(model, ids, max_tokens, temperature, top_p, stop, seed, extra_stop=(), stop_ids=(),
+            top_k=0, min_p=0.0, repetition_penalty=1.0, prompt_param="messages") -> Prepared:
+    """Validate the generation arguments against the model and the prompt length."""
+    n_ctx = model.n_ctx
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)):
+            raise RequestError(f"max_tokens={max_tokens!r}: must be an integer", "max_tokens")
+        if max_tokens < 1:
+            raise RequestError(f"max_tokens={max_tokens}: must be >= 1", "max_tokens")
+        if max_tokens > n_ctx:
+            raise RequestError(f"max_tokens={max_tokens}: larger than the model's context of "
+                               f"{n_ctx} tokens", "max_tokens")
+    temperature = _number("temperature", temperature, lo=0)
+    top_p = _number("top_p", top_p, lo=0, lo_open=True, hi=1)
+    min_p = _number("min_p", min_p, lo=0)
+    if min_p >= 1:
+        raise RequestError(f"min_p={min_p!r}: must be < 1", "min_p")
+    repetition_penalty = _number("repetition_penalty", repetition_penalty, lo=0, lo_open=True)
+    if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        raise RequestError(f"top_k={top_k!r}: must be an integer >= 0", "top_k")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise RequestError(f"seed={seed!r}: must be an integer >= 0", "seed")
+    stop = check_stop(stop)
+    if not ids:
+        raise RequestError(f"{prompt_param}: the prompt is empty (no tokens)", prompt_param)
+    if len(ids) >= n_ctx:
+        raise RequestError(f"{prompt_param}: the prompt is {len(ids)} tokens, the model's context is "
+                           f"{n_ctx} tokens (at least one must be left to generate); shorten it",
+                           prompt_param, "context_length_exceeded")
+    room = n_ctx - len(ids)
+    max_tokens = room if max_tokens is None else min(int(max_tokens), room)
+    sampling = dict(temperature=temperature, top_k=int(top_k), top_p=top_p, min_p=min_p,
+                    repetition_penalty=repetition_penalty, seed=None if seed is None else int(seed))
+    return Prepared(model, list(ids), max_tokens, sampling,
+                    stop + [s for s in extra_stop if s not in stop], list(stop_ids))
+
+
+class Generation:
+    """Iterate for the text pieces; afterwards `finish_reason` ('stop' | 'length', or 'cancelled'
+    when `cancel` — a threading.Event — was set), `prompt_tokens`, `completion_tokens`, `text`."""
+
+    def __init__(self, p: Prepared, cancel=None):
+        self.p = p
+        self.cancel = cancel
+        self.prompt_tokens = len(p.ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.text = ""
+        self.first_token_s: float | None = None     # seconds from the start to the first new token
+
+    def __iter__(self) -> Iterator[str]:
+        p, m = self.p, self.p.model
+        sampler = Sampler(m.config.vocab_size, **p.sampling)
+        eos = list(m.eos_token_ids) + [i for i in p.stop_ids if i not in m.eos_token_ids]
+        t0 = time.perf_counter()
+        toks = generate_tokens(m, p.ids, p.max_tokens, sampler, eos)
+        ts = TextStream(m.tokenizer, p.ids, p.stop)
+        try:
+            for t in toks:
+                if self.first_token_s is None:
+                    self.first_token_s = time.perf_counter() - t0
+                self.completion_tokens += 1
+                piece = ts.push(t)
+                if piece:
+                    self.text += piece
+                    yield piece
+                if ts.done:
+                    self.finish_reason = "stop"
+                    return
+                if self.cancel is not None and self.cancel.is_set():
+                    self.finish_reason = "cancelled"
+                    return
+            tail = ts.finish()
+            if tail:
+                self.text += tail
+                yield tail
+            self.finish_reason = "length" if self.completion_tokens >= p.max_tokens else "stop"
+        finally:
+            toks.close()
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def prepare_chat(model, messages, max_tokens=None, temperature=DEFAULT_TEMPERATURE, top_p=1.0, stop=None,
+                 seed=None, **sampling) -> Prepared:
+    ids, extra_stop, stop_ids = encode_chat(model, messages)
+    return prepare(model, ids, max_tokens, temperature, top_p, stop, seed, extra_stop, stop_ids,
+                   prompt_param="messages", **sampling)
+
+
+def prepare_completion(model, prompt, max_tokens=16, temperature=DEFAULT_TEMPERATURE, top_p=1.0, stop=None,
+                       seed=None, **sampling) -> Prepared:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = model.tokenizer.encode(prompt)
+    elif isinstance(prompt, (list, tuple)) and prompt and all(
+            isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+        V = model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < V]
+        if bad:
+            raise RequestError(f"prompt: token id {bad[0]} outside [0, {V})", "prompt")
+        ids = [int(t) for t in prompt]
+    else:
+        raise RequestError("prompt: must be a string (or one list of token ids)", "prompt")
+    return prepare(model, ids, max_tokens, temperature, top_p, stop, seed, prompt_param="prompt", **sampling)
+
+
+# ---- the public functions (attached to LM as methods) ----------------------------------------
+def model_id(model) -> str:
+    return getattr(model, "model_id", None) or Path(str(getattr(model, "source", "") or "minilm")).name or "minilm"
+
+
+def chat(model, messages, max_tokens: int | None = None, temperature: float = DEFAULT_TEMPERATURE,
+         top_p: float = 1.0, stop=None, stream: bool = False, seed: int | None = None, **sampling):
+    """Answer a conversation: `messages` = [{"role": "system"|"user"|"assistant"|"tool",
+    "content": str}, ...]. Returns the assistant's text, or with stream=True an iterator of text
+    pieces. max_tokens=None: up to the end of the context. Greedy when temperature == 0.
+    Extra sampling keywords: top_k, min_p, repetition_penalty. Raises RequestError (a ValueError)
+    naming the bad argument."""
+    g = prepare_chat(model, messages, max_tokens, temperature, top_p, stop, seed, **sampling).run()
+    return iter(g) if stream else "".join(g)
+
+
+def _new_id(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def create_chat_completion(model, messages, max_tokens: int | None = None,
+                           temperature: float = DEFAULT_TEMPERATURE, top_p: float = 1.0, stop=None,
+                           stream: bool = False, seed: int | None = None, include_usage: bool = False,
+                           **sampling):
+    """OpenAI-shaped chat completion: a "chat.completion" dict, or with stream=True an iterator
+    of "chat.completion.chunk" dicts (first delta has the role, last has finish_reason; with
+    include_usage an extra final chunk with empty choices and `usage`)."""
+    p = prepare_chat(model, messages, max_tokens, temperature, top_p, stop, seed, **sampling)
+    return chat_completion_from(p, model_id(model), stream, include_usage)
+
+
+def chat_completion_from(p: Prepared, name: str, stream: bool = False, include_usage: bool = False,
+                         cancel=None):
+    cid, created = _new_id("chatcmpl"), int(time.time())
+    g = p.run(cancel)
+    if not stream:
+        text = "".join(g)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "logprobs": None, "finish_reason": g.finish_reason}],
+                "usage": g.usage()}
+
+    def chunk(delta, finish=None):
+        return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+    def chunks():
+        yield chunk({"role": "assistant", "content": ""})
+        for piece in g:
+            yield chunk({"content": piece})
+        yield chunk({}, g.finish_reason)
+        if include_usage:
+            yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
+                   "choices": [], "usage": g.usage()}
+    return chunks()
+
+
+def create_completion(model, prompt, max_tokens: int | None = 16, temperature: float = DEFAULT_TEMPERATURE,
+                      top_p: float = 1.0, stop=None, stream: bool = False, seed: int | None = None,
+                      include_usage: bool = False, **sampling):
+    """OpenAI-shaped text completion of `prompt` (a string, or a list of token ids): a
+    "text_completion" dict with choices[0].text, or with stream=True an iterator of chunks."""
+    p = prepare_completion(model, prompt, max_tokens, temperature, top_p, stop, seed, **sampling)
+    return completion_from(p, model_id(model), stream, include_usage)
+
+
+def completion_from(p: Prepared, name: str, stream: bool = False, include_usage: bool = False, cancel=None):
+    cid, created = _new_id("cmpl"), int(time.time())
+    g = p.run(cancel)
+
+    def body(text, finish):
+        return {"id": cid, "object": "text_completion", "created": created, "model": name,
+                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+    if not stream:
+        text = "".join(g)
+        return {**body(text, g.finish_reason), "usage": g.usage()}
+
+    def chunks():
+        for piece in g:
+            yield body(piece, None)
+        yield body("", g.finish_reason)
+        if include_usage:
+            yield {"id": cid, "object": "text_completion", "created": created, "model": name,
+                   "choices": [], "usage": g.usage()}
+    return chunks()
+
+
+def _attach() -> None:
+    """Make chat/create_chat_completion/create_completion methods of `LM` when lm.py does not
+    define them itself (importing minilm.chat is then enough)."""
+    from .lm import LM
+    for f in (chat, create_chat_completion, create_completion):
+        if not hasattr(LM, f.__name__):
+            setattr(LM, f.__name__, f)
+
+
+_attach()

@@ -1,0 +1,309 @@
+"""An OpenAI-compatible local HTTP server for one model (FastAPI + uvicorn: `pip install minilm[server]`).
+
+    minilm serve -m PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
+(`"stream": true` -> server-sent events `data: {...}\\n\\n` ending with `data: [DONE]\\n\\n`).
+
+Requests are validated before they are queued; a bad one gets a 4xx with an OpenAI-style body
+{"error": {"message", "type": "invalid_request_error", "param", "code"}}. Generation runs in one
+worker thread that takes requests first-in first-out (the model and its KV cache serve one
+request at a time; each answer is complete and never mixed with another's). A client that
+disconnects stops its generation at the next token.
+"""
+import asyncio
+import contextlib
+import hmac
+import json
+import queue
+import threading
+import time
+
+from .chat import RequestError, chat_completion_from, completion_from, model_id, prepare_chat, prepare_completion
+
+MAX_BODY = 1 << 20        # bytes
+_DONE = object()
+
+
+def _error(status: int, message: str, param=None, code=None, type_="invalid_request_error"):
+    from fastapi.responses import JSONResponse
+    return JSONResponse(status_code=status, content={"error": {
+        "message": message, "type": type_, "param": param, "code": code}})
+
+
+class _Job:
+    """One request's generation: `make()` -> iterable of items, produced in the worker thread
+    and handed to the event loop through an asyncio queue."""
+
+    def __init__(self, loop, make):
+        self.loop, self.make = loop, make
+        self.cancel = threading.Event()
+        self.cancelled = False      # stopped early because the client went away
+        self.out: asyncio.Queue = asyncio.Queue()
+
+    def _put(self, item):
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+    def run(self):
+        if self.cancel.is_set():
+            return self._put(_DONE)
+        try:
+            for item in self.make(self.cancel):
+                if self.cancel.is_set():
+                    break
+                self._put(item)
+        except Exception as e:  # reported to that request only; the worker goes on
+            self._put(e)
+        self.cancelled = self.cancel.is_set()
+        self._put(_DONE)
+
+
+class Worker:
+    """A single thread that runs jobs one at a time, first come first served."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+        self.busy = False
+        self.served = 0
+        self.cancelled = 0
+        try:                 # Numba's thread count is per thread: carry the loader's setting over
+            import numba
+            self.threads = numba.get_num_threads()
+        except Exception:
+            self.threads = None
+        self.t = threading.Thread(target=self._loop, name="minilm-worker", daemon=True)
+        self.t.start()
+
+    def _loop(self):
+        if self.threads:
+            import numba
+            numba.set_num_threads(self.threads)
+        while True:
+            job = self.q.get()
+            if job is None:
+                return
+            self.busy = True
+            try:
+                job.run()
+            finally:
+                self.busy = False
+                self.served += 1
+                self.cancelled += job.cancelled
+
+    def submit(self, job: _Job) -> _Job:
+        self.q.put(job)
+        return job
+
+    def pending(self) -> int:
+        return self.q.qsize() + int(self.busy)
+
+    def stop(self):
+        self.q.put(None)
+
+
+_SAMPLING = {"top_k", "min_p", "repetition_penalty"}
+
+
+def _gen_args(body: dict, default_max):
+    """OpenAI request fields -> chat.prepare keywords (types are checked there)."""
+    kw = {}
+    mt = body.get("max_completion_tokens", body.get("max_tokens", default_max))
+    kw["max_tokens"] = mt
+    for k in ("temperature", "top_p"):
+        if body.get(k) is not None:
+            kw[k] = body[k]
+    kw["stop"] = body.get("stop")
+    kw["seed"] = body.get("seed")
+    for k in _SAMPLING:
+        if body.get(k) is not None:
+            kw[k] = body[k]
+    n = body.get("n", 1)
+    if n not in (1, None) or isinstance(n, bool):
+        raise RequestError(f"n={n!r}: only n=1 is supported", "n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(f"stream={stream!r}: must be a boolean", "stream")
+    so = body.get("stream_options") or {}
+    if not isinstance(so, dict):
+        raise RequestError("stream_options: must be an object", "stream_options")
+    m = body.get("model")
+    if m is not None and not isinstance(m, str):
+        raise RequestError("model: must be a string", "model")
+    return kw, stream, bool(so.get("include_usage"))
+
+
+def create_app(model, api_key: str | None = None, name: str | None = None, max_body: int = MAX_BODY):
+    """The FastAPI app serving `model` (an `LM`)."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    name = name or model_id(model)
+    worker = Worker()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        worker.stop()
+
+    app = FastAPI(title="minilm", version="0.1.0", lifespan=lifespan)
+    app.state.worker = worker
+    app.state.model = model
+    created = int(time.time())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        return _error(exc.status_code, str(exc.detail), type_="invalid_request_error",
+                      code="not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc):
+        return _error(400, f"invalid request: {exc}")
+
+    @app.exception_handler(Exception)
+    async def _any_error(request, exc):   # never crash on a request
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", type_="server_error")
+
+    def auth_error(request: Request):
+        if not api_key:
+            return None
+        h = request.headers.get("authorization", "")
+        scheme, _, token = h.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            return _error(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
+                          type_="invalid_request_error", code="invalid_api_key")
+        return None
+
+    async def read_json(request: Request):
+        cl = request.headers.get("content-length")
+        if cl is not None:
+            try:
+                if int(cl) > max_body:
+                    return None, _error(413, f"request body of {cl} bytes is over the limit of {max_body} bytes",
+                                        code="request_too_large")
+            except ValueError:
+                return None, _error(400, "bad Content-Length header", code="invalid_request")
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > max_body:
+                return None, _error(413, f"request body is over the limit of {max_body} bytes",
+                                    code="request_too_large")
+        try:
+            body = json.loads(bytes(buf))
+        except (ValueError, UnicodeDecodeError) as e:
+            return None, _error(400, f"request body is not valid JSON ({e})", code="invalid_json")
+        if not isinstance(body, dict):
+            return None, _error(400, "request body must be a JSON object", code="invalid_json")
+        return body, None
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": name, "queued": worker.pending(), "served": worker.served,
+                "cancelled": worker.cancelled}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        if (e := auth_error(request)) is not None:
+            return e
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
+                                            "owned_by": "minilm"}]}
+
+    async def run(request: Request, kind: str):
+        if (e := auth_error(request)) is not None:
+            return e
+        body, err = await read_json(request)
+        if err is not None:
+            return err
+        try:
+            if kind == "chat":
+                if "messages" not in body:
+                    raise RequestError("messages: required", "messages")
+                kw, stream, usage = _gen_args(body, None)
+                p = prepare_chat(model, body["messages"], **kw)
+                make = lambda cancel: chat_completion_from(p, name, stream, usage, cancel)
+            else:
+                if "prompt" not in body:
+                    raise RequestError("prompt: required", "prompt")
+                kw, stream, usage = _gen_args(body, 16)
+                p = prepare_completion(model, body["prompt"], **kw)
+                make = lambda cancel: completion_from(p, name, stream, usage, cancel)
+        except RequestError as e:
+            return _error(400, str(e), e.param, e.code)
+        except ValueError as e:   # anything else the engine refuses
+            return _error(400, str(e))
+
+        def items(cancel):
+            r = make(cancel)
+            return r if stream else [r]
+
+        job = worker.submit(_Job(asyncio.get_running_loop(), items))
+        if not stream:
+            try:
+                while True:
+                    try:
+                        item = await asyncio.wait_for(job.out.get(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        if await request.is_disconnected():
+                            job.cancel.set()
+                            return JSONResponse(status_code=499, content={})
+                        continue
+                    if isinstance(item, Exception):
+                        return _error(500, f"generation failed: {type(item).__name__}: {item}",
+                                      type_="server_error")
+                    if item is _DONE:
+                        return _error(500, "generation produced no result", type_="server_error")
+                    return item
+            finally:
+                job.cancel.set()       # no-op when finished; stops work if this task is cancelled
+
+        async def events():
+            n = 0
+            try:
+                while True:
+                    item = await job.out.get()
+                    n += 1
+                    if n % 8 == 0 and await request.is_disconnected():
+                        break
+                    if item is _DONE:
+                        break
+                    if isinstance(item, Exception):
+                        err = {"error": {"message": f"generation failed: {type(item).__name__}: {item}",
+                                         "type": "server_error", "param": None, "code": None}}
+                        yield f"data: {json.dumps(err)}\n\n"
+                        break
+                    yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancel.set()       # client gone (generator closed/cancelled) -> stop generating
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await run(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await run(request, "completion")
+
+    return app
+
+
+def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          name: str | None = None, log_level: str = "info", max_body: int = MAX_BODY) -> None:
+    """Run the server until interrupted."""
+    try:
+        import uvicorn
+    except ImportError:
+        raise SystemExit("minilm serve needs the server extra: pip install 'minilm[server]'") from None
+    app = create_app(model, api_key=api_key, name=name, max_body=max_body)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+if __name__ == "__main__":   # python -m minilm.server -m PATH ... (same options as `minilm serve`)
+    from .cli_chat import main
+    import sys
+    raise SystemExit(main(["serve", *sys.argv[1:]]))
