@@ -50,11 +50,14 @@ class Config:
     rope_theta: float = 10000.0
     rotary_dim: int = 0         # dims of each head that are rotated (partial rotary); 0 = no RoPE
     rope_scaling: dict | None = None   # {"rope_type": "linear"|"dynamic"|"llama3", ...}
-    sliding_window: int = 0     # 0 = full attention
+    layer_windows: list[int] = field(default_factory=list)  # per layer sliding window; 0/absent = full
     tie_word_embeddings: bool = True
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str = "float32"
+
+    def window(self, layer: int) -> int:
+        return self.layer_windows[layer] if self.layer_windows else 0
 
     @property
     def q_dim(self) -> int:
@@ -103,7 +106,13 @@ class Config:
         L = int(get("num_hidden_layers", "n_layer"))
         H = int(get("num_attention_heads", "n_head"))
         Hkv = int(get("num_key_value_heads", default=H))
+        for name, v in (("hidden_size", D), ("num_hidden_layers", L), ("num_attention_heads", H),
+                        ("num_key_value_heads", Hkv)):
+            if v < 1:
+                raise ModelLoadError(f"{name}={v} must be a positive integer")
         hd = int(get("head_dim", default=D // H))
+        if hd < 1:
+            raise ModelLoadError(f"head_dim={hd} must be a positive integer")
         if H % Hkv:
             raise ModelLoadError(f"num_attention_heads={H} is not a multiple of num_key_value_heads={Hkv}")
         rope = raw.get("rope_parameters") or {}
@@ -123,6 +132,13 @@ class Config:
                                      "(supported: linear, dynamic, llama3)")
             else:
                 scaling["rope_type"] = kind
+                need = {"linear": ["factor"], "dynamic": ["factor"],
+                        "llama3": ["factor", "original_max_position_embeddings"]}[kind]
+                for k in need:
+                    try:
+                        float(scaling[k])
+                    except (KeyError, TypeError, ValueError):
+                        raise ModelLoadError(f"rope_scaling of type {kind!r} needs a numeric {k!r}") from None
 
         eos = raw.get("eos_token_id")
         eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
@@ -132,7 +148,7 @@ class Config:
                  hidden_size=D, n_layers=L, n_heads=H, n_kv_heads=Hkv, head_dim=hd,
                  bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids,
                  torch_dtype=dtype, rope_theta=theta, rope_scaling=scaling,
-                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)))
+                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", family == "gpt2")))
         if family == "llama":
             c.update(intermediate_size=int(get("intermediate_size")),
                      max_position_embeddings=int(get("max_position_embeddings", default=2048)),
@@ -147,8 +163,14 @@ class Config:
             if act not in ("silu", "swish"):
                 raise ModelLoadError(f"hidden_act {act!r} is not supported for {mt} (supported: silu)")
             sw = raw.get("sliding_window")
-            if sw and (mt == "mistral" or raw.get("use_sliding_window")):
-                c["sliding_window"] = int(sw)
+            types = raw.get("layer_types")
+            if sw and isinstance(types, list) and len(types) == L:
+                c["layer_windows"] = [int(sw) if t == "sliding_attention" else 0 for t in types]
+            elif sw and mt == "mistral":
+                c["layer_windows"] = [int(sw)] * L
+            elif sw and raw.get("use_sliding_window"):      # Qwen2/3: layers from max_window_layers on
+                first = int(raw.get("max_window_layers", 0) or 0)
+                c["layer_windows"] = [int(sw) if i >= first else 0 for i in range(L)]
         elif family == "gpt2":
             inner = raw.get("n_inner")
             act = raw.get("activation_function", "gelu_new")
@@ -198,7 +220,7 @@ def rope_inv_freq(cfg: Config, seq_len: int | None = None) -> "np.ndarray":
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type")
     if kind == "dynamic" and seq_len is not None:
-        max_pos = int(sc.get("original_max_position_embeddings") or cfg.max_position_embeddings)
+        max_pos = cfg.max_position_embeddings          # as transformers' dynamic NTK does
         if seq_len > max_pos:
             f = float(sc["factor"])
             base = base * ((f * seq_len / max_pos) - (f - 1)) ** (rd / (rd - 2))

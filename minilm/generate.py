@@ -27,18 +27,26 @@ def check_generate_args(max_new_tokens, stop, **sampling):
     return list(stop or [])
 
 
+def check_room(model, prompt_ids, max_new_tokens) -> None:
+    """Raise before any work if the prompt is empty or prompt + max_new_tokens exceeds n_ctx."""
+    if not prompt_ids:
+        raise ValueError("prompt is empty: give at least one token (or a tokenizer with a BOS token)")
+    n_ctx = model.net.cache.n_ctx
+    if len(prompt_ids) + max_new_tokens > n_ctx:
+        raise ContextOverflowError(
+            f"context overflow: prompt of {len(prompt_ids)} tokens + max_new_tokens={max_new_tokens} "
+            f"> n_ctx={n_ctx}")
+
+
 def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
                     eos_ids=(), ignore_eos=False) -> Iterator[int]:
     """Yield new token ids. Reuses the cached prefix shared with the previous call."""
     net = model.net
     cache = net.cache
-    if not prompt_ids:
-        raise ValueError("prompt is empty: give at least one token (or a tokenizer with a BOS token)")
-    if len(prompt_ids) + max_new_tokens > cache.n_ctx:
-        raise ContextOverflowError(
-            f"context overflow: prompt of {len(prompt_ids)} tokens + max_new_tokens={max_new_tokens} "
-            f"> n_ctx={cache.n_ctx}")
+    check_room(model, prompt_ids, max_new_tokens)
     keep = min(cache.common_prefix(prompt_ids), len(prompt_ids) - 1)  # re-run >= 1 token for logits
+    if net.rope_depends_on_length(len(prompt_ids)):
+        keep = 0           # dynamic NTK RoPE: cached keys were rotated for a shorter sequence
     cache.truncate(keep)
     logits = net.prefill(prompt_ids[keep:])
     history = list(prompt_ids)

@@ -6,7 +6,7 @@ from typing import Iterator
 import numpy as np
 
 from .config import Config
-from .generate import TextStream, check_generate_args, generate_tokens
+from .generate import TextStream, check_generate_args, check_room, generate_tokens
 from .model import Transformer
 from .sampling import Sampler
 
@@ -79,6 +79,7 @@ class LM:
         stop = check_generate_args(max_new_tokens, stop, temperature=temperature, top_k=top_k,
                                    top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
         ids = self.encode_prompt(prompt)
+        check_room(self, ids, max_new_tokens)
         sampler = Sampler(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty, seed)
         toks = generate_tokens(self, ids, max_new_tokens, sampler, self.eos_token_ids, ignore_eos)
         return self._stream(toks, TextStream(self.tokenizer, ids, stop))

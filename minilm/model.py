@@ -84,6 +84,10 @@ class Transformer:
             self.cos, self.sin = rope_tables(rope_inv_freq(c), n_ctx)   # [n_ctx, rot/2]
         self._dynamic = c.rotary_dim and (c.rope_scaling or {}).get("rope_type") == "dynamic"
 
+    def rope_depends_on_length(self, end: int) -> bool:
+        """True when RoPE frequencies change with the sequence length (dynamic NTK past max_pos)."""
+        return bool(self._dynamic) and end > self.cfg.max_position_embeddings
+
     # ---- small helpers: one token runs the serial row kernels (a parallel launch costs more
     # ---- than one row of work), several tokens the parallel ones
     def _norm(self, x, wb, out):
@@ -103,18 +107,17 @@ class Transformer:
         """cos/sin tables; dynamic NTK scaling enlarges the base once the sequence outgrows
         max_position_embeddings (as transformers does, per forward call)."""
         c = self.cfg
-        if self._dynamic and end > int((c.rope_scaling or {}).get("original_max_position_embeddings")
-                                       or c.max_position_embeddings):
+        if self._dynamic and end > c.max_position_embeddings:
             return rope_tables(rope_inv_freq(c, seq_len=end), end)
         return self.cos, self.sin
 
-    def _attention(self, L: Layer, qkv, kc, vc, p0, cos, sin, att):
+    def _attention(self, L: Layer, qkv, kc, vc, p0, cos, sin, att, window):
         """q/k norm, RoPE, cache write and attention for M tokens at positions p0.."""
         c = self.cfg
         H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
         if qkv.shape[0] == 1 and p0 < SERIAL_ATTENTION:
             decode_attention(qkv[0], kc, vc, p0, cos, sin, L.q_norm, L.k_norm, H, Hkv, hd,
-                             c.rotary_dim, c.norm_eps, self.scale, c.sliding_window, att[0])
+                             c.rotary_dim, c.norm_eps, self.scale, window, att[0])
             return
         if qkv.shape[0] == 1:
             prep_decode(qkv[0], kc, vc, p0, cos, sin, L.q_norm, L.k_norm, H, Hkv, hd,
@@ -125,7 +128,7 @@ class Transformer:
             if c.rotary_dim:
                 rope_qk(qkv, p0, cos, sin, H, Hkv, hd, c.rotary_dim)
             store_kv(qkv, kc, vc, p0, H, Hkv, hd)                 # cache rows p0..p0+M-1
-        attention(qkv, kc, vc, p0, H, Hkv, hd, self.scale, c.sliding_window, att)
+        attention(qkv, kc, vc, p0, H, Hkv, hd, self.scale, window, att)
 
     def _mlp(self, L: Layer, xn, out, M):
         s = self.state
@@ -152,9 +155,11 @@ class Transformer:
             out += L.b_down
 
     # ---- the network ---------------------------------------------------------------------
-    def forward(self, ids: np.ndarray) -> np.ndarray:
+    def forward(self, ids: np.ndarray, rope_end: int = 0) -> np.ndarray:
         """Run M = len(ids) <= state.rows new tokens at positions cache.pos.., write their k/v
-        into the cache, advance it, and return the final-normed hidden states f32[M, D]."""
+        into the cache, advance it, and return the final-normed hidden states f32[M, D].
+        rope_end: the length of the whole sequence this call belongs to (a prompt prefilled in
+        chunks), which dynamic NTK RoPE scales by."""
         c, s, cache = self.cfg, self.state, self.cache
         M = len(ids)
         p0 = cache.pos
@@ -164,7 +169,7 @@ class Transformer:
         self.tok_embd.rows(ids, x)                            # [M] -> [M, D]
         if self.pos_embd is not None:
             x += self.pos_embd[p0:p0 + M]                     # GPT-2 learned positions
-        cos, sin = self._rope(p0 + M)
+        cos, sin = self._rope(max(rope_end, p0 + M))
         self._norm(x, self.layers[0].attn_norm, xn)           # [M, D]
 
         for i, L in enumerate(self.layers):
@@ -174,7 +179,7 @@ class Transformer:
             L.wqkv(xn, qkv)                                   # [M, D] -> [M, (H + 2Hkv) hd]
             if L.bqkv is not None:
                 qkv += L.bqkv
-            self._attention(L, qkv, cache.k[i], cache.v[i], p0, cos, sin, att)  # -> [M, H hd]
+            self._attention(L, qkv, cache.k[i], cache.v[i], p0, cos, sin, att, c.window(i))  # -> [M, H hd]
             L.wo(att, o)                                      # [M, H hd] -> [M, D]
             if L.bo is not None:
                 o += L.bo
@@ -197,8 +202,9 @@ class Transformer:
         """Run a prompt (in chunks of state.rows) and return the logits f32[V] of its last token."""
         ids = np.asarray(ids, dtype=np.int64)
         self.cache.check_room(len(ids))
+        end = self.cache.pos + len(ids)
         for a in range(0, len(ids), self.state.rows):
-            h = self.forward(ids[a:a + self.state.rows])
+            h = self.forward(ids[a:a + self.state.rows], end)
         out = self.state.logits
         self.lm_head(h[-1:], out)                             # [1, D] -> [1, V]
         return out[0]
@@ -216,7 +222,8 @@ class Transformer:
         ids = np.asarray(ids, dtype=np.int64)
         self.cache.check_room(len(ids))
         out = np.empty((len(ids), self.cfg.vocab_size), np.float32)
+        end = self.cache.pos + len(ids)
         for a in range(0, len(ids), self.state.rows):
-            h = self.forward(ids[a:a + self.state.rows])
+            h = self.forward(ids[a:a + self.state.rows], end)
             self.lm_head(h, out[a:a + len(h)])
         return out

@@ -1,0 +1,253 @@
+"""Shared fixtures of the minilm test suite.
+
+    SHARED           Path of the shared read-only data (../shared from the repo root)
+    shared_path(...) a path under SHARED, or pytest.skip with a clear message when it is absent
+    shared_model     session-scoped cache: shared_model("stories260K", n_ctx=512) -> loaded LM
+    make_checkpoint  factory writing a small random HF checkpoint folder into tmp_path
+    hf_tensor_shapes HF tensor names -> shapes for a config dict (used by make_checkpoint)
+
+Nothing from ../shared is ever copied into the repository; tokenizer.json files are copied into
+pytest's tmp_path only.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared").resolve()
+
+SHARED_MODELS = ["stories260K", "proxy-gpt2-shakespeare", "proxy-neox-shakespeare",
+                 "proxy-qwen2-shakespeare", "proxy-qwen3-shakespeare"]
+
+
+def shared_path(*parts: str) -> Path:
+    """Path under ../shared, or skip the calling test when it is not there."""
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"shared test data not found: {p} (the ../shared folder beside the repo is "
+                    f"needed for this test)")
+    return p
+
+
+# ---- loaded shared models, once per session --------------------------------------------------
+_MODELS: dict = {}
+
+
+@pytest.fixture(scope="session")
+def shared_model():
+    """shared_model(name, n_ctx=None) -> minilm LM, loaded once per session per (name, n_ctx).
+
+    Tests that use it must leave no state behind that matters: LM.logits resets the cache and
+    generate re-runs at least the last prompt token, so sharing one LM is safe.
+    """
+    import minilm
+
+    def get(name: str, n_ctx: int | None = None):
+        key = (name, n_ctx)
+        if key not in _MODELS:
+            folder = shared_path("models", name)
+            _MODELS[key] = minilm.load(str(folder), n_ctx=n_ctx)
+        return _MODELS[key]
+
+    return get
+
+
+# ---- random checkpoints ----------------------------------------------------------------------
+def _geti(cfg, *names, default=None):
+    for n in names:
+        if cfg.get(n) is not None:
+            return cfg[n]
+    return default
+
+
+def hf_tensor_shapes(cfg: dict, gpt2_prefix: bool = True) -> dict:
+    """HF tensor name -> shape for the architectures minilm supports, from a config dict."""
+    mt = cfg["model_type"]
+    V = cfg["vocab_size"]
+    s = {}
+    if mt in ("llama", "mistral", "qwen2", "qwen3"):
+        D, L = cfg["hidden_size"], cfg["num_hidden_layers"]
+        H = cfg["num_attention_heads"]
+        Hkv = cfg.get("num_key_value_heads") or H
+        hd = cfg.get("head_dim") or D // H
+        F = cfg["intermediate_size"]
+        attn_bias = cfg.get("attention_bias", False)
+        qkv_bias = True if mt == "qwen2" else attn_bias
+        o_bias = False if mt in ("qwen2", "mistral") else attn_bias
+        mlp_bias = cfg.get("mlp_bias", False) if mt == "llama" else False
+        s["model.embed_tokens.weight"] = (V, D)
+        for i in range(L):
+            p = f"model.layers.{i}."
+            s[p + "input_layernorm.weight"] = (D,)
+            s[p + "post_attention_layernorm.weight"] = (D,)
+            s[p + "self_attn.q_proj.weight"] = (H * hd, D)
+            s[p + "self_attn.k_proj.weight"] = (Hkv * hd, D)
+            s[p + "self_attn.v_proj.weight"] = (Hkv * hd, D)
+            s[p + "self_attn.o_proj.weight"] = (D, H * hd)
+            if qkv_bias:
+                s[p + "self_attn.q_proj.bias"] = (H * hd,)
+                s[p + "self_attn.k_proj.bias"] = (Hkv * hd,)
+                s[p + "self_attn.v_proj.bias"] = (Hkv * hd,)
+            if o_bias:
+                s[p + "self_attn.o_proj.bias"] = (D,)
+            if mt == "qwen3":
+                s[p + "self_attn.q_norm.weight"] = (hd,)
+                s[p + "self_attn.k_norm.weight"] = (hd,)
+            s[p + "mlp.gate_proj.weight"] = (F, D)
+            s[p + "mlp.up_proj.weight"] = (F, D)
+            s[p + "mlp.down_proj.weight"] = (D, F)
+            if mlp_bias:
+                s[p + "mlp.gate_proj.bias"] = (F,)
+                s[p + "mlp.up_proj.bias"] = (F,)
+                s[p + "mlp.down_proj.bias"] = (D,)
+        s["model.norm.weight"] = (D,)
+        if not cfg.get("tie_word_embeddings", False):
+            s["lm_head.weight"] = (V, D)
+    elif mt == "gpt2":
+        D, L = cfg["n_embd"], cfg["n_layer"]
+        F = cfg.get("n_inner") or 4 * D
+        P = cfg["n_positions"]
+        pre = "transformer." if gpt2_prefix else ""
+        s[pre + "wte.weight"] = (V, D)
+        s[pre + "wpe.weight"] = (P, D)
+        for i in range(L):
+            p = f"{pre}h.{i}."
+            s[p + "ln_1.weight"] = (D,)
+            s[p + "ln_1.bias"] = (D,)
+            s[p + "attn.c_attn.weight"] = (D, 3 * D)
+            s[p + "attn.c_attn.bias"] = (3 * D,)
+            s[p + "attn.c_proj.weight"] = (D, D)
+            s[p + "attn.c_proj.bias"] = (D,)
+            s[p + "ln_2.weight"] = (D,)
+            s[p + "ln_2.bias"] = (D,)
+            s[p + "mlp.c_fc.weight"] = (D, F)
+            s[p + "mlp.c_fc.bias"] = (F,)
+            s[p + "mlp.c_proj.weight"] = (F, D)
+            s[p + "mlp.c_proj.bias"] = (D,)
+        s[pre + "ln_f.weight"] = (D,)
+        s[pre + "ln_f.bias"] = (D,)
+    elif mt == "gpt_neox":
+        D, L = cfg["hidden_size"], cfg["num_hidden_layers"]
+        F = cfg["intermediate_size"]
+        bias = cfg.get("attention_bias", True)
+        s["gpt_neox.embed_in.weight"] = (V, D)
+        for i in range(L):
+            p = f"gpt_neox.layers.{i}."
+            for n in ("input_layernorm", "post_attention_layernorm"):
+                s[p + n + ".weight"] = (D,)
+                s[p + n + ".bias"] = (D,)
+            s[p + "attention.query_key_value.weight"] = (3 * D, D)
+            s[p + "attention.dense.weight"] = (D, D)
+            if bias:
+                s[p + "attention.query_key_value.bias"] = (3 * D,)
+                s[p + "attention.dense.bias"] = (D,)
+            s[p + "mlp.dense_h_to_4h.weight"] = (F, D)
+            s[p + "mlp.dense_h_to_4h.bias"] = (F,)
+            s[p + "mlp.dense_4h_to_h.weight"] = (D, F)
+            s[p + "mlp.dense_4h_to_h.bias"] = (D,)
+        s["gpt_neox.final_layer_norm.weight"] = (D,)
+        s["gpt_neox.final_layer_norm.bias"] = (D,)
+        if not cfg.get("tie_word_embeddings", False):
+            s["embed_out.weight"] = (V, D)
+    else:
+        raise ValueError(f"no tensor layout for model_type {mt!r}")
+    return s
+
+
+def random_tensors(shapes: dict, std: float = 0.2, seed: int = 0) -> dict:
+    """N(0, std) matrices and biases; norm weights around 1 (so activations keep their scale)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in shapes.items():
+        if ("norm" in name or "ln_" in name or "layernorm" in name) and name.endswith(".weight"):
+            a = 1.0 + 0.1 * rng.standard_normal(shape)
+        else:
+            a = std * rng.standard_normal(shape)
+        out[name] = a.astype(np.float32)
+    return out
+
+
+def _f32_to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    return u.astype(np.uint16)
+
+
+def write_safetensors(tensors: dict, path: Path, dtype: str = "F32") -> None:
+    """Write with the safetensors library (numpy API); dtype F32 | F16 | BF16."""
+    from safetensors.numpy import save_file
+
+    if dtype == "F32":
+        save_file({k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}, str(path))
+    elif dtype == "F16":
+        save_file({k: np.ascontiguousarray(v, np.float16) for k, v in tensors.items()}, str(path))
+    elif dtype == "BF16":
+        # numpy has no bfloat16: write uint16 bits with the library, then relabel them BF16 in
+        # the header (same byte length, so offsets stay valid).
+        save_file({k: _f32_to_bf16_bits(v) for k, v in tensors.items()}, str(path))
+        raw = Path(path).read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        for k, e in header.items():
+            if k != "__metadata__":
+                e["dtype"] = "BF16"
+        h = json.dumps(header, separators=(",", ":")).encode()
+        h += b" " * (-(len(h) + 8) % 8)          # data offsets are relative to the data start
+        Path(path).write_bytes(len(h).to_bytes(8, "little") + h + raw[8 + n:])
+    else:
+        raise ValueError(dtype)
+
+
+TOKENIZER_DIR = {"gpt2": "gpt2", "llama2-32k": "llama2-32k"}
+
+
+def write_checkpoint(folder: Path, config: dict, tokenizer: str | None = "gpt2", dtype: str = "F32",
+                     shards: int = 1, gpt2_prefix: bool = True, std: float = 0.2, seed: int = 0,
+                     tensors: dict | None = None) -> Path:
+    """Write a random HF checkpoint into `folder` (see make_checkpoint)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    if tensors is None:
+        tensors = random_tensors(hf_tensor_shapes(config, gpt2_prefix), std=std, seed=seed)
+    if shards <= 1:
+        write_safetensors(tensors, folder / "model.safetensors", dtype)
+    else:
+        names = list(tensors)
+        parts = np.array_split(np.arange(len(names)), shards)
+        wm = {}
+        for k, idx in enumerate(parts):
+            fn = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            write_safetensors({names[j]: tensors[names[j]] for j in idx}, folder / fn, dtype)
+            wm.update({names[j]: fn for j in idx})
+        total = sum(int(np.asarray(t).nbytes) for t in tensors.values())
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": wm}, indent=1))
+    if tokenizer is not None:
+        src = shared_path("tokenizers", TOKENIZER_DIR[tokenizer])
+        for fn in ("tokenizer.json", "tokenizer_config.json"):
+            if (src / fn).exists():
+                shutil.copyfile(src / fn, folder / fn)
+    return folder
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path):
+    """make_checkpoint(config, tokenizer="gpt2", dtype="F32", shards=1, gpt2_prefix=True,
+    std=0.2, seed=0, name="ckpt", tensors=None) -> folder under tmp_path.
+
+    Writes config.json (HF spelling, as given), random weights (or `tensors`, a dict of f32
+    arrays) as model.safetensors or `shards` files + model.safetensors.index.json, and copies
+    tokenizer.json (+ tokenizer_config.json) from ../shared/tokenizers/<tokenizer> (skips the
+    test when ../shared is absent; tokenizer=None writes no tokenizer).
+    """
+    def make(config: dict, name: str = "ckpt", **kw) -> Path:
+        return write_checkpoint(tmp_path / name, config, **kw)
+
+    return make
