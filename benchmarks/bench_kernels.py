@@ -9,6 +9,15 @@
    LLC. A plain f32 gemv (this file only) is shown for comparison.
 3. Prefill GEMM (M=128): GFLOP/s = 2*M*N*K / time.
 GB = 1e9 bytes.
+
+    python benchmarks/bench_kernels.py --q4 [--runs 9] [--groups 32,64,128]
+
+Q4_0 decode GEMV only, for a shared machine: each round measures the read bandwidth (1 GB sum)
+and then every shape, so bandwidth and kernels see the same background load. Large shapes:
+one call per round after reading 128 MB (weights from DRAM), GB/s = (qs + d bytes) / time.
+Small (SmolLM2-135M, cache-resident) shapes: median of 30 back-to-back calls per round, in us.
+Reported: medians over the rounds, and GB/s as a fraction of the median bandwidth.
+Run with OMP_WAIT_POLICY=PASSIVE in the environment (set below if absent).
 """
 
 import os
@@ -92,12 +101,74 @@ def make_formats(N, K, rng):
     return fm
 
 
+Q4_LARGE = [(5632, 2048), (2048, 5632), (32000, 2048)]
+Q4_SMALL = [(1536, 576), (576, 1536), (960, 576), (576, 576)]
+
+
+def bench_q4(runs=9, groups=(32, 64, 128)):
+    def bw_once(buf):
+        t0 = time.perf_counter()
+        _read_sum(buf)
+        return buf.nbytes / (time.perf_counter() - t0) / 1e9
+
+    buf = np.empty(1024 * 1024 * 1024 // 4, np.float32)
+    _fill(buf, np.float32(1.0))
+    flush = buf[: 128 * 1024 * 1024 // 4]
+    bw_once(buf)
+    rng = np.random.default_rng(0)
+    data = {}
+    for N, K in Q4_LARGE + Q4_SMALL:
+        w = rng.standard_normal((N, K), dtype=np.float32) * np.float32(0.02)
+        for G in groups:
+            if K % G == 0:
+                data[(N, K, G)] = Q.quantize_q4_0(w, G)
+    xs = {K: rng.standard_normal(K, dtype=np.float32) for _, K in Q4_LARGE + Q4_SMALL}
+    outs = {N: np.empty(N, np.float32) for N, _ in Q4_LARGE + Q4_SMALL}
+    for (N, K, G), (qs, d) in data.items():
+        Q.gemv_q4_0(xs[K], qs, d, outs[N])            # compile / load from cache
+    res = {k: [] for k in data}
+    bws = []
+    for _ in range(runs):
+        bws.append(bw_once(buf))
+        for (N, K, G), (qs, d) in data.items():
+            x, out = xs[K], outs[N]
+            if (N, K) in Q4_LARGE:
+                _read_sum(flush)
+                t0 = time.perf_counter()
+                Q.gemv_q4_0(x, qs, d, out)
+                res[(N, K, G)].append((qs.nbytes + d.nbytes) / (time.perf_counter() - t0) / 1e9)
+            else:
+                ts = []
+                for _ in range(30):
+                    t0 = time.perf_counter()
+                    Q.gemv_q4_0(x, qs, d, out)
+                    ts.append(time.perf_counter() - t0)
+                res[(N, K, G)].append(statistics.median(ts) * 1e6)
+    bw = statistics.median(bws)
+    print(f"numba {numba.__version__}, threads {numba.get_num_threads()}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, {runs} rounds")
+    print(f"read bandwidth: median {bw:.1f} GB/s (min {min(bws):.1f}, max {max(bws):.1f})")
+    for (N, K, G), v in res.items():
+        m = statistics.median(v)
+        if (N, K) in Q4_LARGE:
+            print(f"q4_0 G={G:<3} {N:>6}x{K:<5} {m:6.1f} GB/s  {100 * m / bw:4.0f}% of bw")
+        else:
+            nb = data[(N, K, G)][0].nbytes + data[(N, K, G)][1].nbytes
+            print(f"q4_0 G={G:<3} {N:>6}x{K:<5} {m:6.1f} us    ({nb / m / 1e3:.1f} GB/s, in cache)")
+    return bw, res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--M", type=int, default=128)
     ap.add_argument("--quick", action="store_true", help="fewer runs, no flush")
+    ap.add_argument("--q4", action="store_true", help="Q4_0 gemv vs bandwidth, interleaved")
+    ap.add_argument("--groups", default="32,64,128", help="Q4_0 group sizes for --q4")
     args = ap.parse_args(argv)
+    if args.q4:
+        bench_q4(args.runs if args.runs != 15 else 9, tuple(int(g) for g in args.groups.split(",")))
+        return
     t_start = time.time()
     bw = measure_bandwidth(size_mb=1024, runs=7)["read_gbs"]
     print(f"numba {numba.__version__}, threads {numba.get_num_threads()}, "

@@ -28,11 +28,23 @@ DESIGN NOTES (measured on the 2-vCPU Xeon, AVX-512 + VNNI; DRAM read ~29 GB/s id
     (xq, scale xd, and xs = 8*xd*sum(xq) for the Q4 offset) and compute each 32-element block with
     an explicit LLVM intrinsic emitted through numba.extending.intrinsic:
         Q8_0: u = |w|, s = sign(w)*x ; vpdpbusd(0, u, s) -> 8 x i32 ; cvt ; fma into 8 f32 lanes
-        Q4_0: nibbles (0..15) are already unsigned: vpdpbusd(0, nib, x) ; result - xs handled
-              per block in scalar.
     The 8 float lanes per row live in a stack buffer (alloca) that LLVM promotes to ymm registers,
     so there is no horizontal sum per block, only one per row. 4 rows per inner iteration.
     Without AVX512-VNNI the same code uses vpmaddubsw + vpmaddwd (AVX2).
+  * Q4_0 gemv (zmm; was 6-8 GB/s, arithmetic-bound on nibble unpacking + scalar per-block
+    corrections): 64-byte chunks of a row (128 weights, 4 activation blocks). Its own activation
+    quantizer (_quantize_act_q4: same int8 values/scales as quantize_act_q8, vectorised) stores
+    xq PERMUTED per chunk so that the low nibbles of the 64 bytes (one vpand) pair with
+    xq[128c:128c+64] and the high nibbles (one vgf2p8affineqb = shift+and) with the next 64
+    bytes, whatever G is: no byte shuffles of the weights. The -8 offset is exact integer work:
+    xs[b] = -8*sum(xq of block b) seeds the vpdpbusd accumulator (one lane per block), so the i32
+    lanes are sum((nib-8)*xq). Per chunk and row: 1 load, vpand, vgf2p8affineqb, 2 vpdpbusd,
+    vcvtdq2ps, vfmadd (G=32: lo and hi of a block share lanes) or 2 vcvtdq2ps + mul/fma/fma
+    (G>=64: lanes of lo and hi share the weight group, d_x per lane shared by the rows); fp16
+    scales of 2 chunks converted with one vcvtph2ps, expanded with vpermps. 4 rows x 16 f32
+    lanes stay in zmm registers; one shuffle-tree horizontal sum per row (a Numba loop there
+    compiled to 31 dependent vaddss, ~0.5 us per 4 rows). Last partial chunk (K % 128) and
+    its scales use masked loads (vmovdqu8 {k}{z}), so nothing is read past a row or array.
     This matches ggml's numerics (activations rounded to int8 per block; relative dot error
     ~1e-3); results are compared exactly against a numpy model of that in the tests.
   * asm evidence (gemv_q8_0.kernel.inspect_asm): hot loop has vpdpbusd %ymm, vcvtdq2ps %ymm,
@@ -244,37 +256,240 @@ def _blk_q8(typingctx, accp, qs, qoff, xq, xoff, scale):
     return types.int8(accp, qs, qoff, xq, xoff, scale), codegen
 
 
-@intrinsic
-def _blk_q4_32(typingctx, accp, qs, qoff, xq, xoff, scale):
-    """G=32 block: 16 bytes at qs[qoff]; low nibbles = elements 0..15, high = 16..31.
-    acc[0:8] += scale * lanes(dot(nibbles (0..15), xq[xoff:xoff+32]))."""
-    def codegen(ctx, builder, sig, args):
-        accp_, qs_, qoff_, xq_, xoff_, scale_ = args
-        b = builder.load(_elem_ptr(ctx, builder, sig.args[1], qs_, qoff_, _V16I8), align=1)
-        lo = builder.and_(b, ir.Constant(_V16I8, [15] * 16))
-        hi = builder.lshr(b, ir.Constant(_V16I8, [4] * 16))
-        u = builder.shuffle_vector(lo, hi, ir.Constant(_V8I32.__class__(_I32, 32), list(range(32))))
-        x = builder.load(_elem_ptr(ctx, builder, sig.args[3], xq_, xoff_, _V32I8), align=1)
-        _acc_fma(builder, accp_, _udot(builder, u, x), scale_)
-        return ir.Constant(ir.IntType(8), 0)
-    return types.int8(accp, qs, qoff, xq, xoff, scale), codegen
+_V64I8 = ir.VectorType(_I8, 64)
+_V16I32 = ir.VectorType(_I32, 16)
+_V16F32 = ir.VectorType(_F32, 16)
+_V4F32 = ir.VectorType(_F32, 4)
+
+
+def _udot512(builder, acc, u, s):
+    """acc <16 x i32> + sums of 4 adjacent products of u <64 x i8> (unsigned) and s (signed)."""
+    m = builder.module
+    if _HAS_VNNI:
+        f = cgutils.get_or_insert_function(
+            m, ir.FunctionType(_V16I32, [_V16I32] * 3), "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(f, [acc, builder.bitcast(u, _V16I32), builder.bitcast(s, _V16I32)])
+    # AVX2: two 256-bit halves, vpmaddubsw (no saturation: |nib * x| pairs <= 2*15*127) + vpmaddwd
+    parts = []
+    for h in range(2):
+        idx = ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32)))
+        uh = builder.shuffle_vector(u, ir.Constant(_V64I8, None), idx)
+        sh = builder.shuffle_vector(s, ir.Constant(_V64I8, None), idx)
+        parts.append(_udot(builder, uh, sh))
+    cat = builder.shuffle_vector(parts[0], parts[1], ir.Constant(_V16I32, list(range(16))))
+    return builder.add(acc, cat)
+
+
+def _masked_load(builder, ptr, vty, n_valid, align):
+    """Load vty from ptr, lanes >= n_valid (i64 value) are 0 and not read. With a constant
+    n_valid == len(vty) LLVM folds this to a plain load."""
+    n = vty.count
+    ity = n_valid.type
+    lanes = ir.Constant(ir.VectorType(ity, n), list(range(n)))
+    nv = builder.insert_element(ir.Constant(ir.VectorType(ity, n), None), n_valid, ir.Constant(_I32, 0))
+    nv = builder.shuffle_vector(nv, ir.Constant(ir.VectorType(ity, n), None),
+                                ir.Constant(ir.VectorType(_I32, n), [0] * n))
+    mask = builder.icmp_signed("<", lanes, nv)
+    ety = vty.element
+    suffix = {8: "i8", 16: "i16", 32: "i32"}.get(getattr(ety, "width", 0), "f32")
+    if isinstance(ety, ir.FloatType):
+        suffix = "f32"
+    f = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(vty, [vty.as_pointer(), _I32, ir.VectorType(ir.IntType(1), n), vty]),
+        f"llvm.masked.load.v{n}{suffix}.p0")
+    return builder.call(f, [builder.bitcast(ptr, vty.as_pointer()), ir.Constant(_I32, align), mask,
+                            ir.Constant(vty, None)])
+
+
+def _splat_idx(builder, v, idx):
+    """shufflevector(v, undef, idx) -> vector of len(idx)."""
+    return builder.shuffle_vector(v, ir.Constant(v.type, None),
+                                  ir.Constant(ir.VectorType(_I32, len(idx)), list(idx)))
+
+
+_V32F32 = ir.VectorType(_F32, 32)
+_V32I32 = ir.VectorType(_I32, 32)
 
 
 @intrinsic
-def _blk_q4_wide(typingctx, accp, qs, qoff, hi, xq, xoff, scale):
-    """G=64/128 chunk: 32 bytes at qs[qoff]; take the low (hi=0) or high (hi=1) nibbles as 32
-    consecutive elements. acc[0:8] += scale * lanes(dot(nibbles, xq[xoff:xoff+32]))."""
+def _blk_amax(typingctx, x, k0):
+    """max(|x[k0:k0+32]|) (exact, any order)."""
     def codegen(ctx, builder, sig, args):
-        accp_, qs_, qoff_, hi_, xq_, xoff_, scale_ = args
-        b = builder.load(_elem_ptr(ctx, builder, sig.args[1], qs_, qoff_, _V32I8), align=1)
-        sh = builder.trunc(builder.mul(hi_, ir.Constant(hi_.type, 4)), _I8)
-        shv = builder.insert_element(ir.Constant(_V32I8, None), sh, ir.Constant(_I32, 0))
-        shv = builder.shuffle_vector(shv, ir.Constant(_V32I8, None), ir.Constant(ir.VectorType(_I32, 32), [0] * 32))
-        u = builder.and_(builder.lshr(b, shv), ir.Constant(_V32I8, [15] * 32))
-        x = builder.load(_elem_ptr(ctx, builder, sig.args[4], xq_, xoff_, _V32I8), align=1)
-        _acc_fma(builder, accp_, _udot(builder, u, x), scale_)
-        return ir.Constant(ir.IntType(8), 0)
-    return types.int8(accp, qs, qoff, hi, xq, xoff, scale), codegen
+        v = builder.load(_elem_ptr(ctx, builder, sig.args[0], args[0], args[1], _V32F32), align=4)
+        fa = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32F32, [_V32F32]),
+                                            "llvm.fabs.v32f32")
+        fm = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_F32, [_V32F32]),
+                                            "llvm.vector.reduce.fmax.v32f32")
+        return builder.call(fm, [builder.call(fa, [v])])
+    return types.float32(x, k0), codegen
+
+
+@intrinsic
+def _blk_quant_store(typingctx, x, k0, idd, xq, ba, bb):
+    """q = int32(rint(x[k0+i] * idd)) for i < 32 (== np.int32(np.round(x * idd)) in Numba);
+    xq[ba + i] = q[i] (i < 16), xq[bb + i] = q[i] (i >= 16). Returns sum(q)."""
+    def codegen(ctx, builder, sig, args):
+        x_, k0_, idd_, xq_, ba_, bb_ = args
+        v = builder.load(_elem_ptr(ctx, builder, sig.args[0], x_, k0_, _V32F32), align=4)
+        sc = builder.insert_element(ir.Constant(_V32F32, None), idd_, ir.Constant(_I32, 0))
+        sc = _splat_idx(builder, sc, [0] * 32)
+        rint = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32F32, [_V32F32]),
+                                              "llvm.rint.v32f32")
+        q = builder.fptosi(builder.call(rint, [builder.fmul(v, sc)]), _V32I32)
+        red = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_V32I32]),
+                                             "llvm.vector.reduce.add.v32i32")
+        tot = builder.call(red, [q])
+        q8 = builder.trunc(q, ir.VectorType(_I8, 32))
+        lo = _splat_idx(builder, q8, list(range(16)))
+        hi = _splat_idx(builder, q8, list(range(16, 32)))
+        builder.store(lo, _elem_ptr(ctx, builder, sig.args[3], xq_, ba_, _V16I8), align=1)
+        builder.store(hi, _elem_ptr(ctx, builder, sig.args[3], xq_,
+                                    builder.add(bb_, ir.Constant(bb_.type, 16)), _V16I8), align=1)
+        return tot
+    return types.int32(x, k0, idd, xq, ba, bb), codegen
+
+
+@intrinsic
+def _hsum16(typingctx, accp, off):
+    """sum(accp[off:off+16]) as a shuffle tree (the Numba loop compiles to 15 dependent adds)."""
+    def codegen(ctx, builder, sig, args):
+        p = builder.bitcast(builder.gep(args[0], [args[1]]), _V16F32.as_pointer())
+        v = builder.load(p, align=4)
+        n = 16
+        while n > 1:
+            h = n // 2
+            a = _splat_idx(builder, v, list(range(h)))
+            b = _splat_idx(builder, v, list(range(h, n)))
+            v = builder.fadd(a, b, flags=["fast"])
+            n = h
+        return builder.extract_element(v, ir.Constant(_I32, 0))
+    return types.float32(accp, off), codegen
+
+
+# Q4_0 chunk = 64 bytes of a row = 128 elements = 4 activation blocks. lo = low nibbles of the 64
+# bytes, hi = high nibbles. The activations are stored permuted per chunk (see
+# _quantize_act_q4) so that byte p of xq[128c:] pairs with lo byte p, and byte p of
+# xq[128c + 16t:] with hi byte p (t = blocks in the chunk, 4 except in the last chunk).
+# vpdpbusd i32 lane L covers bytes 4L..4L+3; the x block of each lane:
+_Q4_LANE_BLK = {
+    32: ([L // 4 for L in range(16)], None),                 # lo and hi of one block share lanes
+    64: ([0] * 8 + [2] * 8, [1] * 8 + [3] * 8),
+    128: ([0] * 8 + [1] * 8, [2] * 8 + [3] * 8),
+}
+
+
+def _bias_idx(blk_map):
+    # first lane of each block gets that block's bias (index j of a 4-vector), the rest 0 (index 4)
+    idx, seen = [], set()
+    for b in blk_map:
+        idx.append(b if b not in seen else 4)
+        seen.add(b)
+    return idx
+
+
+@intrinsic
+def _q4_rows(typingctx, accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G, NCH):
+    """Q4_0 chunks c .. c+NCH-1 (64 bytes per row each; t blocks valid, t == 4 if NCH > 1) for
+    NR rows starting at byte qoff of qs (row stride KB) and half doff of d (row stride ng):
+      G == 32: acc[16r:16r+16] += d_w*d_x(lane) * f32(vpdpbusd(vpdpbusd(bias, lo, x_lo), hi, x_hi))
+      G >= 64: acc[16r:16r+16] += d_w(lane) * (d_x,lo(lane) * f32(vpdpbusd(bias_lo, lo, x_lo))
+                                              + d_x,hi(lane) * f32(vpdpbusd(bias_hi, hi, x_hi)))
+    (lo/hi = low/high nibbles of the 64 bytes), with bias = -8 * sum(xq of the block) in one lane per block (from xs), so the int lanes are
+    exactly sum((nib - 8) * xq); scale = d_w * d_x per lane. For G == 32 lo and hi share lanes.
+    NCH = 2 converts the fp16 scales of both chunks with one vcvtph2ps."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (NR, G, NCH)):
+        return None
+    nr, g, nch = NR.literal_value, G.literal_value, NCH.literal_value
+    if g not in (32, 64, 128) or nch not in (1, 2):
+        return None
+    cpg = g // 32
+    lo_map, hi_map = _Q4_LANE_BLK[g]
+
+    def codegen(ctx, builder, sig, args):
+        accp_, qs_, qoff_, KB_, xq_, xd_, xs_, c_, d_, doff_, ng_, t_ = args[:12]
+        i64 = qoff_.type
+
+        def I(v):
+            return ir.Constant(i64, v)
+        t64 = builder.sext(t_, i64) if t_.type.width < 64 else t_
+        c64 = builder.sext(c_, i64) if c_.type.width < 64 else c_
+        if nch > 1:
+            t64 = I(4)
+        nbytes = builder.mul(t64, I(16))
+        nbl = 4 * nch                                         # blocks covered
+        vnb = ir.VectorType(_F32, nbl)
+        boff = builder.mul(c64, I(4))
+        nvalid = t64 if nch == 1 else I(nbl)
+        xdv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[5], xd_, boff, _F32), vnb,
+                           nvalid, 4)
+        xsv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[6], xs_, boff, _F32), vnb,
+                           nvalid, 4)
+        bv = builder.fptosi(xsv, ir.VectorType(_I32, nbl))   # exact: |bias| <= 8*32*127
+        bz = builder.shuffle_vector(bv, ir.Constant(bv.type, None),
+                                    ir.Constant(ir.VectorType(_I32, nbl + 1), list(range(nbl + 1))))
+        bz = builder.insert_element(bz, ir.Constant(_I32, 0), ir.Constant(_I32, nbl))
+        chunks = []
+        for ch in range(nch):
+            xoff = builder.mul(builder.add(c64, I(ch)), I(128))
+            xlo = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[4], xq_, xoff, _I8),
+                               _V64I8, nbytes, 1)
+            xhi = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[4], xq_,
+                                                  builder.add(xoff, nbytes), _I8), _V64I8, nbytes, 1)
+            bl = [i + 4 * ch if i < 4 else nbl for i in _bias_idx(lo_map)]
+            bias_lo = _splat_idx(builder, bz, bl)
+            bias_hi = None
+            if hi_map:
+                bias_hi = _splat_idx(builder, bz, [i + 4 * ch if i < 4 else nbl for i in _bias_idx(hi_map)])
+            chunks.append((xlo, xhi, bias_lo, bias_hi))
+        ngrp = nbl // cpg
+        ng_valid = builder.udiv(t64, I(cpg)) if cpg > 1 else t64
+        if nch > 1:
+            ng_valid = I(ngrp)
+        m15 = ir.Constant(_V64I8, [15] * 64)
+        m4 = ir.Constant(_V64I8, [4] * 64)
+        vh = ir.VectorType(_I16, ngrp)
+        xd_lanes = []
+        if hi_map:      # activation scales per lane, shared by the rows
+            for ch in range(nch):
+                xd_lanes.append((_splat_idx(builder, xdv, [m + 4 * ch for m in lo_map]),
+                                 _splat_idx(builder, xdv, [m + 4 * ch for m in hi_map])))
+        for r in range(nr):
+            do = builder.add(doff_, builder.mul(I(r), ng_))
+            dh = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[8], d_, do, _I16), vh,
+                              ng_valid, 2)
+            dw = builder.fpext(builder.bitcast(dh, ir.VectorType(ir.HalfType(), ngrp)),
+                               ir.VectorType(_F32, ngrp))
+            if hi_map is None:
+                sv = builder.fmul(dw, xdv, flags=["fast"])    # scale per block
+            ap = builder.bitcast(builder.gep(accp_, [ir.Constant(_I32, 16 * r)]), _V16F32.as_pointer())
+            for ch, (xlo, xhi, bias_lo, bias_hi) in enumerate(chunks):
+                qo = builder.add(qoff_, builder.add(builder.mul(I(r), KB_), I(64 * ch)))
+                v = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[1], qs_, qo, _I8),
+                                 _V64I8, nbytes, 1)
+                lo = builder.and_(v, m15)
+                hi = builder.and_(builder.lshr(v, m4), m15)
+                a = builder.load(ap, align=4)
+                if hi_map is None:
+                    # G == 32: lo and hi of a block share lanes; one scale per block
+                    p = _udot512(builder, bias_lo, lo, xlo)
+                    p = _udot512(builder, p, hi, xhi)
+                    sc = _splat_idx(builder, sv, [m + 4 * ch for m in lo_map])
+                    a = builder.fadd(a, builder.fmul(builder.sitofp(p, _V16F32), sc, flags=["fast"]),
+                                     flags=["fast"])
+                else:
+                    # G >= 64: lane L of lo and of hi lie in the same weight group, so
+                    # acc += d_w(lane) * (f32(p_lo) * d_x,lo(lane) + f32(p_hi) * d_x,hi(lane))
+                    plo = builder.sitofp(_udot512(builder, bias_lo, lo, xlo), _V16F32)
+                    phi = builder.sitofp(_udot512(builder, bias_hi, hi, xhi), _V16F32)
+                    xdlo, xdhi = xd_lanes[ch]
+                    tt = builder.fadd(builder.fmul(plo, xdlo, flags=["fast"]),
+                                      builder.fmul(phi, xdhi, flags=["fast"]), flags=["fast"])
+                    dwl = _splat_idx(builder, dw, [ch * (4 // cpg) + m // cpg for m in lo_map])
+                    a = builder.fadd(a, builder.fmul(tt, dwl, flags=["fast"]), flags=["fast"])
+                builder.store(a, ap, align=4)
+        return ir.Constant(_I8, 0)
+    return types.int8(accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G, NCH), codegen
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,112 +640,108 @@ def _gemv_q8_0_kernel(x, xq, xd, xs, qs, d, out):
             out[r0 + rr] = s
 
 
+@njit(**_JIT)
+def _quantize_act_q4(x, G, xq, xd, xs):
+    """Activation quantization for the Q4_0 gemv: same int8 values and scales as
+    quantize_act_q8 (identical arithmetic), but xq stored permuted per 128-element chunk to
+    match the nibble layout of a G-group (see _q4_rows) and xs[b] = -8 * sum(xq of block b)
+    (an integer, exact in float32)."""
+    nb = x.shape[0] // 32
+    cpg = G // 32
+    hg = G // 2
+    for b in range(nb):
+        k0 = b * 32
+        amax = _blk_amax(x, k0)
+        dd = amax / np.float32(127.0)
+        idd = np.float32(1.0) / dd if dd != 0 else np.float32(0.0)
+        # destination of elements 0..15 (ba + i) and 16..31 (bb + i) of this block
+        c = b // 4
+        t = min(4, nb - 4 * c)
+        j = b - 4 * c
+        base = 128 * c
+        if cpg == 1:
+            ba = base + 16 * j
+            bb = base + 16 * t + 16 * j - 16
+        else:
+            gi = j // cpg
+            jj = j - gi * cpg
+            if jj < cpg // 2:
+                ba = base + gi * hg + jj * 32
+            else:
+                ba = base + 16 * t + gi * hg + (jj - cpg // 2) * 32
+            bb = ba
+        s = _blk_quant_store(x, k0, idd, xq, ba, bb)
+        xd[b] = dd
+        xs[b] = np.float32(-8 * s)
+
+
 @njit(**_PJIT)
 def _gemv_q4_0_kernel(x, xq, xd, xs, qs, d, out):
     # x f32[K]; scratch xq int8[K], xd f32[K//32], xs f32[K//32]; qs u8[N,K//2]; d u16[N,K//G]
-    # row value = sum_blocks dw*dx*dot(nib, xq) - sum_blocks dw*xs   (nib - 8 folded into xs)
+    # Per row: 16 f32 lanes accumulated over 128-element chunks (see _q4_rows), one horizontal sum;
+    # -8 offset is exact integer work (bias in the vpdpbusd accumulator).
     N = qs.shape[0]
     KB = qs.shape[1]           # bytes per row = K//2
     K = KB * 2
-    ng_w = d.shape[1]
-    G = K // ng_w
-    cpg = G // 32              # x blocks per weight group
-    half_blocks = G // 64      # x blocks in the low-nibble half of a group (G >= 64)
+    ng = d.shape[1]
+    G = K // ng
     nb = K // 32
-    quantize_act_q8(x, xq, xd, xs)
+    _quantize_act_q4(x, G, xq, xd, xs)
+    nc = nb // 4               # full chunks
+    tb = nb - 4 * nc           # blocks in the last, partial chunk (0..3; 0 for G=128)
+    gpc = 128 // G             # groups per full chunk
     ngr = (N + 3) // 4
-    for g in prange(ngr):
-        r0 = g * 4
-        accp = _stack_f32(32)
-        acc = numba.carray(accp, 32)
-        for i in range(32):
+    for gr in prange(ngr):
+        r0 = gr * 4
+        accp = _stack_f32(64)           # 4 rows x 16 f32 lanes
+        acc = numba.carray(accp, 64)
+        for i in range(64):
             acc[i] = 0.0
-        c0 = np.float32(0.0)
-        c1 = np.float32(0.0)
-        c2 = np.float32(0.0)
-        c3 = np.float32(0.0)
         if r0 + 4 <= N:
-            a1 = _ptr_add(accp, 8)
-            a2 = _ptr_add(accp, 16)
-            a3 = _ptr_add(accp, 24)
-            o0 = r0 * KB
+            q0 = r0 * KB
+            d0 = r0 * ng
             if G == 32:
-                for b in range(nb):
-                    dx = xd[b]
-                    sx = xs[b]
-                    o = b * 16
-                    ox = b * 32
-                    w0 = _h2f(d[r0, b])
-                    w1 = _h2f(d[r0 + 1, b])
-                    w2 = _h2f(d[r0 + 2, b])
-                    w3 = _h2f(d[r0 + 3, b])
-                    _blk_q4_32(accp, qs, o0 + o, xq, ox, w0 * dx)
-                    _blk_q4_32(a1, qs, o0 + KB + o, xq, ox, w1 * dx)
-                    _blk_q4_32(a2, qs, o0 + 2 * KB + o, xq, ox, w2 * dx)
-                    _blk_q4_32(a3, qs, o0 + 3 * KB + o, xq, ox, w3 * dx)
-                    c0 += w0 * sx
-                    c1 += w1 * sx
-                    c2 += w2 * sx
-                    c3 += w3 * sx
+                for c2 in range(nc // 2):
+                    c = 2 * c2
+                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 32, 2)
+                if nc % 2:
+                    c = nc - 1
+                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 32, 1)
+                if tb > 0:
+                    _q4_rows(accp, qs, q0 + 64 * nc, KB, xq, xd, xs, nc, d, d0 + gpc * nc, ng, tb, 4, 32, 1)
+            elif G == 64:
+                for c2 in range(nc // 2):
+                    c = 2 * c2
+                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 64, 2)
+                if nc % 2:
+                    c = nc - 1
+                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 64, 1)
+                if tb > 0:
+                    _q4_rows(accp, qs, q0 + 64 * nc, KB, xq, xd, xs, nc, d, d0 + gpc * nc, ng, tb, 4, 64, 1)
             else:
-                for gw in range(ng_w):
-                    w0 = _h2f(d[r0, gw])
-                    w1 = _h2f(d[r0 + 1, gw])
-                    w2 = _h2f(d[r0 + 2, gw])
-                    w3 = _h2f(d[r0 + 3, gw])
-                    for c in range(cpg):
-                        b = gw * cpg + c                   # x block index
-                        hi = 1 if c >= half_blocks else 0
-                        o = gw * (G // 2) + (c - hi * half_blocks) * 32   # byte offset in row
-                        ox = b * 32
-                        dx = xd[b]
-                        sx = xs[b]
-                        _blk_q4_wide(accp, qs, o0 + o, hi, xq, ox, w0 * dx)
-                        _blk_q4_wide(a1, qs, o0 + KB + o, hi, xq, ox, w1 * dx)
-                        _blk_q4_wide(a2, qs, o0 + 2 * KB + o, hi, xq, ox, w2 * dx)
-                        _blk_q4_wide(a3, qs, o0 + 3 * KB + o, hi, xq, ox, w3 * dx)
-                        c0 += w0 * sx
-                        c1 += w1 * sx
-                        c2 += w2 * sx
-                        c3 += w3 * sx
+                for c2 in range(nc // 2):
+                    c = 2 * c2
+                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 128, 2)
+                if nc % 2:
+                    c = nc - 1
+                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 128, 1)
             nr = 4
         else:
-            # tail rows (< 4), one at a time; corrections in c0..c2
             nr = N - r0
             for rr in range(nr):
-                r = r0 + rr
-                ap = _ptr_add(accp, rr * 8)
-                cc = np.float32(0.0)
-                for b in range(nb):
-                    gw = b // cpg
-                    c = b - gw * cpg
-                    dw = _h2f(d[r, gw])
+                ap = _ptr_add(accp, rr * 16)
+                q0 = (r0 + rr) * KB
+                d0 = (r0 + rr) * ng
+                for c in range(nc + (1 if tb > 0 else 0)):
+                    t = 4 if c < nc else tb
                     if G == 32:
-                        _blk_q4_32(ap, qs, r * KB + b * 16, xq, b * 32, dw * xd[b])
+                        _q4_rows(ap, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, t, 1, 32, 1)
+                    elif G == 64:
+                        _q4_rows(ap, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, t, 1, 64, 1)
                     else:
-                        hi = 1 if c >= half_blocks else 0
-                        o = gw * (G // 2) + (c - hi * half_blocks) * 32
-                        _blk_q4_wide(ap, qs, r * KB + o, hi, xq, b * 32, dw * xd[b])
-                    cc += dw * xs[b]
-                if rr == 0:
-                    c0 = cc
-                elif rr == 1:
-                    c1 = cc
-                else:
-                    c2 = cc
+                        _q4_rows(ap, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, t, 1, 128, 1)
         for rr in range(nr):
-            s = np.float32(0.0)
-            for i in range(8):
-                s += acc[rr * 8 + i]
-            if rr == 0:
-                s -= c0
-            elif rr == 1:
-                s -= c1
-            elif rr == 2:
-                s -= c2
-            else:
-                s -= c3
-            out[r0 + rr] = s
+            out[r0 + rr] = _hsum16(accp, rr * 16)
 
 
 @intrinsic

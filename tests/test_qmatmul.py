@@ -271,3 +271,73 @@ def test_single_signature():
                Q.quantize_act_q8]
     for k in kernels:
         assert len(k.signatures) == 1, (k, k.signatures)
+
+
+# ---------------------------------------------------------------- Q4_0 gemv internals
+
+
+def _q4_act_positions(K, G):
+    """Model of the permuted activation layout of the Q4_0 gemv: pos[e] = index in xq of
+    element e. Per 128-element chunk with t blocks: the low nibbles of the chunk's 16*t bytes
+    pair with xq[128c : 128c+16t], the high nibbles with xq[128c+16t : 128c+32t]; qs byte p of
+    the chunk holds element g*G + i (low) and g*G + G/2 + i (high), g = p // (G/2), i = p % (G/2)."""
+    nb = K // 32
+    pos = np.empty(K, np.int64)
+    for c in range((nb + 3) // 4):
+        t = min(4, nb - 4 * c)
+        for p in range(16 * t):
+            g, i = divmod(p, G // 2)
+            e = 128 * c + g * G + i
+            pos[e] = 128 * c + p
+            pos[e + G // 2] = 128 * c + 16 * t + p
+    return pos
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("K", [32, 64, 96, 128, 576, 1536, 5632])
+def test_q4_activation_quant_matches_q8(K, G):
+    # the Q4 gemv's own activation quantizer must give exactly quantize_act_q8's int8 values
+    # and scales (the numpy models above rely on it), permuted, with xs = -8 * sum(xq)
+    if K % G:
+        pytest.skip("K not a multiple of G")
+    rng = np.random.default_rng(K + G)
+    for trial in range(4):
+        x = rng.standard_normal(K).astype(np.float32) * np.float32(10.0 ** (trial - 2))
+        if trial == 1:   # exact .5 ties after scaling (amax 127 -> scale 1): half-to-even
+            x = (rng.integers(-254, 255, K) / 2).astype(np.float32)
+            x[::32] = 127.0
+        if trial == 2:
+            x[:32] = 0.0   # all-zero block
+        xq, xd, _, _ = _act_deq(x)
+        q4 = np.empty(K, np.int8)
+        d4 = np.empty(K // 32, np.float32)
+        s4 = np.empty(K // 32, np.float32)
+        Q._quantize_act_q4(x, G, q4, d4, s4)
+        assert np.array_equal(q4[_q4_act_positions(K, G)], xq)
+        assert np.array_equal(d4.view(np.uint32), xd.view(np.uint32))
+        assert np.array_equal(s4, -8.0 * xq.reshape(-1, 32).astype(np.float32).sum(axis=1))
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("N,K", [(4, 128), (5, 160), (8, 192), (3, 224), (6, 2048), (13, 5632)])
+def test_gemv_q4_0_chunk_tails(N, K, G):
+    # every partial last chunk (1..3 blocks), row tails (N % 4), and extreme nibbles / scales
+    if K % G:
+        pytest.skip("K not a multiple of G")
+    w = _w(N, K, 1.0, seed=N + K + G)
+    w[0, ::7] *= 40.0
+    qs, d = Q.quantize_q4_0(w, G)
+    qs[-1, :] = 0xF0 if N % 2 else 0x0F       # nibbles 0 and 15 (values -8*d and +7*d)
+    x = np.random.default_rng(N).standard_normal(K).astype(np.float32)
+    x[-32:] *= 100.0                            # large values in the last (tail) chunk
+    out = np.full(N, np.nan, np.float32)
+    Q.gemv_q4_0(x, qs, d, out)
+    _, _, _, xdeq = _act_deq(x)
+    wd = Q.dequantize_q4_0_ref(qs, d).astype(np.float64)
+    ref = wd @ xdeq
+    # float32 accumulation: error bounded relative to sum |w * x| (large cancelling terms here)
+    assert (np.abs(out - ref) <= 2e-6 * (np.abs(wd) @ np.abs(xdeq))).all()
+    out2 = np.full(N, np.nan, np.float32)       # same result through a caller-owned scratch
+    Q.gemv_q4_0(x, qs, d, out2, scratch=(np.empty(K, np.int8), np.empty(K // 32, np.float32),
+                                         np.empty(K // 32, np.float32)))
+    assert np.array_equal(out, out2)
