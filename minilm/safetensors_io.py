@@ -73,7 +73,6 @@ class SafetensorsFile:
                 raise ModelLoadError(f"{self.path}: truncated file: tensor {name!r} ends at byte "
                                      f"{self._data_start + end} but the file has {size} bytes")
             self._entries[name] = (dt, tuple(shape), b)
-        self._mm = None
 
     @property
     def names(self) -> list[str]:
@@ -89,19 +88,23 @@ class SafetensorsFile:
         return self._entries[name][1]
 
     def get(self, name: str) -> np.ndarray:
-        """A read-only memory-mapped view of tensor `name` (BF16 as raw uint16 bits)."""
+        """A memory-mapped view of tensor `name` (BF16 as raw uint16 bits).
+
+        Each tensor gets its own mapping, so a tensor that is converted and dropped (quantized
+        while loading) is unmapped at once and its pages leave the process's resident set.
+        The mapping is copy-on-write: writeable arrays (one Numba signature for mapped and
+        in-memory weights) whose pages stay shared with the page cache as nobody writes them.
+        """
         dt, shape, off = self._entries[name]
-        if self._mm is None:
-            # copy-on-write map: writeable arrays (one Numba signature for mapped and in-memory
-            # weights) whose pages stay shared with the page cache because nobody writes them.
-            self._mm = np.memmap(self.path, dtype=np.uint8, mode="c")
         npdt = np.dtype(DTYPES[dt])
-        n = int(np.prod(shape, dtype=np.int64))
         start = self._data_start + off
-        arr = np.asarray(self._mm[start:start + n * npdt.itemsize])
-        if start % npdt.itemsize:       # unaligned data: copy (rare; safetensors aligns to 8)
-            arr = arr.copy()
-        return arr.view(npdt).reshape(shape)
+        if int(np.prod(shape, dtype=np.int64)) == 0:
+            return np.zeros(shape, npdt)
+        if start % npdt.itemsize:       # unaligned data: read a copy (safetensors aligns to 8)
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                return np.frombuffer(f.read(int(np.prod(shape)) * npdt.itemsize), npdt).reshape(shape).copy()
+        return np.asarray(np.memmap(self.path, dtype=npdt, mode="c", offset=start, shape=tuple(shape)))
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
