@@ -3,8 +3,10 @@
     python benchmarks/bench_engine.py --model /tmp/ckpt/smollm2-135m --threads 2 [--quant f32,int8,int4]
         [--prompt-tokens 128 --new-tokens 64 --runs 3] [--transformers] [--json FILE]
 
-Each quant level runs in its own process (so peak RSS and start-up time are that level's alone);
-the machine's read bandwidth is measured once in the parent. The bandwidth ceiling for decode is
+Each quant level is first written as a pre-quantized folder (`minilm quantize`), then measured in
+its own process loading that folder, as a deployed model is (so peak RSS and start-up time are
+that level's alone, and the second process finds the Numba cache warm); the machine's read
+bandwidth is measured once in the parent. The bandwidth ceiling for decode is
 (weight bytes read per token) / (measured bandwidth): every matrix of every layer plus the lm head.
 """
 from __future__ import annotations
@@ -32,13 +34,21 @@ def decode_bytes_per_token(model) -> int:
     return n
 
 
+def peak_rss_mb() -> float:
+    """Peak resident set of this process (VmHWM: per address space, so unlike ru_maxrss it is not
+    inherited from the parent through fork + exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def one(args) -> dict:
     """Measure one quant level in this process; print a JSON line."""
     import numpy as np
     t0 = time.perf_counter()
     import minilm
-    model = minilm.load(args.model, quant=None if args.quant == "f32" else args.quant,
-                        n_ctx=args.prompt_tokens + args.new_tokens + 8, threads=args.threads)
+    model = minilm.load(args.model, n_ctx=args.prompt_tokens + args.new_tokens + 8, threads=args.threads)
     load_s = time.perf_counter() - t0
     V = model.config.vocab_size
     ids = [int(i) for i in np.random.default_rng(0).integers(3, min(V, 30000), args.prompt_tokens)]
@@ -67,13 +77,14 @@ def one(args) -> dict:
             "bytes_per_token": bpt, "decode_gb_s": bpt * dec / 1e9,
             "weights_mb": sum(getattr(t, "nbytes", 0) for t in model.tensors.values()) / 1e6,
             "kv_cache_mb": net.cache.nbytes / 1e6,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": peak_rss_mb()}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--quant", default="f32", help="comma-separated formats (f32,int8,int4,...)")
+    ap.add_argument("--quant", default="f32", help="comma-separated levels (f32,int8,int4,...); "
+                    "LEVEL@EMBED sets the embedding/lm-head format, e.g. int8@int8 = llama.cpp's Q8_0 layout")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
@@ -92,8 +103,17 @@ def main(argv=None) -> int:
     bw = measure_bandwidth(threads=args.threads, size_mb=512, runs=5)["read_gbs"]
     print(f"read bandwidth, {args.threads} threads: {bw:.1f} GB/s (median)")
     rows = []
+    import tempfile
+    tmp = tempfile.TemporaryDirectory(prefix="minilm-bench-")
     for q in args.quant.split(","):
-        cmd = [sys.executable, __file__, "--one", "--model", args.model, "--quant", q,
+        path = args.model
+        if q != "f32":
+            path = str(Path(tmp.name) / q)
+            level, _, emb = q.partition("@")            # "int8@int8": int8 with a Q8_0 embedding/head
+            extra = ["--embed-quant", emb] if emb else []
+            subprocess.run([sys.executable, "-m", "minilm.cli", "quantize", "-m", args.model, "--quant", level,
+                            "-o", path, *extra], check=True, capture_output=True)
+        cmd = [sys.executable, __file__, "--one", "--model", path, "--quant", q,
                "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
                "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
         out = subprocess.run(cmd, capture_output=True, text=True)
