@@ -70,6 +70,9 @@ def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads={threads!r}: must be a positive integer")
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    if str(path_or_id).lower().endswith(".gguf") and Path(os.path.expanduser(str(path_or_id))).is_file():
+        from .gguf_io import load_gguf                     # a single llama.cpp GGUF file
+        return load_gguf(os.path.expanduser(str(path_or_id)), quant=quant, n_ctx=n_ctx)
     folder = resolve(path_or_id)
     cfg = Config.from_file(folder / "config.json")
     gen = read_generation_config(folder)
