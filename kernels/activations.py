@@ -53,7 +53,7 @@ def gelu_tanh(x):
         gelu_tanh_row(x[m])
 
 
-@njit(cache=True, fastmath=True, nogil=True)
+@njit(cache=True, nogil=True)   # no fastmath: x may hold -inf (masked by top-k), which fastmath assumes away
 def softmax(x, out):
     """x, out: f32[V]. Numerically stable softmax (max subtracted); -inf entries give 0."""
     mx = -np.inf

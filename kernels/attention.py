@@ -1,8 +1,8 @@
 """Causal attention of new tokens over the KV cache, with grouped-query heads.
 
 Cache layout (one layer): k, v: f32[Hkv, n_ctx, hd]. Query head h reads kv head h // (H / Hkv).
-Softmax is computed online (running max and sum, as flash-attention does), so no score buffer
-is needed for any prompt length and nothing is allocated per call.
+Scores go to a caller-provided scratch sc: f32[H, n_ctx] (one row per query head), so nothing is
+allocated per call and the loops are contiguous and vectorised.
 
 Prefill uses the parallel kernels (store_kv, attention over M x H). Decode (one token) uses
 `decode_attention`, one serial call that does q/k-norm, RoPE, the cache write and all heads:
@@ -21,30 +21,39 @@ _J = dict(cache=True, fastmath=True, nogil=True)
 
 
 @njit(**_J)
-def attend_head(q, qo, kc, vc, g, start, p, hd, scale, out, oo):
-    """out[oo:oo+hd] <- softmax over j in [start, p] of (q[qo:qo+hd] . k[g, j]) * scale, times v[g, j]."""
-    for i in range(hd):
-        out[oo + i] = 0.0
-    mx = -np.inf
-    l = np.float32(0.0)
+def attend_head(q, qo, kc, vc, g, start, p, hd, scale, sc, out, oo):
+    """out[oo:oo+hd] <- softmax over j in [start, p] of (q[qo:qo+hd] . k[g, j]) * scale, times v[g, j].
+
+    Two passes over a scores row sc: f32[>= p+1] (scratch): the dot products and the weighted
+    sum of v rows are plain contiguous loops over hd that LLVM vectorises.
+    """
+    qh = q[qo:qo + hd]          # 1-D views: LLVM vectorises these loops, not the offset indexing
+    oh = out[oo:oo + hd]
+    mx = np.float32(-3.0e38)   # not -inf: fastmath lets LLVM assume no infinities
     for j in range(start, p + 1):
+        k = kc[g, j]
         s = np.float32(0.0)
         for i in range(hd):
-            s += q[qo + i] * kc[g, j, i]
+            s += qh[i] * k[i]
         s *= scale
+        sc[j] = s
         if s > mx:
-            corr = np.float32(math.exp(mx - s))
-            l *= corr
-            for i in range(hd):
-                out[oo + i] *= corr
             mx = s
-        e = np.float32(math.exp(s - mx))
+    l = np.float32(0.0)
+    for j in range(start, p + 1):
+        e = np.exp(sc[j] - mx)
+        sc[j] = e
         l += e
+    for i in range(hd):
+        oh[i] = 0.0
+    for j in range(start, p + 1):
+        w = sc[j]
+        v = vc[g, j]
         for i in range(hd):
-            out[oo + i] += e * vc[g, j, i]
+            oh[i] += w * v[i]
     inv = np.float32(1.0) / l
     for i in range(hd):
-        out[oo + i] *= inv
+        oh[i] *= inv
 
 
 @njit(parallel=True, **_J)
@@ -62,21 +71,21 @@ def store_kv(qkv, kc, vc, pos0, n_heads, n_kv_heads, head_dim):
 
 
 @njit(parallel=True, **_J)
-def attention(qkv, kc, vc, pos0, n_heads, n_kv_heads, head_dim, scale, window, out):
+def attention(qkv, kc, vc, pos0, n_heads, n_kv_heads, head_dim, scale, window, sc, out):
     """out: f32[M, H * hd] <- softmax(q k^T * scale) v for each new token and query head.
 
     qkv: f32[M, (H + 2*Hkv) * hd] (only the q part is read); kc, vc: f32[Hkv, n_ctx, hd] already
-    holding positions 0..pos0+M-1. Token m (position p = pos0 + m) sees positions
-    max(0, p - window + 1) .. p (window = 0: all).
+    holding positions 0..pos0+M-1; sc: f32[H, n_ctx] scratch. Parallel over heads. Token m
+    (position p = pos0 + m) sees positions max(0, p - window + 1) .. p (window = 0: all).
     """
     M = qkv.shape[0]
     group = n_heads // n_kv_heads
-    for t in prange(M * n_heads):
-        m = t // n_heads
-        h = t % n_heads
-        p = pos0 + m
-        start = max(0, p - window + 1) if window > 0 else 0
-        attend_head(qkv[m], h * head_dim, kc, vc, h // group, start, p, head_dim, scale, out[m], h * head_dim)
+    for h in prange(n_heads):
+        for m in range(M):
+            p = pos0 + m
+            start = max(0, p - window + 1) if window > 0 else 0
+            attend_head(qkv[m], h * head_dim, kc, vc, h // group, start, p, head_dim, scale, sc[h],
+                        out[m], h * head_dim)
 
 
 @njit(**_J)
@@ -99,13 +108,13 @@ def prep_decode(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, 
 
 
 @njit(**_J)
-def decode_attention(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, eps, scale, window, out):
+def decode_attention(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, eps, scale, window, sc, out):
     """prep_decode, then attention of all heads, serially. qkv: f32[(H+2Hkv) hd], out: f32[H hd]."""
     prep_decode(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, eps)
     group = n_heads // n_kv_heads
     start = max(0, p - window + 1) if window > 0 else 0
     for h in range(n_heads):
-        attend_head(qkv, h * hd, kc, vc, h // group, start, p, hd, scale, out, h * hd)
+        attend_head(qkv, h * hd, kc, vc, h // group, start, p, hd, scale, sc[h], out, h * hd)
 
 
 def attention_ref(q, k, v, pos0, scale, window=0):

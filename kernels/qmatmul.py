@@ -58,14 +58,12 @@ DESIGN NOTES (measured on the 2-vCPU Xeon, AVX-512 + VNNI; DRAM read ~29 GB/s id
     kernel, then matmul.gemm_f32_cols (a register-blocked Numba GEMM) into out[:, n0:n1]:
     numpy's OpenBLAS threads and Numba's OpenMP threads spin against each other on 2 cores.
   * Parallel runtime: with numba's OpenMP layer (libgomp) and its default wait policy a
-    prange launch cost ~8 ms on this VM; OMP_WAIT_POLICY=PASSIVE brings it to ~5 us. This module
-    sets os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE') at import (effective only if no
-    numba parallel kernel has run yet in the process). The engine should set it early too.
+    prange launch cost ~8 ms on this VM under load; minilm/__init__.py bounds the spin
+    (GOMP_SPINCOUNT) before any kernel runs.
 """
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import llvmlite.binding as _llvm  # noqa: E402
 import llvmlite.ir as ir  # noqa: E402

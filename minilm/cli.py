@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     # Subcommands that live with their features.
-    for mod in ("minilm.cli_chat", "minilm.cli_quant"):
+    for mod in ("minilm.cli_chat", "minilm.cli_quant", "minilm.cli_bench", "minilm.cli_export"):
         try:
             m = __import__(mod, fromlist=["add_subcommands"])
         except ImportError:

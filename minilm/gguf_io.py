@@ -591,7 +591,7 @@ def load_gguf(path, quant: str | None = None, n_ctx: int | None = None, threads:
         numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
     path = Path(os.path.expanduser(str(path)))
     try:
-        reader = gguf.GGUFReader(str(path), "r")
+        reader = gguf.GGUFReader(str(path), "c")   # copy-on-write: writeable views, one kernel signature
     except Exception as e:  # noqa: BLE001 - gguf raises ValueError/struct errors/... for bad files
         raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     m = _Meta(reader, path)

@@ -50,7 +50,7 @@ class Layer:
 class RunState:
     """Scratch buffers for up to `rows` tokens per forward call (views [:M] are C-contiguous)."""
 
-    def __init__(self, c: Config, rows: int):
+    def __init__(self, c: Config, rows: int, n_ctx: int):
         D, F = c.hidden_size, c.intermediate_size
         self.rows = rows
         self.x = np.zeros((rows, D), np.float32)                    # residual stream
@@ -63,6 +63,7 @@ class RunState:
         self.act = np.zeros((rows, F), np.float32)
         self.logits = np.zeros((1, c.vocab_size), np.float32)       # decode logits
         self.ids = np.zeros(rows, np.int64)
+        self.scores = np.zeros((c.n_heads, n_ctx), np.float32)      # attention scores, one row per head
 
 
 class Transformer:
@@ -77,8 +78,8 @@ class Transformer:
         self.layers = [Layer(tensors, i) for i in range(c.n_layers)]
         self.n_ctx = n_ctx
         self.cache = KVCache(c.n_layers, c.n_kv_heads, n_ctx, c.head_dim)
-        self.state = RunState(c, min(n_ctx, PREFILL_CHUNK))
-        self.scale = 1.0 / math.sqrt(c.head_dim)
+        self.state = RunState(c, min(n_ctx, PREFILL_CHUNK), n_ctx)
+        self.scale = np.float32(1.0 / math.sqrt(c.head_dim))
         self.cos = self.sin = np.zeros((1, 1), np.float32)
         if c.rotary_dim:
             self.cos, self.sin = rope_tables(rope_inv_freq(c), n_ctx)   # [n_ctx, rot/2]
@@ -117,7 +118,7 @@ class Transformer:
         H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
         if qkv.shape[0] == 1 and p0 < SERIAL_ATTENTION:
             decode_attention(qkv[0], kc, vc, p0, cos, sin, L.q_norm, L.k_norm, H, Hkv, hd,
-                             c.rotary_dim, c.norm_eps, self.scale, window, att[0])
+                             c.rotary_dim, c.norm_eps, self.scale, window, self.state.scores, att[0])
             return
         if qkv.shape[0] == 1:
             prep_decode(qkv[0], kc, vc, p0, cos, sin, L.q_norm, L.k_norm, H, Hkv, hd,
@@ -128,7 +129,7 @@ class Transformer:
             if c.rotary_dim:
                 rope_qk(qkv, p0, cos, sin, H, Hkv, hd, c.rotary_dim)
             store_kv(qkv, kc, vc, p0, H, Hkv, hd)                 # cache rows p0..p0+M-1
-        attention(qkv, kc, vc, p0, H, Hkv, hd, self.scale, window, att)
+        attention(qkv, kc, vc, p0, H, Hkv, hd, self.scale, window, self.state.scores, att)
 
     def _mlp(self, L: Layer, xn, out, M):
         s = self.state

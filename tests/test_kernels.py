@@ -244,9 +244,10 @@ def test_store_kv_and_attention(H, Hkv, hd, M, pos0, window):
     np.testing.assert_array_equal(vc[:, pos0:pos0 + M], vn)
     assert not kc[:, pos0 + M:].any() and not vc[:, pos0 + M:].any()
 
-    scale = 1.0 / np.sqrt(hd)
+    scale = np.float32(1.0 / np.sqrt(hd))
     out = np.full((M, H * hd), np.nan, np.float32)
-    att.attention(qkv, kc, vc, pos0, H, Hkv, hd, scale, window, out)
+    sc = np.full((H, kc.shape[1]), np.nan, np.float32)            # scores scratch
+    att.attention(qkv, kc, vc, pos0, H, Hkv, hd, scale, window, sc, out)
     want = att.attention_ref(qkv[:, :H * hd].reshape(M, H, hd), kc[:, :pos0 + M], vc[:, :pos0 + M],
                              pos0, scale, window)
     close(out, want.reshape(M, H * hd), what="attention")
@@ -309,7 +310,8 @@ def test_decode_attention(H, Hkv, hd, rot, p, window, qk):
 
     qkv, kc, vc = qkv0.copy(), kc0.copy(), vc0.copy()
     out = np.full(H * hd, np.nan, np.float32)
-    dec(qkv, kc, vc, p, cos, sin, qn, kn, H, Hkv, hd, rot, eps, scale, window, out)
+    sc = np.full((H, kc.shape[1]), np.nan, np.float32)
+    dec(qkv, kc, vc, p, cos, sin, qn, kn, H, Hkv, hd, rot, eps, np.float32(scale), window, sc, out)
     close(out, out_want, what="decode_attention")
     close(kc, kref, what="decode_attention k cache")
 
@@ -320,7 +322,8 @@ def test_attend_head():
     q = rnd(3 * hd, seed=52, scale=2.0)
     kc, vc = rnd(2, p + 3, hd, seed=53), rnd(2, p + 3, hd, seed=54)
     out = np.full(2 * hd, np.nan, np.float32)
-    f(q, hd, kc, vc, 1, 3, p, hd, 0.25, out, hd)                  # head 1 of q, kv group 1, rows 3..p
+    sc = np.full(p + 3, np.nan, np.float32)
+    f(q, hd, kc, vc, 1, 3, p, hd, np.float32(0.25), sc, out, hd)  # head 1 of q, kv group 1, rows 3..p
     s = kc[1, 3:p + 1].astype(np.float64) @ q[hd:2 * hd] * 0.25
     w = np.exp(s - s.max())
     close(out[hd:], (w / w.sum()) @ vc[1, 3:p + 1], what="attend_head")

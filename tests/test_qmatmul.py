@@ -266,6 +266,7 @@ def test_single_signature():
     Q.gemm_q8_0(X, *Q.quantize_q8_0(w), OUT)
     Q.gemm_f16(X, w.astype(np.float16), OUT)
     Q.gemm_bf16(X, _bf16(w), OUT)
+    Q.quantize_act_q8(x, *Q.act_scratch(K))    # also called directly (inside the gemv it may come from cache)
     kernels = [Q.gemv_q8_0.kernel, Q.gemv_q4_0.kernel, Q.gemv_f16.kernel, Q.gemv_bf16,
                Q._deq_q8_0_rows, Q._deq_q4_0_rows, Q._deq_f16_rows, Q._deq_bf16_rows,
                Q.quantize_act_q8]

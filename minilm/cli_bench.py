@@ -1,0 +1,33 @@
+"""`minilm bench`: size, load time, peak RSS, TTFT, prefill/decode speed and quality vs f32 per quant level."""
+from __future__ import annotations
+
+
+def cmd_bench(args) -> int:
+    from .bench import run
+    return run(args)
+
+
+def add_subcommands(sub) -> None:
+    b = sub.add_parser(
+        "bench", help="benchmark quant levels: size, speed, memory and quality vs f32",
+        description="Each quant level runs in its own process. Prints one table and writes "
+                    "DIR/results.json (rewritten after each row: Ctrl-C keeps what was measured), "
+                    "DIR/results.md and DIR/results.png. Quality (perplexity, mean KL vs f32, top-1 "
+                    "agreement) is measured on --text; without it, on a small built-in paragraph.")
+    b.add_argument("-m", "--model", required=True, help="model folder or hub id")
+    b.add_argument("--quant", default="f32,f16,int8,int4,int4-g128",
+                   help="comma-separated levels (default: f32,f16,int8,int4,int4-g128)")
+    b.add_argument("--text", default=None,
+                   help="UTF-8 text file for the quality columns (default: a short built-in paragraph)")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: all cores)")
+    b.add_argument("--runs", type=int, default=3, help="timed runs per level; medians and min-max reported")
+    b.add_argument("--ctx", type=int, default=None,
+                   help="quality window length in tokens (default: min(max positions, 512))")
+    b.add_argument("--quality-tokens", type=int, default=2048,
+                   help="text tokens scored for quality (0: skip the quality columns)")
+    b.add_argument("--peers", default="", help="comma-separated: llama.cpp,transformers (optional)")
+    b.add_argument("--bw-size-mb", type=int, default=512, help="array size of the bandwidth probe")
+    b.add_argument("-o", "--out", default="bench_results", help="output folder (default: bench_results)")
+    b.set_defaults(func=cmd_bench)
