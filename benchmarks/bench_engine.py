@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -22,25 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def decode_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: every layer matrix and the lm head."""
-    net = model.net
-    n = net.lm_head.nbytes
-    for L in net.layers:
-        for w in (L.wqkv, L.wo, L.w_gate_up, L.w_up, L.w_down):
-            if w is not None:
-                n += w.nbytes
-    return n
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set of this process (VmHWM: per address space, so unlike ru_maxrss it is not
-    inherited from the parent through fork + exec)."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from minilm.bench import decode_bytes_per_token, measure_bandwidth, peak_rss_mb  # noqa: E402
 
 
 def one(args) -> dict:
@@ -97,9 +78,6 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(one(args)))
         return 0
 
-    sys.path.insert(0, str(ROOT))
-    from benchmarks.bandwidth import measure_bandwidth
-    import numba
     bw = measure_bandwidth(threads=args.threads, size_mb=512, runs=5)["read_gbs"]
     print(f"read bandwidth, {args.threads} threads: {bw:.1f} GB/s (median)")
     rows = []

@@ -385,6 +385,25 @@ def measure_transformers(spec: dict) -> dict:
     return row
 
 
+def _no_extra_bufts(llama_cpp) -> None:
+    """Turn off llama.cpp's extra buffer types (AMX / repacked weights): on CPUs that report AMX
+    where the OS or sandbox has not enabled the tile state (this machine), a native build dies of
+    SIGILL on Q8_0/Q4_0. This also turns off Q4_0 weight repacking, so llama.cpp's Q4_0 measured
+    here is its plain kernel."""
+    import llama_cpp.llama as L
+    default = L.llama_cpp.llama_model_default_params
+    if getattr(default, "_minilm_patched", False):
+        return
+
+    def params():
+        p = default()
+        if hasattr(p, "use_extra_bufts"):
+            p.use_extra_bufts = False
+        return p
+    params._minilm_patched = True
+    L.llama_cpp.llama_model_default_params = params
+
+
 def measure_llamacpp(spec: dict) -> dict:
     t_start = spec["t_start"]
     q = spec["quant"]
@@ -416,6 +435,7 @@ def measure_llamacpp(spec: dict) -> dict:
         n_ctx = max(spec["n_ctx"], 16)
         kw = dict(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                   n_batch=min(512, n_ctx), verbose=False)
+        _no_extra_bufts(llama_cpp)
         t = time.perf_counter()
         llm = llama_cpp.Llama(logits_all=False, **kw)
         row["load_s"] = time.perf_counter() - t

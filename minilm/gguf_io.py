@@ -23,6 +23,7 @@ present, otherwise rebuilds a `tokenizers` tokenizer from the ggml metadata.
 from __future__ import annotations
 
 import json
+import sys
 import os
 import tempfile
 from pathlib import Path
@@ -174,6 +175,17 @@ def _tokenizer_meta(model, tj: dict) -> dict:
         if tokens[i] is None:
             tokens[i] = f"[PAD{i}]"
     merges = [tuple(x) if isinstance(x, list) else tuple(x.split(" ", 1)) for x in m.get("merges", [])]
+    if n > V:
+        # The tokenizer knows more tokens than the model has embedding rows (e.g. a random-weight
+        # checkpoint borrowing another tokenizer). llama.cpp needs exactly vocab_size tokens: keep
+        # the first V and the merges that stay inside them; the model cannot emit the rest anyway.
+        print(f"note: tokenizer has {n} tokens but the model's vocab_size is {V}: "
+              f"the GGUF keeps the first {V}", file=sys.stderr)
+        tokens = tokens[:V]
+        keep = set(tokens)
+        merges = [(a, b) for a, b in merges if a in keep and b in keep and a + b in keep]
+        vocab = {t: i for t, i in vocab.items() if i < V}
+        added = {i: a for i, a in added.items() if i < V}
     spm = bool(m.get("byte_fallback")) or bool(_find(tj.get("pre_tokenizer"), "Metaspace"))
     types = []
     for i, t in enumerate(tokens):
@@ -276,6 +288,9 @@ def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool
         w.add_token_merges(tm["merges"])
     bos = tok.bos_token_id if tok.bos_token_id is not None else c.bos_token_id
     eos_ids = list(model.eos_token_ids)
+    eos_ids = [e for e in eos_ids if 0 <= int(e) < c.vocab_size]
+    if bos is not None and not 0 <= int(bos) < c.vocab_size:
+        bos = None
     if bos is not None:
         w.add_bos_token_id(int(bos))
     if eos_ids:
