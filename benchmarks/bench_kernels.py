@@ -34,40 +34,15 @@ import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bandwidth import _fill, _read_sum, measure_bandwidth  # noqa: E402
+from minilm.bench import _bw_kernels, measure_bandwidth  # noqa: E402
+
+_fill, _read_sum, _ = _bw_kernels()
 from minilm.kernels import qmatmul as Q  # noqa: E402
 
 SHAPES = [(5632, 2048), (2048, 5632), (1536, 576), (576, 1536), (49152, 576)]
 
 
-@njit(cache=True, fastmath=True, parallel=True, nogil=True)
-def gemv_f32(x, w, out):
-    # comparison only: x f32[K], w f32[N,K], out f32[N]; 4 rows share each x load
-    N, K = w.shape
-    ng = (N + 3) // 4
-    for g in prange(ng):
-        r0 = g * 4
-        if r0 + 4 <= N:
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            s3 = np.float32(0.0)
-            for k in range(K):
-                xv = x[k]
-                s0 += w[r0, k] * xv
-                s1 += w[r0 + 1, k] * xv
-                s2 += w[r0 + 2, k] * xv
-                s3 += w[r0 + 3, k] * xv
-            out[r0] = s0
-            out[r0 + 1] = s1
-            out[r0 + 2] = s2
-            out[r0 + 3] = s3
-        else:
-            for r in range(r0, N):
-                s = np.float32(0.0)
-                for k in range(K):
-                    s += w[r, k] * x[k]
-                out[r] = s
+from minilm.kernels.matmul import gemv_f32  # noqa: E402  (the engine's f32 GEMV, for comparison)
 
 
 def _time(fn, runs, flush=None):
