@@ -319,7 +319,8 @@ def quality_minilm(model, spec: dict) -> dict:
 # ---- peers (each in its own process too) ------------------------------------------------------------
 def measure_transformers(spec: dict) -> dict:
     t_start = spec["t_start"]
-    row = {"engine": "transformers", "quant": "fp32"}
+    dynamic = spec.get("quant") == "int8-dynamic"      # torch.ao dynamic int8 Linear layers
+    row = {"engine": "transformers", "quant": "int8-dynamic" if dynamic else "fp32"}
     try:
         import torch
         import transformers
@@ -337,6 +338,12 @@ def measure_transformers(spec: dict) -> dict:
     except TypeError:                                  # transformers < 4.56
         model = AutoModelForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
     model.eval()
+    if dynamic:
+        try:
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+        except Exception as e:  # noqa: BLE001 - no quantized engine on this CPU/build, ...
+            row["note"] = f"skipped: torch dynamic int8 does not run here ({type(e).__name__}: {e})"
+            return row
     row["load_s"] = time.perf_counter() - t
     V = model.config.vocab_size
     prompt = torch.tensor([[i % V for i in spec["prompt_ids"]]])
@@ -370,10 +377,14 @@ def measure_transformers(spec: dict) -> dict:
                decode_tok_s=statistics.median(dec), decode_min=min(dec), decode_max=max(dec),
                bytes_per_token=spec.get("f32_bytes_per_token"), params=params,
                file_bytes=sum(f.stat().st_size for f in folder.glob("*.safetensors")))
+    if dynamic:           # quantized in memory from the f32 file: no file of its own, no byte count
+        row.update(bytes_per_token=None, file_bytes=None)
+        row["note"] = "torch.ao quantize_dynamic(nn.Linear, qint8) of the f32 checkpoint, in memory"
+    else:
+        row["bits_per_weight"] = 8 * row["file_bytes"] / params
+        row["note"] = "file: checkpoint safetensors as stored; GB/s from minilm f32 bytes/token"
     if row["bytes_per_token"]:
         row["decode_gb_s"] = row["bytes_per_token"] * row["decode_tok_s"] / 1e9
-    row["bits_per_weight"] = 8 * row["file_bytes"] / params
-    row["note"] = "file: checkpoint safetensors as stored; GB/s from minilm f32 bytes/token"
     qs = spec.get("quality")
     if qs and Path(qs["ref"]).exists():
         acc = QualityAccumulator(Path(qs["ref"]), qs["positions"], V)
@@ -720,6 +731,8 @@ def run(args) -> int:
         jobs.append(("llama.cpp", "f32"))
     if "transformers" in peers:
         jobs.append(("transformers", "fp32"))
+        if any(q.startswith("int8") for q in order):      # torch's own int8, where it runs
+            jobs.append(("transformers", "int8-dynamic"))
     interrupted = False
     try:
         if quality and "f32" not in levels:      # the reference alone (not a row)
