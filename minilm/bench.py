@@ -773,12 +773,14 @@ def run(args) -> int:
           render_table(rows, markdown=True), ""]
     md += [f"note: {n}" for n in notes]
     (out / "results.md").write_text("\n".join(md) + "\n")
+    written = [out / "results.json", out / "results.md"]
     try:
         plot(rows, out / "results.png", title)
+        written.append(out / "results.png")
     except ImportError:
-        print("matplotlib is not installed: no results.png (pip install matplotlib)", file=sys.stderr)
+        print("matplotlib is not installed: no results.png (pip install 'minilm[plots]')", file=sys.stderr)
     print(render_table(rows))
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}")
+    print("wrote " + ", ".join(str(p) for p in written))
     return 130 if interrupted else 0
 
 
