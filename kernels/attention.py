@@ -9,15 +9,15 @@ Prefill uses the parallel kernels (store_kv, attention over M x H). Decode (one 
 for short contexts a parallel launch costs more than the work. Long contexts use
 `prep_decode` + the parallel `attention`.
 """
-import math
 
 import numpy as np
 from numba import njit, prange
 
+from .activations import fexp
 from .norm import head_rmsnorm
 from .rope import rope_head
 
-_J = dict(cache=True, fastmath=True, nogil=True)
+_J = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # numpy: no zero-division checks, which block vectorisation
 
 
 @njit(**_J)
@@ -41,7 +41,7 @@ def attend_head(q, qo, kc, vc, g, start, p, hd, scale, sc, out, oo):
             mx = s
     l = np.float32(0.0)
     for j in range(start, p + 1):
-        e = np.exp(sc[j] - mx)
+        e = fexp(sc[j] - mx)
         sc[j] = e
         l += e
     for i in range(hd):

@@ -7,7 +7,7 @@ one row of work) and a parallel driver over the rows of a [M, D] array (prefill)
 import numpy as np
 from numba import njit, prange
 
-_J = dict(cache=True, fastmath=True, nogil=True)
+_J = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # numpy: no zero-division checks, which block vectorisation
 
 
 @njit(**_J)

@@ -62,7 +62,6 @@ DESIGN NOTES (measured on the 2-vCPU Xeon, AVX-512 + VNNI; DRAM read ~29 GB/s id
     (GOMP_SPINCOUNT) before any kernel runs.
 """
 
-import os
 
 
 import llvmlite.binding as _llvm  # noqa: E402
@@ -74,6 +73,9 @@ from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
 from .matmul import gemm_f32_cols as _gemm_f32_cols  # noqa: E402
+from .matmul import gemv_float as _gemv_float  # noqa: E402
+from .simd import (_bf2f, _elem_ptr, _h2f, _hsum16, _prefetch, _ptr_add, _splat_idx,  # noqa: E402,F401
+                   _stack_f32)
 
 QK = 32  # activation / Q8_0 block size
 
@@ -160,45 +162,6 @@ def dequantize_q4_0_ref(qs, d):
 # --------------------------------------------------------------------------------------------
 # LLVM intrinsics
 # --------------------------------------------------------------------------------------------
-
-@intrinsic
-def _h2f(typingctx, h):
-    """uint16 fp16 bits -> float32 (fpext half; vectorises to vcvtph2ps)."""
-    def codegen(ctx, builder, sig, args):
-        v = builder.trunc(args[0], ir.IntType(16)) if args[0].type.width != 16 else args[0]
-        return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
-    return types.float32(h), codegen
-
-
-@intrinsic
-def _bf2f(typingctx, h):
-    """uint16 bf16 bits -> float32 (zext, shl 16, bitcast)."""
-    def codegen(ctx, builder, sig, args):
-        v = builder.zext(args[0], ir.IntType(32)) if args[0].type.width < 32 else args[0]
-        v = builder.shl(v, ir.Constant(ir.IntType(32), 16))
-        return builder.bitcast(v, ir.FloatType())
-    return types.float32(h), codegen
-
-
-@intrinsic
-def _stack_f32(typingctx, n):
-    """Pointer to n float32 on the stack (n literal). alloca in the entry block of the
-    function (the parfor body), promoted to registers by LLVM when accessed whole."""
-    if not isinstance(n, types.IntegerLiteral):
-        return None
-    size = n.literal_value
-
-    def codegen(ctx, builder, sig, args):
-        ptr = cgutils.alloca_once(builder, ir.ArrayType(ir.FloatType(), size))
-        return builder.bitcast(ptr, ir.FloatType().as_pointer())
-    return types.CPointer(types.float32)(n), codegen
-
-
-def _elem_ptr(ctx, builder, aty, arr, off, elty):
-    data = ctx.make_array(aty)(ctx, builder, arr).data
-    p = builder.gep(data, [off])
-    return builder.bitcast(p, elty.as_pointer())
-
 
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
@@ -300,12 +263,6 @@ def _masked_load(builder, ptr, vty, n_valid, align):
                             ir.Constant(vty, None)])
 
 
-def _splat_idx(builder, v, idx):
-    """shufflevector(v, undef, idx) -> vector of len(idx)."""
-    return builder.shuffle_vector(v, ir.Constant(v.type, None),
-                                  ir.Constant(ir.VectorType(_I32, len(idx)), list(idx)))
-
-
 _V32F32 = ir.VectorType(_F32, 32)
 _V32I32 = ir.VectorType(_I32, 32)
 
@@ -346,23 +303,6 @@ def _blk_quant_store(typingctx, x, k0, idd, xq, ba, bb):
                                     builder.add(bb_, ir.Constant(bb_.type, 16)), _V16I8), align=1)
         return tot
     return types.int32(x, k0, idd, xq, ba, bb), codegen
-
-
-@intrinsic
-def _hsum16(typingctx, accp, off):
-    """sum(accp[off:off+16]) as a shuffle tree (the Numba loop compiles to 15 dependent adds)."""
-    def codegen(ctx, builder, sig, args):
-        p = builder.bitcast(builder.gep(args[0], [args[1]]), _V16F32.as_pointer())
-        v = builder.load(p, align=4)
-        n = 16
-        while n > 1:
-            h = n // 2
-            a = _splat_idx(builder, v, list(range(h)))
-            b = _splat_idx(builder, v, list(range(h, n)))
-            v = builder.fadd(a, b, flags=["fast"])
-            n = h
-        return builder.extract_element(v, ir.Constant(_I32, 0))
-    return types.float32(accp, off), codegen
 
 
 # Q4_0 chunk = 64 bytes of a row = 128 elements = 4 activation blocks. lo = low nibbles of the 64
@@ -617,9 +557,14 @@ def _gemv_q8_0_kernel(x, xq, xd, xs, qs, d, out):
             a2 = _ptr_add(accp, 16)
             a3 = _ptr_add(accp, 24)
             o0 = r0 * K
+            PF = 8 * K                  # prefetch 2 groups (8 rows) ahead: qs and d
+            PD = (r0 + 8) * nb
             for b in range(nb):
                 dx = xd[b]
                 o = b * 32
+                _prefetch(qs, o0 + PF + 4 * o)
+                _prefetch(qs, o0 + PF + 4 * o + 64)
+                _prefetch(d, PD + 4 * b)
                 _blk_q8(accp, qs, o0 + o, xq, o, _h2f(d[r0, b]) * dx)
                 _blk_q8(a1, qs, o0 + K + o, xq, o, _h2f(d[r0 + 1, b]) * dx)
                 _blk_q8(a2, qs, o0 + 2 * K + o, xq, o, _h2f(d[r0 + 2, b]) * dx)
@@ -698,9 +643,12 @@ def _gemv_q4_0_kernel(x, xq, xd, xs, qs, d, out):
         if r0 + 4 <= N:
             q0 = r0 * KB
             d0 = r0 * ng
+            PF = 8 * KB
             if G == 32:
                 for c2 in range(nc // 2):
                     c = 2 * c2
+                    for i in range(8):      # 2 groups (8 rows) ahead: 512 of its bytes per step
+                        _prefetch(qs, q0 + PF + 256 * c + 64 * i)
                     _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 32, 2)
                 if nc % 2:
                     c = nc - 1
@@ -710,6 +658,8 @@ def _gemv_q4_0_kernel(x, xq, xd, xs, qs, d, out):
             elif G == 64:
                 for c2 in range(nc // 2):
                     c = 2 * c2
+                    for i in range(8):      # 2 groups (8 rows) ahead: 512 of its bytes per step
+                        _prefetch(qs, q0 + PF + 256 * c + 64 * i)
                     _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 64, 2)
                 if nc % 2:
                     c = nc - 1
@@ -719,6 +669,8 @@ def _gemv_q4_0_kernel(x, xq, xd, xs, qs, d, out):
             else:
                 for c2 in range(nc // 2):
                     c = 2 * c2
+                    for i in range(8):      # 2 groups (8 rows) ahead: 512 of its bytes per step
+                        _prefetch(qs, q0 + PF + 256 * c + 64 * i)
                     _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 128, 2)
                 if nc % 2:
                     c = nc - 1
@@ -742,71 +694,16 @@ def _gemv_q4_0_kernel(x, xq, xd, xs, qs, d, out):
             out[r0 + rr] = _hsum16(accp, rr * 16)
 
 
-@intrinsic
-def _ptr_add(typingctx, p, n):
-    def codegen(ctx, builder, sig, args):
-        return builder.gep(args[0], [args[1]])
-    return p(p, n), codegen
-
-
-@njit(**_PJIT)
+@njit(**_JIT)
 def _gemv_f16_kernel(x, w, out):
     # x f32[K], w u16[N,K] (fp16 bits), out f32[N]
-    N, K = w.shape
-    ng = (N + 3) // 4
-    for g in prange(ng):
-        r0 = g * 4
-        if r0 + 4 <= N:
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            s3 = np.float32(0.0)
-            for k in range(K):
-                xv = x[k]
-                s0 += _h2f(w[r0, k]) * xv
-                s1 += _h2f(w[r0 + 1, k]) * xv
-                s2 += _h2f(w[r0 + 2, k]) * xv
-                s3 += _h2f(w[r0 + 3, k]) * xv
-            out[r0] = s0
-            out[r0 + 1] = s1
-            out[r0 + 2] = s2
-            out[r0 + 3] = s3
-        else:
-            for r in range(r0, N):
-                s = np.float32(0.0)
-                for k in range(K):
-                    s += _h2f(w[r, k]) * x[k]
-                out[r] = s
+    _gemv_float(x, w, out, 1)
 
 
-@njit(**_PJIT)
+@njit(**_JIT)
 def _gemv_bf16_kernel(x, w, out):
     # x f32[K], w u16[N,K] (bf16 bits), out f32[N]
-    N, K = w.shape
-    ng = (N + 3) // 4
-    for g in prange(ng):
-        r0 = g * 4
-        if r0 + 4 <= N:
-            s0 = np.float32(0.0)
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            s3 = np.float32(0.0)
-            for k in range(K):
-                xv = x[k]
-                s0 += _bf2f(w[r0, k]) * xv
-                s1 += _bf2f(w[r0 + 1, k]) * xv
-                s2 += _bf2f(w[r0 + 2, k]) * xv
-                s3 += _bf2f(w[r0 + 3, k]) * xv
-            out[r0] = s0
-            out[r0 + 1] = s1
-            out[r0 + 2] = s2
-            out[r0 + 3] = s3
-        else:
-            for r in range(r0, N):
-                s = np.float32(0.0)
-                for k in range(K):
-                    s += _bf2f(w[r, k]) * x[k]
-                out[r] = s
+    _gemv_float(x, w, out, 2)
 
 
 # Activation scratch for the quantized gemvs, cached per K (not shared between Python threads

@@ -8,7 +8,7 @@ cos/sin come from tables [n_pos, rot/2] built once from the config (rope_scaling
 import numpy as np
 from numba import njit, prange
 
-_J = dict(cache=True, fastmath=True, nogil=True)
+_J = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # numpy: no zero-division checks, which block vectorisation
 
 
 @njit(**_J)

@@ -1,0 +1,153 @@
+"""LLVM building blocks shared by the matmul kernels (numba.extending.intrinsic).
+
+Numba has no float16 type, no vector types and no prefetch; these small intrinsics give the
+kernels in matmul.py and qmatmul.py what they need, and LLVM inlines them:
+  _h2f / _bf2f / _to_f32   one fp16 / bf16 (uint16 bits) or f32 element -> float32
+  _stack_f32(n)            n float32 on the stack (the parfor body's entry block); accessed whole,
+                           LLVM keeps them in vector registers (per-row accumulators)
+  _ptr_add(p, n)           p + n elements
+  _prefetch(arr, off)      prefetcht0 of the line holding arr[off] (never faults)
+  _hsum16(p, off)          sum of p[off:off+16] as a shuffle tree
+  _blk_fma16(acc, w, wo, x, xo, KIND)   acc[0:16] += f32(w[wo:wo+16]) * x[xo:xo+16]
+"""
+import llvmlite.ir as ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_I8 = ir.IntType(8)
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_F32 = ir.FloatType()
+_V16I32 = ir.VectorType(_I32, 16)
+_V16F32 = ir.VectorType(_F32, 16)
+
+
+def _splat_idx(builder, v, idx):
+    """shufflevector(v, undef, idx) -> vector of len(idx)."""
+    return builder.shuffle_vector(v, ir.Constant(v.type, None),
+                                  ir.Constant(ir.VectorType(_I32, len(idx)), list(idx)))
+
+
+@intrinsic
+def _h2f(typingctx, h):
+    """uint16 fp16 bits -> float32 (fpext half; vectorises to vcvtph2ps)."""
+    def codegen(ctx, builder, sig, args):
+        v = builder.trunc(args[0], ir.IntType(16)) if args[0].type.width != 16 else args[0]
+        return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
+    return types.float32(h), codegen
+
+
+@intrinsic
+def _bf2f(typingctx, h):
+    """uint16 bf16 bits -> float32 (zext, shl 16, bitcast)."""
+    def codegen(ctx, builder, sig, args):
+        v = builder.zext(args[0], ir.IntType(32)) if args[0].type.width < 32 else args[0]
+        v = builder.shl(v, ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(v, ir.FloatType())
+    return types.float32(h), codegen
+
+
+@intrinsic
+def _stack_f32(typingctx, n):
+    """Pointer to n float32 on the stack (n literal). alloca in the entry block of the
+    function (the parfor body), promoted to registers by LLVM when accessed whole."""
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    size = n.literal_value
+
+    def codegen(ctx, builder, sig, args):
+        ptr = cgutils.alloca_once(builder, ir.ArrayType(ir.FloatType(), size))
+        return builder.bitcast(ptr, ir.FloatType().as_pointer())
+    return types.CPointer(types.float32)(n), codegen
+
+
+def _elem_ptr(ctx, builder, aty, arr, off, elty):
+    data = ctx.make_array(aty)(ctx, builder, arr).data
+    p = builder.gep(data, [off])
+    return builder.bitcast(p, elty.as_pointer())
+
+
+@intrinsic
+def _hsum16(typingctx, accp, off):
+    """sum(accp[off:off+16]) as a shuffle tree (the Numba loop compiles to 15 dependent adds)."""
+    def codegen(ctx, builder, sig, args):
+        p = builder.bitcast(builder.gep(args[0], [args[1]]), _V16F32.as_pointer())
+        v = builder.load(p, align=4)
+        n = 16
+        while n > 1:
+            h = n // 2
+            a = _splat_idx(builder, v, list(range(h)))
+            b = _splat_idx(builder, v, list(range(h, n)))
+            v = builder.fadd(a, b, flags=["fast"])
+            n = h
+        return builder.extract_element(v, ir.Constant(_I32, 0))
+    return types.float32(accp, off), codegen
+
+
+@intrinsic
+def _prefetch(typingctx, arr, off):
+    """Software prefetch (prefetcht0) of the cache line holding element off of arr; never faults,
+    so an offset past the end is harmless. The quantized gemvs are partly compute-bound: without
+    it the hardware prefetcher does not run far enough ahead and memory time adds to compute time."""
+    def codegen(ctx, builder, sig, args):
+        p = _elem_ptr(ctx, builder, sig.args[0], args[0], args[1], _I8)
+        f = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), _I32, _I32, _I32]),
+            "llvm.prefetch.p0")
+        builder.call(f, [p, ir.Constant(_I32, 0), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        return ir.Constant(_I8, 0)
+    return types.int8(arr, off), codegen
+
+
+@intrinsic
+def _ptr_add(typingctx, p, n):
+    def codegen(ctx, builder, sig, args):
+        return builder.gep(args[0], [args[1]])
+    return p(p, n), codegen
+
+
+@intrinsic
+def _blk_fma16(typingctx, accp, w, woff, x, xoff, KIND):
+    """acc[0:16] += f32(w[woff:woff+16]) * x[xoff:xoff+16]; KIND 0: w f32, 1: w fp16 bits (u16),
+    2: w bf16 bits (u16). 16 f32 lanes per row on the stack (promoted to a zmm register)."""
+    if not isinstance(KIND, types.IntegerLiteral):
+        return None
+    kind = KIND.literal_value
+
+    def codegen(ctx, builder, sig, args):
+        accp_, w_, woff_, x_, xoff_ = args[:5]
+        if kind == 0:
+            wv = builder.load(_elem_ptr(ctx, builder, sig.args[1], w_, woff_, _V16F32), align=4)
+        else:
+            v16 = ir.VectorType(_I16, 16)
+            h = builder.load(_elem_ptr(ctx, builder, sig.args[1], w_, woff_, v16), align=2)
+            if kind == 1:
+                wv = builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 16)), _V16F32)
+            else:
+                wv = builder.bitcast(builder.shl(builder.zext(h, _V16I32), ir.Constant(_V16I32, [16] * 16)),
+                                     _V16F32)
+        xv = builder.load(_elem_ptr(ctx, builder, sig.args[3], x_, xoff_, _V16F32), align=4)
+        ap = builder.bitcast(accp_, _V16F32.as_pointer())
+        a = builder.load(ap, align=4)
+        builder.store(builder.fadd(a, builder.fmul(wv, xv, flags=["fast"]), flags=["fast"]), ap, align=4)
+        return ir.Constant(_I8, 0)
+    return types.int8(accp, w, woff, x, xoff, KIND), codegen
+
+
+@intrinsic
+def _to_f32(typingctx, v, KIND):
+    """One weight element as float32: f32 as is (KIND 0), fp16 bits (1), bf16 bits (2)."""
+    if not isinstance(KIND, types.IntegerLiteral):
+        return None
+    kind = KIND.literal_value
+
+    def codegen(ctx, builder, sig, args):
+        a = args[0]
+        if kind == 0:
+            return a if isinstance(a.type, ir.FloatType) else builder.fptrunc(a, _F32)
+        a16 = builder.trunc(a, _I16) if a.type.width != 16 else a
+        if kind == 1:
+            return builder.fpext(builder.bitcast(a16, ir.HalfType()), _F32)
+        return builder.bitcast(builder.shl(builder.zext(a16, _I32), ir.Constant(_I32, 16)), _F32)
+    return types.float32(v, KIND), codegen
