@@ -5,9 +5,8 @@ Scores go to a caller-provided scratch sc: f32[H, n_ctx] (one row per query head
 allocated per call and the loops are contiguous and vectorised.
 
 Prefill uses the parallel kernels (store_kv, attention over M x H). Decode (one token) uses
-`decode_attention`, one serial call that does q/k-norm, RoPE, the cache write and all heads:
-for short contexts a parallel launch costs more than the work. Long contexts use
-`prep_decode` + the parallel `attention`.
+`decode_attention`, one parallel call that does q/k-norm, RoPE, the cache write and all heads,
+with the cached positions split across the threads (flash-decoding).
 """
 
 import numpy as np
@@ -108,13 +107,75 @@ def prep_decode(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, 
 
 
 @njit(**_J)
-def decode_attention(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, eps, scale, window, sc, out):
-    """prep_decode, then attention of all heads, serially. qkv: f32[(H+2Hkv) hd], out: f32[H hd]."""
+def attend_part(q, qo, kc, vc, g, j0, j1, hd, scale, sc, part):
+    """One query head over cache rows j0..j1-1 of kv head g, not normalised (a flash-decoding
+    split): part[:hd] <- sum_j e_j v_j, part[hd] <- m = max_j s_j, part[hd+1] <- sum_j e_j, with
+    s_j = (q[qo:qo+hd] . k[g, j]) * scale and e_j = exp(s_j - m). Empty range: 0, -3e38, 0."""
+    qh = q[qo:qo + hd]
+    ph = part[:hd]
+    mx = np.float32(-3.0e38)
+    for j in range(j0, j1):
+        k = kc[g, j]
+        s = np.float32(0.0)
+        for i in range(hd):
+            s += qh[i] * k[i]
+        s *= scale
+        sc[j] = s
+        if s > mx:
+            mx = s
+    l = np.float32(0.0)
+    for j in range(j0, j1):
+        e = fexp(sc[j] - mx)
+        sc[j] = e
+        l += e
+    for i in range(hd):
+        ph[i] = 0.0
+    for j in range(j0, j1):
+        w = sc[j]
+        v = vc[g, j]
+        for i in range(hd):
+            ph[i] += w * v[i]
+    part[hd] = mx
+    part[hd + 1] = l
+
+
+@njit(parallel=True, **_J)
+def decode_attention(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, eps, scale, window, sc,
+                     part, out):
+    """One new token at position p: prep_decode (q/k norm, RoPE, cache write), then attention of
+    all heads over rows start..p, split by position across the threads (flash-decoding: each
+    split keeps its own max and sum, merged at the end), so any number of heads and any context
+    length keep both cores busy. qkv: f32[(H+2Hkv) hd]; sc: f32[H, n_ctx] scratch; part:
+    f32[S, H, hd + 2] scratch, S = the number of threads; out: f32[H hd]."""
     prep_decode(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, eps)
     group = n_heads // n_kv_heads
     start = max(0, p - window + 1) if window > 0 else 0
+    T = p + 1 - start
+    ns = max(1, min(part.shape[0], T // 32))   # splits: <= S, >= 32 rows each
+    chunk = (T + ns - 1) // ns
+    for t in prange(ns * n_heads):
+        sp = t // n_heads
+        h = t % n_heads
+        j0 = start + sp * chunk
+        j1 = min(p + 1, j0 + chunk)
+        attend_part(qkv, h * hd, kc, vc, h // group, j0, j1, hd, scale, sc[h], part[sp, h])
     for h in range(n_heads):
-        attend_head(qkv, h * hd, kc, vc, h // group, start, p, hd, scale, sc[h], out, h * hd)
+        m = np.float32(-3.0e38)
+        for sp in range(ns):
+            m = max(m, part[sp, h, hd])
+        l = np.float32(0.0)
+        oh = out[h * hd:(h + 1) * hd]
+        for i in range(hd):
+            oh[i] = 0.0
+        for sp in range(ns):
+            f = fexp(part[sp, h, hd] - m)
+            l += f * part[sp, h, hd + 1]
+            ph = part[sp, h]
+            for i in range(hd):
+                oh[i] += f * ph[i]
+        inv = np.float32(1.0) / l
+        for i in range(hd):
+            oh[i] *= inv
 
 
 def attention_ref(q, k, v, pos0, scale, window=0):

@@ -64,6 +64,8 @@ DESIGN NOTES (measured on the 2-vCPU Xeon, AVX-512 + VNNI; DRAM read ~29 GB/s id
 
 
 
+import os  # noqa: E402
+
 import llvmlite.binding as _llvm  # noqa: E402
 import llvmlite.ir as ir  # noqa: E402
 import numba  # noqa: E402
@@ -84,9 +86,21 @@ _PJIT = dict(_JIT, parallel=True)
 
 try:
     _FEATURES = _llvm.get_host_cpu_features()
-    _HAS_VNNI = bool(_FEATURES.get("avx512vnni", False)) and bool(_FEATURES.get("avx512vl", False))
 except Exception:  # pragma: no cover
-    _HAS_VNNI = False
+    _FEATURES = {}
+# Integer dot-product instructions the quantized kernels are built with: "vnni" (AVX512-VNNI
+# vpdpbusd), "avx2" (vpmaddubsw/vpmaddwd) or "generic" (widening LLVM IR: any CPU, e.g. aarch64).
+# MINILM_SIMD=generic|avx2 forces a lower level (tests; use with a fresh NUMBA_CACHE_DIR, as
+# Numba's cache does not know about this switch).
+if _FEATURES.get("avx512vnni", False) and _FEATURES.get("avx512bw", False):
+    SIMD = "vnni"
+elif _FEATURES.get("avx2", False):
+    SIMD = "avx2"
+else:
+    SIMD = "generic"
+_FORCE = os.environ.get("MINILM_SIMD", "")
+if _FORCE in ("generic", "avx2") and not (_FORCE == "avx2" and SIMD == "generic"):
+    SIMD = _FORCE
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,13 +189,9 @@ _V8F32 = ir.VectorType(_F32, 8)
 
 
 def _udot(builder, u, s):
-    """u: <32 x i8> unsigned, s: <32 x i8> signed -> <8 x i32> sums of 4 adjacent products."""
+    """AVX2: u <32 x i8> unsigned, s <32 x i8> signed -> <8 x i32> sums of 4 adjacent products
+    (vpmaddubsw saturates pairs at int16: callers must keep |u0*s0 + u1*s1| <= 32767)."""
     m = builder.module
-    if _HAS_VNNI:
-        f = cgutils.get_or_insert_function(
-            m, ir.FunctionType(_V8I32, [_V8I32, _V8I32, _V8I32]), "llvm.x86.avx512.vpdpbusd.256")
-        return builder.call(f, [ir.Constant(_V8I32, None),
-                                builder.bitcast(u, _V8I32), builder.bitcast(s, _V8I32)])
     f1 = cgutils.get_or_insert_function(
         m, ir.FunctionType(_V16I16, [_V32I8, _V32I8]), "llvm.x86.avx2.pmadd.ub.sw")
     f2 = cgutils.get_or_insert_function(
@@ -190,55 +200,37 @@ def _udot(builder, u, s):
     return builder.call(f2, [p16, ir.Constant(_V16I16, [1] * 16)])
 
 
-def _acc_fma(builder, accp, p32, scale):
-    """acc[0:8] += float(p32) * scale   (acc float32* on the stack)."""
-    vp = builder.bitcast(accp, _V8F32.as_pointer())
-    a = builder.load(vp, align=4)
-    f = builder.sitofp(p32, _V8F32)
-    sc = builder.insert_element(ir.Constant(_V8F32, None), scale, ir.Constant(_I32, 0))
-    sc = builder.shuffle_vector(sc, ir.Constant(_V8F32, None), ir.Constant(_V8I32, [0] * 8))
-    prod = builder.fmul(f, sc, flags=["fast"])
-    builder.store(builder.fadd(a, prod, flags=["fast"]), vp, align=4)
-
-
-@intrinsic
-def _blk_q8(typingctx, accp, qs, qoff, xq, xoff, scale):
-    """acc[0:8] += scale * lanes(dot(qs[qoff:qoff+32] int8, xq[xoff:xoff+32] int8))."""
-    def codegen(ctx, builder, sig, args):
-        accp_, qs_, qoff_, xq_, xoff_, scale_ = args
-        w = builder.load(_elem_ptr(ctx, builder, sig.args[1], qs_, qoff_, _V32I8), align=1)
-        x = builder.load(_elem_ptr(ctx, builder, sig.args[3], xq_, xoff_, _V32I8), align=1)
-        zero = ir.Constant(_V32I8, None)
-        neg = builder.icmp_signed("<", w, zero)
-        u = builder.select(neg, builder.sub(zero, w), w)            # |w|
-        s = builder.select(neg, builder.sub(zero, x), x)            # sign(w) * x
-        _acc_fma(builder, accp_, _udot(builder, u, s), scale_)
-        return ir.Constant(ir.IntType(8), 0)
-    return types.int8(accp, qs, qoff, xq, xoff, scale), codegen
-
-
 _V64I8 = ir.VectorType(_I8, 64)
 _V16I32 = ir.VectorType(_I32, 16)
 _V16F32 = ir.VectorType(_F32, 16)
 _V4F32 = ir.VectorType(_F32, 4)
 
 
-def _udot512(builder, acc, u, s):
-    """acc <16 x i32> + sums of 4 adjacent products of u <64 x i8> (unsigned) and s (signed)."""
+def _udot512(builder, acc, u, s, wide=False):
+    """acc <16 x i32> + sums of 4 adjacent products of u <64 x i8> (unsigned) and s (signed).
+    AVX512-VNNI: one vpdpbusd. AVX2: two vpmaddubsw + vpmaddwd halves, exact only while pair
+    sums fit int16 (Q4_0: |nib * x| pairs <= 2*15*127); wide=True (Q8_0: u up to 255) and
+    other CPUs (e.g. aarch64): plain widening integer IR, which LLVM lowers to the target's
+    own instructions."""
     m = builder.module
-    if _HAS_VNNI:
+    if SIMD == "vnni":
         f = cgutils.get_or_insert_function(
             m, ir.FunctionType(_V16I32, [_V16I32] * 3), "llvm.x86.avx512.vpdpbusd.512")
         return builder.call(f, [acc, builder.bitcast(u, _V16I32), builder.bitcast(s, _V16I32)])
-    # AVX2: two 256-bit halves, vpmaddubsw (no saturation: |nib * x| pairs <= 2*15*127) + vpmaddwd
-    parts = []
-    for h in range(2):
-        idx = ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32)))
-        uh = builder.shuffle_vector(u, ir.Constant(_V64I8, None), idx)
-        sh = builder.shuffle_vector(s, ir.Constant(_V64I8, None), idx)
-        parts.append(_udot(builder, uh, sh))
-    cat = builder.shuffle_vector(parts[0], parts[1], ir.Constant(_V16I32, list(range(16))))
-    return builder.add(acc, cat)
+    if SIMD == "avx2" and not wide:
+        parts = []
+        for h in range(2):
+            idx = ir.Constant(ir.VectorType(_I32, 32), list(range(32 * h, 32 * h + 32)))
+            uh = builder.shuffle_vector(u, ir.Constant(_V64I8, None), idx)
+            sh = builder.shuffle_vector(s, ir.Constant(_V64I8, None), idx)
+            parts.append(_udot(builder, uh, sh))
+        cat = builder.shuffle_vector(parts[0], parts[1], ir.Constant(_V16I32, list(range(16))))
+        return builder.add(acc, cat)
+    v64 = ir.VectorType(_I32, 64)
+    prod = builder.mul(builder.zext(u, v64), builder.sext(s, v64))
+    for j in range(4):
+        acc = builder.add(acc, _splat_idx(builder, prod, [4 * L + j for L in range(16)]))
+    return acc
 
 
 def _masked_load(builder, ptr, vty, n_valid, align):
@@ -430,6 +422,74 @@ def _q4_rows(typingctx, accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G
     return types.int8(accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G, NCH), codegen
 
 
+@intrinsic
+def _q8_rows(typingctx, accp, qs, qoff, K, xq, xd, xs, c, d, doff, nbv, NR, NCH):
+    """Q8_0 chunks c .. c+NCH-1 (64 bytes = 2 blocks of a row each; nbv valid blocks in all,
+    nbv == 2*NCH unless it is the row's last, partial chunk) for NR rows starting at byte qoff
+    of qs (row stride K) and element doff of d (row stride K//32):
+        acc[16r:16r+16] += d_w*d_x(lane) * f32(vpdpbusd(bias, w ^ 0x80, xq))
+    w ^ 0x80 = w + 128 as an unsigned byte, so the i32 lanes hold sum(w*xq) + 128*sum(xq); the
+    accumulator starts at bias = -128 * sum(xq of the block) (xs, one lane per block), so they
+    are exactly sum(w*xq). Per row and 64 bytes: load, vpxor, vpdpbusd, vcvtdq2ps, vfmadd (and
+    one fp16 scale convert per NCH chunks). Lanes 0-7 belong to the chunk's first block, 8-15
+    to its second. Loads past nbv blocks are masked (nothing read past a row)."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (NR, NCH)):
+        return None
+    nr, nch = NR.literal_value, NCH.literal_value
+
+    def codegen(ctx, builder, sig, args):
+        accp_, qs_, qoff_, K_, xq_, xd_, xs_, c_, d_, doff_, nbv_ = args[:11]
+        i64 = qoff_.type
+
+        def I(v):
+            return ir.Constant(i64, v)
+
+        def as64(v):
+            return builder.sext(v, i64) if v.type.width < 64 else v
+        c64, nbv64, K64 = as64(c_), as64(nbv_), as64(K_)
+        nbl = 2 * nch
+        boff = builder.mul(c64, I(2))
+        xdv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[5], xd_, boff, _F32),
+                           ir.VectorType(_F32, nbl), nbv64, 4)
+        xsv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[6], xs_, boff, _F32),
+                           ir.VectorType(_F32, nbl), nbv64, 4)
+        bv = builder.fptosi(xsv, ir.VectorType(_I32, nbl))    # exact: |bias| <= 128*32*127
+        bz = builder.shuffle_vector(bv, ir.Constant(bv.type, None),
+                                    ir.Constant(ir.VectorType(_I32, nbl + 1), list(range(nbl + 1))))
+        bz = builder.insert_element(bz, ir.Constant(_I32, 0), ir.Constant(_I32, nbl))
+        chunks = []
+        for ch in range(nch):
+            nbytes = builder.mul(builder.sub(nbv64, I(2 * ch)), I(32))     # 32 or 64 (or more)
+            xo = builder.mul(builder.add(c64, I(ch)), I(64))
+            xv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[4], xq_, xo, _I8), _V64I8,
+                              nbytes, 1)
+            seed = _splat_idx(builder, bz, [2 * ch if L == 0 else (2 * ch + 1 if L == 8 else nbl)
+                                            for L in range(16)])
+            chunks.append((nbytes, xv, seed))
+        flip = ir.Constant(_V64I8, [-128] * 64)
+        nbr = builder.udiv(K64, I(32))
+        for r in range(nr):
+            do = builder.add(as64(doff_), builder.mul(I(r), nbr))
+            dh = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[8], d_, do, _I16),
+                              ir.VectorType(_I16, nbl), nbv64, 2)
+            dw = builder.fpext(builder.bitcast(dh, ir.VectorType(ir.HalfType(), nbl)),
+                               ir.VectorType(_F32, nbl))
+            sv = builder.fmul(dw, xdv, flags=["fast"])            # scale per block
+            ap = builder.bitcast(builder.gep(accp_, [ir.Constant(_I32, 16 * r)]), _V16F32.as_pointer())
+            a = builder.load(ap, align=4)
+            for ch, (nbytes, xv, seed) in enumerate(chunks):
+                qo = builder.add(qoff_, builder.add(builder.mul(I(r), K64), I(64 * ch)))
+                v = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[1], qs_, qo, _I8),
+                                 _V64I8, nbytes, 1)
+                p = _udot512(builder, seed, builder.xor(v, flip), xv, wide=True)
+                sc = _splat_idx(builder, sv, [2 * ch] * 8 + [2 * ch + 1] * 8)
+                a = builder.fadd(a, builder.fmul(builder.sitofp(p, _V16F32), sc, flags=["fast"]),
+                                 flags=["fast"])
+            builder.store(a, ap, align=4)
+        return ir.Constant(_I8, 0)
+    return types.int8(accp, qs, qoff, K, xq, xd, xs, c, d, doff, nbv, NR, NCH), codegen
+
+
 # --------------------------------------------------------------------------------------------
 # Fast (Numba) quantizers, bit-identical to the references
 # --------------------------------------------------------------------------------------------
@@ -538,49 +598,61 @@ def quantize_act_q8(x, xq, xd, xs):
 # GEMV kernels (decode). Parallel over groups of 4 rows; 8 f32 lanes per row on the stack.
 # --------------------------------------------------------------------------------------------
 
+@njit(**_JIT)
+def _quantize_act_q8v(x, xq, xd, xs):
+    """quantize_act_q8's int8 values and scales (identical arithmetic, vectorised), with
+    xs[b] = -128 * sum(xq of block b) (an integer, exact in float32): the Q8_0 gemv's bias."""
+    nb = x.shape[0] // 32
+    for b in range(nb):
+        k0 = b * 32
+        amax = _blk_amax(x, k0)
+        dd = amax / np.float32(127.0)
+        idd = np.float32(1.0) / dd if dd != 0 else np.float32(0.0)
+        s = _blk_quant_store(x, k0, idd, xq, k0, k0)
+        xd[b] = dd
+        xs[b] = np.float32(-128.0) * np.float32(s)
+
+
 @njit(**_PJIT)
 def _gemv_q8_0_kernel(x, xq, xd, xs, qs, d, out):
     # x f32[K]; scratch xq int8[K], xd f32[K//32], xs f32[K//32]; qs int8[N,K]; d u16[N,K//32]
+    # Per row: 16 f32 lanes accumulated over 64-byte chunks (see _q8_rows), one horizontal sum.
     N, K = qs.shape
     nb = K // 32
-    quantize_act_q8(x, xq, xd, xs)
-    ng = (N + 3) // 4
-    for g in prange(ng):
-        r0 = g * 4
-        accp = _stack_f32(32)           # 4 rows x 8 f32 lanes
-        acc = numba.carray(accp, 32)
-        for i in range(32):
+    _quantize_act_q8v(x, xq, xd, xs)
+    nc = nb // 2                # full 64-byte chunks
+    tb = nb - 2 * nc            # blocks in the last, partial chunk (0 or 1)
+    ngr = (N + 3) // 4
+    for gr in prange(ngr):
+        r0 = gr * 4
+        accp = _stack_f32(64)           # 4 rows x 16 f32 lanes
+        acc = numba.carray(accp, 64)
+        for i in range(64):
             acc[i] = 0.0
-        if r0 + 4 <= N:
-            # full group: 4 unrolled rows so the 4 accumulators stay in ymm registers
-            a1 = _ptr_add(accp, 8)
-            a2 = _ptr_add(accp, 16)
-            a3 = _ptr_add(accp, 24)
-            o0 = r0 * K
-            PF = 8 * K                  # prefetch 2 groups (8 rows) ahead: qs and d
-            PD = (r0 + 8) * nb
-            for b in range(nb):
-                dx = xd[b]
-                o = b * 32
-                _prefetch(qs, o0 + PF + 4 * o)
-                _prefetch(qs, o0 + PF + 4 * o + 64)
-                _prefetch(d, PD + 4 * b)
-                _blk_q8(accp, qs, o0 + o, xq, o, _h2f(d[r0, b]) * dx)
-                _blk_q8(a1, qs, o0 + K + o, xq, o, _h2f(d[r0 + 1, b]) * dx)
-                _blk_q8(a2, qs, o0 + 2 * K + o, xq, o, _h2f(d[r0 + 2, b]) * dx)
-                _blk_q8(a3, qs, o0 + 3 * K + o, xq, o, _h2f(d[r0 + 3, b]) * dx)
-            nr = 4
+        nr = min(4, N - r0)
+        q0 = r0 * K
+        d0 = r0 * nb
+        if nr == 4:
+            PF = q0 + 8 * K             # prefetch 2 groups (8 rows) ahead, 512 bytes per step
+            for c2 in range(nc // 2):
+                c = 2 * c2
+                for i in range(8):
+                    _prefetch(qs, PF + 256 * c + 64 * i)
+                _q8_rows(accp, qs, q0 + 64 * c, K, xq, xd, xs, c, d, d0 + 2 * c, 4, 4, 2)
+            if nc % 2:
+                c = nc - 1
+                _q8_rows(accp, qs, q0 + 64 * c, K, xq, xd, xs, c, d, d0 + 2 * c, 2, 4, 1)
+            if tb:
+                _q8_rows(accp, qs, q0 + 64 * nc, K, xq, xd, xs, nc, d, d0 + 2 * nc, tb, 4, 1)
         else:
-            nr = N - r0
             for rr in range(nr):
-                r = r0 + rr
-                for b in range(nb):
-                    _blk_q8(_ptr_add(accp, rr * 8), qs, r * K + b * 32, xq, b * 32, _h2f(d[r, b]) * xd[b])
+                ap = _ptr_add(accp, rr * 16)
+                for c in range(nc):
+                    _q8_rows(ap, qs, q0 + rr * K + 64 * c, K, xq, xd, xs, c, d, d0 + rr * nb + 2 * c, 2, 1, 1)
+                if tb:
+                    _q8_rows(ap, qs, q0 + rr * K + 64 * nc, K, xq, xd, xs, nc, d, d0 + rr * nb + 2 * nc, tb, 1, 1)
         for rr in range(nr):
-            s = np.float32(0.0)
-            for i in range(8):
-                s += acc[rr * 8 + i]
-            out[r0 + rr] = s
+            out[r0 + rr] = _hsum16(accp, rr * 16)
 
 
 @njit(**_JIT)

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 
 from .cache import KVCache
 from .config import Config, rope_inv_freq
 from .kernels.activations import gelu, gelu_row, gelu_tanh, gelu_tanh_row, silu_mul, silu_mul_row
-from .kernels.attention import attention, decode_attention, prep_decode, store_kv
+from .kernels.attention import attention, decode_attention, store_kv
 from .kernels.norm import add_norm, add_norm_row, norm, norm_row, qk_rmsnorm
 from .kernels.rope import rope_qk, rope_tables
 from .quant import Linear
 
 PREFILL_CHUNK = 256   # prompt rows per forward call: bounds the scratch buffers
-SERIAL_ATTENTION = 512  # decode attends serially (one call, no thread launch) below this position
 NONE = np.zeros(0, np.float32)  # "no bias" / "no q-k norm" for kernels that take optional arrays
 
 
@@ -64,6 +64,9 @@ class RunState:
         self.logits = np.zeros((1, c.vocab_size), np.float32)       # decode logits
         self.ids = np.zeros(rows, np.int64)
         self.scores = np.zeros((c.n_heads, n_ctx), np.float32)      # attention scores, one row per head
+        # decode attention: one split of the cached positions per thread (at load time):
+        # [S, H, hd + 2] = (sum of e*v, max, sum of e)
+        self.attn_part = np.zeros((numba.get_num_threads(), c.n_heads, c.head_dim + 2), np.float32)
 
 
 class Transformer:
@@ -116,19 +119,16 @@ class Transformer:
         """q/k norm, RoPE, cache write and attention for M tokens at positions p0.."""
         c = self.cfg
         H, Hkv, hd = c.n_heads, c.n_kv_heads, c.head_dim
-        if qkv.shape[0] == 1 and p0 < SERIAL_ATTENTION:
-            decode_attention(qkv[0], kc, vc, p0, cos, sin, L.q_norm, L.k_norm, H, Hkv, hd,
-                             c.rotary_dim, c.norm_eps, self.scale, window, self.state.scores, att[0])
-            return
         if qkv.shape[0] == 1:
-            prep_decode(qkv[0], kc, vc, p0, cos, sin, L.q_norm, L.k_norm, H, Hkv, hd,
-                        c.rotary_dim, c.norm_eps)
-        else:
-            if c.qk_norm:
-                qk_rmsnorm(qkv, L.q_norm, L.k_norm, H, Hkv, hd, c.norm_eps)
-            if c.rotary_dim:
-                rope_qk(qkv, p0, cos, sin, H, Hkv, hd, c.rotary_dim)
-            store_kv(qkv, kc, vc, p0, H, Hkv, hd)                 # cache rows p0..p0+M-1
+            decode_attention(qkv[0], kc, vc, p0, cos, sin, L.q_norm, L.k_norm, H, Hkv, hd,
+                             c.rotary_dim, c.norm_eps, self.scale, window, self.state.scores,
+                             self.state.attn_part, att[0])
+            return
+        if c.qk_norm:
+            qk_rmsnorm(qkv, L.q_norm, L.k_norm, H, Hkv, hd, c.norm_eps)
+        if c.rotary_dim:
+            rope_qk(qkv, p0, cos, sin, H, Hkv, hd, c.rotary_dim)
+        store_kv(qkv, kc, vc, p0, H, Hkv, hd)                     # cache rows p0..p0+M-1
         attention(qkv, kc, vc, p0, H, Hkv, hd, self.scale, window, self.state.scores, att)
 
     def _mlp(self, L: Layer, xn, out, M):

@@ -269,10 +269,11 @@ def test_attention_ref_window_and_causality():
 
 @pytest.mark.parametrize("H,Hkv,hd,rot,p,window,qk", [
     (4, 2, 32, 32, 0, 0, False), (4, 2, 32, 32, 13, 0, True), (8, 2, 64, 16, 40, 0, False),
-    (6, 6, 8, 8, 9, 4, False), (4, 1, 16, 0, 7, 0, False), (2, 2, 64, 32, 20, 5, True)])
+    (6, 6, 8, 8, 9, 4, False), (4, 1, 16, 0, 7, 0, False), (2, 2, 64, 32, 20, 5, True),
+    (9, 3, 64, 64, 200, 0, False), (4, 2, 16, 16, 130, 70, True), (3, 1, 8, 8, 64, 0, False)])
 def test_decode_attention(H, Hkv, hd, rot, p, window, qk):
-    """prep_decode (q/k norm, RoPE, cache write at row p) and decode_attention (+ all heads)
-    for one token vs the references."""
+    """prep_decode (q/k norm, RoPE, cache write at row p) and decode_attention (+ all heads,
+    positions split across threads when there are >= 64 of them) for one token vs the references."""
     prep, dec = need(att, "prep_decode"), need(att, "decode_attention")
     n_ctx = p + 4
     rng = np.random.default_rng(p + hd)
@@ -311,7 +312,8 @@ def test_decode_attention(H, Hkv, hd, rot, p, window, qk):
     qkv, kc, vc = qkv0.copy(), kc0.copy(), vc0.copy()
     out = np.full(H * hd, np.nan, np.float32)
     sc = np.full((H, kc.shape[1]), np.nan, np.float32)
-    dec(qkv, kc, vc, p, cos, sin, qn, kn, H, Hkv, hd, rot, eps, np.float32(scale), window, sc, out)
+    part = np.full((4, H, hd + 2), np.nan, np.float32)
+    dec(qkv, kc, vc, p, cos, sin, qn, kn, H, Hkv, hd, rot, eps, np.float32(scale), window, sc, part, out)
     close(out, out_want, what="decode_attention")
     close(kc, kref, what="decode_attention k cache")
 

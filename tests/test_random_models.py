@@ -79,7 +79,7 @@ CASES = {
     "qwen3": (llama_cfg(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=32,
                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
                         attention_bias=False), {}, 17, 48, None),
-    # decode past minilm's SERIAL_ATTENTION (512): prep_decode + parallel attention path
+    # long decodes: the position split of decode_attention over 500+ cached rows
     "qwen3_long_decode": (llama_cfg(model_type="qwen3", architectures=["Qwen3ForCausalLM"], head_dim=16,
                                     num_attention_heads=4, num_key_value_heads=2, hidden_size=48,
                                     intermediate_size=64, max_position_embeddings=1024,
