@@ -342,3 +342,48 @@ def test_gemv_q4_0_chunk_tails(N, K, G):
     Q.gemv_q4_0(x, qs, d, out2, scratch=(np.empty(K, np.int8), np.empty(K // 32, np.float32),
                                          np.empty(K // 32, np.float32)))
     assert np.array_equal(out, out2)
+
+
+# ---------------------------------------------------------------- other CPUs' code paths
+
+FALLBACK_SCRIPT = r"""
+import numpy as np
+from minilm.kernels import qmatmul as Q
+assert Q.SIMD == "{simd}", Q.SIMD
+rng = np.random.default_rng(7)
+worst = 0.0
+for N, K in [(13, 96), (8, 576), (5, 160)]:
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    w[0, :32] = 127.0                    # Q8 values at +-127 (pair sums beyond int16 for u = w + 128)
+    w[1, :32] = -127.0
+    x = (rng.standard_normal(K) * 50).astype(np.float32)
+    xq, xd, xs = np.empty(K, np.int8), np.empty(K // 32, np.float32), np.empty(K // 32, np.float32)
+    Q.quantize_act_q8(x, xq, xd, xs)
+    xdeq = xq.astype(np.float64) * np.repeat(xd, 32)
+    for fmt in ("q8", "q4"):
+        qs, d = Q.quantize_q8_0(w) if fmt == "q8" else Q.quantize_q4_0(w, 32)
+        wd = (Q.dequantize_q8_0_ref if fmt == "q8" else Q.dequantize_q4_0_ref)(qs, d).astype(np.float64)
+        out = np.full(N, np.nan, np.float32)
+        (Q.gemv_q8_0 if fmt == "q8" else Q.gemv_q4_0)(x, qs, d, out)
+        ref = wd @ xdeq
+        worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("simd", ["generic", "avx2"])
+def test_gemv_fallback_paths(simd, tmp_path):
+    """The quantized GEMVs built without AVX512-VNNI (MINILM_SIMD=avx2: vpmaddubsw, which
+    saturates, so Q8_0 takes the widening path) and without any x86 instruction (generic IR: what
+    a Raspberry Pi or any non-x86 CPU compiles) give the same results as the kernel model. Run
+    in a fresh process with an empty Numba cache (the cache does not know about the switch)."""
+    import os
+    import subprocess
+    import sys
+    if simd == "avx2" and Q.SIMD == "generic":
+        pytest.skip("this CPU has no AVX2")
+    env = dict(os.environ, MINILM_SIMD=simd, NUMBA_CACHE_DIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT.replace("{simd}", simd)], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert float(r.stdout.strip().splitlines()[-1]) < 5e-6
