@@ -11,40 +11,54 @@ import math
 import llvmlite.ir as ir
 import numpy as np
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
+_EXP_C = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+          5.0000001201e-1)
+
+
 @intrinsic
-def _f32_from_bits(typingctx, i):
-    """int32 bits -> float32 (bitcast)."""
-    def codegen(ctx, builder, sig, args):
-        v = args[0]
-        if v.type.width != 32:
-            v = builder.trunc(v, ir.IntType(32))
-        return builder.bitcast(v, ir.FloatType())
-    return types.float32(i), codegen
-
-
-# no 'reassoc' here: the Cody-Waite split x - n*C1 - n*C2 must not be folded into x - n*(C1+C2)
-@njit(cache=True, nogil=True, fastmath={"nnan", "ninf", "nsz", "contract"}, error_model="numpy", inline="always")
-def fexp(x):
+def fexp(typingctx, x):
     """exp(x) for float32 x, max relative error ~2e-7 (Cephes expf); x is clamped to
     [-87.33, 88.37] (so 2^n stays a normal float: exp(-87.33) ~ 1.2e-38, not 0;
-    exp(88.37) ~ 2.4e38, not inf)."""
-    x = min(max(x, np.float32(-87.33)), np.float32(88.37))
-    n = np.floor(x * np.float32(1.44269504) + np.float32(0.5))
-    r = x - n * np.float32(0.693359375)
-    r = r + n * np.float32(2.12194440e-4)
-    p = np.float32(1.9875691500e-4)
-    p = p * r + np.float32(1.3981999507e-3)
-    p = p * r + np.float32(8.3334519073e-3)
-    p = p * r + np.float32(4.1665795894e-2)
-    p = p * r + np.float32(1.6666665459e-1)
-    p = p * r + np.float32(5.0000001201e-1)
-    p = p * (r * r) + r + np.float32(1.0)
-    return p * _f32_from_bits((np.int32(n) + np.int32(127)) << np.int32(23))
+    exp(88.37) ~ 2.4e38, not inf). Emitted as inline LLVM IR (a Numba function is not always
+    inlined, and a call blocks vectorisation): n = floor(x log2e + 1/2), r = x - n ln2 (Cody-Waite
+    in two parts, with no 'reassoc' flag so they are not folded), p(r) the degree-7
+    polynomial, times 2^n built in the exponent bits."""
+    if not isinstance(x, types.Float):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        f32 = ir.FloatType()
+        i32 = ir.IntType(32)
+        fl = ["nnan", "ninf", "nsz", "contract"]
+        v = args[0]
+        if v.type != f32:
+            v = builder.fptrunc(v, f32)
+
+        def C(c):
+            return ir.Constant(f32, c)
+        m = builder.module
+        fmax = cgutils.get_or_insert_function(m, ir.FunctionType(f32, [f32, f32]), "llvm.maxnum.f32")
+        fmin = cgutils.get_or_insert_function(m, ir.FunctionType(f32, [f32, f32]), "llvm.minnum.f32")
+        floor = cgutils.get_or_insert_function(m, ir.FunctionType(f32, [f32]), "llvm.floor.f32")
+        v = builder.call(fmin, [builder.call(fmax, [v, C(-87.33)]), C(88.37)])
+        n = builder.call(floor, [builder.fadd(builder.fmul(v, C(1.44269504), flags=fl), C(0.5), flags=fl)])
+        r = builder.fsub(v, builder.fmul(n, C(0.693359375), flags=fl), flags=fl)
+        r = builder.fadd(r, builder.fmul(n, C(2.12194440e-4), flags=fl), flags=fl)
+        p = C(_EXP_C[0])
+        for c in _EXP_C[1:]:
+            p = builder.fadd(builder.fmul(p, r, flags=fl), C(c), flags=fl)
+        p = builder.fadd(builder.fadd(builder.fmul(p, builder.fmul(r, r, flags=fl), flags=fl), r, flags=fl),
+                         C(1.0), flags=fl)
+        e = builder.shl(builder.add(builder.fptosi(n, i32), ir.Constant(i32, 127)), ir.Constant(i32, 23))
+        res = builder.fmul(p, builder.bitcast(e, f32), flags=fl)
+        return res if sig.return_type == types.float32 else builder.fpext(res, ctx.get_value_type(sig.return_type))
+    return types.float32(x), codegen
 
 
 @njit(cache=True, nogil=True, fastmath=True, error_model="numpy")

@@ -110,29 +110,34 @@ def prep_decode(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, 
 def attend_part(q, qo, kc, vc, g, j0, j1, hd, scale, sc, part):
     """One query head over cache rows j0..j1-1 of kv head g, not normalised (a flash-decoding
     split): part[:hd] <- sum_j e_j v_j, part[hd] <- m = max_j s_j, part[hd+1] <- sum_j e_j, with
-    s_j = (q[qo:qo+hd] . k[g, j]) * scale and e_j = exp(s_j - m). Empty range: 0, -3e38, 0."""
+    s_j = (q[qo:qo+hd] . k[g, j]) * scale and e_j = exp(s_j - m). Empty range: 0, -3e38, 0.
+    All loops run from 0 over views (an index from a runtime start gets Numba's negative-index
+    wraparound code, which stops LLVM from vectorising the loop)."""
+    n = max(0, j1 - j0)
     qh = q[qo:qo + hd]
     ph = part[:hd]
+    s_ = sc[j0:j0 + n]          # [n] scores, then weights
+    kg = kc[g, j0:j0 + n]       # [n, hd]
+    vg = vc[g, j0:j0 + n]
     mx = np.float32(-3.0e38)
-    for j in range(j0, j1):
-        k = kc[g, j]
+    for j in range(n):
+        k = kg[j]
         s = np.float32(0.0)
         for i in range(hd):
             s += qh[i] * k[i]
         s *= scale
-        sc[j] = s
-        if s > mx:
-            mx = s
+        s_[j] = s
+        mx = max(mx, s)
     l = np.float32(0.0)
-    for j in range(j0, j1):
-        e = fexp(sc[j] - mx)
-        sc[j] = e
+    for j in range(n):
+        e = fexp(s_[j] - mx)
+        s_[j] = e
         l += e
     for i in range(hd):
         ph[i] = 0.0
-    for j in range(j0, j1):
-        w = sc[j]
-        v = vc[g, j]
+    for j in range(n):
+        w = s_[j]
+        v = vg[j]
         for i in range(hd):
             ph[i] += w * v[i]
     part[hd] = mx

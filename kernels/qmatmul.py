@@ -804,6 +804,21 @@ def gemv_q4_0(x, qs, d, out, scratch=None):
     _gemv_q4_0_kernel(x, xq, xd, xs, qs, d.view(np.uint16), out)
 
 
+def gemv_bound(fmt, arrays):
+    """(kernel, pre) such that kernel(x, *pre, out) == gemv_<fmt>(x, *arrays, out): the dtype
+    views and the activation scratch resolved once (per matrix, at load), not on every token."""
+    if fmt in ("q8_0", "q4_0"):
+        qs, d = arrays
+        K = qs.shape[1] * (2 if fmt == "q4_0" else 1)
+        kern = _gemv_q8_0_kernel if fmt == "q8_0" else _gemv_q4_0_kernel
+        return kern, (*act_scratch(K), qs, d.view(np.uint16))
+    if fmt == "f16":
+        return _gemv_f16_kernel, (arrays[0].view(np.uint16),)
+    if fmt == "bf16":
+        return _gemv_bf16_kernel, (arrays[0],)
+    raise ValueError(f"no bound gemv for format {fmt!r}")
+
+
 def gemv_f16(x, w, out):
     """out[N] = W @ x, W float16[N,K]."""
     _gemv_f16_kernel(x, w.view(np.uint16), out)

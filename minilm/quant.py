@@ -102,13 +102,16 @@ def parse_level(quant: str | None, group_size: int | None = None, embed: str | N
 class Linear:
     """W [N, K] stored in `fmt` (arrays C-contiguous, possibly memory-mapped)."""
 
-    __slots__ = ("fmt", "N", "K", "Kp", "arrays", "_args", "_gemv", "_gemm", "_xpad")
+    __slots__ = ("fmt", "N", "K", "Kp", "arrays", "_args", "_gemv", "_gemm", "_xpad", "_gemv_pre")
 
     def __init__(self, fmt: str, N: int, K: int, arrays: dict, Kp: int | None = None):
         self.fmt, self.N, self.K, self.Kp, self.arrays = fmt, N, K, Kp or K, arrays
         f = FORMATS[fmt]
         self._args = tuple(arrays.values())
         self._gemv, self._gemm = f.gemv, f.gemm
+        self._gemv_pre = self._args
+        if fmt != "f32":     # call the Numba kernel directly, views and scratch bound once
+            self._gemv, self._gemv_pre = _qm.gemv_bound(fmt, self._args)
         self._xpad = np.zeros((1, self.Kp), np.float32) if self.Kp != K else None
 
     @classmethod
@@ -139,7 +142,7 @@ class Linear:
                 xp[:, :self.K] = x
                 x = xp
         if x.shape[0] == 1:
-            self._gemv(x[0], *self._args, out[0])
+            self._gemv(x[0], *self._gemv_pre, out[0])
         else:
             self._gemm(x, *self._args, out)
 
