@@ -31,7 +31,6 @@ import time  # noqa: E402
 
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minilm.bench import _bw_kernels, measure_bandwidth  # noqa: E402

@@ -20,36 +20,47 @@ _J = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # numpy: 
 
 
 @njit(**_J)
-def attend_head(q, qo, kc, vc, g, start, p, hd, scale, sc, out, oo):
-    """out[oo:oo+hd] <- softmax over j in [start, p] of (q[qo:qo+hd] . k[g, j]) * scale, times v[g, j].
-
-    Two passes over a scores row sc: f32[>= p+1] (scratch): the dot products and the weighted
-    sum of v rows are plain contiguous loops over hd that LLVM vectorises.
-    """
-    qh = q[qo:qo + hd]          # 1-D views: LLVM vectorises these loops, not the offset indexing
-    oh = out[oo:oo + hd]
-    mx = np.float32(-3.0e38)   # not -inf: fastmath lets LLVM assume no infinities
-    for j in range(start, p + 1):
-        k = kc[g, j]
+def _attend(q, qo, kc, vc, g, j0, j1, hd, scale, sc, oh):
+    """One query head q[qo:qo+hd] over cache rows j0..j1-1 of kv head g, not normalised:
+    oh[:hd] <- sum_j e_j v[g, j] with s_j = (q . k[g, j]) * scale, e_j = exp(s_j - m);
+    returns (m, sum_j e_j); an empty range gives 0, (-3e38, 0). sc: f32[>= j1] scratch.
+    All loops run from 0 over views (an index from a runtime start gets Numba's negative-index
+    wraparound code, which stops LLVM from vectorising the loop)."""
+    n = max(0, j1 - j0)
+    qh = q[qo:qo + hd]
+    s_ = sc[j0:j0 + n]          # [n] scores, then weights
+    kg = kc[g, j0:j0 + n]       # [n, hd]
+    vg = vc[g, j0:j0 + n]
+    mx = np.float32(-3.0e38)    # not -inf: fastmath lets LLVM assume no infinities
+    for j in range(n):
+        k = kg[j]
         s = np.float32(0.0)
         for i in range(hd):
             s += qh[i] * k[i]
         s *= scale
-        sc[j] = s
-        if s > mx:
-            mx = s
+        s_[j] = s
+        mx = max(mx, s)
     l = np.float32(0.0)
-    for j in range(start, p + 1):
-        e = fexp(sc[j] - mx)
-        sc[j] = e
+    for j in range(n):
+        e = fexp(s_[j] - mx)
+        s_[j] = e
         l += e
     for i in range(hd):
         oh[i] = 0.0
-    for j in range(start, p + 1):
-        w = sc[j]
-        v = vc[g, j]
+    for j in range(n):
+        w = s_[j]
+        v = vg[j]
         for i in range(hd):
             oh[i] += w * v[i]
+    return mx, l
+
+
+@njit(**_J)
+def attend_head(q, qo, kc, vc, g, start, p, hd, scale, sc, out, oo):
+    """out[oo:oo+hd] <- softmax over j in [start, p] of (q[qo:qo+hd] . k[g, j]) * scale, times v[g, j].
+    sc: f32[>= p+1] scratch."""
+    oh = out[oo:oo + hd]
+    _, l = _attend(q, qo, kc, vc, g, start, p + 1, hd, scale, sc, oh)
     inv = np.float32(1.0) / l
     for i in range(hd):
         oh[i] *= inv
@@ -108,38 +119,9 @@ def prep_decode(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, 
 
 @njit(**_J)
 def attend_part(q, qo, kc, vc, g, j0, j1, hd, scale, sc, part):
-    """One query head over cache rows j0..j1-1 of kv head g, not normalised (a flash-decoding
-    split): part[:hd] <- sum_j e_j v_j, part[hd] <- m = max_j s_j, part[hd+1] <- sum_j e_j, with
-    s_j = (q[qo:qo+hd] . k[g, j]) * scale and e_j = exp(s_j - m). Empty range: 0, -3e38, 0.
-    All loops run from 0 over views (an index from a runtime start gets Numba's negative-index
-    wraparound code, which stops LLVM from vectorising the loop)."""
-    n = max(0, j1 - j0)
-    qh = q[qo:qo + hd]
-    ph = part[:hd]
-    s_ = sc[j0:j0 + n]          # [n] scores, then weights
-    kg = kc[g, j0:j0 + n]       # [n, hd]
-    vg = vc[g, j0:j0 + n]
-    mx = np.float32(-3.0e38)
-    for j in range(n):
-        k = kg[j]
-        s = np.float32(0.0)
-        for i in range(hd):
-            s += qh[i] * k[i]
-        s *= scale
-        s_[j] = s
-        mx = max(mx, s)
-    l = np.float32(0.0)
-    for j in range(n):
-        e = fexp(s_[j] - mx)
-        s_[j] = e
-        l += e
-    for i in range(hd):
-        ph[i] = 0.0
-    for j in range(n):
-        w = s_[j]
-        v = vg[j]
-        for i in range(hd):
-            ph[i] += w * v[i]
+    """A flash-decoding split of one query head over rows j0..j1-1: part[:hd] <- sum_j e_j v_j,
+    part[hd] <- max_j s_j, part[hd+1] <- sum_j e_j (see _attend)."""
+    mx, l = _attend(q, qo, kc, vc, g, j0, j1, hd, scale, sc, part[:hd])
     part[hd] = mx
     part[hd + 1] = l
 

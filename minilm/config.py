@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field, asdict
 from pathlib import Path
 
+import numpy as np
+
 from .errors import ModelLoadError, UnsupportedModelError
 
 # model_type -> family. The family decides tensor naming (weights.py) and the small switches below.
@@ -213,8 +215,6 @@ def rope_inv_freq(cfg: Config, seq_len: int | None = None) -> "np.ndarray":
     factor; llama3 rescales low frequencies smoothly; dynamic (NTK) enlarges the base once the
     sequence is longer than max_position_embeddings (seq_len = positions seen in this call).
     """
-    import numpy as np
-
     rd = cfg.rotary_dim
     base = cfg.rope_theta
     sc = cfg.rope_scaling or {}
