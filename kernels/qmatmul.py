@@ -823,8 +823,8 @@ def gemv_f16(x, w, out):
 
 gemv_bf16 = _gemv_bf16_kernel   # (x f32[K], w uint16[N,K] bf16 bits, out f32[N]); no wrapper needed
 
-gemv_q8_0.kernel = _gemv_q8_0_kernel
-gemv_q4_0.kernel = _gemv_q4_0_kernel
+gemv_q8_0.kernel = gemv_q8_0_kernel = _gemv_q8_0_kernel   # the Numba kernels themselves:
+gemv_q4_0.kernel = gemv_q4_0_kernel = _gemv_q4_0_kernel   # (x, xq, xd, xs, qs, d as uint16, out)
 gemv_f16.kernel = _gemv_f16_kernel
 
 

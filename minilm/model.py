@@ -10,7 +10,9 @@
 Shapes: M new tokens, D hidden, H query heads, Hkv kv heads, hd head dim, F ffn, V vocab.
 Architecture differences are switches read from `Config`; there is one loop for all of them.
 `prefill` runs a whole prompt as matrix-matrix products; `decode` runs one token as
-matrix-vector products. All scratch buffers are allocated once (`RunState`).
+matrix-vector products. All scratch buffers are allocated once (`RunState`). For the Llama
+family, `decode` runs the same kernels in the same order through `decode_step` (end of this
+file): the layer loop inside one Numba call instead of ~9 Python-level kernel calls per layer.
 """
 from __future__ import annotations
 
@@ -18,16 +20,22 @@ import math
 
 import numba
 import numpy as np
+from numba import njit, types
+from numba.extending import overload
+from numba.typed import List
 
 from .cache import KVCache
 from .config import Config, rope_inv_freq
 from .kernels.activations import gelu, gelu_row, gelu_tanh, gelu_tanh_row, silu_mul, silu_mul_row
 from .kernels.attention import attention, decode_attention, store_kv
+from .kernels.matmul import gemv_float
 from .kernels.norm import add_norm, add_norm_row, norm, norm_row, qk_rmsnorm
+from .kernels.qmatmul import act_scratch, gemv_q4_0_kernel, gemv_q8_0_kernel
 from .kernels.rope import rope_qk, rope_tables
 from .quant import Linear
 
 PREFILL_CHUNK = 256   # prompt rows per forward call: bounds the scratch buffers
+FUSED_DECODE = True   # decode with decode_step (one Numba call per token) where the model allows
 NONE = np.zeros(0, np.float32)  # "no bias" / "no q-k norm" for kernels that take optional arrays
 
 
@@ -87,6 +95,7 @@ class Transformer:
         if c.rotary_dim:
             self.cos, self.sin = rope_tables(rope_inv_freq(c), n_ctx)   # [n_ctx, rot/2]
         self._dynamic = c.rotary_dim and (c.rope_scaling or {}).get("rope_type") == "dynamic"
+        self._fused = self._fused_decode_args() if FUSED_DECODE else None
 
     def rope_depends_on_length(self, end: int) -> bool:
         """True when RoPE frequencies change with the sequence length (dynamic NTK past max_pos)."""
@@ -214,9 +223,52 @@ class Transformer:
         """One token at position cache.pos -> logits f32[V] (a buffer reused by the next call)."""
         s = self.state
         s.ids[0] = token
-        h = self.forward(s.ids[:1])
+        if self._fused is None:
+            h = self.forward(s.ids[:1])
+        else:                                                 # same network, one Numba call
+            cache = self.cache
+            cache.check_room(1)
+            self.tok_embd.rows(s.ids[:1], s.x[:1])
+            cos, sin = self._rope(cache.pos + 1)
+            decode_step(cache.pos, cos, sin, *self._fused)
+            cache.pos += 1
+            cache.tokens.append(int(token))
+            h = s.xn[:1]
         self.lm_head(h, s.logits)                             # [1, D] -> [1, V]
         return s.logits[0]
+
+    def _fused_decode_args(self):
+        """decode_step's arguments after (pos, cos, sin), or None when this model needs the
+        general forward (GELU or parallel-residual MLPs, learned positions, zero-padded or
+        mixed-format matrices)."""
+        c, s = self.cfg, self.state
+        mats = [m for L in self.layers for m in (L.wqkv, L.wo, L.w_gate_up, L.w_down)]
+        if (not c.gated_mlp or c.parallel_residual or self.pos_embd is not None or None in mats
+                or len({m.fmt for m in mats}) != 1 or any(m.Kp != m.K for m in mats)):
+            return None
+        fmt = mats[0].fmt
+        if fmt in ("q8_0", "q4_0"):
+            wa = [m.arrays["qs"] for m in mats]
+            wd = [m.arrays["d"].view(np.uint16) for m in mats]
+        else:
+            wa = [m.arrays["w"].view(np.uint16) if fmt == "f16" else m.arrays["w"] for m in mats]
+            wd = [np.zeros((0, 0), np.uint16)]
+        opt = lambda a: NONE if a is None else a
+        vecs = []                                             # 10 per layer, see decode_step
+        for L in self.layers:
+            vecs += [L.attn_norm[0], L.attn_norm[1], L.ffn_norm[0], L.ffn_norm[1], opt(L.bqkv),
+                     opt(L.bo), opt(L.b_gate_up), opt(L.b_down), L.q_norm, L.k_norm]
+        vecs += [self.out_norm[0], self.out_norm[1]]
+        K = max(m.Kp for m in mats)
+        xq, xd, xs = act_scratch(K)
+        try:
+            Wa, Wd, V = List(wa), List(wd), List([np.ascontiguousarray(v, np.float32) for v in vecs])
+        except Exception:                                     # arrays of differing types / layouts
+            return None
+        windows = np.array([c.window(i) for i in range(c.n_layers)], np.int64)
+        return (Wa, Wd, 2 if fmt == "bf16" else 1, V, windows, s.x[0], s.xn[0], s.qkv[0], s.att[0],
+                s.o[0], s.ff[0], s.act[0], xq, xd, xs, self.cache.k, self.cache.v, s.scores, s.attn_part,
+                c.n_heads, c.n_kv_heads, c.head_dim, c.rotary_dim, c.norm_eps, self.scale)
 
     def all_logits(self, ids) -> np.ndarray:
         """Logits f32[len(ids), V] for every position of ids, on top of the current cache."""
@@ -228,3 +280,70 @@ class Transformer:
             h = self.forward(ids[a:a + self.state.rows], end)
             self.lm_head(h, out[a:a + len(h)])
         return out
+
+
+# ---- decode in one Numba call ------------------------------------------------------------------
+# `forward` above is the network; for one token of a Llama-family model (gated SiLU MLP,
+# sequential residual, one weight format for all layer matrices) decode_step runs exactly the
+# same kernels in the same order, but as one Numba call per token instead of ~9 Python-level
+# calls per layer (each costs a few microseconds of dispatch; SmolLM2 has 30 layers).
+
+def _gemv(Wa, Wd, j, kind, x, xq, xd, xs, out):
+    """out = W_j @ x for matrix j of the layer matrices: Wa[j] weights, Wd[j] block scales."""
+
+
+@overload(_gemv)
+def _gemv_typed(Wa, Wd, j, kind, x, xq, xd, xs, out):
+    """Picks the GEMV from the element type of the weight list (one specialisation per format)."""
+    dt = Wa.item_type.dtype
+    if dt == types.float32:
+        return lambda Wa, Wd, j, kind, x, xq, xd, xs, out: gemv_float(x, Wa[j], out, 0)
+    if dt == types.uint16:                                # kind 1: fp16 bits, 2: bf16 bits
+        def f16(Wa, Wd, j, kind, x, xq, xd, xs, out):
+            if kind == 1:
+                gemv_float(x, Wa[j], out, 1)
+            else:
+                gemv_float(x, Wa[j], out, 2)
+        return f16
+    if dt == types.int8:
+        return lambda Wa, Wd, j, kind, x, xq, xd, xs, out: gemv_q8_0_kernel(x, xq, xd, xs, Wa[j], Wd[j], out)
+    if dt == types.uint8:
+        return lambda Wa, Wd, j, kind, x, xq, xd, xs, out: gemv_q4_0_kernel(x, xq, xd, xs, Wa[j], Wd[j], out)
+    return None
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _add(y, b):
+    """y += b when b is not empty (an absent bias is f32[0])."""
+    for t in range(b.shape[0]):
+        y[t] += b[t]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def decode_step(p, cos, sin, Wa, Wd, kind, V, windows, x, xn, qkv, att, o, gu, act, xq, xd, xs, kc, vc,
+                sc, part, H, Hkv, hd, rot, eps, scale):
+    """One token at position p through all layers, as `forward` does for M = 1.
+
+    x: f32[D] holds the token's embedding and ends as the residual stream; xn: f32[D] ends as
+    the final-normed hidden state. Wa/Wd: typed lists of the layer matrices, 4 per layer (wqkv,
+    wo, w_gate_up, w_down; Wd: fp16 block scales as uint16, quantized formats only). V: typed
+    list of f32 vectors, 10 per layer (attn_norm w/b, ffn_norm w/b, bqkv, bo, b_gate_up, b_down,
+    q_norm, k_norm; absent ones f32[0]) then the final norm's w/b. windows: int64[L] (0 = full).
+    kc, vc: the KV cache f32[L, Hkv, n_ctx, hd]. The rest: RunState row views and scratch."""
+    L = windows.shape[0]
+    norm_row(x, V[0], V[1], eps, xn)
+    for i in range(L):
+        v = 10 * i
+        _gemv(Wa, Wd, 4 * i, kind, xn, xq, xd, xs, qkv)           # [D] -> [(H + 2Hkv) hd]
+        _add(qkv, V[v + 4])
+        decode_attention(qkv, kc[i], vc[i], p, cos, sin, V[v + 8], V[v + 9], H, Hkv, hd, rot, eps,
+                         scale, windows[i], sc, part, att)        # -> [H hd]
+        _gemv(Wa, Wd, 4 * i + 1, kind, att, xq, xd, xs, o)        # [H hd] -> [D]
+        _add(o, V[v + 5])
+        add_norm_row(x, o, V[v + 2], V[v + 3], eps, xn)          # x += attn; xn = ffn_norm(x)
+        _gemv(Wa, Wd, 4 * i + 2, kind, xn, xq, xd, xs, gu)        # [D] -> [2F]
+        _add(gu, V[v + 6])
+        silu_mul_row(gu, act)                                     # [2F] -> [F]
+        _gemv(Wa, Wd, 4 * i + 3, kind, act, xq, xd, xs, o)        # [F] -> [D]
+        _add(o, V[v + 7])
+        add_norm_row(x, o, V[v + 10], V[v + 11], eps, xn)        # next attn_norm, or final norm

@@ -199,3 +199,35 @@ def test_dynamic_rope_prefix_reuse_matches_fresh(built):
     model.generate_ids(p, N_NEW, ignore_eos=True)
     reused = model.generate_ids(p2, N_NEW, ignore_eos=True)
     assert reused == fresh
+
+
+# ---- decode_step (one Numba call per token) == forward ------------------------------------------
+@pytest.mark.parametrize("quant", ["f32", "bf16", "f16", "int8", "int4"])
+@pytest.mark.parametrize("case", ["qwen3", "llama_bias", "qwen2_sliding_layers"])
+def test_decode_step_equals_forward(make_checkpoint, monkeypatch, case, quant):
+    """Decoding with minilm.model.decode_step gives bit-identical logits to the general forward
+    (same kernels, same order), for every layer format and for qk-norm, biases, sliding windows;
+    and the models that need the general forward do not take it."""
+    from minilm import model as M
+    cfg, opts, _, _, _ = CASES[case]
+    if quant in ("int8", "int4"):                # K a multiple of 32 (172 would be zero-padded)
+        cfg = dict(cfg, intermediate_size=192)
+    folder = make_checkpoint(cfg, **opts)
+    runs = {}
+    for fused in (False, True):
+        monkeypatch.setattr(M, "FUSED_DECODE", fused)
+        m = minilm.load(folder, quant=quant, n_ctx=48)
+        assert (m.net._fused is not None) == fused
+        m.net.prefill([3, 17, 29, 5, 88, 41, 7, 12, 60])
+        runs[fused] = np.array([m.net.decode(t).copy() for t in (9, 100, 4, 31, 2, 77, 15, 8)])
+        assert m.net.cache.pos == 17 and m.net.cache.tokens[-1] == 8
+    np.testing.assert_array_equal(runs[True], runs[False])
+
+
+def test_decode_step_not_used_where_the_forward_differs(make_checkpoint):
+    """GELU / parallel-residual MLPs, learned positions and zero-padded matrices keep the forward."""
+    assert minilm.load(make_checkpoint(neox_cfg()), n_ctx=32).net._fused is None
+    assert minilm.load(make_checkpoint(gpt2_cfg(), name="g"), n_ctx=32).net._fused is None
+    padded = make_checkpoint(llama_cfg(), name="p")             # ffn 172: int8 pads it to 192
+    assert minilm.load(padded, quant="int8", n_ctx=32).net._fused is None
+    assert minilm.load(padded, n_ctx=32).net._fused is not None
