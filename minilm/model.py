@@ -21,8 +21,7 @@ import math
 import numba
 import numpy as np
 from numba import njit, types
-from numba.extending import overload
-from numba.typed import List
+from numba.extending import intrinsic, overload
 
 from .cache import KVCache
 from .config import Config, rope_inv_freq
@@ -240,7 +239,9 @@ class Transformer:
     def _fused_decode_args(self):
         """decode_step's arguments after (pos, cos, sin), or None when this model needs the
         general forward (GELU or parallel-residual MLPs, learned positions, zero-padded or
-        mixed-format matrices)."""
+        mixed-format matrices). The per-layer arrays travel as tables of data addresses and
+        shapes (a Numba typed List of arrays costs ~2 s to build in every new process, a tuple
+        of them a new compile per layer count); self._keep holds the arrays they point into."""
         c, s = self.cfg, self.state
         mats = [m for L in self.layers for m in (L.wqkv, L.wo, L.w_gate_up, L.w_down)]
         if (not c.gated_mlp or c.parallel_residual or self.pos_embd is not None or None in mats
@@ -252,23 +253,27 @@ class Transformer:
             wd = [m.arrays["d"].view(np.uint16) for m in mats]
         else:
             wa = [m.arrays["w"].view(np.uint16) if fmt == "f16" else m.arrays["w"] for m in mats]
-            wd = [np.zeros((0, 0), np.uint16)]
+            wd = [np.zeros((1, 1), np.uint16)] * len(mats)
         opt = lambda a: NONE if a is None else a
         vecs = []                                             # 10 per layer, see decode_step
         for L in self.layers:
             vecs += [L.attn_norm[0], L.attn_norm[1], L.ffn_norm[0], L.ffn_norm[1], opt(L.bqkv),
                      opt(L.bo), opt(L.b_gate_up), opt(L.b_down), L.q_norm, L.k_norm]
         vecs += [self.out_norm[0], self.out_norm[1]]
+        arrays = wa + wd + vecs
+        if not all(a.flags.c_contiguous for a in arrays) or any(v.dtype != np.float32 for v in vecs):
+            return None
+        self._keep = arrays
+        addr = lambda a: a.ctypes.data if a.size else 0
+        mtab = np.array([[addr(w), addr(d), w.shape[0], w.shape[1], d.shape[1]] for w, d in zip(wa, wd)],
+                        np.int64)                             # [4L, 5]: weights, scales, N, cols, scale cols
+        vtab = np.array([[addr(v), v.shape[0]] for v in vecs], np.int64)   # [10L + 2, 2]
         K = max(m.Kp for m in mats)
         xq, xd, xs = act_scratch(K)
-        try:
-            Wa, Wd, V = List(wa), List(wd), List([np.ascontiguousarray(v, np.float32) for v in vecs])
-        except Exception:                                     # arrays of differing types / layouts
-            return None
         windows = np.array([c.window(i) for i in range(c.n_layers)], np.int64)
-        return (Wa, Wd, 2 if fmt == "bf16" else 1, V, windows, s.x[0], s.xn[0], s.qkv[0], s.att[0],
-                s.o[0], s.ff[0], s.act[0], xq, xd, xs, self.cache.k, self.cache.v, s.scores, s.attn_part,
-                c.n_heads, c.n_kv_heads, c.head_dim, c.rotary_dim, c.norm_eps, self.scale)
+        return (wa[0][:0], 2 if fmt == "bf16" else 1, mtab, vtab, windows, s.x[0], s.xn[0], s.qkv[0],
+                s.att[0], s.o[0], s.ff[0], s.act[0], xq, xd, xs, self.cache.k, self.cache.v, s.scores,
+                s.attn_part, c.n_heads, c.n_kv_heads, c.head_dim, c.rotary_dim, c.norm_eps, self.scale)
 
     def all_logits(self, ids) -> np.ndarray:
         """Logits f32[len(ids), V] for every position of ids, on top of the current cache."""
@@ -288,28 +293,57 @@ class Transformer:
 # same kernels in the same order, but as one Numba call per token instead of ~9 Python-level
 # calls per layer (each costs a few microseconds of dispatch; SmolLM2 has 30 layers).
 
-def _gemv(Wa, Wd, j, kind, x, xq, xd, xs, out):
-    """out = W_j @ x for matrix j of the layer matrices: Wa[j] weights, Wd[j] block scales."""
+@intrinsic
+def _ptr_as(typingctx, addr, like):
+    """int64 address -> CPointer(like.dtype) (for numba.carray over a table of array addresses)."""
+    ptr_t = types.CPointer(like.dtype)
+
+    def codegen(ctx, builder, sig, args):
+        return builder.inttoptr(args[0], ctx.get_value_type(ptr_t))
+    return ptr_t(addr, like), codegen
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _vec(vtab, k, like):
+    """Vector k of the table: f32[vtab[k, 1]] at address vtab[k, 0]."""
+    return numba.carray(_ptr_as(vtab[k, 0], like), vtab[k, 1])
+
+
+def _gemv(W, mtab, j, kind, x, xq, xd, xs, out):
+    """out = W_j @ x for layer matrix j of the address table mtab; W: an empty array of the
+    weights' dtype (it selects the kernel)."""
 
 
 @overload(_gemv)
-def _gemv_typed(Wa, Wd, j, kind, x, xq, xd, xs, out):
-    """Picks the GEMV from the element type of the weight list (one specialisation per format)."""
-    dt = Wa.item_type.dtype
+def _gemv_typed(W, mtab, j, kind, x, xq, xd, xs, out):
+    """One specialisation per weight dtype: f32, uint16 (fp16 / bf16 bits by kind), int8 (Q8_0),
+    uint8 (Q4_0)."""
+    dt = W.dtype
     if dt == types.float32:
-        return lambda Wa, Wd, j, kind, x, xq, xd, xs, out: gemv_float(x, Wa[j], out, 0)
-    if dt == types.uint16:                                # kind 1: fp16 bits, 2: bf16 bits
-        def f16(Wa, Wd, j, kind, x, xq, xd, xs, out):
+        def f32(W, mtab, j, kind, x, xq, xd, xs, out):
+            gemv_float(x, numba.carray(_ptr_as(mtab[j, 0], W), (mtab[j, 2], mtab[j, 3])), out, 0)
+        return f32
+    if dt == types.uint16:
+        def f16(W, mtab, j, kind, x, xq, xd, xs, out):
+            w = numba.carray(_ptr_as(mtab[j, 0], W), (mtab[j, 2], mtab[j, 3]))
             if kind == 1:
-                gemv_float(x, Wa[j], out, 1)
+                gemv_float(x, w, out, 1)
             else:
-                gemv_float(x, Wa[j], out, 2)
+                gemv_float(x, w, out, 2)
         return f16
-    if dt == types.int8:
-        return lambda Wa, Wd, j, kind, x, xq, xd, xs, out: gemv_q8_0_kernel(x, xq, xd, xs, Wa[j], Wd[j], out)
-    if dt == types.uint8:
-        return lambda Wa, Wd, j, kind, x, xq, xd, xs, out: gemv_q4_0_kernel(x, xq, xd, xs, Wa[j], Wd[j], out)
+    if dt == types.int8 or dt == types.uint8:
+        kern = gemv_q8_0_kernel if dt == types.int8 else gemv_q4_0_kernel
+
+        def quant(W, mtab, j, kind, x, xq, xd, xs, out):
+            w = numba.carray(_ptr_as(mtab[j, 0], W), (mtab[j, 2], mtab[j, 3]))
+            d = numba.carray(_ptr_as(mtab[j, 1], _U16), (mtab[j, 2], mtab[j, 4]))
+            kern(x, xq, xd, xs, w, d, out)
+        return quant
     return None
+
+
+_U16 = np.zeros(0, np.uint16)     # dtype carrier for the scale tables
+_F32 = np.zeros(0, np.float32)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -320,30 +354,33 @@ def _add(y, b):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def decode_step(p, cos, sin, Wa, Wd, kind, V, windows, x, xn, qkv, att, o, gu, act, xq, xd, xs, kc, vc,
-                sc, part, H, Hkv, hd, rot, eps, scale):
+def decode_step(p, cos, sin, W, kind, mtab, vtab, windows, x, xn, qkv, att, o, gu, act, xq, xd, xs,
+                kc, vc, sc, part, H, Hkv, hd, rot, eps, scale):
     """One token at position p through all layers, as `forward` does for M = 1.
 
     x: f32[D] holds the token's embedding and ends as the residual stream; xn: f32[D] ends as
-    the final-normed hidden state. Wa/Wd: typed lists of the layer matrices, 4 per layer (wqkv,
-    wo, w_gate_up, w_down; Wd: fp16 block scales as uint16, quantized formats only). V: typed
-    list of f32 vectors, 10 per layer (attn_norm w/b, ffn_norm w/b, bqkv, bo, b_gate_up, b_down,
-    q_norm, k_norm; absent ones f32[0]) then the final norm's w/b. windows: int64[L] (0 = full).
-    kc, vc: the KV cache f32[L, Hkv, n_ctx, hd]. The rest: RunState row views and scratch."""
+    the final-normed hidden state. mtab: int64[4L, 5] the layer matrices, 4 per layer (wqkv, wo,
+    w_gate_up, w_down): address of the weights, address of the fp16 block scales (quantized
+    formats), N, stored columns, scale columns; W: an empty array of the weights' dtype.
+    vtab: int64[10L + 2, 2] f32 vectors (address, length), 10 per layer (attn_norm w/b, ffn_norm
+    w/b, bqkv, bo, b_gate_up, b_down, q_norm, k_norm; absent ones length 0), then the final
+    norm's w/b. windows: int64[L] (0 = full). kc, vc: the KV cache f32[L, Hkv, n_ctx, hd].
+    The rest: RunState row views and scratch."""
     L = windows.shape[0]
-    norm_row(x, V[0], V[1], eps, xn)
+    f = _F32
+    norm_row(x, _vec(vtab, 0, f), _vec(vtab, 1, f), eps, xn)
     for i in range(L):
         v = 10 * i
-        _gemv(Wa, Wd, 4 * i, kind, xn, xq, xd, xs, qkv)           # [D] -> [(H + 2Hkv) hd]
-        _add(qkv, V[v + 4])
-        decode_attention(qkv, kc[i], vc[i], p, cos, sin, V[v + 8], V[v + 9], H, Hkv, hd, rot, eps,
-                         scale, windows[i], sc, part, att)        # -> [H hd]
-        _gemv(Wa, Wd, 4 * i + 1, kind, att, xq, xd, xs, o)        # [H hd] -> [D]
-        _add(o, V[v + 5])
-        add_norm_row(x, o, V[v + 2], V[v + 3], eps, xn)          # x += attn; xn = ffn_norm(x)
-        _gemv(Wa, Wd, 4 * i + 2, kind, xn, xq, xd, xs, gu)        # [D] -> [2F]
-        _add(gu, V[v + 6])
-        silu_mul_row(gu, act)                                     # [2F] -> [F]
-        _gemv(Wa, Wd, 4 * i + 3, kind, act, xq, xd, xs, o)        # [F] -> [D]
-        _add(o, V[v + 7])
-        add_norm_row(x, o, V[v + 10], V[v + 11], eps, xn)        # next attn_norm, or final norm
+        _gemv(W, mtab, 4 * i, kind, xn, xq, xd, xs, qkv)              # [D] -> [(H + 2Hkv) hd]
+        _add(qkv, _vec(vtab, v + 4, f))
+        decode_attention(qkv, kc[i], vc[i], p, cos, sin, _vec(vtab, v + 8, f), _vec(vtab, v + 9, f),
+                         H, Hkv, hd, rot, eps, scale, windows[i], sc, part, att)   # -> [H hd]
+        _gemv(W, mtab, 4 * i + 1, kind, att, xq, xd, xs, o)           # [H hd] -> [D]
+        _add(o, _vec(vtab, v + 5, f))
+        add_norm_row(x, o, _vec(vtab, v + 2, f), _vec(vtab, v + 3, f), eps, xn)   # x += attn; ffn_norm
+        _gemv(W, mtab, 4 * i + 2, kind, xn, xq, xd, xs, gu)           # [D] -> [2F]
+        _add(gu, _vec(vtab, v + 6, f))
+        silu_mul_row(gu, act)                                         # [2F] -> [F]
+        _gemv(W, mtab, 4 * i + 3, kind, act, xq, xd, xs, o)           # [F] -> [D]
+        _add(o, _vec(vtab, v + 7, f))
+        add_norm_row(x, o, _vec(vtab, v + 10, f), _vec(vtab, v + 11, f), eps, xn)  # next norm
