@@ -135,17 +135,36 @@ def decode_attention(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, 
     length keep both cores busy. qkv: f32[(H+2Hkv) hd]; sc: f32[H, n_ctx] scratch; part:
     f32[S, H, hd + 2] scratch, S = the number of threads; out: f32[H hd]."""
     prep_decode(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, eps)
-    group = n_heads // n_kv_heads
+    start, ns, chunk = decode_splits(p, window, part.shape[0])
+    for t in prange(ns * n_heads):
+        attend_task(qkv, kc, vc, p, n_heads, n_kv_heads, hd, scale, sc, part, start, chunk, t)
+    merge_parts(part, ns, n_heads, hd, out)
+
+
+@njit(**_J)
+def decode_splits(p, window, S):
+    """(start, ns, chunk): the token at p attends rows start..p, cut into ns <= S splits of
+    chunk rows (>= 32 rows each)."""
     start = max(0, p - window + 1) if window > 0 else 0
     T = p + 1 - start
-    ns = max(1, min(part.shape[0], T // 32))   # splits: <= S, >= 32 rows each
-    chunk = (T + ns - 1) // ns
-    for t in prange(ns * n_heads):
-        sp = t // n_heads
-        h = t % n_heads
-        j0 = start + sp * chunk
-        j1 = min(p + 1, j0 + chunk)
-        attend_part(qkv, h * hd, kc, vc, h // group, j0, j1, hd, scale, sc[h], part[sp, h])
+    ns = max(1, min(S, T // 32))
+    return start, ns, (T + ns - 1) // ns
+
+
+@njit(**_J)
+def attend_task(qkv, kc, vc, p, n_heads, n_kv_heads, hd, scale, sc, part, start, chunk, t):
+    """Task t of ns * H: split t // H of query head t % H (attend_part into part[split, head])."""
+    sp = t // n_heads
+    h = t % n_heads
+    j0 = start + sp * chunk
+    j1 = min(p + 1, j0 + chunk)
+    attend_part(qkv, h * hd, kc, vc, h // (n_heads // n_kv_heads), j0, j1, hd, scale, sc[h], part[sp, h])
+
+
+@njit(**_J)
+def merge_parts(part, ns, n_heads, hd, out):
+    """out: f32[H hd] <- the softmax-weighted sums of ns flash-decoding splits part[:ns]
+    (each: sum of e*v, max, sum of e), rescaled to the common max."""
     for h in range(n_heads):
         m = np.float32(-3.0e38)
         for sp in range(ns):

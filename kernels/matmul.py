@@ -7,21 +7,19 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .simd import _blk_fma16, _hsum16, _prefetch, _ptr_add, _stack_f32, _to_f32
-
-ROWS = 4  # rows per step of the GEMV: each loaded x[k] feeds 4 FMAs
+from .simd import _blk_fma16, _hsum16, _prefetch, _ptr_add, _stack_f32
 
 
-@njit(cache=True, parallel=True, fastmath=True, nogil=True, error_model="numpy", boundscheck=False)
-def gemv_float(x, w, out, KIND):
-    """out[N] = w @ x for w f32[N,K] (KIND 0) or fp16/bf16 bits u16[N,K] (KIND 1/2).
-    4 rows per step, 16 f32 lanes per row in registers, one horizontal sum per row; software
-    prefetch of the rows two steps ahead (the hardware prefetcher alone leaves the convert+FMA
-    loop waiting on memory)."""
+
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy", boundscheck=False, inline="always")
+def gemv_float_groups(x, w, out, KIND, g0, g1):
+    """Row groups g0..g1-1 (rows 4g..4g+3) of out[N] = w @ x for w f32[N,K] (KIND 0) or fp16/bf16 bits u16[N,K]
+    (KIND 1/2): 16 f32 lanes per row in registers, one horizontal sum per row; software prefetch
+    of the rows two groups ahead (the hardware prefetcher alone leaves the convert+FMA loop
+    waiting on memory)."""
     N, K = w.shape
     K16 = K // 16 * 16
-    ng = (N + 3) // 4
-    for g in prange(ng):
+    for g in range(g0, g1):
         r0 = g * 4
         accp = _stack_f32(64)
         acc = numba.carray(accp, 64)
@@ -41,21 +39,27 @@ def gemv_float(x, w, out, KIND):
                 else:
                     _prefetch(w, PF + 4 * k0)
                     _prefetch(w, PF + 4 * k0 + 32)
-                _blk_fma16(accp, w, o0 + k0, x, k0, KIND)
-                _blk_fma16(a1, w, o0 + K + k0, x, k0, KIND)
-                _blk_fma16(a2, w, o0 + 2 * K + k0, x, k0, KIND)
-                _blk_fma16(a3, w, o0 + 3 * K + k0, x, k0, KIND)
+                _blk_fma16(accp, w, o0 + k0, x, k0, 16, KIND)
+                _blk_fma16(a1, w, o0 + K + k0, x, k0, 16, KIND)
+                _blk_fma16(a2, w, o0 + 2 * K + k0, x, k0, 16, KIND)
+                _blk_fma16(a3, w, o0 + 3 * K + k0, x, k0, 16, KIND)
         else:
             for rr in range(nr):
                 ap = _ptr_add(accp, 16 * rr)
                 for k0 in range(0, K16, 16):
-                    _blk_fma16(ap, w, (r0 + rr) * K + k0, x, k0, KIND)
+                    _blk_fma16(ap, w, (r0 + rr) * K + k0, x, k0, 16, KIND)
         for rr in range(nr):
-            t = _hsum16(accp, rr * 16)
-            for k in range(K16, K):
-                t += _to_f32(w[r0 + rr, k], KIND) * x[k]
-            out[r0 + rr] = t
+            if K16 < K:                 # the last K % 16 columns: a masked block, no scalar loop
+                _blk_fma16(_ptr_add(accp, 16 * rr), w, (r0 + rr) * K + K16, x, K16, K - K16, KIND)
+            out[r0 + rr] = _hsum16(accp, rr * 16)
 
+
+@njit(cache=True, parallel=True, fastmath=True, nogil=True, error_model="numpy", boundscheck=False)
+def gemv_float(x, w, out, KIND):
+    """out[N] = w @ x for w f32[N,K] (KIND 0) or fp16/bf16 bits u16[N,K] (KIND 1/2), parallel
+    over groups of 4 rows (gemv_float_groups, inlined)."""
+    for g in prange((w.shape[0] + 3) // 4):
+        gemv_float_groups(x, w, out, KIND, g, g + 1)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

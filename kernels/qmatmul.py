@@ -87,7 +87,7 @@ from numba.extending import intrinsic  # noqa: E402
 from .matmul import gemm_f32_cols as _gemm_f32_cols  # noqa: E402
 from .matmul import gemv_float as _gemv_float  # noqa: E402
 from .simd import (_F32, _I8, _I16, _I32, _V16F32, _V16I32, _bf2f, _elem_ptr,  # noqa: E402,F401
-                   _h2f, _hsum16, _prefetch, _ptr_add, _splat_idx, _stack_f32)
+                   _h2f, _hsum16, _masked_load, _prefetch, _ptr_add, _splat_idx, _stack_f32)
 
 QK = 32  # activation / Q8_0 block size
 
@@ -235,28 +235,6 @@ def _udot512(builder, acc, u, s, wide=False):
     for j in range(4):
         acc = builder.add(acc, _splat_idx(builder, prod, [4 * L + j for L in range(16)]))
     return acc
-
-
-def _masked_load(builder, ptr, vty, n_valid, align):
-    """Load vty from ptr, lanes >= n_valid (i64 value) are 0 and not read. With a constant
-    n_valid == len(vty) LLVM folds this to a plain load."""
-    n = vty.count
-    ity = n_valid.type
-    lanes = ir.Constant(ir.VectorType(ity, n), list(range(n)))
-    nv = builder.insert_element(ir.Constant(ir.VectorType(ity, n), None), n_valid, ir.Constant(_I32, 0))
-    nv = builder.shuffle_vector(nv, ir.Constant(ir.VectorType(ity, n), None),
-                                ir.Constant(ir.VectorType(_I32, n), [0] * n))
-    mask = builder.icmp_signed("<", lanes, nv)
-    ety = vty.element
-    suffix = {8: "i8", 16: "i16", 32: "i32"}.get(getattr(ety, "width", 0), "f32")
-    if isinstance(ety, ir.FloatType):
-        suffix = "f32"
-    f = cgutils.get_or_insert_function(
-        builder.module,
-        ir.FunctionType(vty, [vty.as_pointer(), _I32, ir.VectorType(ir.IntType(1), n), vty]),
-        f"llvm.masked.load.v{n}{suffix}.p0")
-    return builder.call(f, [builder.bitcast(ptr, vty.as_pointer()), ir.Constant(_I32, align), mask,
-                            ir.Constant(vty, None)])
 
 
 _V32F32 = ir.VectorType(_F32, 32)
@@ -617,17 +595,15 @@ def _quantize_act_q8v(x, xq, xd, xs):
         xs[b] = np.float32(-128.0) * np.float32(s)
 
 
-@njit(**_PJIT)
-def _gemv_q8_0_kernel(x, xq, xd, xs, qs, d, out):
-    # x f32[K]; scratch xq int8[K], xd f32[K//32], xs f32[K//32]; qs int8[N,K]; d u16[N,K//32]
-    # Per row: 16 f32 lanes accumulated over 64-byte chunks (see _q8_rows), one horizontal sum.
+@njit(**dict(_JIT, inline="always"))
+def gemv_q8_0_groups(xq, xd, xs, qs, d, out, g0, g1):
+    """Row groups g0..g1-1 (rows 4g..4g+3) of the Q8_0 gemv, on activations already quantized by _quantize_act_q8v.
+    Per row: 16 f32 lanes accumulated over 64-byte chunks (see _q8_rows), one horizontal sum."""
     N, K = qs.shape
     nb = K // 32
-    _quantize_act_q8v(x, xq, xd, xs)
     nc = nb // 2                # full 64-byte chunks
     tb = nb - 2 * nc            # blocks in the last, partial chunk (0 or 1)
-    ngr = (N + 3) // 4
-    for gr in prange(ngr):
+    for gr in range(g0, g1):
         r0 = gr * 4
         accp = _stack_f32(64)           # 4 rows x 16 f32 lanes
         acc = numba.carray(accp, 64)
@@ -657,6 +633,14 @@ def _gemv_q8_0_kernel(x, xq, xd, xs, qs, d, out):
                     _q8_rows(ap, qs, q0 + rr * K + 64 * nc, K, xq, xd, xs, nc, d, d0 + rr * nb + 2 * nc, tb, 1, 1)
         for rr in range(nr):
             out[r0 + rr] = _hsum16(accp, rr * 16)
+
+
+@njit(**_PJIT)
+def _gemv_q8_0_kernel(x, xq, xd, xs, qs, d, out):
+    # x f32[K]; scratch xq int8[K], xd f32[K//32], xs f32[K//32]; qs int8[N,K]; d u16[N,K//32]
+    _quantize_act_q8v(x, xq, xd, xs)
+    for gr in prange((qs.shape[0] + 3) // 4):
+        gemv_q8_0_groups(xq, xd, xs, qs, d, out, gr, gr + 1)
 
 
 @njit(**_JIT)
@@ -694,23 +678,21 @@ def _quantize_act_q4(x, G, xq, xd, xs):
         xs[b] = np.float32(-8 * s)
 
 
-@njit(**_PJIT)
-def _gemv_q4_0_kernel(x, xq, xd, xs, qs, d, out):
-    # x f32[K]; scratch xq int8[K], xd f32[K//32], xs f32[K//32]; qs u8[N,K//2]; d u16[N,K//G]
-    # Per row: 16 f32 lanes accumulated over 128-element chunks (see _q4_rows), one horizontal sum;
-    # -8 offset is exact integer work (bias in the vpdpbusd accumulator).
+@njit(**dict(_JIT, inline="always"))
+def gemv_q4_0_groups(xq, xd, xs, qs, d, out, g0, g1):
+    """Row groups g0..g1-1 (rows 4g..4g+3) of the Q4_0 gemv, on activations already quantized by _quantize_act_q4.
+    Per row: 16 f32 lanes accumulated over 128-element chunks (see _q4_rows), one horizontal
+    sum; the -8 offset is exact integer work (bias in the vpdpbusd accumulator)."""
     N = qs.shape[0]
     KB = qs.shape[1]           # bytes per row = K//2
     K = KB * 2
     ng = d.shape[1]
     G = K // ng
     nb = K // 32
-    _quantize_act_q4(x, G, xq, xd, xs)
     nc = nb // 4               # full chunks
     tb = nb - 4 * nc           # blocks in the last, partial chunk (0..3; 0 for G=128)
     gpc = 128 // G             # groups per full chunk
-    ngr = (N + 3) // 4
-    for gr in prange(ngr):
+    for gr in range(g0, g1):
         r0 = gr * 4
         accp = _stack_f32(64)           # 4 rows x 16 f32 lanes
         acc = numba.carray(accp, 64)
@@ -761,6 +743,14 @@ def _gemv_q4_0_kernel(x, xq, xd, xs, qs, d, out):
                         _q4_rows(ap, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, t, 1, 128, 1)
         for rr in range(nr):
             out[r0 + rr] = _hsum16(accp, rr * 16)
+
+
+@njit(**_PJIT)
+def _gemv_q4_0_kernel(x, xq, xd, xs, qs, d, out):
+    # x f32[K]; scratch xq int8[K], xd f32[K//32], xs f32[K//32]; qs u8[N,K//2]; d u16[N,K//G]
+    _quantize_act_q4(x, 2 * qs.shape[1] // d.shape[1], xq, xd, xs)
+    for gr in prange((qs.shape[0] + 3) // 4):
+        gemv_q4_0_groups(xq, xd, xs, qs, d, out, gr, gr + 1)
 
 
 @njit(**_JIT)

@@ -2,13 +2,14 @@
 
 Numba has no float16 type, no vector types and no prefetch; these small intrinsics give the
 kernels in matmul.py and qmatmul.py what they need, and LLVM inlines them:
-  _h2f / _bf2f / _to_f32   one fp16 / bf16 (uint16 bits) or f32 element -> float32
+  _h2f / _bf2f             one fp16 / bf16 element (uint16 bits) -> float32
   _stack_f32(n)            n float32 on the stack (the parfor body's entry block); accessed whole,
                            LLVM keeps them in vector registers (per-row accumulators)
   _ptr_add(p, n)           p + n elements
   _prefetch(arr, off)      prefetcht0 of the line holding arr[off] (never faults)
   _hsum16(p, off)          sum of p[off:off+16] as a shuffle tree
-  _blk_fma16(acc, w, wo, x, xo, KIND)   acc[0:16] += f32(w[wo:wo+16]) * x[xo:xo+16]
+  _blk_fma16(acc, w, wo, x, xo, n, KIND)   acc[0:n] += f32(w[wo:wo+n]) * x[xo:xo+n] (masked tail)
+  _masked_load             a vector load whose lanes past n are zero and not read
 """
 import llvmlite.ir as ir
 from numba import types
@@ -79,7 +80,7 @@ def _hsum16(typingctx, accp, off):
             h = n // 2
             a = _splat_idx(builder, v, list(range(h)))
             b = _splat_idx(builder, v, list(range(h, n)))
-            v = builder.fadd(a, b, flags=["fast"])
+            v = builder.fadd(a, b)      # no fast-math flags: the same tree wherever it is inlined
             n = h
         return builder.extract_element(v, ir.Constant(_I32, 0))
     return types.float32(accp, off), codegen
@@ -107,47 +108,99 @@ def _ptr_add(typingctx, p, n):
     return p(p, n), codegen
 
 
+def _masked_load(builder, ptr, vty, n_valid, align):
+    """Load vty from ptr, lanes >= n_valid (i64 value) are 0 and not read. With a constant
+    n_valid == len(vty) LLVM folds this to a plain load."""
+    n = vty.count
+    ity = n_valid.type
+    lanes = ir.Constant(ir.VectorType(ity, n), list(range(n)))
+    nv = builder.insert_element(ir.Constant(ir.VectorType(ity, n), None), n_valid, ir.Constant(_I32, 0))
+    nv = builder.shuffle_vector(nv, ir.Constant(ir.VectorType(ity, n), None),
+                                ir.Constant(ir.VectorType(_I32, n), [0] * n))
+    mask = builder.icmp_signed("<", lanes, nv)
+    ety = vty.element
+    suffix = {8: "i8", 16: "i16", 32: "i32"}.get(getattr(ety, "width", 0), "f32")
+    if isinstance(ety, ir.FloatType):
+        suffix = "f32"
+    f = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(vty, [vty.as_pointer(), _I32, ir.VectorType(ir.IntType(1), n), vty]),
+        f"llvm.masked.load.v{n}{suffix}.p0")
+    return builder.call(f, [builder.bitcast(ptr, vty.as_pointer()), ir.Constant(_I32, align), mask,
+                            ir.Constant(vty, None)])
+
+
+
 @intrinsic
-def _blk_fma16(typingctx, accp, w, woff, x, xoff, KIND):
-    """acc[0:16] += f32(w[woff:woff+16]) * x[xoff:xoff+16]; KIND 0: w f32, 1: w fp16 bits (u16),
-    2: w bf16 bits (u16). 16 f32 lanes per row on the stack (promoted to a zmm register)."""
+def _blk_fma16(typingctx, accp, w, woff, x, xoff, n, KIND):
+    """acc[0:16] += f32(w[woff:woff+16]) * x[xoff:xoff+16] over the first n (<= 16) lanes (the
+    rest are not read; n = 16 is a plain load); KIND 0: w f32, 1: w fp16 bits (u16), 2: w bf16
+    bits (u16). 16 f32 lanes per row on the stack (promoted to a zmm register)."""
     if not isinstance(KIND, types.IntegerLiteral):
         return None
     kind = KIND.literal_value
 
     def codegen(ctx, builder, sig, args):
-        accp_, w_, woff_, x_, xoff_ = args[:5]
+        accp_, w_, woff_, x_, xoff_, n_ = args[:6]
+        if n_.type.width != 64:
+            n_ = builder.sext(n_, ir.IntType(64))
         if kind == 0:
-            wv = builder.load(_elem_ptr(ctx, builder, sig.args[1], w_, woff_, _V16F32), align=4)
+            wv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[1], w_, woff_, _F32), _V16F32, n_, 4)
         else:
             v16 = ir.VectorType(_I16, 16)
-            h = builder.load(_elem_ptr(ctx, builder, sig.args[1], w_, woff_, v16), align=2)
+            h = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[1], w_, woff_, _I16), v16, n_, 2)
             if kind == 1:
                 wv = builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 16)), _V16F32)
             else:
                 wv = builder.bitcast(builder.shl(builder.zext(h, _V16I32), ir.Constant(_V16I32, [16] * 16)),
                                      _V16F32)
-        xv = builder.load(_elem_ptr(ctx, builder, sig.args[3], x_, xoff_, _V16F32), align=4)
+        xv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[3], x_, xoff_, _F32), _V16F32, n_, 4)
         ap = builder.bitcast(accp_, _V16F32.as_pointer())
         a = builder.load(ap, align=4)
-        builder.store(builder.fadd(a, builder.fmul(wv, xv, flags=["fast"]), flags=["fast"]), ap, align=4)
+        # an explicit fma: whether LLVM would contract a fast fmul + fadd depends on where this is
+        # inlined, and decode_step must give the same bits as the GEMV kernels
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F32, [_V16F32] * 3),
+                                             "llvm.fma.v16f32")
+        builder.store(builder.call(fma, [wv, xv, a]), ap, align=4)
         return ir.Constant(_I8, 0)
-    return types.int8(accp, w, woff, x, xoff, KIND), codegen
+    return types.int8(accp, w, woff, x, xoff, n, KIND), codegen
 
 
 @intrinsic
-def _to_f32(typingctx, v, KIND):
-    """One weight element as float32: f32 as is (KIND 0), fp16 bits (1), bf16 bits (2)."""
-    if not isinstance(KIND, types.IntegerLiteral):
+def atomic_add(typingctx, arr, idx, val):
+    """old = arr[idx]; arr[idx] += val, atomically (seq_cst); arr: int64[:]."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
         return None
-    kind = KIND.literal_value
 
     def codegen(ctx, builder, sig, args):
-        a = args[0]
-        if kind == 0:
-            return a if isinstance(a.type, ir.FloatType) else builder.fptrunc(a, _F32)
-        a16 = builder.trunc(a, _I16) if a.type.width != 16 else a
-        if kind == 1:
-            return builder.fpext(builder.bitcast(a16, ir.HalfType()), _F32)
-        return builder.bitcast(builder.shl(builder.zext(a16, _I32), ir.Constant(_I32, 16)), _F32)
-    return types.float32(v, KIND), codegen
+        p = _elem_ptr(ctx, builder, sig.args[0], args[0], args[1], ir.IntType(64))
+        v = args[2] if args[2].type.width == 64 else builder.sext(args[2], ir.IntType(64))
+        return builder.atomic_rmw("add", p, v, "seq_cst")
+    return types.int64(arr, idx, val), codegen
+
+
+@intrinsic
+def atomic_load(typingctx, arr, idx):
+    """arr[idx] read atomically with acquire ordering (what other threads wrote before their
+    atomic_add of it is visible after); arr: int64[:]."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        p = _elem_ptr(ctx, builder, sig.args[0], args[0], args[1], ir.IntType(64))
+        return builder.load_atomic(p, "acquire", 8)
+    return types.int64(arr, idx), codegen
+
+
+@intrinsic
+def spin_pause(typingctx):
+    """The x86 PAUSE hint inside a spin-wait loop (nothing elsewhere)."""
+    import platform
+
+    def codegen(ctx, builder, sig, args):
+        if platform.machine().lower() in ("x86_64", "amd64"):
+            f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []),
+                                               "llvm.x86.sse2.pause")
+            builder.call(f, [])
+        return ir.Constant(_I8, 0)
+    return types.int8(), codegen

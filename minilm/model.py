@@ -12,7 +12,8 @@ Architecture differences are switches read from `Config`; there is one loop for 
 `prefill` runs a whole prompt as matrix-matrix products; `decode` runs one token as
 matrix-vector products. All scratch buffers are allocated once (`RunState`). For the Llama
 family, `decode` runs the same kernels in the same order through `decode_step` (end of this
-file): the layer loop inside one Numba call instead of ~9 Python-level kernel calls per layer.
+file): the layer loop inside one Numba call and one parallel region per token, instead of ~9
+Python-level kernel calls and 5 parallel launches per layer.
 """
 from __future__ import annotations
 
@@ -20,16 +21,20 @@ import math
 
 import numba
 import numpy as np
-from numba import njit, types
+from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from .cache import KVCache
 from .config import Config, rope_inv_freq
 from .kernels.activations import gelu, gelu_row, gelu_tanh, gelu_tanh_row, silu_mul, silu_mul_row
-from .kernels.attention import attention, decode_attention, store_kv
-from .kernels.matmul import gemv_float
+from .kernels.attention import (attend_task, attention, decode_attention, decode_splits, merge_parts,
+                                prep_decode, store_kv)
+from .kernels.matmul import gemv_float_groups
 from .kernels.norm import add_norm, add_norm_row, norm, norm_row, qk_rmsnorm
-from .kernels.qmatmul import act_scratch, gemv_q4_0_kernel, gemv_q8_0_kernel
+from .kernels.qmatmul import act_scratch, gemv_q4_0_groups, gemv_q8_0_groups
+from .kernels.qmatmul import _quantize_act_q4 as quantize_act_q4
+from .kernels.qmatmul import _quantize_act_q8v as quantize_act_q8v
+from .kernels.simd import atomic_add, atomic_load, spin_pause
 from .kernels.rope import rope_qk, rope_tables
 from .quant import Linear
 
@@ -273,7 +278,8 @@ class Transformer:
         windows = np.array([c.window(i) for i in range(c.n_layers)], np.int64)
         return (wa[0][:0], 2 if fmt == "bf16" else 1, mtab, vtab, windows, s.x[0], s.xn[0], s.qkv[0],
                 s.att[0], s.o[0], s.ff[0], s.act[0], xq, xd, xs, self.cache.k, self.cache.v, s.scores,
-                s.attn_part, c.n_heads, c.n_kv_heads, c.head_dim, c.rotary_dim, c.norm_eps, self.scale)
+                s.attn_part, c.n_heads, c.n_kv_heads, c.head_dim, c.rotary_dim, c.norm_eps, self.scale,
+                np.zeros(2 * (10 * c.n_layers + 1), np.int64), s.attn_part.shape[0])
 
     def all_logits(self, ids) -> np.ndarray:
         """Logits f32[len(ids), V] for every position of ids, on top of the current cache."""
@@ -290,8 +296,9 @@ class Transformer:
 # ---- decode in one Numba call ------------------------------------------------------------------
 # `forward` above is the network; for one token of a Llama-family model (gated SiLU MLP,
 # sequential residual, one weight format for all layer matrices) decode_step runs exactly the
-# same kernels in the same order, but as one Numba call per token instead of ~9 Python-level
-# calls per layer (each costs a few microseconds of dispatch; SmolLM2 has 30 layers).
+# same kernels in the same order, but as one Numba call and one parallel region per token
+# instead of ~9 Python-level calls per layer (a few microseconds of dispatch each) and 5
+# parallel launches per layer (~4 us each); SmolLM2 has 30 layers.
 
 @intrinsic
 def _ptr_as(typingctx, addr, like):
@@ -309,40 +316,55 @@ def _vec(vtab, k, like):
     return numba.carray(_ptr_as(vtab[k, 0], like), vtab[k, 1])
 
 
-def _gemv(W, mtab, j, kind, x, xq, xd, xs, out):
-    """out = W_j @ x for layer matrix j of the address table mtab; W: an empty array of the
-    weights' dtype (it selects the kernel)."""
+def _quant(W, mtab, j, x, xq, xd, xs):
+    """Quantize the activation x for layer matrix j (int8 per block, as its GEMV expects)."""
 
 
-@overload(_gemv)
-def _gemv_typed(W, mtab, j, kind, x, xq, xd, xs, out):
+@overload(_quant)
+def _quant_typed(W, mtab, j, x, xq, xd, xs):
+    dt = W.dtype
+    if dt == types.int8:
+        return lambda W, mtab, j, x, xq, xd, xs: quantize_act_q8v(x, xq, xd, xs)
+    if dt == types.uint8:                                   # group size G = K / (scale columns)
+        return lambda W, mtab, j, x, xq, xd, xs: quantize_act_q4(x, 2 * mtab[j, 3] // mtab[j, 4], xq, xd, xs)
+    return lambda W, mtab, j, x, xq, xd, xs: None           # float formats read x as it is
+
+
+def _rows(W, mtab, j, kind, x, xq, xd, xs, out, g0, g1):
+    """Row groups g0..g1-1 (4 rows each) of out = W_j @ x for layer matrix j of mtab; W: an
+    empty array of the weights' dtype (it selects the kernel)."""
+
+
+@overload(_rows)
+def _rows_typed(W, mtab, j, kind, x, xq, xd, xs, out, g0, g1):
     """One specialisation per weight dtype: f32, uint16 (fp16 / bf16 bits by kind), int8 (Q8_0),
     uint8 (Q4_0)."""
     dt = W.dtype
     if dt == types.float32:
-        def f32(W, mtab, j, kind, x, xq, xd, xs, out):
-            gemv_float(x, numba.carray(_ptr_as(mtab[j, 0], W), (mtab[j, 2], mtab[j, 3])), out, 0)
+        def f32(W, mtab, j, kind, x, xq, xd, xs, out, g0, g1):
+            w = numba.carray(_ptr_as(mtab[j, 0], W), (mtab[j, 2], mtab[j, 3]))
+            gemv_float_groups(x, w, out, 0, g0, g1)
         return f32
     if dt == types.uint16:
-        def f16(W, mtab, j, kind, x, xq, xd, xs, out):
+        def f16(W, mtab, j, kind, x, xq, xd, xs, out, g0, g1):
             w = numba.carray(_ptr_as(mtab[j, 0], W), (mtab[j, 2], mtab[j, 3]))
             if kind == 1:
-                gemv_float(x, w, out, 1)
+                gemv_float_groups(x, w, out, 1, g0, g1)
             else:
-                gemv_float(x, w, out, 2)
+                gemv_float_groups(x, w, out, 2, g0, g1)
         return f16
     if dt == types.int8 or dt == types.uint8:
-        kern = gemv_q8_0_kernel if dt == types.int8 else gemv_q4_0_kernel
+        kern = gemv_q8_0_groups if dt == types.int8 else gemv_q4_0_groups
 
-        def quant(W, mtab, j, kind, x, xq, xd, xs, out):
+        def quant(W, mtab, j, kind, x, xq, xd, xs, out, g0, g1):
             w = numba.carray(_ptr_as(mtab[j, 0], W), (mtab[j, 2], mtab[j, 3]))
             d = numba.carray(_ptr_as(mtab[j, 1], _U16), (mtab[j, 2], mtab[j, 4]))
-            kern(x, xq, xd, xs, w, d, out)
+            kern(xq, xd, xs, w, d, out, g0, g1)
         return quant
     return None
 
 
-_U16 = np.zeros(0, np.uint16)     # dtype carrier for the scale tables
+_U16 = np.zeros(0, np.uint16)     # dtype carriers
 _F32 = np.zeros(0, np.float32)
 
 
@@ -353,10 +375,51 @@ def _add(y, b):
         y[t] += b[t]
 
 
+# Phases of decode_step. Every phase has a task counter ctr[2ph] (the next task to take) and a
+# done counter ctr[2ph + 1]. A thread takes tasks until none is left, then waits until all are
+# done. No thread ever waits for a task that nobody can take, so it is correct for any number
+# of threads and any schedule (one thread alone runs every task).
+
+@njit(cache=True, nogil=True)
+def _take(ctr, ph, n):
+    """The next task of phase ph (0..n-1), or -1 when all have been taken."""
+    k = atomic_add(ctr, 2 * ph, 1)
+    return k if k < n else -1
+
+
+@njit(cache=True, nogil=True)
+def _finish(ctr, ph):
+    atomic_add(ctr, 2 * ph + 1, 1)
+
+
+@njit(cache=True, nogil=True)
+def _wait(ctr, ph, n):
+    """Until the n tasks of phase ph are done (their writes are visible after this)."""
+    while atomic_load(ctr, 2 * ph + 1) < n:
+        spin_pause()
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
+def _matmul_phase(ctr, ph, nt, W, mtab, j, kind, x, xq, xd, xs, out):
+    """out = W_j @ x (x already quantized for j) as nt tasks of contiguous rows: each thread
+    streams one block of the matrix, as the prange GEMVs do (interleaved small tasks defeat the
+    prefetchers: measured 10-40 % slower)."""
+    ng = (mtab[j, 2] + 3) // 4
+    k = _take(ctr, ph, nt)
+    while k >= 0:
+        _rows(W, mtab, j, kind, x, xq, xd, xs, out, k * ng // nt, (k + 1) * ng // nt)
+        _finish(ctr, ph)
+        k = _take(ctr, ph, nt)
+    _wait(ctr, ph, nt)
+
+
+@njit(cache=True, nogil=True, parallel=True, error_model="numpy")
 def decode_step(p, cos, sin, W, kind, mtab, vtab, windows, x, xn, qkv, att, o, gu, act, xq, xd, xs,
-                kc, vc, sc, part, H, Hkv, hd, rot, eps, scale):
-    """One token at position p through all layers, as `forward` does for M = 1.
+                kc, vc, sc, part, H, Hkv, hd, rot, eps, scale, ctr, nt):
+    """One token at position p through all layers, as `forward` does for M = 1, in ONE parallel
+    region: nt threads share each matmul (a block of rows each) and the attention splits, and meet at the end of each
+    step (10 per layer) instead of starting a parallel region per kernel (~4 us each, 5 per
+    layer). The kernels are the same as forward's, so the logits are bit-identical.
 
     x: f32[D] holds the token's embedding and ends as the residual stream; xn: f32[D] ends as
     the final-normed hidden state. mtab: int64[4L, 5] the layer matrices, 4 per layer (wqkv, wo,
@@ -365,22 +428,62 @@ def decode_step(p, cos, sin, W, kind, mtab, vtab, windows, x, xn, qkv, att, o, g
     vtab: int64[10L + 2, 2] f32 vectors (address, length), 10 per layer (attn_norm w/b, ffn_norm
     w/b, bqkv, bo, b_gate_up, b_down, q_norm, k_norm; absent ones length 0), then the final
     norm's w/b. windows: int64[L] (0 = full). kc, vc: the KV cache f32[L, Hkv, n_ctx, hd].
-    The rest: RunState row views and scratch."""
+    ctr: int64[2 (10L + 1)] phase counters. The rest: RunState row views and scratch."""
     L = windows.shape[0]
     f = _F32
-    norm_row(x, _vec(vtab, 0, f), _vec(vtab, 1, f), eps, xn)
-    for i in range(L):
-        v = 10 * i
-        _gemv(W, mtab, 4 * i, kind, xn, xq, xd, xs, qkv)              # [D] -> [(H + 2Hkv) hd]
-        _add(qkv, _vec(vtab, v + 4, f))
-        decode_attention(qkv, kc[i], vc[i], p, cos, sin, _vec(vtab, v + 8, f), _vec(vtab, v + 9, f),
-                         H, Hkv, hd, rot, eps, scale, windows[i], sc, part, att)   # -> [H hd]
-        _gemv(W, mtab, 4 * i + 1, kind, att, xq, xd, xs, o)           # [H hd] -> [D]
-        _add(o, _vec(vtab, v + 5, f))
-        add_norm_row(x, o, _vec(vtab, v + 2, f), _vec(vtab, v + 3, f), eps, xn)   # x += attn; ffn_norm
-        _gemv(W, mtab, 4 * i + 2, kind, xn, xq, xd, xs, gu)           # [D] -> [2F]
-        _add(gu, _vec(vtab, v + 6, f))
-        silu_mul_row(gu, act)                                         # [2F] -> [F]
-        _gemv(W, mtab, 4 * i + 3, kind, act, xq, xd, xs, o)           # [F] -> [D]
-        _add(o, _vec(vtab, v + 7, f))
-        add_norm_row(x, o, _vec(vtab, v + 10, f), _vec(vtab, v + 11, f), eps, xn)  # next norm
+    ctr[:] = 0
+    for tid in prange(nt):
+        for i in range(L):
+            v, ph = 10 * i, 10 * i
+            # -- attention branch. S1: the attention norm (the residual add of the previous
+            # layer's MLP first), quantize xn for wqkv
+            if _take(ctr, ph, 1) == 0:
+                if i == 0:
+                    norm_row(x, _vec(vtab, 0, f), _vec(vtab, 1, f), eps, xn)
+                else:
+                    _add(o, _vec(vtab, v - 3, f))                       # previous b_down
+                    add_norm_row(x, o, _vec(vtab, v, f), _vec(vtab, v + 1, f), eps, xn)
+                _quant(W, mtab, 4 * i, xn, xq, xd, xs)
+                _finish(ctr, ph)
+            _wait(ctr, ph, 1)
+            _matmul_phase(ctr, ph + 1, nt, W, mtab, 4 * i, kind, xn, xq, xd, xs, qkv)   # [(H+2Hkv) hd]
+            # S2: bias, q/k norm, RoPE, cache write
+            if _take(ctr, ph + 2, 1) == 0:
+                _add(qkv, _vec(vtab, v + 4, f))
+                prep_decode(qkv, kc[i], vc[i], p, cos, sin, _vec(vtab, v + 8, f), _vec(vtab, v + 9, f),
+                            H, Hkv, hd, rot, eps)
+                _finish(ctr, ph + 2)
+            _wait(ctr, ph + 2, 1)
+            start, ns, chunk = decode_splits(p, windows[i], part.shape[0])
+            k = _take(ctr, ph + 3, ns * H)                              # attention splits
+            while k >= 0:
+                attend_task(qkv, kc[i], vc[i], p, H, Hkv, hd, scale, sc, part, start, chunk, k)
+                _finish(ctr, ph + 3)
+                k = _take(ctr, ph + 3, ns * H)
+            _wait(ctr, ph + 3, ns * H)
+            if _take(ctr, ph + 4, 1) == 0:                              # S3: merge, quantize
+                merge_parts(part, ns, H, hd, att)
+                _quant(W, mtab, 4 * i + 1, att, xq, xd, xs)
+                _finish(ctr, ph + 4)
+            _wait(ctr, ph + 4, 1)
+            _matmul_phase(ctr, ph + 5, nt, W, mtab, 4 * i + 1, kind, att, xq, xd, xs, o)   # [D]
+            # -- MLP branch. S4: x += attn (+bias); xn = ffn_norm(x); quantize
+            if _take(ctr, ph + 6, 1) == 0:
+                _add(o, _vec(vtab, v + 5, f))
+                add_norm_row(x, o, _vec(vtab, v + 2, f), _vec(vtab, v + 3, f), eps, xn)
+                _quant(W, mtab, 4 * i + 2, xn, xq, xd, xs)
+                _finish(ctr, ph + 6)
+            _wait(ctr, ph + 6, 1)
+            _matmul_phase(ctr, ph + 7, nt, W, mtab, 4 * i + 2, kind, xn, xq, xd, xs, gu)  # [2F]
+            if _take(ctr, ph + 8, 1) == 0:                              # S5: SwiGLU, quantize
+                _add(gu, _vec(vtab, v + 6, f))
+                silu_mul_row(gu, act)
+                _quant(W, mtab, 4 * i + 3, act, xq, xd, xs)
+                _finish(ctr, ph + 8)
+            _wait(ctr, ph + 8, 1)
+            _matmul_phase(ctr, ph + 9, nt, W, mtab, 4 * i + 3, kind, act, xq, xd, xs, o)   # [D]
+        # final: x += mlp (+bias); xn = final norm(x)
+        if _take(ctr, 10 * L, 1) == 0:
+            _add(o, _vec(vtab, 10 * L - 3, f))
+            add_norm_row(x, o, _vec(vtab, 10 * L, f), _vec(vtab, 10 * L + 1, f), eps, xn)
+            _finish(ctr, 10 * L)

@@ -231,3 +231,28 @@ def test_decode_step_not_used_where_the_forward_differs(make_checkpoint):
     padded = make_checkpoint(llama_cfg(), name="p")             # ffn 172: int8 pads it to 192
     assert minilm.load(padded, quant="int8", n_ctx=32).net._fused is None
     assert minilm.load(padded, n_ctx=32).net._fused is not None
+
+
+DEADLOCK_SCRIPT = r"""
+import sys, numba, numpy as np, minilm
+m = minilm.load(sys.argv[1], n_ctx=48, threads=2)        # decode_step sized for 2 threads
+assert m.net._fused is not None
+m.net.prefill([3, 17, 29, 5])
+a = m.net.decode(9).copy()
+numba.set_num_threads(1)                                 # ... run by one: it must take every task
+m.net.cache.truncate(4)
+b = m.net.decode(9).copy()
+print("SAME" if np.array_equal(a, b) else "DIFF")
+"""
+
+
+def test_decode_step_with_fewer_threads_than_tasks(make_checkpoint):
+    """decode_step's phases never wait on a task nobody can take: with its region run by one
+    thread (numba threads lowered after load) it finishes, with the same logits."""
+    import subprocess
+    import sys
+    folder = make_checkpoint(CASES["qwen3"][0])
+    r = subprocess.run([sys.executable, "-c", DEADLOCK_SCRIPT, str(folder)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "SAME"
