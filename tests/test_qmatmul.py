@@ -237,9 +237,6 @@ def test_gemm_all_formats(M, N, K):
     x = RNG.standard_normal((M, K)).astype(np.float32)
     out = np.full((M, N), np.nan, np.float32)
     cases = [
-        (Q.gemm_q8_0, Q.quantize_q8_0(w), Q.dequantize_q8_0_ref),
-        (Q.gemm_q4_0, Q.quantize_q4_0(w, 32), Q.dequantize_q4_0_ref),
-        (Q.gemm_q4_0, Q.quantize_q4_0(w, 64), Q.dequantize_q4_0_ref),
         (Q.gemm_f16, (w.astype(np.float16),), lambda a: a.astype(np.float32)),
         (Q.gemm_bf16, (_bf16(w),), _bf16_deq),
     ]
@@ -248,6 +245,24 @@ def test_gemm_all_formats(M, N, K):
         gemm(x, *arrs, out)
         ref = x.astype(np.float64) @ deq(*arrs).astype(np.float64).T
         assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5, gemm.__name__
+    # quantized: each token's activations are quantized as in the gemv (the exact model of the
+    # kernel), and every row equals the gemv of that token
+    xdeq = np.stack([_act_deq(x[m])[3] for m in range(M)])                 # [M, K] f64
+    for gemm, gemv, arrs, deq in [
+            (Q.gemm_q8_0, Q.gemv_q8_0, Q.quantize_q8_0(w), Q.dequantize_q8_0_ref),
+            (Q.gemm_q4_0, Q.gemv_q4_0, Q.quantize_q4_0(w, 32), Q.dequantize_q4_0_ref),
+            (Q.gemm_q4_0, Q.gemv_q4_0, Q.quantize_q4_0(w, 64), Q.dequantize_q4_0_ref)]:
+        out[:] = np.nan
+        gemm(x, *arrs, out)
+        wd = deq(*arrs).astype(np.float64)
+        ref = xdeq @ wd.T
+        assert np.abs(out - ref).max() / np.abs(ref).max() < 5e-6, gemm.__name__
+        bound = np.stack([np.abs(wd) @ _blk_amax(x[m]) / 254.0 for m in range(M)])
+        assert (np.abs(out - x.astype(np.float64) @ wd.T) <= bound + 1e-6).all(), gemm.__name__
+        row = np.empty(N, np.float32)
+        for m in sorted({0, M - 1}):
+            gemv(x[m], *arrs, row)
+            np.testing.assert_array_equal(out[m], row)
 
 
 def test_single_signature():
@@ -268,7 +283,7 @@ def test_single_signature():
     Q.gemm_bf16(X, _bf16(w), OUT)
     Q.quantize_act_q8(x, *Q.act_scratch(K))    # also called directly (inside the gemv it may come from cache)
     kernels = [Q.gemv_q8_0.kernel, Q.gemv_q4_0.kernel, Q.gemv_f16.kernel, Q.gemv_bf16,
-               Q._deq_q8_0_rows, Q._deq_q4_0_rows, Q._deq_f16_rows, Q._deq_bf16_rows,
+               Q._gemm_q8_0_kernel, Q._gemm_q4_0_kernel, Q._deq_f16_rows, Q._deq_bf16_rows,
                Q.quantize_act_q8]
     for k in kernels:
         assert len(k.signatures) == 1, (k, k.signatures)
