@@ -2,10 +2,11 @@
 
     python benchmarks/profile_decode.py --model /tmp/ckpt/smollm2-135m --quant int4 [--threads 2 --pos 128]
 
-Wraps Linear.__call__, attention, norms and SwiGLU of minilm.model with timers (Python-side wall
-time, so each row includes that call's Numba dispatch and parallel launch), prefills --pos random
-tokens, then times 32 decode steps. Prints the plain decode time first (no timers), then the
-per-call table; the gap between the two is the timers' own cost.
+Prints the decode time per token as minilm runs it (decode_step: one Numba call and one
+parallel region per token, where the model allows), then the same token through the general
+per-kernel forward (minilm.model.FUSED_DECODE = False) with timers around Linear.__call__,
+attention, norms and SwiGLU (Python-side wall time, so each row includes that call's Numba
+dispatch and parallel launch: the overhead decode_step removes).
 """
 import argparse
 import collections
@@ -27,11 +28,16 @@ def main():
     ap.add_argument("--pos", type=int, default=128)
     ap.add_argument("--steps", type=int, default=32)
     a = ap.parse_args()
-    lm = minilm.load(a.model, quant=a.quant, n_ctx=a.pos + 2 * a.steps + 16, threads=a.threads)
-    net = lm.net
-    net.prefill(list(np.random.default_rng(0).integers(3, min(30000, lm.config.vocab_size), a.pos)))
-    for _ in range(4):
-        net.decode(5)
+
+    def setup():
+        lm = minilm.load(a.model, quant=a.quant, n_ctx=a.pos + 2 * a.steps + 16, threads=a.threads)
+        lm.net.prefill(list(np.random.default_rng(0).integers(3, min(30000, lm.config.vocab_size), a.pos)))
+        for _ in range(4):
+            lm.net.decode(5)
+        return lm.net
+
+    net = setup()
+    fused = net._fused is not None
 
     def run():
         ts = []
@@ -40,7 +46,10 @@ def main():
             net.decode(5)
             ts.append(time.perf_counter() - t)
         return statistics.median(ts) * 1e3
-    print(f"decode ms/token (median of {a.steps}): {run():.3f}")
+    print(f"decode ms/token (median of {a.steps}){' with decode_step' if fused else ''}: {run():.3f}")
+    M.FUSED_DECODE = False
+    net = setup()
+    print(f"decode ms/token through the per-kernel forward: {run():.3f}")
 
     acc = collections.defaultdict(list)
 
@@ -56,7 +65,7 @@ def main():
     M.Transformer._add_norm = timed(lambda s: "add + norm", M.Transformer._add_norm)
     M.Transformer._norm = timed(lambda s: "norm", M.Transformer._norm)
     M.silu_mul_row = timed(lambda s: "silu * up", M.silu_mul_row)
-    print(f"decode ms/token with timers: {run():.3f}\n")
+    print(f"... with timers: {run():.3f}\n")
     total = 0.0
     print(f"{'call':40s} {'calls/token':>11s} {'ms/token':>9s} {'us/call':>9s}")
     for k, v in sorted(acc.items(), key=lambda kv: -sum(kv[1])):
