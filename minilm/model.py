@@ -402,8 +402,8 @@ def _wait(ctr, ph, n):
 @njit(cache=True, nogil=True, error_model="numpy")
 def _matmul_phase(ctr, ph, nt, W, mtab, j, kind, x, xq, xd, xs, out):
     """out = W_j @ x (x already quantized for j) as nt tasks of contiguous rows: each thread
-    streams one block of the matrix, as the prange GEMVs do (interleaved small tasks defeat the
-    prefetchers: measured 10-40 % slower)."""
+    streams one block of the matrix, as the prange GEMVs do (interleaved tasks of 16 rows defeat
+    the prefetchers: 7-9 ms instead of 5-5.6 ms per SmolLM2 int4 token)."""
     ng = (mtab[j, 2] + 3) // 4
     k = _take(ctr, ph, nt)
     while k >= 0:
