@@ -767,18 +767,11 @@ def _gemv_bf16_kernel(x, w, out):
     _gemv_float(x, w, out, 2)
 
 
-# Activation scratch for the quantized gemvs, cached per K (not shared between Python threads
-# calling concurrently with the same K; pass your own via gemv_q8_0(..., scratch=...) then).
-_ACT_SCRATCH = {}
-
-
 def act_scratch(K):
-    """(xq int8[K], xd f32[K//32], xs f32[K//32]) scratch for the quantized gemvs."""
-    s = _ACT_SCRATCH.get(K)
-    if s is None:
-        s = (np.empty(K, np.int8), np.empty(K // 32, np.float32), np.empty(K // 32, np.float32))
-        _ACT_SCRATCH[K] = s
-    return s
+    """New (xq int8[K], xd f32[K//32], xs f32[K//32]) scratch for the quantized gemvs. The
+    caller owns it (a Linear keeps one; the executor's run state has its own): no scratch is
+    shared between models or threads."""
+    return np.zeros(K, np.int8), np.zeros(K // 32, np.float32), np.zeros(K // 32, np.float32)
 
 
 def gemv_q8_0(x, qs, d, out, scratch=None):
@@ -841,20 +834,11 @@ def _deq_bf16_rows(w, n0, n1, tile):
 
 
 GEMM_TILE_ROWS = 256
-_TILE_SCRATCH = {}
-
-
-def _tile(K):
-    t = _TILE_SCRATCH.get(K)
-    if t is None:
-        t = np.empty((GEMM_TILE_ROWS, K), np.float32)
-        _TILE_SCRATCH[K] = t
-    return t
 
 
 def _gemm_tiled(x, out, N, K, deq):
     # x f32[M,K], out f32[M,N]; deq(n0, n1, tile) fills tile[:n1-n0] with rows n0..n1 of W
-    tile = _tile(K)
+    tile = np.empty((min(N, GEMM_TILE_ROWS), K), np.float32)   # per call: prefill, not per token
     for n0 in range(0, N, GEMM_TILE_ROWS):
         n1 = min(N, n0 + GEMM_TILE_ROWS)
         t = tile[: n1 - n0]
@@ -883,16 +867,9 @@ def _gemm_q4_0_kernel(x, XQ, XD, XS, qs, d, out):
             gemv_q4_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], gr, gr + 1)
 
 
-_GEMM_ACT = {}
-
-
 def _gemm_act(M, K):
-    """Per-token activation scratch (XQ, XD, XS) for M >= rows, cached per K (grown as needed)."""
-    s = _GEMM_ACT.get(K)
-    if s is None or s[0].shape[0] < M:
-        s = (np.empty((M, K), np.int8), np.empty((M, K // 32), np.float32), np.empty((M, K // 32), np.float32))
-        _GEMM_ACT[K] = s
-    return s
+    """Per-token activation scratch (XQ, XD, XS), allocated per call (prefill, not per token)."""
+    return np.empty((M, K), np.int8), np.empty((M, K // 32), np.float32), np.empty((M, K // 32), np.float32)
 
 
 def gemm_q8_0(x, qs, d, out):

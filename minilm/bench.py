@@ -119,13 +119,7 @@ def measure_bandwidth(threads=None, size_mb=512, runs=5) -> dict:
 # ---- helpers ---------------------------------------------------------------------------------------
 def decode_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: every layer matrix and the lm head."""
-    net = model.net
-    n = net.lm_head.nbytes
-    for L in net.layers:
-        for w in (L.wqkv, L.wo, L.w_gate_up, L.w_up, L.w_down):
-            if w is not None:
-                n += w.nbytes
-    return n
+    return model.net.weight_bytes_per_token()
 
 
 def count_params(tensors: dict) -> int:
