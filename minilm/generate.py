@@ -40,10 +40,20 @@ def check_room(model, prompt_ids, max_new_tokens) -> None:
 
 def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
                     eos_ids=(), ignore_eos=False) -> Iterator[int]:
-    """Yield new token ids. Reuses the cached prefix shared with the previous call."""
+    """Yield new token ids. Reuses the cached prefix shared with the previous call. Holds the
+    model (net.busy) from the first token to the last: concurrent generations on one model run
+    one after the other, never interleaved."""
     net = model.net
+    with net.busy:
+        yield from _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos)
+
+
+def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos):
     cache = net.cache
-    check_room(model, prompt_ids, max_new_tokens)
+    if len(prompt_ids) + max_new_tokens > cache.n_ctx:
+        raise ContextOverflowError(
+            f"context overflow: prompt of {len(prompt_ids)} tokens + max_new_tokens={max_new_tokens} "
+            f"> n_ctx={cache.n_ctx}")
     keep = min(cache.common_prefix(prompt_ids), len(prompt_ids) - 1)  # re-run >= 1 token for logits
     if net.rope_depends_on_length(len(prompt_ids)):
         keep = 0           # dynamic NTK RoPE: cached keys were rotated for a shorter sequence

@@ -39,9 +39,10 @@ class LM:
     def logits(self, ids) -> np.ndarray:
         """f32[len(ids), V]: logits at every position, fresh cache, positions 0..len-1."""
         ids = self._ids(ids)
-        self.reset()
-        out = self.net.all_logits(ids)
-        self.reset()
+        with self.net.busy:                                   # one call at a time per model
+            self.reset()
+            out = self.net.all_logits(ids)
+            self.reset()
         return out
 
     def perplexity(self, ids, window: int | None = None) -> dict:
