@@ -77,6 +77,16 @@ def silu_mul_row(gu, out):
         out[i] = g / (np.float32(1.0) + fexp(-g)) * gu[F + i]
 
 
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
+def gelu_mul_row(gu, out):
+    """GeGLU of one token (Gemma). gu: f32[2F] (gate then up), out: f32[F] <- gelu_tanh(gate) * up."""
+    F = out.shape[0]
+    c = np.float32(-2.0 * SQRT_2_OVER_PI)
+    for i in range(F):
+        g = gu[i]
+        out[i] = g / (np.float32(1.0) + fexp(c * (g + np.float32(0.044715) * g * g * g))) * gu[F + i]
+
+
 @njit(cache=True, parallel=True, fastmath=True, nogil=True, error_model="numpy")
 def silu_mul(gu, out):
     """SwiGLU. gu: f32[M, 2F] (gate in [:, :F], up in [:, F:]), out: f32[M, F] <- silu(gate) * up."""

@@ -20,9 +20,10 @@ _J = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # numpy: 
 
 
 @njit(**_J)
-def _attend(q, qo, kc, vc, g, j0, j1, hd, scale, sc, oh):
+def _attend(q, qo, kc, vc, g, j0, j1, hd, scale, sc, oh, cap):
     """One query head q[qo:qo+hd] over cache rows j0..j1-1 of kv head g, not normalised:
     oh[:hd] <- sum_j e_j v[g, j] with s_j = (q . k[g, j]) * scale, e_j = exp(s_j - m);
+    cap > 0: s_j = cap * tanh(s_j / cap) (Gemma 2's attention soft-cap, a separate pass);
     returns (m, sum_j e_j); an empty range gives 0, (-3e38, 0). sc: f32[>= j1] scratch.
     All loops run from 0 over views (an index from a runtime start gets Numba's negative-index
     wraparound code, which stops LLVM from vectorising the loop)."""
@@ -40,6 +41,10 @@ def _attend(q, qo, kc, vc, g, j0, j1, hd, scale, sc, oh):
         s *= scale
         s_[j] = s
         mx = max(mx, s)
+    if cap > 0:                  # tanh is increasing: the capped max is the cap of the max
+        for j in range(n):
+            s_[j] = cap * np.tanh(s_[j] / cap)
+        mx = cap * np.tanh(mx / cap) if n > 0 else mx
     l = np.float32(0.0)
     for j in range(n):
         e = fexp(s_[j] - mx)
@@ -56,11 +61,11 @@ def _attend(q, qo, kc, vc, g, j0, j1, hd, scale, sc, oh):
 
 
 @njit(**_J)
-def attend_head(q, qo, kc, vc, g, start, p, hd, scale, sc, out, oo):
+def attend_head(q, qo, kc, vc, g, start, p, hd, scale, sc, out, oo, cap=np.float32(0.0)):
     """out[oo:oo+hd] <- softmax over j in [start, p] of (q[qo:qo+hd] . k[g, j]) * scale, times v[g, j].
-    sc: f32[>= p+1] scratch."""
+    sc: f32[>= p+1] scratch; cap > 0: soft-capped scores (see _attend)."""
     oh = out[oo:oo + hd]
-    _, l = _attend(q, qo, kc, vc, g, start, p + 1, hd, scale, sc, oh)
+    _, l = _attend(q, qo, kc, vc, g, start, p + 1, hd, scale, sc, oh, cap)
     inv = np.float32(1.0) / l
     for i in range(hd):
         oh[i] *= inv
@@ -118,10 +123,10 @@ def prep_decode(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, 
 
 
 @njit(**_J)
-def attend_part(q, qo, kc, vc, g, j0, j1, hd, scale, sc, part):
+def attend_part(q, qo, kc, vc, g, j0, j1, hd, scale, sc, part, cap):
     """A flash-decoding split of one query head over rows j0..j1-1: part[:hd] <- sum_j e_j v_j,
     part[hd] <- max_j s_j, part[hd+1] <- sum_j e_j (see _attend)."""
-    mx, l = _attend(q, qo, kc, vc, g, j0, j1, hd, scale, sc, part[:hd])
+    mx, l = _attend(q, qo, kc, vc, g, j0, j1, hd, scale, sc, part[:hd], cap)
     part[hd] = mx
     part[hd + 1] = l
 
@@ -152,13 +157,13 @@ def decode_splits(p, window, S):
 
 
 @njit(**_J)
-def attend_task(qkv, kc, vc, p, n_heads, n_kv_heads, hd, scale, sc, part, start, chunk, t):
+def attend_task(qkv, kc, vc, p, n_heads, n_kv_heads, hd, scale, sc, part, start, chunk, t, cap=np.float32(0.0)):
     """Task t of ns * H: split t // H of query head t % H (attend_part into part[split, head])."""
     sp = t // n_heads
     h = t % n_heads
     j0 = start + sp * chunk
     j1 = min(p + 1, j0 + chunk)
-    attend_part(qkv, h * hd, kc, vc, h // (n_heads // n_kv_heads), j0, j1, hd, scale, sc[h], part[sp, h])
+    attend_part(qkv, h * hd, kc, vc, h // (n_heads // n_kv_heads), j0, j1, hd, scale, sc[h], part[sp, h], cap)
 
 
 @njit(**_J)

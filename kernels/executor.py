@@ -32,10 +32,10 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
-from .activations import gelu_row, gelu_tanh_row, silu_mul_row
+from .activations import gelu_mul_row, gelu_row, gelu_tanh_row, silu_mul_row
 from .attention import attend_head, attend_task, decode_splits, merge_parts, prep_decode
 from .matmul import gemm_f32_block, gemv_float_groups
-from .norm import add_norm_row, norm_row
+from .norm import add_norm_row, head_rmsnorm, norm_row
 from .qmatmul import _quantize_act_q4, _quantize_act_q8v, gemv_q4_0_groups, gemv_q8_0_groups
 from .simd import _bf2f, _h2f, atomic_add, atomic_load, spin_pause
 
@@ -51,14 +51,18 @@ OP_MERGE = 7       # merge the decode splits into dst                         ta
 OP_SILU_MUL = 8    # dst[:F] = silu(src[:F]) * src[F:2F], F = I0              tasks: M
 OP_GELU = 9        # dst = gelu(dst) in place (I0: 0 erf, 1 tanh)             tasks: M
 OP_ADD_ROWS = 10   # dst[m] += table mat (f32 [P, D]) row p0 + m               tasks: M
-N_OPS = 11
+OP_SCALE = 11      # dst *= scale (Granite multipliers, Gemma's sqrt(D))      tasks: M
+OP_QK_NORM = 12    # RMSNorm of the whole q (w) and whole k (b) of src (OLMo 2) tasks: M
+OP_GELU_MUL = 13   # dst[:F] = gelu_tanh(src[:F]) * src[F:2F], F = I0 (Gemma) tasks: M
+OP_CONV = 14       # LFM2 gated short conv: src = [B | C | x] rows, hist = table mat  tasks: 1 (M = 1), channel blocks
+N_OPS = 15
 
 # step table columns
 S_OP, S_DST, S_SRC, S_SRC2, S_MAT, S_W, S_B, S_LAYER, S_I0 = range(9)
 S_COLS = 9
 # float parameter columns
-P_EPS, P_SCALE = range(2)
-P_COLS = 2
+P_EPS, P_SCALE, P_CAP = range(3)
+P_COLS = 3
 # matrix table columns
 M_W, M_D, M_N, M_COLS, M_DCOLS, M_FMT, M_KP = range(7)
 M_COLS_N = 7
@@ -205,6 +209,42 @@ def _is_quantized(fmt):
     return fmt == F_Q8_0 or fmt == F_Q4_0
 
 
+# ---- LFM2's gated short convolution -------------------------------------------------------------
+@njit(fastmath=True, **_J)
+def _conv_rows(bcx, hist, w, b, Lc, p0, M, out, c0, c1):
+    """Channels c0..c1-1 of M tokens at positions p0..: hist[p] <- B * x (the conv input of
+    position p, kept in the cache), out[m] <- C * (bias + sum_j w[c, j] hist[p - Lc + 1 + j]),
+    a causal depthwise convolution of length Lc (positions before 0 are zeros). bcx: f32[M, 3D]
+    (B, C, x); hist: f32[n_ctx, D]; w: f32[D * Lc]; b: f32[D] or f32[0]; out: f32[M, >= D].
+    Tokens run in order (token m reads the rows tokens m-1, m-2.. wrote), channels independently."""
+    D = hist.shape[1]
+    n = c1 - c0
+    for m in range(M):
+        p = p0 + m
+        x = bcx[m]
+        h = hist[p, c0:c1]
+        xb = x[c0:c1]
+        xx = x[2 * D + c0:2 * D + c1]
+        for c in range(n):
+            h[c] = xb[c] * xx[c]
+        o = out[m, c0:c1]
+        if b.shape[0] > 0:
+            for c in range(n):
+                o[c] = b[c0 + c]
+        else:
+            for c in range(n):
+                o[c] = 0.0
+        for t in range(Lc):
+            q = p - Lc + 1 + t
+            if q >= 0:
+                r = hist[q, c0:c1]
+                for c in range(n):
+                    o[c] += w[(c0 + c) * Lc + t] * r[c]
+        xc = x[D + c0:D + c1]
+        for c in range(n):
+            o[c] *= xc[c]
+
+
 # ---- new step kinds from outside this module -----------------------------------------------------
 # op id (>= N_OPS) -> an njit task function f(s, k, M, p0, steps, fpar, btab, mtab, vtab) run for
 # task k = 0..M-1 (one per token) of step s. The built-in kinds above do not change when one is
@@ -266,6 +306,8 @@ def _ntasks(steps, s, mtab, M, p0, nt, nparts, H):
         return M * H
     if op == OP_MERGE:
         return 1 if M == 1 else 0
+    if op == OP_CONV:
+        return 1 if M == 1 else nt
     return M
 
 
@@ -306,23 +348,28 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc,
             d[i] += x[i]
     elif op == OP_QKV:
         L = steps[s, S_LAYER]
-        prep_decode(_buf(btab, steps[s, S_SRC], M)[k], kc[L], vc[L], p0 + k, cos, sin,
-                    _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]), H, Hkv, hd, rot, fpar[s, P_EPS])
+        t = steps[s, S_I0]                       # RoPE table (columns t*rot/2..) or -1: no RoPE
+        h2 = rot // 2
+        c0 = max(t, 0) * h2
+        prep_decode(_buf(btab, steps[s, S_SRC], M)[k], kc[L], vc[L], p0 + k, cos[:, c0:c0 + h2],
+                    sin[:, c0:c0 + h2], _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]), H, Hkv, hd,
+                    rot if t >= 0 else 0, fpar[s, P_EPS])
     elif op == OP_ATTEND:
         L = steps[s, S_LAYER]
         window = steps[s, S_I0]
         q = _buf(btab, steps[s, S_SRC], M)
         scale = np.float32(fpar[s, P_SCALE])
+        cap = np.float32(fpar[s, P_CAP])
         if M == 1:
             start, _, chunk = decode_splits(p0, window, part.shape[0])
-            attend_task(q[0], kc[L], vc[L], p0, H, Hkv, hd, scale, sc, part, start, chunk, k)
+            attend_task(q[0], kc[L], vc[L], p0, H, Hkv, hd, scale, sc, part, start, chunk, k, cap)
         else:
             h = k // M
             m = k - h * M
             p = p0 + m
             start = max(0, p - window + 1) if window > 0 else 0
             attend_head(q[m], h * hd, kc[L], vc[L], h // (H // Hkv), start, p, hd, scale, sc[tid],
-                        _buf(btab, steps[s, S_DST], M)[m], h * hd)
+                        _buf(btab, steps[s, S_DST], M)[m], h * hd, cap)
     elif op == OP_MERGE:
         _, ns, _ = decode_splits(p0, steps[s, S_I0], part.shape[0])
         merge_parts(part, ns, H, hd, _buf(btab, steps[s, S_DST], M)[0])
@@ -335,6 +382,26 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc,
             gelu_tanh_row(d)
         else:
             gelu_row(d)
+    elif op == OP_SCALE:
+        d = _buf(btab, steps[s, S_DST], M)[k]
+        f = np.float32(fpar[s, P_SCALE])
+        for i in range(d.shape[0]):
+            d[i] *= f
+    elif op == OP_QK_NORM:
+        x = _buf(btab, steps[s, S_SRC], M)[k]
+        e = fpar[s, P_EPS]
+        head_rmsnorm(x, 0, H * hd, _vec(vtab, steps[s, S_W]), e)
+        head_rmsnorm(x, H * hd, Hkv * hd, _vec(vtab, steps[s, S_B]), e)
+    elif op == OP_GELU_MUL:
+        F = steps[s, S_I0]
+        gelu_mul_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_DST], M)[k][:F])
+    elif op == OP_CONV:
+        j = steps[s, S_MAT]
+        D = mtab[j, M_COLS]
+        hist = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], D))
+        n = 1 if M == 1 else nt
+        _conv_rows(_buf(btab, steps[s, S_SRC], M), hist, _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
+                   steps[s, S_I0], p0, M, _buf(btab, steps[s, S_DST], M), k * D // n, (k + 1) * D // n)
     elif op == OP_ADD_ROWS:
         j = steps[s, S_MAT]
         t = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], mtab[j, M_COLS]))
@@ -351,7 +418,8 @@ def run_plan(fs, steps, fpar, btab, mtab, vtab, M, p0, cos, sin, kc, vc, XQ, XD,
              H, Hkv, hd, rot, ctr):
     """Run the plan for M tokens at positions p0..p0+M-1 (see the module docstring).
 
-    kc, vc: the KV cache f32[L, Hkv, n_ctx, hd]; cos, sin: RoPE tables f32[n_pos, rot/2];
+    kc, vc: the KV cache f32[L, Hkv, n_ctx, hd]; cos, sin: RoPE tables f32[n_pos, R * rot/2]
+    (R tables side by side: a qkv step's I0 picks one, -1 none);
     XQ int8[R, Kmax], XD, XS f32[R, Kmax/32]: the quantized activations of the current matmul;
     tiles f32[T, 4, Kmax]: per-thread dequantized rows (16-bit formats, M > 1);
     sc f32[>= max(H, T), n_ctx]: attention scores; part f32[S, H, hd + 2]: decode splits;

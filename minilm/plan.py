@@ -22,7 +22,9 @@ from .quant import FORMATS, Linear
 
 OPS = {"norm": X.OP_NORM, "add_norm": X.OP_ADD_NORM, "add": X.OP_ADD, "quant": X.OP_QUANT,
        "matmul": X.OP_MATMUL, "qkv": X.OP_QKV, "attend": X.OP_ATTEND, "merge": X.OP_MERGE,
-       "silu_mul": X.OP_SILU_MUL, "gelu": X.OP_GELU, "add_rows": X.OP_ADD_ROWS}
+       "silu_mul": X.OP_SILU_MUL, "gelu": X.OP_GELU, "add_rows": X.OP_ADD_ROWS,
+       "scale": X.OP_SCALE, "qk_norm": X.OP_QK_NORM, "gelu_mul": X.OP_GELU_MUL,
+       "conv": X.OP_CONV}
 
 
 def register_step_kind(name: str, task) -> int:
@@ -48,9 +50,10 @@ class Step:
     w: str | None = None
     b: str | None = None
     layer: int = 0
-    i0: int = 0              # op-specific integer: attention window, GELU kind, SwiGLU width
+    i0: int = 0              # op-specific integer: attention window, GELU kind, SwiGLU width, RoPE table
     eps: float = 0.0
     scale: float = 0.0
+    cap: float = 0.0         # attention score soft-cap (0: none)
 
     def __str__(self) -> str:
         parts = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)[1:]
@@ -133,7 +136,7 @@ def lower(steps: list[Step], tensors: dict, base_widths: dict) -> Lowered:
             widths[st.src] = max(widths.get(st.src, 0), kp)  # the input is read up to the padded K
             kmax = max(kmax, kp)
         srows.append([OPS[st.op], -1, -1, -1, j, vec_index(st.w), vec_index(st.b), st.layer, st.i0])
-        frows.append([st.eps, st.scale])
+        frows.append([st.eps, st.scale, st.cap])
     names = sorted(widths)
     for row, st in zip(srows, steps):
         for col, buf in ((X.S_DST, st.dst), (X.S_SRC, st.src), (X.S_SRC2, st.src2)):
