@@ -1,4 +1,10 @@
-"""The KV cache: preallocated float32 buffers sized from the context length, written in place."""
+"""The KV cache: preallocated float32 buffers sized from the context length, written in place.
+
+LFM2's convolution layers keep their state beside it: `conv` f32[n_conv, n_ctx, D] holds the
+convolution input (B * x) of every cached position, so a convolution at position p reads rows
+p - Lc + 1 .. p, and truncating the cache to any n (prefix reuse across turns) leaves exactly the
+state of position n: nothing is rolled, nothing needs recomputing. It costs D floats per position
+and conv layer, as much as one attention layer's k and v with 2 Hkv hd = D."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,16 +15,18 @@ from .errors import ContextOverflowError
 class KVCache:
     """k, v: f32[L, Hkv, n_ctx, hd]. `pos` = number of positions filled; `tokens` = their ids."""
 
-    def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int):
+    def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, n_conv: int = 0,
+                 conv_dim: int = 0):
         self.n_ctx = n_ctx
         self.k = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), np.float32)
         self.v = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), np.float32)
+        self.conv = np.zeros((n_conv, n_ctx, conv_dim), np.float32)   # LFM2: conv inputs per position
         self.pos = 0
         self.tokens: list[int] = []
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.k.nbytes + self.v.nbytes + self.conv.nbytes
 
     def reset(self) -> None:
         self.pos = 0

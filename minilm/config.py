@@ -24,13 +24,22 @@ SUPPORTED = {
     "qwen3": "llama",
     "gpt2": "gpt2",
     "gpt_neox": "neox",
+    # decoder-only families whose differences are plan steps (model.build_plan) over llama's tensors
+    "granite": "granite",
+    "olmo2": "olmo2",
+    "smollm3": "smollm3",
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",
+    "phi3": "phi3",
+    "lfm2": "lfm2",
 }
+LLAMA_LIKE = ("llama", "granite", "olmo2", "smollm3", "gemma", "phi3", "lfm2")
 
 
 @dataclass
 class Config:
     model_type: str
-    family: str                 # "llama" | "gpt2" | "neox"
+    family: str                 # "llama" | "gpt2" | "neox" | "granite" | "olmo2" | "smollm3" | "gemma" | "phi3" | "lfm2"
     vocab_size: int
     hidden_size: int            # D
     n_layers: int               # L
@@ -57,6 +66,29 @@ class Config:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     torch_dtype: str = "float32"
+    # -- architecture options (each is a plan step or a load-time weight transform; defaults = off)
+    embed_scale: float = 1.0     # x = embedding * this (Granite embedding_multiplier, Gemma sqrt(D))
+    residual_scale: float = 1.0  # x += branch * this (Granite residual_multiplier)
+    attn_scale: float = 0.0      # attention score scale; 0 = 1/sqrt(head_dim)
+    attn_softcap: float = 0.0    # scores = cap * tanh(scores / cap) (Gemma 2); 0 = off
+    final_softcap: float = 0.0   # logits = cap * tanh(logits / cap) (Gemma 2); 0 = off
+    logits_scaling: float = 1.0  # logits /= this (Granite)
+    norm_layout: str = "pre"     # "pre" norms; "sandwich" (Gemma: pre + post norms); "post" (OLMo 2: post only)
+    norm_offset: bool = False    # RMSNorm weight is (1 + w) (Gemma): folded into the weights at load
+    qk_norm_full: bool = False   # OLMo 2: q/k RMSNorm over the whole projection (not per head)
+    layer_rope: list[int] = field(default_factory=list)  # per layer RoPE table: 0 global, 1 local, -1 none
+    rope_local_theta: float = 0.0  # base of table 1 (Gemma 3 sliding layers)
+    layer_conv: list[bool] = field(default_factory=list)  # LFM2: layer is a gated short convolution
+    conv_kernel: int = 0         # LFM2: the convolution's length (conv_L_cache)
+    conv_bias: bool = False
+
+    def is_conv(self, layer: int) -> bool:
+        return bool(self.layer_conv) and self.layer_conv[layer]
+
+    @property
+    def n_kv_layers(self) -> int:
+        """Layers with a KV cache (all but LFM2's convolution layers)."""
+        return self.n_layers - sum(self.layer_conv)
 
     def window(self, layer: int) -> int:
         return self.layer_windows[layer] if self.layer_windows else 0
@@ -118,6 +150,9 @@ class Config:
         if H % Hkv:
             raise ModelLoadError(f"num_attention_heads={H} is not a multiple of num_key_value_heads={Hkv}")
         rope = raw.get("rope_parameters") or {}
+        rope_by_type = isinstance(rope.get("full_attention"), dict)   # Gemma 3: one entry per layer type
+        if rope_by_type:
+            rope = rope["full_attention"]
         theta = float(get("rope_theta", "rotary_emb_base", default=rope.get("rope_theta", 10000.0)))
         partial = get("partial_rotary_factor", "rotary_pct",
                       default=rope.get("partial_rotary_factor", 1.0))
@@ -127,11 +162,15 @@ class Config:
         if scaling is not None:
             scaling = dict(scaling)
             kind = scaling.get("rope_type") or scaling.get("type")
+            kind = "longrope" if kind == "su" else kind      # Phi-3's older name for longrope
             if kind in (None, "default"):
                 scaling = None
-            elif kind not in ("linear", "dynamic", "llama3"):
+            elif kind not in ("linear", "dynamic", "llama3", "longrope"):
                 raise ModelLoadError(f"rope_scaling type {kind!r} is not supported "
-                                     "(supported: linear, dynamic, llama3)")
+                                     "(supported: linear, dynamic, llama3, longrope)")
+            elif kind == "longrope":
+                scaling = _longrope(raw, scaling, int(get("max_position_embeddings", default=2048)),
+                                    int(hd * float(partial)))
             else:
                 scaling["rope_type"] = kind
                 need = {"linear": ["factor"], "dynamic": ["factor"],
@@ -151,24 +190,37 @@ class Config:
                  bos_token_id=raw.get("bos_token_id"), eos_token_ids=eos_ids,
                  torch_dtype=dtype, rope_theta=theta, rope_scaling=scaling,
                  tie_word_embeddings=bool(raw.get("tie_word_embeddings", family == "gpt2")))
-        if family == "llama":
-            c.update(intermediate_size=int(get("intermediate_size")),
+        if family in LLAMA_LIKE:
+            c.update(intermediate_size=int(get("intermediate_size", "block_ff_dim")),
                      max_position_embeddings=int(get("max_position_embeddings", default=2048)),
-                     norm="rms", norm_eps=float(get("rms_norm_eps", default=1e-6)),
+                     norm="rms", norm_eps=float(get("rms_norm_eps", "norm_eps", default=1e-6)),
                      act="silu", gated_mlp=True,
                      qkv_bias=bool(raw.get("attention_bias", mt == "qwen2")),
                      o_bias=bool(raw.get("attention_bias", False)),
                      mlp_bias=bool(raw.get("mlp_bias", False)),
                      qk_norm=(mt == "qwen3"),
                      rotary_dim=int(hd * float(partial)))
-            act = raw.get("hidden_act", "silu")
-            if act not in ("silu", "swish"):
-                raise ModelLoadError(f"hidden_act {act!r} is not supported for {mt} (supported: silu)")
+            if family == "gemma":
+                act = get("hidden_activation", "hidden_act", default="gelu_pytorch_tanh")
+                if act not in ("gelu_pytorch_tanh", "gelu_tanh", "gelu_new", "gelu_fast"):
+                    raise ModelLoadError(f"hidden_activation {act!r} is not supported for {mt} "
+                                         "(supported: gelu_pytorch_tanh)")
+                c["act"] = "gelu_tanh"
+            else:
+                act = raw.get("hidden_act", "silu")
+                if act not in ("silu", "swish"):
+                    raise ModelLoadError(f"hidden_act {act!r} is not supported for {mt} (supported: silu)")
             sw = raw.get("sliding_window")
             types = raw.get("layer_types")
             if sw and isinstance(types, list) and len(types) == L:
                 c["layer_windows"] = [int(sw) if t == "sliding_attention" else 0 for t in types]
-            elif sw and mt == "mistral":
+            elif sw and mt == "gemma3_text":                 # older: every pattern-th layer is global
+                pat = _posint(get("sliding_window_pattern", "_sliding_window_pattern", default=6),
+                              "sliding_window_pattern")
+                c["layer_windows"] = [0 if (i + 1) % pat == 0 else int(sw) for i in range(L)]
+            elif sw and mt == "gemma2":                       # older: even layers slide, odd are global
+                c["layer_windows"] = [int(sw) if i % 2 == 0 else 0 for i in range(L)]
+            elif sw and mt in ("mistral", "phi3"):          # Phi-3 mini 4k: 2047 on every layer
                 c["layer_windows"] = [int(sw)] * L
             elif sw and raw.get("use_sliding_window"):      # Qwen2/3: layers from max_window_layers on
                 first = int(raw.get("max_window_layers", 0) or 0)
@@ -202,29 +254,145 @@ class Config:
                      o_bias=bool(raw.get("attention_bias", True)), mlp_bias=True,
                      parallel_residual=bool(raw.get("use_parallel_residual", True)),
                      rotary_dim=rd)
+        if family in ("granite", "olmo2", "smollm3", "gemma", "phi3", "lfm2"):
+            _arch_options(mt, family, raw, c, get, raw.get("rope_parameters") if rope_by_type else None)
         cfg = cls(**c)
         if cfg.rotary_dim % 2:
             raise ModelLoadError(f"rotary dimension {cfg.rotary_dim} must be even")
         return cfg
 
 
-def rope_inv_freq(cfg: Config, seq_len: int | None = None) -> "np.ndarray":
+def _posint(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 1:
+        raise ModelLoadError(f"{name}={v!r} must be a positive integer")
+    return int(v)
+
+
+def _posfloat(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise ModelLoadError(f"{name}={v!r} must be a positive number")
+    return float(v)
+
+
+def _longrope(raw: dict, sc: dict, max_pos: int, rot: int) -> dict:
+    """Phi-3 LongRoPE: validated short/long factors, the original context and the attention
+    factor, as transformers computes them (the factor from max_position_embeddings /
+    original_max_position_embeddings when the latter is given)."""
+    sc = dict(sc, rope_type="longrope")
+    for k in ("short_factor", "long_factor"):
+        f = sc.get(k)
+        if not isinstance(f, list) or len(f) != rot // 2 or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in f):
+            raise ModelLoadError(f"rope_scaling {k!r} must be a list of {rot // 2} positive numbers "
+                                 f"(rotary dimension {rot} / 2), got {f!r}")
+    orig = sc.get("original_max_position_embeddings") or raw.get("original_max_position_embeddings")
+    if orig:
+        orig = _posint(orig, "original_max_position_embeddings")
+        factor = max_pos / orig
+    else:
+        orig = max_pos
+        factor = _posfloat(sc.get("factor", 1.0), "rope_scaling factor")
+    att = sc.get("attention_factor")
+    if att is None:
+        att = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+    sc.update(original_max_position_embeddings=orig, attention_factor=_posfloat(att, "rope_scaling attention_factor"))
+    return sc
+
+
+def _arch_options(mt: str, family: str, raw: dict, c: dict, get, rope_by_type: dict | None) -> None:
+    """The config keys of Granite, OLMo 2, SmolLM3, Gemma 2/3 and Phi-3 (current and older spellings)."""
+    L, hd, D = c["n_layers"], c["head_dim"], c["hidden_size"]
+    num = lambda name, default: _posfloat(get(name, default=default), name)
+    if family == "granite":
+        c.update(embed_scale=num("embedding_multiplier", 1.0), residual_scale=num("residual_multiplier", 1.0),
+                 attn_scale=num("attention_multiplier", 1.0 / math.sqrt(hd)),
+                 logits_scaling=num("logits_scaling", 1.0))
+    elif family == "olmo2":
+        c.update(norm_layout="post", qk_norm=True, qk_norm_full=True)
+    elif family == "smollm3":
+        use = raw.get("no_rope_layers")                # 1 = this layer uses RoPE, 0 = it does not
+        if use is None:
+            every = _posint(get("no_rope_layer_interval", default=4), "no_rope_layer_interval")
+            use = [int((i + 1) % every != 0) for i in range(L)]
+        if not isinstance(use, list) or len(use) != L or any(u not in (0, 1) for u in use):
+            raise ModelLoadError(f"no_rope_layers must be a list of {L} zeros and ones, got {use!r}")
+        c["layer_rope"] = [0 if u else -1 for u in use]
+    elif family == "gemma":
+        dt = {"bfloat16": "bfloat16", "float16": "float16"}.get(c["torch_dtype"], "float32")
+        root = np.float32(math.sqrt(D))               # sqrt(D) in the weights' dtype, as transformers
+        if dt == "float16":
+            root = np.float32(np.float16(root))
+        elif dt == "bfloat16":
+            b = np.array([math.sqrt(D)], np.float32).view(np.uint32)
+            root = np.array((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000, np.uint32).view(np.float32)[0]
+        c.update(norm_layout="sandwich", norm_offset=True, embed_scale=float(root),
+                 qk_norm=(mt == "gemma3_text"),
+                 attn_scale=1.0 / math.sqrt(num("query_pre_attn_scalar", float(hd))))
+        for key, name in (("attn_logit_softcapping", "attn_softcap"), ("final_logit_softcapping", "final_softcap")):
+            if raw.get(key) is not None:
+                c[name] = _posfloat(raw[key], key)
+        if mt == "gemma3_text":
+            local = raw.get("rope_local_base_freq")
+            if rope_by_type is not None:
+                sl = rope_by_type.get("sliding_attention")
+                if not isinstance(sl, dict) or sl.get("rope_type", "default") != "default":
+                    raise ModelLoadError("rope_parameters['sliding_attention'] must be a default rope "
+                                         f"with a rope_theta, got {sl!r}")
+                local = sl.get("rope_theta", local)
+            c["rope_local_theta"] = _posfloat(local if local is not None else 10000.0, "rope_local_base_freq")
+            c["layer_rope"] = [1 if w else 0 for w in (c.get("layer_windows") or [0] * L)]
+            if not any(c.get("layer_windows") or []):
+                c["layer_rope"] = []
+    elif family == "lfm2":
+        types = raw.get("layer_types")
+        if types is None:                              # older: the indices of the attention layers
+            idx = raw.get("full_attn_idxs")
+            idx = list(range(L)) if idx is None else idx
+            if not isinstance(idx, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < L
+                                                for i in idx):
+                raise ModelLoadError(f"full_attn_idxs must be a list of layer indices below {L}, got {idx!r}")
+            types = ["full_attention" if i in idx else "conv" for i in range(L)]
+        if not isinstance(types, list) or len(types) != L or any(t not in ("conv", "full_attention") for t in types):
+            raise ModelLoadError(f"layer_types must be a list of {L} entries 'conv' or 'full_attention', "
+                                 f"got {types!r}")
+        F = c["intermediate_size"] = _posint(get("intermediate_size", "block_ff_dim"), "intermediate_size")
+        if raw.get("block_auto_adjust_ff_dim"):        # as transformers' Lfm2MLP sizes its hidden layer
+            F = int(2 * F / 3)
+            if raw.get("block_ffn_dim_multiplier") is not None:
+                F = int(_posfloat(raw["block_ffn_dim_multiplier"], "block_ffn_dim_multiplier") * F)
+            mult = _posint(get("block_multiple_of", default=256), "block_multiple_of")
+            c["intermediate_size"] = mult * ((F + mult - 1) // mult)
+        c.update(layer_conv=[t == "conv" for t in types], qk_norm=True,
+                 conv_kernel=_posint(get("conv_L_cache", default=3), "conv_L_cache"),
+                 conv_bias=bool(raw.get("conv_bias", False)),
+                 norm_eps=_posfloat(get("norm_eps", "block_norm_eps", default=1e-5), "norm_eps"))
+
+
+def rope_inv_freq(cfg: Config, seq_len: int | None = None, theta: float | None = None) -> "np.ndarray":
     """Inverse frequencies [rotary_dim/2] for RoPE, with the config's rope_scaling applied.
 
     Follows transformers' modeling_rope_utils: linear divides positions (here: frequencies) by
     factor; llama3 rescales low frequencies smoothly; dynamic (NTK) enlarges the base once the
-    sequence is longer than max_position_embeddings (seq_len = positions seen in this call).
+    sequence is longer than max_position_embeddings (seq_len = positions seen in this call);
+    longrope divides by the long factors once seq_len exceeds the original context, else by the
+    short ones. theta: another base without scaling (Gemma 3's local layers).
     """
     rd = cfg.rotary_dim
     base = cfg.rope_theta
     sc = cfg.rope_scaling or {}
     kind = sc.get("rope_type")
+    if theta is not None:
+        base, kind = theta, None
     if kind == "dynamic" and seq_len is not None:
         max_pos = cfg.max_position_embeddings          # as transformers' dynamic NTK does
         if seq_len > max_pos:
             f = float(sc["factor"])
             base = base * ((f * seq_len / max_pos) - (f - 1)) ** (rd / (rd - 2))
     inv = 1.0 / (base ** (np.arange(0, rd, 2, dtype=np.int64).astype(np.float32) / rd))
+    if kind == "longrope":
+        long = seq_len is not None and seq_len > sc["original_max_position_embeddings"]
+        ext = np.asarray(sc["long_factor" if long else "short_factor"], np.float32)
+        inv = np.float32(1.0) / (ext * (base ** (np.arange(0, rd, 2, dtype=np.int64).astype(np.float32) / rd)))
     if kind == "linear":
         inv = inv / float(sc["factor"])
     elif kind == "llama3":

@@ -40,42 +40,90 @@ PREFILL_CHUNK = 256   # prompt rows per forward call: bounds the scratch buffers
 
 def build_plan(c: Config) -> list[Step]:
     """The network as steps, for any number of tokens. Tensor names are the canonical ones
-    (weights.py); a step naming a tensor the checkpoint lacks (a bias, a q/k norm) skips it."""
+    (weights.py); a step naming a tensor the checkpoint lacks (a bias, a q/k norm) skips it.
+
+    Architecture options appear only as steps of the models that have them: an embedding or
+    residual multiplier is a `scale` step (Granite, Gemma), a post-norm is a `norm` of the branch
+    output in place (Gemma's sandwich, OLMo 2's post-only layout, which feeds x itself to the
+    projections), OLMo 2's q/k norm over the whole projection is a `qk_norm` step, Gemma's GeGLU a
+    `gelu_mul`, and the RoPE table of a layer (Gemma 3 local/global, SmolLM3's none) is the qkv
+    step's i0."""
     eps = c.norm_eps
-    scale = 1.0 / math.sqrt(c.head_dim)
+    scale = c.attn_scale or 1.0 / math.sqrt(c.head_dim)
     L = c.n_layers
+    post_only = c.norm_layout == "post"                      # OLMo 2: no norm before a branch
+    post = c.norm_layout in ("post", "sandwich")             # a norm on each branch output
+    res = c.residual_scale
     norm = lambda n: dict(w=f"{n}.w", b=f"{n}.b", eps=eps)     # RMSNorm when .b is absent
     plan: list[Step] = []
     if c.learned_pos:                                                   # GPT-2
         plan.append(Step("add_rows", dst="x", mat="pos_embd"))           # x[m] += pos_embd[p0 + m]
-    plan.append(Step("norm", dst="xn", src="x", **norm("l0.attn_norm")))
+    if c.embed_scale != 1.0:                                            # Granite, Gemma
+        plan.append(Step("scale", dst="x", scale=c.embed_scale))
+    if not post_only:
+        plan.append(Step("norm", dst="xn", src="x", **norm("l0.attn_norm")))
+    inp = "x" if post_only else "xn"                                    # what the branches read
+
+    def branch_out(p: str, which: str) -> list[Step]:
+        """The branch output o before the residual add: post-norm, residual multiplier."""
+        out = [Step("norm", dst="o", src="o", **norm(p + which))] if post else []
+        if res != 1.0:
+            out.append(Step("scale", dst="o", scale=res))
+        return out
+
+    kv = 0                                                              # KV cache layer of the next attention
     for i in range(L):
         p = f"l{i}."
         nxt = f"l{i + 1}.attn_norm" if i + 1 < L else "out_norm"
+        if c.is_conv(i):                                                # LFM2: gated short convolution
+            plan += matmul("bcx", inp, p + "wqkv", p + "bqkv")        # [M, D] -> [M, 3D] (B, C, x)
+            plan.append(Step("conv", dst="cx", src="bcx", mat=p + "conv_hist", w=p + "conv_w",
+                             b=p + "conv_b", i0=c.conv_kernel))         # -> [M, D], history in the cache
+            plan += matmul("o", "cx", p + "wo", p + "bo")             # [M, D] -> [M, D]
+            plan.append(Step("add_norm", dst="xn", src="x", src2="o", **norm(p + "ffn_norm")))
+            plan += _mlp(c, p, "o")
+            plan.append(Step("add_norm", dst="xn", src="x", src2="o", **norm(nxt)))
+            continue
         # -- attention: xn -> qkv -> (q/k norm, RoPE, cache write) -> attention -> o
-        plan += matmul("qkv", "xn", p + "wqkv", p + "bqkv")           # [M, D] -> [M, (H + 2Hkv) hd]
-        plan.append(Step("qkv", src="qkv", w=p + "q_norm", b=p + "k_norm", layer=i, eps=eps))
-        plan.append(Step("attend", dst="att", src="qkv", layer=i, i0=c.window(i), scale=scale))
-        plan.append(Step("merge", dst="att", layer=i, i0=c.window(i)))  # decode: join the splits
+        plan += matmul("qkv", inp, p + "wqkv", p + "bqkv")            # [M, D] -> [M, (H + 2Hkv) hd]
+        if c.qk_norm_full:                                              # OLMo 2: over all q, all k
+            plan.append(Step("qk_norm", src="qkv", w=p + "q_norm", b=p + "k_norm", eps=eps))
+        per_head = c.qk_norm and not c.qk_norm_full
+        rope = c.layer_rope[i] if c.layer_rope else 0
+        plan.append(Step("qkv", src="qkv", w=p + "q_norm" if per_head else None,
+                         b=p + "k_norm" if per_head else None, layer=kv, eps=eps, i0=rope))
+        plan.append(Step("attend", dst="att", src="qkv", layer=kv, i0=c.window(i), scale=scale,
+                         cap=c.attn_softcap))
+        plan.append(Step("merge", dst="att", layer=kv, i0=c.window(i)))  # decode: join the splits
+        kv += 1
         plan += matmul("o", "att", p + "wo", p + "bo")                # [M, H hd] -> [M, D]
+        plan += branch_out(p, "post_attn_norm")
         # -- MLP
         if c.parallel_residual:                                         # x + attn(ln1 x) + mlp(ln2 x)
             plan.append(Step("norm", dst="xn", src="x", **norm(p + "ffn_norm")))
             plan += _mlp(c, p, "o2")
             plan.append(Step("add", dst="o", src="o2"))
+        elif post_only:                                                 # x += attn; the MLP reads x
+            plan.append(Step("add", dst="x", src="o"))
+            plan += _mlp(c, p, "o", inp="x")
         else:                                                           # x += attn; xn = ln2(x)
             plan.append(Step("add_norm", dst="xn", src="x", src2="o", **norm(p + "ffn_norm")))
             plan += _mlp(c, p, "o")
-        plan.append(Step("add_norm", dst="xn", src="x", src2="o", **norm(nxt)))  # x += branch; xn = next norm
+        plan += branch_out(p, "post_ffn_norm")
+        if post_only and i + 1 < L:
+            plan.append(Step("add", dst="x", src="o"))                  # x += branch
+        else:
+            plan.append(Step("add_norm", dst="xn", src="x", src2="o", **norm(nxt)))  # x += branch; xn = next norm
     return plan
 
 
-def _mlp(c: Config, p: str, out: str) -> list[Step]:
-    if c.gated_mlp:                                                     # SwiGLU
-        return [*matmul("ff", "xn", p + "w_gate_up", p + "b_gate_up"),  # [M, D] -> [M, 2F]
-                Step("silu_mul", dst="act", src="ff", i0=c.intermediate_size),  # -> [M, F]
+def _mlp(c: Config, p: str, out: str, inp: str = "xn") -> list[Step]:
+    if c.gated_mlp:                                                     # SwiGLU / GeGLU
+        act = "gelu_mul" if c.act == "gelu_tanh" else "silu_mul"
+        return [*matmul("ff", inp, p + "w_gate_up", p + "b_gate_up"),   # [M, D] -> [M, 2F]
+                Step(act, dst="act", src="ff", i0=c.intermediate_size),  # -> [M, F]
                 *matmul(out, "act", p + "w_down", p + "b_down")]        # [M, F] -> [M, D]
-    return [*matmul("ff", "xn", p + "w_up", p + "b_up"),                # [M, D] -> [M, F]
+    return [*matmul("ff", inp, p + "w_up", p + "b_up"),                 # [M, D] -> [M, F]
             Step("gelu", dst="ff", i0=1 if c.act == "gelu_tanh" else 0),
             *matmul(out, "ff", p + "w_down", p + "b_down")]             # [M, F] -> [M, D]
 
@@ -83,8 +131,11 @@ def _mlp(c: Config, p: str, out: str) -> list[Step]:
 def buffer_widths(c: Config) -> dict:
     """Logical width of every run-state buffer (lower() widens inputs of zero-padded matrices)."""
     D, F = c.hidden_size, c.intermediate_size
-    return {"x": D, "xn": D, "qkv": c.q_dim + 2 * c.kv_dim, "att": c.q_dim, "o": D, "o2": D,
-            "ff": 2 * F if c.gated_mlp else F, "act": F}
+    w = {"x": D, "xn": D, "qkv": c.q_dim + 2 * c.kv_dim, "att": c.q_dim, "o": D, "o2": D,
+         "ff": 2 * F if c.gated_mlp else F, "act": F}
+    if any(c.layer_conv):                                               # LFM2: conv in/out
+        w.update(bcx=3 * D, cx=D)
+    return w
 
 
 class RunState:
@@ -142,28 +193,80 @@ class Transformer:
         self.out_norm = (tensors["out_norm.w"], tensors.get("out_norm.b"))
         self.n_ctx = n_ctx
         self.plan = build_plan(c)
-        self.lowered = low = lower(self.plan, tensors, buffer_widths(c))
-        self.cache = KVCache(c.n_layers, c.n_kv_heads, n_ctx, c.head_dim)
+        convs = [i for i in range(c.n_layers) if c.is_conv(i)]
+        self.cache = KVCache(c.n_kv_layers, c.n_kv_heads, n_ctx, c.head_dim, len(convs), c.hidden_size)
+        hist = {f"l{i}.conv_hist": self.cache.conv[j] for j, i in enumerate(convs)}  # [n_ctx, D] each
+        self.lowered = low = lower(self.plan, dict(tensors, **hist) if hist else tensors, buffer_widths(c))
         threads = numba.get_num_threads()
         self.state = RunState(c, low, min(n_ctx, PREFILL_CHUNK), n_ctx, len(self.plan), threads)
+        rs = c.rope_scaling or {}
+        self._dynamic = bool(c.rotary_dim) and rs.get("rope_type") == "dynamic"
+        self._long_from = rs["original_max_position_embeddings"] if (
+            c.rotary_dim and rs.get("rope_type") == "longrope") else 0   # LongRoPE: long factors past this
+        self._kv_long = False          # LongRoPE: the cached keys were rotated with the long factors
         self.cos = self.sin = np.zeros((1, 1), np.float32)
         if c.rotary_dim:
-            self.cos, self.sin = rope_tables(rope_inv_freq(c), n_ctx)   # [n_ctx, rot/2]
-        self._dynamic = c.rotary_dim and (c.rope_scaling or {}).get("rope_type") == "dynamic"
+            self.cos, self.sin = self._tables(None, n_ctx)            # [n_ctx, R * rot/2]
+            if self._long_from:
+                self._long = self._tables(self._long_from + 1, n_ctx)
         self._matrices = [tensors[s.mat] for s in self.plan if s.op == "matmul"]
         self.busy = Exclusive()
 
+    def _tables(self, seq_len, n):
+        """cos/sin f32[n, R * rot/2]: table 0 (rope_theta with its scaling) and, for Gemma 3, table
+        1 (the local layers' base) side by side; LongRoPE scales both by its attention factor."""
+        c = self.cfg
+        invs = [rope_inv_freq(c, seq_len=seq_len)]
+        if c.rope_local_theta:
+            invs.append(rope_inv_freq(c, theta=c.rope_local_theta))
+        cs, ss = zip(*(rope_tables(inv, n) for inv in invs))
+        cos, sin = np.concatenate(cs, axis=1), np.concatenate(ss, axis=1)
+        if self._long_from:
+            f = np.float32(c.rope_scaling["attention_factor"])
+            cos, sin = cos * f, sin * f
+        return np.ascontiguousarray(cos, np.float32), np.ascontiguousarray(sin, np.float32)
+
     def rope_depends_on_length(self, end: int) -> bool:
-        """True when RoPE frequencies change with the sequence length (dynamic NTK past max_pos)."""
+        """True when RoPE frequencies change with the sequence length (dynamic NTK past max_pos,
+        LongRoPE past its original context)."""
+        if self._long_from:
+            return end > self._long_from
         return bool(self._dynamic) and end > self.cfg.max_position_embeddings
 
     def _rope(self, end: int):
         """cos/sin tables; dynamic NTK scaling enlarges the base once the sequence outgrows
-        max_position_embeddings (as transformers does, per forward call)."""
+        max_position_embeddings (as transformers does, per forward call); LongRoPE uses the long
+        factors for a sequence longer than its original context."""
         c = self.cfg
+        if self._long_from and end > self._long_from:
+            return self._long
         if self._dynamic and end > c.max_position_embeddings:
-            return rope_tables(rope_inv_freq(c, seq_len=end), end)
+            return self._tables(end, end)
         return self.cos, self.sin
+
+    def _restart(self, ids: np.ndarray, end: int) -> np.ndarray:
+        """LongRoPE: when a sequence of `end` tokens needs the other factor set than the cached
+        keys were rotated with, re-run the cached tokens too (as transformers' Phi-3 drops its
+        cache when generation crosses the original context). Returns the ids to run."""
+        cache = self.cache
+        if not self._long_from or cache.pos == 0 or (end > self._long_from) == self._kv_long:
+            return ids
+        ids = np.concatenate([np.asarray(cache.tokens, np.int64), ids])
+        cache.truncate(0)
+        return ids
+
+    def _head(self, h: np.ndarray, out: np.ndarray) -> None:
+        """out f32[M, V] <- logits of the final-normed h f32[M, D]: the lm head, then Granite's
+        logits_scaling and Gemma 2's final soft-cap (numpy on the logits; nothing for others)."""
+        self.lm_head(h, out)
+        c = self.cfg
+        if c.logits_scaling != 1.0:
+            out /= np.float32(c.logits_scaling)
+        if c.final_softcap:
+            cap = np.float32(c.final_softcap)
+            out /= cap
+            np.tanh(out, out=out)
+            out *= cap
 
     def weight_bytes_per_token(self) -> int:
         """Bytes of weights one decode step reads: every matrix of the plan and the lm head."""
@@ -180,7 +283,10 @@ class Transformer:
         p0 = cache.pos
         cache.check_room(M)
         self.tok_embd.rows(ids, s.buf["x"][:M])                        # [M] -> [M, D]
-        cos, sin = self._rope(max(rope_end, p0 + M))
+        end = max(rope_end, p0 + M)
+        cos, sin = self._rope(end)
+        if self._long_from:
+            self._kv_long = end > self._long_from
         run_plan(low.fs, low.steps, low.fpar, s.btab, low.mtab, low.vtab, M, p0, cos, sin,
                  cache.k, cache.v, s.XQ, s.XD, s.XS, s.tiles, s.scores, s.attn_part,
                  c.n_heads, c.n_kv_heads, c.head_dim, c.rotary_dim, s.ctr)
@@ -193,27 +299,32 @@ class Transformer:
         ids = np.asarray(ids, dtype=np.int64)
         self.cache.check_room(len(ids))
         end = self.cache.pos + len(ids)
+        ids = self._restart(ids, end)
         for a in range(0, len(ids), self.state.rows):
             h = self.forward(ids[a:a + self.state.rows], end)
         out = self.state.logits
-        self.lm_head(np.ascontiguousarray(h[-1:]), out)                # [1, D] -> [1, V]
+        self._head(np.ascontiguousarray(h[-1:]), out)                  # [1, D] -> [1, V]
         return out[0]
 
     def decode(self, token: int) -> np.ndarray:
         """One token at position cache.pos -> logits f32[V] (a buffer reused by the next call)."""
         s = self.state
+        if self._long_from and self.cache.pos and (self.cache.pos + 1 > self._long_from) != self._kv_long:
+            return self.prefill([token])                                # re-runs the cache (_restart)
         s.ids[0] = token
         h = self.forward(s.ids[:1])                                     # [1, D] (a contiguous row)
-        self.lm_head(h, s.logits)                                       # [1, D] -> [1, V]
+        self._head(h, s.logits)                                         # [1, D] -> [1, V]
         return s.logits[0]
 
     def all_logits(self, ids) -> np.ndarray:
         """Logits f32[len(ids), V] for every position of ids, on top of the current cache."""
         ids = np.asarray(ids, dtype=np.int64)
         self.cache.check_room(len(ids))
+        n = len(ids)
+        end = self.cache.pos + n
+        ids = self._restart(ids, end)                                   # LongRoPE may re-run the cache
         out = np.empty((len(ids), self.cfg.vocab_size), np.float32)
-        end = self.cache.pos + len(ids)
         for a in range(0, len(ids), self.state.rows):
             h = self.forward(ids[a:a + self.state.rows], end)
-            self.lm_head(np.ascontiguousarray(h), out[a:a + len(h)])
-        return out
+            self._head(np.ascontiguousarray(h), out[a:a + len(h)])
+        return out[len(ids) - n:]

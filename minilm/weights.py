@@ -8,13 +8,19 @@ Canonical names (shapes with D hidden, F ffn, V vocab, H/Hkv heads, hd head dim)
     l{i}.attn_norm.w/.b [D]
     l{i}.wqkv           [(H + 2*Hkv)*hd, D]   q, k, v rows fused (one GEMV instead of three)
     l{i}.bqkv           [(H + 2*Hkv)*hd]
-    l{i}.q_norm/k_norm  [hd]             Qwen3 only
+    l{i}.q_norm/k_norm  [hd]             per head (Qwen3, Gemma 3); [H*hd] / [Hkv*hd] over the
+                                         whole projection (OLMo 2)
     l{i}.wo, l{i}.bo    [D, H*hd], [D]
-    l{i}.ffn_norm.w/.b  [D]
+    l{i}.ffn_norm.w/.b  [D]              the norm before the MLP
+    l{i}.post_attn_norm.w, l{i}.post_ffn_norm.w [D]  norms of the branch outputs (Gemma, OLMo 2)
     l{i}.w_gate_up      [2F, D]          gated MLP: gate rows then up rows
     l{i}.w_up, b_up     [F, D], [F]      plain MLP
     l{i}.w_down, b_down [D, F], [D]
-GPT-2's Conv1D weights are transposed here and NeoX's per-head fused qkv is reordered here;
+LFM2's convolution layers reuse the attention names for their projections: l{i}.wqkv is the
+block's in_proj [3D, D] (rows B, C, x), l{i}.wo its out_proj [D, D]; l{i}.conv_w f32[D * Lc] the
+depthwise kernel (row c = channel c's Lc taps), l{i}.conv_b [D] its bias.
+Gemma's (1 + w) RMSNorm weights are stored here as 1 + w (exact in f32), so every RMSNorm
+computes x * r * w. GPT-2's Conv1D weights are transposed here and NeoX's per-head fused qkv is reordered here;
 after this module nothing knows which checkpoint format the weights came from.
 `iter_canonical` yields one tensor at a time, so a quantizer can stream a whole checkpoint.
 """
@@ -76,7 +82,7 @@ class CheckpointReader:
 
 def iter_canonical(reader: CheckpointReader, cfg: Config) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
     """Yield (canonical name, loader) pairs; calling the loader returns the f32 array."""
-    fam = {"llama": _llama, "gpt2": _gpt2, "neox": _neox}[cfg.family]
+    fam = {"gpt2": _gpt2, "neox": _neox, "lfm2": _lfm2}.get(cfg.family, _llama)   # the other LLAMA_LIKE families
     yield from fam(reader, cfg)
 
 
@@ -85,34 +91,87 @@ def _cat(*arrs):
 
 
 def _llama(r: CheckpointReader, c: Config):
+    """Llama, Mistral, Qwen2/3 and the families that reuse their tensor names: Granite, SmolLM3,
+    OLMo 2 (post-norms only), Gemma 2/3 (four norms per layer, (1 + w) weights), Phi-3 (fused
+    qkv_proj / gate_up_proj)."""
     D, F, V, hd = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
     q, kv = c.q_dim, c.kv_dim
+    nw = (lambda a: a + np.float32(1.0)) if c.norm_offset else (lambda a: a)   # Gemma: (1 + w)
+    fused = c.family == "phi3"
     yield "tok_embd", lambda: r.get("model.embed_tokens.weight", (V, D))
     for i in range(c.n_layers):
         p = f"model.layers.{i}."
-        yield f"l{i}.attn_norm.w", lambda p=p: r.get(p + "input_layernorm.weight", (D,))
-        yield f"l{i}.wqkv", lambda p=p: _cat(r.get(p + "self_attn.q_proj.weight", (q, D)),
-                                             r.get(p + "self_attn.k_proj.weight", (kv, D)),
-                                             r.get(p + "self_attn.v_proj.weight", (kv, D)))
+        if c.norm_layout != "post":
+            yield f"l{i}.attn_norm.w", lambda p=p: nw(r.get(p + "input_layernorm.weight", (D,)))
+        if fused:
+            yield f"l{i}.wqkv", lambda p=p: r.get(p + "self_attn.qkv_proj.weight", (q + 2 * kv, D))
+        else:
+            yield f"l{i}.wqkv", lambda p=p: _cat(r.get(p + "self_attn.q_proj.weight", (q, D)),
+                                                 r.get(p + "self_attn.k_proj.weight", (kv, D)),
+                                                 r.get(p + "self_attn.v_proj.weight", (kv, D)))
         if c.qkv_bias:
             yield f"l{i}.bqkv", lambda p=p: _cat(r.get(p + "self_attn.q_proj.bias", (q,)),
                                                  r.get(p + "self_attn.k_proj.bias", (kv,)),
                                                  r.get(p + "self_attn.v_proj.bias", (kv,)))
         if c.qk_norm:
-            yield f"l{i}.q_norm", lambda p=p: r.get(p + "self_attn.q_norm.weight", (hd,))
-            yield f"l{i}.k_norm", lambda p=p: r.get(p + "self_attn.k_norm.weight", (hd,))
+            qn, kn = (q, kv) if c.qk_norm_full else (hd, hd)
+            yield f"l{i}.q_norm", lambda p=p: nw(r.get(p + "self_attn.q_norm.weight", (qn,)))
+            yield f"l{i}.k_norm", lambda p=p: nw(r.get(p + "self_attn.k_norm.weight", (kn,)))
         yield f"l{i}.wo", lambda p=p: r.get(p + "self_attn.o_proj.weight", (D, q))
         if c.o_bias:
             yield f"l{i}.bo", lambda p=p: r.get(p + "self_attn.o_proj.bias", (D,))
-        yield f"l{i}.ffn_norm.w", lambda p=p: r.get(p + "post_attention_layernorm.weight", (D,))
-        yield f"l{i}.w_gate_up", lambda p=p: _cat(r.get(p + "mlp.gate_proj.weight", (F, D)),
-                                                  r.get(p + "mlp.up_proj.weight", (F, D)))
+        if c.norm_layout == "pre":
+            yield f"l{i}.ffn_norm.w", lambda p=p: r.get(p + "post_attention_layernorm.weight", (D,))
+        else:          # Gemma and OLMo 2 call the norm of the attention output post_attention_layernorm
+            yield f"l{i}.post_attn_norm.w", lambda p=p: nw(r.get(p + "post_attention_layernorm.weight", (D,)))
+            yield f"l{i}.post_ffn_norm.w", lambda p=p: nw(r.get(p + "post_feedforward_layernorm.weight", (D,)))
+            if c.norm_layout == "sandwich":
+                yield f"l{i}.ffn_norm.w", lambda p=p: nw(r.get(p + "pre_feedforward_layernorm.weight", (D,)))
+        if fused:
+            yield f"l{i}.w_gate_up", lambda p=p: r.get(p + "mlp.gate_up_proj.weight", (2 * F, D))
+        else:
+            yield f"l{i}.w_gate_up", lambda p=p: _cat(r.get(p + "mlp.gate_proj.weight", (F, D)),
+                                                      r.get(p + "mlp.up_proj.weight", (F, D)))
         yield f"l{i}.w_down", lambda p=p: r.get(p + "mlp.down_proj.weight", (D, F))
         if c.mlp_bias:
             yield f"l{i}.b_gate_up", lambda p=p: _cat(r.get(p + "mlp.gate_proj.bias", (F,)),
                                                       r.get(p + "mlp.up_proj.bias", (F,)))
             yield f"l{i}.b_down", lambda p=p: r.get(p + "mlp.down_proj.bias", (D,))
-    yield "out_norm.w", lambda: r.get("model.norm.weight", (D,))
+    yield "out_norm.w", lambda: nw(r.get("model.norm.weight", (D,)))
+    if not c.tie_word_embeddings:
+        yield "output", lambda: r.get("lm_head.weight", (V, D))
+
+
+def _lfm2(r: CheckpointReader, c: Config):
+    """LFM2: gated short-convolution layers and GQA attention layers (layer_types), SwiGLU w1/w3/w2
+    feed-forward, the final norm called embedding_norm."""
+    D, F, V, hd, Lc = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim, c.conv_kernel
+    q, kv = c.q_dim, c.kv_dim
+    yield "tok_embd", lambda: r.get("model.embed_tokens.weight", (V, D))
+    for i in range(c.n_layers):
+        p = f"model.layers.{i}."
+        yield f"l{i}.attn_norm.w", lambda p=p: r.get(p + "operator_norm.weight", (D,))
+        if c.is_conv(i):
+            yield f"l{i}.wqkv", lambda p=p: r.get(p + "conv.in_proj.weight", (3 * D, D))
+            yield f"l{i}.conv_w", lambda p=p: np.ascontiguousarray(
+                r.get(p + "conv.conv.weight", (D, 1, Lc)).reshape(D * Lc))
+            yield f"l{i}.wo", lambda p=p: r.get(p + "conv.out_proj.weight", (D, D))
+            if c.conv_bias:
+                yield f"l{i}.bqkv", lambda p=p: r.get(p + "conv.in_proj.bias", (3 * D,))
+                yield f"l{i}.conv_b", lambda p=p: r.get(p + "conv.conv.bias", (D,))
+                yield f"l{i}.bo", lambda p=p: r.get(p + "conv.out_proj.bias", (D,))
+        else:
+            yield f"l{i}.wqkv", lambda p=p: _cat(r.get(p + "self_attn.q_proj.weight", (q, D)),
+                                                 r.get(p + "self_attn.k_proj.weight", (kv, D)),
+                                                 r.get(p + "self_attn.v_proj.weight", (kv, D)))
+            yield f"l{i}.q_norm", lambda p=p: r.get(p + "self_attn.q_layernorm.weight", (hd,))
+            yield f"l{i}.k_norm", lambda p=p: r.get(p + "self_attn.k_layernorm.weight", (hd,))
+            yield f"l{i}.wo", lambda p=p: r.get(p + "self_attn.out_proj.weight", (D, q))
+        yield f"l{i}.ffn_norm.w", lambda p=p: r.get(p + "ffn_norm.weight", (D,))
+        yield f"l{i}.w_gate_up", lambda p=p: _cat(r.get(p + "feed_forward.w1.weight", (F, D)),
+                                                  r.get(p + "feed_forward.w3.weight", (F, D)))
+        yield f"l{i}.w_down", lambda p=p: r.get(p + "feed_forward.w2.weight", (D, F))
+    yield "out_norm.w", lambda: r.get("model.embedding_norm.weight", (D,))
     if not c.tie_word_embeddings:
         yield "output", lambda: r.get("lm_head.weight", (V, D))
 

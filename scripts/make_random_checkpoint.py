@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Write a random-weight Hugging Face (Llama layout) checkpoint of a real model's shape.
+"""Write a random-weight Hugging Face checkpoint of a real model's shape (Llama layout, or
+Gemma 3 / Phi-3 layout for the gemma3-270m and phi4-mini-4l shapes).
 
 Used for speed benchmarks only: the weights are random (N(0, 0.02), RMSNorm
 weights 1.0), so the text they produce is garbage, but every matmul has the
@@ -9,6 +10,8 @@ Usage:
     python scripts/make_random_checkpoint.py --shape smollm2-135m --out /tmp/ckpt/smollm2-135m
     python scripts/make_random_checkpoint.py --shape tinyllama-1.1b --out /tmp/ckpt/tinyllama-1.1b
     python scripts/make_random_checkpoint.py --shape stories15m --out /tmp/ckpt/stories15m --dtype bf16
+    python scripts/make_random_checkpoint.py --shape gemma3-270m --out /tmp/ckpt/gemma3-270m
+    python scripts/make_random_checkpoint.py --shape phi4-mini-4l --out /tmp/ckpt/phi4-mini-4l
 
 Output folder:
     config.json                LlamaForCausalLM, the real hyper-parameters
@@ -71,7 +74,32 @@ SHAPES = {
         rms_norm_eps=1e-5, max_position_embeddings=256,
         bos_token_id=1, eos_token_id=2, tokenizer="llama2-32k",
     ),
+    # google/gemma-3-270m: 5 sliding (512) + 1 global layer, 262k vocabulary, tied
+    "gemma3-270m": dict(
+        arch="gemma3", hidden_size=640, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, intermediate_size=2048,
+        vocab_size=262144, tie_word_embeddings=True, rope_theta=1000000.0,
+        rope_local_base_freq=10000.0, sliding_window=512, sliding_window_pattern=6,
+        query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-6, max_position_embeddings=32768,
+        bos_token_id=2, eos_token_id=1, tokenizer="gpt2",
+    ),
+    # microsoft/Phi-4-mini-instruct's layer shapes at 4 layers (of 32), so it fits a small machine:
+    # fused qkv_proj / gate_up_proj, partial rotary 0.75, LongRoPE, 200k vocabulary, tied
+    "phi4-mini-4l": dict(
+        arch="phi3", hidden_size=3072, num_hidden_layers=4, num_attention_heads=24,
+        num_key_value_heads=8, head_dim=128, intermediate_size=8192,
+        vocab_size=200064, tie_word_embeddings=True, rope_theta=10000.0,
+        partial_rotary_factor=0.75, original_max_position_embeddings=4096,
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * 48,
+                      "long_factor": [1.0 + 0.5 * i for i in range(48)]},
+        rms_norm_eps=1e-5, max_position_embeddings=131072,
+        bos_token_id=199999, eos_token_id=199999, tokenizer="gpt2",
+    ),
 }
+# architecture -> (architectures, model_type) of config.json
+ARCHS = {"llama": ("LlamaForCausalLM", "llama"), "gemma3": ("Gemma3ForCausalLM", "gemma3_text"),
+         "phi3": ("Phi3ForCausalLM", "phi3")}
 
 # dtype name -> (safetensors dtype string, torch_dtype string for config.json, bytes per element)
 DTYPES = {
@@ -85,9 +113,27 @@ def tensor_plan(s):
     """List of (name, shape, kind) in HF order; kind is 'normal' or 'ones'."""
     h, inter, hd = s["hidden_size"], s["intermediate_size"], s["head_dim"]
     nq, nkv = s["num_attention_heads"], s["num_key_value_heads"]
+    arch = s.get("arch", "llama")
     plan = [("model.embed_tokens.weight", (s["vocab_size"], h), "normal")]
     for i in range(s["num_hidden_layers"]):
         p = f"model.layers.{i}."
+        if arch == "phi3":
+            plan += [
+                (p + "input_layernorm.weight", (h,), "ones"),
+                (p + "self_attn.qkv_proj.weight", ((nq + 2 * nkv) * hd, h), "normal"),
+                (p + "self_attn.o_proj.weight", (h, nq * hd), "normal"),
+                (p + "post_attention_layernorm.weight", (h,), "ones"),
+                (p + "mlp.gate_up_proj.weight", (2 * inter, h), "normal"),
+                (p + "mlp.down_proj.weight", (h, inter), "normal"),
+            ]
+            continue
+        if arch == "gemma3":          # (1 + w) norms: w = 0 is the identity scale
+            plan += [
+                (p + "self_attn.q_norm.weight", (hd,), "zeros"),
+                (p + "self_attn.k_norm.weight", (hd,), "zeros"),
+                (p + "pre_feedforward_layernorm.weight", (h,), "zeros"),
+                (p + "post_feedforward_layernorm.weight", (h,), "zeros"),
+            ]
         plan += [
             (p + "input_layernorm.weight", (h,), "ones"),
             (p + "self_attn.q_proj.weight", (nq * hd, h), "normal"),
@@ -99,7 +145,9 @@ def tensor_plan(s):
             (p + "mlp.up_proj.weight", (inter, h), "normal"),
             (p + "mlp.down_proj.weight", (h, inter), "normal"),
         ]
-    plan.append(("model.norm.weight", (h,), "ones"))
+    if arch == "gemma3":
+        plan = [(n, shape, "zeros" if kind == "ones" else kind) for n, shape, kind in plan]
+    plan.append(("model.norm.weight", (h,), "zeros" if arch == "gemma3" else "ones"))
     if not s["tie_word_embeddings"]:
         plan.append(("lm_head.weight", (s["vocab_size"], h), "normal"))
     return plan
@@ -109,6 +157,8 @@ def make_tensor(rng, shape, kind, dtype):
     """Generate one tensor as raw little-endian bytes in the requested dtype."""
     if kind == "ones":
         x = np.ones(shape, dtype=np.float32)
+    elif kind == "zeros":
+        x = np.zeros(shape, dtype=np.float32)
     else:
         x = rng.standard_normal(shape, dtype=np.float32)
         x *= np.float32(0.02)
@@ -172,22 +222,23 @@ def main(argv=None):
     t0 = time.time()
     s = dict(SHAPES[args.shape])
     default_tok = s.pop("tokenizer")  # not a config key
+    arch_name, model_type = ARCHS[s.get("arch", "llama")]
     tok_dir = args.tokenizer or os.path.join(SHARED_TOKENIZERS, default_tok)
     st_dtype, torch_dtype, elem = DTYPES[args.dtype]
     os.makedirs(args.out, exist_ok=True)
     total = 0
 
-    # config.json: a plain LlamaForCausalLM config.
+    # config.json: the architecture's config (a plain LlamaForCausalLM one by default).
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        **s,
+        "architectures": [arch_name],
+        "model_type": model_type,
+        **{k: v for k, v in s.items() if k != "arch"},
         "hidden_act": "silu",
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
         "initializer_range": 0.02,
-        "rope_scaling": None,
+        "rope_scaling": s.get("rope_scaling"),
         "pretraining_tp": 1,
         "use_cache": True,
         "torch_dtype": torch_dtype,

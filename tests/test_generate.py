@@ -15,6 +15,10 @@ from conftest import SHARED_MODELS, shared_path, write_checkpoint
 STORIES = "stories260K"
 GPT2 = "proxy-gpt2-shakespeare"
 PROMPT = "Once upon a time, there was a little"
+# the architectures whose differences are plan steps (Granite, OLMo 2, SmolLM3, Gemma 3/2, Phi-3, LFM2)
+NEW_ARCHS = ["proxy-granite-shakespeare", "proxy-olmo2-shakespeare", "proxy-smollm3-shakespeare",
+             "proxy-gemma3-shakespeare", "proxy-gemma2-shakespeare", "proxy-phi3-shakespeare",
+             "proxy-lfm2-shakespeare"]
 
 
 def golden(name):
@@ -32,7 +36,7 @@ def gpt2(shared_model):
 
 
 # ---- greedy ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", SHARED_MODELS)
+@pytest.mark.parametrize("name", SHARED_MODELS + NEW_ARCHS)
 def test_greedy_matches_golden(shared_model, name):
     m, g = shared_model(name), golden(name)
     for case in g["cases"][:2]:
@@ -303,7 +307,7 @@ def test_logits_independent_of_prior_generate(stories):
 
 
 # ---- perplexity --------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", SHARED_MODELS)
+@pytest.mark.parametrize("name", SHARED_MODELS + NEW_ARCHS)
 def test_perplexity_matches_golden(shared_model, name):
     spec = golden(name)["perplexity"]
     m = shared_model(name)

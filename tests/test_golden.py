@@ -10,6 +10,10 @@ import minilm
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 MODELS = ["stories260K", "proxy-gpt2-shakespeare", "proxy-neox-shakespeare",
           "proxy-qwen2-shakespeare", "proxy-qwen3-shakespeare"]
+NEW_ARCHS = ["proxy-granite-shakespeare", "proxy-olmo2-shakespeare", "proxy-smollm3-shakespeare",
+             "proxy-gemma3-shakespeare", "proxy-gemma2-shakespeare", "proxy-phi3-shakespeare",
+             "proxy-lfm2-shakespeare"]
+MODELS += NEW_ARCHS
 
 pytestmark = pytest.mark.skipif(not (SHARED / "models").is_dir(),
                                 reason=f"shared models not found at {SHARED} (tests need ../shared)")
