@@ -154,6 +154,8 @@ class Config:
         if rope_by_type:
             rope = rope["full_attention"]
         theta = float(get("rope_theta", "rotary_emb_base", default=rope.get("rope_theta", 10000.0)))
+        if rope_by_type and rope.get("rope_theta") is not None:
+            theta = float(rope["rope_theta"])           # per layer type: the global layers' entry wins
         partial = get("partial_rotary_factor", "rotary_pct",
                       default=rope.get("partial_rotary_factor", 1.0))
         scaling = raw.get("rope_scaling") or None
