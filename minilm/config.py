@@ -305,6 +305,8 @@ def _arch_options(mt: str, family: str, raw: dict, c: dict, get, rope_by_type: d
     """The config keys of Granite, OLMo 2, SmolLM3, Gemma 2/3 and Phi-3 (current and older spellings)."""
     L, hd, D = c["n_layers"], c["head_dim"], c["hidden_size"]
     num = lambda name, default: _posfloat(get(name, default=default), name)
+    if raw.get("tie_word_embeddings") is None:        # the config classes' defaults (LFM2: tie_embedding)
+        c["tie_word_embeddings"] = bool(raw.get("tie_embedding", family in ("gemma", "smollm3", "lfm2")))
     if family == "granite":
         c.update(embed_scale=num("embedding_multiplier", 1.0), residual_scale=num("residual_multiplier", 1.0),
                  attn_scale=num("attention_multiplier", 1.0 / math.sqrt(hd)),
