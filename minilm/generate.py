@@ -45,15 +45,12 @@ def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, sampler: 
     one after the other, never interleaved."""
     net = model.net
     with net.busy:
+        check_room(model, prompt_ids, max_new_tokens)
         yield from _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos)
 
 
 def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos):
     cache = net.cache
-    if len(prompt_ids) + max_new_tokens > cache.n_ctx:
-        raise ContextOverflowError(
-            f"context overflow: prompt of {len(prompt_ids)} tokens + max_new_tokens={max_new_tokens} "
-            f"> n_ctx={cache.n_ctx}")
     keep = min(cache.common_prefix(prompt_ids), len(prompt_ids) - 1)  # re-run >= 1 token for logits
     if net.rope_depends_on_length(len(prompt_ids)):
         keep = 0           # dynamic NTK RoPE: cached keys were rotated for a shorter sequence
