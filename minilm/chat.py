@@ -157,7 +157,7 @@ def encode_chat(model, messages, add_generation_prompt: bool = True):
     stop_ids = []
     for s in _TURN_END_TOKENS:
         if s in used:
-            i = tok._tok.token_to_id(s) if hasattr(tok, "_tok") else None
+            i = tok.token_to_id(s) if hasattr(tok, "token_to_id") else None
             if i is not None:
                 stop_ids.append(int(i))
     stop = [] if template else list(FALLBACK_STOP)

@@ -125,7 +125,7 @@ def _to_target(lin: Linear, target: str, name: str) -> Linear:
 
 
 def _tok_json(model) -> dict | None:
-    tk = getattr(model.tokenizer, "_tok", None)
+    tk = getattr(model.tokenizer, "hf", None)
     if tk is not None:
         return json.loads(tk.to_str())
     p = Path(model.source) / "tokenizer.json"
@@ -299,8 +299,8 @@ def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool
         w.add_unk_token_id(int(tm["unk"]))
     add_bos = tok.add_bos
     if add_bos is None:    # as the post-processor does
-        add_bos = bos is not None and tok._tok.encode("", add_special_tokens=True).ids[:1] == [bos] \
-            if hasattr(tok, "_tok") else False
+        add_bos = bos is not None and tok.hf.encode("", add_special_tokens=True).ids[:1] == [bos] \
+            if hasattr(tok, "hf") else False
     w.add_add_bos_token(bool(add_bos))
     w.add_add_eos_token(False)
     tmpl = getattr(tok, "config", {}).get("chat_template")
