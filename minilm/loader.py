@@ -105,9 +105,11 @@ def check_context_memory(cfg: Config, n_ctx: int, available: int | None = None) 
     """Raise ResourceLimitError before allocating when n_ctx's buffers would not fit in memory."""
     total, per, fixed = context_bytes(cfg, n_ctx)
     avail = available_memory() if available is None else available
-    if avail is None or total <= avail:
+    if n_ctx <= MAX_POSITIONS and (avail is None or total <= avail):
         return
-    fit = max(0, (avail - fixed) // per)
+    fit = MAX_POSITIONS if avail is None else min(MAX_POSITIONS, max(0, (avail - fixed) // per))
+    if avail is None:
+        avail = fixed + per * MAX_POSITIONS
     if fit == 0:
         raise ResourceLimitError(f"this model's run buffers alone need {fixed:,} bytes but only {avail:,} "
                                  "bytes of memory are available (vocab_size / intermediate_size too large)")
@@ -129,8 +131,6 @@ def check_n_ctx(cfg: Config, n_ctx, where) -> int:
     n_ctx = int(n_ctx)
     if cfg.learned_pos and n_ctx > cfg.max_position_embeddings:
         raise ValueError(f"n_ctx={n_ctx} exceeds this model's {cfg.max_position_embeddings} learned positions")
-    if n_ctx > MAX_POSITIONS:
-        raise ResourceLimitError(f"n_ctx={n_ctx}: larger than the supported maximum of {MAX_POSITIONS} positions")
     return n_ctx
 
 
