@@ -33,6 +33,7 @@ import numpy as np
 from .errors import TemplateError
 from .generate import TextStream, generate_tokens
 from .sampling import Sampler
+from .tokenizer import check_text
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -89,6 +90,10 @@ def validate_messages(messages) -> list[dict]:
         if not isinstance(m["content"], str):
             raise RequestError(f"{where}.content: must be a string, got {type(m['content']).__name__}",
                                f"{where}.content")
+        try:
+            check_text(m["content"], f"{where}.content")
+        except ValueError as e:
+            raise RequestError(str(e), f"{where}.content", "invalid_unicode") from None
         out.append(dict(m))
     return out
 
@@ -114,7 +119,8 @@ def chat_template_of(tokenizer) -> str | None:
     'default'), or None."""
     t = (getattr(tokenizer, "config", None) or {}).get("chat_template")
     if isinstance(t, list):
-        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        named = {d.get("name"): d.get("template") for d in t
+                 if isinstance(d, dict) and isinstance(d.get("name"), (str, type(None)))}
         t = named.get("default") or next(iter(named.values()), None)
     return t if isinstance(t, str) and t.strip() else None
 

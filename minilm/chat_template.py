@@ -285,6 +285,7 @@ def _environment():
 @lru_cache(maxsize=16)
 def compile_template(source: str):
     """The compiled template (cached); TemplateError for syntax errors and refused constructs."""
+    from jinja2.exceptions import TemplateError as JinjaTemplateError
     from jinja2.exceptions import TemplateSyntaxError
     if not isinstance(source, str):
         raise TemplateError(f"chat template must be a string, got {type(source).__name__}")
@@ -292,8 +293,12 @@ def compile_template(source: str):
         return _environment().from_string(source)
     except TemplateSyntaxError as e:
         raise TemplateError(f"chat template: syntax error at line {e.lineno}: {e.message}") from None
-    except RecursionError:
+    except TemplateError:
+        raise
+    except (RecursionError, SyntaxError, MemoryError):
         raise TemplateError("chat template: nested too deeply to compile") from None
+    except JinjaTemplateError as e:
+        raise TemplateError(f"chat template: {e}") from None
 
 
 def render(source: str, input_chars: int = 0, **variables) -> str:

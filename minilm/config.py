@@ -207,6 +207,10 @@ class Config:
             raise ModelLoadError(f"{path}: config.json not found") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+        except RecursionError:
+            raise ModelLoadError(f"{path}: not valid JSON (nested too deeply)") from None
+        except OSError as e:
+            raise ModelLoadError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
         if not isinstance(raw, dict):
             raise ModelLoadError(f"{path}: expected a JSON object, got {type(raw).__name__}")
         try:

@@ -47,6 +47,8 @@ class LM:
     def perplexity(self, ids, window: int | None = None) -> dict:
         """exp(mean NLL) over ids split into non-overlapping windows, each run from position 0."""
         ids = self._ids(ids)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 2):
+            raise ValueError(f"window={window!r}: must be an integer >= 2")
         window = window or self.n_ctx
         nll, n = 0.0, 0
         for a in range(0, len(ids), window):

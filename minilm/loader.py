@@ -49,6 +49,8 @@ def read_generation_config(folder: Path) -> dict:
         g = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{p}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{p}: not valid JSON (nested too deeply)") from None
     except OSError as e:
         raise ModelLoadError(f"{p}: cannot read ({e})") from None
     if not isinstance(g, dict):
@@ -178,6 +180,10 @@ def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     if quant is not None and not isinstance(quant, str):
         raise ValueError(f"quant={quant!r}: must be a string such as 'int8' or 'int4'")
+    if embed_quant is not None and not isinstance(embed_quant, str):
+        raise ValueError(f"embed_quant={embed_quant!r}: must be a string such as 'f16' or 'int8'")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+        raise ValueError(f"group_size={group_size!r}: must be 32, 64 or 128")
     check = weight_check_enabled(check_weights)
     if not isinstance(path_or_id, (str, os.PathLike)):
         raise TypeError(f"path_or_id={path_or_id!r}: must be a folder path or a hub id (str)")

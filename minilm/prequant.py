@@ -82,6 +82,8 @@ def read_meta(folder: Path) -> dict:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path}: not valid JSON (nested too deeply)") from None
     except OSError as e:
         raise ModelLoadError(f"{path}: cannot read ({e})") from None
     if not isinstance(meta, dict):

@@ -49,10 +49,14 @@ class SafetensorsFile:
             raise ModelLoadError(f"{path}: file not found") from None
         except IsADirectoryError:
             raise ModelLoadError(f"{path}: is a directory, expected a .safetensors file") from None
+        except OSError as e:
+            raise ModelLoadError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
         try:
             header = json.loads(raw.decode("utf-8").rstrip(" "))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelLoadError(f"{self.path}: corrupt safetensors header ({e})") from None
+        except RecursionError:
+            raise ModelLoadError(f"{self.path}: corrupt safetensors header (nested too deeply)") from None
         if not isinstance(header, dict):
             raise ModelLoadError(f"{self.path}: corrupt safetensors header (not a JSON object)")
         meta = header.pop("__metadata__", None) or {}

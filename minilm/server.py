@@ -250,6 +250,8 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
             body = json.loads(bytes(buf))
         except (ValueError, UnicodeDecodeError) as e:
             return None, _error(400, f"request body is not valid JSON ({e})", code="invalid_json")
+        except RecursionError:
+            return None, _error(400, "request body is not valid JSON (nested too deeply)", code="invalid_json")
         if not isinstance(body, dict):
             return None, _error(400, "request body must be a JSON object", code="invalid_json")
         bad = find_surrogate(body)

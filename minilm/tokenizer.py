@@ -35,6 +35,10 @@ class Tokenizer:
                 self.config = json.loads(cfg_path.read_text(encoding="utf-8"))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ModelLoadError(f"{cfg_path}: not valid JSON ({e})") from None
+            except RecursionError:
+                raise ModelLoadError(f"{cfg_path}: not valid JSON (nested too deeply)") from None
+            except OSError as e:
+                raise ModelLoadError(f"{cfg_path}: cannot read ({type(e).__name__}: {e})") from None
             if not isinstance(self.config, dict):
                 raise ModelLoadError(f"{cfg_path}: expected a JSON object, got {type(self.config).__name__}")
             for k in _SPECIAL_KEYS:

@@ -64,7 +64,7 @@ class CheckpointReader:
         if index.exists():
             try:
                 doc = json.loads(index.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as e:
                 raise ModelLoadError(f"{index}: not a valid safetensors index ({e})") from None
             wm = doc.get("weight_map") if isinstance(doc, dict) else None
             if not isinstance(wm, dict) or not wm:
