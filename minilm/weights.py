@@ -42,11 +42,14 @@ def shard_path(folder: Path, name, index: Path) -> Path:
                              "(absolute paths and '..' are refused)")
     full = folder / p
     root = folder.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":          # hub cache: snapshots/<rev>/x -> ../../blobs/<hash>
+        roots.append(root.parent.parent / "blobs")
     try:
         real = full.resolve()
     except (OSError, RuntimeError) as e:          # symlink loops
         raise ModelLoadError(f"{index}: shard {name!r} cannot be resolved ({e})") from None
-    if real != root and root not in real.parents:
+    if not any(real == r or r in real.parents for r in roots):
         raise ModelLoadError(f"{index}: shard {name!r} resolves to {real}, outside the model folder {root}")
     return full
 

@@ -189,6 +189,23 @@ def test_index_symlink_escape(folder, tmp_path):
     assert "outside the model folder" in fails(ModelLoadError, minilm.load, str(folder))
 
 
+def test_index_hub_cache_symlinks_are_allowed(good, tmp_path):
+    """The hub cache links snapshots/<rev>/<file> to ../../blobs/<hash>: that is not an escape."""
+    repo = tmp_path / "models--me--tiny"
+    snap, blobs = repo / "snapshots" / "abc123", repo / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for f in good.iterdir():
+        shutil.copyfile(f, blobs / f.name)
+        (snap / f.name).symlink_to(os.path.join("..", "..", "blobs", f.name))
+    names = json.loads(open(good / "model.safetensors", "rb").read(8 + struct.unpack("<Q", open(
+        good / "model.safetensors", "rb").read(8))[0])[8:])
+    wm = {k: "model.safetensors" for k in names if k != "__metadata__"}
+    (blobs / "index").write_text(json.dumps({"weight_map": wm}))
+    (snap / "model.safetensors.index.json").symlink_to(os.path.join("..", "..", "blobs", "index"))
+    assert isinstance(minilm.load(str(snap), n_ctx=32).generate(PROMPT, max_new_tokens=2), str)
+
+
 @pytest.mark.parametrize("doc", [[], {"weight_map": []}, {"weight_map": {"a": 5}}, {"weight_map": {}},
                                  {"weight_map": {"a": None}}, "x"])
 def test_index_malformed(folder, doc):
