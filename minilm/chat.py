@@ -170,6 +170,8 @@ def encode_chat(model, messages, add_generation_prompt: bool = True):
 
 # ---- arguments -------------------------------------------------------------------------------
 def _number(name, v, lo=None, lo_open=False, hi=None):
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2 ** 53:
+        raise RequestError(f"{name}={v!r}: must be a finite number of a sensible size", name)
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
         raise RequestError(f"{name}={v!r}: must be a finite number", name)
     if lo is not None and (v <= lo if lo_open else v < lo):

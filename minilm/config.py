@@ -146,8 +146,8 @@ class Config:
             raise ModelLoadError(f"hidden_size={self.hidden_size} is not num_attention_heads={self.n_heads} "
                                  f"x head_dim={self.head_dim} ({self.model_type} needs hidden_size divisible "
                                  "by the number of heads)")
-        if self.family == "neox" and self.n_kv_heads != self.n_heads:
-            raise ModelLoadError(f"num_key_value_heads={self.n_kv_heads}: gpt_neox has no grouped-query "
+        if self.family in ("gpt2", "neox") and self.n_kv_heads != self.n_heads:
+            raise ModelLoadError(f"num_key_value_heads={self.n_kv_heads}: {self.model_type} has no grouped-query "
                                  f"attention (must equal num_attention_heads={self.n_heads})")
         if self.norm not in ("rms", "layer"):
             raise ModelLoadError(f"norm={self.norm!r}: unknown")

@@ -42,6 +42,9 @@ def check_generate_args(max_new_tokens, stop, seed=None, **sampling):
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
     stop = check_stop(stop)
     check_seed(seed)
+    for name, v in sampling.items():       # ints beyond float range reach np.isfinite as objects
+        if name != "top_k" and isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2 ** 53:
+            raise ValueError(f"{name}={v!r}: must be a finite number of a sensible size")
     check_params(**sampling)
     return stop
 

@@ -498,6 +498,7 @@ def test_gguf_loads_and_matches(gguf_file, model):
     (dict(stream="yes"), "stream"), (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(max_new_tokens="3"), "max_new_tokens"), (dict(temperature="hot"), "temperature"),
     (dict(top_p=2.0), "top_p"), (dict(top_k=1.5), "top_k"), (dict(max_new_tokens=10**12), "n_ctx"),
+    (dict(temperature=10**400), "temperature"), (dict(repetition_penalty=-10**30), "repetition_penalty"),
 ])
 def test_bad_generate_params(model, greedy, kw, words):
     msg = fails((ValueError, TypeError, MinilmError), model.generate, PROMPT, **kw)
@@ -627,6 +628,20 @@ def test_server_lone_surrogates(client, path, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and "surrogate" in err["message"]
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 10**400), ("top_p", 10**30), ("seed", "x"),
+                                         ("stop", 5), ("max_tokens", 10**30)])
+def test_server_bad_numbers_are_400(client, field, value):
+    body = {"prompt": "hi", "max_tokens": 2, field: value}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def test_server_deeply_nested_body(client):
+    raw = b'{"messages": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400
 
 
 def test_server_header_limit(client):
