@@ -14,17 +14,39 @@ from .sampling import Sampler, check_params
 _CTX_TOKENS = 4
 
 
-def check_generate_args(max_new_tokens, stop, **sampling):
+def check_seed(seed) -> int | None:
+    """seed: None or an integer >= 0 (ValueError naming the parameter otherwise)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0 or seed >= 1 << 128:
+        raise ValueError(f"seed={seed!r}: must be None or an integer in [0, 2**128)")
+    return int(seed)
+
+
+def check_stop(stop) -> list[str]:
+    """stop: None, a non-empty string, or a list/tuple of non-empty strings (valid Unicode)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop={stop!r}: must be a non-empty string or a list of non-empty strings")
+    from .tokenizer import check_text
+    for i, s in enumerate(stop):
+        check_text(s, f"stop[{i}]")
+    return list(stop)
+
+
+def check_generate_args(max_new_tokens, stop, seed=None, **sampling):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop={stop!r}: must be a non-empty string or a list of non-empty strings")
-        stop = list(stop)
+    stop = check_stop(stop)
+    check_seed(seed)
+    for name, v in sampling.items():       # ints beyond float range reach np.isfinite as objects
+        if name != "top_k" and isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2 ** 53:
+            raise ValueError(f"{name}={v!r}: must be a finite number of a sensible size")
     check_params(**sampling)
-    return list(stop or [])
+    return stop
 
 
 def check_room(model, prompt_ids, max_new_tokens) -> None:
