@@ -89,6 +89,33 @@ def test_top_p_exactly_on_a_cumulative_boundary():
     check(dist(logits, top_p=3 / 7 + 1e-9), [0.25] * 4 + [0] * 4)
 
 
+def top_p_by_full_sort(p: np.ndarray, top_p: float) -> np.ndarray:
+    """The definition, on the whole vocabulary: keep a token when the mass ranked above it (most
+    likely first, equal probabilities by token id) is < top_p."""
+    order = np.argsort(-p, kind="stable")
+    above = np.concatenate([[0.0], np.cumsum(p[order])[:-1]])
+    q = p.copy()
+    q[order[above >= top_p]] = 0
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("scale, top_p", [(4.0, 0.9), (4.0, 0.3), (0.5, 0.9), (0.01, 0.95)])
+def test_top_p_on_a_large_vocabulary(scale, top_p):
+    # V = 8192: a peaked distribution has its nucleus among the 1024 most likely tokens (the
+    # sampler then sorts only those), a flat one does not (it sorts everything); same answer.
+    logits = (np.random.default_rng(5).standard_normal(8192) * scale).astype(np.float32)
+    check(dist(logits, top_p=top_p), top_p_by_full_sort(softmax64(logits), top_p))
+
+
+def test_top_p_on_a_large_vocabulary_of_ties():
+    logits = np.zeros(4096, np.float32)                     # p = 2^-12 exactly, all tied
+    check(dist(logits, top_p=0.5), [2 ** -11] * 2048 + [0] * 2048)
+    logits[:3000] = 1.0                                     # 3000 tied at the top, more than 1024
+    q = softmax64(logits)
+    check(dist(logits, top_p=0.5), top_p_by_full_sort(q, 0.5))
+    assert np.flatnonzero(dist(logits, top_p=0.5)).tolist() == list(range(int(np.ceil(0.5 / q[0]))))
+
+
 def test_min_p_is_relative_to_the_largest_probability():
     # 50 tokens at logit 0 and 50 at log(0.4): every probability is below 0.015, so an absolute
     # threshold of 0.5 would remove everything; relative to the max (1/70) it removes the 0.4s.
