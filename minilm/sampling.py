@@ -104,11 +104,12 @@ class Sampler:
         if not np.isfinite(x).all() and (err := self._bad_logits(x)):
             raise err
         V = len(x)
-        x /= self.temperature
+        x -= x.max()                  # first: with a tiny temperature, x <= 0 can only overflow to -inf
+        with np.errstate(over="ignore"):                             # (probability 0: it tends to greedy)
+            x /= self.temperature
         if 0 < self.top_k < V:
             kth = np.partition(x, V - self.top_k)[V - self.top_k]   # the k-th largest
             x[x < kth] = -np.inf
-        x -= x.max()
         p = np.exp(x, out=x)                                         # in the scratch, no new arrays
         p /= p.sum()
         if self.top_p < 1.0:

@@ -44,6 +44,8 @@ def test_temperature_divides_the_logits():
     check(dist(f32(2, 1, 0, -1), temperature=0.5), want)
     want = np.array([e(1), e(0.5), 1, e(-0.5)]) / (e(1) + e(0.5) + 1 + e(-0.5))  # logits / 2
     check(dist(f32(2, 1, 0, -1), temperature=2.0), want)
+    check(dist(f32(2, 1, 0, -1), temperature=1e-310), [1, 0, 0, 0])             # no overflow: greedy
+    check(dist(f32(2, 1, 2, -np.inf), temperature=1e-310), [0.5, 0, 0.5, 0])
 
 
 def test_greedy_is_one_hot_at_the_first_argmax():
