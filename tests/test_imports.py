@@ -26,9 +26,8 @@ PACKAGE_DIRS = {"minilm": REPO / "minilm", "minilm.kernels": REPO / "kernels"}
 
 # ---- the graph ------------------------------------------------------------------------------
 def find_modules(package_dirs: dict[str, Path]) -> dict[str, Path]:
-    """Dotted module name -> source file, for every .py file of the given packages (one level of
-    subpackages is given explicitly in package_dirs; nested folders with an __init__.py are
-    walked too)."""
+    """Dotted module name -> source file, for every .py file under each package folder
+    (package name -> folder; subfolders become subpackages)."""
     mods = {}
     for pkg, folder in package_dirs.items():
         for f in sorted(folder.rglob("*.py")):
