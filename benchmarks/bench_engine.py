@@ -94,7 +94,7 @@ def main(argv=None) -> int:
                "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
                "--new-tokens", str(args.new_tokens), "--runs", str(args.runs)]
         out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [l for l in out.stdout.splitlines() if l.startswith("RESULT ")]
+        line = [s for s in out.stdout.splitlines() if s.startswith("RESULT ")]
         if not line:
             print(f"{q}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
             continue

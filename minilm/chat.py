@@ -403,14 +403,3 @@ def completion_from(p: Prepared, name: str, stream: bool = False, include_usage:
                    "choices": [], "usage": g.usage()}
     return chunks()
 
-
-def _attach() -> None:
-    """Make chat/create_chat_completion/create_completion methods of `LM` when lm.py does not
-    define them itself (importing minilm.chat is then enough)."""
-    from .lm import LM
-    for f in (chat, create_chat_completion, create_completion):
-        if not hasattr(LM, f.__name__):
-            setattr(LM, f.__name__, f)
-
-
-_attach()

@@ -1,12 +1,13 @@
 """`minilm bench` end to end on the tiny trained model (two levels, tiny counts)."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-MODEL = Path("/work/shared/models/stories260K")
-TEXT = Path("/work/shared/texts/tinystories_sample_cs336.txt")
+from conftest import SHARED
+
+MODEL = SHARED / "models" / "stories260K"
+TEXT = SHARED / "texts" / "tinystories_sample_cs336.txt"
 
 pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason=f"{MODEL} not present (shared models)")
 

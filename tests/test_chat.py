@@ -8,7 +8,9 @@ import pytest
 import minilm
 from minilm import chat as C
 
-MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+from conftest import SHARED
+
+MODELS = SHARED / "models"
 STORIES = MODELS / "stories260K"
 QWEN = MODELS / "proxy-qwen2-shakespeare"
 needs_models = pytest.mark.skipif(not (STORIES / "config.json").exists() or not (QWEN / "config.json").exists(),

@@ -1,7 +1,6 @@
 """INT8 / INT4 accuracy against the f32 golden references, and pre-quantized folders."""
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,8 @@ import minilm
 from minilm import prequant
 from minilm.errors import ModelLoadError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED
+
 MODELS = ["stories260K", "proxy-gpt2-shakespeare", "proxy-neox-shakespeare",
           "proxy-qwen2-shakespeare", "proxy-qwen3-shakespeare"]
 pytestmark = pytest.mark.skipif(not (SHARED / "models").is_dir(),
