@@ -459,7 +459,7 @@ def measure_llamacpp(spec: dict, checkpoint: Callable[[dict], None]) -> dict:
                 if r["ok"]:
                     f = r["fields"]
                     lb = f["llama_bench"]
-                    row.update({k: v for k, v in f.items()})
+                    row.update(f)
                     row["version"] = f"llama.cpp {lb.get('build_commit') or '?'} (llama-bench)"
                     row["config"] = (f"{describe_build(build)}; {what}; `{r['cmd']}`; timing: llama-bench's own "
                                      f"(median and min-max of its {lb['repetitions']} samples; its avg "
@@ -473,8 +473,6 @@ def measure_llamacpp(spec: dict, checkpoint: Callable[[dict], None]) -> dict:
                 crashed.append(f"{describe_build(build)} with {what} failed: {r['why']}")
                 if not r.get("signal"):     # not a crash of a code path: a switch will not help
                     break
-            else:
-                r = None
             if not row.get("decode_tok_s"):
                 row["note"] = "failed: llama-bench: " + "; ".join(crashed)
                 return row
