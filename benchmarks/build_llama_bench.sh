@@ -14,7 +14,8 @@
 # for a machine where the default build's AMX path dies of SIGILL while the AVX-512 repacked weights
 # stay on; minilm bench reads the variant and flags from build-info.json and names them in its row.
 # Needs: pip (to download the sdist), a C++17 compiler, cmake >= 3.14 (installed with apt-get or pip
-# when missing). Takes 10-20 minutes on 2 cores.
+# when missing). Takes 10-20 minutes on 2 cores. Without --version, a cached build of the variant
+# is reused (newest version); otherwise the newest sdist is downloaded.
 set -euo pipefail
 
 VERSION=""
@@ -27,7 +28,7 @@ while [ $# -gt 0 ]; do
         --variant) VARIANT="$2"; shift 2 ;;
         --cmake-arg) EXTRA_CMAKE+=("$2"); shift 2 ;;
         --jobs) JOBS="$2"; shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "build_llama_bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -49,6 +50,19 @@ if [ -z "$VERSION" ]; then
     SPEC="llama-cpp-python"
 else
     SPEC="llama-cpp-python==$VERSION"
+fi
+if [ -z "$VERSION" ]; then
+    # no version asked: a build of this variant already in the cache will do (newest version)
+    SUFFIX=""; [ "$VARIANT" = "default" ] || SUFFIX="-$VARIANT"
+    for d in $(ls -d "$CACHE"/llama.cpp-* 2>/dev/null | sort -V -r); do
+        v="${d##*/llama.cpp-}"; v="${v%"$SUFFIX"}"
+        case "$v" in *[!0-9.]*|"") continue ;; esac
+        if [ "$d" = "$CACHE/llama.cpp-$v$SUFFIX" ] && [ -x "$d/bin/llama-bench" ] && [ -f "$d/build-info.json" ]; then
+            echo ">> cached: $d/bin/llama-bench (pass --version X to build another version)" >&2
+            echo "$d/bin/llama-bench"
+            exit 0
+        fi
+    done
 fi
 SDIST=""
 if [ -n "$VERSION" ] && [ -f "$DL/llama_cpp_python-$VERSION.tar.gz" ]; then
