@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
         --variant) VARIANT="$2"; shift 2 ;;
         --cmake-arg) EXTRA_CMAKE+=("$2"); shift 2 ;;
         --jobs) JOBS="$2"; shift 2 ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
         *) echo "build_llama_bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
 done
