@@ -112,9 +112,15 @@ def test_peer_row_names_the_configuration_that_ran(tmp_path):
         assert len(r["decode_samples"]) == 2 and r["llama_bench"]["repetitions"] == 2
         if "--repack 0" in cfg or "NOT llama.cpp's default" in cfg:     # a crash forced a switch: said so
             assert "failed" in cfg
+        else:                                                            # llama.cpp's default: repacking on
+            assert r["llama_bench"]["repack"] is True and "repack True" in cfg
     else:
         assert "llama-cpp-python" in cfg and ("defaults" in cfg or "use_extra_bufts=False" in cfg)
     assert cfg.replace("|", "\\|") in md                           # the table shows it
+    assert "Side by side" in md and "| int8 | q8_0 |" in md               # minilm / llama.cpp ratios
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert [(p["minilm"], p["llama.cpp"]) for p in meta["side_by_side"]] == [("int8", "q8_0")]
 
 
 FAKE_LLAMA_BENCH = r'''#!{python}
@@ -148,7 +154,7 @@ def test_crashing_default_is_named_not_hidden(tmp_path):
     r, _ = _peer_run(tmp_path / "out", "--llama-bench", str(fake))
     cfg = r["config"]
     assert "--repack 0" in cfg and "repacked weights OFF" in cfg and "NOT llama.cpp's default" in cfg, cfg
-    assert "killed by SIGILL" in cfg, cfg
+    assert "killed by SIGILL" in cfg and "repack False" in cfg, cfg
     assert r["decode_tok_s"] == 100.5 and r["decode_min"] == 100.0 and r["decode_max"] == 101.0   # its samples
     assert r["prefill_tok_s"] == 1005.0 and r["llama_bench"]["tg_avg_ts"] == 100.5
     assert abs(r["decode_gb_s"] - r["bytes_per_token"] * 100.5 / 1e9) < 1e-9

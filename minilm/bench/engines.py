@@ -461,7 +461,9 @@ def measure_llamacpp(spec: dict, checkpoint: Callable[[dict], None]) -> dict:
                     lb = f["llama_bench"]
                     row.update(f)
                     row["version"] = f"llama.cpp {lb.get('build_commit') or '?'} (llama-bench)"
-                    row["config"] = (f"{describe_build(build)}; {what}; `{r['cmd']}`; timing: llama-bench's own "
+                    row["config"] = (f"{describe_build(build)}; {what} (its JSON: repack {lb.get('repack')}, "
+                                     f"{lb.get('n_threads')} threads, flash_attn {lb.get('flash_attn')}); "
+                                     f"`{r['cmd']}`; timing: llama-bench's own "
                                      f"(median and min-max of its {lb['repetitions']} samples; its avg "
                                      f"{lb['tg_avg_ts']:.1f} ± {lb['tg_stddev_ts']:.1f} tg tok/s in the JSON)")
                     if crashed:

@@ -139,10 +139,13 @@ def plot(rows, path: Path, title: str) -> None:
     if not any(r.get(ykey) is not None for r in rows):
         ykey, ylabel = "prefill_tok_s", "prefill tokens/s (median)"   # no quality columns: speed vs speed
         use_kl = False
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    pairs = side_by_side(rows)
+    fig, axes = plt.subplots(1, 3 if pairs else 2, figsize=(18 if pairs else 12, 4.8))
+    if pairs:
+        _speed_bars(axes[2], rows, pairs)
     markers = {"minilm": ("o", "C0"), "llama.cpp": ("s", "C1"), "transformers": ("^", "C2")}
     ys = [r[ykey] for r in rows if r.get(ykey) is not None and math.isfinite(r[ykey])]
-    for ax, (xkey, xlabel) in zip(axes, [("decode_tok_s", "decode tokens/s (median)"), ("file_mb", "file size (MB)")]):
+    for ax, (xkey, xlabel) in zip(axes[:2], [("decode_tok_s", "decode tokens/s (median)"), ("file_mb", "file size (MB)")]):
         seen = set()
         for r in rows:
             x, y = r.get(xkey), r.get(ykey)
@@ -166,3 +169,27 @@ def plot(rows, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _speed_bars(ax, rows, pairs) -> None:
+    """Decode and prefill medians (min-max whiskers) of each minilm level beside its llama.cpp row."""
+    by = {(r["engine"], r["quant"]): r for r in rows}
+    labels, xs = [], []
+    for i, p in enumerate(pairs):
+        for j, (eng, q, color) in enumerate((("minilm", p["minilm"], "C0"), ("llama.cpp", p["llama.cpp"], "C1"))):
+            r = by[(eng, q)]
+            for k, (key, hatch) in enumerate((("decode", ""), ("prefill", "//"))):
+                x = i * 5 + k * 2 + j * 0.9
+                v, lo, hi = r[f"{key}_tok_s"], r[f"{key}_min"], r[f"{key}_max"]
+                ax.bar([x], [v], width=0.85, color=color, hatch=hatch, alpha=0.85,
+                       yerr=[[v - lo], [hi - v]], capsize=3,
+                       label=f"{eng} {key}" if i == 0 else None)
+        labels.append(f"{p['minilm']} / {p['llama.cpp']}")
+        xs.append(i * 5 + 1.45)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens/s (median, min-max)")
+    ax.set_title("decode (plain) and prefill (hatched)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
