@@ -356,6 +356,10 @@ def parse_llama_bench_json(text: str, n_prompt: int, n_gen: int) -> dict:
     return row
 
 
+def _num(v) -> str:
+    return f"{v:.1f}" if isinstance(v, (int, float)) else "?"
+
+
 def run_llama_bench(build: dict, gguf: Path, n_prompt: int, n_gen: int, threads: int, runs: int,
                     extra: list[str], timeout_s: float) -> dict:
     """One llama-bench invocation. {'ok': True, 'fields': ..., 'cmd': ...} or {'ok': False, 'why': ...}."""
@@ -464,8 +468,9 @@ def measure_llamacpp(spec: dict, checkpoint: Callable[[dict], None]) -> dict:
                     row["config"] = (f"{describe_build(build)}; {what} (its JSON: repack {lb.get('repack')}, "
                                      f"{lb.get('n_threads')} threads, flash_attn {lb.get('flash_attn')}); "
                                      f"`{r['cmd']}`; timing: llama-bench's own "
-                                     f"(median and min-max of its {lb['repetitions']} samples; its avg "
-                                     f"{lb['tg_avg_ts']:.1f} ± {lb['tg_stddev_ts']:.1f} tg tok/s in the JSON)")
+                                     f"(median and min-max of its {lb['repetitions']} samples; its avg ± "
+                                     f"stddev {_num(lb['tg_avg_ts'])} ± {_num(lb['tg_stddev_ts'])} tg tok/s "
+                                     "in the JSON)")
                     if crashed:
                         row["config"] += "; NOT llama.cpp's default: " + "; ".join(crashed)
                     row["timing"] = "llama-bench"
