@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import llvmlite.ir as ir
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
@@ -879,27 +880,299 @@ def act_quant_q8_k(x, xq, xd, xs):
         xd[b] = np.float32(1.0) / isc
 
 
+# ---- SIMD building blocks (LLVM IR) --------------------------------------------------------
+# _dp32(accp, sc0, sc1, w, wo, x, xo): acc[0:8] (int32, stack) += dot4(w[wo:wo+32] (u8),
+#     x[xo:xo+32] (s8)) * [sc0]*4 ++ [sc1]*4  (lane i = sum of bytes 4i..4i+3: lanes 0-3 are the
+#     first 16 elements, 4-7 the next 16, so one call serves two 16-sub-blocks or one 32-block)
+# _dpf32(accp, scale, w, wo, x, xo): facc[0:8] (f32, stack) += f32(dot4(...)) * scale
+# _iq4_lut16(buf, bo, row, ro): buf[bo:bo+16] = KV128[row[ro:ro+16] & 15],
+#     buf[bo+16:bo+32] = KV128[row[ro:ro+16] >> 4]   (KV128 = kvalues + 128, u8)
+# "vnni": vpdpbusd ymm and pshufb; "generic": widening IR any LLVM target lowers (zext/sext, mul,
+# adds; a select chain for the table), chosen when the CPU lacks AVX512-VNNI/VL or with
+# MINILM_SIMD=generic|avx2 (as kernels/qmatmul.py; use a fresh NUMBA_CACHE_DIR with it).
+
+import os as _os  # noqa: E402
+
+import llvmlite.binding as _llvm  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+
+from .simd import _elem_ptr, _stack_f32  # noqa: E402
+
+try:
+    _FEAT = _llvm.get_host_cpu_features()
+except Exception:  # pragma: no cover
+    _FEAT = {}
+SIMD = "vnni" if all(_FEAT.get(f, False) for f in ("avx512vnni", "avx512vl", "avx512bw")) else "generic"
+_FORCE = _os.environ.get("MINILM_SIMD", "")
+if _FORCE not in ("", "generic", "avx2"):
+    raise ValueError(f"MINILM_SIMD={_FORCE!r}: must be 'generic' or 'avx2' (or unset)")
+if _FORCE:
+    SIMD = "generic"
+
+_I8T = ir.IntType(8)
+_I32T = ir.IntType(32)
+_F32T = ir.FloatType()
+_V32I8 = ir.VectorType(_I8T, 32)
+_V16I8 = ir.VectorType(_I8T, 16)
+_V8I32 = ir.VectorType(_I32T, 8)
+_V32I32 = ir.VectorType(_I32T, 32)
+_V8F32 = ir.VectorType(_F32T, 8)
+_KV128 = [int(v) + 128 for v in KVALUES]
+
+
+def _shuf(builder, a, b, idx):
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32T, len(idx)), list(idx)))
+
+
+def _dot4(builder, wv, xv):
+    """<32 x u8> . <32 x s8> -> <8 x i32>, lane i = sum over bytes 4i..4i+3."""
+    if SIMD == "vnni":
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3),
+                                           "llvm.x86.avx512.vpdpbusd.256")
+        return builder.call(f, [ir.Constant(_V8I32, [0] * 8),
+                                builder.bitcast(wv, _V8I32), builder.bitcast(xv, _V8I32)])
+    p = builder.mul(builder.zext(wv, _V32I32), builder.sext(xv, _V32I32))
+    parts = [_shuf(builder, p, p, [4 * i + k for i in range(8)]) for k in range(4)]
+    return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+
+
+def _load32(ctx, builder, aty, arr, off):
+    p = _elem_ptr(ctx, builder, aty, arr, off, _I8T)
+    return builder.load(builder.bitcast(p, _V32I8.as_pointer()), align=1)
+
+
+def _i32(builder, v):
+    w = v.type.width
+    return v if w == 32 else (builder.trunc(v, _I32T) if w > 32 else builder.sext(v, _I32T))
+
+
+@intrinsic
+def _dp32(typingctx, accp, sc0, sc1, w, wo, x, xo):
+    def codegen(ctx, builder, sig, args):
+        accp_, s0, s1, w_, wo_, x_, xo_ = args
+        d = _dot4(builder, _load32(ctx, builder, sig.args[3], w_, wo_),
+                  _load32(ctx, builder, sig.args[5], x_, xo_))
+        v0 = builder.insert_element(ir.Constant(_V8I32, None), _i32(builder, s0), ir.Constant(_I32T, 0))
+        v1 = builder.insert_element(ir.Constant(_V8I32, None), _i32(builder, s1), ir.Constant(_I32T, 0))
+        sc = _shuf(builder, v0, v1, [0, 0, 0, 0, 8, 8, 8, 8])
+        ap = builder.bitcast(accp_, _V8I32.as_pointer())
+        builder.store(builder.add(builder.load(ap, align=4), builder.mul(d, sc)), ap, align=4)
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, sc0, sc1, w, wo, x, xo), codegen
+
+
+@intrinsic
+def _dpf32(typingctx, accp, scale, w, wo, x, xo):
+    def codegen(ctx, builder, sig, args):
+        accp_, sc, w_, wo_, x_, xo_ = args
+        d = _dot4(builder, _load32(ctx, builder, sig.args[2], w_, wo_),
+                  _load32(ctx, builder, sig.args[4], x_, xo_))
+        v = builder.insert_element(ir.Constant(_V8F32, None), sc, ir.Constant(_I32T, 0))
+        v = _shuf(builder, v, v, [0] * 8)
+        ap = builder.bitcast(accp_, _V8F32.as_pointer())
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3),
+                                             "llvm.fma.v8f32")
+        builder.store(builder.call(fma, [builder.sitofp(d, _V8F32), v, builder.load(ap, align=4)]), ap, align=4)
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, scale, w, wo, x, xo), codegen
+
+
+@intrinsic
+def _iq4_lut16(typingctx, buf, bo, row, ro):
+    def codegen(ctx, builder, sig, args):
+        buf_, bo_, row_, ro_ = args
+        p = _elem_ptr(ctx, builder, sig.args[2], row_, ro_, _I8T)
+        v = builder.load(builder.bitcast(p, _V16I8.as_pointer()), align=1)
+        lo = builder.and_(v, ir.Constant(_V16I8, [15] * 16))
+        hi = builder.lshr(v, ir.Constant(_V16I8, [4] * 16))
+        tab = ir.Constant(_V16I8, [t & 0xFF for t in _KV128])
+        if SIMD == "vnni":
+            f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [_V16I8] * 2),
+                                               "llvm.x86.ssse3.pshuf.b.128")
+            a = builder.call(f, [tab, lo])
+            b = builder.call(f, [tab, hi])
+        else:
+            a = ir.Constant(_V16I8, [0] * 16)
+            b = ir.Constant(_V16I8, [0] * 16)
+            for t in range(16):
+                tv = ir.Constant(_V16I8, [t] * 16)
+                kv = ir.Constant(_V16I8, [_KV128[t] & 0xFF] * 16)
+                a = builder.select(builder.icmp_unsigned("==", lo, tv), kv, a)
+                b = builder.select(builder.icmp_unsigned("==", hi, tv), kv, b)
+        q = _elem_ptr(ctx, builder, sig.args[0], buf_, bo_, _I8T)
+        builder.store(_shuf(builder, a, b, list(range(32))), builder.bitcast(q, _V32I8.as_pointer()), align=1)
+        return ir.Constant(_I8T, 0)
+    return types.int8(buf, bo, row, ro), codegen
+
+
+def _splat8(builder, v, n=32):
+    """A scalar (any int width) as <n x i8> (truncated)."""
+    vt = ir.VectorType(_I8T, n)
+    b = v if v.type.width == 8 else builder.trunc(v, _I8T)
+    e = builder.insert_element(ir.Constant(vt, None), b, ir.Constant(_I32T, 0))
+    return _shuf(builder, e, e, [0] * n)
+
+
+def _bits32(ctx, builder, sig, args, i):
+    """u = ((row[ro:ro+32] >> sh) & mk) | (((row[ro2:ro2+32] >> sh2) & mk2) << ls2) as <32 x i8>,
+    from the args i .. i+7 = row, ro, sh, mk, ro2, sh2, mk2, ls2 (byte-wise shifts)."""
+    row, ro, sh, mk, ro2, sh2, mk2, ls2 = args[i:i + 8]
+    a = _load32(ctx, builder, sig.args[i], row, ro)
+    a = builder.and_(builder.lshr(a, _splat8(builder, sh)), _splat8(builder, mk))
+    b = _load32(ctx, builder, sig.args[i], row, ro2)
+    b = builder.and_(builder.lshr(b, _splat8(builder, sh2)), _splat8(builder, mk2))
+    return builder.or_(a, builder.shl(b, _splat8(builder, ls2)))
+
+
+def _nib32(ctx, builder, sig, args, i, kind):
+    """32 weights of a 32-block from its 16 nibble bytes at row[ro:] (args i, i+1; i+2 = qho):
+    kind 0: [lo nibbles, hi nibbles]; 1: | bit l of the little-endian u32 at row[qho:] << 4 (Q5);
+    2: KV128[...] (IQ4's table + 128)."""
+    row, ro, qho = args[i:i + 3]
+    p = _elem_ptr(ctx, builder, sig.args[i], row, ro, _I8T)
+    v = builder.load(builder.bitcast(p, _V16I8.as_pointer()), align=1)
+    lo = builder.and_(v, ir.Constant(_V16I8, [15] * 16))
+    hi = builder.lshr(v, ir.Constant(_V16I8, [4] * 16))
+    if kind == 2:
+        tab = ir.Constant(_V16I8, [t & 0xFF for t in _KV128])
+        if SIMD == "vnni":
+            f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [_V16I8] * 2),
+                                               "llvm.x86.ssse3.pshuf.b.128")
+            lo = builder.call(f, [tab, lo])
+            hi = builder.call(f, [tab, hi])
+        else:
+            a = ir.Constant(_V16I8, [0] * 16)
+            b = ir.Constant(_V16I8, [0] * 16)
+            for t in range(16):
+                tv = ir.Constant(_V16I8, [t] * 16)
+                kv = ir.Constant(_V16I8, [_KV128[t] & 0xFF] * 16)
+                a = builder.select(builder.icmp_unsigned("==", lo, tv), kv, a)
+                b = builder.select(builder.icmp_unsigned("==", hi, tv), kv, b)
+            lo, hi = a, b
+    u = _shuf(builder, lo, hi, list(range(32)))
+    if kind == 1:
+        v4t = ir.VectorType(_I8T, 4)
+        qp = _elem_ptr(ctx, builder, sig.args[i], row, qho, _I8T)
+        qh = builder.load(builder.bitcast(qp, v4t.as_pointer()), align=1)
+        qb = _shuf(builder, qh, qh, [l >> 3 for l in range(32)])
+        hit = builder.icmp_unsigned("!=", builder.and_(qb, ir.Constant(_V32I8, [1 << (l & 7) for l in range(32)])),
+                                    ir.Constant(_V32I8, [0] * 32))
+        u = builder.or_(u, builder.select(hit, ir.Constant(_V32I8, [16] * 32), ir.Constant(_V32I8, [0] * 32)))
+    return u
+
+
+def _acc_i32(builder, accp, d, s0, s1):
+    v0 = builder.insert_element(ir.Constant(_V8I32, None), _i32(builder, s0), ir.Constant(_I32T, 0))
+    v1 = builder.insert_element(ir.Constant(_V8I32, None), _i32(builder, s1), ir.Constant(_I32T, 0))
+    sc = _shuf(builder, v0, v1, [0, 0, 0, 0, 8, 8, 8, 8])
+    ap = builder.bitcast(accp, _V8I32.as_pointer())
+    builder.store(builder.add(builder.load(ap, align=4), builder.mul(d, sc)), ap, align=4)
+
+
+def _acc_f32(builder, accp, d, scale):
+    v = builder.insert_element(ir.Constant(_V8F32, None), scale, ir.Constant(_I32T, 0))
+    v = _shuf(builder, v, v, [0] * 8)
+    ap = builder.bitcast(accp, _V8F32.as_pointer())
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
+    builder.store(builder.call(fma, [builder.sitofp(d, _V8F32), v, builder.load(ap, align=4)]), ap, align=4)
+
+
+@intrinsic
+def _dpk(typingctx, accp, sc0, sc1, row, ro, sh, mk, ro2, sh2, mk2, ls2, x, xo):
+    """acc[0:8] (i32) += dot4(_bits32(row ...), x[xo:xo+32]) * [sc0]*4 ++ [sc1]*4 (K-quants)."""
+    def codegen(ctx, builder, sig, args):
+        u = _bits32(ctx, builder, sig, args, 3)
+        d = _dot4(builder, u, _load32(ctx, builder, sig.args[11], args[11], args[12]))
+        _acc_i32(builder, args[0], d, args[1], args[2])
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, sc0, sc1, row, ro, sh, mk, ro2, sh2, mk2, ls2, x, xo), codegen
+
+
+@intrinsic
+def _dpnf(typingctx, accp, scale, row, ro, qho, KIND, x, xo):
+    """facc[0:8] (f32) += f32(dot4(_nib32(row, ro, qho, KIND), x[xo:xo+32])) * scale (32-blocks)."""
+    if not isinstance(KIND, types.IntegerLiteral):
+        return None
+    kind = KIND.literal_value
+
+    def codegen(ctx, builder, sig, args):
+        u = _nib32(ctx, builder, sig, args, 2, kind)
+        d = _dot4(builder, u, _load32(ctx, builder, sig.args[6], args[6], args[7]))
+        _acc_f32(builder, args[0], d, args[1])
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, scale, row, ro, qho, KIND, x, xo), codegen
+
+
+@intrinsic
+def _dpni(typingctx, accp, sc, row, ro, qho, KIND, x, xo):
+    """acc[0:8] (i32) += dot4(_nib32(row, ro, qho, KIND), x[xo:xo+32]) * sc (IQ4_XS)."""
+    if not isinstance(KIND, types.IntegerLiteral):
+        return None
+    kind = KIND.literal_value
+
+    def codegen(ctx, builder, sig, args):
+        u = _nib32(ctx, builder, sig, args, 2, kind)
+        d = _dot4(builder, u, _load32(ctx, builder, sig.args[6], args[6], args[7]))
+        _acc_i32(builder, args[0], d, args[1], args[1])
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, sc, row, ro, qho, KIND, x, xo), codegen
+
+
+@intrinsic
+def _stack_i32(typingctx, n):
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    size = n.literal_value
+
+    def codegen(ctx, builder, sig, args):
+        return builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(_I32T, size)), _I32T.as_pointer())
+    return types.CPointer(types.int32)(n), codegen
+
+
+@intrinsic
+def _stack_u8(typingctx, n):
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    size = n.literal_value
+
+    def codegen(ctx, builder, sig, args):
+        return builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(_I8T, size)), _I8T.as_pointer())
+    return types.CPointer(types.uint8)(n), codegen
+
+
+@intrinsic
+def _hsum8i(typingctx, accp):
+    def codegen(ctx, builder, sig, args):
+        v = builder.load(builder.bitcast(args[0], _V8I32.as_pointer()), align=4)
+        n = 8
+        while n > 1:
+            h = n // 2
+            v = builder.add(_shuf(builder, v, v, list(range(h))), _shuf(builder, v, v, list(range(h, n))))
+            n = h
+        return builder.extract_element(v, ir.Constant(_I32T, 0))
+    return types.int32(accp), codegen
+
+
+@intrinsic
+def _hsum8f(typingctx, accp):
+    def codegen(ctx, builder, sig, args):
+        v = builder.load(builder.bitcast(args[0], _V8F32.as_pointer()), align=4)
+        n = 8
+        while n > 1:
+            h = n // 2
+            v = builder.fadd(_shuf(builder, v, v, list(range(h))), _shuf(builder, v, v, list(range(h, n))))
+            n = h
+        return builder.extract_element(v, ir.Constant(_I32T, 0))
+    return types.float32(accp), codegen
+
+
 # ---- row dot products: row uint8[row_bytes], activation slots -> f32 ------------------------
+# Weights are unpacked to unsigned bytes (u8 x s8 products for vpdpbusd); a format's offset
+# (Q5_0 -16, Q3_K -4, Q6_K -32, IQ4 table + 128) is taken off with the activation block sums.
 
 @njit(**_JIT)
 def _u16(row, o):
     return np.uint16(row[o]) | (np.uint16(row[o + 1]) << np.uint16(8))
-
-
-@njit(**_JIT)
-def _row_q4_1(row, xq, xd, xs):
-    nb = row.shape[0] // 20
-    acc = np.float32(0.0)
-    for b in range(nb):
-        o = 20 * b
-        k = 32 * b
-        s = np.int32(0)
-        for l in range(16):
-            v = row[o + 4 + l]
-            s = np.int32(s + np.int32(v & 15) * np.int32(xq[k + l]))
-            s = np.int32(s + np.int32(v >> 4) * np.int32(xq[k + 16 + l]))
-        acc += _h2f(_u16(row, o)) * xd[b] * np.float32(s) + _h2f(_u16(row, o + 2)) * xs[b]
-    return acc
 
 
 @njit(**_JIT)
@@ -909,119 +1182,93 @@ def _qh_u32(row, o):
 
 
 @njit(**_JIT)
-def _row_q5_0(row, xq, xd, xs):
-    nb = row.shape[0] // 22
-    acc = np.float32(0.0)
+def _facc_zero(fp):
+    a = numba.carray(fp, 8)
+    for i in range(8):
+        a[i] = 0.0
+
+
+@njit(**_JIT)
+def _row_q4_1(row, xq, xd, xs):
+    nb = row.shape[0] // 20
+    fp = _stack_f32(8)
+    _facc_zero(fp)
+    macc = np.float32(0.0)
     for b in range(nb):
-        o = 22 * b
-        k = 32 * b
-        qh = _qh_u32(row, o + 2)
-        s = np.int32(0)
-        for l in range(16):
-            v = row[o + 6 + l]
-            q0 = np.int32(v & 15) | np.int32(((qh >> np.uint32(l)) & np.uint32(1)) << np.uint32(4))
-            q1 = np.int32(v >> 4) | np.int32(((qh >> np.uint32(l + 16)) & np.uint32(1)) << np.uint32(4))
-            s = np.int32(s + q0 * np.int32(xq[k + l]))
-            s = np.int32(s + q1 * np.int32(xq[k + 16 + l]))
-        s = np.int32(s - np.int32(16) * np.int32(xs[b]))
-        acc += _h2f(_u16(row, o)) * xd[b] * np.float32(s)
-    return acc
+        o = 20 * b
+        _dpnf(fp, _h2f(_u16(row, o)) * xd[b], row, o + 4, o, 0, xq, 32 * b)
+        macc += _h2f(_u16(row, o + 2)) * xs[b]
+    return _hsum8f(fp) + macc
 
 
 @njit(**_JIT)
 def _row_q5_1(row, xq, xd, xs):
     nb = row.shape[0] // 24
-    acc = np.float32(0.0)
+    fp = _stack_f32(8)
+    _facc_zero(fp)
+    macc = np.float32(0.0)
     for b in range(nb):
         o = 24 * b
-        k = 32 * b
-        qh = _qh_u32(row, o + 4)
-        s = np.int32(0)
-        for l in range(16):
-            v = row[o + 8 + l]
-            q0 = np.int32(v & 15) | np.int32(((qh >> np.uint32(l)) & np.uint32(1)) << np.uint32(4))
-            q1 = np.int32(v >> 4) | np.int32(((qh >> np.uint32(l + 16)) & np.uint32(1)) << np.uint32(4))
-            s = np.int32(s + q0 * np.int32(xq[k + l]))
-            s = np.int32(s + q1 * np.int32(xq[k + 16 + l]))
-        acc += _h2f(_u16(row, o)) * xd[b] * np.float32(s) + _h2f(_u16(row, o + 2)) * xs[b]
-    return acc
+        _dpnf(fp, _h2f(_u16(row, o)) * xd[b], row, o + 8, o + 4, 1, xq, 32 * b)
+        macc += _h2f(_u16(row, o + 2)) * xs[b]
+    return _hsum8f(fp) + macc
 
 
-_KV = KVALUES.astype(np.int32)
+@njit(**_JIT)
+def _row_q5_0(row, xq, xd, xs):
+    nb = row.shape[0] // 22
+    fp = _stack_f32(8)
+    _facc_zero(fp)
+    corr = np.float32(0.0)
+    for b in range(nb):
+        o = 22 * b
+        sc = _h2f(_u16(row, o)) * xd[b]
+        _dpnf(fp, sc, row, o + 6, o + 2, 1, xq, 32 * b)
+        corr += sc * xs[b]                  # the -16 offset: 16 * d * xd * sum(xq)
+    return _hsum8f(fp) - np.float32(16.0) * corr
 
 
 @njit(**_JIT)
 def _row_iq4_nl(row, xq, xd, xs):
     nb = row.shape[0] // 18
-    acc = np.float32(0.0)
-    kv = _KV
+    fp = _stack_f32(8)
+    _facc_zero(fp)
+    corr = np.float32(0.0)
     for b in range(nb):
         o = 18 * b
-        k = 32 * b
-        s = np.int32(0)
-        for l in range(16):
-            v = row[o + 2 + l]
-            s = np.int32(s + kv[v & 15] * np.int32(xq[k + l]))
-            s = np.int32(s + kv[v >> 4] * np.int32(xq[k + 16 + l]))
-        acc += _h2f(_u16(row, o)) * xd[b] * np.float32(s)
-    return acc
+        sc = _h2f(_u16(row, o)) * xd[b]
+        _dpnf(fp, sc, row, o + 2, o, 2, xq, 32 * b)
+        corr += sc * xs[b]                  # the table's +128
+    return _hsum8f(fp) - np.float32(128.0) * corr
+
+
+@njit(**_JIT)
+def _zero8(ip):
+    a = numba.carray(ip, 8)
+    for i in range(8):
+        a[i] = 0
 
 
 @njit(**_JIT)
 def _row_q2_k(row, xq, xd, xs):
+    # element 128h + 32s + l (l < 32): bits 2s of qs[32h + l]; 16-groups j = 8h + 2s (+1)
     nsb = row.shape[0] // 84
+    ip = _stack_i32(8)
     acc = np.float32(0.0)
     for i in range(nsb):
         o = 84 * i
         k0 = 256 * i
-        isum = np.int32(0)
+        _zero8(ip)
         msum = np.float32(0.0)
         for h in range(2):
             for sh in range(4):
-                s0 = np.int32(0)
-                s1 = np.int32(0)
-                e = k0 + 128 * h + 32 * sh
-                for l in range(16):
-                    s0 = np.int32(s0 + np.int32((row[o + 16 + 32 * h + l] >> (2 * sh)) & 3) * np.int32(xq[e + l]))
-                    s1 = np.int32(s1 + np.int32((row[o + 32 + 32 * h + l] >> (2 * sh)) & 3) * np.int32(xq[e + 16 + l]))
                 j = 8 * h + 2 * sh
                 c0 = row[o + j]
                 c1 = row[o + j + 1]
-                isum = np.int32(isum + np.int32(c0 & 15) * s0 + np.int32(c1 & 15) * s1)
+                _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 2 * sh, 3, o, 0, 0, 0, xq, k0 + 16 * j)
                 msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
+        isum = _hsum8i(ip)
         acc += xd[i] * (_h2f(_u16(row, o + 80)) * np.float32(isum) - _h2f(_u16(row, o + 82)) * msum)
-    return acc
-
-
-@njit(**_JIT)
-def _row_q3_k(row, xq, xd, xs):
-    nsb = row.shape[0] // 110
-    acc = np.float32(0.0)
-    for i in range(nsb):
-        o = 110 * i
-        k0 = 256 * i
-        so = o + 96
-        isum = np.int32(0)
-        for h in range(2):
-            for sh in range(4):
-                s0 = np.int32(0)
-                s1 = np.int32(0)
-                e = k0 + 128 * h + 32 * sh
-                hb = 4 * h + sh
-                for l in range(16):
-                    q0 = np.int32((row[o + 32 + 32 * h + l] >> (2 * sh)) & 3) | (np.int32((row[o + l] >> hb) & 1) << 2)
-                    q1 = np.int32((row[o + 48 + 32 * h + l] >> (2 * sh)) & 3) | (np.int32((row[o + 16 + l] >> hb) & 1) << 2)
-                    s0 = np.int32(s0 + q0 * np.int32(xq[e + l]))
-                    s1 = np.int32(s1 + q1 * np.int32(xq[e + 16 + l]))
-                j = 8 * h + 2 * sh
-                s0 = np.int32(s0 - np.int32(4) * np.int32(xs[16 * i + j]))
-                s1 = np.int32(s1 - np.int32(4) * np.int32(xs[16 * i + j + 1]))
-                # 6-bit scales: low nibble from byte j (j < 8) or j-8 (high nibble), 2 high bits
-                # from byte 8 + j%4 at bit 2*(j//4)
-                sc0 = _q3_scale(row, so, j)
-                sc1 = _q3_scale(row, so, j + 1)
-                isum = np.int32(isum + sc0 * s0 + sc1 * s1)
-        acc += xd[i] * _h2f(_u16(row, o + 108)) * np.float32(isum)
     return acc
 
 
@@ -1030,6 +1277,30 @@ def _q3_scale(row, so, j):
     lo = np.int32(row[so + j] & 15) if j < 8 else np.int32(row[so + j - 8] >> 4)
     hi = np.int32((row[so + 8 + (j & 3)] >> (2 * (j >> 2))) & 3)
     return (lo | (hi << 4)) - 32
+
+
+@njit(**_JIT)
+def _row_q3_k(row, xq, xd, xs):
+    # element 128h + 32s + l: bits 2s of qs[32h + l] | bit 4h+s of hmask[l] << 2, minus 4
+    nsb = row.shape[0] // 110
+    ip = _stack_i32(8)
+    acc = np.float32(0.0)
+    for i in range(nsb):
+        o = 110 * i
+        k0 = 256 * i
+        _zero8(ip)
+        so = o + 96
+        corr = np.int32(0)
+        for h in range(2):
+            for sh in range(4):
+                j = 8 * h + 2 * sh
+                sc0 = _q3_scale(row, so, j)
+                sc1 = _q3_scale(row, so, j + 1)
+                _dpk(ip, sc0, sc1, row, o + 32 + 32 * h, 2 * sh, 3, o, 4 * h + sh, 1, 2, xq, k0 + 16 * j)
+                corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+        isum = np.int32(_hsum8i(ip) - np.int32(4) * corr)
+        acc += xd[i] * _h2f(_u16(row, o + 108)) * np.float32(isum)
+    return acc
 
 
 @njit(**_JIT)
@@ -1044,94 +1315,67 @@ def _k4_sm(row, so, j):
 
 @njit(**_JIT)
 def _row_q4_k(row, xq, xd, xs):
+    # sub-block j (32): nibble 4*(j&1) of qs[32*(j>>1) + l]
     nsb = row.shape[0] // 144
+    ip = _stack_i32(8)
     acc = np.float32(0.0)
     for i in range(nsb):
         o = 144 * i
         k0 = 256 * i
-        isum = np.int32(0)
+        _zero8(ip)
         msum = np.float32(0.0)
-        for c in range(4):
-            s0 = np.int32(0)
-            s1 = np.int32(0)
-            qo = o + 16 + 32 * c
-            e = k0 + 64 * c
-            for l in range(32):
-                v = row[qo + l]
-                s0 = np.int32(s0 + np.int32(v & 15) * np.int32(xq[e + l]))
-                s1 = np.int32(s1 + np.int32(v >> 4) * np.int32(xq[e + 32 + l]))
-            sc0, m0 = _k4_sm(row, o + 4, 2 * c)
-            sc1, m1 = _k4_sm(row, o + 4, 2 * c + 1)
-            isum = np.int32(isum + sc0 * s0 + sc1 * s1)
-            b = 16 * i + 4 * c
-            msum += np.float32(m0) * (xs[b] + xs[b + 1]) + np.float32(m1) * (xs[b + 2] + xs[b + 3])
+        for j in range(8):
+            sc, mn = _k4_sm(row, o + 4, j)
+            _dpk(ip, sc, sc, row, o + 16 + 32 * (j >> 1), 4 * (j & 1), 15, o, 0, 0, 0, xq, k0 + 32 * j)
+            b = 16 * i + 2 * j
+            msum += np.float32(mn) * (xs[b] + xs[b + 1])
+        isum = _hsum8i(ip)
         acc += xd[i] * (_h2f(_u16(row, o)) * np.float32(isum) - _h2f(_u16(row, o + 2)) * msum)
     return acc
 
 
 @njit(**_JIT)
 def _row_q5_k(row, xq, xd, xs):
+    # sub-block j (32): nibble 4*(j&1) of qs[32*(j>>1) + l] | bit j of qh[l] << 4
     nsb = row.shape[0] // 176
+    ip = _stack_i32(8)
     acc = np.float32(0.0)
     for i in range(nsb):
         o = 176 * i
         k0 = 256 * i
-        isum = np.int32(0)
+        _zero8(ip)
         msum = np.float32(0.0)
-        for c in range(4):
-            s0 = np.int32(0)
-            s1 = np.int32(0)
-            qo = o + 48 + 32 * c
-            e = k0 + 64 * c
-            for l in range(32):
-                v = row[qo + l]
-                hv = row[o + 16 + l] >> (2 * c)
-                s0 = np.int32(s0 + (np.int32(v & 15) | (np.int32(hv & 1) << 4)) * np.int32(xq[e + l]))
-                s1 = np.int32(s1 + (np.int32(v >> 4) | (np.int32(hv & 2) << 3)) * np.int32(xq[e + 32 + l]))
-            sc0, m0 = _k4_sm(row, o + 4, 2 * c)
-            sc1, m1 = _k4_sm(row, o + 4, 2 * c + 1)
-            isum = np.int32(isum + sc0 * s0 + sc1 * s1)
-            b = 16 * i + 4 * c
-            msum += np.float32(m0) * (xs[b] + xs[b + 1]) + np.float32(m1) * (xs[b + 2] + xs[b + 3])
+        for j in range(8):
+            sc, mn = _k4_sm(row, o + 4, j)
+            _dpk(ip, sc, sc, row, o + 48 + 32 * (j >> 1), 4 * (j & 1), 15, o + 16, j, 1, 4, xq, k0 + 32 * j)
+            b = 16 * i + 2 * j
+            msum += np.float32(mn) * (xs[b] + xs[b + 1])
+        isum = _hsum8i(ip)
         acc += xd[i] * (_h2f(_u16(row, o)) * np.float32(isum) - _h2f(_u16(row, o + 2)) * msum)
     return acc
 
 
 @njit(**_JIT)
 def _row_q6_k(row, xq, xd, xs):
+    # element 128h + 32s + l: nibble 4*(s>>1) of ql[64h + 32*(s&1) + l] | bits 2s of qh[32h + l] << 4, minus 32
     nsb = row.shape[0] // 210
+    ip = _stack_i32(8)
     acc = np.float32(0.0)
     for i in range(nsb):
         o = 210 * i
         k0 = 256 * i
-        isum = np.int32(0)
+        _zero8(ip)
+        so = o + 192
+        corr = np.int32(0)
         for h in range(2):
-            for u in range(2):       # ql bytes 64h + 32u + l: low nibble -> t=0, high -> t=1
-                s0 = np.int32(0)
-                s1 = np.int32(0)
-                s2 = np.int32(0)
-                s3 = np.int32(0)
-                qo = o + 64 * h + 32 * u
-                ho = o + 128 + 32 * h
-                e0 = k0 + 128 * h + 32 * u         # element 128h + 64t + 32u + l
-                for l in range(16):
-                    v0 = row[qo + l]
-                    v1 = row[qo + 16 + l]
-                    h0 = row[ho + l]
-                    h1 = row[ho + 16 + l]
-                    s0 = np.int32(s0 + (np.int32(v0 & 15) | (np.int32((h0 >> (2 * u)) & 3) << 4)) * np.int32(xq[e0 + l]))
-                    s1 = np.int32(s1 + (np.int32(v1 & 15) | (np.int32((h1 >> (2 * u)) & 3) << 4)) * np.int32(xq[e0 + 16 + l]))
-                    s2 = np.int32(s2 + (np.int32(v0 >> 4) | (np.int32((h0 >> (2 * u + 4)) & 3) << 4)) * np.int32(xq[e0 + 64 + l]))
-                    s3 = np.int32(s3 + (np.int32(v1 >> 4) | (np.int32((h1 >> (2 * u + 4)) & 3) << 4)) * np.int32(xq[e0 + 80 + l]))
-                j = 8 * h + 2 * u                    # 16-groups of elements e0.., e0+64..
-                b = 16 * i + j
-                s0 = np.int32(s0 - np.int32(32) * np.int32(xs[b]))
-                s1 = np.int32(s1 - np.int32(32) * np.int32(xs[b + 1]))
-                s2 = np.int32(s2 - np.int32(32) * np.int32(xs[b + 4]))
-                s3 = np.int32(s3 - np.int32(32) * np.int32(xs[b + 5]))
-                so = o + 192 + j
-                isum = np.int32(isum + np.int32(np.int8(row[so])) * s0 + np.int32(np.int8(row[so + 1])) * s1
-                                + np.int32(np.int8(row[so + 4])) * s2 + np.int32(np.int8(row[so + 5])) * s3)
+            for sh in range(4):
+                j = 8 * h + 2 * sh
+                sc0 = np.int32(np.int8(row[so + j]))
+                sc1 = np.int32(np.int8(row[so + j + 1]))
+                _dpk(ip, sc0, sc1, row, o + 64 * h + 32 * (sh & 1), 4 * (sh >> 1), 15,
+                     o + 128 + 32 * h, 2 * sh, 3, 4, xq, k0 + 16 * j)
+                corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+        isum = np.int32(_hsum8i(ip) - np.int32(32) * corr)
         acc += xd[i] * _h2f(_u16(row, o + 208)) * np.float32(isum)
     return acc
 
@@ -1139,23 +1383,21 @@ def _row_q6_k(row, xq, xd, xs):
 @njit(**_JIT)
 def _row_iq4_xs(row, xq, xd, xs):
     nsb = row.shape[0] // 136
+    ip = _stack_i32(8)
     acc = np.float32(0.0)
-    kv = _KV
     for i in range(nsb):
         o = 136 * i
         k0 = 256 * i
+        _zero8(ip)
         sh = np.int32(_u16(row, o + 2))
-        isum = np.int32(0)
+        corr = np.int32(0)
         for j in range(8):
-            s = np.int32(0)
-            qo = o + 8 + 16 * j
-            e = k0 + 32 * j
-            for l in range(16):
-                v = row[qo + l]
-                s = np.int32(s + kv[v & 15] * np.int32(xq[e + l]))
-                s = np.int32(s + kv[v >> 4] * np.int32(xq[e + 16 + l]))
-            ls = (np.int32(row[o + 4 + (j >> 1)] >> (4 * (j & 1))) & 15) | (((sh >> (2 * j)) & 3) << 4)
-            isum = np.int32(isum + (ls - 32) * s)
+            ls = ((np.int32(row[o + 4 + (j >> 1)]) >> (4 * (j & 1))) & 15) | (((sh >> (2 * j)) & 3) << 4)
+            ls = ls - 32
+            _dpni(ip, ls, row, o + 8 + 16 * j, o, 2, xq, k0 + 32 * j)
+            b = 16 * i + 2 * j
+            corr = np.int32(corr + ls * (np.int32(xs[b]) + np.int32(xs[b + 1])))
+        isum = np.int32(_hsum8i(ip) - np.int32(128) * corr)      # the table's +128
         acc += xd[i] * _h2f(_u16(row, o)) * np.float32(isum)
     return acc
 
