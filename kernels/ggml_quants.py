@@ -896,7 +896,7 @@ import os as _os  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 
-from .simd import _elem_ptr, _stack_f32  # noqa: E402
+from .simd import _elem_ptr, _prefetch, _ptr_add, _stack_f32  # noqa: E402
 
 try:
     _FEAT = _llvm.get_host_cpu_features()
@@ -1188,58 +1188,69 @@ def _facc_zero(fp):
         a[i] = 0.0
 
 
+# 32-block rows: even and odd blocks go to two f32 accumulators (two fma chains: one chain is
+# latency-bound at ~4 cycles per block)
+
 @njit(**_JIT)
-def _row_q4_1(row, xq, xd, xs):
+def _row_q4_1(row, xq, xd, xs, pfd):
     nb = row.shape[0] // 20
-    fp = _stack_f32(8)
+    fp = _stack_f32(16)
     _facc_zero(fp)
-    macc = np.float32(0.0)
+    _facc_zero(_ptr_add(fp, 8))
+    corr = np.float32(0.0)
     for b in range(nb):
         o = 20 * b
-        _dpnf(fp, _h2f(_u16(row, o)) * xd[b], row, o + 4, o, 0, xq, 32 * b)
-        macc += _h2f(_u16(row, o + 2)) * xs[b]
-    return _hsum8f(fp) + macc
+        _prefetch(row, o + pfd)
+        _dpnf(_ptr_add(fp, 8 * (b & 1)), _h2f(_u16(row, o)) * xd[b], row, o + 4, o, 0, xq, 32 * b)
+        corr += _h2f(_u16(row, o + 2)) * xs[b]          # the min: m * (ggml's s = xd * sum(xq))
+    return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + corr
 
 
 @njit(**_JIT)
-def _row_q5_1(row, xq, xd, xs):
+def _row_q5_1(row, xq, xd, xs, pfd):
     nb = row.shape[0] // 24
-    fp = _stack_f32(8)
+    fp = _stack_f32(16)
     _facc_zero(fp)
-    macc = np.float32(0.0)
+    _facc_zero(_ptr_add(fp, 8))
+    corr = np.float32(0.0)
     for b in range(nb):
         o = 24 * b
-        _dpnf(fp, _h2f(_u16(row, o)) * xd[b], row, o + 8, o + 4, 1, xq, 32 * b)
-        macc += _h2f(_u16(row, o + 2)) * xs[b]
-    return _hsum8f(fp) + macc
+        _prefetch(row, o + pfd)
+        _dpnf(_ptr_add(fp, 8 * (b & 1)), _h2f(_u16(row, o)) * xd[b], row, o + 8, o + 4, 1, xq, 32 * b)
+        corr += _h2f(_u16(row, o + 2)) * xs[b]
+    return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + corr
 
 
 @njit(**_JIT)
-def _row_q5_0(row, xq, xd, xs):
+def _row_q5_0(row, xq, xd, xs, pfd):
     nb = row.shape[0] // 22
-    fp = _stack_f32(8)
+    fp = _stack_f32(16)
     _facc_zero(fp)
+    _facc_zero(_ptr_add(fp, 8))
     corr = np.float32(0.0)
     for b in range(nb):
         o = 22 * b
+        _prefetch(row, o + pfd)
         sc = _h2f(_u16(row, o)) * xd[b]
-        _dpnf(fp, sc, row, o + 6, o + 2, 1, xq, 32 * b)
+        _dpnf(_ptr_add(fp, 8 * (b & 1)), sc, row, o + 6, o + 2, 1, xq, 32 * b)
         corr += sc * xs[b]                  # the -16 offset: 16 * d * xd * sum(xq)
-    return _hsum8f(fp) - np.float32(16.0) * corr
+    return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + np.float32(-16.0) * corr
 
 
 @njit(**_JIT)
-def _row_iq4_nl(row, xq, xd, xs):
+def _row_iq4_nl(row, xq, xd, xs, pfd):
     nb = row.shape[0] // 18
-    fp = _stack_f32(8)
+    fp = _stack_f32(16)
     _facc_zero(fp)
+    _facc_zero(_ptr_add(fp, 8))
     corr = np.float32(0.0)
     for b in range(nb):
         o = 18 * b
+        _prefetch(row, o + pfd)
         sc = _h2f(_u16(row, o)) * xd[b]
-        _dpnf(fp, sc, row, o + 2, o, 2, xq, 32 * b)
+        _dpnf(_ptr_add(fp, 8 * (b & 1)), sc, row, o + 2, o, 2, xq, 32 * b)
         corr += sc * xs[b]                  # the table's +128
-    return _hsum8f(fp) - np.float32(128.0) * corr
+    return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + np.float32(-128.0) * corr
 
 
 @njit(**_JIT)
@@ -1250,13 +1261,15 @@ def _zero8(ip):
 
 
 @njit(**_JIT)
-def _row_q2_k(row, xq, xd, xs):
+def _row_q2_k(row, xq, xd, xs, pfd):
     # element 128h + 32s + l (l < 32): bits 2s of qs[32h + l]; 16-groups j = 8h + 2s (+1)
     nsb = row.shape[0] // 84
     ip = _stack_i32(8)
     acc = np.float32(0.0)
     for i in range(nsb):
         o = 84 * i
+        _prefetch(row, o + pfd + 0)
+        _prefetch(row, o + pfd + 64)
         k0 = 256 * i
         _zero8(ip)
         msum = np.float32(0.0)
@@ -1280,13 +1293,15 @@ def _q3_scale(row, so, j):
 
 
 @njit(**_JIT)
-def _row_q3_k(row, xq, xd, xs):
+def _row_q3_k(row, xq, xd, xs, pfd):
     # element 128h + 32s + l: bits 2s of qs[32h + l] | bit 4h+s of hmask[l] << 2, minus 4
     nsb = row.shape[0] // 110
     ip = _stack_i32(8)
     acc = np.float32(0.0)
     for i in range(nsb):
         o = 110 * i
+        _prefetch(row, o + pfd + 0)
+        _prefetch(row, o + pfd + 64)
         k0 = 256 * i
         _zero8(ip)
         so = o + 96
@@ -1314,13 +1329,16 @@ def _k4_sm(row, so, j):
 
 
 @njit(**_JIT)
-def _row_q4_k(row, xq, xd, xs):
+def _row_q4_k(row, xq, xd, xs, pfd):
     # sub-block j (32): nibble 4*(j&1) of qs[32*(j>>1) + l]
     nsb = row.shape[0] // 144
     ip = _stack_i32(8)
     acc = np.float32(0.0)
     for i in range(nsb):
         o = 144 * i
+        _prefetch(row, o + pfd + 0)
+        _prefetch(row, o + pfd + 64)
+        _prefetch(row, o + pfd + 128)
         k0 = 256 * i
         _zero8(ip)
         msum = np.float32(0.0)
@@ -1335,13 +1353,16 @@ def _row_q4_k(row, xq, xd, xs):
 
 
 @njit(**_JIT)
-def _row_q5_k(row, xq, xd, xs):
+def _row_q5_k(row, xq, xd, xs, pfd):
     # sub-block j (32): nibble 4*(j&1) of qs[32*(j>>1) + l] | bit j of qh[l] << 4
     nsb = row.shape[0] // 176
     ip = _stack_i32(8)
     acc = np.float32(0.0)
     for i in range(nsb):
         o = 176 * i
+        _prefetch(row, o + pfd + 0)
+        _prefetch(row, o + pfd + 64)
+        _prefetch(row, o + pfd + 128)
         k0 = 256 * i
         _zero8(ip)
         msum = np.float32(0.0)
@@ -1356,13 +1377,17 @@ def _row_q5_k(row, xq, xd, xs):
 
 
 @njit(**_JIT)
-def _row_q6_k(row, xq, xd, xs):
+def _row_q6_k(row, xq, xd, xs, pfd):
     # element 128h + 32s + l: nibble 4*(s>>1) of ql[64h + 32*(s&1) + l] | bits 2s of qh[32h + l] << 4, minus 32
     nsb = row.shape[0] // 210
     ip = _stack_i32(8)
     acc = np.float32(0.0)
     for i in range(nsb):
         o = 210 * i
+        _prefetch(row, o + pfd + 0)
+        _prefetch(row, o + pfd + 64)
+        _prefetch(row, o + pfd + 128)
+        _prefetch(row, o + pfd + 192)
         k0 = 256 * i
         _zero8(ip)
         so = o + 192
@@ -1381,12 +1406,15 @@ def _row_q6_k(row, xq, xd, xs):
 
 
 @njit(**_JIT)
-def _row_iq4_xs(row, xq, xd, xs):
+def _row_iq4_xs(row, xq, xd, xs, pfd):
     nsb = row.shape[0] // 136
     ip = _stack_i32(8)
     acc = np.float32(0.0)
     for i in range(nsb):
         o = 136 * i
+        _prefetch(row, o + pfd + 0)
+        _prefetch(row, o + pfd + 64)
+        _prefetch(row, o + pfd + 128)
         k0 = 256 * i
         _zero8(ip)
         sh = np.int32(_u16(row, o + 2))
@@ -1409,14 +1437,19 @@ def _row_iq4_xs(row, xq, xd, xs):
 
 _GSIG = "void(int8[::1], float32[::1], float32[::1], uint8[:, ::1], float32[::1], int64, int64)"
 _GEMM_GROUPS = 4      # row groups (16 weight rows) per GEMM task: reused from L1/L2 across tokens
+_PF_ROWS = 2          # software prefetch distance in rows (each block loop prefetches its bytes
+                      # in row r + _PF_ROWS: without it the hardware prefetcher does not run far
+                      # enough ahead and memory time adds to compute time)
 
 
 @njit(_GSIG, **_JIT)
 def gemv_q4_1_groups(xq, xd, xs, raw, out, g0, g1):
     """Q4_1: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_1 slots."""
     N = raw.shape[0]
-    for r in range(4 * g0, min(4 * g1, N)):
-        out[r] = _row_q4_1(raw[r], xq, xd, xs)
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q4_1(raw[r], xq, xd, xs, pfd)
 
 
 @njit(**_PJIT)
@@ -1445,8 +1478,10 @@ def _gemm_par_q4_1(x, raw, out, xq, xd, xs):
 def gemv_q5_0_groups(xq, xd, xs, raw, out, g0, g1):
     """Q5_0: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_0 slots."""
     N = raw.shape[0]
-    for r in range(4 * g0, min(4 * g1, N)):
-        out[r] = _row_q5_0(raw[r], xq, xd, xs)
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q5_0(raw[r], xq, xd, xs, pfd)
 
 
 @njit(**_PJIT)
@@ -1475,8 +1510,10 @@ def _gemm_par_q5_0(x, raw, out, xq, xd, xs):
 def gemv_q5_1_groups(xq, xd, xs, raw, out, g0, g1):
     """Q5_1: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_1 slots."""
     N = raw.shape[0]
-    for r in range(4 * g0, min(4 * g1, N)):
-        out[r] = _row_q5_1(raw[r], xq, xd, xs)
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q5_1(raw[r], xq, xd, xs, pfd)
 
 
 @njit(**_PJIT)
@@ -1505,8 +1542,10 @@ def _gemm_par_q5_1(x, raw, out, xq, xd, xs):
 def gemv_iq4_nl_groups(xq, xd, xs, raw, out, g0, g1):
     """IQ4_NL: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_0 slots."""
     N = raw.shape[0]
-    for r in range(4 * g0, min(4 * g1, N)):
-        out[r] = _row_iq4_nl(raw[r], xq, xd, xs)
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_iq4_nl(raw[r], xq, xd, xs, pfd)
 
 
 @njit(**_PJIT)
@@ -1535,8 +1574,10 @@ def _gemm_par_iq4_nl(x, raw, out, xq, xd, xs):
 def gemv_q2_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q2_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
     N = raw.shape[0]
-    for r in range(4 * g0, min(4 * g1, N)):
-        out[r] = _row_q2_k(raw[r], xq, xd, xs)
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q2_k(raw[r], xq, xd, xs, pfd)
 
 
 @njit(**_PJIT)
@@ -1565,8 +1606,10 @@ def _gemm_par_q2_k(x, raw, out, xq, xd, xs):
 def gemv_q3_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q3_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
     N = raw.shape[0]
-    for r in range(4 * g0, min(4 * g1, N)):
-        out[r] = _row_q3_k(raw[r], xq, xd, xs)
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q3_k(raw[r], xq, xd, xs, pfd)
 
 
 @njit(**_PJIT)
@@ -1595,8 +1638,10 @@ def _gemm_par_q3_k(x, raw, out, xq, xd, xs):
 def gemv_q4_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q4_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
     N = raw.shape[0]
-    for r in range(4 * g0, min(4 * g1, N)):
-        out[r] = _row_q4_k(raw[r], xq, xd, xs)
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q4_k(raw[r], xq, xd, xs, pfd)
 
 
 @njit(**_PJIT)
@@ -1625,8 +1670,10 @@ def _gemm_par_q4_k(x, raw, out, xq, xd, xs):
 def gemv_q5_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q5_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
     N = raw.shape[0]
-    for r in range(4 * g0, min(4 * g1, N)):
-        out[r] = _row_q5_k(raw[r], xq, xd, xs)
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q5_k(raw[r], xq, xd, xs, pfd)
 
 
 @njit(**_PJIT)
@@ -1655,8 +1702,10 @@ def _gemm_par_q5_k(x, raw, out, xq, xd, xs):
 def gemv_q6_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q6_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
     N = raw.shape[0]
-    for r in range(4 * g0, min(4 * g1, N)):
-        out[r] = _row_q6_k(raw[r], xq, xd, xs)
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q6_k(raw[r], xq, xd, xs, pfd)
 
 
 @njit(**_PJIT)
@@ -1685,8 +1734,10 @@ def _gemm_par_q6_k(x, raw, out, xq, xd, xs):
 def gemv_iq4_xs_groups(xq, xd, xs, raw, out, g0, g1):
     """IQ4_XS: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
     N = raw.shape[0]
-    for r in range(4 * g0, min(4 * g1, N)):
-        out[r] = _row_iq4_xs(raw[r], xq, xd, xs)
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_iq4_xs(raw[r], xq, xd, xs, pfd)
 
 
 @njit(**_PJIT)
