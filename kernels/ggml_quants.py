@@ -1089,6 +1089,24 @@ def _dpk(typingctx, accp, sc0, sc1, row, ro, sh, mk, ro2, sh2, mk2, ls2, x, xo):
 
 
 @intrinsic
+def _dpkb(typingctx, accp, sc0, sc1, row, ro, sh, mk, ro2, bm, hv, x, xo):
+    """acc[0:8] (i32) += dot4(u, x[xo:xo+32]) * [sc0]*4 ++ [sc1]*4 with
+    u = ((row[ro:ro+32] >> sh) & mk) | (hv where row[ro2:ro2+32] & bm else 0): a low part and a
+    one-bit high part tested with a mask (Q3_K, Q5_K: no per-call shift of the high bits)."""
+    def codegen(ctx, builder, sig, args):
+        accp_, s0, s1, row, ro, sh, mk, ro2, bm, hv, x_, xo_ = args
+        a = _load32(ctx, builder, sig.args[3], row, ro)
+        a = builder.and_(builder.lshr(a, _splat8(builder, sh)), _splat8(builder, mk))
+        b = _load32(ctx, builder, sig.args[3], row, ro2)
+        hit = builder.icmp_unsigned("!=", builder.and_(b, _splat8(builder, bm)), ir.Constant(_V32I8, [0] * 32))
+        u = builder.or_(a, builder.select(hit, _splat8(builder, hv), ir.Constant(_V32I8, [0] * 32)))
+        d = _dot4(builder, u, _load32(ctx, builder, sig.args[10], x_, xo_))
+        _acc_i32(builder, accp_, d, s0, s1)
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, sc0, sc1, row, ro, sh, mk, ro2, bm, hv, x, xo), codegen
+
+
+@intrinsic
 def _dpnf(typingctx, accp, scale, row, ro, qho, KIND, x, xo):
     """facc[0:8] (f32) += f32(dot4(_nib32(row, ro, qho, KIND), x[xo:xo+32])) * scale (32-blocks)."""
     if not isinstance(KIND, types.IntegerLiteral):
@@ -1274,12 +1292,26 @@ def _row_q2_k(row, xq, xd, xs, pfd):
         _zero8(ip)
         msum = np.float32(0.0)
         for h in range(2):
-            for sh in range(4):
-                j = 8 * h + 2 * sh
-                c0 = row[o + j]
-                c1 = row[o + j + 1]
-                _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 2 * sh, 3, o, 0, 0, 0, xq, k0 + 16 * j)
-                msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
+            j = 8 * h + 0
+            c0 = row[o + j]
+            c1 = row[o + j + 1]
+            _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 0, 3, o, 0, 0, 0, xq, k0 + 16 * j)
+            msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
+            j = 8 * h + 2
+            c0 = row[o + j]
+            c1 = row[o + j + 1]
+            _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 2, 3, o, 0, 0, 0, xq, k0 + 16 * j)
+            msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
+            j = 8 * h + 4
+            c0 = row[o + j]
+            c1 = row[o + j + 1]
+            _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 4, 3, o, 0, 0, 0, xq, k0 + 16 * j)
+            msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
+            j = 8 * h + 6
+            c0 = row[o + j]
+            c1 = row[o + j + 1]
+            _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 6, 3, o, 0, 0, 0, xq, k0 + 16 * j)
+            msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
         isum = _hsum8i(ip)
         acc += xd[i] * (_h2f(_u16(row, o + 80)) * np.float32(isum) - _h2f(_u16(row, o + 82)) * msum)
     return acc
@@ -1307,12 +1339,26 @@ def _row_q3_k(row, xq, xd, xs, pfd):
         so = o + 96
         corr = np.int32(0)
         for h in range(2):
-            for sh in range(4):
-                j = 8 * h + 2 * sh
-                sc0 = _q3_scale(row, so, j)
-                sc1 = _q3_scale(row, so, j + 1)
-                _dpk(ip, sc0, sc1, row, o + 32 + 32 * h, 2 * sh, 3, o, 4 * h + sh, 1, 2, xq, k0 + 16 * j)
-                corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 0
+            sc0 = _q3_scale(row, so, j)
+            sc1 = _q3_scale(row, so, j + 1)
+            _dpkb(ip, sc0, sc1, row, o + 32 + 32 * h, 0, 3, o, 1 << (4 * h), 4, xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 2
+            sc0 = _q3_scale(row, so, j)
+            sc1 = _q3_scale(row, so, j + 1)
+            _dpkb(ip, sc0, sc1, row, o + 32 + 32 * h, 2, 3, o, 2 << (4 * h), 4, xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 4
+            sc0 = _q3_scale(row, so, j)
+            sc1 = _q3_scale(row, so, j + 1)
+            _dpkb(ip, sc0, sc1, row, o + 32 + 32 * h, 4, 3, o, 4 << (4 * h), 4, xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 6
+            sc0 = _q3_scale(row, so, j)
+            sc1 = _q3_scale(row, so, j + 1)
+            _dpkb(ip, sc0, sc1, row, o + 32 + 32 * h, 6, 3, o, 8 << (4 * h), 4, xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
         isum = np.int32(_hsum8i(ip) - np.int32(4) * corr)
         acc += xd[i] * _h2f(_u16(row, o + 108)) * np.float32(isum)
     return acc
@@ -1342,11 +1388,14 @@ def _row_q4_k(row, xq, xd, xs, pfd):
         k0 = 256 * i
         _zero8(ip)
         msum = np.float32(0.0)
-        for j in range(8):
+        for c in range(4):
+            j = 2 * c
             sc, mn = _k4_sm(row, o + 4, j)
-            _dpk(ip, sc, sc, row, o + 16 + 32 * (j >> 1), 4 * (j & 1), 15, o, 0, 0, 0, xq, k0 + 32 * j)
+            sc1, mn1 = _k4_sm(row, o + 4, j + 1)
+            _dpk(ip, sc, sc, row, o + 16 + 32 * c, 0, 15, o, 0, 0, 0, xq, k0 + 32 * j)
+            _dpk(ip, sc1, sc1, row, o + 16 + 32 * c, 4, 15, o, 0, 0, 0, xq, k0 + 32 * j + 32)
             b = 16 * i + 2 * j
-            msum += np.float32(mn) * (xs[b] + xs[b + 1])
+            msum += np.float32(mn) * (xs[b] + xs[b + 1]) + np.float32(mn1) * (xs[b + 2] + xs[b + 3])
         isum = _hsum8i(ip)
         acc += xd[i] * (_h2f(_u16(row, o)) * np.float32(isum) - _h2f(_u16(row, o + 2)) * msum)
     return acc
@@ -1366,11 +1415,14 @@ def _row_q5_k(row, xq, xd, xs, pfd):
         k0 = 256 * i
         _zero8(ip)
         msum = np.float32(0.0)
-        for j in range(8):
+        for c in range(4):
+            j = 2 * c
             sc, mn = _k4_sm(row, o + 4, j)
-            _dpk(ip, sc, sc, row, o + 48 + 32 * (j >> 1), 4 * (j & 1), 15, o + 16, j, 1, 4, xq, k0 + 32 * j)
+            sc1, mn1 = _k4_sm(row, o + 4, j + 1)
+            _dpkb(ip, sc, sc, row, o + 48 + 32 * c, 0, 15, o + 16, 1 << j, 16, xq, k0 + 32 * j)
+            _dpkb(ip, sc1, sc1, row, o + 48 + 32 * c, 4, 15, o + 16, 2 << j, 16, xq, k0 + 32 * j + 32)
             b = 16 * i + 2 * j
-            msum += np.float32(mn) * (xs[b] + xs[b + 1])
+            msum += np.float32(mn) * (xs[b] + xs[b + 1]) + np.float32(mn1) * (xs[b + 2] + xs[b + 3])
         isum = _hsum8i(ip)
         acc += xd[i] * (_h2f(_u16(row, o)) * np.float32(isum) - _h2f(_u16(row, o + 2)) * msum)
     return acc
@@ -1393,13 +1445,30 @@ def _row_q6_k(row, xq, xd, xs, pfd):
         so = o + 192
         corr = np.int32(0)
         for h in range(2):
-            for sh in range(4):
-                j = 8 * h + 2 * sh
-                sc0 = np.int32(np.int8(row[so + j]))
-                sc1 = np.int32(np.int8(row[so + j + 1]))
-                _dpk(ip, sc0, sc1, row, o + 64 * h + 32 * (sh & 1), 4 * (sh >> 1), 15,
-                     o + 128 + 32 * h, 2 * sh, 3, 4, xq, k0 + 16 * j)
-                corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 0
+            sc0 = np.int32(np.int8(row[so + j]))
+            sc1 = np.int32(np.int8(row[so + j + 1]))
+            _dpk(ip, sc0, sc1, row, o + 64 * h + 0, 0, 15, o + 128 + 32 * h, 0, 3, 4,
+                 xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 2
+            sc0 = np.int32(np.int8(row[so + j]))
+            sc1 = np.int32(np.int8(row[so + j + 1]))
+            _dpk(ip, sc0, sc1, row, o + 64 * h + 32, 0, 15, o + 128 + 32 * h, 2, 3, 4,
+                 xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 4
+            sc0 = np.int32(np.int8(row[so + j]))
+            sc1 = np.int32(np.int8(row[so + j + 1]))
+            _dpk(ip, sc0, sc1, row, o + 64 * h + 0, 4, 15, o + 128 + 32 * h, 4, 3, 4,
+                 xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 6
+            sc0 = np.int32(np.int8(row[so + j]))
+            sc1 = np.int32(np.int8(row[so + j + 1]))
+            _dpk(ip, sc0, sc1, row, o + 64 * h + 32, 4, 15, o + 128 + 32 * h, 6, 3, 4,
+                 xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
         isum = np.int32(_hsum8i(ip) - np.int32(32) * corr)
         acc += xd[i] * _h2f(_u16(row, o + 208)) * np.float32(isum)
     return acc
