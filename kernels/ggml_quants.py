@@ -36,15 +36,33 @@ with their integer scales into one int32, and applies the float scales once per 
 dot_ref computes the same integer sums in numpy, so the fast kernels agree with it to float32
 rounding (order of the float additions only).
 
-Vectorisation (inspect_asm of the gemv kernels on the 2-vCPU Xeon with AVX-512 VNNI, numba 0.68 /
-llvmlite 0.50): the inner loops are written as `s = int32(s + int32(u) * int32(xq))` over 16 or
-32 contiguous elements (unpacked with and/shift), which LLVM turns into vpmovzxbd/vpmovsxbd +
-vpmaddwd / vpdpwssd on ymm/zmm registers; no vpmovsxbq (int64 widening), no vpmulld in the hot
-loops. LLVM does not form vpdpbusd / vpmaddubsw from scalar code (the Q4_0/Q8_0 kernels in
-qmatmul.py get them through hand-written IR); the IQ4 kernels do their 16-entry table lookup as
-vpgatherdd / scalar loads. See the ASM_NOTES dict filled by tests/test_ggml_quants.py for the
-measured instruction counts. These are the simple, correct kernels; they are not yet at
-qmatmul.py's hand-written-IR speed (see benchmarks/bench_ggml_quants.py).
+Kernel design and what inspect_asm showed (2-vCPU Xeon with AVX-512 VNNI, numba 0.68 / llvmlite 0.50):
+  * Plain Numba integer loops are not enough. Written as `s = int32(s + int32(u) * int32(xq))`
+    LLVM gives vpmovzxbd/vpmovsxbd + vpmaddwd/vpdpwssd (no vpdpbusd); with an int64-typed
+    accumulator it widens to vpmovsxbq/vpmuldq; table lookups (IQ4) and per-lane shifts (the
+    Q5 high bits) stayed scalar; byte-unpacking loops into a stack buffer cost ~30 ns per 256
+    weights on their own (Q6_K 57, Q5_0/Q5_1 106 ns per 256 weights in cache).
+  * So each 32-weight group is unpacked in LLVM IR (intrinsics _dpk/_dpkb/_dpnf/_dpni below:
+    byte shift + mask, or vgf2p8affineqb for the nibble shift; the qh bits by a byte shuffle and
+    a mask test; IQ4's table by vpshufb) straight into vpdpbusd ymm (u8 weights x s8
+    activations). Sub-block scales multiply the int32 lanes (vpmulld, two 16-sub-blocks per
+    call), one horizontal sum per 256-super-block; 32-block types (Q4_1, Q5_0, Q5_1, IQ4_NL)
+    convert per block and fma into two f32 accumulators (even / odd blocks: one chain is
+    latency-bound). Unsigned weights need an offset for the signed formats: Q5_0 -16, Q3_K -4,
+    Q6_K -32 and the IQ4 table's +128 come off through the activation block sums (xs).
+    Software prefetch (prefetcht0) of the row 2 rows ahead in every block loop, as qmatmul.
+  * inspect_asm of gemv_q4_k_groups: 8 vpdpbusd on ymm per super-block, vgf2p8affineqb, vpmulld,
+    prefetcht0; no vpmovsxbq (asserted by tests/test_ggml_quants.py::test_vnni_asm). All ten
+    gemvs contain vpdpbusd and no vpmovsxbq.
+  * Cost in cache, 1 thread, ns per 256 weights (min of 40 calls, 256 x 2048 matrix; qmatmul's
+    hand-written Q4_0 kernel: 3.7): Q4_1 9.6, Q5_0 11.4, Q5_1 12.5, Q2_K 17.6, Q3_K 17.5,
+    Q4_K 12.8, Q5_K 14.7, Q6_K 13.4, IQ4_NL 9.5, IQ4_XS 13.8. Not yet at Q4_0's speed: what is
+    left is mostly scalar per-sub-block scale work and one row at a time (qmatmul shares each
+    activation load between 4 rows). The prefill GEMM runs these row kernels per token
+    (quantize each token once, 16 weight rows x all tokens per task), so it pays the unpacking
+    per token: 3.5-7x slower than qmatmul's Q4_0 GEMM on the TinyLlama 2048 x 5632 shape.
+  * Without AVX512-VNNI/VL (or MINILM_SIMD=generic|avx2): generic IR (zext/sext, mul, adds; a
+    select chain for the IQ4 table) that any LLVM target compiles; tested by forcing it.
 """
 from __future__ import annotations
 
