@@ -816,7 +816,11 @@ def _to_f16(typingctx, x):
     return types.float32(types.float32), codegen
 
 
-_AQ_SIG = "void(float32[::1], int8[::1], float32[::1], float32[::1])"
+# x and raw are typed read-only (a mutable array converts to it): weights memory-mapped read-only
+# from a GGUF file and writable arrays both match the one signature
+_RO_F32_1D = types.Array(types.float32, 1, "C", readonly=True)
+_RO_U8_2D = types.Array(types.uint8, 2, "C", readonly=True)
+_AQ_SIG = types.void(_RO_F32_1D, types.int8[::1], types.float32[::1], types.float32[::1])
 
 
 @njit(_AQ_SIG, **_AJIT)
@@ -1522,7 +1526,8 @@ def _row_iq4_xs(row, xq, xd, xs, pfd):
 # from the activation slots filled by act_quant_<kind>. No allocation, no prange, no shared state:
 # concurrent calls on disjoint row groups are safe.
 
-_GSIG = "void(int8[::1], float32[::1], float32[::1], uint8[:, ::1], float32[::1], int64, int64)"
+_GSIG = types.void(types.int8[::1], types.float32[::1], types.float32[::1], _RO_U8_2D,
+                  types.float32[::1], types.int64, types.int64)
 _GEMM_GROUPS = 4      # row groups (16 weight rows) per GEMM task: reused from L1/L2 across tokens
 _PF_ROWS = 2          # software prefetch distance in rows (each block loop prefetches its bytes
                       # in row r + _PF_ROWS: without it the hardware prefetcher does not run far

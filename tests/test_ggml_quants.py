@@ -180,6 +180,32 @@ def test_kernels_match_dot_ref(name):
 
 
 @pytest.mark.parametrize("name", ["Q4_K", "IQ4_NL"])
+def test_read_only_memory_map(name, tmp_path):
+    """GGUF tensors are memory-mapped read-only: the kernels take them as they are."""
+    s = GQ.SPECS[name]
+    rng = np.random.default_rng(8)
+    N, K = 6, 512
+    raw = s.quantize_ref(rng.standard_normal((N, K)).astype(np.float32))
+    raw.tofile(tmp_path / "w.bin")
+    mm = np.memmap(tmp_path / "w.bin", dtype=np.uint8, mode="r", shape=raw.shape)
+    X = rng.standard_normal((2, K)).astype(np.float32)
+    X.setflags(write=False)
+    ref = np.array([[s.dot_ref(raw[r], X[m]) for r in range(N)] for m in range(2)])
+    out = np.zeros(N, np.float32)
+    s.gemv(X[0], mm, out)
+    assert np.all(np.abs(out - ref[0]) <= dot_tol(s, raw, X[0]))
+    O = np.zeros((2, N), np.float32)
+    s.gemm(X, mm, O)
+    assert np.all(np.abs(O - ref) <= np.stack([dot_tol(s, raw, X[m]) for m in range(2)]))
+    xq, xd, xs = GQ.act_scratch(K)
+    s.act_quant(X[1], xq, xd, xs)
+    part = np.zeros(N, np.float32)
+    s.gemv_groups(xq, xd, xs, mm, part, 0, 2)
+    assert np.all(np.abs(part - ref[1]) <= dot_tol(s, raw, X[1]))
+    assert np.array_equal(s.dequantize_ref(mm, K), s.dequantize_ref(raw, K))
+
+
+@pytest.mark.parametrize("name", ["Q4_K", "IQ4_NL"])
 def test_bad_input(name):
     s = GQ.SPECS[name]
     K = 256
