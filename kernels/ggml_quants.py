@@ -36,6 +36,18 @@ with their integer scales into one int32, and applies the float scales once per 
 dot_ref computes the same integer sums in numpy, so the fast kernels agree with it to float32
 rounding (order of the float additions only).
 
+Where this follows ggml and where not:
+  * quantize_ref reproduces ggml's quantize_row_*_ref (Q4_1/Q5_0/Q5_1 byte-identical to gguf-py's
+    quantizer, which is ggml's; the K-quants and IQ4 run ggml's make_qx_quants / make_q3_quants /
+    make_qkx2_quants / iq4 scale searches, vectorised over blocks, so bytes may differ from
+    llama-quantize's in rare float-rounding cases but the layout is ggml's). With importance
+    weights qw (per input column, as an imatrix) every type uses ggml's weight
+    qw * sqrt(sigma2 + x^2) in the same searches (ggml's imatrix path additionally uses
+    make_qkx3_quants / make_qp_quants for the K-quants' scales; not reproduced).
+  * The activation quantizers follow ggml's *_ref code (roundf, 1/d). ggml's x86 runtime q8_0 /
+    q8_1 path rounds half to even and multiplies by 127/amax: it can differ from the reference
+    by one step on an exact tie or a one-ulp multiplier difference (rare; both are "ggml").
+
 Kernel design and what inspect_asm showed (2-vCPU Xeon with AVX-512 VNNI, numba 0.68 / llvmlite 0.50):
   * Plain Numba integer loops are not enough. Written as `s = int32(s + int32(u) * int32(xq))`
     LLVM gives vpmovzxbd/vpmovsxbd + vpmaddwd/vpdpwssd (no vpdpbusd); with an int64-typed
@@ -903,12 +915,15 @@ def act_quant_q8_k(x, xq, xd, xs):
 
 
 # ---- SIMD building blocks (LLVM IR) --------------------------------------------------------
-# _dp32(accp, sc0, sc1, w, wo, x, xo): acc[0:8] (int32, stack) += dot4(w[wo:wo+32] (u8),
-#     x[xo:xo+32] (s8)) * [sc0]*4 ++ [sc1]*4  (lane i = sum of bytes 4i..4i+3: lanes 0-3 are the
-#     first 16 elements, 4-7 the next 16, so one call serves two 16-sub-blocks or one 32-block)
-# _dpf32(accp, scale, w, wo, x, xo): facc[0:8] (f32, stack) += f32(dot4(...)) * scale
-# _iq4_lut16(buf, bo, row, ro): buf[bo:bo+16] = KV128[row[ro:ro+16] & 15],
-#     buf[bo+16:bo+32] = KV128[row[ro:ro+16] >> 4]   (KV128 = kvalues + 128, u8)
+# _dpk(acc, sc0, sc1, row, ro, sh, mk, ro2, sh2, mk2, ls2, x, xo)   K-quants: 32 weights
+#     u = ((row[ro:ro+32] >> sh) & mk) | (((row[ro2:ro2+32] >> sh2) & mk2) << ls2) (u8), then
+#     acc[0:8] (int32, stack) += dot4(u, x[xo:xo+32] (s8)) * [sc0]*4 ++ [sc1]*4 (lane i = bytes
+#     4i..4i+3: lanes 0-3 are the first 16 weights, 4-7 the next 16, so one call serves two
+#     16-sub-blocks or one 32-sub-block)
+# _dpkb(...): the same with a one-bit high part tested by a mask (Q3_K, Q5_K)
+# _dpnf(facc, scale, row, ro, qho, KIND, x, xo)   32-blocks from 16 nibble bytes (KIND 0 plain,
+#     1 with the Q5 qh bits, 2 IQ4 table + 128): facc[0:8] (f32) += f32(dot4(...)) * scale
+# _dpni(acc, sc, row, ro, qho, KIND, x, xo)   the same into int32 lanes times sc (IQ4_XS)
 # "vnni": vpdpbusd ymm and pshufb; "generic": widening IR any LLVM target lowers (zext/sext, mul,
 # adds; a select chain for the table), chosen when the CPU lacks AVX512-VNNI/VL or with
 # MINILM_SIMD=generic|avx2 (as kernels/qmatmul.py; use a fresh NUMBA_CACHE_DIR with it).
@@ -966,65 +981,6 @@ def _load32(ctx, builder, aty, arr, off):
 def _i32(builder, v):
     w = v.type.width
     return v if w == 32 else (builder.trunc(v, _I32T) if w > 32 else builder.sext(v, _I32T))
-
-
-@intrinsic
-def _dp32(typingctx, accp, sc0, sc1, w, wo, x, xo):
-    def codegen(ctx, builder, sig, args):
-        accp_, s0, s1, w_, wo_, x_, xo_ = args
-        d = _dot4(builder, _load32(ctx, builder, sig.args[3], w_, wo_),
-                  _load32(ctx, builder, sig.args[5], x_, xo_))
-        v0 = builder.insert_element(ir.Constant(_V8I32, None), _i32(builder, s0), ir.Constant(_I32T, 0))
-        v1 = builder.insert_element(ir.Constant(_V8I32, None), _i32(builder, s1), ir.Constant(_I32T, 0))
-        sc = _shuf(builder, v0, v1, [0, 0, 0, 0, 8, 8, 8, 8])
-        ap = builder.bitcast(accp_, _V8I32.as_pointer())
-        builder.store(builder.add(builder.load(ap, align=4), builder.mul(d, sc)), ap, align=4)
-        return ir.Constant(_I8T, 0)
-    return types.int8(accp, sc0, sc1, w, wo, x, xo), codegen
-
-
-@intrinsic
-def _dpf32(typingctx, accp, scale, w, wo, x, xo):
-    def codegen(ctx, builder, sig, args):
-        accp_, sc, w_, wo_, x_, xo_ = args
-        d = _dot4(builder, _load32(ctx, builder, sig.args[2], w_, wo_),
-                  _load32(ctx, builder, sig.args[4], x_, xo_))
-        v = builder.insert_element(ir.Constant(_V8F32, None), sc, ir.Constant(_I32T, 0))
-        v = _shuf(builder, v, v, [0] * 8)
-        ap = builder.bitcast(accp_, _V8F32.as_pointer())
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3),
-                                             "llvm.fma.v8f32")
-        builder.store(builder.call(fma, [builder.sitofp(d, _V8F32), v, builder.load(ap, align=4)]), ap, align=4)
-        return ir.Constant(_I8T, 0)
-    return types.int8(accp, scale, w, wo, x, xo), codegen
-
-
-@intrinsic
-def _iq4_lut16(typingctx, buf, bo, row, ro):
-    def codegen(ctx, builder, sig, args):
-        buf_, bo_, row_, ro_ = args
-        p = _elem_ptr(ctx, builder, sig.args[2], row_, ro_, _I8T)
-        v = builder.load(builder.bitcast(p, _V16I8.as_pointer()), align=1)
-        lo = builder.and_(v, ir.Constant(_V16I8, [15] * 16))
-        hi = builder.lshr(v, ir.Constant(_V16I8, [4] * 16))
-        tab = ir.Constant(_V16I8, [t & 0xFF for t in _KV128])
-        if SIMD == "vnni":
-            f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [_V16I8] * 2),
-                                               "llvm.x86.ssse3.pshuf.b.128")
-            a = builder.call(f, [tab, lo])
-            b = builder.call(f, [tab, hi])
-        else:
-            a = ir.Constant(_V16I8, [0] * 16)
-            b = ir.Constant(_V16I8, [0] * 16)
-            for t in range(16):
-                tv = ir.Constant(_V16I8, [t] * 16)
-                kv = ir.Constant(_V16I8, [_KV128[t] & 0xFF] * 16)
-                a = builder.select(builder.icmp_unsigned("==", lo, tv), kv, a)
-                b = builder.select(builder.icmp_unsigned("==", hi, tv), kv, b)
-        q = _elem_ptr(ctx, builder, sig.args[0], buf_, bo_, _I8T)
-        builder.store(_shuf(builder, a, b, list(range(32))), builder.bitcast(q, _V32I8.as_pointer()), align=1)
-        return ir.Constant(_I8T, 0)
-    return types.int8(buf, bo, row, ro), codegen
 
 
 def _splat8(builder, v, n=32):
@@ -1170,17 +1126,6 @@ def _stack_i32(typingctx, n):
 
 
 @intrinsic
-def _stack_u8(typingctx, n):
-    if not isinstance(n, types.IntegerLiteral):
-        return None
-    size = n.literal_value
-
-    def codegen(ctx, builder, sig, args):
-        return builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(_I8T, size)), _I8T.as_pointer())
-    return types.CPointer(types.uint8)(n), codegen
-
-
-@intrinsic
 def _hsum8i(typingctx, accp):
     def codegen(ctx, builder, sig, args):
         v = builder.load(builder.bitcast(args[0], _V8I32.as_pointer()), align=4)
@@ -1213,12 +1158,6 @@ def _hsum8f(typingctx, accp):
 @njit(**_JIT)
 def _u16(row, o):
     return np.uint16(row[o]) | (np.uint16(row[o + 1]) << np.uint16(8))
-
-
-@njit(**_JIT)
-def _qh_u32(row, o):
-    return (np.uint32(row[o]) | (np.uint32(row[o + 1]) << np.uint32(8))
-            | (np.uint32(row[o + 2]) << np.uint32(16)) | (np.uint32(row[o + 3]) << np.uint32(24)))
 
 
 @njit(**_JIT)
