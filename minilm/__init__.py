@@ -15,8 +15,15 @@ import os
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
-from .errors import (ContextOverflowError, MinilmError, ModelLoadError, NonFiniteWeightsError,
-                     ResourceLimitError, TemplateError, UnsupportedModelError)
+from .errors import (
+    ContextOverflowError,
+    MinilmError,
+    ModelLoadError,
+    NonFiniteWeightsError,
+    ResourceLimitError,
+    TemplateError,
+    UnsupportedModelError,
+)
 from .loader import load
 
 __all__ = ["load", "MinilmError", "ModelLoadError", "UnsupportedModelError", "ContextOverflowError",

@@ -21,7 +21,6 @@ An `LM` is not thread-safe: one generation at a time (the server queues requests
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass, field

@@ -23,8 +23,8 @@ present, otherwise rebuilds a `tokenizers` tokenizer from the ggml metadata.
 from __future__ import annotations
 
 import json
-import sys
 import os
+import sys
 import tempfile
 from pathlib import Path
 

@@ -188,7 +188,7 @@ def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads
     if not isinstance(path_or_id, (str, os.PathLike)):
         raise TypeError(f"path_or_id={path_or_id!r}: must be a folder path or a hub id (str)")
     if str(path_or_id).lower().endswith(".gguf") and Path(os.path.expanduser(str(path_or_id))).is_file():
-        from .gguf_io import load_gguf                     # a single llama.cpp GGUF file
+        from .gguf_io import load_gguf  # a single llama.cpp GGUF file
         return load_gguf(os.path.expanduser(str(path_or_id)), quant=quant, n_ctx=n_ctx, check_weights=check)
     folder = resolve(path_or_id)
     cfg = Config.from_file(folder / "config.json")

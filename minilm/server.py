@@ -19,8 +19,8 @@ import queue
 import threading
 import time
 
-from .errors import MinilmError
 from .chat import RequestError, chat_completion_from, completion_from, model_id, prepare_chat, prepare_completion
+from .errors import MinilmError
 
 MAX_BODY = 1 << 20        # bytes
 MAX_HEADERS = 16 << 10    # bytes of request line + headers (uvicorn's h11 limit and our own check)
@@ -190,8 +190,8 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
                max_headers: int = MAX_HEADERS):
     """The FastAPI app serving `model` (an `LM`)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
     from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     name = name or model_id(model)
@@ -369,6 +369,7 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None 
 
 
 if __name__ == "__main__":   # python -m minilm.server -m PATH ... (same options as `minilm serve`)
-    from .cli_chat import main
     import sys
+
+    from .cli_chat import main
     raise SystemExit(main(["serve", *sys.argv[1:]]))

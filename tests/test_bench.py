@@ -147,7 +147,6 @@ print(json.dumps([
 
 def test_crashing_default_is_named_not_hidden(tmp_path):
     """When llama.cpp's default configuration crashes, the row runs the narrower switch and says so."""
-    import os
     import sys
     fake = tmp_path / "llama-bench"
     fake.write_text(FAKE_LLAMA_BENCH.replace("{python}", sys.executable))

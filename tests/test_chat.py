@@ -206,6 +206,7 @@ def test_multi_turn_reuses_the_kv_cache(stories):
     m = stories
     m.reset()
     hist = [{"role": "system", "content": "You are a storyteller who tells short stories."}]
+    prev_len = 0
     for turn in range(5):
         hist.append({"role": "user", "content": f"Tell me part {turn + 1} of the story about Lily and her dog."})
         p = C.prepare_chat(m, hist, max_tokens=16, temperature=0)

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 import minilm
-from minilm.errors import (MinilmError, ModelLoadError, NonFiniteWeightsError, ResourceLimitError,
-                           TemplateError)
+from minilm.errors import MinilmError, ModelLoadError, NonFiniteWeightsError, ResourceLimitError, TemplateError
 
 from conftest import hf_tensor_shapes, random_tensors, shared_path, write_checkpoint
 
@@ -611,6 +610,7 @@ def client(model):
     pytest.importorskip("fastapi")
     pytest.importorskip("httpx")
     from fastapi.testclient import TestClient
+
     from minilm.server import create_app
     with TestClient(create_app(model)) as c:
         yield c

@@ -13,8 +13,7 @@ import pytest
 from minilm.kernels import activations as act
 from minilm.kernels import attention as att
 from minilm.kernels import matmul as mm
-from minilm.kernels import norm
-from minilm.kernels import rope
+from minilm.kernels import norm, rope
 
 from conftest import shared_path
 

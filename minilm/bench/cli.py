@@ -125,6 +125,7 @@ def _jobs(levels: list[str], peers: list[str], from_saved: bool) -> list[tuple[s
 
 def run(args) -> int:
     import minilm
+
     from ..config import Config
     from ..loader import resolve
     from ..tokenizer import Tokenizer

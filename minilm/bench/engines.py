@@ -32,14 +32,8 @@ from .common import GGUF_TYPES, children_peak_rss_mb, gguf_type, parse_level, pe
 
 # ---- helpers about a loaded minilm model -----------------------------------------------------------
 def decode_bytes_per_token(model) -> int:
-    """Bytes of weights one decode step reads: every layer matrix and the lm head."""
-    net = model.net
-    n = net.lm_head.nbytes
-    for L in net.layers:
-        for w in (L.wqkv, L.wo, L.w_gate_up, L.w_up, L.w_down):
-            if w is not None:
-                n += w.nbytes
-    return n
+    """Bytes of weights one decode step reads: every matrix of the plan and the lm head."""
+    return model.net.weight_bytes_per_token()
 
 
 def count_params(tensors: dict) -> int:
@@ -147,6 +141,7 @@ class TransformersEngine:
         import torch
         import transformers
         from transformers import AutoModelForCausalLM
+
         from ..loader import resolve
         self.torch = torch
         row = {"engine": "transformers", "quant": "int8-dynamic" if self.dynamic else "fp32",
