@@ -37,7 +37,7 @@ from .attention import attend_head, attend_task, decode_splits, merge_parts, pre
 from .matmul import gemm_f32_block, gemv_float_groups
 from .norm import add_norm_row, head_rmsnorm, norm_row
 from .qmatmul import _quantize_act_q4, _quantize_act_q8v, gemv_q4_0_groups, gemv_q8_0_groups
-from .simd import _bf2f, _h2f, atomic_add, atomic_load, spin_pause
+from .simd import _bf2f, _h2f, atomic_add, atomic_load, cpu_yield, sleep_us, spin_pause
 
 # ---- step kinds --------------------------------------------------------------------------------
 OP_NORM = 0        # dst = norm(src; w, b, eps)                               tasks: M
@@ -114,11 +114,24 @@ def _finish(ctr, ph):
     atomic_add(ctr, 2 * ph + 1, 1)
 
 
+SPIN, YIELD = 2000, 4000    # pause-spins, then sched_yield, before a waiting thread sleeps
+
+
 @njit(**_J)
 def _wait(ctr, ph, n):
-    """Until the n tasks of phase ph are done (their writes are visible after this)."""
+    """Until the n tasks of phase ph are done (their writes are visible after this). Spins with
+    the PAUSE hint for the usual microsecond waits; past SPIN rounds (a thread of ours was
+    descheduled: the machine is shared) it yields the core, past YIELD it sleeps 50 us per
+    round, so a busy machine slows a token down instead of stalling it on two spinning threads."""
+    i = 0
     while atomic_load(ctr, 2 * ph + 1) < n:
-        spin_pause()
+        if i < SPIN:
+            spin_pause()
+        elif i < YIELD:
+            cpu_yield()
+        else:
+            sleep_us(50)
+        i += 1
 
 
 # ---- matrices ----------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ from numba import njit, prange
 from .simd import _blk_fma16, _hsum16, _prefetch, _ptr_add, _stack_f32
 
 
-
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy", boundscheck=False, inline="always")
 def gemv_float_groups(x, w, out, KIND, g0, g1):
     """Row groups g0..g1-1 (rows 4g..4g+3) of out[N] = w @ x for w f32[N,K] (KIND 0) or fp16/bf16 bits u16[N,K]

@@ -14,17 +14,39 @@ from .sampling import Sampler, check_params
 _CTX_TOKENS = 4
 
 
-def check_generate_args(max_new_tokens, stop, **sampling):
+def check_seed(seed) -> int | None:
+    """seed: None or an integer >= 0 (ValueError naming the parameter otherwise)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0 or seed >= 1 << 128:
+        raise ValueError(f"seed={seed!r}: must be None or an integer in [0, 2**128)")
+    return int(seed)
+
+
+def check_stop(stop) -> list[str]:
+    """stop: None, a non-empty string, or a list/tuple of non-empty strings (valid Unicode)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop={stop!r}: must be a non-empty string or a list of non-empty strings")
+    from .tokenizer import check_text
+    for i, s in enumerate(stop):
+        check_text(s, f"stop[{i}]")
+    return list(stop)
+
+
+def check_generate_args(max_new_tokens, stop, seed=None, **sampling):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop={stop!r}: must be a non-empty string or a list of non-empty strings")
-        stop = list(stop)
+    stop = check_stop(stop)
+    check_seed(seed)
+    for name, v in sampling.items():       # ints beyond float range reach np.isfinite as objects
+        if name != "top_k" and isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2 ** 53:
+            raise ValueError(f"{name}={v!r}: must be a finite number of a sensible size")
     check_params(**sampling)
-    return list(stop or [])
+    return stop
 
 
 def check_room(model, prompt_ids, max_new_tokens) -> None:
@@ -45,15 +67,12 @@ def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, sampler: 
     one after the other, never interleaved."""
     net = model.net
     with net.busy:
+        check_room(model, prompt_ids, max_new_tokens)
         yield from _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos)
 
 
 def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos):
     cache = net.cache
-    if len(prompt_ids) + max_new_tokens > cache.n_ctx:
-        raise ContextOverflowError(
-            f"context overflow: prompt of {len(prompt_ids)} tokens + max_new_tokens={max_new_tokens} "
-            f"> n_ctx={cache.n_ctx}")
     keep = min(cache.common_prefix(prompt_ids), len(prompt_ids) - 1)  # re-run >= 1 token for logits
     if net.rope_depends_on_length(len(prompt_ids)):
         keep = 0           # dynamic NTK RoPE: cached keys were rotated for a shorter sequence

@@ -48,6 +48,8 @@ class LM:
     def perplexity(self, ids, window: int | None = None) -> dict:
         """exp(mean NLL) over ids split into non-overlapping windows, each run from position 0."""
         ids = self._ids(ids)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 2):
+            raise ValueError(f"window={window!r}: must be an integer >= 2")
         window = window or self.n_ctx
         nll, n = 0.0, 0
         for a in range(0, len(ids), window):
@@ -70,6 +72,9 @@ class LM:
         exactly that text. Stops at an EOS id, at a stop string (not returned), or after
         max_new_tokens.
         """
+        for name, v in (("stream", stream), ("ignore_eos", ignore_eos)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name}={v!r}: must be True or False")
         pieces = self._generate(prompt, max_new_tokens, temperature, top_k, top_p, min_p,
                                 repetition_penalty, seed, stop, ignore_eos)
         return pieces if stream else "".join(pieces)
@@ -77,7 +82,7 @@ class LM:
     def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, min_p,
                   repetition_penalty, seed, stop, ignore_eos) -> Iterator[str]:
         # validate eagerly (before the caller starts iterating)
-        stop = check_generate_args(max_new_tokens, stop, temperature=temperature, top_k=top_k,
+        stop = check_generate_args(max_new_tokens, stop, seed=seed, temperature=temperature, top_k=top_k,
                                    top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
         ids = self.encode_prompt(prompt)
         check_room(self, ids, max_new_tokens)
@@ -100,7 +105,10 @@ class LM:
 
     def generate_ids(self, prompt, max_new_tokens: int = 128, ignore_eos: bool = False, **sampling) -> list[int]:
         """Like generate() but returns the new token ids (no stop strings)."""
-        check_generate_args(max_new_tokens, None, **{k: v for k, v in sampling.items() if k != "seed"})
+        unknown = set(sampling) - {"seed", "temperature", "top_k", "top_p", "min_p", "repetition_penalty"}
+        if unknown:
+            raise TypeError(f"generate_ids: unknown argument(s) {', '.join(sorted(unknown))}")
+        check_generate_args(max_new_tokens, None, **sampling)
         seed = sampling.pop("seed", None)
         sampler = Sampler(self.config.vocab_size, seed=seed, **sampling)
         return list(generate_tokens(self, self.encode_prompt(prompt), max_new_tokens, sampler,
@@ -108,8 +116,11 @@ class LM:
 
     # ---- helpers ---------------------------------------------------------------------------
     def encode_prompt(self, prompt) -> list[int]:
+        """A text prompt (str) or token ids (a list / tuple / 1-D integer array) -> checked ids."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple, np.ndarray)):
+            raise TypeError(f"prompt: must be a str or a list of token ids, got {type(prompt).__name__}")
         return [int(t) for t in self._ids(prompt)]
 
     def _ids(self, ids) -> np.ndarray:
@@ -117,7 +128,7 @@ class LM:
             a = np.asarray(ids)
         except Exception:
             raise ValueError("ids must be a sequence of integers") from None
-        if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        if a.ndim != 1 or (a.size and (not np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_)):
             raise ValueError(f"ids must be a 1-D sequence of integers, got shape {a.shape} of {a.dtype}")
         if a.size == 0:
             raise ValueError("ids is empty")

@@ -329,3 +329,16 @@ def test_unsupported_architecture_lists_the_supported_ones():
         Config.from_hf(dict(CASES["granite"][0], model_type="mamba"))
     for mt in ("gemma2", "gemma3_text", "granite", "lfm2", "olmo2", "phi3", "smollm3", "llama"):
         assert mt in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["lfm2_old_keys", "gemma3_old_keys", "olmo2_untied"])
+def test_prequantized_folder_round_trip(make_checkpoint, tmp_path, case):
+    """model.save of an int8 model (Gemma's folded (1 + w) norms, OLMo 2's whole-projection q/k
+    norms and post-norms, LFM2's conv kernels) loads back with the same logits."""
+    cfg, T, n_ctx = CASES[case]
+    m = minilm.load(make_checkpoint(cfg, tensors=random_tensors(hf_shapes(cfg), seed=5)), quant="int8", n_ctx=n_ctx)
+    ids = list(range(3, 3 + T))
+    want = m.logits(ids)
+    m.save(tmp_path / "q")
+    back = minilm.load(tmp_path / "q", n_ctx=n_ctx)
+    np.testing.assert_array_equal(back.logits(ids), want)

@@ -3,11 +3,10 @@ and each kernel keeps one compiled signature."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED
 
 PROBE = r"""
 import json, sys, importlib, pkgutil

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import minilm
+
 from reference_model import RefModel
 
 N_NEW = 16

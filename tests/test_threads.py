@@ -7,6 +7,7 @@ import threading
 import pytest
 
 import minilm
+
 from conftest import shared_path
 
 PROMPTS = ["ROMEO:", "JULIET:\nO Romeo", "First Citizen:\nBefore we proceed", "KING HENRY:"]
