@@ -9,6 +9,7 @@ prefix reuse, decode == prefill for the new step kinds), and the config errors.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -253,6 +254,34 @@ def test_reference_matches_transformers_goldens(arch):
         want = z[f"prompt{i}_logits"]
         err = np.abs(ref.logits(case["input_ids"]) - want).max() / (want.max() - want.min())
         assert err <= 1e-4, f"{name} case {i}: reference vs transformers {err:.2e} of the range"
+
+
+HAVE_HF = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+
+
+@pytest.mark.skipif(not HAVE_HF, reason="transformers + torch not installed (the cross-check of the "
+                                        "numpy reference on these random checkpoints runs on dev machines)")
+@pytest.mark.parametrize("name", list(CASES))
+def test_reference_matches_transformers(name, built):
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    folder, ids, _ = built(name)
+    ref = RefModel(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                           attn_implementation="eager")
+    hf.eval()
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].double().numpy()
+    got = ref.logits(ids)
+    err = float(np.abs(got - want).max())
+    assert err <= 1e-4 * float(want.max() - want.min()), f"{name}: reference vs transformers {err:.3g}"
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=N_NEW, do_sample=False, pad_token_id=0)
+    check_greedy([int(t) for t in out[0, len(ids):]], ref, ids)
 
 
 @pytest.mark.parametrize("arch", ["phi3", "gemma2"])
