@@ -17,7 +17,13 @@ plan for M = 1 token (threads share every matrix), prefill the same plan for M t
 Shapes: M new tokens, D hidden, H query heads, Hkv kv heads, hd head dim, F ffn, V vocab.
 Run-state buffers (f32[rows, width], allocated once): x [D] residual stream, xn [D] normed
 input of a block, qkv [(H + 2Hkv) hd], att [H hd] attention output, o / o2 [D] branch outputs,
-ff [2F gated | F] MLP hidden, act [F] SwiGLU output.
+ff [2F gated | F] MLP hidden, act [F] SwiGLU output; LFM2 adds bcx [3D] (the convolution's
+B, C, x) and cx [D] (its gated output).
+
+Logits: the lm head runs outside the plan (`Transformer._head`, a `Linear` over the final-normed
+rows, as before); Granite's logits_scaling and Gemma 2's final soft-cap are applied there on the
+[M, V] logits with numpy: once per call on the head's output, so they need no step kind, no
+buffer as wide as the vocabulary in the run state, and cost nothing for the other models.
 """
 from __future__ import annotations
 
