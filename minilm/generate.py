@@ -39,8 +39,10 @@ def check_room(model, prompt_ids, max_new_tokens) -> None:
 
 
 def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
-                    eos_ids=(), ignore_eos=False) -> Iterator[int]:
-    """Yield new token ids. Reuses the cached prefix shared with the previous call."""
+                    eos_ids=(), ignore_eos=False, constraint=None) -> Iterator[int]:
+    """Yield new token ids. Reuses the cached prefix shared with the previous call.
+    constraint: a `minilm.constrain.ConstraintState` (or None): masks the logits before every
+    token (EOS only where the grammar accepts) and ends the generation once the grammar is done."""
     net = model.net
     cache = net.cache
     check_room(model, prompt_ids, max_new_tokens)
@@ -52,11 +54,17 @@ def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, sampler: 
     history = list(prompt_ids)
     eos = set(eos_ids)
     for _ in range(max_new_tokens):
-        tok = sampler(logits, history)
+        if constraint is None:
+            tok = sampler(logits, history)
+        else:
+            tok = constraint.pick_allowed(sampler(constraint.mask(logits), history))
+            constraint.advance(tok)
         if tok in eos and not ignore_eos:
             return
         history.append(tok)
         yield tok
+        if constraint is not None and constraint.done:
+            return                             # complete; without EOS ids the grammar ends it
         if len(history) >= cache.n_ctx:        # cannot hold another token; max_new_tokens checked above
             return
         logits = net.decode(tok)

@@ -43,6 +43,12 @@ class Tokenizer:
         self.add_bos = self.config.get("add_bos_token")     # None: as the post-processor does
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def hf(self) -> _HFTokenizer:
+        """The underlying `tokenizers.Tokenizer` (the checkpoint's tokenizer.json), for libraries
+        that take one (e.g. the grammar engine of minilm.constrain). Do not modify it."""
+        return self._tok
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Text -> ids. Adds BOS as the checkpoint's tokenizer does, never twice."""
         if not isinstance(text, str):
