@@ -122,6 +122,8 @@ def _compile(template: str):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
+    from .tools import tool_signature
+    env.filters["tool_signature"] = tool_signature          # used by tools.TOOLS_FALLBACK_TEMPLATE
     env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
     return env.from_string(template)
 

@@ -37,6 +37,11 @@ class ConstraintError(ValueError):
         self.code = "invalid_constraint"
 
 
+class IncompleteOutputWarning(UserWarning):
+    """`LM.generate` under a constraint ran out of max_new_tokens before the output matched
+    (the OpenAI-shaped calls say so with finish_reason "length")."""
+
+
 def _llg():
     try:
         import llguidance

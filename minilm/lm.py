@@ -96,10 +96,11 @@ class LM:
             state = compile_constraint(self, json_schema, regex, grammar, max_tokens=max_new_tokens).start()
         sampler = Sampler(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty, seed)
         toks = generate_tokens(self, ids, max_new_tokens, sampler, self.eos_token_ids, ignore_eos, state)
-        return self._stream(toks, TextStream(self.tokenizer, ids, stop))
+        # under a constraint the grammar decides where the text ends (stop strings could cut it)
+        return self._stream(toks, TextStream(self.tokenizer, ids, [] if state is not None else stop), state)
 
     @staticmethod
-    def _stream(toks, ts: TextStream) -> Iterator[str]:
+    def _stream(toks, ts: TextStream, state=None) -> Iterator[str]:
         for t in toks:
             piece = ts.push(t)
             if piece:
@@ -110,6 +111,11 @@ class LM:
         tail = ts.finish()
         if tail:
             yield tail
+        if state is not None and not (state.done or state.accepting):
+            import warnings
+            from .constrain import IncompleteOutputWarning
+            warnings.warn(f"{state.c.param}: max_new_tokens ran out before the output was complete; "
+                          f"the text is a valid prefix, not a full match", IncompleteOutputWarning, stacklevel=2)
 
     def generate_ids(self, prompt, max_new_tokens: int = 128, ignore_eos: bool = False, **sampling) -> list[int]:
         """Like generate() but returns the new token ids (no stop strings)."""
@@ -184,6 +190,15 @@ class LM:
 
     def __repr__(self) -> str:
         return self.summary()
+
+    # ---- embeddings (minilm/embed.py) ------------------------------------------------------
+    def embed(self, texts, pooling: str = "mean", normalize: bool = True) -> np.ndarray:
+        """f32[n, hidden]: pooled final-normed hidden states of each text (a string, a list of
+        strings, or token id lists), each run from position 0. pooling "mean" | "last";
+        normalize: unit L2 norm. Inputs longer than the context raise a ValueError naming the
+        index. Resets the KV cache."""
+        from .embed import embed
+        return embed(self, texts, pooling, normalize)
 
     # ---- chat (minilm/chat.py) -------------------------------------------------------------
     def chat(self, messages, **kwargs):

@@ -83,9 +83,10 @@ def check_tools(tools) -> list[dict]:
         if not isinstance(params, dict) or params.get("type", "object") != "object":
             raise ToolError(f"{p}: must be a JSON schema of an object (type 'object')", p)
         _check_compiles(params, p)
-        fn = {"name": name, "parameters": params}
+        fn = {"name": name}
         if desc is not None:
             fn["description"] = desc
+        fn["parameters"] = params
         out.append({"type": "function", "function": fn})
     return out
 
@@ -165,16 +166,56 @@ def new_call_id() -> str:
 
 
 # ---- the fallback template ---------------------------------------------------------------------
-#: ChatML with Hermes-style tools (the call format of Qwen2.5 and Hermes templates, with a short
-#: system text and compact tool JSON so small contexts keep room), for checkpoints without a
-#: chat template when tools or tool calls are in play.
+def _type_of(s, depth: int = 0) -> str:
+    """A JSON schema as a short TypeScript-like type: string, number, "a"|"b", T[], {k?: T}."""
+    if not isinstance(s, dict):
+        return "any"
+    if "enum" in s and isinstance(s["enum"], list):
+        return "|".join(json.dumps(v) for v in s["enum"]) or "never"
+    if "const" in s:
+        return json.dumps(s["const"])
+    for k in ("anyOf", "oneOf"):
+        if isinstance(s.get(k), list):
+            return "|".join(_type_of(x, depth) for x in s[k])
+    t = s.get("type")
+    if isinstance(t, list):
+        return "|".join(_type_of({**s, "type": x}, depth) for x in t)
+    if t == "array":
+        inner = _type_of(s.get("items"), depth)
+        return f"({inner})[]" if "|" in inner else f"{inner}[]"
+    if t == "object" or "properties" in s:
+        if depth > 4:
+            return "object"
+        return "{" + _fields(s, depth + 1) + "}"
+    return {"string": "string", "number": "number", "integer": "integer", "boolean": "boolean",
+            "null": "null"}.get(t, "any")
+
+
+def _fields(s: dict, depth: int) -> str:
+    req = set(s.get("required", []))
+    out = []
+    for k, v in (s.get("properties") or {}).items():
+        d = v.get("description") if isinstance(v, dict) else None
+        out.append(f"{k}{'' if k in req else '?'}: {_type_of(v, depth)}" + (f" /* {d} */" if d else ""))
+    return ", ".join(out)
+
+
+def tool_signature(tool: dict) -> str:
+    """One line per tool for the fallback template: `name(arg: type, opt?: type) - description`
+    (a compact form: the small models that lack a template also have small contexts)."""
+    f = tool.get("function", tool) if isinstance(tool, dict) else {}
+    sig = f"{f.get('name')}({_fields(f.get('parameters') or {}, 1)})"
+    return sig + (f" - {f['description']}" if f.get("description") else "")
+
+
+#: ChatML with Hermes-style tool calls (the call format of Qwen2.5 and Hermes templates), tools
+#: listed as one-line signatures (`tool_signature`) so small contexts keep room, for checkpoints
+#: without a chat template when tools or tool calls are in play.
 TOOLS_FALLBACK_TEMPLATE = (
     "{% if tools %}<|im_start|>system\n"
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
-    "# Tools\n<tools>"
-    "{% for tool in tools %}\n{{ tool['function'] | tojson(separators=(',', ':')) }}{% endfor %}\n</tools>\n"
-    "To call a tool, answer <tool_call>\n{\"name\": <name>, \"arguments\": <arguments object>}"
-    "\n</tool_call><|im_end|>\n"
+    "Tools:{{ '\\n' }}{% for tool in tools %}{{ tool | tool_signature }}{{ '\\n' }}{% endfor %}"
+    "To call one, answer <tool_call>\n{\"name\": ..., \"arguments\": {...}}\n</tool_call><|im_end|>\n"
     "{% endif %}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' and tools and loop.first %}"
