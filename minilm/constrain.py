@@ -262,6 +262,33 @@ def compile_constraint(model, json_schema=None, regex=None, grammar=None, param:
     return Constraint(model, spec, param or kind, eos_ids)
 
 
+def _apply_bitmask_py(logits, bits, out):
+    """out f32[V] = logits f32[V] where bit i of bits u32[ceil(V/32)] is set, else -inf; returns
+    how many tokens are allowed."""
+    n = 0
+    for w in range(bits.shape[0]):
+        b = bits[w]
+        base = w * 32
+        m = min(32, out.shape[0] - base)
+        if b == 0:                                   # most words: nothing allowed
+            out[base:base + m] = -np.inf
+            continue
+        for j in range(m):
+            if (b >> np.uint32(j)) & np.uint32(1):
+                out[base + j] = logits[base + j]
+                n += 1
+            else:
+                out[base + j] = -np.inf
+    return n
+
+
+try:
+    import numba
+    _apply_bitmask = numba.njit(cache=True, nogil=True)(_apply_bitmask_py)
+except ImportError:  # numba is a dependency; keep the module importable without it
+    _apply_bitmask = None
+
+
 class ConstraintState:
     """One generation under a constraint.
 
@@ -278,7 +305,6 @@ class ConstraintState:
         V = c.vocab_size
         self.words = (V + 31) // 32
         self.bits = np.zeros(self.words, np.uint32)            # u32[ceil(V/32)]: bit i = token allowed
-        self.allowed = np.zeros(V, np.bool_)                   # bool[V]
         self.out = np.zeros(V, np.float32)                     # f32[V]: masked logits
         self.done = False
 
@@ -291,20 +317,26 @@ class ConstraintState:
         m.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
         if m.is_error():
             raise RuntimeError(f"{self.c.param}: the grammar engine failed: {m.get_error()}")
-        V = len(self.allowed)
-        self.allowed[:] = np.unpackbits(self.bits.view(np.uint8), bitorder="little")[:V]
-        if not self.allowed.any():
+        V = len(self.out)
+        if _apply_bitmask is not None:
+            n = _apply_bitmask(logits[:V], self.bits, self.out)
+        else:
+            allowed = np.unpackbits(self.bits.view(np.uint8), bitorder="little")[:V].astype(bool)
+            np.copyto(self.out, logits[:V])
+            np.putmask(self.out, ~allowed, -np.inf)
+            n = int(allowed.sum())
+        if n == 0:
             raise RuntimeError(f"{self.c.param}: no token can continue the output (grammar dead end)")
-        np.copyto(self.out, logits[:V])
-        np.putmask(self.out, ~self.allowed, -np.inf)
         return self.out
+
+    def allowed(self, tok: int) -> bool:
+        """Whether the last mask allowed token `tok`."""
+        return 0 <= tok < len(self.out) and bool((int(self.bits[tok >> 5]) >> (tok & 31)) & 1)
 
     def pick_allowed(self, tok: int) -> int:
         """`tok` if the last mask allowed it, else the best allowed token (a guard against a
         sampler that returns a masked id, e.g. when every allowed logit underflowed)."""
-        if 0 <= tok < len(self.allowed) and self.allowed[tok]:
-            return tok
-        return int(np.argmax(self.out))
+        return tok if self.allowed(tok) else int(np.argmax(self.out))
 
     def advance(self, tok: int) -> None:
         if not self.m.consume_token(int(tok)):
