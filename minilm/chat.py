@@ -401,12 +401,16 @@ def prepare_chat(model, messages, max_tokens=None, temperature=DEFAULT_TEMPERATU
         if choice != "auto":              # "required" or a tool name: constrain to one valid call
             from .constrain import Constraint, ConstraintError
             import llguidance
-            spec = llguidance.LLMatcher.grammar_from_lark(call_grammar(fmt, tools, choice, p.max_tokens))
             eos = list(model.eos_token_ids) + [i for i in p.stop_ids if i not in model.eos_token_ids]
-            try:
-                p.constraint = Constraint(model, spec, "tools", eos)
-            except ConstraintError as e:
-                raise RequestError(str(e), e.param, e.code) from None
+            # bounded arguments first; less bounded where a pattern's shortest match does not fit
+            for patterns, budget in ((True, p.max_tokens), (False, p.max_tokens), (False, None)):
+                spec = llguidance.LLMatcher.grammar_from_lark(call_grammar(fmt, tools, choice, budget, patterns))
+                try:
+                    p.constraint = Constraint(model, spec, "tools", eos)
+                    break
+                except ConstraintError as e:
+                    if budget is None or "nsatisfiable" not in str(e):
+                        raise RequestError(str(e), e.param, e.code) from None
     return p
 
 

@@ -95,21 +95,40 @@ def check_json_schema(schema, param: str = "json_schema") -> dict | bool:
     return schema
 
 
-# Free strings and arrays (no maxLength / maxItems, pattern, format, enum or const) get a length
-# bound derived from the token budget, numbers without bounds a range of +-1e9 and 3 decimals
-# (else digits can run on forever), and objects with declared properties (and no
-# additionalProperties) get no undeclared keys, so that a small model that never closes a string
-# or keeps inventing keys still ends with a complete, valid object instead of running out of
-# tokens: these only narrow the schema (every output still validates against the caller's schema).
+# Free strings, keys, arrays and numbers of a schema get bounds derived from the token budget,
+# and objects with declared properties get no undeclared keys, so that a small model that never
+# closes a string, keeps inventing keys or writes digits forever still ends with a complete, valid
+# value instead of running out of tokens. Every change only narrows the schema (each output still
+# validates against the caller's schema). `uniqueItems`, which the grammar engine cannot express,
+# becomes a narrowing too: the array is held to minItems (at least 1) items and item j is drawn
+# from the j-th of disjoint parts of the item schema (`_distinct_parts`: enum values, number
+# ranges, string lengths); for other item schemas it is dropped, the one case whose output is
+# not guaranteed to validate (README says so).
 _NUMBER_SPAN = 10 ** 9         # numbers without a bound get one this far from the other (or 0)
 _NUMBER_STEP = 0.001           # ... and numbers without multipleOf get at most 3 decimals
-_ARRAY_CAP = 8                  # items, for arrays without maxItems
+_ARRAY_CAP = 8                  # items, for arrays without maxItems (fewer when items are big)
 _STRING_CAP = (8, 512)          # chars: lowest and highest bound for strings without maxLength
+_PATTERN_MIN = 32               # chars: lowest bound for strings with a pattern / an open format
+_KEY_PATTERN = "^[A-Za-z0-9_]{1,16}$"   # keys of objects that take any keys
+# formats whose strings have a bounded length anyway
+_BOUNDED_FORMATS = {"date", "uuid", "ipv4", "ipv6", "full-date"}   # (times: any number of decimals)
+_ANY_SCALAR = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]}
 
 
-def _free_string(s: dict) -> bool:
-    return (s.get("type") == "string" and "maxLength" not in s and not
-            {"pattern", "format", "enum", "const"} & s.keys())
+def _open_pattern(p) -> bool:
+    """Whether regex text `p` may match strings of any length (an unbounded quantifier)."""
+    import re
+    return not isinstance(p, str) or bool(re.search(r"(?<!\\)[*+]|\{\d*,\}", p))
+
+
+def _free_string(s: dict, patterns: bool = True) -> bool:
+    """A string schema whose length has no bound (with patterns: also open patterns / formats)."""
+    if s.get("type") != "string" or "maxLength" in s or {"enum", "const"} & s.keys():
+        return False
+    if "pattern" in s or "format" in s:
+        return patterns and ("pattern" not in s or _open_pattern(s["pattern"])) and \
+            s.get("format") not in _BOUNDED_FORMATS
+    return True
 
 
 def _subschemas(s: dict):
@@ -117,7 +136,7 @@ def _subschemas(s: dict):
     for k in ("properties", "patternProperties", "$defs", "definitions"):
         if isinstance(s.get(k), dict):
             for v in s[k].values():
-                yield v, 1
+                yield v, (min(s.get("maxProperties", 4), 4) if k == "patternProperties" else 1)
     for k in ("anyOf", "oneOf", "allOf", "prefixItems"):
         if isinstance(s.get(k), list):
             for v in s[k]:
@@ -129,10 +148,114 @@ def _subschemas(s: dict):
         yield s["items"], min(s.get("maxItems", _ARRAY_CAP), _ARRAY_CAP)
 
 
-def bound_schema(schema, max_tokens: int):
-    """A copy of `schema` where free strings get maxLength and free arrays maxItems, chosen so
-    that the whole output fits in about max_tokens tokens (assuming >= 2 characters a token), and
-    objects with declared properties (all required ones declared) get additionalProperties false."""
+def _int(v, default=0) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else default
+
+
+def _est_tokens(s, depth: int = 0) -> int:
+    """A rough size in tokens of a short value of schema s (for sizing array caps)."""
+    if not isinstance(s, dict) or depth > 6:
+        return 4
+    if "const" in s or "enum" in s:
+        vals = [s["const"]] if "const" in s else s["enum"] if isinstance(s["enum"], list) else [0]
+        return 1 + max(len(json.dumps(v)) for v in vals) // 2 if vals else 2
+    subs = [b for k in ("anyOf", "oneOf") for b in (s.get(k) or []) if isinstance(s.get(k), list)]
+    if subs:
+        return max(_est_tokens(b, depth + 1) for b in subs)
+    t = s.get("type")
+    if t == "object" or isinstance(s.get("properties"), dict):
+        props = s.get("properties") if isinstance(s.get("properties"), dict) else {}
+        return 2 + sum(3 + len(k) // 3 + _est_tokens(v, depth + 1) for k, v in props.items())
+    if t == "array":
+        return 2 + max(_int(s.get("minItems")), 1) * (1 + _est_tokens(s.get("items"), depth + 1))
+    if t == "string":
+        return 2 + min(_int(s.get("maxLength"), 8), 16) // 2
+    return {"number": 6, "integer": 5, "boolean": 2, "null": 2}.get(t, 4)
+
+
+def _inclusive(s: dict) -> None:
+    """Exclusive bounds that are multiples of the step (multipleOf, 1 for integers) -> inclusive
+    bounds one step in (the same values; llguidance 1.9 lets 0 through exclusiveMinimum 0 when an
+    exclusiveMaximum is also given)."""
+    step = 1 if s.get("type") == "integer" and "multipleOf" not in s else s.get("multipleOf")
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not num(step) or step <= 0:
+        return
+    for ex, inc, sign in (("exclusiveMinimum", "minimum", 1), ("exclusiveMaximum", "maximum", -1)):
+        v = s.get(ex)
+        if num(v) and abs(v / step - round(v / step)) < 1e-9:
+            w = (round(v / step) + sign) * step
+            w = int(round(w)) if isinstance(step, int) or float(w).is_integer() else round(w, 12)
+            if inc not in s or (s[inc] < w if sign > 0 else s[inc] > w):
+                s[inc] = w
+            del s[ex]
+
+
+def _distinct_parts(item, n: int):
+    """n schemas, each narrower than `item`, no two of which share a value (an enum split n
+    ways, a bounded number range cut in n, strings of n disjoint length windows, the two
+    booleans); None when `item` is not one of those (or n < 2: nothing to keep apart)."""
+    if not isinstance(item, dict) or n < 2 or {"anyOf", "oneOf", "allOf", "$ref", "not"} & item.keys():
+        return None
+    if "const" in item:
+        return None
+    if isinstance(item.get("enum"), list):
+        vals, seen = [], set()
+        for v in item["enum"]:
+            if json.dumps(v, sort_keys=True) not in seen:
+                seen.add(json.dumps(v, sort_keys=True))
+                vals.append(v)
+        return [{**item, "enum": vals[j::n]} for j in range(n)] if len(vals) >= n else None
+    t = item.get("type")
+    if t == "boolean":
+        return [{**item, "const": b} for b in (False, True)] if n == 2 else None
+    if t == "integer" and "multipleOf" not in item:
+        lo = item.get("minimum", item["exclusiveMinimum"] + 1 if _int(item.get("exclusiveMinimum"), None) is not None else None)
+        hi = item.get("maximum", item["exclusiveMaximum"] - 1 if _int(item.get("exclusiveMaximum"), None) is not None else None)
+        if not (isinstance(lo, int) and isinstance(hi, int)) or hi - lo + 1 < n:
+            return None
+        w = (hi - lo + 1) // n
+        base = {k: v for k, v in item.items() if k not in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")}
+        return [{**base, "minimum": lo + j * w, "maximum": hi if j == n - 1 else lo + (j + 1) * w - 1} for j in range(n)]
+    if t == "number":
+        import math
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        step = item.get("multipleOf", _NUMBER_STEP)
+        lo, hi = item.get("minimum"), item.get("maximum")
+        if not (num(lo) and num(hi) and num(step)) or {"exclusiveMinimum", "exclusiveMaximum"} & item.keys():
+            return None
+        k_lo, k_hi = math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9)    # the step grid in [lo, hi]
+        w = (k_hi - k_lo + 1) // n
+        if w < 1:
+            return None
+        at = lambda k: round(k * step, 12)
+        return [{**item, "minimum": max(lo, at(k_lo + j * w)),
+                 "maximum": hi if j == n - 1 else min(hi, at(k_lo + (j + 1) * w - 1))} for j in range(n)]
+    if isinstance(item.get("properties"), dict):       # objects: apart by one property, made required
+        req = item.get("required") if isinstance(item.get("required"), list) else []
+        for k in sorted(item["properties"], key=lambda k: k not in req):
+            parts = _distinct_parts(item["properties"][k], n)
+            if parts is not None:
+                return [{**item, "properties": {**item["properties"], k: part},
+                         "required": req + ([k] if k not in req else [])} for part in parts]
+        return None
+    if t == "string" and not {"pattern", "format"} & item.keys():
+        lo = _int(item.get("minLength"))
+        hi = _int(item.get("maxLength"), lo + 8 * n - 1)
+        w = (hi - lo + 1) // n
+        if w < 1:
+            return None
+        return [{**item, "minLength": lo + j * w, "maxLength": hi if j == n - 1 else lo + (j + 1) * w - 1}
+                for j in range(n)]
+    return None
+
+
+def bound_schema(schema, max_tokens: int, patterns: bool = True):
+    """A copy of `schema` narrowed to fit in about max_tokens tokens: free strings get maxLength
+    (with patterns=True also strings with an open pattern or format, at least _PATTERN_MIN),
+    arrays maxItems, numbers a range and 3 decimals, objects that take any keys short keys and
+    scalar values (at most 4 unless minProperties says more), objects with declared properties
+    (all required ones declared) additionalProperties false."""
     import copy
     if not isinstance(schema, dict):
         return schema
@@ -145,22 +268,22 @@ def bound_schema(schema, max_tokens: int):
         for sub, k in _subschemas(s):
             walk(sub, mult * k, visit)
 
-    n = [0]
-
-    def count(s, mult):
-        if _free_string(s):
-            n[0] += mult
-
-    def arrays(s, mult):
-        if s.get("type") == "array" and "maxItems" not in s:
-            s["maxItems"] = max(int(s.get("minItems", 0)) if isinstance(s.get("minItems"), int) else 0,
-                                _ARRAY_CAP)
     def closed(s, mult):          # declared properties only (as OpenAI's strict mode asks)
         props = s.get("properties")
-        if isinstance(props, dict) and props and not {"additionalProperties", "patternProperties",
-                                                      "unevaluatedProperties"} & s.keys() \
-                and set(s.get("required", [])) <= set(props):
+        if {"patternProperties", "unevaluatedProperties", "propertyNames"} & s.keys():
+            return
+        if isinstance(props, dict) and props:
+            if s.get("additionalProperties") is not False and set(s.get("required", [])) <= set(props) \
+                    and _int(s.get("minProperties")) <= len(props):
+                s["additionalProperties"] = False
+        elif s.get("type") == "object" and s.get("additionalProperties") is not False and "properties" not in s:
+            # any keys: short identifier keys (a free key is an endless string for a small model)
+            extra = s.get("additionalProperties")
+            s["patternProperties"] = {_KEY_PATTERN: extra if isinstance(extra, dict) else dict(_ANY_SCALAR)}
             s["additionalProperties"] = False
+            if "maxProperties" not in s:
+                s["maxProperties"] = max(_int(s.get("minProperties")), 4)
+
     def numbers(s, mult):         # bounded digits: range +-1e9 around a given bound, 3 decimals
         t = s.get("type")
         if t not in ("number", "integer") or {"enum", "const"} & s.keys():
@@ -176,15 +299,38 @@ def bound_schema(schema, max_tokens: int):
             s["minimum"] = hi - _NUMBER_SPAN
         if t == "number" and "multipleOf" not in s:
             s["multipleOf"] = _NUMBER_STEP
+        _inclusive(s)
+
+    def arrays(s, mult):          # at most _ARRAY_CAP items, fewer when an item is big
+        if s.get("type") != "array" and "items" not in s:
+            return
+        lo = _int(s.get("minItems"))
+        if s.pop("uniqueItems", False):
+            n = min(_int(s.get("maxItems"), 1 << 30), max(lo, 1))
+            parts = None if "prefixItems" in s else _distinct_parts(s.get("items"), n)
+            if parts is not None:       # item j drawn from the j-th of n disjoint parts: all distinct
+                s["prefixItems"], s["items"], s["minItems"] = parts, False, n
+            s["maxItems"] = n
+        if "maxItems" not in s:
+            fit = max_tokens // (3 * _est_tokens(s.get("items")))
+            s["maxItems"] = max(lo, min(_ARRAY_CAP, max(fit, 1)))
+
     walk(schema, 1, closed)
     walk(schema, 1, numbers)
     walk(schema, 1, arrays)
+    n = [0]
+
+    def count(s, mult):
+        if _free_string(s, patterns):
+            n[0] += mult
     walk(schema, 1, count)
-    cap = int(np.clip(2 * max_tokens // (2 * n[0] + 1), *_STRING_CAP))
+    # about 1 character a token: a small model on a byte-level BPE spells odd strings bytewise
+    cap = int(np.clip(max_tokens // (n[0] + 1), *_STRING_CAP))
 
     def strings(s, mult):
-        if _free_string(s):
-            s["maxLength"] = max(cap, int(s.get("minLength", 0)) if isinstance(s.get("minLength"), int) else 0)
+        if _free_string(s, patterns):
+            lo = _PATTERN_MIN if ("pattern" in s or "format" in s) else 0
+            s["maxLength"] = max(cap, lo, _int(s.get("minLength")))
     walk(schema, 1, strings)
     return schema
 
@@ -194,9 +340,10 @@ def _looks_like_gbnf(text: str) -> bool:
 
 
 def grammar_spec(json_schema=None, regex=None, grammar=None, param: str | None = None,
-                 max_tokens: int | None = None) -> str | None:
+                 max_tokens: int | None = None, patterns: bool = True) -> str | None:
     """The llguidance grammar (a JSON string) for at most one of the three, or None.
-    max_tokens: the token budget, for `bound_schema` (None: schema as given)."""
+    max_tokens: the token budget, for `bound_schema` (None: schema as given); patterns: whether
+    it also bounds strings with an open pattern / format."""
     llg = _llg()
     given = [k for k, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar)) if v is not None]
     if len(given) > 1:
@@ -208,7 +355,7 @@ def grammar_spec(json_schema=None, regex=None, grammar=None, param: str | None =
     if kind == "json_schema":
         schema = check_json_schema(json_schema, p)
         if max_tokens is not None:
-            schema = bound_schema(schema, max_tokens)
+            schema = bound_schema(schema, max_tokens, patterns)
         try:
             return llg.LLMatcher.grammar_from_json_schema(
                 json.dumps(schema), defaults={"whitespace_flexible": False,
@@ -259,7 +406,19 @@ def compile_constraint(model, json_schema=None, regex=None, grammar=None, param:
     if spec is None:
         return None
     kind = "json_schema" if json_schema is not None else "regex" if regex is not None else "grammar"
-    return Constraint(model, spec, param or kind, eos_ids)
+    try:
+        return Constraint(model, spec, param or kind, eos_ids)
+    except ConstraintError as e:
+        if json_schema is None or max_tokens is None or "nsatisfiable" not in str(e):
+            raise
+    # a pattern / format whose shortest match is longer than the length bound: bound those less
+    for patterns, budget in ((False, max_tokens), (False, None)):
+        try:
+            return Constraint(model, grammar_spec(json_schema, param=param, max_tokens=budget, patterns=patterns),
+                              param or kind, eos_ids)
+        except ConstraintError as e:
+            if budget is None or "nsatisfiable" not in str(e):
+                raise
 
 
 def _apply_bitmask_py(logits, bits, out):

@@ -339,15 +339,17 @@ def format_for(template: str | None) -> ToolFormat:
     return DEFAULT_FORMAT
 
 
-def call_grammar(fmt: ToolFormat, tools: list[dict], choice: str, max_tokens: int | None) -> str:
+def call_grammar(fmt: ToolFormat, tools: list[dict], choice: str, max_tokens: int | None,
+                 patterns: bool = True) -> str:
     """A Lark grammar (llguidance syntax) for exactly one call in `fmt`: of tool `choice`, or of
-    any tool when choice == "required", with arguments matching its parameters schema."""
+    any tool when choice == "required", with arguments matching its parameters schema (narrowed
+    by `constrain.bound_schema(.., max_tokens, patterns)` unless max_tokens is None)."""
     alts = []
     for t in tools:
         f = t["function"]
         if choice != "required" and f["name"] != choice:
             continue
-        params = f["parameters"] if max_tokens is None else bound_schema(f["parameters"], max_tokens)
+        params = f["parameters"] if max_tokens is None else bound_schema(f["parameters"], max_tokens, patterns)
         alts.append({"type": "object", "properties": {"name": {"const": f["name"]}, fmt.args_key: params},
                      "required": ["name", fmt.args_key], "additionalProperties": False})
     schema = alts[0] if len(alts) == 1 else {"anyOf": alts}
