@@ -387,7 +387,10 @@ def prepare_chat(model, messages, max_tokens=None, temperature=DEFAULT_TEMPERATU
     if given and choice not in ("none", "auto"):
         raise RequestError(f"tool_choice={tool_choice!r} forces a tool call; it cannot be combined with "
                            f"{given[0]}", "tool_choice")
-    shown = tools if choice != "none" else []
+    # a named tool_choice shows the template only that tool (the output is held to a call of it;
+    # on a small context the other tools' descriptions would only take room)
+    shown = [] if choice == "none" else tools if choice in ("auto", "required") else \
+        [t for t in tools if t["function"]["name"] == choice]
     ids, extra_stop, stop_ids = encode_chat(model, messages, tools=shown or None)
     p = prepare(model, ids, max_tokens, temperature, top_p, stop, seed, extra_stop, stop_ids,
                 prompt_param="messages", **sampling)

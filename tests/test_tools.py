@@ -110,6 +110,22 @@ def test_signature_is_compact_and_complete():
     assert 'unit: "celsius"|"fahrenheit"' in s and "days?: integer" in s and "City name" in s
 
 
+def test_named_choice_shows_only_that_tool():
+    from pathlib import Path
+    import minilm
+    from minilm.chat import prepare_chat
+    path = Path(__file__).resolve().parents[2] / "shared" / "models" / "proxy-qwen3-shakespeare"
+    if not (path / "config.json").exists():
+        pytest.skip("proxy-qwen3-shakespeare not found")
+    m = minilm.load(str(path), n_ctx=1024)
+    text = lambda p: m.tokenizer.decode(p.ids)
+    both = text(prepare_chat(m, MSGS, tools=TOOLS, tool_choice="required", max_tokens=8))
+    named = text(prepare_chat(m, MSGS, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "add"}},
+                              max_tokens=8))
+    assert "get_weather" in both and "add(" in both
+    assert "get_weather" not in named and "add(" in named
+
+
 # ---- through the server ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server():
