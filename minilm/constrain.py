@@ -191,6 +191,29 @@ def _inclusive(s: dict) -> None:
             del s[ex]
 
 
+def _close_all_of(s: dict) -> None:
+    """An object made of allOf branches that each declare some properties: every branch (and s)
+    gets the union of the declared keys (the others as {}) and additionalProperties false, so
+    the object holds only declared keys (a narrowing; the branches' schemas still all apply)."""
+    parts = [s] + list(s["allOf"])
+    if not all(isinstance(b, dict) for b in parts):
+        return
+    if any({"additionalProperties", "patternProperties", "unevaluatedProperties", "propertyNames",
+            "anyOf", "oneOf", "$ref"} & b.keys() for b in parts):
+        return
+    keys, req = {}, set()
+    for b in parts:
+        if "properties" in b and not isinstance(b["properties"], dict):
+            return
+        keys.update({k: None for k in b.get("properties") or {}})
+        req.update(b.get("required") or [])
+    if not keys or not req <= set(keys):
+        return
+    for b in parts:
+        b["properties"] = {**{k: {} for k in keys}, **(b.get("properties") or {})}
+        b["additionalProperties"] = False
+
+
 def _distinct_parts(item, n: int):
     """n schemas, each narrower than `item`, no two of which share a value (an enum split n
     ways, a bounded number range cut in n, strings of n disjoint length windows, the two
@@ -268,9 +291,15 @@ def bound_schema(schema, max_tokens: int, patterns: bool = True):
         for sub, k in _subschemas(s):
             walk(sub, mult * k, visit)
 
+    open_ = set()                 # ids of allOf branches: each declares only part of the keys
+
     def closed(s, mult):          # declared properties only (as OpenAI's strict mode asks)
         props = s.get("properties")
-        if {"patternProperties", "unevaluatedProperties", "propertyNames"} & s.keys():
+        if isinstance(s.get("allOf"), list):
+            open_.update(id(b) for b in s["allOf"])
+            _close_all_of(s)
+        if id(s) in open_ or "allOf" in s or \
+                {"patternProperties", "unevaluatedProperties", "propertyNames"} & s.keys():
             return
         if isinstance(props, dict) and props:
             if s.get("additionalProperties") is not False and set(s.get("required", [])) <= set(props) \

@@ -139,6 +139,9 @@ HARD = [
                                                "uniqueItems": True, "minItems": 2}}, "required": ["tags"]},
     {"type": "array", "minItems": 1, "items": {"type": "object", "properties": {
         "id": {"type": "integer"}, "ok": {"type": "boolean"}, "name": {"type": "string"}}, "required": ["id", "ok", "name"]}},
+    {"allOf": [{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]},
+               {"type": "object", "properties": {"b": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}},
+                "required": ["b"]}]},
 ]
 
 
