@@ -282,6 +282,18 @@ def test_server_streamed_json_schema_and_json_object(server):
     jsonschema.validate(json.loads(r.choices[0].text), SCHEMAS[3])
 
 
+def test_server_streamed_budget_too_small_says_length(server):
+    schema = SCHEMAS[2]
+    stream = server.client.chat.completions.create(
+        model="x", messages=MSGS, max_tokens=6, temperature=0, stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+    chunks = [ch for ch in stream if ch.choices]
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length" and text.startswith('{"')
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
 @pytest.mark.parametrize("rf, param", [
     ({"type": "xml"}, "response_format.type"),
     ({"type": "json_schema"}, "response_format.json_schema"),
