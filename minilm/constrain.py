@@ -121,9 +121,15 @@ def _open_pattern(p) -> bool:
     return not isinstance(p, str) or bool(re.search(r"(?<!\\)[*+]|\{\d*,\}", p))
 
 
+def _has_type(s: dict, name: str) -> bool:
+    """Whether s's "type" is `name` or a list holding it (["string", "null"])."""
+    t = s.get("type")
+    return t == name or (isinstance(t, list) and name in t)
+
+
 def _free_string(s: dict, patterns: bool = True) -> bool:
     """A string schema whose length has no bound (with patterns: also open patterns / formats)."""
-    if s.get("type") != "string" or "maxLength" in s or {"enum", "const"} & s.keys():
+    if not _has_type(s, "string") or "maxLength" in s or {"enum", "const"} & s.keys():
         return False
     if "pattern" in s or "format" in s:
         return patterns and ("pattern" not in s or _open_pattern(s["pattern"])) and \
@@ -177,7 +183,8 @@ def _inclusive(s: dict) -> None:
     """Exclusive bounds that are multiples of the step (multipleOf, 1 for integers) -> inclusive
     bounds one step in (the same values; llguidance 1.9 lets 0 through exclusiveMinimum 0 when an
     exclusiveMaximum is also given)."""
-    step = 1 if s.get("type") == "integer" and "multipleOf" not in s else s.get("multipleOf")
+    step = 1 if _has_type(s, "integer") and not _has_type(s, "number") and "multipleOf" not in s \
+        else s.get("multipleOf")
     num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     if not num(step) or step <= 0:
         return
@@ -314,8 +321,8 @@ def bound_schema(schema, max_tokens: int, patterns: bool = True):
                 s["maxProperties"] = max(_int(s.get("minProperties")), 4)
 
     def numbers(s, mult):         # bounded digits: range +-1e9 around a given bound, 3 decimals
-        t = s.get("type")
-        if t not in ("number", "integer") or {"enum", "const"} & s.keys():
+        t = "number" if _has_type(s, "number") else "integer" if _has_type(s, "integer") else None
+        if t is None or {"enum", "const"} & s.keys():
             return
         lo = s.get("minimum", s.get("exclusiveMinimum"))
         hi = s.get("maximum", s.get("exclusiveMaximum"))
