@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -89,7 +88,6 @@ def main(argv=None) -> int:
         subprocess.run([sys.executable, str(REPO / "scripts" / "make_random_checkpoint.py"), "--shape",
                         "smollm2-135m", "--tokenizer", str(tok_dir), "--out", str(ckpt), "--dtype", "bf16"],
                        check=True)
-    import numpy as np
     import minilm
     from minilm.constrain import ConstraintState, compile_constraint
     from minilm.generate import generate_tokens

@@ -10,7 +10,6 @@ from numba import njit, prange
 from .simd import _blk_fma16, _hsum16, _prefetch, _ptr_add, _stack_f32
 
 
-
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy", boundscheck=False, inline="always")
 def gemv_float_groups(x, w, out, KIND, g0, g1):
     """Row groups g0..g1-1 (rows 4g..4g+3) of out[N] = w @ x for w f32[N,K] (KIND 0) or fp16/bf16 bits u16[N,K]
@@ -75,80 +74,86 @@ def gemm_f32(x, w, out):
 
 @njit(cache=True, parallel=True, fastmath=True, nogil=True, error_model="numpy")
 def gemm_f32_cols(x, w, out, n0):
-    """out[:, n0:n0+N] <- x @ w.T for x: f32[M, K], w: f32[N, K] (a tile of a bigger W).
+    """out[:, n0:n0+N] <- x @ w.T for x: f32[M, K], w: f32[N, K] (a tile of a bigger W),
+    parallel over blocks of 4 weight rows (gemm_f32_block)."""
+    for b in prange((w.shape[0] + 3) // 4):
+        gemm_f32_block(x, w, out, b * 4, n0)
+
+
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy", inline="always")
+def gemm_f32_block(x, w, out, i0, n0):
+    """Rows i0..i0+3 of w (fewer at the end): out[:M, n0+i0 ..] <- x[:M] @ w[i0:i0+4].T, for
+    x: f32[M, >=K] (only the first K = w.shape[1] columns are read), w: f32[N, K].
 
     Register-blocked 4 weight rows x 4 tokens: 16 accumulators, each loaded x[m, k] and
     w[n, k] feeds 4 FMAs. The 4 weight rows stay in L1 while all M tokens stream past them.
     A Numba kernel rather than numpy's BLAS: BLAS threads and Numba's OpenMP threads spin
     against each other on a 2-core machine, which costs more than BLAS gains.
     """
-    M, K = x.shape
-    N = w.shape[0]
-    nblk = (N + 3) // 4
-    for b in prange(nblk):
-        i0 = b * 4
-        if i0 + 4 <= N:
-            m0 = 0
-            while m0 + 4 <= M:
-                a00 = a01 = a02 = a03 = np.float32(0.0)
-                a10 = a11 = a12 = a13 = np.float32(0.0)
-                a20 = a21 = a22 = a23 = np.float32(0.0)
-                a30 = a31 = a32 = a33 = np.float32(0.0)
+    M = x.shape[0]
+    N, K = w.shape
+    if i0 + 4 <= N:
+        m0 = 0
+        while m0 + 4 <= M:
+            a00 = a01 = a02 = a03 = np.float32(0.0)
+            a10 = a11 = a12 = a13 = np.float32(0.0)
+            a20 = a21 = a22 = a23 = np.float32(0.0)
+            a30 = a31 = a32 = a33 = np.float32(0.0)
+            for k in range(K):
+                w0 = w[i0, k]
+                w1 = w[i0 + 1, k]
+                w2 = w[i0 + 2, k]
+                w3 = w[i0 + 3, k]
+                x0 = x[m0, k]
+                x1 = x[m0 + 1, k]
+                x2 = x[m0 + 2, k]
+                x3 = x[m0 + 3, k]
+                a00 += x0 * w0
+                a01 += x0 * w1
+                a02 += x0 * w2
+                a03 += x0 * w3
+                a10 += x1 * w0
+                a11 += x1 * w1
+                a12 += x1 * w2
+                a13 += x1 * w3
+                a20 += x2 * w0
+                a21 += x2 * w1
+                a22 += x2 * w2
+                a23 += x2 * w3
+                a30 += x3 * w0
+                a31 += x3 * w1
+                a32 += x3 * w2
+                a33 += x3 * w3
+            out[m0, n0 + i0] = a00
+            out[m0, n0 + i0 + 1] = a01
+            out[m0, n0 + i0 + 2] = a02
+            out[m0, n0 + i0 + 3] = a03
+            out[m0 + 1, n0 + i0] = a10
+            out[m0 + 1, n0 + i0 + 1] = a11
+            out[m0 + 1, n0 + i0 + 2] = a12
+            out[m0 + 1, n0 + i0 + 3] = a13
+            out[m0 + 2, n0 + i0] = a20
+            out[m0 + 2, n0 + i0 + 1] = a21
+            out[m0 + 2, n0 + i0 + 2] = a22
+            out[m0 + 2, n0 + i0 + 3] = a23
+            out[m0 + 3, n0 + i0] = a30
+            out[m0 + 3, n0 + i0 + 1] = a31
+            out[m0 + 3, n0 + i0 + 2] = a32
+            out[m0 + 3, n0 + i0 + 3] = a33
+            m0 += 4
+        for m in range(m0, M):
+            for i in range(i0, i0 + 4):
+                a = np.float32(0.0)
                 for k in range(K):
-                    w0 = w[i0, k]
-                    w1 = w[i0 + 1, k]
-                    w2 = w[i0 + 2, k]
-                    w3 = w[i0 + 3, k]
-                    x0 = x[m0, k]
-                    x1 = x[m0 + 1, k]
-                    x2 = x[m0 + 2, k]
-                    x3 = x[m0 + 3, k]
-                    a00 += x0 * w0
-                    a01 += x0 * w1
-                    a02 += x0 * w2
-                    a03 += x0 * w3
-                    a10 += x1 * w0
-                    a11 += x1 * w1
-                    a12 += x1 * w2
-                    a13 += x1 * w3
-                    a20 += x2 * w0
-                    a21 += x2 * w1
-                    a22 += x2 * w2
-                    a23 += x2 * w3
-                    a30 += x3 * w0
-                    a31 += x3 * w1
-                    a32 += x3 * w2
-                    a33 += x3 * w3
-                out[m0, n0 + i0] = a00
-                out[m0, n0 + i0 + 1] = a01
-                out[m0, n0 + i0 + 2] = a02
-                out[m0, n0 + i0 + 3] = a03
-                out[m0 + 1, n0 + i0] = a10
-                out[m0 + 1, n0 + i0 + 1] = a11
-                out[m0 + 1, n0 + i0 + 2] = a12
-                out[m0 + 1, n0 + i0 + 3] = a13
-                out[m0 + 2, n0 + i0] = a20
-                out[m0 + 2, n0 + i0 + 1] = a21
-                out[m0 + 2, n0 + i0 + 2] = a22
-                out[m0 + 2, n0 + i0 + 3] = a23
-                out[m0 + 3, n0 + i0] = a30
-                out[m0 + 3, n0 + i0 + 1] = a31
-                out[m0 + 3, n0 + i0 + 2] = a32
-                out[m0 + 3, n0 + i0 + 3] = a33
-                m0 += 4
-            for m in range(m0, M):
-                for i in range(i0, i0 + 4):
-                    a = np.float32(0.0)
-                    for k in range(K):
-                        a += x[m, k] * w[i, k]
-                    out[m, n0 + i] = a
-        else:
-            for i in range(i0, N):
-                for m in range(M):
-                    a = np.float32(0.0)
-                    for k in range(K):
-                        a += x[m, k] * w[i, k]
-                    out[m, n0 + i] = a
+                    a += x[m, k] * w[i, k]
+                out[m, n0 + i] = a
+    else:
+        for i in range(i0, N):
+            for m in range(M):
+                a = np.float32(0.0)
+                for k in range(K):
+                    a += x[m, k] * w[i, k]
+                out[m, n0 + i] = a
 
 
 def matmul_ref(x, w):

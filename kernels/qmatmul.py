@@ -88,8 +88,23 @@ from numba.extending import intrinsic  # noqa: E402
 
 from .matmul import gemm_f32_cols as _gemm_f32_cols  # noqa: E402
 from .matmul import gemv_float as _gemv_float  # noqa: E402
-from .simd import (_F32, _I8, _I16, _I32, _V16F32, _V16I32, _bf2f, _elem_ptr,  # noqa: E402,F401
-                   _h2f, _hsum16, _masked_load, _prefetch, _ptr_add, _splat_idx, _stack_f32)
+from .simd import (  # noqa: E402,F401
+    _F32,
+    _I8,
+    _I16,
+    _I32,
+    _V16F32,
+    _V16I32,
+    _bf2f,
+    _elem_ptr,
+    _h2f,
+    _hsum16,
+    _masked_load,
+    _prefetch,
+    _ptr_add,
+    _splat_idx,
+    _stack_f32,
+)
 
 QK = 32  # activation / Q8_0 block size
 
@@ -324,17 +339,17 @@ def _q4_rows(typingctx, accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G
         accp_, qs_, qoff_, KB_, xq_, xd_, xs_, c_, d_, doff_, ng_, t_ = args[:12]
         i64 = qoff_.type
 
-        def I(v):
+        def lit64(v):
             return ir.Constant(i64, v)
         t64 = builder.sext(t_, i64) if t_.type.width < 64 else t_
         c64 = builder.sext(c_, i64) if c_.type.width < 64 else c_
         if nch > 1:
-            t64 = I(4)
-        nbytes = builder.mul(t64, I(16))
+            t64 = lit64(4)
+        nbytes = builder.mul(t64, lit64(16))
         nbl = 4 * nch                                         # blocks covered
         vnb = ir.VectorType(_F32, nbl)
-        boff = builder.mul(c64, I(4))
-        nvalid = t64 if nch == 1 else I(nbl)
+        boff = builder.mul(c64, lit64(4))
+        nvalid = t64 if nch == 1 else lit64(nbl)
         xdv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[5], xd_, boff, _F32), vnb,
                            nvalid, 4)
         xsv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[6], xs_, boff, _F32), vnb,
@@ -345,7 +360,7 @@ def _q4_rows(typingctx, accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G
         bz = builder.insert_element(bz, ir.Constant(_I32, 0), ir.Constant(_I32, nbl))
         chunks = []
         for ch in range(nch):
-            xoff = builder.mul(builder.add(c64, I(ch)), I(128))
+            xoff = builder.mul(builder.add(c64, lit64(ch)), lit64(128))
             xlo = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[4], xq_, xoff, _I8),
                                _V64I8, nbytes, 1)
             xhi = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[4], xq_,
@@ -357,9 +372,9 @@ def _q4_rows(typingctx, accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G
                 bias_hi = _splat_idx(builder, bz, [i + 4 * ch if i < 4 else nbl for i in _bias_idx(hi_map)])
             chunks.append((xlo, xhi, bias_lo, bias_hi))
         ngrp = nbl // cpg
-        ng_valid = builder.udiv(t64, I(cpg)) if cpg > 1 else t64
+        ng_valid = builder.udiv(t64, lit64(cpg)) if cpg > 1 else t64
         if nch > 1:
-            ng_valid = I(ngrp)
+            ng_valid = lit64(ngrp)
         m15 = ir.Constant(_V64I8, [15] * 64)
         m4 = ir.Constant(_V64I8, [4] * 64)
         vh = ir.VectorType(_I16, ngrp)
@@ -369,7 +384,7 @@ def _q4_rows(typingctx, accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G
                 xd_lanes.append((_splat_idx(builder, xdv, [m + 4 * ch for m in lo_map]),
                                  _splat_idx(builder, xdv, [m + 4 * ch for m in hi_map])))
         for r in range(nr):
-            do = builder.add(doff_, builder.mul(I(r), ng_))
+            do = builder.add(doff_, builder.mul(lit64(r), ng_))
             dh = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[8], d_, do, _I16), vh,
                               ng_valid, 2)
             dw = builder.fpext(builder.bitcast(dh, ir.VectorType(ir.HalfType(), ngrp)),
@@ -378,7 +393,7 @@ def _q4_rows(typingctx, accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G
                 sv = builder.fmul(dw, xdv, flags=["fast"])    # scale per block
             ap = builder.bitcast(builder.gep(accp_, [ir.Constant(_I32, 16 * r)]), _V16F32.as_pointer())
             for ch, (xlo, xhi, bias_lo, bias_hi) in enumerate(chunks):
-                qo = builder.add(qoff_, builder.add(builder.mul(I(r), KB_), I(64 * ch)))
+                qo = builder.add(qoff_, builder.add(builder.mul(lit64(r), KB_), lit64(64 * ch)))
                 v = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[1], qs_, qo, _I8),
                                  _V64I8, nbytes, 1)
                 lo = builder.and_(v, m15)
@@ -425,14 +440,14 @@ def _q8_rows(typingctx, accp, qs, qoff, K, xq, xd, xs, c, d, doff, nbv, NR, NCH)
         accp_, qs_, qoff_, K_, xq_, xd_, xs_, c_, d_, doff_, nbv_ = args[:11]
         i64 = qoff_.type
 
-        def I(v):
+        def lit64(v):
             return ir.Constant(i64, v)
 
         def as64(v):
             return builder.sext(v, i64) if v.type.width < 64 else v
         c64, nbv64, K64 = as64(c_), as64(nbv_), as64(K_)
         nbl = 2 * nch
-        boff = builder.mul(c64, I(2))
+        boff = builder.mul(c64, lit64(2))
         xdv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[5], xd_, boff, _F32),
                            ir.VectorType(_F32, nbl), nbv64, 4)
         xsv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[6], xs_, boff, _F32),
@@ -443,17 +458,17 @@ def _q8_rows(typingctx, accp, qs, qoff, K, xq, xd, xs, c, d, doff, nbv, NR, NCH)
         bz = builder.insert_element(bz, ir.Constant(_I32, 0), ir.Constant(_I32, nbl))
         chunks = []
         for ch in range(nch):
-            nbytes = builder.mul(builder.sub(nbv64, I(2 * ch)), I(32))     # 32 or 64 (or more)
-            xo = builder.mul(builder.add(c64, I(ch)), I(64))
+            nbytes = builder.mul(builder.sub(nbv64, lit64(2 * ch)), lit64(32))     # 32 or 64 (or more)
+            xo = builder.mul(builder.add(c64, lit64(ch)), lit64(64))
             xv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[4], xq_, xo, _I8), _V64I8,
                               nbytes, 1)
             seed = _splat_idx(builder, bz, [2 * ch if L == 0 else (2 * ch + 1 if L == 8 else nbl)
                                             for L in range(16)])
             chunks.append((nbytes, xv, seed))
         flip = ir.Constant(_V64I8, [-128] * 64)
-        nbr = builder.udiv(K64, I(32))
+        nbr = builder.udiv(K64, lit64(32))
         for r in range(nr):
-            do = builder.add(as64(doff_), builder.mul(I(r), nbr))
+            do = builder.add(as64(doff_), builder.mul(lit64(r), nbr))
             dh = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[8], d_, do, _I16),
                               ir.VectorType(_I16, nbl), nbv64, 2)
             dw = builder.fpext(builder.bitcast(dh, ir.VectorType(ir.HalfType(), nbl)),
@@ -462,7 +477,7 @@ def _q8_rows(typingctx, accp, qs, qoff, K, xq, xd, xs, c, d, doff, nbv, NR, NCH)
             ap = builder.bitcast(builder.gep(accp_, [ir.Constant(_I32, 16 * r)]), _V16F32.as_pointer())
             a = builder.load(ap, align=4)
             for ch, (nbytes, xv, seed) in enumerate(chunks):
-                qo = builder.add(qoff_, builder.add(builder.mul(I(r), K64), I(64 * ch)))
+                qo = builder.add(qoff_, builder.add(builder.mul(lit64(r), K64), lit64(64 * ch)))
                 v = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[1], qs_, qo, _I8),
                                  _V64I8, nbytes, 1)
                 p = _udot512(builder, seed, builder.xor(v, flip), xv, wide=True)
@@ -767,18 +782,11 @@ def _gemv_bf16_kernel(x, w, out):
     _gemv_float(x, w, out, 2)
 
 
-# Activation scratch for the quantized gemvs, cached per K (not shared between Python threads
-# calling concurrently with the same K; pass your own via gemv_q8_0(..., scratch=...) then).
-_ACT_SCRATCH = {}
-
-
 def act_scratch(K):
-    """(xq int8[K], xd f32[K//32], xs f32[K//32]) scratch for the quantized gemvs."""
-    s = _ACT_SCRATCH.get(K)
-    if s is None:
-        s = (np.empty(K, np.int8), np.empty(K // 32, np.float32), np.empty(K // 32, np.float32))
-        _ACT_SCRATCH[K] = s
-    return s
+    """New (xq int8[K], xd f32[K//32], xs f32[K//32]) scratch for the quantized gemvs. The
+    caller owns it (a Linear keeps one; the executor's run state has its own): no scratch is
+    shared between models or threads."""
+    return np.zeros(K, np.int8), np.zeros(K // 32, np.float32), np.zeros(K // 32, np.float32)
 
 
 def gemv_q8_0(x, qs, d, out, scratch=None):
@@ -841,20 +849,11 @@ def _deq_bf16_rows(w, n0, n1, tile):
 
 
 GEMM_TILE_ROWS = 256
-_TILE_SCRATCH = {}
-
-
-def _tile(K):
-    t = _TILE_SCRATCH.get(K)
-    if t is None:
-        t = np.empty((GEMM_TILE_ROWS, K), np.float32)
-        _TILE_SCRATCH[K] = t
-    return t
 
 
 def _gemm_tiled(x, out, N, K, deq):
     # x f32[M,K], out f32[M,N]; deq(n0, n1, tile) fills tile[:n1-n0] with rows n0..n1 of W
-    tile = _tile(K)
+    tile = np.empty((min(N, GEMM_TILE_ROWS), K), np.float32)   # per call: prefill, not per token
     for n0 in range(0, N, GEMM_TILE_ROWS):
         n1 = min(N, n0 + GEMM_TILE_ROWS)
         t = tile[: n1 - n0]
@@ -883,16 +882,9 @@ def _gemm_q4_0_kernel(x, XQ, XD, XS, qs, d, out):
             gemv_q4_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], gr, gr + 1)
 
 
-_GEMM_ACT = {}
-
-
 def _gemm_act(M, K):
-    """Per-token activation scratch (XQ, XD, XS) for M >= rows, cached per K (grown as needed)."""
-    s = _GEMM_ACT.get(K)
-    if s is None or s[0].shape[0] < M:
-        s = (np.empty((M, K), np.int8), np.empty((M, K // 32), np.float32), np.empty((M, K // 32), np.float32))
-        _GEMM_ACT[K] = s
-    return s
+    """Per-token activation scratch (XQ, XD, XS), allocated per call (prefill, not per token)."""
+    return np.empty((M, K), np.int8), np.empty((M, K // 32), np.float32), np.empty((M, K // 32), np.float32)
 
 
 def gemm_q8_0(x, qs, d, out):

@@ -204,3 +204,41 @@ def spin_pause(typingctx):
             builder.call(f, [])
         return ir.Constant(_I8, 0)
     return types.int8(), codegen
+
+
+# Giving the CPU back inside a spin-wait (a shared machine: another process may need the core
+# the waiting thread spins on). libc's sched_yield / usleep where the process has them (POSIX);
+# elsewhere these compile to nothing and the wait keeps spinning.
+def _libc_has(name):
+    import llvmlite.binding as llvm
+    try:
+        return bool(llvm.address_of_symbol(name))
+    except Exception:  # pragma: no cover
+        return False
+
+
+_HAVE_YIELD = _libc_has("sched_yield")
+_HAVE_USLEEP = _libc_has("usleep")
+
+
+@intrinsic
+def cpu_yield(typingctx):
+    """sched_yield(): let another runnable thread have this core."""
+    def codegen(ctx, builder, sig, args):
+        if _HAVE_YIELD:
+            f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), []), "sched_yield")
+            builder.call(f, [])
+        return ir.Constant(_I8, 0)
+    return types.int8(), codegen
+
+
+@intrinsic
+def sleep_us(typingctx, us):
+    """usleep(us): sleep this thread for about `us` microseconds."""
+    def codegen(ctx, builder, sig, args):
+        if _HAVE_USLEEP:
+            f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(32), [ir.IntType(32)]),
+                                               "usleep")
+            builder.call(f, [builder.trunc(args[0], ir.IntType(32))])
+        return ir.Constant(_I8, 0)
+    return types.int8(types.int64), codegen

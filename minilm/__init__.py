@@ -15,8 +15,17 @@ import os
 if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
-from .errors import ContextOverflowError, MinilmError, ModelLoadError, UnsupportedModelError
+from .errors import (
+    ContextOverflowError,
+    MinilmError,
+    ModelLoadError,
+    NonFiniteWeightsError,
+    ResourceLimitError,
+    TemplateError,
+    UnsupportedModelError,
+)
 from .loader import load
 
-__all__ = ["load", "MinilmError", "ModelLoadError", "UnsupportedModelError", "ContextOverflowError"]
+__all__ = ["load", "MinilmError", "ModelLoadError", "UnsupportedModelError", "ContextOverflowError",
+           "NonFiniteWeightsError", "ResourceLimitError", "TemplateError"]
 __version__ = "0.1.0"

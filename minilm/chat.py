@@ -21,18 +21,18 @@ An `LM` is not thread-safe: one generation at a time (the server queues requests
 """
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from .errors import TemplateError
 from .generate import TextStream, generate_tokens
 from .sampling import Sampler
+from .tokenizer import check_text
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -103,29 +103,28 @@ def validate_messages(messages) -> list[dict]:
         if not isinstance(m["content"], str):
             raise RequestError(f"{where}.content: must be a string, got {type(m['content']).__name__}",
                                f"{where}.content")
+        try:
+            check_text(m["content"], f"{where}.content")
+        except ValueError as e:
+            raise RequestError(str(e), f"{where}.content", "invalid_unicode") from None
         out.append(dict(m))
     return out
 
 
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+class ChatTemplateError(TemplateError, RequestError):
+    """The chat template failed or hit a limit (a minilm TemplateError; the server answers 400)."""
+
+    def __init__(self, message: str):
+        RequestError.__init__(self, message, "messages", "invalid_chat_template")
 
 
-def _raise_exception(message):
-    from jinja2.exceptions import TemplateError
-    raise TemplateError(message)
-
-
-@lru_cache(maxsize=16)
 def _compile(template: str):
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    from .tools import tool_signature
-    env.filters["tool_signature"] = tool_signature          # used by tools.TOOLS_FALLBACK_TEMPLATE
-    env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-    return env.from_string(template)
+    """The template compiled in minilm.chat_template's limited sandbox (cached there)."""
+    from .chat_template import compile_template
+    try:
+        return compile_template(template)
+    except TemplateError as e:
+        raise ChatTemplateError(str(e)) from None
 
 
 def chat_template_of(tokenizer) -> str | None:
@@ -133,7 +132,8 @@ def chat_template_of(tokenizer) -> str | None:
     'default'), or None."""
     t = (getattr(tokenizer, "config", None) or {}).get("chat_template")
     if isinstance(t, list):
-        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        named = {d.get("name"): d.get("template") for d in t
+                 if isinstance(d, dict) and isinstance(d.get("name"), (str, type(None)))}
         t = named.get("default") or next(iter(named.values()), None)
     return t if isinstance(t, str) and t.strip() else None
 
@@ -144,26 +144,34 @@ def _uses_tools(messages, tools) -> bool:
 
 def render_chat(tokenizer, messages, add_generation_prompt: bool = True, template: str | None = None,
                 tools=None) -> str:
-    """The prompt text for `messages` (validated) through the chat template (or the fallback).
+    """The prompt text for `messages` (validated) through the chat template (or the fallback),
+    rendered with limits (minilm.chat_template); a failure is a ChatTemplateError naming it.
     tools: checked OpenAI tools (minilm.tools.check_tools), passed to the template as `tools`."""
-    from jinja2.exceptions import SecurityError, TemplateError
+    from .chat_template import render
     messages = validate_messages(messages)
     if not (template or chat_template_of(tokenizer)) and _uses_tools(messages, tools):
         from .tools import TOOLS_FALLBACK_TEMPLATE
         template = TOOLS_FALLBACK_TEMPLATE
     template = template or chat_template_of(tokenizer) or FALLBACK_CHAT_TEMPLATE
     extra = {"tools": tools} if tools else {}
+    size = sum(len(m["content"]) for m in messages)
+    if tools:
+        import json
+
+        from .tools import TOOLS_FALLBACK_TEMPLATE, tool_signature
+        size += len(json.dumps(tools))
+        if template == TOOLS_FALLBACK_TEMPLATE:             # lists the tools as one-line signatures
+            extra["tool_signatures"] = [tool_signature(t) for t in tools]
     try:
-        return _compile(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **extra,
-            bos_token=getattr(tokenizer, "bos_token", None) or "",
-            eos_token=getattr(tokenizer, "eos_token", None) or "")
-    except SecurityError as e:
-        raise RequestError(f"chat template: unsafe operation refused by the sandbox ({e})", "messages",
-                           "invalid_chat_template") from None
+        return render(template, input_chars=size,
+                      messages=messages, add_generation_prompt=add_generation_prompt, **extra,
+                      bos_token=getattr(tokenizer, "bos_token", None) or "",
+                      eos_token=getattr(tokenizer, "eos_token", None) or "")
     except TemplateError as e:
-        raise RequestError(f"messages: rejected by the chat template: {e}", "messages",
-                           "invalid_chat_template") from None
+        msg = str(e)
+        if msg.startswith("rejected by the chat template: "):    # the template's raise_exception()
+            msg = "messages: " + msg
+        raise ChatTemplateError(msg) from None
 
 
 def encode_chat(model, messages, add_generation_prompt: bool = True, tools=None):
@@ -186,7 +194,7 @@ def encode_chat(model, messages, add_generation_prompt: bool = True, tools=None)
     stop_ids = []
     for s in _TURN_END_TOKENS:
         if s in used:
-            i = tok._tok.token_to_id(s) if hasattr(tok, "_tok") else None
+            i = tok.token_to_id(s) if hasattr(tok, "token_to_id") else None
             if i is not None:
                 stop_ids.append(int(i))
     stop = [] if template else list(FALLBACK_STOP)
@@ -195,6 +203,8 @@ def encode_chat(model, messages, add_generation_prompt: bool = True, tools=None)
 
 # ---- arguments -------------------------------------------------------------------------------
 def _number(name, v, lo=None, lo_open=False, hi=None):
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2 ** 53:
+        raise RequestError(f"{name}={v!r}: must be a finite number of a sensible size", name)
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
         raise RequestError(f"{name}={v!r}: must be a finite number", name)
     if lo is not None and (v <= lo if lo_open else v < lo):
@@ -402,8 +412,9 @@ def prepare_chat(model, messages, max_tokens=None, temperature=DEFAULT_TEMPERATU
         fmt = format_for(chat_template_of(model.tokenizer))
         p.tools = ToolSetup(fmt, [t["function"]["name"] for t in tools], choice)
         if choice != "auto":              # "required" or a tool name: constrain to one valid call
-            from .constrain import Constraint, ConstraintError
             import llguidance
+
+            from .constrain import Constraint, ConstraintError
             eos = list(model.eos_token_ids) + [i for i in p.stop_ids if i not in model.eos_token_ids]
             # bounded arguments first; less bounded where a pattern's shortest match does not fit
             for patterns, budget in ((True, p.max_tokens), (False, p.max_tokens), (False, None)):
@@ -559,14 +570,3 @@ def completion_from(p: Prepared, name: str, stream: bool = False, include_usage:
                    "choices": [], "usage": g.usage()}
     return chunks()
 
-
-def _attach() -> None:
-    """Make chat/create_chat_completion/create_completion methods of `LM` when lm.py does not
-    define them itself (importing minilm.chat is then enough)."""
-    from .lm import LM
-    for f in (chat, create_chat_completion, create_completion):
-        if not hasattr(LM, f.__name__):
-            setattr(LM, f.__name__, f)
-
-
-_attach()

@@ -1,23 +1,18 @@
-"""The `minilm` command: generate (and the subcommands other modules register)."""
+"""The `minilm` command: generate here; the other subcommands live with their features
+(cli_chat: chat, serve; cli_quant: quantize, info; cli_bench: bench; cli_export: export).
+
+Every subcommand module is imported explicitly: a broken one fails loudly at start-up. They
+import their optional dependencies (fastapi, matplotlib, gguf, ...) only when their command
+runs, and say which extra to install when one is missing."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from . import cli_bench, cli_chat, cli_export, cli_quant
+from .cli_common import DEFAULT_MODEL, add_model_args, load_model
 
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
-                   help=f"local model folder or Hugging Face hub id (default: {DEFAULT_MODEL})")
-    p.add_argument("--quant", default=None, help="weight format to run in (default: as stored / f32)")
-    p.add_argument("--ctx", type=int, default=None, help="context length (KV cache size)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: all cores)")
-
-
-def load_model(args):
-    import minilm
-    return minilm.load(args.model, quant=args.quant, n_ctx=args.ctx, threads=args.threads)
+__all__ = ["DEFAULT_MODEL", "add_model_args", "load_model", "build_parser", "main"]
 
 
 def cmd_generate(args) -> int:
@@ -53,18 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stream", action="store_true", help="print tokens as they come")
     g.set_defaults(func=cmd_generate)
 
-    # Subcommands that live with their features.
-    for mod in ("minilm.cli_chat", "minilm.cli_quant", "minilm.cli_bench", "minilm.cli_export"):
-        try:
-            m = __import__(mod, fromlist=["add_subcommands"])
-        except ImportError:
-            continue
+    for m in (cli_chat, cli_quant, cli_bench, cli_export):     # subcommands that live with their features
         m.add_subcommands(sub)
     return ap
 
 
 def main(argv=None) -> int:
-    from minilm.errors import MinilmError
+    from .errors import MinilmError
 
     args = build_parser().parse_args(argv)
     try:

@@ -6,33 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+from .cli_common import add_model_args, load_model, positive_int
 
 HELP = "commands: /reset clears the conversation, /exit quits (or Ctrl-D); Ctrl-C stops the current answer"
 
 
-def _default_model() -> str:
-    cli = sys.modules.get("minilm.cli")
-    for k in ("DEFAULT_MODEL", "DEFAULT_MODEL_ID"):
-        v = getattr(cli, k, None)
-        if isinstance(v, str):
-            return v
-    return DEFAULT_MODEL
-
-
-def _positive_int(s):
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{s}: must be a positive integer")
-    return v
-
-
 def _common(p):
-    p.add_argument("-m", "--model", default=_default_model(),
-                   help="model folder or Hugging Face hub id (default: %(default)s)")
-    p.add_argument("--quant", default=None, help="weight format, e.g. f32 (default), int8, int4")
-    p.add_argument("--ctx", type=_positive_int, default=None, help="context length (KV cache size)")
-    p.add_argument("-t", "--threads", type=_positive_int, default=None, help="kernel threads (default: all cores)")
+    add_model_args(p, quant_help="weight format, e.g. f32 (default), int8, int4")
 
 
 def add_subcommands(subparsers) -> None:
@@ -41,7 +21,7 @@ def add_subcommands(subparsers) -> None:
                               description="Chat with a model in the terminal. " + HELP + ".")
     _common(c)
     c.add_argument("--system", default=None, help="system message")
-    c.add_argument("--max-tokens", type=_positive_int, default=None,
+    c.add_argument("--max-tokens", type=positive_int, default=None,
                    help="longest answer in tokens (default: up to the end of the context)")
     c.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: %(default)s)")
     c.add_argument("--top-p", type=float, default=1.0)
@@ -62,10 +42,10 @@ def add_subcommands(subparsers) -> None:
 
 
 def _load(args):
-    import minilm
+    from .errors import MinilmError
     try:
-        return minilm.load(args.model, quant=args.quant, n_ctx=args.ctx, threads=args.threads)
-    except (minilm.MinilmError, ValueError) as e:
+        return load_model(args)
+    except (MinilmError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
@@ -76,7 +56,11 @@ def chat_loop(model, system=None, max_tokens=None, temperature=0.7, top_p=1.0, s
     """The interactive loop: read a line, stream the answer, keep the history."""
     from .chat import RequestError, model_id, prepare_chat
     out = out or sys.stdout
-    w = lambda s: (out.write(s), out.flush())
+
+    def w(s: str) -> None:
+        out.write(s)
+        out.flush()
+
     history: list[dict] = []
     head = [{"role": "system", "content": system}] if system else []
     w(f"minilm chat with {model_id(model)}. {HELP}.\n")

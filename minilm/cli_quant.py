@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import time
 
+from .cli_common import add_model_args, load_model
+
 
 def cmd_quantize(args) -> int:
-    import minilm
+    from .loader import load
     t = time.perf_counter()
-    model = minilm.load(args.model, quant=args.quant, group_size=args.group_size,
-                        embed_quant=args.embed_quant, n_ctx=16)
+    model = load(args.model, quant=args.quant, group_size=args.group_size, embed_quant=args.embed_quant, n_ctx=16)
     model.save(args.output)
     print(model.summary())
     print(f"wrote {args.output} in {time.perf_counter() - t:.1f} s")
@@ -16,14 +17,12 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_info(args) -> int:
-    import minilm
-    model = minilm.load(args.model, quant=args.quant, n_ctx=args.ctx)
+    model = load_model(args)
     print(model.summary())
     return 0
 
 
 def add_subcommands(sub) -> None:
-    from .cli import add_model_args
     q = sub.add_parser("quantize", help="write a pre-quantized model folder")
     q.add_argument("-m", "--model", required=True, help="source checkpoint (folder or hub id)")
     q.add_argument("--quant", required=True, help="int8, int4, int4-g64, int4-g128, f16, bf16, f32")

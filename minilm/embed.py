@@ -81,6 +81,15 @@ def embed_ids(model, inputs: list[list[int]], pooling: str = "mean", normalize: 
     rows = net.state.rows
     D = model.config.hidden_size
     out = np.zeros((len(inputs), D), np.float32)                 # [n, D]
+    busy = getattr(net, "busy", None)                             # one call at a time per model
+    if busy is not None:
+        with busy:
+            return _embed_run(net, inputs, pooling, normalize, rows, out)
+    return _embed_run(net, inputs, pooling, normalize, rows, out)
+
+
+def _embed_run(net, inputs, pooling, normalize, rows, out) -> np.ndarray:
+    D = out.shape[1]
     try:
         for i, ids in enumerate(inputs):
             net.cache.reset()

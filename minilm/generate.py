@@ -14,17 +14,39 @@ from .sampling import Sampler, check_params
 _CTX_TOKENS = 4
 
 
-def check_generate_args(max_new_tokens, stop, **sampling):
+def check_seed(seed) -> int | None:
+    """seed: None or an integer >= 0 (ValueError naming the parameter otherwise)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0 or seed >= 1 << 128:
+        raise ValueError(f"seed={seed!r}: must be None or an integer in [0, 2**128)")
+    return int(seed)
+
+
+def check_stop(stop) -> list[str]:
+    """stop: None, a non-empty string, or a list/tuple of non-empty strings (valid Unicode)."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+        raise ValueError(f"stop={stop!r}: must be a non-empty string or a list of non-empty strings")
+    from .tokenizer import check_text
+    for i, s in enumerate(stop):
+        check_text(s, f"stop[{i}]")
+    return list(stop)
+
+
+def check_generate_args(max_new_tokens, stop, seed=None, **sampling):
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError(f"stop={stop!r}: must be a non-empty string or a list of non-empty strings")
-        stop = list(stop)
+    stop = check_stop(stop)
+    check_seed(seed)
+    for name, v in sampling.items():       # ints beyond float range reach np.isfinite as objects
+        if name != "top_k" and isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2 ** 53:
+            raise ValueError(f"{name}={v!r}: must be a finite number of a sensible size")
     check_params(**sampling)
-    return list(stop or [])
+    return stop
 
 
 def check_room(model, prompt_ids, max_new_tokens) -> None:
@@ -40,12 +62,19 @@ def check_room(model, prompt_ids, max_new_tokens) -> None:
 
 def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
                     eos_ids=(), ignore_eos=False, constraint=None) -> Iterator[int]:
-    """Yield new token ids. Reuses the cached prefix shared with the previous call.
+    """Yield new token ids. Reuses the cached prefix shared with the previous call. Holds the
+    model (net.busy) from the first token to the last: concurrent generations on one model run
+    one after the other, never interleaved.
     constraint: a `minilm.constrain.ConstraintState` (or None): masks the logits before every
     token (EOS only where the grammar accepts) and ends the generation once the grammar is done."""
     net = model.net
+    with net.busy:
+        check_room(model, prompt_ids, max_new_tokens)
+        yield from _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint)
+
+
+def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint=None):
     cache = net.cache
-    check_room(model, prompt_ids, max_new_tokens)
     keep = min(cache.common_prefix(prompt_ids), len(prompt_ids) - 1)  # re-run >= 1 token for logits
     if net.rope_depends_on_length(len(prompt_ids)):
         keep = 0           # dynamic NTK RoPE: cached keys were rotated for a shorter sequence

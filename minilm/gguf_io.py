@@ -23,15 +23,15 @@ present, otherwise rebuilds a `tokenizers` tokenizer from the ggml metadata.
 from __future__ import annotations
 
 import json
-import sys
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .config import Config
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import ModelLoadError, NonFiniteWeightsError, UnsupportedModelError
 from .quant import FORMATS, Linear, parse_level
 
 ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -125,7 +125,7 @@ def _to_target(lin: Linear, target: str, name: str) -> Linear:
 
 
 def _tok_json(model) -> dict | None:
-    tk = getattr(model.tokenizer, "_tok", None)
+    tk = getattr(model.tokenizer, "hf", None)
     if tk is not None:
         return json.loads(tk.to_str())
     p = Path(model.source) / "tokenizer.json"
@@ -299,8 +299,8 @@ def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool
         w.add_unk_token_id(int(tm["unk"]))
     add_bos = tok.add_bos
     if add_bos is None:    # as the post-processor does
-        add_bos = bos is not None and tok._tok.encode("", add_special_tokens=True).ids[:1] == [bos] \
-            if hasattr(tok, "_tok") else False
+        add_bos = bos is not None and tok.hf.encode("", add_special_tokens=True).ids[:1] == [bos] \
+            if hasattr(tok, "hf") else False
     w.add_add_bos_token(bool(add_bos))
     w.add_add_eos_token(False)
     tmpl = getattr(tok, "config", {}).get("chat_template")
@@ -389,6 +389,40 @@ def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool
 
 
 # ---- load ----------------------------------------------------------------------------------------
+def _open_reader(gguf, path: Path):
+    """gguf.GGUFReader with the tensors' data ranges checked first, so a truncated file names the
+    tensor whose data is cut off (gguf-py itself fails with a bare reshape error)."""
+
+    class Reader(gguf.GGUFReader):
+        def _build_tensors(self, start_offs, fields):
+            try:
+                size = len(self.data)
+                for field in fields:
+                    _, name_data, _, dims, raw_dtype, offset_tensor = field.parts
+                    name = bytes(name_data).decode("utf-8", "replace")
+                    qt = gguf.GGMLQuantizationType(int(raw_dtype[0]))
+                    bs, ts = gguf.GGML_QUANT_SIZES[qt]
+                    n = 1
+                    for d in dims.tolist():
+                        n *= int(d)
+                    end = int(start_offs) + int(offset_tensor[0]) + n * ts // bs
+                    if end > size:
+                        raise ModelLoadError(f"{path}: tensor {name!r}: data is truncated (ends at byte "
+                                             f"{end}, the file has {size} bytes)")
+            except ModelLoadError:
+                raise
+            except Exception:  # noqa: BLE001 - layout not as expected: let gguf-py report it
+                pass
+            return super()._build_tensors(start_offs, fields)
+
+    try:
+        return Reader(str(path), "c")   # copy-on-write: writeable views, one kernel signature
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - gguf raises ValueError/struct errors/... for bad files
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
 class _Meta:
     def __init__(self, reader, path):
         self.r, self.path = reader, path
@@ -397,8 +431,10 @@ class _Meta:
         f = self.r.fields.get(key)
         if f is None:
             return default
-        v = f.contents()
-        return v
+        try:
+            return f.contents()
+        except Exception as e:  # noqa: BLE001 - gguf-py raises assorted errors for malformed fields
+            raise ModelLoadError(f"{self.path}: GGUF metadata {key!r} is malformed ({type(e).__name__})") from None
 
     def need(self, key):
         v = self.get(key)
@@ -406,44 +442,105 @@ class _Meta:
             raise ModelLoadError(f"{self.path}: GGUF metadata {key!r} is missing")
         return v
 
+    def int_(self, key, default=None):
+        """An integer metadata value (ModelLoadError naming the key when it is another type)."""
+        v = self.get(key, default) if default is not None else self.need(key)
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ModelLoadError(f"{self.path}: GGUF metadata {key}={v!r} must be an integer")
+        return int(v)
 
-def _tensor_linear(t, path) -> Linear:
-    gguf = _gguf()
+    def num(self, key, default=None):
+        """A numeric metadata value (finite checks are Config's)."""
+        v = self.get(key, default) if default is not None else self.need(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise ModelLoadError(f"{self.path}: GGUF metadata {key}={v!r} must be a number")
+        return float(v)
+
+    def str_(self, key, default=None):
+        v = self.get(key, default)
+        if v is not None and not isinstance(v, str):
+            raise ModelLoadError(f"{self.path}: GGUF metadata {key}={v!r} must be a string")
+        return v
+
+
+def _dims(t, path) -> list[int]:
+    try:
+        dims = [int(x) for x in t.shape]          # ggml order: ne0 (= K) first
+    except (TypeError, ValueError):
+        raise ModelLoadError(f"{path}: tensor {t.name!r} has unreadable dimensions") from None
+    if not dims or any(d < 1 for d in dims) or len(dims) > 4:
+        raise ModelLoadError(f"{path}: tensor {t.name!r} has dimensions {dims}: expected 1 to 4 positive sizes")
+    return dims
+
+
+def _check_data(t, path, nbytes: int):
+    """The tensor's bytes: exactly nbytes present in the file (else 'truncated', naming it)."""
+    data = t.data
+    have = int(getattr(data, "nbytes", 0))
+    if have != nbytes:
+        raise ModelLoadError(f"{path}: tensor {t.name!r}: truncated or inconsistent data ({have} bytes "
+                             f"in the file, {nbytes} expected from its type and dimensions)")
+    return data
+
+
+def _tensor_linear(t, path, check_weights: bool = False) -> Linear:
+    from .safetensors_io import check_finite
     tn = t.tensor_type.name
     fmt = GGML_TO_FMT.get(tn)
     if fmt is None:
         raise ModelLoadError(f"{path}: tensor {t.name!r} has GGML type {tn}, which minilm does not run "
                              f"(supported: {', '.join(GGML_TO_FMT)}); convert the model with llama.cpp "
                              f"to one of those types (e.g. llama-quantize --pure ... Q8_0)")
-    dims = [int(x) for x in t.shape]          # ggml order: ne0 (= K) first
+    dims = _dims(t, path)
     K = dims[0]
-    N = int(np.prod(dims[1:])) if len(dims) > 1 else 1
-    data = t.data
-    if fmt == "f32":
-        return Linear("f32", N, K, {"w": np.asarray(data, np.float32).reshape(N, K)})
-    if fmt == "f16":
-        return Linear("f16", N, K, {"w": np.asarray(data, np.float16).reshape(N, K)})
-    if fmt == "bf16":
-        return Linear("bf16", N, K, {"w": np.ascontiguousarray(data).view(np.uint16).reshape(N, K)})
+    N = int(np.prod(dims[1:], dtype=np.int64)) if len(dims) > 1 else 1
+    where = f"{path}: tensor {t.name!r}"
+    if fmt in ("f32", "f16", "bf16"):
+        item = 4 if fmt == "f32" else 2
+        data = _check_data(t, path, N * K * item)
+        if fmt == "f32":
+            w = np.asarray(data, np.float32).reshape(N, K)
+        elif fmt == "f16":
+            w = np.asarray(data, np.float16).reshape(N, K)
+        else:
+            w = np.ascontiguousarray(data).view(np.uint16).reshape(N, K)
+        if check_weights:
+            check_finite(w, where, bf16=fmt == "bf16")
+        return Linear(fmt, N, K, {"w": w})
+    if K % QK:
+        raise ModelLoadError(f"{where}: {tn} needs a row length that is a multiple of {QK}, got {K}")
     nb = K // QK
     per = QK if fmt == "q8_0" else QK // 2
+    data = _check_data(t, path, N * nb * (2 + per))
     blocks = np.asarray(data, np.uint8).reshape(N, nb, 2 + per)
     d = np.ascontiguousarray(blocks[:, :, :2]).view(np.float16).reshape(N, nb)
+    if check_weights:
+        check_finite(d, f"{where} (block scales)")
     qs = np.ascontiguousarray(blocks[:, :, 2:]).reshape(N, nb * per)
     if fmt == "q8_0":
         qs = qs.view(np.int8)
-    del gguf
     return Linear(fmt, N, K, {"qs": qs, "d": d})
 
 
-def _tensor_vec(t, path) -> np.ndarray:
-    if t.tensor_type.name not in ("F32", "F16", "BF16"):
-        raise ModelLoadError(f"{path}: tensor {t.name!r} has GGML type {t.tensor_type.name}; "
+def _tensor_vec(t, path, n: int | None = None, check_weights: bool = False) -> np.ndarray:
+    from .safetensors_io import check_finite
+    tn = t.tensor_type.name
+    if tn not in ("F32", "F16", "BF16"):
+        raise ModelLoadError(f"{path}: tensor {t.name!r} has GGML type {tn}; "
                              "1-D tensors must be F32, F16 or BF16")
-    if t.tensor_type.name == "BF16":
-        u = np.ascontiguousarray(t.data).view(np.uint16).astype(np.uint32) << 16
-        return u.view(np.float32).reshape(-1)
-    return np.ascontiguousarray(t.data, dtype=np.float32).reshape(-1)
+    dims = _dims(t, path)
+    size = int(np.prod(dims, dtype=np.int64))
+    if n is not None and size != n:
+        raise ModelLoadError(f"{path}: tensor {t.name!r} has {size} elements (dimensions {dims}), expected {n}")
+    data = _check_data(t, path, size * (4 if tn == "F32" else 2))
+    if tn == "BF16":
+        u = np.ascontiguousarray(data).view(np.uint16).astype(np.uint32) << 16
+        a = u.view(np.float32).reshape(-1)
+    else:
+        a = np.ascontiguousarray(data, dtype=np.float32).reshape(-1)
+    if check_weights:
+        check_finite(a, f"{path}: tensor {t.name!r}")
+    return a
 
 
 def _config_from_gguf(m: _Meta, arch: str, tensors: dict) -> Config:
@@ -451,25 +548,27 @@ def _config_from_gguf(m: _Meta, arch: str, tensors: dict) -> Config:
     emb = tensors.get("token_embd.weight")
     if emb is None:
         raise ModelLoadError(f"{m.path}: tensor 'token_embd.weight' is missing")
-    D = int(m.need(f"{a}.embedding_length"))
-    H = int(m.need(f"{a}.attention.head_count"))
+    D = m.int_(f"{a}.embedding_length")
+    H = m.int_(f"{a}.attention.head_count")
     hkv = m.get(f"{a}.attention.head_count_kv", H)
     if isinstance(hkv, list):
         raise ModelLoadError(f"{m.path}: per-layer head_count_kv is not supported")
-    hd = int(m.get(f"{a}.attention.key_length", D // H))
-    V = int(emb.shape[1]) if len(emb.shape) > 1 else None
+    hkv = m.int_(f"{a}.attention.head_count_kv", H)
+    hd = m.int_(f"{a}.attention.key_length", D // H if H > 0 else 0)
+    edims = _dims(emb, m.path)
+    V = edims[1] if len(edims) > 1 else None
     raw = {
         "model_type": a,
         "hidden_size": D,
-        "num_hidden_layers": int(m.need(f"{a}.block_count")),
+        "num_hidden_layers": m.int_(f"{a}.block_count"),
         "num_attention_heads": H,
-        "num_key_value_heads": int(hkv),
+        "num_key_value_heads": hkv,
         "head_dim": hd,
-        "intermediate_size": int(m.need(f"{a}.feed_forward_length")),
-        "max_position_embeddings": int(m.get(f"{a}.context_length", 2048)),
-        "rms_norm_eps": float(m.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(m.get(f"{a}.rope.freq_base", 10000.0)),
-        "vocab_size": int(m.get(f"{a}.vocab_size", V)),
+        "intermediate_size": m.int_(f"{a}.feed_forward_length"),
+        "max_position_embeddings": m.int_(f"{a}.context_length", 2048),
+        "rms_norm_eps": m.num(f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
+        "rope_theta": m.num(f"{a}.rope.freq_base", 10000.0),
+        "vocab_size": m.int_(f"{a}.vocab_size", V),
         "tie_word_embeddings": "output.weight" not in tensors,
         "mlp_bias": "blk.0.ffn_up.bias" in tensors,
         "bos_token_id": m.get("tokenizer.ggml.bos_token_id"),
@@ -479,14 +578,16 @@ def _config_from_gguf(m: _Meta, arch: str, tensors: dict) -> Config:
         raw["attention_bias"] = "blk.0.attn_q.bias" in tensors
     if a == "llama" and "blk.0.attn_output.bias" not in tensors and raw["attention_bias"]:
         raise ModelLoadError(f"{m.path}: q/k/v biases without an output bias are not supported for llama")
-    rd = m.get(f"{a}.rope.dimension_count")
-    if rd is not None and int(rd) != hd:
-        raw["partial_rotary_factor"] = int(rd) / hd
+    rd = m.int_(f"{a}.rope.dimension_count", hd)
+    if rd != hd:
+        if hd < 1:
+            raise ModelLoadError(f"{m.path}: GGUF metadata {a}.attention.key_length={hd} must be positive")
+        raw["partial_rotary_factor"] = rd / hd
     st = m.get(f"{a}.rope.scaling.type")
     if st not in (None, "none"):
         if st != "linear":
             raise ModelLoadError(f"{m.path}: rope scaling {st!r} is not supported (linear only)")
-        raw["rope_scaling"] = {"rope_type": "linear", "factor": float(m.need(f"{a}.rope.scaling.factor"))}
+        raw["rope_scaling"] = {"rope_type": "linear", "factor": m.num(f"{a}.rope.scaling.factor")}
     if "rope_freqs.weight" in tensors:
         raise ModelLoadError(f"{m.path}: rope frequency factors (rope_freqs.weight) are not supported")
     try:
@@ -589,26 +690,30 @@ def _make_tokenizer(m: _Meta, cfg: Config, use_hf_json: bool = True):
     with tempfile.TemporaryDirectory(prefix="minilm-gguf-") as d:
         Path(d, "tokenizer.json").write_text(tj, encoding="utf-8")
         Path(d, "tokenizer_config.json").write_text(json.dumps(tc), encoding="utf-8")
-        return Tokenizer(Path(d), cfg.bos_token_id, cfg.eos_token_ids)
+        return Tokenizer(Path(d), cfg.bos_token_id, cfg.eos_token_ids, model_vocab_size=cfg.vocab_size)
 
 
-def load_gguf(path, quant: str | None = None, n_ctx: int | None = None, threads: int | None = None):
+def load_gguf(path, quant: str | None = None, n_ctx: int | None = None, threads: int | None = None,
+              check_weights: bool | None = None):
     """A llama / qwen2 / qwen3 GGUF file (F32, F16, BF16, Q8_0, Q4_0 tensors) -> `LM`.
 
     quant: None keeps the stored types; another level requantizes float tensors (a file that is
-    already quantized loads only as stored)."""
+    already quantized loads only as stored). Every tensor is checked against the config from the
+    metadata (type, dimensions, data present) before the model is built; float data (and the
+    Q8_0/Q4_0 block scales) are checked for NaN/Inf unless check_weights=False (see minilm.load)."""
     gguf = _gguf()
-    from .lm import LM
-    from .loader import DEFAULT_CTX
+    from .loader import build_lm, check_context_memory, check_n_ctx, weight_check_enabled
 
     if threads is not None:
         import numba
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads={threads!r}: must be a positive integer")
         numba.set_num_threads(min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    check = weight_check_enabled(check_weights)
+    if quant is not None and not isinstance(quant, str):
+        raise ValueError(f"quant={quant!r}: must be a string such as 'int8' or 'int4'")
     path = Path(os.path.expanduser(str(path)))
-    try:
-        reader = gguf.GGUFReader(str(path), "c")   # copy-on-write: writeable views, one kernel signature
-    except Exception as e:  # noqa: BLE001 - gguf raises ValueError/struct errors/... for bad files
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    reader = _open_reader(gguf, path)
     m = _Meta(reader, path)
     arch = m.get("general.architecture")
     if arch not in ("llama", "qwen2", "qwen3"):
@@ -619,8 +724,19 @@ def load_gguf(path, quant: str | None = None, n_ctx: int | None = None, threads:
         if t.tensor_type.name not in GGML_TO_FMT:
             _tensor_linear(t, path)
     cfg = _config_from_gguf(m, arch, gt)
-    stored = m.get("minilm.quant")
-    fallback = json.loads(m.get("minilm.tensor_formats") or "{}")
+    n_ctx = check_n_ctx(cfg, n_ctx, path)
+    from .quant import LEVELS
+    stored = m.str_("minilm.quant")
+    if stored is not None and stored not in LEVELS:
+        raise ModelLoadError(f"{path}: GGUF metadata minilm.quant={stored!r} is not a known quantization level")
+    try:
+        fallback = json.loads(m.str_("minilm.tensor_formats") or "{}")
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{path}: GGUF metadata minilm.tensor_formats is not valid JSON ({e})") from None
+    if not isinstance(fallback, dict) or not all(isinstance(k, str) and isinstance(v, str) and v in FORMATS
+                                                 for k, v in fallback.items()):
+        raise ModelLoadError(f"{path}: GGUF metadata minilm.tensor_formats must map tensor names to "
+                             f"formats ({', '.join(FORMATS)})")
     c = cfg
     q, kv = c.q_dim, c.kv_dim
     llama = arch == "llama"
@@ -633,45 +749,51 @@ def load_gguf(path, quant: str | None = None, n_ctx: int | None = None, threads:
 
     def mat(name, n_head=None, shape=None):
         t = get(name)
-        lin = _tensor_linear(t, path)
-        if shape is not None and (lin.N, lin.K) != shape:
-            raise ModelLoadError(f"{path}: tensor {name!r} has shape {[lin.N, lin.K]}, expected {list(shape)}")
+        dims = _dims(t, path)
+        if shape is not None and (len(dims) != 2 or (dims[1], dims[0]) != shape):
+            raise ModelLoadError(f"{path}: tensor {name!r} has shape {dims[::-1]}, expected {list(shape)}")
+        lin = _tensor_linear(t, path, check)
         fmt = fallback.get(name)
         if fmt is not None and lin.fmt != fmt:        # our export's exact F32 fallback: requantize back
-            lin = Linear.quantize(_dequant(lin), fmt, QK, name=name)
+            try:
+                lin = Linear.quantize(_dequant(lin), fmt, QK, name=name)
+            except ValueError as e:
+                raise NonFiniteWeightsError(f"{path}: {e}") from None
         if n_head is not None:
+            if lin.N % n_head or (lin.N // n_head) % 2:
+                raise ModelLoadError(f"{path}: tensor {name!r}: {lin.N} rows do not split into {n_head} heads")
             lin = _map_rows(lin, lambda a: unpermute_rows(a, n_head))
         return lin
 
-    def vec(name, n_head=None):
-        a = _tensor_vec(get(name), path)
+    def vec(name, n, n_head=None):
+        a = _tensor_vec(get(name), path, n, check)
         return unpermute_rows(a, n_head) if n_head else a
 
-    D, F, V = c.hidden_size, c.intermediate_size, c.vocab_size
+    D, F, V, hd = c.hidden_size, c.intermediate_size, c.vocab_size, c.head_dim
     T = {"tok_embd": mat("token_embd.weight", shape=(V, D))}
     for i in range(c.n_layers):
         b = f"blk.{i}."
-        T[f"l{i}.attn_norm.w"] = vec(b + "attn_norm.weight")
+        T[f"l{i}.attn_norm.w"] = vec(b + "attn_norm.weight", D)
         T[f"l{i}.wqkv"] = _cat([mat(b + "attn_q.weight", c.n_heads if llama else None, (q, D)),
                                 mat(b + "attn_k.weight", c.n_kv_heads if llama else None, (kv, D)),
                                 mat(b + "attn_v.weight", None, (kv, D))])
         if c.qkv_bias:
-            T[f"l{i}.bqkv"] = np.concatenate([vec(b + "attn_q.bias", c.n_heads if llama else None),
-                                              vec(b + "attn_k.bias", c.n_kv_heads if llama else None),
-                                              vec(b + "attn_v.bias")])
+            T[f"l{i}.bqkv"] = np.concatenate([vec(b + "attn_q.bias", q, c.n_heads if llama else None),
+                                              vec(b + "attn_k.bias", kv, c.n_kv_heads if llama else None),
+                                              vec(b + "attn_v.bias", kv)])
         if c.qk_norm:
-            T[f"l{i}.q_norm"] = vec(b + "attn_q_norm.weight")
-            T[f"l{i}.k_norm"] = vec(b + "attn_k_norm.weight")
+            T[f"l{i}.q_norm"] = vec(b + "attn_q_norm.weight", hd)
+            T[f"l{i}.k_norm"] = vec(b + "attn_k_norm.weight", hd)
         T[f"l{i}.wo"] = mat(b + "attn_output.weight", shape=(D, q))
         if c.o_bias:
-            T[f"l{i}.bo"] = vec(b + "attn_output.bias")
-        T[f"l{i}.ffn_norm.w"] = vec(b + "ffn_norm.weight")
+            T[f"l{i}.bo"] = vec(b + "attn_output.bias", D)
+        T[f"l{i}.ffn_norm.w"] = vec(b + "ffn_norm.weight", D)
         T[f"l{i}.w_gate_up"] = _cat([mat(b + "ffn_gate.weight", shape=(F, D)), mat(b + "ffn_up.weight", shape=(F, D))])
         T[f"l{i}.w_down"] = mat(b + "ffn_down.weight", shape=(D, F))
         if c.mlp_bias:
-            T[f"l{i}.b_gate_up"] = np.concatenate([vec(b + "ffn_gate.bias"), vec(b + "ffn_up.bias")])
-            T[f"l{i}.b_down"] = vec(b + "ffn_down.bias")
-    T["out_norm.w"] = vec("output_norm.weight")
+            T[f"l{i}.b_gate_up"] = np.concatenate([vec(b + "ffn_gate.bias", F), vec(b + "ffn_up.bias", F)])
+            T[f"l{i}.b_down"] = vec(b + "ffn_down.bias", D)
+    T["out_norm.w"] = vec("output_norm.weight", D)
     if not c.tie_word_embeddings:
         T["output"] = mat("output.weight", shape=(V, D))
 
@@ -686,14 +808,20 @@ def load_gguf(path, quant: str | None = None, n_ctx: int | None = None, threads:
         for k in mats:
             fmt = emb_fmt if k in ("tok_embd", "output") else mat_fmt
             if T[k].fmt != fmt:
-                T[k] = Linear.quantize(_dequant(T[k]), fmt, group, name=k)
+                try:
+                    T[k] = Linear.quantize(_dequant(T[k]), fmt, group, name=k)
+                except ValueError as e:
+                    raise NonFiniteWeightsError(f"{path}: {e}") from None
         level = quant
-    if n_ctx is None:
-        n_ctx = min(cfg.max_position_embeddings, DEFAULT_CTX)
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-        raise ValueError(f"n_ctx={n_ctx!r}: must be a positive integer")
-    tok = _make_tokenizer(m, cfg)
-    return LM(cfg, T, tok, n_ctx=n_ctx, source=str(path), quant=level, group_size=group)
+    check_context_memory(cfg, n_ctx)
+    try:
+        tok = _make_tokenizer(m, cfg)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tokenizers / metadata of unexpected types
+        raise ModelLoadError(f"{path}: cannot build the tokenizer from the GGUF metadata "
+                             f"({type(e).__name__}: {e})") from None
+    return build_lm(cfg, T, tok, n_ctx, source=str(path), quant=level, group_size=group)
 
 
 def _guess_level(T, mats) -> str:

@@ -39,14 +39,17 @@ class LM:
     def logits(self, ids) -> np.ndarray:
         """f32[len(ids), V]: logits at every position, fresh cache, positions 0..len-1."""
         ids = self._ids(ids)
-        self.reset()
-        out = self.net.all_logits(ids)
-        self.reset()
+        with self.net.busy:                                   # one call at a time per model
+            self.reset()
+            out = self.net.all_logits(ids)
+            self.reset()
         return out
 
     def perplexity(self, ids, window: int | None = None) -> dict:
         """exp(mean NLL) over ids split into non-overlapping windows, each run from position 0."""
         ids = self._ids(ids)
+        if window is not None and (isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 2):
+            raise ValueError(f"window={window!r}: must be an integer >= 2")
         window = window or self.n_ctx
         nll, n = 0.0, 0
         for a in range(0, len(ids), window):
@@ -78,6 +81,9 @@ class LM:
         A bad schema / regex / grammar raises
         `minilm.constrain.ConstraintError` (a ValueError) naming the argument.
         """
+        for name, v in (("stream", stream), ("ignore_eos", ignore_eos)):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name}={v!r}: must be True or False")
         pieces = self._generate(prompt, max_new_tokens, temperature, top_k, top_p, min_p,
                                 repetition_penalty, seed, stop, ignore_eos, json_schema, regex, grammar)
         return pieces if stream else "".join(pieces)
@@ -86,7 +92,7 @@ class LM:
                   repetition_penalty, seed, stop, ignore_eos, json_schema=None, regex=None,
                   grammar=None) -> Iterator[str]:
         # validate eagerly (before the caller starts iterating)
-        stop = check_generate_args(max_new_tokens, stop, temperature=temperature, top_k=top_k,
+        stop = check_generate_args(max_new_tokens, stop, seed=seed, temperature=temperature, top_k=top_k,
                                    top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
         ids = self.encode_prompt(prompt)
         check_room(self, ids, max_new_tokens)
@@ -113,13 +119,17 @@ class LM:
             yield tail
         if state is not None and not (state.done or state.accepting):
             import warnings
+
             from .constrain import IncompleteOutputWarning
             warnings.warn(f"{state.c.param}: max_new_tokens ran out before the output was complete; "
                           f"the text is a valid prefix, not a full match", IncompleteOutputWarning, stacklevel=2)
 
     def generate_ids(self, prompt, max_new_tokens: int = 128, ignore_eos: bool = False, **sampling) -> list[int]:
         """Like generate() but returns the new token ids (no stop strings)."""
-        check_generate_args(max_new_tokens, None, **{k: v for k, v in sampling.items() if k != "seed"})
+        unknown = set(sampling) - {"seed", "temperature", "top_k", "top_p", "min_p", "repetition_penalty"}
+        if unknown:
+            raise TypeError(f"generate_ids: unknown argument(s) {', '.join(sorted(unknown))}")
+        check_generate_args(max_new_tokens, None, **sampling)
         seed = sampling.pop("seed", None)
         sampler = Sampler(self.config.vocab_size, seed=seed, **sampling)
         return list(generate_tokens(self, self.encode_prompt(prompt), max_new_tokens, sampler,
@@ -127,8 +137,11 @@ class LM:
 
     # ---- helpers ---------------------------------------------------------------------------
     def encode_prompt(self, prompt) -> list[int]:
+        """A text prompt (str) or token ids (a list / tuple / 1-D integer array) -> checked ids."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple, np.ndarray)):
+            raise TypeError(f"prompt: must be a str or a list of token ids, got {type(prompt).__name__}")
         return [int(t) for t in self._ids(prompt)]
 
     def _ids(self, ids) -> np.ndarray:
@@ -136,7 +149,7 @@ class LM:
             a = np.asarray(ids)
         except Exception:
             raise ValueError("ids must be a sequence of integers") from None
-        if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        if a.ndim != 1 or (a.size and (not np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_)):
             raise ValueError(f"ids must be a 1-D sequence of integers, got shape {a.shape} of {a.dtype}")
         if a.size == 0:
             raise ValueError("ids is empty")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
-from .errors import ModelLoadError
+from .config import MAX_POSITIONS, Config, token_ids
+from .errors import ModelLoadError, NonFiniteWeightsError, ResourceLimitError
 from .quant import Linear
-from .weights import CheckpointReader, iter_canonical
+from .weights import CheckpointReader, check_checkpoint, iter_canonical
 
 MATRICES = re.compile(r"^(tok_embd|output|l\d+\.(wqkv|wo|w_gate_up|w_up|w_down))$")
 DEFAULT_CTX = 4096
@@ -46,51 +46,160 @@ def read_generation_config(folder: Path) -> dict:
     if not p.exists():
         return {}
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        g = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{p}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{p}: not valid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise ModelLoadError(f"{p}: cannot read ({e})") from None
+    if not isinstance(g, dict):
+        raise ModelLoadError(f"{p}: expected a JSON object, got {type(g).__name__}")
+    return g
+
+
+def add_generation_eos(cfg: Config, gen: dict, where) -> None:
+    """generation_config.json's eos_token_id (one id or a list) joins the config's EOS ids."""
+    try:
+        ids = token_ids("eos_token_id", gen.get("eos_token_id"))
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{where}: {e}") from None
+    for e in ids:
+        if e not in cfg.eos_token_ids:
+            cfg.eos_token_ids.append(e)
+
+
+# ---- memory ------------------------------------------------------------------------------------
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable; sysconf elsewhere), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def kv_dtype() -> np.dtype:
+    """The KV cache's element type. Hook: cache.KVCache may declare `dtype` (f16 later); f32 today."""
+    from .cache import KVCache
+    return np.dtype(getattr(KVCache, "dtype", np.float32))
+
+
+def context_bytes(cfg: Config, n_ctx: int) -> tuple[int, int, int]:
+    """(total, per_position, fixed) bytes that a context of n_ctx positions allocates: the KV cache
+    (2 x layers x kv_heads x n_ctx x head_dim x itemsize), RoPE tables and attention scores per
+    position, and the run buffers (prefill chunk rows, logits) that do not grow with n_ctx."""
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_dtype().itemsize
+    per = kv + 4 * cfg.n_heads + 8 * cfg.rotary_dim + 8
+    rows = min(n_ctx, 256)
+    F = cfg.intermediate_size
+    fixed = 4 * rows * (5 * cfg.hidden_size + cfg.q_dim * 2 + 2 * cfg.kv_dim + 3 * F) + 12 * cfg.vocab_size
+    return per * n_ctx + fixed, per, fixed
+
+
+def check_context_memory(cfg: Config, n_ctx: int, available: int | None = None) -> None:
+    """Raise ResourceLimitError before allocating when n_ctx's buffers would not fit in memory."""
+    total, per, fixed = context_bytes(cfg, n_ctx)
+    avail = available_memory() if available is None else available
+    if n_ctx <= MAX_POSITIONS and (avail is None or total <= avail):
+        return
+    fit = MAX_POSITIONS if avail is None else min(MAX_POSITIONS, max(0, (avail - fixed) // per))
+    if avail is None:
+        avail = fixed + per * MAX_POSITIONS
+    if fit == 0:
+        raise ResourceLimitError(f"this model's run buffers alone need {fixed:,} bytes but only {avail:,} "
+                                 "bytes of memory are available (vocab_size / intermediate_size too large)")
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * n_ctx * cfg.head_dim * kv_dtype().itemsize
+    raise ResourceLimitError(
+        f"n_ctx={n_ctx}: the KV cache would need {kv:,} bytes ({kv / 2**30:.1f} GiB: 2 x {cfg.n_layers} "
+        f"layers x {cfg.n_kv_heads} kv heads x {n_ctx} positions x {cfg.head_dim} head_dim x "
+        f"{kv_dtype().itemsize} bytes), {total:,} bytes with the run buffers, but only {avail:,} bytes "
+        f"({avail / 2**30:.1f} GiB) are available; n_ctx <= {fit} fits in this machine's memory")
+
+
+def check_n_ctx(cfg: Config, n_ctx, where) -> int:
+    """The KV cache length to use: the caller's n_ctx (type-checked) or min(max_position_embeddings,
+    DEFAULT_CTX). `check_context_memory` then checks it against the machine's memory."""
+    if n_ctx is None:
+        n_ctx = min(cfg.max_position_embeddings, DEFAULT_CTX)
+    elif isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1:
+        raise ValueError(f"n_ctx={n_ctx!r}: must be a positive integer")
+    n_ctx = int(n_ctx)
+    if cfg.learned_pos and n_ctx > cfg.max_position_embeddings:
+        raise ValueError(f"n_ctx={n_ctx} exceeds this model's {cfg.max_position_embeddings} learned positions")
+    return n_ctx
+
+
+def weight_check_enabled(check_weights) -> bool:
+    """check_weights=None follows the environment (MINILM_NO_WEIGHT_CHECK=1 turns the check off)."""
+    if check_weights is None:
+        return os.environ.get("MINILM_NO_WEIGHT_CHECK", "").strip().lower() not in ("1", "true", "yes", "on")
+    if not isinstance(check_weights, bool):
+        raise ValueError(f"check_weights={check_weights!r}: must be True, False or None")
+    return check_weights
+
+
+def build_lm(cfg: Config, tensors: dict, tok, n_ctx: int, **kw):
+    """`LM(...)`, with an allocation failure reported as ResourceLimitError (never a raw MemoryError)."""
+    from .lm import LM
+    try:
+        return LM(cfg, tensors, tok, n_ctx=n_ctx, **kw)
+    except MemoryError:
+        total, _, _ = context_bytes(cfg, n_ctx)
+        raise ResourceLimitError(f"n_ctx={n_ctx}: out of memory while allocating the KV cache and run "
+                                 f"buffers ({total:,} bytes); pass a smaller n_ctx") from None
 
 
 def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads: int | None = None,
-         group_size: int | None = None, embed_quant: str | None = None):
+         group_size: int | None = None, embed_quant: str | None = None, check_weights: bool | None = None):
     """Load a Hugging Face checkpoint (config.json + tokenizer.json + *.safetensors).
 
     quant: None/'f32' keeps float32 weights (16-bit checkpoints are converted); 'f16', 'bf16'
         (16-bit storage, f32 compute), 'int8' (ggml Q8_0), 'int4' (ggml Q4_0; embeddings and lm
         head stay int8), 'int4-g64', 'int4-g128'. A pre-quantized folder (model.save) loads as saved.
     group_size: int4 group size (32, 64, 128); embed_quant: format of embedding / lm head.
-    n_ctx: KV cache length (default min(max_position_embeddings, 4096));
+    n_ctx: KV cache length (default min(max_position_embeddings, 4096)); one that would not fit
+        in the available memory is refused with `ResourceLimitError` saying what fits.
     threads: Numba threads for the kernels (default: all cores).
+    check_weights: float weights are checked for NaN/Inf while loading (one pass over the mapped
+        data; `NonFiniteWeightsError` names the file and tensor). False skips the check for files
+        you trust; None (default) checks unless the environment sets MINILM_NO_WEIGHT_CHECK=1.
     """
-    from .lm import LM
     from .tokenizer import Tokenizer
 
     if threads is not None:
         import numba
-        if not isinstance(threads, int) or threads < 1:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads={threads!r}: must be a positive integer")
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    if quant is not None and not isinstance(quant, str):
+        raise ValueError(f"quant={quant!r}: must be a string such as 'int8' or 'int4'")
+    if embed_quant is not None and not isinstance(embed_quant, str):
+        raise ValueError(f"embed_quant={embed_quant!r}: must be a string such as 'f16' or 'int8'")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+        raise ValueError(f"group_size={group_size!r}: must be 32, 64 or 128")
+    check = weight_check_enabled(check_weights)
+    if not isinstance(path_or_id, (str, os.PathLike)):
+        raise TypeError(f"path_or_id={path_or_id!r}: must be a folder path or a hub id (str)")
     if str(path_or_id).lower().endswith(".gguf") and Path(os.path.expanduser(str(path_or_id))).is_file():
-        from .gguf_io import load_gguf                     # a single llama.cpp GGUF file
-        return load_gguf(os.path.expanduser(str(path_or_id)), quant=quant, n_ctx=n_ctx)
+        from .gguf_io import load_gguf  # a single llama.cpp GGUF file
+        return load_gguf(os.path.expanduser(str(path_or_id)), quant=quant, n_ctx=n_ctx, check_weights=check)
     folder = resolve(path_or_id)
     cfg = Config.from_file(folder / "config.json")
-    gen = read_generation_config(folder)
-    eos = gen.get("eos_token_id")
-    for e in (eos if isinstance(eos, list) else [eos]):
-        if e is not None and int(e) not in cfg.eos_token_ids:
-            cfg.eos_token_ids.append(int(e))
-    if n_ctx is None:
-        n_ctx = min(cfg.max_position_embeddings, DEFAULT_CTX)
-    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 1:
-        raise ValueError(f"n_ctx={n_ctx!r}: must be a positive integer")
-    if cfg.learned_pos and n_ctx > cfg.max_position_embeddings:
-        raise ValueError(f"n_ctx={n_ctx} exceeds this model's {cfg.max_position_embeddings} learned positions")
+    add_generation_eos(cfg, read_generation_config(folder), folder / "generation_config.json")
+    n_ctx = check_n_ctx(cfg, n_ctx, folder)
     from . import prequant
     from .quant import parse_level
 
     if prequant.is_prequantized(folder):
-        tensors, meta = prequant.load_tensors(folder)
+        tensors, meta = prequant.load_tensors(folder, cfg, check_weights=check)
+        check_context_memory(cfg, n_ctx)
         if quant not in (None, meta["quant"]):
             raise ValueError(f"quant={quant!r}: {folder} is already quantized as {meta['quant']}; "
                              "load the original checkpoint to quantize it differently")
@@ -98,15 +207,20 @@ def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads
     else:
         mat_fmt, emb_fmt, group = parse_level(quant, group_size, embed_quant)
         level = quant or "f32"
-        reader = CheckpointReader(folder)
+        reader = CheckpointReader(folder, check_weights=check)
+        check_checkpoint(reader, cfg)                      # names, shapes, dtypes: before any work
+        check_context_memory(cfg, n_ctx)
         tensors = {}
         for name, get in iter_canonical(reader, cfg):      # one tensor at a time: streaming
             a = get()
             if MATRICES.match(name):
                 fmt = emb_fmt if name in ("tok_embd", "output") else mat_fmt
-                tensors[name] = Linear.quantize(a, fmt, group, name=name)
+                try:
+                    tensors[name] = Linear.quantize(a, fmt, group, name=name)
+                except ValueError as e:                    # NaN/Inf met by the quantizer
+                    raise NonFiniteWeightsError(f"{folder}: {e}") from None
             else:
                 tensors[name] = np.ascontiguousarray(a, dtype=np.float32)
             del a
-    tok = Tokenizer(folder, cfg.bos_token_id, cfg.eos_token_ids)
-    return LM(cfg, tensors, tok, n_ctx=n_ctx, source=str(folder), quant=level, group_size=group)
+    tok = Tokenizer(folder, cfg.bos_token_id, cfg.eos_token_ids, model_vocab_size=cfg.vocab_size)
+    return build_lm(cfg, tensors, tok, n_ctx, source=str(folder), quant=level, group_size=group)

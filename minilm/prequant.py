@@ -59,29 +59,153 @@ def save(model, out_dir) -> Path:
     return out
 
 
-def load_tensors(folder: Path) -> tuple[dict, dict]:
-    """-> (canonical tensors with memory-mapped arrays, metadata)."""
+# format -> arrays of a Linear: (name, safetensors dtype, shape from (N, Kp, group))
+_ARRAYS = {
+    "f32": [("w", "F32", lambda N, Kp, G: (N, Kp))],
+    "f16": [("w", "F16", lambda N, Kp, G: (N, Kp))],
+    "bf16": [("w", "U16", lambda N, Kp, G: (N, Kp))],
+    "q8_0": [("qs", "I8", lambda N, Kp, G: (N, Kp)), ("d", "F16", lambda N, Kp, G: (N, Kp // 32))],
+    "q4_0": [("qs", "U8", lambda N, Kp, G: (N, Kp // 2)), ("d", "F16", lambda N, Kp, G: (N, Kp // G))],
+}
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def read_meta(folder: Path) -> dict:
+    """minilm.json, checked: an object with format, format_version, a known quant label, a group
+    size and a `tensors` object of {fmt, N, K, Kp, arrays} entries."""
+    from .quant import LEVELS
+    path = folder / MARKER
     try:
-        meta = json.loads((folder / MARKER).read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{folder / MARKER}: not valid JSON ({e})") from None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ModelLoadError(f"{path}: not valid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise ModelLoadError(f"{path}: cannot read ({e})") from None
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     v = meta.get("format_version")
-    if meta.get("format") != "minilm" or not isinstance(v, int):
-        raise ModelLoadError(f"{folder / MARKER}: not a minilm pre-quantized model description")
+    if meta.get("format") != "minilm" or not _int(v):
+        raise ModelLoadError(f"{path}: not a minilm pre-quantized model description "
+                             "(needs \"format\": \"minilm\" and an integer \"format_version\")")
     if v > FORMAT_VERSION:
         raise ModelLoadError(f"{folder}: written by a newer minilm (format version {v}; this minilm "
                              f"reads up to {FORMAT_VERSION}): upgrade minilm or re-quantize the original checkpoint")
-    f = SafetensorsFile(folder / WEIGHTS)
-    tensors = {}
-    info = meta["tensors"]
+    if v < 1:
+        raise ModelLoadError(f"{path}: format_version {v} is not valid")
+    q = meta.get("quant")
+    if not isinstance(q, str) or q not in LEVELS:
+        raise ModelLoadError(f"{path}: quant {q!r} is not a known quantization level "
+                             f"(known: {', '.join(LEVELS)})")
+    g = meta.get("group_size")
+    if not _int(g) or g not in (32, 64, 128):
+        raise ModelLoadError(f"{path}: group_size {g!r} must be 32, 64 or 128")
+    info = meta.get("tensors")
+    if not isinstance(info, dict):
+        raise ModelLoadError(f"{path}: \"tensors\" must be an object (tensor name -> format), "
+                             f"got {type(info).__name__}")
     for name, ti in info.items():
-        try:
-            arrays = {k: f.get(f"{name}.{k}") for k in ti["arrays"]}
-        except KeyError as e:
-            raise ModelLoadError(f"{folder / WEIGHTS}: tensor {e.args[0]!r} is missing") from None
-        tensors[name] = Linear(ti["fmt"], ti["N"], ti["K"], arrays, ti["Kp"])
-    for n in f.names:
-        base = n.rsplit(".", 1)[0]
-        if base not in info and n not in info:
-            tensors[n] = f.get(n)
+        where = f"{path}: tensors[{name!r}]"
+        if not isinstance(ti, dict):
+            raise ModelLoadError(f"{where}: must be an object with fmt, N, K, Kp, arrays")
+        fmt = ti.get("fmt")
+        if not isinstance(fmt, str) or fmt not in _ARRAYS:
+            raise ModelLoadError(f"{where}: unknown tensor format {fmt!r} (known: {', '.join(_ARRAYS)})")
+        for k in ("N", "K", "Kp"):
+            if not _int(ti.get(k)) or ti[k] < 1:
+                raise ModelLoadError(f"{where}: {k}={ti.get(k)!r} must be a positive integer")
+        want = [a for a, _, _ in _ARRAYS[fmt]]
+        if not isinstance(ti.get("arrays"), list) or sorted(ti["arrays"]) != sorted(want):
+            raise ModelLoadError(f"{where}: arrays={ti.get('arrays')!r}, expected {want} for format {fmt}")
+    return meta
+
+
+def load_tensors(folder: Path, cfg=None, check_weights: bool = True) -> tuple[dict, dict]:
+    """-> (canonical tensors with memory-mapped arrays, metadata).
+
+    With `cfg` (the folder's Config), every tensor the config implies must be present with the
+    dtype and shape its format implies (q8_0 `qs` int8[N, Kp] and `d` f16[N, Kp/32]; q4_0 `qs`
+    uint8[N, Kp/2] and `d` f16[N, Kp/G]; f32/f16 `w`; bf16 `w` uint16; vectors f32), and nothing
+    else; all of it is checked from the headers before any array is mapped. check_weights: float
+    arrays (vectors, f32/f16/bf16 matrices, the Q8_0/Q4_0 scales) are checked for NaN/Inf."""
+    from .safetensors_io import check_finite
+    from .weights import canonical_shapes, is_matrix
+    meta = read_meta(folder)
+    info = meta["tensors"]
+    f = SafetensorsFile(folder / WEIGHTS)
+    path = f.path
+
+    def need(name, dt, shape):
+        if name not in f:
+            raise ModelLoadError(f"{path}: tensor {name!r} is missing")
+        if f.dtype(name) != dt or tuple(f.shape(name)) != tuple(shape):
+            raise ModelLoadError(f"{path}: tensor {name!r} is {f.dtype(name)}{list(f.shape(name))}, "
+                                 f"expected {dt}{list(shape)}")
+
+    expect = canonical_shapes(cfg) if cfg is not None else None
+    plan = {}                                   # name -> ("linear", fmt, N, K, Kp, G) | ("vec", shape)
+    names = expect if expect is not None else {**{n: None for n in info},
+                                               **{n: None for n in f.names if n.rsplit(".", 1)[0] not in info}}
+    for name, shape in names.items():
+        if expect is not None and is_matrix(name):
+            ti = info.get(name)
+            if ti is None:
+                raise ModelLoadError(f"{folder / MARKER}: tensor {name!r} (shape {list(shape)} from "
+                                     "config.json) is missing from \"tensors\"")
+            fmt, N, K, Kp = ti["fmt"], ti["N"], ti["K"], ti["Kp"]
+            if (N, K) != tuple(shape):
+                raise ModelLoadError(f"{folder / MARKER}: tensor {name!r} is [{N}, {K}], expected "
+                                     f"{list(shape)} from config.json")
+        elif name in info:
+            ti = info[name]
+            fmt, N, K, Kp = ti["fmt"], ti["N"], ti["K"], ti["Kp"]
+        else:
+            if expect is not None:
+                need(name, "F32", shape)
+            elif name not in f:
+                raise ModelLoadError(f"{path}: tensor {name!r} is missing")
+            plan[name] = ("vec",)
+            continue
+        blk = 32 if fmt in ("q8_0", "q4_0") else 1
+        G = 32
+        if fmt == "q4_0":
+            dn = f"{name}.d"
+            G = Kp // f.shape(dn)[1] if dn in f and len(f.shape(dn)) == 2 and f.shape(dn)[1] else 0
+            if G not in (32, 64, 128) or Kp % G:
+                raise ModelLoadError(f"{path}: tensor {dn!r} has shape {list(f.shape(dn)) if dn in f else None}: "
+                                     f"not a Q4_0 scale array for Kp={Kp} (group 32, 64 or 128)")
+            blk = G
+        if Kp < K or Kp % blk or Kp - K >= blk:
+            raise ModelLoadError(f"{folder / MARKER}: tensor {name!r}: Kp={Kp} is not K={K} padded to "
+                                 f"a multiple of {blk} ({fmt})")
+        for a, dt, shp in _ARRAYS[fmt]:
+            need(f"{name}.{a}", dt, shp(N, Kp, G))
+        plan[name] = ("linear", fmt, N, K, Kp)
+    if expect is not None:
+        extra = [n for n in info if n not in expect] + [
+            n for n in f.names if n not in expect and n.rsplit(".", 1)[0] not in expect]
+        if extra:
+            raise ModelLoadError(f"{path}: tensor {extra[0]!r} is not part of the model config.json "
+                                 f"describes ({cfg.n_layers} layers, {cfg.model_type}): the folder and its "
+                                 "config do not match")
+
+    tensors = {}
+    for name, pl in plan.items():
+        if pl[0] == "vec":
+            a = f.get(name)
+            if check_weights:
+                check_finite(a, f"{path}: tensor {name!r}")
+            tensors[name] = a
+            continue
+        _, fmt, N, K, Kp = pl
+        arrays = {a: f.get(f"{name}.{a}") for a, _, _ in _ARRAYS[fmt]}
+        if check_weights:
+            for a, arr in arrays.items():
+                if a in ("w", "d"):
+                    check_finite(arr, f"{path}: tensor {name + '.' + a!r}", bf16=fmt == "bf16")
+        tensors[name] = Linear(fmt, N, K, arrays, Kp)
     return tensors, meta

@@ -28,12 +28,41 @@ from .kernels import qmatmul as _qm
 
 @dataclass(frozen=True)
 class Format:
+    """Everything minilm knows about one weight format (ggml's type traits, in one place).
+
+    The numpy references (`quantize` when it is numpy, `unpack`, `dot_ref`) are the readable
+    spec; the kernels (`gemv`/`gemm` for a `Linear`, `row_kernel` inside the executor) must agree
+    with them (tests/test_formats.py loops over this table)."""
     name: str
-    block: int                   # K is padded to a multiple of this
+    fid: int                     # id in the executor's matrix table (kernels/executor.py F_*)
+    tag: type                    # numpy dtype naming this format in the executor's compile-time set
+    block: int                   # K is padded to a multiple of this (q4_0: of its group)
+    block_bytes: int             # bytes per block of `block` weights (weights + scales)
+    ggml_type: int | None        # ggml / GGUF type id (None: no ggml equivalent)
+    ggml_name: str | None
+    act: str                     # what the row kernel reads: "f32", or "q8_0" (int8 blocks of 32)
+    arrays: tuple                # names of the stored arrays
     pack: Callable               # (w f32[N, Kp], group) -> dict of arrays
-    gemv: Callable               # (x f32[Kp], *arrays, out f32[N])
+    unpack: Callable             # numpy dequantize: dict of arrays (some rows) -> f32[rows, Kp]
+    dot_ref: Callable            # numpy spec of the kernels' arithmetic: (arrays of ONE row, x f32[Kp]) -> float
+    gemv: Callable               # (x f32[Kp], *arrays, out f32[N]) for a Linear (parallel)
     gemm: Callable               # (x f32[M, Kp], *arrays, out f32[M, N])
-    unpack: Callable             # (dict of arrays restricted to some rows) -> f32[rows, Kp]
+    row_kernel: Callable         # the executor's row-group kernel (kernels/*_groups)
+
+    def bits(self, group: int = 32) -> float:
+        """Bits per weight (q4_0: 4 + 16 / group)."""
+        if self.name == "q4_0":
+            return 4.0 + 16.0 / group
+        return 8.0 * self.block_bytes / self.block
+
+    def row_arrays(self, lin: "Linear"):
+        """(weights, scales) as the executor's matrix table reads them (scales: u16 fp16 bits;
+        float formats have none)."""
+        a = lin.arrays
+        if self.act == "f32":
+            w = a["w"].view(np.uint16) if self.name == "f16" else a["w"]
+            return w, np.zeros((1, 1), np.uint16)
+        return a["qs"], a["d"].view(np.uint16)
 
 
 def _bf16_bits(w):
@@ -52,20 +81,65 @@ def _q8_pack(w, group):
     return {"qs": qs, "d": d}
 
 
-FORMATS: dict[str, Format] = {f.name: f for f in [
-    Format("f32", 1, lambda w, g: {"w": np.ascontiguousarray(w, dtype=np.float32)},
-           _mm.gemv_f32, _mm.gemm_f32, lambda a: a["w"]),
-    Format("f16", 1, lambda w, g: {"w": np.ascontiguousarray(w, dtype=np.float16)},
-           _qm.gemv_f16, _qm.gemm_f16, lambda a: a["w"].astype(np.float32)),
-    Format("bf16", 1, lambda w, g: {"w": _bf16_bits(w)},
-           _qm.gemv_bf16, _qm.gemm_bf16, lambda a: (a["w"].astype(np.uint32) << 16).view(np.float32)),
-    Format("q8_0", 32, _q8_pack, _qm.gemv_q8_0, _qm.gemm_q8_0,
-           lambda a: _qm.dequantize_q8_0_ref(a["qs"], a["d"])),
-    Format("q4_0", 32, _q4_pack, _qm.gemv_q4_0, _qm.gemm_q4_0,
-           lambda a: _qm.dequantize_q4_0_ref(a["qs"], a["d"])),
-]}
+def quantize_act_ref(x):
+    """ggml's Q8_0 activation blocks, numpy: x f32[K] -> (q int32[K/32, 32], d f32[K/32]),
+    d = amax / 127, q = round(x / d) (half to even, as the kernels' vector rounding)."""
+    b = np.asarray(x, np.float32).reshape(-1, 32)
+    d = (np.abs(b).max(1) / np.float32(127.0)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        idd = np.where(d != 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
+    return np.round(b * idd[:, None]).astype(np.int32), d
 
-BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5}
+
+def _float_dot(a, x):
+    w = a["w"]
+    w = (w.astype(np.uint32) << 16).view(np.float32) if w.dtype == np.uint16 else w
+    return float(np.dot(np.asarray(w, np.float64).reshape(-1), np.asarray(x, np.float64)))
+
+
+def _q8_dot(a, x):
+    """sum over blocks b of d_w[b] * d_x[b] * sum(qs * xq) (integer sums, as the kernel)."""
+    xq, xd = quantize_act_ref(x)
+    qs = a["qs"].reshape(-1, 32).astype(np.int64)
+    isum = (qs * xq).sum(1)                                       # exact integers
+    dw = a["d"].reshape(-1).astype(np.float32)
+    return float((isum * dw.astype(np.float64) * xd.astype(np.float64)).sum())
+
+
+def _q4_dot(a, x):
+    """Q4_0 with group G: weights (nibble - 8) * d_w[group]; activation int8 blocks of 32."""
+    xq, xd = quantize_act_ref(x)
+    qs = a["qs"].reshape(-1)
+    d = a["d"].reshape(-1).astype(np.float64)
+    K = 2 * qs.shape[0]
+    G = K // d.shape[0]
+    g = qs.reshape(-1, G // 2)
+    q = np.concatenate([(g & 0x0F).astype(np.int64) - 8, (g >> 4).astype(np.int64) - 8], 1).reshape(-1, 32)
+    isum = (q * xq).sum(1)                                        # per 32-block
+    dw = np.repeat(d, G // 32)
+    return float((isum * dw * xd.astype(np.float64)).sum())
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in [
+    Format("f32", 0, np.float32, 1, 4, 0, "F32", "f32", ("w",),
+           lambda w, g: {"w": np.ascontiguousarray(w, dtype=np.float32)}, lambda a: a["w"],
+           _float_dot, _mm.gemv_f32, _mm.gemm_f32, _mm.gemv_float_groups),
+    Format("f16", 1, np.uint16, 1, 2, 1, "F16", "f32", ("w",),
+           lambda w, g: {"w": np.ascontiguousarray(w, dtype=np.float16)}, lambda a: a["w"].astype(np.float32),
+           lambda a, x: _float_dot({"w": a["w"].astype(np.float32)}, x),
+           _qm.gemv_f16, _qm.gemm_f16, _mm.gemv_float_groups),
+    Format("bf16", 2, np.int16, 1, 2, 30, "BF16", "f32", ("w",),
+           lambda w, g: {"w": _bf16_bits(w)}, lambda a: (a["w"].astype(np.uint32) << 16).view(np.float32),
+           _float_dot, _qm.gemv_bf16, _qm.gemm_bf16, _mm.gemv_float_groups),
+    Format("q8_0", 3, np.int8, 32, 34, 8, "Q8_0", "q8_0", ("qs", "d"),
+           _q8_pack, lambda a: _qm.dequantize_q8_0_ref(a["qs"], a["d"]),
+           _q8_dot, _qm.gemv_q8_0, _qm.gemm_q8_0, _qm.gemv_q8_0_groups),
+    Format("q4_0", 4, np.uint8, 32, 18, 2, "Q4_0", "q8_0", ("qs", "d"),
+           _q4_pack, lambda a: _qm.dequantize_q4_0_ref(a["qs"], a["d"]),
+           _q4_dot, _qm.gemv_q4_0, _qm.gemm_q4_0, _qm.gemv_q4_0_groups),
+]}
+assert len({f.fid for f in FORMATS.values()}) == len(FORMATS) and len({f.tag for f in FORMATS.values()}) == len(FORMATS)
+GGML_TO_FMT = {f.ggml_name: f.name for f in FORMATS.values() if f.ggml_name}
 
 # quant level -> (format of layer matrices, format of token embedding / lm head, group size)
 LEVELS = {

@@ -8,6 +8,7 @@ until a kernel touches it and no second copy of the weights is ever made.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -48,31 +49,55 @@ class SafetensorsFile:
             raise ModelLoadError(f"{path}: file not found") from None
         except IsADirectoryError:
             raise ModelLoadError(f"{path}: is a directory, expected a .safetensors file") from None
+        except OSError as e:
+            raise ModelLoadError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
         try:
             header = json.loads(raw.decode("utf-8").rstrip(" "))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ModelLoadError(f"{self.path}: corrupt safetensors header ({e})") from None
+        except RecursionError:
+            raise ModelLoadError(f"{self.path}: corrupt safetensors header (nested too deeply)") from None
         if not isinstance(header, dict):
             raise ModelLoadError(f"{self.path}: corrupt safetensors header (not a JSON object)")
-        self.metadata: dict = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict):
+            raise ModelLoadError(f"{self.path}: corrupt safetensors header (__metadata__ is not an object)")
+        self.metadata: dict = meta
         self._data_start = 8 + n
         self._entries = {}
         data_len = size - self._data_start
+        spans = []
         for name, e in header.items():
-            try:
-                dt, shape, (b, end) = e["dtype"], [int(s) for s in e["shape"]], e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ModelLoadError(f"{self.path}: tensor {name!r} has a malformed header entry") from None
-            if dt not in DTYPES:
-                raise ModelLoadError(f"{self.path}: tensor {name!r} has unsupported dtype {dt}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dt]).itemsize
-            if end - b != nbytes or b < 0:
+            if not isinstance(e, dict) or not all(k in e for k in ("dtype", "shape", "data_offsets")):
+                raise ModelLoadError(f"{self.path}: tensor {name!r} has a malformed header entry "
+                                     "(needs dtype, shape and data_offsets)")
+            dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+            if not isinstance(dt, str) or dt not in DTYPES:
+                raise ModelLoadError(f"{self.path}: tensor {name!r} has unsupported dtype {dt!r}")
+            if not isinstance(shape, list) or len(shape) > 8 or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 48 for d in shape):
+                raise ModelLoadError(f"{self.path}: tensor {name!r}: shape {shape!r} must be a list of "
+                                     "non-negative integers")
+            if not isinstance(offs, list) or len(offs) != 2 or not all(
+                    isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offs):
+                raise ModelLoadError(f"{self.path}: tensor {name!r}: data_offsets {offs!r} must be two "
+                                     "non-negative integers [begin, end]")
+            b, end = offs
+            nbytes = math.prod(shape) * np.dtype(DTYPES[dt]).itemsize
+            if end - b != nbytes:
                 raise ModelLoadError(f"{self.path}: tensor {name!r}: data_offsets {b}..{end} do not "
                                      f"match shape {shape} of {dt}")
             if end > data_len:
                 raise ModelLoadError(f"{self.path}: truncated file: tensor {name!r} ends at byte "
                                      f"{self._data_start + end} but the file has {size} bytes")
+            if nbytes:
+                spans.append((b, end, name))
             self._entries[name] = (dt, tuple(shape), b)
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise ModelLoadError(f"{self.path}: tensors {n0!r} (bytes {b0}..{e0}) and {n1!r} "
+                                     f"(bytes {b1}..{e1}) overlap: corrupt or hostile file")
 
     @property
     def names(self) -> list[str]:
@@ -105,6 +130,37 @@ class SafetensorsFile:
                 f.seek(start)
                 return np.frombuffer(f.read(int(np.prod(shape)) * npdt.itemsize), npdt).reshape(shape).copy()
         return np.asarray(np.memmap(self.path, dtype=npdt, mode="c", offset=start, shape=tuple(shape)))
+
+
+# Elements checked per step by `check_finite`: bounds the temporaries of the rare slow path.
+_CHECK_CHUNK = 1 << 22
+
+
+def check_finite(a: np.ndarray, where: str, bf16: bool = False) -> None:
+    """Raise NonFiniteWeightsError naming `where` if float array `a` holds a NaN or Inf.
+
+    One pass: a float32 sum per chunk (NaN and Inf propagate into it; a finite sum proves the
+    chunk finite). Only a non-finite sum looks at elements (to name the first bad one, or to clear
+    a finite chunk whose sum merely overflowed). bf16=True: `a` is raw bfloat16 bits (uint16).
+    """
+    from .errors import NonFiniteWeightsError
+    flat = a.reshape(-1)
+    for s in range(0, flat.size, _CHECK_CHUNK):
+        c = flat[s:s + _CHECK_CHUNK]
+        if bf16:
+            bad = np.flatnonzero((c & 0x7F80) == 0x7F80)
+        else:
+            if np.isfinite(np.sum(c, dtype=np.float32 if c.dtype.itemsize <= 4 else np.float64)):
+                continue
+            bad = np.flatnonzero(~np.isfinite(c))
+        if bad.size:
+            i = s + int(bad[0])
+            v = (flat[i:i + 1].astype(np.uint32) << 16).view(np.float32)[0] if bf16 else flat[i]
+            idx = np.unravel_index(i, a.shape) if a.ndim else ()
+            raise NonFiniteWeightsError(
+                f"{where}: holds non-finite values (first: {float(v)} at index {list(map(int, idx))}); "
+                "the weights are corrupt "
+                "(load with check_weights=False or MINILM_NO_WEIGHT_CHECK=1 to skip this check)")
 
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:

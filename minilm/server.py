@@ -21,8 +21,10 @@ import threading
 import time
 
 from .chat import RequestError, chat_completion_from, completion_from, model_id, prepare_chat, prepare_completion
+from .errors import MinilmError
 
 MAX_BODY = 1 << 20        # bytes
+MAX_HEADERS = 16 << 10    # bytes of request line + headers (uvicorn's h11 limit and our own check)
 _DONE = object()
 
 
@@ -105,6 +107,34 @@ class Worker:
 _SAMPLING = {"top_k", "min_p", "repetition_penalty"}
 
 
+def find_surrogate(x, where: str = "", depth: int = 0):
+    """The path (e.g. 'messages[0].content') of the first string in a parsed JSON body that holds
+    a lone surrogate ('\\ud800' escapes parse to one; it is not valid Unicode), else None."""
+    if isinstance(x, str):
+        if not x.isascii():
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                return where or "body"
+        return None
+    if depth > 64:
+        return None
+    if isinstance(x, dict):
+        for k, v in x.items():
+            p = find_surrogate(k, where or "body", depth + 1)
+            if p is not None:
+                return p
+            p = find_surrogate(v, f"{where}.{k}" if where else str(k), depth + 1)
+            if p is not None:
+                return p
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            p = find_surrogate(v, f"{where}[{i}]", depth + 1)
+            if p is not None:
+                return p
+    return None
+
+
 def _gen_args(body: dict, default_max):
     """OpenAI request fields -> chat.prepare keywords (types are checked there)."""
     kw = {}
@@ -142,11 +172,36 @@ def _constraint_args(body: dict, kind: str) -> dict:
     return {k: body[k] for k in _CONSTRAINT_FIELDS[kind] if body.get(k) is not None}
 
 
-def create_app(model, api_key: str | None = None, name: str | None = None, max_body: int = MAX_BODY):
+class _HeaderLimit:
+    """ASGI middleware: 431 for a request whose request line + headers exceed `limit` bytes
+    (whatever HTTP server runs the app; `serve` also sets uvicorn's h11 limit)."""
+
+    def __init__(self, app, limit: int = MAX_HEADERS):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") == "http":
+            n = len(scope.get("raw_path") or scope.get("path", "").encode("utf-8", "replace")) + \
+                len(scope.get("query_string") or b"") + \
+                sum(len(k) + len(v) + 4 for k, v in scope.get("headers") or ())
+            if n > self.limit:
+                body = json.dumps({"error": {"message": f"request headers of {n} bytes are over the limit "
+                                             f"of {self.limit} bytes", "type": "invalid_request_error",
+                                             "param": None, "code": "headers_too_large"}}).encode()
+                await send({"type": "http.response.start", "status": 431,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(model, api_key: str | None = None, name: str | None = None, max_body: int = MAX_BODY,
+               max_headers: int = MAX_HEADERS):
     """The FastAPI app serving `model` (an `LM`)."""
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
     from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     name = name or model_id(model)
@@ -158,6 +213,7 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
         worker.stop()
 
     app = FastAPI(title="minilm", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(_HeaderLimit, limit=max_headers)
     app.state.worker = worker
     app.state.model = model
     created = int(time.time())
@@ -204,8 +260,14 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
             body = json.loads(bytes(buf))
         except (ValueError, UnicodeDecodeError) as e:
             return None, _error(400, f"request body is not valid JSON ({e})", code="invalid_json")
+        except RecursionError:
+            return None, _error(400, "request body is not valid JSON (nested too deeply)", code="invalid_json")
         if not isinstance(body, dict):
             return None, _error(400, "request body must be a JSON object", code="invalid_json")
+        bad = find_surrogate(body)
+        if bad is not None:
+            return None, _error(400, f"{bad}: invalid Unicode (a lone surrogate such as \\ud800); text must "
+                                "be valid UTF-8", bad, "invalid_unicode")
         return body, None
 
     @app.get("/health")
@@ -241,9 +303,9 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
                 kw.update(_constraint_args(body, "completion"))
                 p = prepare_completion(model, body["prompt"], **kw)
                 make = lambda cancel: completion_from(p, name, stream, usage, cancel)
-        except RequestError as e:
+        except RequestError as e:            # includes chat template errors
             return _error(400, str(e), e.param, e.code)
-        except ValueError as e:   # anything else the engine refuses
+        except (ValueError, TypeError, MinilmError) as e:   # anything else the engine refuses
             return _error(400, str(e))
 
         def items(cancel):
@@ -366,10 +428,14 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None 
     except ImportError:
         raise SystemExit("minilm serve needs the server extra: pip install 'minilm[server]'") from None
     app = create_app(model, api_key=api_key, name=name, max_body=max_body)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    # h11 (pure Python, always installed with uvicorn) enforces a limit on the request line and
+    # headers; the app's middleware checks them again.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, http="h11",
+                h11_max_incomplete_event_size=MAX_HEADERS)
 
 
 if __name__ == "__main__":   # python -m minilm.server -m PATH ... (same options as `minilm serve`)
-    from .cli_chat import main
     import sys
+
+    from .cli_chat import main
     raise SystemExit(main(["serve", *sys.argv[1:]]))

@@ -214,7 +214,7 @@ def tool_signature(tool: dict) -> str:
 TOOLS_FALLBACK_TEMPLATE = (
     "{% if tools %}<|im_start|>system\n"
     "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n{% endif %}"
-    "Tools:{{ '\\n' }}{% for tool in tools %}{{ tool | tool_signature }}{{ '\\n' }}{% endfor %}"
+    "Tools:{{ '\\n' }}{% for sig in tool_signatures %}{{ sig }}{{ '\\n' }}{% endfor %}"
     "To call one, answer <tool_call>\n{\"name\": ..., \"arguments\": {...}}\n</tool_call><|im_end|>\n"
     "{% endif %}"
     "{% for message in messages %}"

@@ -28,29 +28,67 @@ import numpy as np
 
 from .config import Config
 from .errors import ModelLoadError
-from .safetensors_io import SafetensorsFile, to_f32
+from .safetensors_io import SafetensorsFile, check_finite, to_f32
+
+
+def shard_path(folder: Path, name, index: Path) -> Path:
+    """A shard file named by the index, which must resolve inside `folder` (no absolute paths,
+    no '..', no symlink that leads out)."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ModelLoadError(f"{index}: weight_map values must be non-empty file names, got {name!r}")
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or "\\" in name or (len(name) > 1 and name[1] == ":"):
+        raise ModelLoadError(f"{index}: shard {name!r} is outside the model folder "
+                             "(absolute paths and '..' are refused)")
+    full = folder / p
+    root = folder.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":          # hub cache: snapshots/<rev>/x -> ../../blobs/<hash>
+        roots.append(root.parent.parent / "blobs")
+    try:
+        real = full.resolve()
+    except (OSError, RuntimeError) as e:          # symlink loops
+        raise ModelLoadError(f"{index}: shard {name!r} cannot be resolved ({e})") from None
+    if not any(real == r or r in real.parents for r in roots):
+        raise ModelLoadError(f"{index}: shard {name!r} resolves to {real}, outside the model folder {root}")
+    return full
 
 
 class CheckpointReader:
-    """All safetensors shards of a folder behind one `get(name)` that returns f32 arrays."""
+    """All safetensors shards of a folder behind one `get(name)` that returns f32 arrays.
 
-    def __init__(self, folder: Path):
+    check_weights: float tensors are checked for NaN/Inf as they are read (one pass over the
+    mapped data; NonFiniteWeightsError names the file and tensor)."""
+
+    def __init__(self, folder: Path, check_weights: bool = True):
         self.folder = folder
+        self.check_weights = check_weights
         index = folder / "model.safetensors.index.json"
         if index.exists():
             try:
-                wm = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                doc = json.loads(index.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError, RecursionError) as e:
                 raise ModelLoadError(f"{index}: not a valid safetensors index ({e})") from None
+            wm = doc.get("weight_map") if isinstance(doc, dict) else None
+            if not isinstance(wm, dict) or not wm:
+                raise ModelLoadError(f"{index}: not a valid safetensors index (needs a non-empty "
+                                     "\"weight_map\" object of tensor name -> shard file)")
+            for k, v in wm.items():
+                if not isinstance(v, str):
+                    raise ModelLoadError(f"{index}: weight_map[{k!r}] = {v!r}: must be a file name (string)")
             shard_names = sorted(set(wm.values()))
+            paths = [shard_path(folder, s, index) for s in shard_names]
         else:
-            shard_names = sorted(p.name for p in folder.glob("*.safetensors"))
-            if not shard_names:
+            paths = sorted(p for p in folder.glob("*.safetensors"))
+            if not paths:
                 raise ModelLoadError(f"{folder}: no *.safetensors weights found")
-        self.files = [SafetensorsFile(folder / s) for s in shard_names]
+        self.files = [SafetensorsFile(p) for p in paths]
         self.where = {}
         for f in self.files:
             for n in f.names:
+                if n in self.where:
+                    raise ModelLoadError(f"{folder}: tensor {n!r} is stored twice "
+                                         f"({self.where[n].path.name} and {f.path.name})")
                 self.where[n] = f
 
     def has(self, name: str) -> bool:
@@ -62,8 +100,7 @@ class CheckpointReader:
             raise ModelLoadError(f"{self.folder}: tensor {name!r} is missing from the checkpoint")
         return f
 
-    def get(self, name: str, shape: tuple) -> np.ndarray:
-        """Tensor `name` as float32 (a zero-copy memmap view when it is stored as F32)."""
+    def check_shape(self, name: str, shape: tuple) -> None:
         f = self.raw(name)
         if tuple(f.shape(name)) != tuple(shape):
             raise ModelLoadError(f"{f.path}: tensor {name!r} has shape {list(f.shape(name))}, "
@@ -71,7 +108,44 @@ class CheckpointReader:
         dt = f.dtype(name)
         if dt not in ("F32", "F16", "BF16", "F64"):
             raise ModelLoadError(f"{f.path}: tensor {name!r} has dtype {dt}, expected a float type")
-        return to_f32(f.get(name), dt)
+
+    def get(self, name: str, shape: tuple) -> np.ndarray:
+        """Tensor `name` as float32 (a zero-copy memmap view when it is stored as F32)."""
+        self.check_shape(name, shape)
+        f = self.raw(name)
+        dt = f.dtype(name)
+        a = to_f32(f.get(name), dt)
+        if self.check_weights:
+            check_finite(a, f"{f.path}: tensor {name!r}")
+        return a
+
+
+class _ShapeOnly:
+    """A CheckpointReader stand-in for `check_checkpoint`: `get` checks name, dtype and shape and
+    returns an empty array (0 rows) instead of the data: nothing is read or allocated."""
+
+    def __init__(self, reader: CheckpointReader):
+        self.r = reader
+
+    def has(self, name):
+        return self.r.has(name)
+
+    def get(self, name, shape):
+        self.r.check_shape(name, shape)
+        return np.empty((0,) + tuple(shape[1:]), np.float32)
+
+
+def check_checkpoint(reader: CheckpointReader, cfg: Config) -> None:
+    """Every tensor the config implies is present with its shape and a float dtype, before any
+    weight is read or converted: a config claiming more layers or a larger vocabulary than the
+    files hold fails here, naming the first missing or mis-shaped tensor."""
+    for _, get in iter_canonical(_ShapeOnly(reader), cfg):
+        try:
+            get()
+        except ModelLoadError:
+            raise
+        except ValueError:      # reordering an empty stand-in array: the shapes were checked above
+            pass
 
 
 def iter_canonical(reader: CheckpointReader, cfg: Config) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
@@ -176,3 +250,55 @@ def _neox(r: CheckpointReader, c: Config):
     yield "out_norm.b", lambda: r.get("gpt_neox.final_layer_norm.bias", (D,))
     if not c.tie_word_embeddings:
         yield "output", lambda: r.get("embed_out.weight", (V, D))
+
+
+MATRIX_NAMES = ("tok_embd", "output", "wqkv", "wo", "w_gate_up", "w_up", "w_down")
+
+
+def canonical_shapes(cfg: Config) -> dict[str, tuple]:
+    """Canonical tensor name -> logical shape for `cfg` (what iter_canonical yields, without a
+    checkpoint): matrices [N, K] (stored as `Linear`s in pre-quantized folders), vectors [n]."""
+    D, F, V, hd = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size, cfg.head_dim
+    q, kv = cfg.q_dim, cfg.kv_dim
+    layer_norm = cfg.norm == "layer"
+    s = {"tok_embd": (V, D)}
+    if cfg.learned_pos:
+        s["pos_embd"] = (cfg.max_position_embeddings, D)
+    for i in range(cfg.n_layers):
+        p = f"l{i}."
+        s[p + "attn_norm.w"] = (D,)
+        if layer_norm:
+            s[p + "attn_norm.b"] = (D,)
+        s[p + "wqkv"] = (q + 2 * kv, D)
+        if cfg.qkv_bias:
+            s[p + "bqkv"] = (q + 2 * kv,)
+        if cfg.qk_norm:
+            s[p + "q_norm"] = (hd,)
+            s[p + "k_norm"] = (hd,)
+        s[p + "wo"] = (D, q)
+        if cfg.o_bias:
+            s[p + "bo"] = (D,)
+        s[p + "ffn_norm.w"] = (D,)
+        if layer_norm:
+            s[p + "ffn_norm.b"] = (D,)
+        if cfg.gated_mlp:
+            s[p + "w_gate_up"] = (2 * F, D)
+            if cfg.mlp_bias:
+                s[p + "b_gate_up"] = (2 * F,)
+        else:
+            s[p + "w_up"] = (F, D)
+            if cfg.mlp_bias:
+                s[p + "b_up"] = (F,)
+        s[p + "w_down"] = (D, F)
+        if cfg.mlp_bias:
+            s[p + "b_down"] = (D,)
+    s["out_norm.w"] = (D,)
+    if layer_norm:
+        s["out_norm.b"] = (D,)
+    if not cfg.tie_word_embeddings:
+        s["output"] = (V, D)
+    return s
+
+
+def is_matrix(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in MATRIX_NAMES

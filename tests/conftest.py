@@ -6,7 +6,9 @@
     make_checkpoint  factory writing a small random HF checkpoint folder into tmp_path
     hf_tensor_shapes HF tensor names -> shapes for a config dict (used by make_checkpoint)
 
-Nothing from ../shared is ever copied into the repository; tokenizer.json files are copied into
+This is the one place that locates ../shared: test modules import SHARED / shared_path from here
+(`from conftest import SHARED`) instead of computing the path. Nothing from ../shared is ever
+copied into the repository; tokenizer.json files are copied into
 pytest's tmp_path only.
 """
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """`minilm bench` end to end on the tiny trained model (two levels, tiny counts)."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-MODEL = Path("/work/shared/models/stories260K")
-TEXT = Path("/work/shared/texts/tinystories_sample_cs336.txt")
+from conftest import SHARED
+
+MODEL = SHARED / "models" / "stories260K"
+TEXT = SHARED / "texts" / "tinystories_sample_cs336.txt"
 
 pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason=f"{MODEL} not present (shared models)")
 
@@ -63,21 +64,123 @@ def test_rows_complete_and_finite(bench_out):
     assert abs(i8["ppl"] / f32["ppl"] - 1) < 0.05
 
 
-def test_peer_is_a_row_not_a_crash(tmp_path):
-    """llama.cpp: measured when llama-cpp-python and the GGUF export work, else a row with a note."""
+def _peer_run(tmp_path, *extra):
     from minilm.cli import main
-    assert main(["bench", "-m", str(MODEL), "--quant", "int8", "--prompt-tokens", "4", "--new-tokens", "2",
-                 "--runs", "1", "--quality-tokens", "0", "--bw-size-mb", "16", "-t", "1",
-                 "--peers", "llama.cpp", "--out", str(tmp_path)]) == 0
+    assert main(["bench", "-m", str(MODEL), "--quant", "int8", "--prompt-tokens", "8", "--new-tokens", "4",
+                 "--runs", "2", "--quality-tokens", "0", "--bw-size-mb", "16", "-t", "1",
+                 "--peers", "llama.cpp", "--out", str(tmp_path), *extra]) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert rows[0]["engine"] == "minilm" and rows[0]["decode_tok_s"] > 0 and "ppl" not in rows[0]
     peer = [r for r in rows if r["engine"] == "llama.cpp"]
     assert [r["quant"] for r in peer] == ["q8_0"]
-    for r in peer:
-        assert r.get("decode_tok_s", 0) > 0 or r["note"].startswith(("skipped", "failed")), r
+    return peer[0], (tmp_path / "results.md").read_text()
+
+
+def _have_llama_cpp_python():
+    import importlib.util
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def test_peer_unavailable_is_a_row_with_a_note(tmp_path, monkeypatch):
+    """No llama-bench build in the cache and no llama-cpp-python: a row that says how to get one."""
+    if _have_llama_cpp_python():
+        pytest.skip("llama-cpp-python is installed here: the peer is available")
+    monkeypatch.setenv("MINILM_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.delenv("MINILM_LLAMA_BENCH", raising=False)
+    r, _ = _peer_run(tmp_path / "out")
+    assert r["note"].startswith("skipped") and "build_llama_bench.sh" in r["note"], r
+    assert "decode_tok_s" not in r
+
+
+def test_peer_row_names_the_configuration_that_ran(tmp_path):
+    """llama.cpp at its defaults on the GGUF export (llama-bench from benchmarks/build_llama_bench.sh, or
+    llama-cpp-python): the row has speeds, GB/s from the GGUF's bytes/token, and says what ran."""
+    from minilm.bench.engines import find_llama_bench
+    builds = find_llama_bench()
+    if not builds and not _have_llama_cpp_python():
+        pytest.skip("no llama.cpp peer here: no llama-bench build under ~/.cache/minilm (run "
+                    "benchmarks/build_llama_bench.sh; the tests never build it) and no llama-cpp-python")
+    r, md = _peer_run(tmp_path)
+    assert not str(r.get("note", "")).startswith(("failed", "skipped")), r
+    for k in ("prefill_tok_s", "decode_tok_s", "decode_min", "decode_max", "bytes_per_token", "decode_gb_s",
+              "file_bytes"):
+        assert r[k] > 0, (k, r)
+    assert r["decode_min"] <= r["decode_tok_s"] <= r["decode_max"]
+    cfg = r["config"]
+    if builds:
+        assert r["timing"] == "llama-bench" and "llama-bench" in cfg and "-r 2" in cfg
+        assert "repacked weights" in cfg and builds[0]["info"].get("llama_cpp_commit", "?")[:7] in cfg
+        assert len(r["decode_samples"]) == 2 and r["llama_bench"]["repetitions"] == 2
+        if "--repack 0" in cfg or "NOT llama.cpp's default" in cfg:     # a crash forced a switch: said so
+            assert "failed" in cfg
+        else:                                                            # llama.cpp's default: repacking on
+            assert r["llama_bench"]["repack"] is True and "repack True" in cfg
+    else:
+        assert "llama-cpp-python" in cfg and ("defaults" in cfg or "use_extra_bufts=False" in cfg)
+    assert cfg.replace("|", "\\|") in md                           # the table shows it
+    assert "Side by side" in md and "| int8 | q8_0 |" in md               # minilm / llama.cpp ratios
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert [(p["minilm"], p["llama.cpp"]) for p in meta["side_by_side"]] == [("int8", "q8_0")]
+
+
+FAKE_LLAMA_BENCH = r'''#!{python}
+"""A stand-in llama-bench: dies of SIGILL at its defaults, runs with --repack 0 (as llama.cpp's
+repacked path did in a VM that hides AMX). Prints llama-bench's JSON with per-repetition samples."""
+import json, os, signal, sys
+a = sys.argv[1:]
+if "--repack" not in a or a[a.index("--repack") + 1] != "0":
+    os.kill(os.getpid(), signal.SIGILL)
+v = lambda f: int(a[a.index(f) + 1])
+r = v("-r")
+common = dict(build_commit="fake123", build_number=1, cpu_info="test", backends="CPU", model_type="llama",
+              model_size=os.path.getsize(a[a.index("-m") + 1]), n_threads=v("-t"), repack=False, n_depth=0)
+pp = [1000.0 + 10 * i for i in range(r)]
+tg = [100.0 + i for i in range(r)]
+print(json.dumps([
+    dict(common, n_prompt=v("-p"), n_gen=0, avg_ts=sum(pp) / r, stddev_ts=1.0, samples_ts=pp,
+         samples_ns=[v("-p") / x * 1e9 for x in pp]),
+    dict(common, n_prompt=0, n_gen=v("-n"), avg_ts=sum(tg) / r, stddev_ts=0.5, samples_ts=tg,
+         samples_ns=[v("-n") / x * 1e9 for x in tg])]))
+'''
+
+
+def test_crashing_default_is_named_not_hidden(tmp_path):
+    """When llama.cpp's default configuration crashes, the row runs the narrower switch and says so."""
+    import sys
+    fake = tmp_path / "llama-bench"
+    fake.write_text(FAKE_LLAMA_BENCH.replace("{python}", sys.executable))
+    fake.chmod(0o755)
+    r, _ = _peer_run(tmp_path / "out", "--llama-bench", str(fake))
+    cfg = r["config"]
+    assert "--repack 0" in cfg and "repacked weights OFF" in cfg and "NOT llama.cpp's default" in cfg, cfg
+    assert "killed by SIGILL" in cfg and "repack False" in cfg, cfg
+    assert r["decode_tok_s"] == 100.5 and r["decode_min"] == 100.0 and r["decode_max"] == 101.0   # its samples
+    assert r["prefill_tok_s"] == 1005.0 and r["llama_bench"]["tg_avg_ts"] == 100.5
+    assert abs(r["decode_gb_s"] - r["bytes_per_token"] * 100.5 / 1e9) < 1e-9
+    assert r["bytes_per_token"] <= r["file_bytes"]
+
+
+def test_llama_bench_json_parsing():
+    from minilm.bench.engines import parse_llama_bench_json
+    tests = [{"n_prompt": 128, "n_gen": 0, "avg_ts": 500.0, "stddev_ts": 5.0, "samples_ts": [490, 500, 510, 495, 505],
+              "samples_ns": [128 / x * 1e9 for x in (490, 500, 510, 495, 505)], "repack": True},
+             {"n_prompt": 0, "n_gen": 64, "avg_ts": 40.0, "stddev_ts": 2.0, "samples_ts": [38, 42, 40, 41, 39]}]
+    f = parse_llama_bench_json(json.dumps(tests), 128, 64)
+    assert (f["prefill_tok_s"], f["prefill_min"], f["prefill_max"]) == (500, 490, 510)
+    assert (f["decode_tok_s"], f["decode_min"], f["decode_max"]) == (40, 38, 42)
+    assert abs(f["ttft_s"] - 128 / 500) < 1e-12
+    assert f["llama_bench"]["repack"] is True and f["llama_bench"]["tg_stddev_ts"] == 2.0
+    with pytest.raises(ValueError, match="no pp256 and tg64"):
+        parse_llama_bench_json(json.dumps(tests), 256, 64)
+    with pytest.raises(ValueError, match="not JSON"):
+        parse_llama_bench_json("main: error: failed to load model", 128, 64)
 
 
 def test_bad_arguments():
     from minilm.cli import main
     assert main(["bench", "-m", str(MODEL), "--quant", "int3"]) == 1
     assert main(["bench", "-m", str(MODEL), "--peers", "vllm"]) == 1
+    assert main(["bench", "-m", str(MODEL), "--quant", "int8@q3"]) == 1
+    assert main(["bench", "-m", str(MODEL), "--runs", "0"]) == 1
+    assert main(["bench", "-m", str(MODEL), "--peers", "llama.cpp", "--llama-bench", "/nonexistent/llama-bench"]) == 1

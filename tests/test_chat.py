@@ -8,7 +8,9 @@ import pytest
 import minilm
 from minilm import chat as C
 
-MODELS = Path(__file__).resolve().parents[1].parent / "shared" / "models"
+from conftest import SHARED
+
+MODELS = SHARED / "models"
 STORIES = MODELS / "stories260K"
 QWEN = MODELS / "proxy-qwen2-shakespeare"
 needs_models = pytest.mark.skipif(not (STORIES / "config.json").exists() or not (QWEN / "config.json").exists(),
@@ -204,6 +206,7 @@ def test_multi_turn_reuses_the_kv_cache(stories):
     m = stories
     m.reset()
     hist = [{"role": "system", "content": "You are a storyteller who tells short stories."}]
+    prev_len = 0
     for turn in range(5):
         hist.append({"role": "user", "content": f"Tell me part {turn + 1} of the story about Lily and her dog."})
         p = C.prepare_chat(m, hist, max_tokens=16, temperature=0)

@@ -15,8 +15,10 @@ import minilm
 import minilm.chat  # noqa: F401  (attaches LM.chat etc. if lm.py does not define them)
 from minilm.cli_chat import add_subcommands
 
+from conftest import SHARED
+
 REPO = Path(__file__).resolve().parents[1]
-STORIES = REPO.parent / "shared" / "models" / "stories260K"
+STORIES = SHARED / "models" / "stories260K"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[=>]")
 
 

@@ -5,10 +5,10 @@ import base64
 
 import numpy as np
 import pytest
+from test_constrain import MODELS, PROXY, live_server
 
 import minilm
 from minilm.embed import EmbeddingError
-from test_constrain import MODELS, PROXY, live_server
 
 TEXTS = ["To be, or not to be, that is the question.", "My kingdom for a horse!", "a"]
 

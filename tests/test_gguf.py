@@ -10,11 +10,9 @@ import pytest
 gguf = pytest.importorskip("gguf", reason="the `gguf` package is not installed (pip install gguf, or the "
                                           "`test` extra): GGUF import/export is not tested")
 
-from conftest import shared_path
-
-import minilm
-from minilm.errors import ModelLoadError
-from minilm.gguf_io import (
+import minilm  # noqa: E402 (after importorskip)
+from minilm.errors import ModelLoadError  # noqa: E402 (after importorskip)
+from minilm.gguf_io import (  # noqa: E402 (after importorskip)
     _make_tokenizer,
     _Meta,
     export_gguf,
@@ -22,7 +20,9 @@ from minilm.gguf_io import (
     permute_rows,
     unpermute_rows,
 )
-from minilm.quant import FORMATS, Linear
+from minilm.quant import FORMATS, Linear  # noqa: E402 (after importorskip)
+
+from conftest import shared_path  # noqa: E402 (after importorskip)
 
 _EXPORTS: dict = {}
 

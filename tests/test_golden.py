@@ -1,13 +1,13 @@
 """Every shared model against transformers' reference outputs (../shared/golden)."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import minilm
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+from conftest import SHARED
+
 MODELS = ["stories260K", "proxy-gpt2-shakespeare", "proxy-neox-shakespeare",
           "proxy-qwen2-shakespeare", "proxy-qwen3-shakespeare"]
 

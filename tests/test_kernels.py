@@ -13,8 +13,7 @@ import pytest
 from minilm.kernels import activations as act
 from minilm.kernels import attention as att
 from minilm.kernels import matmul as mm
-from minilm.kernels import norm
-from minilm.kernels import rope
+from minilm.kernels import norm, rope
 
 from conftest import shared_path
 
@@ -415,22 +414,23 @@ SIG_SCRIPT = textwrap.dedent("""
     import json, sys
     import numba.core.registry
     import minilm
-    from minilm.kernels import matmul, norm, attention, rope, activations
+    from minilm.kernels import matmul, norm, attention, rope, activations, executor
     for folder in sys.argv[1:]:
         m = minilm.load(folder, n_ctx=64)
         m.logits([1, 5, 9, 13, 20])                              # prefill (M > 1)
         m.generate_ids([1, 5, 9], 4, ignore_eos=True)           # prefill + decode
         m.generate("Once", max_new_tokens=3)
     sigs = {}
-    for mod in (matmul, norm, attention, rope, activations):
+    for mod in (matmul, norm, attention, rope, activations, executor):
         for name, f in vars(mod).items():
             if isinstance(f, numba.core.registry.CPUDispatcher):
                 sigs[name] = [str(s) for s in f.signatures]
     print(json.dumps(sigs))
 """)
 # kernels of the brief (old names, or their fused replacements) that a forward must compile
-MUST_COMPILE = [("gemv_f32",), ("rmsnorm", "norm", "norm_row"), ("attention", "decode_attention"),
-                ("rope_qk",), ("store_kv",), ("silu_mul", "silu_mul_row")]
+# what Python calls: the executor (the row kernels are compiled into it, and when it comes from the
+# on-disk cache they are not compiled on their own at all) and the lm head's GEMV
+MUST_COMPILE = [("run_plan",), ("gemv_f32",)]
 
 
 def test_one_signature_per_kernel_after_forward():

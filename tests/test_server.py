@@ -21,8 +21,10 @@ import openai  # noqa: E402
 import minilm  # noqa: E402
 import minilm.chat  # noqa: E402,F401  (attaches LM.chat etc. if lm.py does not define them)
 
+from conftest import SHARED  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-MODELS = REPO.parent / "shared" / "models"
+MODELS = SHARED / "models"
 KEY = "sk-test-minilm"
 MSGS = [{"role": "system", "content": "You are a storyteller."},
         {"role": "user", "content": "Tell me a story about a cat."}]

@@ -11,9 +11,9 @@ import pytest
 jsonschema = pytest.importorskip("jsonschema", reason="pip install 'minilm[test]' (jsonschema)")
 pytest.importorskip("llguidance", reason="llguidance not installed")
 
-from minilm.tools import (FORMATS, CallStream, ToolError, check_tool_choice, check_tools,  # noqa: E402
-                          format_for, tool_signature)
 from test_constrain import live_server  # noqa: E402
+
+from minilm.tools import FORMATS, CallStream, ToolError, check_tool_choice, check_tools, format_for, tool_signature  # noqa: E402
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city",
@@ -112,6 +112,7 @@ def test_signature_is_compact_and_complete():
 
 def test_named_choice_shows_only_that_tool():
     from pathlib import Path
+
     import minilm
     from minilm.chat import prepare_chat
     path = Path(__file__).resolve().parents[2] / "shared" / "models" / "proxy-qwen3-shakespeare"

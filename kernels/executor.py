@@ -1,0 +1,406 @@
+"""The executor: one Numba function that runs a model plan (minilm/plan.py) for M tokens.
+
+The plan is a table of steps, one row each (columns S_*; float parameters in a second table,
+columns P_*). Operands are rows of three tables built once per model from the plan's names:
+    btab  int64[nb, 3]  run-state buffers f32[rows, width]: (address, rows, width)
+    mtab  int64[nm, 7]  matrices: (weights address, scales address, N, stored columns,
+                        scale columns, format id, padded K)
+    vtab  int64[nv, 2]  f32 vectors (norm weights, biases): (address, length); length 0 = absent
+so nobody counts offsets by hand: plan.py writes each row from a named step.
+
+`run_plan` runs the whole plan in ONE parallel region. Every step is cut into tasks (a block of
+matrix rows, a token, an attention head or split); the threads take tasks from an atomic counter
+and wait at the end of the step until all its tasks are done. Consecutive steps that have one
+task each (the norms, activation quantizers and element-wise ops of one decode token) run as
+one phase on the thread that takes it, without a barrier in between. Decode is M = 1 (one token:
+every thread shares each matrix), prefill is M > 1 (matrix rows x tokens, tokens, heads x
+tokens). The kernels are the ones in this package; decode and prefill call the same row kernels.
+
+Correctness of the waits: a thread only waits for the tasks of the current step, and it takes
+tasks until none is left before it waits, so any number of threads finishes (one alone runs
+every task); all threads walk the same phase sequence (the task counts depend only on the
+plan, M and the position).
+
+Weight formats: `fs` is a tuple of empty arrays whose dtypes name the formats the model uses
+(quant.FORMATS[...].tag); the matrix dispatch is compiled only for those formats, so a model
+compiles (and caches) only the kernels it needs. Adding a step kind means: an OP_ constant, its
+task count in `_ntasks`, its body in `_task`, and the plan rows that use it; nothing else changes
+(tests/test_plan.py adds one outside this module to show it).
+"""
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic, overload
+
+from .activations import gelu_row, gelu_tanh_row, silu_mul_row
+from .attention import attend_head, attend_task, decode_splits, merge_parts, prep_decode
+from .matmul import gemm_f32_block, gemv_float_groups
+from .norm import add_norm_row, norm_row
+from .qmatmul import _quantize_act_q4, _quantize_act_q8v, gemv_q4_0_groups, gemv_q8_0_groups
+from .simd import _bf2f, _h2f, atomic_add, atomic_load, cpu_yield, sleep_us, spin_pause
+
+# ---- step kinds --------------------------------------------------------------------------------
+OP_NORM = 0        # dst = norm(src; w, b, eps)                               tasks: M
+OP_ADD_NORM = 1    # src += src2; dst = norm(src; w, b, eps)                  tasks: M
+OP_ADD = 2         # dst += src                                               tasks: M
+OP_QUANT = 3       # quantize src rows for matrix mat (int8 blocks)           tasks: M (0 for float formats)
+OP_MATMUL = 4      # dst = src @ W[mat].T (+ b)                               tasks: row blocks
+OP_QKV = 5         # q/k norm (w, b = q/k norm weights), RoPE, k/v -> cache   tasks: M
+OP_ATTEND = 6      # attention of the q heads of src over the cache -> dst    tasks: splits x H (M = 1), M x H
+OP_MERGE = 7       # merge the decode splits into dst                         tasks: 1 (M = 1), 0
+OP_SILU_MUL = 8    # dst[:F] = silu(src[:F]) * src[F:2F], F = I0              tasks: M
+OP_GELU = 9        # dst = gelu(dst) in place (I0: 0 erf, 1 tanh)             tasks: M
+OP_ADD_ROWS = 10   # dst[m] += table mat (f32 [P, D]) row p0 + m               tasks: M
+N_OPS = 11
+
+# step table columns
+S_OP, S_DST, S_SRC, S_SRC2, S_MAT, S_W, S_B, S_LAYER, S_I0 = range(9)
+S_COLS = 9
+# float parameter columns
+P_EPS, P_SCALE = range(2)
+P_COLS = 2
+# matrix table columns
+M_W, M_D, M_N, M_COLS, M_DCOLS, M_FMT, M_KP = range(7)
+M_COLS_N = 7
+
+# format ids (quant.FORMATS[name].fid)
+F_F32, F_F16, F_BF16, F_Q8_0, F_Q4_0 = range(5)
+
+
+@intrinsic
+def _ptr_as(typingctx, addr, like):
+    """int64 address -> CPointer(like.dtype) (numba.carray over a table of array addresses)."""
+    ptr_t = types.CPointer(like.dtype)
+
+    def codegen(ctx, builder, sig, args):
+        return builder.inttoptr(args[0], ctx.get_value_type(ptr_t))
+    return ptr_t(addr, like), codegen
+
+
+_F32 = np.zeros(0, np.float32)   # dtype carriers for _ptr_as
+_U16 = np.zeros(0, np.uint16)
+_I8 = np.zeros(0, np.int8)
+_U8 = np.zeros(0, np.uint8)
+
+_J = dict(cache=True, nogil=True, error_model="numpy")
+
+
+@njit(**_J)
+def _buf(btab, b, M):
+    """Buffer b as f32[M, width] (its first M rows)."""
+    return numba.carray(_ptr_as(btab[b, 0], _F32), (btab[b, 1], btab[b, 2]))[:M]
+
+
+@njit(**_J)
+def _vec(vtab, k):
+    """Vector k as f32[len] (len 0: absent)."""
+    return numba.carray(_ptr_as(vtab[k, 0], _F32), vtab[k, 1])
+
+
+# ---- the phase protocol ------------------------------------------------------------------------
+@njit(**_J)
+def _take(ctr, ph, n):
+    """The next task of phase ph (0..n-1), or -1 when all have been taken."""
+    k = atomic_add(ctr, 2 * ph, 1)
+    return k if k < n else -1
+
+
+@njit(**_J)
+def _finish(ctr, ph):
+    atomic_add(ctr, 2 * ph + 1, 1)
+
+
+SPIN, YIELD = 2000, 4000    # pause-spins, then sched_yield, before a waiting thread sleeps
+
+
+@njit(**_J)
+def _wait(ctr, ph, n):
+    """Until the n tasks of phase ph are done (their writes are visible after this). Spins with
+    the PAUSE hint for the usual microsecond waits; past SPIN rounds (a thread of ours was
+    descheduled: the machine is shared) it yields the core, past YIELD it sleeps 50 us per
+    round, so a busy machine slows a token down instead of stalling it on two spinning threads."""
+    i = 0
+    while atomic_load(ctr, 2 * ph + 1) < n:
+        if i < SPIN:
+            spin_pause()
+        elif i < YIELD:
+            cpu_yield()
+        else:
+            sleep_us(50)
+        i += 1
+
+
+# ---- matrices ----------------------------------------------------------------------------------
+def _mm_rows(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
+    """Row groups g0..g1-1 (4 rows each) of out[:M] = x[:M] @ W_j.T (quantized formats read the
+    activations XQ/XD/XS that OP_QUANT wrote)."""
+
+
+@overload(_mm_rows, jit_options=dict(fastmath=True))
+def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
+    """Compiled once per set of formats (fs: tuple of empty arrays, one dtype tag per format)."""
+    tags = {t.dtype for t in fs.types} if isinstance(fs, types.BaseTuple) else {fs.dtype}
+    has_f32 = types.float32 in tags
+    has_f16 = types.uint16 in tags
+    has_bf16 = types.int16 in tags
+    has_q8 = types.int8 in tags
+    has_q4 = types.uint8 in tags
+
+    def impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
+        fmt = mtab[j, M_FMT]
+        N = mtab[j, M_N]
+        if has_f32:
+            if fmt == F_F32:
+                w = numba.carray(_ptr_as(mtab[j, M_W], _F32), (N, mtab[j, M_COLS]))
+                if M == 1:
+                    gemv_float_groups(x[0], w, out[0], 0, g0, g1)
+                else:
+                    for g in range(g0, g1):
+                        gemm_f32_block(x, w, out, 4 * g, 0)
+                return
+        if has_f16 or has_bf16:
+            if fmt == F_F16 or fmt == F_BF16:
+                kind = 1 if fmt == F_F16 else 2
+                w16 = numba.carray(_ptr_as(mtab[j, M_W], _U16), (N, mtab[j, M_COLS]))
+                if M == 1:
+                    if kind == 1:                    # KIND must be a compile-time constant
+                        gemv_float_groups(x[0], w16, out[0], 1, g0, g1)
+                    else:
+                        gemv_float_groups(x[0], w16, out[0], 2, g0, g1)
+                else:
+                    K = w16.shape[1]
+                    flat = tile.reshape(-1)
+                    for g in range(g0, g1):          # 4 rows -> an f32 tile, then the f32 block
+                        r0 = 4 * g
+                        nr = min(4, N - r0)
+                        t = flat[:nr * K].reshape(nr, K)
+                        for r in range(nr):
+                            if kind == 1:
+                                for k in range(K):
+                                    t[r, k] = _h2f(w16[r0 + r, k])
+                            else:
+                                for k in range(K):
+                                    t[r, k] = _bf2f(w16[r0 + r, k])
+                        gemm_f32_block(x, t, out, 0, r0)
+                return
+        if has_q8:
+            if fmt == F_Q8_0:
+                qs = numba.carray(_ptr_as(mtab[j, M_W], _I8), (N, mtab[j, M_COLS]))
+                d = numba.carray(_ptr_as(mtab[j, M_D], _U16), (N, mtab[j, M_DCOLS]))
+                for g in range(g0, g1):              # the 4 rows stay in L1 across the tokens
+                    for m in range(M):
+                        gemv_q8_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], g, g + 1)
+                return
+        if has_q4:
+            if fmt == F_Q4_0:
+                q4 = numba.carray(_ptr_as(mtab[j, M_W], _U8), (N, mtab[j, M_COLS]))
+                d4 = numba.carray(_ptr_as(mtab[j, M_D], _U16), (N, mtab[j, M_DCOLS]))
+                for g in range(g0, g1):
+                    for m in range(M):
+                        gemv_q4_0_groups(XQ[m], XD[m], XS[m], q4, d4, out[m], g, g + 1)
+                return
+    return impl
+
+
+@njit(**_J)
+def _quant_row(mtab, j, x, xq, xd, xs):
+    """Quantize one activation row for matrix j: int8 per block of 32 as its row kernel expects."""
+    fmt = mtab[j, M_FMT]
+    Kp = mtab[j, M_KP]
+    if fmt == F_Q8_0:
+        _quantize_act_q8v(x[:Kp], xq[:Kp], xd, xs)
+    elif fmt == F_Q4_0:
+        _quantize_act_q4(x[:Kp], 2 * mtab[j, M_COLS] // mtab[j, M_DCOLS], xq[:Kp], xd, xs)
+
+
+@njit(**_J)
+def _is_quantized(fmt):
+    return fmt == F_Q8_0 or fmt == F_Q4_0
+
+
+# ---- new step kinds from outside this module -----------------------------------------------------
+# op id (>= N_OPS) -> an njit task function f(s, k, M, p0, steps, fpar, btab, mtab, vtab) run for
+# task k = 0..M-1 (one per token) of step s. The built-in kinds above do not change when one is
+# added: `_task` passes unknown ids to `_ext_task`, compiled from this table.
+EXTENSIONS: dict = {}
+
+
+def register_step_kind(op_id: int, task) -> None:
+    """Add a per-token step kind to the executor (tests/test_plan.py adds one this way). Call it
+    before the model that uses it is built: it turns off the on-disk cache of the executor (so a
+    cached executor without the new kind is never loaded) and recompiles what was compiled."""
+    from numba.core.caching import NullCache
+    if op_id < N_OPS or op_id in EXTENSIONS:
+        raise ValueError(f"step kind id {op_id} is taken (built-in kinds are 0..{N_OPS - 1})")
+    EXTENSIONS[op_id] = task
+    for f in (_task, run_plan):
+        f._cache = NullCache()
+        if f.signatures:
+            f.recompile()
+
+
+def _ext_task(op, s, k, M, p0, steps, fpar, btab, mtab, vtab):
+    """Run task k of extension step s (see EXTENSIONS)."""
+
+
+def _ext_chain(items):
+    if not items:
+        return njit(lambda op, s, k, M, p0, steps, fpar, btab, mtab, vtab: None)
+    (oid, fn), rest = items[0], _ext_chain(items[1:])
+
+    def one(op, s, k, M, p0, steps, fpar, btab, mtab, vtab):
+        if op == oid:
+            fn(s, k, M, p0, steps, fpar, btab, mtab, vtab)
+        else:
+            rest(op, s, k, M, p0, steps, fpar, btab, mtab, vtab)
+    return njit(one)
+
+
+@overload(_ext_task)
+def _ext_task_impl(op, s, k, M, p0, steps, fpar, btab, mtab, vtab):
+    chain = _ext_chain(sorted(EXTENSIONS.items()))
+    return lambda op, s, k, M, p0, steps, fpar, btab, mtab, vtab: chain(op, s, k, M, p0, steps, fpar, btab, mtab, vtab)
+
+
+# ---- steps -------------------------------------------------------------------------------------
+@njit(**_J)
+def _ntasks(steps, s, mtab, M, p0, nt, nparts, H):
+    op = steps[s, S_OP]
+    if op == OP_MATMUL:
+        if M == 1:
+            return nt
+        return min((mtab[steps[s, S_MAT], M_N] + 3) // 4, 4 * nt)
+    if op == OP_QUANT:
+        return M if _is_quantized(mtab[steps[s, S_MAT], M_FMT]) else 0
+    if op == OP_ATTEND:
+        if M == 1:
+            _, ns, _ = decode_splits(p0, steps[s, S_I0], nparts)
+            return ns * H
+        return M * H
+    if op == OP_MERGE:
+        return 1 if M == 1 else 0
+    return M
+
+
+@njit(**_J)
+def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc, vc,
+          XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
+    """Task k of step s, run by thread tid."""
+    op = steps[s, S_OP]
+    if op == OP_MATMUL:
+        j = steps[s, S_MAT]
+        ng = (mtab[j, M_N] + 3) // 4
+        n = nt if M == 1 else min(ng, 4 * nt)
+        g0 = k * ng // n
+        g1 = (k + 1) * ng // n
+        out = _buf(btab, steps[s, S_DST], M)
+        _mm_rows(fs, mtab, j, _buf(btab, steps[s, S_SRC], M), XQ, XD, XS, tiles[tid], M, out, g0, g1)
+        b = _vec(vtab, steps[s, S_B])
+        if b.shape[0] > 0:                       # bias on this task's rows
+            r1 = min(4 * g1, mtab[j, M_N])
+            for m in range(M):
+                o = out[m]
+                for r in range(4 * g0, r1):
+                    o[r] += b[r]
+    elif op == OP_QUANT:
+        x = _buf(btab, steps[s, S_SRC], M)
+        _quant_row(mtab, steps[s, S_MAT], x[k], XQ[k], XD[k], XS[k])
+    elif op == OP_NORM:
+        norm_row(_buf(btab, steps[s, S_SRC], M)[k], _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
+                 fpar[s, P_EPS], _buf(btab, steps[s, S_DST], M)[k])
+    elif op == OP_ADD_NORM:
+        add_norm_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_SRC2], M)[k],
+                     _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]), fpar[s, P_EPS],
+                     _buf(btab, steps[s, S_DST], M)[k])
+    elif op == OP_ADD:
+        d = _buf(btab, steps[s, S_DST], M)[k]
+        x = _buf(btab, steps[s, S_SRC], M)[k]
+        for i in range(d.shape[0]):
+            d[i] += x[i]
+    elif op == OP_QKV:
+        L = steps[s, S_LAYER]
+        prep_decode(_buf(btab, steps[s, S_SRC], M)[k], kc[L], vc[L], p0 + k, cos, sin,
+                    _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]), H, Hkv, hd, rot, fpar[s, P_EPS])
+    elif op == OP_ATTEND:
+        L = steps[s, S_LAYER]
+        window = steps[s, S_I0]
+        q = _buf(btab, steps[s, S_SRC], M)
+        scale = np.float32(fpar[s, P_SCALE])
+        if M == 1:
+            start, _, chunk = decode_splits(p0, window, part.shape[0])
+            attend_task(q[0], kc[L], vc[L], p0, H, Hkv, hd, scale, sc, part, start, chunk, k)
+        else:
+            h = k // M
+            m = k - h * M
+            p = p0 + m
+            start = max(0, p - window + 1) if window > 0 else 0
+            attend_head(q[m], h * hd, kc[L], vc[L], h // (H // Hkv), start, p, hd, scale, sc[tid],
+                        _buf(btab, steps[s, S_DST], M)[m], h * hd)
+    elif op == OP_MERGE:
+        _, ns, _ = decode_splits(p0, steps[s, S_I0], part.shape[0])
+        merge_parts(part, ns, H, hd, _buf(btab, steps[s, S_DST], M)[0])
+    elif op == OP_SILU_MUL:
+        F = steps[s, S_I0]                       # the buffer may be wider (zero-padded K)
+        silu_mul_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_DST], M)[k][:F])
+    elif op == OP_GELU:
+        d = _buf(btab, steps[s, S_DST], M)[k]
+        if steps[s, S_I0] == 1:
+            gelu_tanh_row(d)
+        else:
+            gelu_row(d)
+    elif op == OP_ADD_ROWS:
+        j = steps[s, S_MAT]
+        t = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], mtab[j, M_COLS]))
+        d = _buf(btab, steps[s, S_DST], M)[k]
+        r = t[p0 + k]
+        for i in range(d.shape[0]):
+            d[i] += r[i]
+    else:
+        _ext_task(op, s, k, M, p0, steps, fpar, btab, mtab, vtab)
+
+
+@njit(parallel=True, **_J)
+def run_plan(fs, steps, fpar, btab, mtab, vtab, M, p0, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,
+             H, Hkv, hd, rot, ctr):
+    """Run the plan for M tokens at positions p0..p0+M-1 (see the module docstring).
+
+    kc, vc: the KV cache f32[L, Hkv, n_ctx, hd]; cos, sin: RoPE tables f32[n_pos, rot/2];
+    XQ int8[R, Kmax], XD, XS f32[R, Kmax/32]: the quantized activations of the current matmul;
+    tiles f32[T, 4, Kmax]: per-thread dequantized rows (16-bit formats, M > 1);
+    sc f32[>= max(H, T), n_ctx]: attention scores; part f32[S, H, hd + 2]: decode splits;
+    ctr int64[>= 2 * steps]: phase counters. T = the number of threads the state was sized for.
+    """
+    S = steps.shape[0]
+    nt = tiles.shape[0]
+    nparts = part.shape[0]
+    ctr[:] = 0
+    for tid in prange(nt):
+        ph = 0
+        s = 0
+        while s < S:
+            n = _ntasks(steps, s, mtab, M, p0, nt, nparts, H)
+            if n == 0:
+                s += 1
+                continue
+            if n == 1:                       # a run of one-task steps: one phase, one thread
+                e = s + 1
+                while e < S and _ntasks(steps, e, mtab, M, p0, nt, nparts, H) <= 1:
+                    e += 1
+                if _take(ctr, ph, 1) == 0:
+                    for s2 in range(s, e):
+                        if _ntasks(steps, s2, mtab, M, p0, nt, nparts, H) == 1:
+                            _task(fs, steps, fpar, s2, 0, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc, vc,
+                                  XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
+                    _finish(ctr, ph)
+                _wait(ctr, ph, 1)
+                s = e
+            else:
+                k = _take(ctr, ph, n)
+                while k >= 0:
+                    _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc, vc,
+                          XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
+                    _finish(ctr, ph)
+                    k = _take(ctr, ph, n)
+                _wait(ctr, ph, n)
+                s += 1
+            ph += 1

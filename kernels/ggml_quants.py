@@ -1,0 +1,1923 @@
+"""ggml's Q4_1, Q5_0, Q5_1, Q2_K..Q6_K, IQ4_NL and IQ4_XS weight formats: numpy references and
+Numba kernels working directly on the raw ggml bytes.
+
+Storage: `raw: uint8[N, (K // block) * type_size]` per matrix, exactly the bytes of a GGUF tensor
+(row r of W is row r of raw), so a GGUF file can be memory-mapped and run without conversion.
+`SPECS[name]` (a TypeSpec) holds, per type: the ggml enum value, block / type sizes (asserted
+against gguf-py's GGML_QUANT_SIZES), bits per weight, the activation block type ggml's vec_dot
+uses, and the callables:
+  quantize_ref(w f32[N,K], qw f32[K] | None) -> uint8[N, row_bytes]   numpy, ggml's *_ref scale search
+  dequantize_ref(raw uint8[N, row_bytes], K) -> f32[N, K]            numpy, equal to gguf-py's bit for bit
+  quantize_act_ref(x f32[K]) -> (xq int8[K], xd f32[..], xs f32[..]) numpy, what act_quant writes
+  dot_ref(raw_row uint8[row_bytes], x f32[K]) -> float                numpy, ggml vec_dot semantics
+  act_quant(x, xq, xd, xs)                   Numba: the activation quantizer (see below)
+  gemv_groups(xq, xd, xs, raw, out, g0, g1)  Numba: out[4*g0 : min(4*g1, N)] of W @ x, from the
+                                             quantized activation; no prange, no allocation,
+                                             safe to run concurrently on disjoint row groups
+  gemv(x, raw, out), gemm(x[M,K], raw, out[M,N])   convenience wrappers (quantize + prange)
+
+Activation blocks (what ggml's vec_dot_type is for each weight type) and the scratch slots that
+act_quant_<kind>(x f32[K], xq int8[K], xd f32[>=K//32], xs f32[>=K//16]) fills:
+  q8_0 (Q5_0, IQ4_NL): blocks of 32, d = amax/127 rounded to fp16 (ggml stores it as fp16),
+        q = roundf(x / d_f32).   xq = q;  xd[b] = fp16(d) of block b;  xs[b] = sum(q of block b)
+        (an integer, exact in f32: the Q5_0 kernel's -16 offset).
+  q8_1 (Q4_1, Q5_1): as q8_0, and xs[b] = fp16(d_f32 * sum(q of block b)) (ggml's `s`, used
+        with the weight block's min m: dot = d*xd*sum(q*xq) + m*s).
+  q8_K (all K-quants, IQ4_XS): blocks of 256, iscale = -127/max (max = the element of largest
+        |x|), q = min(127, nearest_int(iscale*x)), d = 1/iscale kept in f32.
+        xd[b] = d of super-block b (K//256 slots); xs[j] = sum(q of the 16-group j) (ggml's
+        bsums, K//16 slots; used for the mins of Q2_K/Q4_K/Q5_K and the offsets of Q3_K/Q6_K).
+
+Dot products (ggml's vec_dot, written as integer sums): per block / sub-block the kernel forms the
+exact int32 sum of (weight integer) * (activation int8), combines the sub-blocks of a super-block
+with their integer scales into one int32, and applies the float scales once per super-block:
+  32-blocks:   acc += d_w * xd * isum  (+ m_w * s for Q4_1/Q5_1)
+  K-quants:    acc += xd * (d_w * isum - dmin_w * msum)   (msum = sum_j min_j * bsum_j)
+dot_ref computes the same integer sums in numpy, so the fast kernels agree with it to float32
+rounding (order of the float additions only).
+
+Where this follows ggml and where not:
+  * quantize_ref reproduces ggml's quantize_row_*_ref (Q4_1/Q5_0/Q5_1 byte-identical to gguf-py's
+    quantizer, which is ggml's; the K-quants and IQ4 run ggml's make_qx_quants / make_q3_quants /
+    make_qkx2_quants / iq4 scale searches, vectorised over blocks, so bytes may differ from
+    llama-quantize's in rare float-rounding cases but the layout is ggml's). With importance
+    weights qw (per input column, as an imatrix) every type uses ggml's weight
+    qw * sqrt(sigma2 + x^2) in the same searches (ggml's imatrix path additionally uses
+    make_qkx3_quants / make_qp_quants for the K-quants' scales; not reproduced).
+  * The activation quantizers follow ggml's *_ref code (roundf, 1/d). ggml's x86 runtime q8_0 /
+    q8_1 path rounds half to even and multiplies by 127/amax: it can differ from the reference
+    by one step on an exact tie or a one-ulp multiplier difference (rare; both are "ggml").
+
+Kernel design and what inspect_asm showed (2-vCPU Xeon with AVX-512 VNNI, numba 0.68 / llvmlite 0.50):
+  * Plain Numba integer loops are not enough. Written as `s = int32(s + int32(u) * int32(xq))`
+    LLVM gives vpmovzxbd/vpmovsxbd + vpmaddwd/vpdpwssd (no vpdpbusd); with an int64-typed
+    accumulator it widens to vpmovsxbq/vpmuldq; table lookups (IQ4) and per-lane shifts (the
+    Q5 high bits) stayed scalar; byte-unpacking loops into a stack buffer cost ~30 ns per 256
+    weights on their own (Q6_K 57, Q5_0/Q5_1 106 ns per 256 weights in cache).
+  * So each 32-weight group is unpacked in LLVM IR (intrinsics _dpk/_dpkb/_dpnf/_dpni below:
+    byte shift + mask, or vgf2p8affineqb for the nibble shift; the qh bits by a byte shuffle and
+    a mask test; IQ4's table by vpshufb) straight into vpdpbusd ymm (u8 weights x s8
+    activations). Sub-block scales multiply the int32 lanes (vpmulld, two 16-sub-blocks per
+    call), one horizontal sum per 256-super-block; 32-block types (Q4_1, Q5_0, Q5_1, IQ4_NL)
+    convert per block and fma into two f32 accumulators (even / odd blocks: one chain is
+    latency-bound). Unsigned weights need an offset for the signed formats: Q5_0 -16, Q3_K -4,
+    Q6_K -32 and the IQ4 table's +128 come off through the activation block sums (xs).
+    Software prefetch (prefetcht0) of the row 2 rows ahead in every block loop, as qmatmul.
+  * inspect_asm of gemv_q4_k_groups: 8 vpdpbusd on ymm per super-block, vgf2p8affineqb, vpmulld,
+    prefetcht0; no vpmovsxbq (asserted by tests/test_ggml_quants.py::test_vnni_asm). All ten
+    gemvs contain vpdpbusd and no vpmovsxbq.
+  * Cost in cache, 1 thread, ns per 256 weights (min of 40 calls, 256 x 2048 matrix; qmatmul's
+    hand-written Q4_0 kernel: 3.7): Q4_1 9.6, Q5_0 11.4, Q5_1 12.5, Q2_K 17.6, Q3_K 17.5,
+    Q4_K 12.8, Q5_K 14.7, Q6_K 13.4, IQ4_NL 9.5, IQ4_XS 13.8. Not yet at Q4_0's speed: what is
+    left is mostly scalar per-sub-block scale work and one row at a time (qmatmul shares each
+    activation load between 4 rows). The prefill GEMM runs these row kernels per token
+    (quantize each token once, 16 weight rows x all tokens per task), so it pays the unpacking
+    per token: 3.5-7x slower than qmatmul's Q4_0 GEMM on the TinyLlama 2048 x 5632 shape.
+  * Without AVX512-VNNI/VL (or MINILM_SIMD=generic|avx2): generic IR (zext/sext, mul, adds; a
+    select chain for the IQ4 table) that any LLVM target compiles; tested by forcing it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import llvmlite.ir as ir
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from .simd import _h2f
+
+QK_K = 256
+KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113],
+                   dtype=np.int8)   # ggml's kvalues_iq4nl
+GROUP_MAX_EPS = np.float32(1e-15)
+
+_JIT = dict(cache=True, nogil=True, fastmath=True, error_model="numpy", boundscheck=False)
+# Activation quantizers: no reciprocal / reassociation flags, so 1/d, -127/max and the roundings
+# are the IEEE operations of the numpy reference (the fast kernels must see the same int8 values).
+_AJIT = dict(cache=True, nogil=True, fastmath={"nnan", "ninf", "nsz"}, error_model="numpy",
+             boundscheck=False)
+_PJIT = dict(_JIT, parallel=True)
+
+
+# --------------------------------------------------------------------------------------------
+# numpy helpers
+# --------------------------------------------------------------------------------------------
+
+def _f16r(a):
+    """float32 values rounded to fp16 (as ggml's GGML_FP32_TO_FP16), returned as float32."""
+    return np.asarray(a, dtype=np.float32).astype(np.float16).astype(np.float32)
+
+
+def _f16b(a):
+    """float32[n] -> uint8[n, 2], the little-endian fp16 bytes."""
+    return np.ascontiguousarray(np.asarray(a, dtype=np.float32).astype(np.float16)).view(np.uint8).reshape(-1, 2)
+
+
+def _rd16(blocks, off):
+    """fp16 at byte offset off of each block -> float32[nb]."""
+    return np.ascontiguousarray(blocks[:, off:off + 2]).view(np.float16)[:, 0].astype(np.float32)
+
+
+def _nearest_int(v):
+    """ggml's nearest_int: round half to even in float32."""
+    return np.rint(np.asarray(v, dtype=np.float32)).astype(np.int32)
+
+
+def _roundf(v):
+    """C roundf (half away from zero), exact for float32 inputs (done in float64)."""
+    v = np.asarray(v, dtype=np.float64)
+    return np.trunc(v + np.copysign(0.5, v))
+
+
+def _check_w(w, block, name):
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError(f"{name} quantize: expected a 2-D weight [N, K], got shape {w.shape}")
+    if w.shape[1] == 0 or w.shape[1] % block != 0:
+        raise ValueError(f"{name} quantize: K={w.shape[1]} is not a positive multiple of the "
+                         f"block size {block}")
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if not np.isfinite(w).all():
+        raise ValueError(f"{name} quantize: weight contains NaN or Inf")
+    return w
+
+
+def _check_qw(qw, K, name):
+    if qw is None:
+        return None
+    qw = np.ascontiguousarray(qw, dtype=np.float32).reshape(-1)
+    if qw.shape[0] != K:
+        raise ValueError(f"{name} quantize: importance weights qw have {qw.shape[0]} entries, "
+                         f"expected K={K}")
+    if not np.isfinite(qw).all() or (qw < 0).any():
+        raise ValueError(f"{name} quantize: importance weights qw must be finite and >= 0")
+    return qw
+
+
+def _check_raw(raw, K, spec):
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.ndim != 2:
+        raise ValueError(f"{spec.name}: raw must be uint8[N, row_bytes], got {raw.dtype}{list(raw.shape)}")
+    if K <= 0 or K % spec.block != 0:
+        raise ValueError(f"{spec.name}: K={K} is not a positive multiple of the block size {spec.block}")
+    rb = K // spec.block * spec.type_size
+    if raw.shape[1] != rb:
+        raise ValueError(f"{spec.name}: raw has {raw.shape[1]} bytes per row, K={K} needs {rb} "
+                         f"({K // spec.block} blocks of {spec.type_size} bytes)")
+    return raw
+
+
+# --------------------------------------------------------------------------------------------
+# ggml's scale searches (vectorised over many blocks at once: x f32[nb, n])
+# --------------------------------------------------------------------------------------------
+
+def _abs_argmax_val(x):
+    """The element of largest |x| per row (first one on ties), float32[nb]."""
+    i = np.abs(x).argmax(axis=1)
+    return np.take_along_axis(x, i[:, None], axis=1)[:, 0]
+
+
+def make_qx_quants(x, nmax, rmse_type, qw=None):
+    """ggml make_qx_quants: symmetric scale search. x f32[nb, n] -> (scale f32[nb], L int32[nb, n]
+    in [0, 2*nmax)). rmse_type 0: plain; 1: weights x^2 (or qw) and 18 trial scales."""
+    x = x.astype(np.float32)
+    mx = _abs_argmax_val(x)
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    safe = np.where(zero, np.float32(1), mx)
+    iscale = (np.float32(-nmax) / safe).astype(np.float32)
+
+    def lq(isc):
+        return np.clip(_nearest_int(isc[:, None] * x), -nmax, nmax - 1).astype(np.float32)
+
+    L = lq(iscale)
+    if rmse_type == 0:
+        scale = (np.float32(1) / iscale).astype(np.float32)
+    else:
+        w = qw if qw is not None else x * x
+        sumlx = (w * x * L).sum(axis=1, dtype=np.float32)
+        suml2 = (w * L * L).sum(axis=1, dtype=np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(suml2 != 0, sumlx / suml2, np.float32(0)).astype(np.float32)
+        best = scale * sumlx
+        for i_s in range(-9, 10):
+            if i_s == 0:
+                continue
+            isc = (-(np.float32(nmax) + np.float32(0.1) * np.float32(i_s)) / safe).astype(np.float32)
+            Lt = lq(isc)
+            slx = (w * x * Lt).sum(axis=1, dtype=np.float32)
+            sl2 = (w * Lt * Lt).sum(axis=1, dtype=np.float32)
+            better = (sl2 > 0) & (slx * slx > best * sl2)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                sc = np.where(sl2 != 0, slx / sl2, np.float32(0)).astype(np.float32)
+            L = np.where(better[:, None], Lt, L)
+            scale = np.where(better, sc, scale)
+            best = np.where(better, sc * slx, best)
+    scale = np.where(zero, np.float32(0), scale).astype(np.float32)
+    L = np.where(zero[:, None], 0, L.astype(np.int32) + nmax)
+    return scale, L.astype(np.int32)
+
+
+def make_q3_quants(x, nmax):
+    """ggml make_q3_quants with do_rmse: x f32[nb, n] -> (scale, L in [0, 2*nmax))."""
+    x = x.astype(np.float32)
+    nb, n = x.shape
+    mx = _abs_argmax_val(x)
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    safe = np.where(zero, np.float32(1), mx)
+    iscale = (np.float32(-nmax) / safe).astype(np.float32)
+    L = np.clip(_nearest_int(iscale[:, None] * x), -nmax, nmax - 1).astype(np.float32)
+    w = x * x
+    sumlx = (w * x * L).sum(axis=1, dtype=np.float32)
+    suml2 = (w * L * L).sum(axis=1, dtype=np.float32)
+    for _ in range(5):   # ggml stops early when nothing changed; further passes change nothing
+        for i in range(n):
+            xi, wi, Li = x[:, i], w[:, i], L[:, i]
+            slx = sumlx - wi * xi * Li
+            sl2 = suml2 - wi * Li * Li
+            with np.errstate(divide="ignore", invalid="ignore"):
+                newl = np.clip(_nearest_int(np.where(slx > 0, xi * sl2 / slx, 0)), -nmax, nmax - 1)
+            newl = newl.astype(np.float32)
+            slx2 = slx + wi * xi * newl
+            sl22 = sl2 + wi * newl * newl
+            ok = (slx > 0) & (newl != Li) & (sl22 > 0) & (slx2 * slx2 * suml2 > sumlx * sumlx * sl22)
+            L[:, i] = np.where(ok, newl, Li)
+            sumlx = np.where(ok, slx2, sumlx).astype(np.float32)
+            suml2 = np.where(ok, sl22, suml2).astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(zero | (suml2 == 0), np.float32(0), sumlx / suml2).astype(np.float32)
+    L = np.where(zero[:, None], 0, L.astype(np.int32) + nmax)
+    return scale, L.astype(np.int32)
+
+
+def make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep, use_mad):
+    """ggml make_qkx2_quants: asymmetric (scale, min) search. x, w f32[nb, n] ->
+    (scale f32[nb], the_min f32[nb] (>= 0: value = scale*L - the_min), L int32[nb, n] in [0, nmax])."""
+    x = x.astype(np.float32)
+    w = w.astype(np.float32)
+    mn = np.minimum(x.min(axis=1), np.float32(0))
+    mx = x.max(axis=1)
+    sum_w = w.sum(axis=1, dtype=np.float32)
+    sum_x = (w * x).sum(axis=1, dtype=np.float32)
+    flat = mx == mn
+    rng = np.where(flat, np.float32(1), mx - mn).astype(np.float32)
+
+    def err(scale, mnv, L):
+        diff = scale[:, None] * L + mnv[:, None] - x
+        diff = np.abs(diff) if use_mad else diff * diff
+        return (w * diff).sum(axis=1, dtype=np.float32)
+
+    iscale = (np.float32(nmax) / rng).astype(np.float32)
+    scale = (np.float32(1) / iscale).astype(np.float32)
+    L = np.clip(_nearest_int(iscale[:, None] * (x - mn[:, None])), 0, nmax).astype(np.float32)
+    best = err(scale, mn, L)
+    for i_s in range(nstep + 1):
+        isc = ((np.float32(rmin) + np.float32(rdelta) * np.float32(i_s) + np.float32(nmax)) / rng).astype(np.float32)
+        La = np.clip(_nearest_int(isc[:, None] * (x - mn[:, None])), 0, nmax).astype(np.float32)
+        sum_l = (w * La).sum(axis=1, dtype=np.float32)
+        sum_l2 = (w * La * La).sum(axis=1, dtype=np.float32)
+        sum_xl = (w * La * x).sum(axis=1, dtype=np.float32)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ts = ((sum_w * sum_xl - sum_x * sum_l) / D).astype(np.float32)
+            tm = ((sum_l2 * sum_x - sum_l * sum_xl) / D).astype(np.float32)
+            pos = tm > 0
+            tm = np.where(pos, np.float32(0), tm)
+            ts = np.where(pos, sum_xl / sum_l2, ts).astype(np.float32)
+        ok = D > 0
+        ts = np.where(ok, ts, 0).astype(np.float32)
+        tm = np.where(ok, tm, 0).astype(np.float32)
+        cur = err(ts, tm, La)
+        better = ok & (cur < best)
+        L = np.where(better[:, None], La, L)
+        best = np.where(better, cur, best)
+        scale = np.where(better, ts, scale)
+        mn = np.where(better, tm, mn)
+    scale = np.where(flat, np.float32(0), scale).astype(np.float32)
+    L = np.where(flat[:, None], 0, L)
+    return scale, (-mn).astype(np.float32), L.astype(np.int32)
+
+
+def _best_index_iq4(v):
+    """ggml best_index_int8 over KVALUES: index of the nearest value (the lower one on ties)."""
+    kv = KVALUES.astype(np.float32)
+    idx = np.searchsorted(kv, v, side="right")       # kv[idx-1] <= v < kv[idx] (ggml's mu)
+    idx = np.clip(idx, 1, 15)
+    lo = kv[idx - 1]
+    hi = kv[idx]
+    pick_lo = (v - lo) < (hi - v)
+    out = np.where(pick_lo, idx - 1, idx)
+    out = np.where(v <= kv[0], 0, out)
+    out = np.where(v >= kv[15], 15, out)
+    return out.astype(np.int32)
+
+
+def _weights_imatrix(xb, qwb):
+    """ggml's importance weight qw * sqrt(sigma2 + x^2), sigma2 = 2*mean(x^2) of the row block."""
+    sigma2 = np.float32(2) * (xb * xb).mean(axis=1, dtype=np.float32)
+    return (qwb * np.sqrt(sigma2[:, None] + xb * xb)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-type numpy references: block decoders (integer parts), quantizers
+# --------------------------------------------------------------------------------------------
+# _dec_<type>(blocks uint8[nb, type_size]) -> dict with the integer weight values "q" (int32[nb,
+# block], offsets applied: what the dot product multiplies with the int8 activations), the sub-
+# block integer scales "sc" / mins "mn" (int32[nb, nsub]) and the float scales "d" / "dmin" /
+# "m" (f32[nb]).
+
+def _nib(b):
+    return (b & 0x0F).astype(np.int32), (b >> 4).astype(np.int32)
+
+
+def _dec_q4_1(bl):
+    lo, hi = _nib(bl[:, 4:20])
+    return dict(q=np.concatenate([lo, hi], axis=1), d=_rd16(bl, 0), m=_rd16(bl, 2))
+
+
+def _q5_high(qh_bytes):
+    qh = np.ascontiguousarray(qh_bytes).view("<u4")[:, 0]
+    return ((qh[:, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32)
+
+
+def _dec_q5_0(bl):
+    lo, hi = _nib(bl[:, 6:22])
+    q = np.concatenate([lo, hi], axis=1) | (_q5_high(bl[:, 2:6]) << 4)
+    return dict(q=q - 16, d=_rd16(bl, 0))
+
+
+def _dec_q5_1(bl):
+    lo, hi = _nib(bl[:, 8:24])
+    q = np.concatenate([lo, hi], axis=1) | (_q5_high(bl[:, 4:8]) << 4)
+    return dict(q=q, d=_rd16(bl, 0), m=_rd16(bl, 2))
+
+
+def _dec_iq4_nl(bl):
+    lo, hi = _nib(bl[:, 2:18])
+    return dict(q=KVALUES[np.concatenate([lo, hi], axis=1)].astype(np.int32), d=_rd16(bl, 0))
+
+
+def _crumbs(qs, nb):
+    """2-bit fields: qs uint8[nb, 64] -> int32[nb, 256], element 128h + 32s + l = bits 2s of qs[32h + l]."""
+    q = (qs.reshape(nb, 2, 1, 32) >> (2 * np.arange(4, dtype=np.uint8)).reshape(1, 1, 4, 1)) & 3
+    return q.reshape(nb, 256).astype(np.int32)
+
+
+def _dec_q2_k(bl):
+    nb = bl.shape[0]
+    sc = bl[:, 0:16]
+    return dict(q=_crumbs(bl[:, 16:80], nb), sc=(sc & 0x0F).astype(np.int32),
+                mn=(sc >> 4).astype(np.int32), d=_rd16(bl, 80), dmin=_rd16(bl, 82))
+
+
+def _q3_scales(s):
+    """Q3_K's 12 scale bytes -> int32[nb, 16] (6-bit, minus 32)."""
+    nb = s.shape[0]
+    low = np.concatenate([s[:, 0:8] & 0x0F, s[:, 0:8] >> 4], axis=1).astype(np.int32)
+    j = np.arange(16)
+    high = ((s[:, 8 + (j % 4)] >> (2 * (j // 4)).astype(np.uint8)) & 3).astype(np.int32)
+    return (low | (high << 4)).reshape(nb, 16) - 32
+
+
+def _dec_q3_k(bl):
+    nb = bl.shape[0]
+    low = _crumbs(bl[:, 32:96], nb)
+    e = np.arange(256)
+    hbit = ((bl[:, e % 32] >> (e // 32).astype(np.uint8)) & 1).astype(np.int32)
+    return dict(q=low + 4 * hbit - 4, sc=_q3_scales(bl[:, 96:108]), d=_rd16(bl, 108))
+
+
+def _k4_scale_min(s):
+    """The 12-byte 6-bit scale/min packing of Q4_K/Q5_K -> (sc int32[nb, 8], mn int32[nb, 8])."""
+    s = s.astype(np.int32)
+    sc = np.empty((s.shape[0], 8), np.int32)
+    mn = np.empty((s.shape[0], 8), np.int32)
+    sc[:, :4] = s[:, 0:4] & 63
+    mn[:, :4] = s[:, 4:8] & 63
+    sc[:, 4:] = (s[:, 8:12] & 0x0F) | ((s[:, 0:4] >> 6) << 4)
+    mn[:, 4:] = (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)
+    return sc, mn
+
+
+def _nib256(qs, nb):
+    """qs uint8[nb, 128] -> int32[nb, 256]: sub-block 2c = low nibbles of qs[32c:32c+32], 2c+1 = high."""
+    q = qs.reshape(nb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    return (q & 0x0F).reshape(nb, 256).astype(np.int32)
+
+
+def _dec_q4_k(bl):
+    nb = bl.shape[0]
+    sc, mn = _k4_scale_min(bl[:, 4:16])
+    return dict(q=_nib256(bl[:, 16:144], nb), sc=sc, mn=mn, d=_rd16(bl, 0), dmin=_rd16(bl, 2))
+
+
+def _dec_q5_k(bl):
+    nb = bl.shape[0]
+    sc, mn = _k4_scale_min(bl[:, 4:16])
+    e = np.arange(256)
+    hbit = ((bl[:, 16 + e % 32] >> (e // 32).astype(np.uint8)) & 1).astype(np.int32)
+    return dict(q=_nib256(bl[:, 48:176], nb) | (hbit << 4), sc=sc, mn=mn, d=_rd16(bl, 0),
+                dmin=_rd16(bl, 2))
+
+
+def _dec_q6_k(bl):
+    nb = bl.shape[0]
+    ql = bl[:, 0:128].reshape(nb, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    ql = (ql & 0x0F).reshape(nb, 256).astype(np.int32)      # 128h + 64t + 32u + l = nibble t of ql[64h+32u+l]
+    qh = _crumbs(bl[:, 128:192], nb)
+    return dict(q=(ql | (qh << 4)) - 32, sc=bl[:, 192:208].view(np.int8).astype(np.int32),
+                d=_rd16(bl, 208))
+
+
+def _dec_iq4_xs(bl):
+    nb = bl.shape[0]
+    sh = np.ascontiguousarray(bl[:, 2:4]).view("<u2")[:, 0].astype(np.int32)
+    sl = bl[:, 4:8].astype(np.int32)
+    j = np.arange(8)
+    ls = ((sl[:, j // 2] >> (4 * (j % 2))) & 0x0F) | (((sh[:, None] >> (2 * j)) & 3) << 4)
+    lo, hi = _nib(bl[:, 8:136].reshape(nb, 8, 16))
+    q = np.concatenate([lo, hi], axis=2).reshape(nb, 256)
+    return dict(q=KVALUES[q].astype(np.int32), sc=ls - 32, d=_rd16(bl, 0))
+
+
+def _dequant_blocks(name, bl):
+    """float32[nb, block], computed in gguf-py's order (bit-identical to gguf.quants.dequantize)."""
+    t = _DEC[name](bl)
+    q = t["q"].astype(np.float32)
+    nb = bl.shape[0]
+    if name in ("Q4_1", "Q5_1"):
+        return t["d"][:, None] * q + t["m"][:, None]
+    if name in ("Q5_0", "IQ4_NL"):
+        return t["d"][:, None] * q
+    nsub = t["sc"].shape[1]
+    sub = 256 // nsub
+    dl = (t["d"][:, None] * t["sc"].astype(np.float32))[:, :, None]
+    qq = q.reshape(nb, nsub, sub)
+    if "mn" in t:
+        ml = (t["dmin"][:, None] * t["mn"].astype(np.float32))[:, :, None]
+        return (dl * qq - ml).reshape(nb, 256)
+    return (dl * qq).reshape(nb, 256)
+
+
+# ---- quantizers (blocks f32[nb, block], qwb f32[nb, block] | None) -> uint8[nb, type_size] ----
+
+def _pack_nib32(q):
+    """int[nb, 32] in 0..15 -> uint8[nb, 16]: byte l = q[l] | q[16+l] << 4."""
+    return (q[:, :16] | (q[:, 16:] << 4)).astype(np.uint8)
+
+
+def _qh32(q):
+    """bit 4 of q int[nb, 32] -> uint8[nb, 4] (little-endian uint32, bit l = element l)."""
+    bits = ((q >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    return np.ascontiguousarray(bits.sum(axis=1, dtype=np.uint32)).view(np.uint8).reshape(-1, 4)
+
+
+def _q_affine(x, qwb, nmax):
+    """Scale and min of a 32-block with offsets (Q4_1/Q5_1): ggml's min/max reference, or with
+    importance weights a make_qkx2_quants search on qw * sqrt(sigma2 + x^2)."""
+    if qwb is not None:
+        d, mneg, L = make_qkx2_quants(x, _weights_imatrix(x, qwb), nmax, -0.9, 0.05, 36, False)
+        d = _f16r(d)
+        m = _f16r(-mneg)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            L = np.where(d[:, None] > 0, np.clip(_nearest_int((x - m[:, None]) / d[:, None]), 0, nmax), 0)
+        return d, m, L
+    mn = x.min(axis=1)
+    mx = x.max(axis=1)
+    d = ((mx - mn) / np.float32(nmax)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        idd = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    L = np.clip(np.trunc((x - mn[:, None]) * idd[:, None] + np.float32(0.5)), 0, nmax).astype(np.int32)
+    return d, mn, L
+
+
+def _quant_q4_1(x, qwb):
+    d, m, L = _q_affine(x, qwb, 15)
+    return np.concatenate([_f16b(d), _f16b(m), _pack_nib32(L)], axis=1)
+
+
+def _quant_q5_1(x, qwb):
+    d, m, L = _q_affine(x, qwb, 31)
+    return np.concatenate([_f16b(d), _f16b(m), _qh32(L), _pack_nib32(L & 0x0F)], axis=1)
+
+
+def _quant_q5_0(x, qwb):
+    if qwb is not None:
+        d, L = make_qx_quants(x, 16, 1, _weights_imatrix(x, qwb))
+    else:
+        mx = _abs_argmax_val(x)
+        d = (mx / np.float32(-16)).astype(np.float32)
+        with np.errstate(divide="ignore"):
+            idd = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+        L = np.minimum(31, np.trunc(x * idd[:, None] + np.float32(16.5))).astype(np.int32)
+    return np.concatenate([_f16b(d), _qh32(L), _pack_nib32(L & 0x0F)], axis=1)
+
+
+def _iq4_search(xb, wb, ntry):
+    """quantize_row_iq4_nl_impl's per-32 block scale search: xb, wb f32[nb, 32] -> scale f32[nb]."""
+    kv = KVALUES.astype(np.float32)
+    mx = _abs_argmax_val(xb)
+    zero = np.abs(mx) < GROUP_MAX_EPS
+    safe = np.where(zero, np.float32(1), mx)
+
+    def sums(idv):
+        q = kv[_best_index_iq4(idv[:, None] * xb)]
+        return (wb * q * xb).sum(axis=1, dtype=np.float32), (wb * q * q).sum(axis=1, dtype=np.float32)
+
+    d = (-safe / kv[0]).astype(np.float32)
+    sqx, sq2 = sums((np.float32(1) / d).astype(np.float32))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d = np.where(sq2 > 0, sqx / sq2, 0).astype(np.float32)
+    best = d * sqx
+    for itry in range(-ntry, ntry + 1):
+        sqx, sq2 = sums(((np.float32(itry) + kv[0]) / safe).astype(np.float32))
+        better = (sq2 > 0) & (sqx * sqx > best * sq2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dn = np.where(sq2 > 0, sqx / sq2, 0).astype(np.float32)
+        d = np.where(better, dn, d)
+        best = np.where(better, dn * sqx, best)
+    return np.where(zero, np.float32(0), d).astype(np.float32)
+
+
+def _iq4_weights(x, qwb):
+    return _weights_imatrix(x, qwb) if qwb is not None else x * x
+
+
+def _quant_iq4_nl(x, qwb):
+    d = _iq4_search(x, _iq4_weights(x, qwb), 7)
+    dh = _f16r(d)
+    with np.errstate(divide="ignore"):
+        idd = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    L = _best_index_iq4(idd[:, None] * x)
+    return np.concatenate([_f16b(dh), _pack_nib32(L)], axis=1)
+
+
+def _quant_iq4_xs(x, qwb):
+    nb = x.shape[0]
+    xs = x.reshape(nb * 8, 32)
+    sigma2 = (np.float32(2) / 256) * (x * x).sum(axis=1, dtype=np.float32)
+    if qwb is not None:
+        wts = (qwb.reshape(nb * 8, 32) * np.sqrt(np.repeat(sigma2, 8)[:, None] + xs * xs)).astype(np.float32)
+    else:
+        wts = xs * xs
+    sc = _iq4_search(xs, wts, 7).reshape(nb, 8)
+    iam = np.abs(sc).argmax(axis=1)
+    max_scale = np.take_along_axis(sc, iam[:, None], axis=1)[:, 0]
+    d = (-max_scale / np.float32(32)).astype(np.float32)
+    dh = _f16r(d)
+    with np.errstate(divide="ignore"):
+        idd = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    ls = np.clip(_nearest_int(idd[:, None] * sc), -32, 31)
+    dl = (d[:, None] * ls.astype(np.float32)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        idl = np.where(dl != 0, np.float32(1) / dl, np.float32(0)).astype(np.float32)
+    L = _best_index_iq4(idl.reshape(-1, 1) * xs).reshape(nb, 8, 32)
+    u = ls + 32
+    sl = ((u[:, 0::2] & 0x0F) | ((u[:, 1::2] & 0x0F) << 4)).astype(np.uint8)        # [nb, 4]
+    shv = ((u >> 4) << (2 * np.arange(8))).sum(axis=1).astype("<u2")
+    qs = (L[:, :, :16] | (L[:, :, 16:] << 4)).astype(np.uint8).reshape(nb, 128)
+    return np.concatenate([_f16b(dh), np.ascontiguousarray(shv).view(np.uint8).reshape(nb, 2), sl, qs], axis=1)
+
+
+def _pack_crumbs(L):
+    """int[nb, 256] in 0..3 -> uint8[nb, 64]: qs[32h + l] = L[128h+l] | L[128h+32+l] << 2 | ..."""
+    nb = L.shape[0]
+    q = L.reshape(nb, 2, 4, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)).astype(np.uint8).reshape(nb, 64)
+
+
+def _requant_affine(x, d, dm, nmax):
+    """L = nearest_int((x + dm) / d) clamped to [0, nmax], 0 where d == 0 (ggml's second pass)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        L = np.clip(_nearest_int((x + dm[..., None]) / d[..., None]), 0, nmax)
+    return np.where(d[..., None] != 0, L, 0)
+
+
+def _quant_q2_k(x, qwb):
+    nb = x.shape[0]
+    xs = x.reshape(nb * 16, 16)
+    w = _weights_imatrix(xs, qwb.reshape(nb * 16, 16)) if qwb is not None else np.abs(xs)
+    sc, mn, _ = make_qkx2_quants(xs, w, 3, -0.5, 0.1, 15, True)
+    sc = sc.reshape(nb, 16)
+    mn = mn.reshape(nb, 16)
+    ms = sc.max(axis=1)
+    mm = mn.max(axis=1)
+    with np.errstate(divide="ignore"):
+        isc = np.where(ms > 0, np.float32(15) / ms, 0).astype(np.float32)
+        imn = np.where(mm > 0, np.float32(15) / mm, 0).astype(np.float32)
+    ls = _nearest_int(isc[:, None] * sc)
+    lm = _nearest_int(imn[:, None] * mn)
+    d = np.where(ms > 0, _f16r(ms / np.float32(15)), 0).astype(np.float32)
+    dmin = np.where(mm > 0, _f16r(mm / np.float32(15)), 0).astype(np.float32)
+    L = _requant_affine(x.reshape(nb, 16, 16), d[:, None] * ls, dmin[:, None] * lm, 3).reshape(nb, 256)
+    return np.concatenate([(ls | (lm << 4)).astype(np.uint8), _pack_crumbs(L), _f16b(d), _f16b(dmin)], axis=1)
+
+
+def _quant_q3_k(x, qwb):
+    nb = x.shape[0]
+    xs = x.reshape(nb * 16, 16)
+    if qwb is not None:
+        sc, _ = make_qx_quants(xs, 4, 1, _weights_imatrix(xs, qwb.reshape(nb * 16, 16)))
+    else:
+        sc, _ = make_q3_quants(xs, 4)
+    sc = sc.reshape(nb, 16)
+    mx = _abs_argmax_val(sc)
+    has = mx != 0
+    with np.errstate(divide="ignore"):
+        isc = np.where(has, np.float32(-32) / np.where(has, mx, 1), 0).astype(np.float32)
+    ls = np.clip(_nearest_int(isc[:, None] * sc), -32, 31) + 32
+    with np.errstate(divide="ignore"):
+        d = np.where(has, _f16r(np.float32(1) / np.where(has, isc, 1)), 0).astype(np.float32)
+    s = np.zeros((nb, 12), np.uint8)
+    s[:, 0:8] = (ls[:, 0:8] & 0x0F) | ((ls[:, 8:16] & 0x0F) << 4)
+    hi = ls >> 4
+    for j in range(16):
+        s[:, 8 + j % 4] |= (hi[:, j] << (2 * (j // 4))).astype(np.uint8)
+    dl = d[:, None] * (ls - 32).astype(np.float32)                        # [nb, 16]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        L = np.clip(_nearest_int(x.reshape(nb, 16, 16) / dl[:, :, None]), -4, 3) + 4
+    L = np.where(dl[:, :, None] != 0, L, 4).reshape(nb, 256)   # ggml leaves those L at their first-pass value; 4 = 0
+    hm = (L > 3).reshape(nb, 8, 32).astype(np.uint8)
+    hmask = (hm << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1).astype(np.uint8)
+    L = np.where(L > 3, L - 4, L)
+    return np.concatenate([hmask, _pack_crumbs(L), s, _f16b(d)], axis=1)
+
+
+def _pack_k4_scales(ls, lm):
+    """6-bit sc/min int[nb, 8] -> the 12 bytes of Q4_K/Q5_K."""
+    nb = ls.shape[0]
+    s = np.zeros((nb, 12), np.int32)
+    s[:, 0:4] = ls[:, 0:4] | ((ls[:, 4:8] >> 4) << 6)
+    s[:, 4:8] = lm[:, 0:4] | ((lm[:, 4:8] >> 4) << 6)
+    s[:, 8:12] = (ls[:, 4:8] & 0x0F) | ((lm[:, 4:8] & 0x0F) << 4)
+    return s.astype(np.uint8)
+
+
+def _quant_k45(x, qwb, nmax, rmin, nstep):
+    nb = x.shape[0]
+    xs = x.reshape(nb * 8, 32)
+    if qwb is not None:
+        w = _weights_imatrix(xs, qwb.reshape(nb * 8, 32))
+    else:
+        av = np.sqrt((xs * xs).sum(axis=1, dtype=np.float32) / np.float32(32))
+        w = av[:, None] + np.abs(xs)
+    sc, mn, _ = make_qkx2_quants(xs, w, nmax, rmin, 0.1, nstep, False)
+    sc = sc.reshape(nb, 8)
+    mn = mn.reshape(nb, 8)
+    ms = sc.max(axis=1)
+    mm = mn.max(axis=1)
+    isc = np.where(ms > 0, np.float32(63) / np.where(ms > 0, ms, 1), 0).astype(np.float32)
+    imn = np.where(mm > 0, np.float32(63) / np.where(mm > 0, mm, 1), 0).astype(np.float32)
+    ls = np.minimum(63, _nearest_int(isc[:, None] * sc))
+    lm = np.minimum(63, _nearest_int(imn[:, None] * mn))
+    d = _f16r(ms / np.float32(63))
+    dmin = _f16r(mm / np.float32(63))
+    L = _requant_affine(x.reshape(nb, 8, 32), d[:, None] * ls, dmin[:, None] * lm, nmax)
+    return d, dmin, _pack_k4_scales(ls, lm), L.reshape(nb, 256)
+
+
+def _pack_nib256(L):
+    """int[nb, 256] in 0..15 -> uint8[nb, 128]: qs[32c + l] = L[64c + l] | L[64c + 32 + l] << 4."""
+    nb = L.shape[0]
+    q = L.reshape(nb, 4, 2, 32)
+    return (q[:, :, 0] | (q[:, :, 1] << 4)).astype(np.uint8).reshape(nb, 128)
+
+
+def _quant_q4_k(x, qwb):
+    d, dmin, s, L = _quant_k45(x, qwb, 15, -1.0, 20)
+    return np.concatenate([_f16b(d), _f16b(dmin), s, _pack_nib256(L)], axis=1)
+
+
+def _quant_q5_k(x, qwb):
+    d, dmin, s, L = _quant_k45(x, qwb, 31, -0.5, 15)
+    nb = x.shape[0]
+    hb = (L >> 4).reshape(nb, 8, 32).astype(np.uint8)
+    qh = (hb << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1).astype(np.uint8)
+    return np.concatenate([_f16b(d), _f16b(dmin), s, qh, _pack_nib256(L & 0x0F)], axis=1)
+
+
+def _quant_q6_k(x, qwb):
+    nb = x.shape[0]
+    xs = x.reshape(nb * 16, 16)
+    w = _weights_imatrix(xs, qwb.reshape(nb * 16, 16)) if qwb is not None else None
+    sc, _ = make_qx_quants(xs, 32, 1, w)
+    sc = sc.reshape(nb, 16)
+    mx = _abs_argmax_val(sc)
+    has = np.abs(mx) >= GROUP_MAX_EPS
+    isc = np.where(has, np.float32(-128) / np.where(has, mx, 1), 0).astype(np.float32)
+    d = np.where(has, _f16r(np.float32(1) / np.where(has, isc, 1)), 0).astype(np.float32)
+    ls = np.minimum(127, _nearest_int(isc[:, None] * sc))
+    dl = d[:, None] * ls.astype(np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        L = np.clip(_nearest_int(x.reshape(nb, 16, 16) / dl[:, :, None]), -32, 31) + 32
+    L = np.where(dl[:, :, None] != 0, L, 32).reshape(nb, 2, 4, 32)
+    ql = np.empty((nb, 2, 64), np.uint8)
+    ql[:, :, :32] = (L[:, :, 0] & 0x0F) | ((L[:, :, 2] & 0x0F) << 4)
+    ql[:, :, 32:] = (L[:, :, 1] & 0x0F) | ((L[:, :, 3] & 0x0F) << 4)
+    qh = ((L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4)
+          | ((L[:, :, 3] >> 4) << 6)).astype(np.uint8)
+    return np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), ls.astype(np.int8).view(np.uint8),
+                           _f16b(d)], axis=1)
+
+
+_DEC = {"Q4_1": _dec_q4_1, "Q5_0": _dec_q5_0, "Q5_1": _dec_q5_1, "IQ4_NL": _dec_iq4_nl,
+        "Q2_K": _dec_q2_k, "Q3_K": _dec_q3_k, "Q4_K": _dec_q4_k, "Q5_K": _dec_q5_k,
+        "Q6_K": _dec_q6_k, "IQ4_XS": _dec_iq4_xs}
+_QUANT = {"Q4_1": _quant_q4_1, "Q5_0": _quant_q5_0, "Q5_1": _quant_q5_1, "IQ4_NL": _quant_iq4_nl,
+          "Q2_K": _quant_q2_k, "Q3_K": _quant_q3_k, "Q4_K": _quant_q4_k, "Q5_K": _quant_q5_k,
+          "Q6_K": _quant_q6_k, "IQ4_XS": _quant_iq4_xs}
+
+
+# --------------------------------------------------------------------------------------------
+# Activation quantizers (numpy reference)
+# --------------------------------------------------------------------------------------------
+
+def _check_x(x, block, what):
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    if x.shape[0] == 0 or x.shape[0] % block != 0:
+        raise ValueError(f"{what}: activation length {x.shape[0]} is not a positive multiple of {block}")
+    return x
+
+
+def quantize_act_q8_0_ref(x):
+    """x f32[K] -> (xq int8[K], xd f32[K//32] (fp16-rounded d), xs f32[K//32] (sum of q per block))."""
+    x = _check_x(x, 32, "q8_0")
+    b = x.reshape(-1, 32)
+    d = (np.abs(b).max(axis=1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        idd = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = _roundf((b * idd[:, None]).astype(np.float32)).astype(np.int32)
+    return q.astype(np.int8).reshape(-1), _f16r(d), q.sum(axis=1).astype(np.float32)
+
+
+def quantize_act_q8_1_ref(x):
+    """x f32[K] -> (xq int8[K], xd f32[K//32] (fp16 d), xs f32[K//32] (fp16 of d * sum(q)))."""
+    x = _check_x(x, 32, "q8_1")
+    b = x.reshape(-1, 32)
+    d = (np.abs(b).max(axis=1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        idd = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = _roundf((b * idd[:, None]).astype(np.float32)).astype(np.int32)
+    s = _f16r(np.float32(1) * q.sum(axis=1).astype(np.float32) * d)
+    return q.astype(np.int8).reshape(-1), _f16r(d), s
+
+
+def quantize_act_q8_k_ref(x):
+    """x f32[K] -> (xq int8[K], xd f32[K//256] (d, f32), xs f32[K//16] (bsums))."""
+    x = _check_x(x, QK_K, "q8_K")
+    b = x.reshape(-1, QK_K)
+    mx = _abs_argmax_val(b)
+    zero = mx == 0
+    with np.errstate(divide="ignore"):
+        isc = np.where(zero, 0, np.float32(-127) / np.where(zero, 1, mx)).astype(np.float32)
+    q = np.minimum(127, _nearest_int(isc[:, None] * b))
+    d = np.where(zero, 0, np.float32(1) / np.where(zero, 1, isc)).astype(np.float32)
+    return (q.astype(np.int8).reshape(-1), d,
+            q.reshape(-1, 16).sum(axis=1).astype(np.float32))
+
+
+_ACT_REF = {"q8_0": quantize_act_q8_0_ref, "q8_1": quantize_act_q8_1_ref, "q8_K": quantize_act_q8_k_ref}
+
+
+def _dot_ref(name, raw_row, x):
+    spec = SPECS[name]
+    x = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    raw_row = np.asarray(raw_row, dtype=np.uint8).reshape(1, -1)
+    K = x.shape[0]
+    _check_raw(raw_row, K, spec)
+    xq, xd, xs = _ACT_REF[spec.act](x)
+    t = _DEC[name](raw_row.reshape(-1, spec.type_size))
+    q = t["q"]                                               # int32[nb, block]
+    nb = q.shape[0]
+    if spec.block == 32:
+        isum = (q * xq.reshape(nb, 32).astype(np.int32)).sum(axis=1)     # exact int32
+        terms = t["d"] * xd * isum.astype(np.float32)
+        if "m" in t:
+            terms = terms + t["m"] * xs
+    else:
+        nsub = t["sc"].shape[1]
+        sub = 256 // nsub
+        si = (q * xq.reshape(nb, 256).astype(np.int32)).reshape(nb, nsub, sub).sum(axis=2)
+        isum = (t["sc"] * si).sum(axis=1).astype(np.float32)
+        terms = t["d"] * isum
+        if "mn" in t:
+            bs = xs.reshape(nb, 16)
+            if nsub == 8:
+                bs = bs.reshape(nb, 8, 2).sum(axis=2)
+            msum = (t["mn"].astype(np.float32) * bs).sum(axis=1, dtype=np.float32)
+            terms = terms - t["dmin"] * msum
+        terms = xd * terms
+    acc = np.float32(0)
+    for v in terms.astype(np.float32):
+        acc = np.float32(acc + v)
+    return float(acc)
+
+
+# --------------------------------------------------------------------------------------------
+# Numba kernels
+# --------------------------------------------------------------------------------------------
+
+@intrinsic
+def _to_f16(typingctx, x):
+    """float32 -> nearest fp16 (round to nearest even) -> float32 (fptrunc half, fpext)."""
+    def codegen(ctx, builder, sig, args):
+        h = builder.fptrunc(args[0], ir.HalfType())
+        return builder.fpext(h, ir.FloatType())
+    return types.float32(types.float32), codegen
+
+
+# x and raw are typed read-only (a mutable array converts to it): weights memory-mapped read-only
+# from a GGUF file and writable arrays both match the one signature
+_RO_F32_1D = types.Array(types.float32, 1, "C", readonly=True)
+_RO_U8_2D = types.Array(types.uint8, 2, "C", readonly=True)
+_AQ_SIG = types.void(_RO_F32_1D, types.int8[::1], types.float32[::1], types.float32[::1])
+
+
+@njit(_AQ_SIG, **_AJIT)
+def _q8_blocks(x, xq, xd, xs):
+    """Shared body of q8_0/q8_1: xq, xd[b] = fp16(d); returns nothing, xs[b] = sum(q)."""
+    nb = x.shape[0] // 32
+    for b in range(nb):
+        k0 = b * 32
+        amax = np.float32(0.0)
+        for i in range(32):
+            amax = max(amax, abs(x[k0 + i]))
+        d = amax / np.float32(127.0)
+        idd = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        s = 0
+        for i in range(32):
+            v = np.float64(x[k0 + i] * idd)      # the f32 product, then exact roundf in f64
+            q = np.int32(np.trunc(v + (0.5 if v >= 0 else -0.5)))
+            xq[k0 + i] = np.int8(q)
+            s += q
+        xd[b] = _to_f16(d)
+        xs[b] = np.float32(s)
+
+
+@njit(_AQ_SIG, **_AJIT)
+def act_quant_q8_0(x, xq, xd, xs):
+    """q8_0 activation blocks (see the module docstring for the slots)."""
+    _q8_blocks(x, xq, xd, xs)
+
+
+@njit(_AQ_SIG, **_AJIT)
+def act_quant_q8_1(x, xq, xd, xs):
+    """q8_1 activation blocks: as q8_0, xs[b] = fp16(d * sum(q)) with the f32 d."""
+    nb = x.shape[0] // 32
+    for b in range(nb):
+        k0 = b * 32
+        amax = np.float32(0.0)
+        for i in range(32):
+            amax = max(amax, abs(x[k0 + i]))
+        d = amax / np.float32(127.0)
+        idd = np.float32(1.0) / d if d != 0 else np.float32(0.0)
+        s = 0
+        for i in range(32):
+            v = np.float64(x[k0 + i] * idd)
+            q = np.int32(np.trunc(v + (0.5 if v >= 0 else -0.5)))
+            xq[k0 + i] = np.int8(q)
+            s += q
+        xd[b] = _to_f16(d)
+        xs[b] = _to_f16(np.float32(s) * d)
+
+
+@njit(_AQ_SIG, **_AJIT)
+def act_quant_q8_k(x, xq, xd, xs):
+    """q8_K activation blocks: xd[b] = d (f32) per 256, xs[j] = bsums per 16."""
+    nb = x.shape[0] // 256
+    for b in range(nb):
+        k0 = b * 256
+        amax = np.float32(0.0)
+        mx = np.float32(0.0)
+        for i in range(256):
+            a = abs(x[k0 + i])
+            if a > amax:
+                amax = a
+                mx = x[k0 + i]
+        if amax == 0:
+            xd[b] = 0.0
+            for i in range(256):
+                xq[k0 + i] = 0
+            for j in range(16):
+                xs[b * 16 + j] = 0.0
+            continue
+        isc = np.float32(-127.0) / mx
+        for j in range(16):
+            s = np.int32(0)
+            for i in range(16):
+                q = min(np.int32(127), np.int32(np.rint(isc * x[k0 + 16 * j + i])))
+                xq[k0 + 16 * j + i] = np.int8(q)
+                s += q
+            xs[b * 16 + j] = np.float32(s)
+        xd[b] = np.float32(1.0) / isc
+
+
+# ---- SIMD building blocks (LLVM IR) --------------------------------------------------------
+# _dpk(acc, sc0, sc1, row, ro, sh, mk, ro2, sh2, mk2, ls2, x, xo)   K-quants: 32 weights
+#     u = ((row[ro:ro+32] >> sh) & mk) | (((row[ro2:ro2+32] >> sh2) & mk2) << ls2) (u8), then
+#     acc[0:8] (int32, stack) += dot4(u, x[xo:xo+32] (s8)) * [sc0]*4 ++ [sc1]*4 (lane i = bytes
+#     4i..4i+3: lanes 0-3 are the first 16 weights, 4-7 the next 16, so one call serves two
+#     16-sub-blocks or one 32-sub-block)
+# _dpkb(...): the same with a one-bit high part tested by a mask (Q3_K, Q5_K)
+# _dpnf(facc, scale, row, ro, qho, KIND, x, xo)   32-blocks from 16 nibble bytes (KIND 0 plain,
+#     1 with the Q5 qh bits, 2 IQ4 table + 128): facc[0:8] (f32) += f32(dot4(...)) * scale
+# _dpni(acc, sc, row, ro, qho, KIND, x, xo)   the same into int32 lanes times sc (IQ4_XS)
+# "vnni": vpdpbusd ymm and pshufb; "generic": widening IR any LLVM target lowers (zext/sext, mul,
+# adds; a select chain for the table), chosen when the CPU lacks AVX512-VNNI/VL or with
+# MINILM_SIMD=generic|avx2 (as kernels/qmatmul.py; use a fresh NUMBA_CACHE_DIR with it).
+
+import os as _os  # noqa: E402
+
+import llvmlite.binding as _llvm  # noqa: E402
+from numba.core import cgutils  # noqa: E402
+
+from .simd import _elem_ptr, _prefetch, _ptr_add, _stack_f32  # noqa: E402
+
+try:
+    _FEAT = _llvm.get_host_cpu_features()
+except Exception:  # pragma: no cover
+    _FEAT = {}
+SIMD = "vnni" if all(_FEAT.get(f, False) for f in ("avx512vnni", "avx512vl", "avx512bw")) else "generic"
+_FORCE = _os.environ.get("MINILM_SIMD", "")
+if _FORCE not in ("", "generic", "avx2"):
+    raise ValueError(f"MINILM_SIMD={_FORCE!r}: must be 'generic' or 'avx2' (or unset)")
+if _FORCE:
+    SIMD = "generic"
+
+_I8T = ir.IntType(8)
+_I32T = ir.IntType(32)
+_F32T = ir.FloatType()
+_V32I8 = ir.VectorType(_I8T, 32)
+_V16I8 = ir.VectorType(_I8T, 16)
+_V8I32 = ir.VectorType(_I32T, 8)
+_V32I32 = ir.VectorType(_I32T, 32)
+_V8F32 = ir.VectorType(_F32T, 8)
+_KV128 = [int(v) + 128 for v in KVALUES]
+
+
+def _shuf(builder, a, b, idx):
+    return builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(_I32T, len(idx)), list(idx)))
+
+
+def _dot4(builder, wv, xv):
+    """<32 x u8> . <32 x s8> -> <8 x i32>, lane i = sum over bytes 4i..4i+3."""
+    if SIMD == "vnni":
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3),
+                                           "llvm.x86.avx512.vpdpbusd.256")
+        return builder.call(f, [ir.Constant(_V8I32, [0] * 8),
+                                builder.bitcast(wv, _V8I32), builder.bitcast(xv, _V8I32)])
+    p = builder.mul(builder.zext(wv, _V32I32), builder.sext(xv, _V32I32))
+    parts = [_shuf(builder, p, p, [4 * i + k for i in range(8)]) for k in range(4)]
+    return builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3]))
+
+
+def _load32(ctx, builder, aty, arr, off):
+    p = _elem_ptr(ctx, builder, aty, arr, off, _I8T)
+    return builder.load(builder.bitcast(p, _V32I8.as_pointer()), align=1)
+
+
+def _i32(builder, v):
+    w = v.type.width
+    return v if w == 32 else (builder.trunc(v, _I32T) if w > 32 else builder.sext(v, _I32T))
+
+
+def _splat8(builder, v, n=32):
+    """A scalar (any int width) as <n x i8> (truncated)."""
+    vt = ir.VectorType(_I8T, n)
+    b = v if v.type.width == 8 else builder.trunc(v, _I8T)
+    e = builder.insert_element(ir.Constant(vt, None), b, ir.Constant(_I32T, 0))
+    return _shuf(builder, e, e, [0] * n)
+
+
+def _bits32(ctx, builder, sig, args, i):
+    """u = ((row[ro:ro+32] >> sh) & mk) | (((row[ro2:ro2+32] >> sh2) & mk2) << ls2) as <32 x i8>,
+    from the args i .. i+7 = row, ro, sh, mk, ro2, sh2, mk2, ls2 (byte-wise shifts)."""
+    row, ro, sh, mk, ro2, sh2, mk2, ls2 = args[i:i + 8]
+    a = _load32(ctx, builder, sig.args[i], row, ro)
+    a = builder.and_(builder.lshr(a, _splat8(builder, sh)), _splat8(builder, mk))
+    b = _load32(ctx, builder, sig.args[i], row, ro2)
+    b = builder.and_(builder.lshr(b, _splat8(builder, sh2)), _splat8(builder, mk2))
+    return builder.or_(a, builder.shl(b, _splat8(builder, ls2)))
+
+
+def _nib32(ctx, builder, sig, args, i, kind):
+    """32 weights of a 32-block from its 16 nibble bytes at row[ro:] (args i, i+1; i+2 = qho):
+    kind 0: [lo nibbles, hi nibbles]; 1: | bit l of the little-endian u32 at row[qho:] << 4 (Q5);
+    2: KV128[...] (IQ4's table + 128)."""
+    row, ro, qho = args[i:i + 3]
+    p = _elem_ptr(ctx, builder, sig.args[i], row, ro, _I8T)
+    v = builder.load(builder.bitcast(p, _V16I8.as_pointer()), align=1)
+    lo = builder.and_(v, ir.Constant(_V16I8, [15] * 16))
+    hi = builder.lshr(v, ir.Constant(_V16I8, [4] * 16))
+    if kind == 2:
+        tab = ir.Constant(_V16I8, [t & 0xFF for t in _KV128])
+        if SIMD == "vnni":
+            f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [_V16I8] * 2),
+                                               "llvm.x86.ssse3.pshuf.b.128")
+            lo = builder.call(f, [tab, lo])
+            hi = builder.call(f, [tab, hi])
+        else:
+            a = ir.Constant(_V16I8, [0] * 16)
+            b = ir.Constant(_V16I8, [0] * 16)
+            for t in range(16):
+                tv = ir.Constant(_V16I8, [t] * 16)
+                kv = ir.Constant(_V16I8, [_KV128[t] & 0xFF] * 16)
+                a = builder.select(builder.icmp_unsigned("==", lo, tv), kv, a)
+                b = builder.select(builder.icmp_unsigned("==", hi, tv), kv, b)
+            lo, hi = a, b
+    u = _shuf(builder, lo, hi, list(range(32)))
+    if kind == 1:
+        v4t = ir.VectorType(_I8T, 4)
+        qp = _elem_ptr(ctx, builder, sig.args[i], row, qho, _I8T)
+        qh = builder.load(builder.bitcast(qp, v4t.as_pointer()), align=1)
+        qb = _shuf(builder, qh, qh, [l >> 3 for l in range(32)])
+        hit = builder.icmp_unsigned("!=", builder.and_(qb, ir.Constant(_V32I8, [1 << (l & 7) for l in range(32)])),
+                                    ir.Constant(_V32I8, [0] * 32))
+        u = builder.or_(u, builder.select(hit, ir.Constant(_V32I8, [16] * 32), ir.Constant(_V32I8, [0] * 32)))
+    return u
+
+
+def _acc_i32(builder, accp, d, s0, s1):
+    v0 = builder.insert_element(ir.Constant(_V8I32, None), _i32(builder, s0), ir.Constant(_I32T, 0))
+    v1 = builder.insert_element(ir.Constant(_V8I32, None), _i32(builder, s1), ir.Constant(_I32T, 0))
+    sc = _shuf(builder, v0, v1, [0, 0, 0, 0, 8, 8, 8, 8])
+    ap = builder.bitcast(accp, _V8I32.as_pointer())
+    builder.store(builder.add(builder.load(ap, align=4), builder.mul(d, sc)), ap, align=4)
+
+
+def _acc_f32(builder, accp, d, scale):
+    v = builder.insert_element(ir.Constant(_V8F32, None), scale, ir.Constant(_I32T, 0))
+    v = _shuf(builder, v, v, [0] * 8)
+    ap = builder.bitcast(accp, _V8F32.as_pointer())
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
+    builder.store(builder.call(fma, [builder.sitofp(d, _V8F32), v, builder.load(ap, align=4)]), ap, align=4)
+
+
+@intrinsic
+def _dpk(typingctx, accp, sc0, sc1, row, ro, sh, mk, ro2, sh2, mk2, ls2, x, xo):
+    """acc[0:8] (i32) += dot4(_bits32(row ...), x[xo:xo+32]) * [sc0]*4 ++ [sc1]*4 (K-quants)."""
+    def codegen(ctx, builder, sig, args):
+        u = _bits32(ctx, builder, sig, args, 3)
+        d = _dot4(builder, u, _load32(ctx, builder, sig.args[11], args[11], args[12]))
+        _acc_i32(builder, args[0], d, args[1], args[2])
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, sc0, sc1, row, ro, sh, mk, ro2, sh2, mk2, ls2, x, xo), codegen
+
+
+@intrinsic
+def _dpkb(typingctx, accp, sc0, sc1, row, ro, sh, mk, ro2, bm, hv, x, xo):
+    """acc[0:8] (i32) += dot4(u, x[xo:xo+32]) * [sc0]*4 ++ [sc1]*4 with
+    u = ((row[ro:ro+32] >> sh) & mk) | (hv where row[ro2:ro2+32] & bm else 0): a low part and a
+    one-bit high part tested with a mask (Q3_K, Q5_K: no per-call shift of the high bits)."""
+    def codegen(ctx, builder, sig, args):
+        accp_, s0, s1, row, ro, sh, mk, ro2, bm, hv, x_, xo_ = args
+        a = _load32(ctx, builder, sig.args[3], row, ro)
+        a = builder.and_(builder.lshr(a, _splat8(builder, sh)), _splat8(builder, mk))
+        b = _load32(ctx, builder, sig.args[3], row, ro2)
+        hit = builder.icmp_unsigned("!=", builder.and_(b, _splat8(builder, bm)), ir.Constant(_V32I8, [0] * 32))
+        u = builder.or_(a, builder.select(hit, _splat8(builder, hv), ir.Constant(_V32I8, [0] * 32)))
+        d = _dot4(builder, u, _load32(ctx, builder, sig.args[10], x_, xo_))
+        _acc_i32(builder, accp_, d, s0, s1)
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, sc0, sc1, row, ro, sh, mk, ro2, bm, hv, x, xo), codegen
+
+
+@intrinsic
+def _dpnf(typingctx, accp, scale, row, ro, qho, KIND, x, xo):
+    """facc[0:8] (f32) += f32(dot4(_nib32(row, ro, qho, KIND), x[xo:xo+32])) * scale (32-blocks)."""
+    if not isinstance(KIND, types.IntegerLiteral):
+        return None
+    kind = KIND.literal_value
+
+    def codegen(ctx, builder, sig, args):
+        u = _nib32(ctx, builder, sig, args, 2, kind)
+        d = _dot4(builder, u, _load32(ctx, builder, sig.args[6], args[6], args[7]))
+        _acc_f32(builder, args[0], d, args[1])
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, scale, row, ro, qho, KIND, x, xo), codegen
+
+
+@intrinsic
+def _dpni(typingctx, accp, sc, row, ro, qho, KIND, x, xo):
+    """acc[0:8] (i32) += dot4(_nib32(row, ro, qho, KIND), x[xo:xo+32]) * sc (IQ4_XS)."""
+    if not isinstance(KIND, types.IntegerLiteral):
+        return None
+    kind = KIND.literal_value
+
+    def codegen(ctx, builder, sig, args):
+        u = _nib32(ctx, builder, sig, args, 2, kind)
+        d = _dot4(builder, u, _load32(ctx, builder, sig.args[6], args[6], args[7]))
+        _acc_i32(builder, args[0], d, args[1], args[1])
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, sc, row, ro, qho, KIND, x, xo), codegen
+
+
+@intrinsic
+def _stack_i32(typingctx, n):
+    if not isinstance(n, types.IntegerLiteral):
+        return None
+    size = n.literal_value
+
+    def codegen(ctx, builder, sig, args):
+        return builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(_I32T, size)), _I32T.as_pointer())
+    return types.CPointer(types.int32)(n), codegen
+
+
+@intrinsic
+def _hsum8i(typingctx, accp):
+    def codegen(ctx, builder, sig, args):
+        v = builder.load(builder.bitcast(args[0], _V8I32.as_pointer()), align=4)
+        n = 8
+        while n > 1:
+            h = n // 2
+            v = builder.add(_shuf(builder, v, v, list(range(h))), _shuf(builder, v, v, list(range(h, n))))
+            n = h
+        return builder.extract_element(v, ir.Constant(_I32T, 0))
+    return types.int32(accp), codegen
+
+
+@intrinsic
+def _hsum8f(typingctx, accp):
+    def codegen(ctx, builder, sig, args):
+        v = builder.load(builder.bitcast(args[0], _V8F32.as_pointer()), align=4)
+        n = 8
+        while n > 1:
+            h = n // 2
+            v = builder.fadd(_shuf(builder, v, v, list(range(h))), _shuf(builder, v, v, list(range(h, n))))
+            n = h
+        return builder.extract_element(v, ir.Constant(_I32T, 0))
+    return types.float32(accp), codegen
+
+
+# ---- row dot products: row uint8[row_bytes], activation slots -> f32 ------------------------
+# Weights are unpacked to unsigned bytes (u8 x s8 products for vpdpbusd); a format's offset
+# (Q5_0 -16, Q3_K -4, Q6_K -32, IQ4 table + 128) is taken off with the activation block sums.
+
+@njit(**_JIT)
+def _u16(row, o):
+    return np.uint16(row[o]) | (np.uint16(row[o + 1]) << np.uint16(8))
+
+
+@njit(**_JIT)
+def _facc_zero(fp):
+    a = numba.carray(fp, 8)
+    for i in range(8):
+        a[i] = 0.0
+
+
+# 32-block rows: even and odd blocks go to two f32 accumulators (two fma chains: one chain is
+# latency-bound at ~4 cycles per block)
+
+@njit(**_JIT)
+def _row_q4_1(row, xq, xd, xs, pfd):
+    nb = row.shape[0] // 20
+    fp = _stack_f32(16)
+    _facc_zero(fp)
+    _facc_zero(_ptr_add(fp, 8))
+    corr = np.float32(0.0)
+    for b in range(nb):
+        o = 20 * b
+        _prefetch(row, o + pfd)
+        _dpnf(_ptr_add(fp, 8 * (b & 1)), _h2f(_u16(row, o)) * xd[b], row, o + 4, o, 0, xq, 32 * b)
+        corr += _h2f(_u16(row, o + 2)) * xs[b]          # the min: m * (ggml's s = xd * sum(xq))
+    return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + corr
+
+
+@njit(**_JIT)
+def _row_q5_1(row, xq, xd, xs, pfd):
+    nb = row.shape[0] // 24
+    fp = _stack_f32(16)
+    _facc_zero(fp)
+    _facc_zero(_ptr_add(fp, 8))
+    corr = np.float32(0.0)
+    for b in range(nb):
+        o = 24 * b
+        _prefetch(row, o + pfd)
+        _dpnf(_ptr_add(fp, 8 * (b & 1)), _h2f(_u16(row, o)) * xd[b], row, o + 8, o + 4, 1, xq, 32 * b)
+        corr += _h2f(_u16(row, o + 2)) * xs[b]
+    return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + corr
+
+
+@njit(**_JIT)
+def _row_q5_0(row, xq, xd, xs, pfd):
+    nb = row.shape[0] // 22
+    fp = _stack_f32(16)
+    _facc_zero(fp)
+    _facc_zero(_ptr_add(fp, 8))
+    corr = np.float32(0.0)
+    for b in range(nb):
+        o = 22 * b
+        _prefetch(row, o + pfd)
+        sc = _h2f(_u16(row, o)) * xd[b]
+        _dpnf(_ptr_add(fp, 8 * (b & 1)), sc, row, o + 6, o + 2, 1, xq, 32 * b)
+        corr += sc * xs[b]                  # the -16 offset: 16 * d * xd * sum(xq)
+    return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + np.float32(-16.0) * corr
+
+
+@njit(**_JIT)
+def _row_iq4_nl(row, xq, xd, xs, pfd):
+    nb = row.shape[0] // 18
+    fp = _stack_f32(16)
+    _facc_zero(fp)
+    _facc_zero(_ptr_add(fp, 8))
+    corr = np.float32(0.0)
+    for b in range(nb):
+        o = 18 * b
+        _prefetch(row, o + pfd)
+        sc = _h2f(_u16(row, o)) * xd[b]
+        _dpnf(_ptr_add(fp, 8 * (b & 1)), sc, row, o + 2, o, 2, xq, 32 * b)
+        corr += sc * xs[b]                  # the table's +128
+    return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + np.float32(-128.0) * corr
+
+
+@njit(**_JIT)
+def _zero8(ip):
+    a = numba.carray(ip, 8)
+    for i in range(8):
+        a[i] = 0
+
+
+@njit(**_JIT)
+def _row_q2_k(row, xq, xd, xs, pfd):
+    # element 128h + 32s + l (l < 32): bits 2s of qs[32h + l]; 16-groups j = 8h + 2s (+1)
+    nsb = row.shape[0] // 84
+    ip = _stack_i32(8)
+    acc = np.float32(0.0)
+    for i in range(nsb):
+        o = 84 * i
+        _prefetch(row, o + pfd + 0)
+        _prefetch(row, o + pfd + 64)
+        k0 = 256 * i
+        _zero8(ip)
+        msum = np.float32(0.0)
+        for h in range(2):
+            j = 8 * h + 0
+            c0 = row[o + j]
+            c1 = row[o + j + 1]
+            _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 0, 3, o, 0, 0, 0, xq, k0 + 16 * j)
+            msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
+            j = 8 * h + 2
+            c0 = row[o + j]
+            c1 = row[o + j + 1]
+            _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 2, 3, o, 0, 0, 0, xq, k0 + 16 * j)
+            msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
+            j = 8 * h + 4
+            c0 = row[o + j]
+            c1 = row[o + j + 1]
+            _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 4, 3, o, 0, 0, 0, xq, k0 + 16 * j)
+            msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
+            j = 8 * h + 6
+            c0 = row[o + j]
+            c1 = row[o + j + 1]
+            _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 6, 3, o, 0, 0, 0, xq, k0 + 16 * j)
+            msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
+        isum = _hsum8i(ip)
+        acc += xd[i] * (_h2f(_u16(row, o + 80)) * np.float32(isum) - _h2f(_u16(row, o + 82)) * msum)
+    return acc
+
+
+@njit(**_JIT)
+def _q3_scale(row, so, j):
+    lo = np.int32(row[so + j] & 15) if j < 8 else np.int32(row[so + j - 8] >> 4)
+    hi = np.int32((row[so + 8 + (j & 3)] >> (2 * (j >> 2))) & 3)
+    return (lo | (hi << 4)) - 32
+
+
+@njit(**_JIT)
+def _row_q3_k(row, xq, xd, xs, pfd):
+    # element 128h + 32s + l: bits 2s of qs[32h + l] | bit 4h+s of hmask[l] << 2, minus 4
+    nsb = row.shape[0] // 110
+    ip = _stack_i32(8)
+    acc = np.float32(0.0)
+    for i in range(nsb):
+        o = 110 * i
+        _prefetch(row, o + pfd + 0)
+        _prefetch(row, o + pfd + 64)
+        k0 = 256 * i
+        _zero8(ip)
+        so = o + 96
+        corr = np.int32(0)
+        for h in range(2):
+            j = 8 * h + 0
+            sc0 = _q3_scale(row, so, j)
+            sc1 = _q3_scale(row, so, j + 1)
+            _dpkb(ip, sc0, sc1, row, o + 32 + 32 * h, 0, 3, o, 1 << (4 * h), 4, xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 2
+            sc0 = _q3_scale(row, so, j)
+            sc1 = _q3_scale(row, so, j + 1)
+            _dpkb(ip, sc0, sc1, row, o + 32 + 32 * h, 2, 3, o, 2 << (4 * h), 4, xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 4
+            sc0 = _q3_scale(row, so, j)
+            sc1 = _q3_scale(row, so, j + 1)
+            _dpkb(ip, sc0, sc1, row, o + 32 + 32 * h, 4, 3, o, 4 << (4 * h), 4, xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 6
+            sc0 = _q3_scale(row, so, j)
+            sc1 = _q3_scale(row, so, j + 1)
+            _dpkb(ip, sc0, sc1, row, o + 32 + 32 * h, 6, 3, o, 8 << (4 * h), 4, xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+        isum = np.int32(_hsum8i(ip) - np.int32(4) * corr)
+        acc += xd[i] * _h2f(_u16(row, o + 108)) * np.float32(isum)
+    return acc
+
+
+@njit(**_JIT)
+def _k4_sm(row, so, j):
+    """(scale, min) of sub-block j from the 12 packed bytes at row[so:]."""
+    if j < 4:
+        return np.int32(row[so + j] & 63), np.int32(row[so + j + 4] & 63)
+    sc = np.int32(row[so + j + 4] & 15) | (np.int32(row[so + j - 4] >> 6) << 4)
+    mn = np.int32(row[so + j + 4] >> 4) | (np.int32(row[so + j] >> 6) << 4)
+    return sc, mn
+
+
+@njit(**_JIT)
+def _row_q4_k(row, xq, xd, xs, pfd):
+    # sub-block j (32): nibble 4*(j&1) of qs[32*(j>>1) + l]
+    nsb = row.shape[0] // 144
+    ip = _stack_i32(8)
+    acc = np.float32(0.0)
+    for i in range(nsb):
+        o = 144 * i
+        _prefetch(row, o + pfd + 0)
+        _prefetch(row, o + pfd + 64)
+        _prefetch(row, o + pfd + 128)
+        k0 = 256 * i
+        _zero8(ip)
+        msum = np.float32(0.0)
+        for c in range(4):
+            j = 2 * c
+            sc, mn = _k4_sm(row, o + 4, j)
+            sc1, mn1 = _k4_sm(row, o + 4, j + 1)
+            _dpk(ip, sc, sc, row, o + 16 + 32 * c, 0, 15, o, 0, 0, 0, xq, k0 + 32 * j)
+            _dpk(ip, sc1, sc1, row, o + 16 + 32 * c, 4, 15, o, 0, 0, 0, xq, k0 + 32 * j + 32)
+            b = 16 * i + 2 * j
+            msum += np.float32(mn) * (xs[b] + xs[b + 1]) + np.float32(mn1) * (xs[b + 2] + xs[b + 3])
+        isum = _hsum8i(ip)
+        acc += xd[i] * (_h2f(_u16(row, o)) * np.float32(isum) - _h2f(_u16(row, o + 2)) * msum)
+    return acc
+
+
+@njit(**_JIT)
+def _row_q5_k(row, xq, xd, xs, pfd):
+    # sub-block j (32): nibble 4*(j&1) of qs[32*(j>>1) + l] | bit j of qh[l] << 4
+    nsb = row.shape[0] // 176
+    ip = _stack_i32(8)
+    acc = np.float32(0.0)
+    for i in range(nsb):
+        o = 176 * i
+        _prefetch(row, o + pfd + 0)
+        _prefetch(row, o + pfd + 64)
+        _prefetch(row, o + pfd + 128)
+        k0 = 256 * i
+        _zero8(ip)
+        msum = np.float32(0.0)
+        for c in range(4):
+            j = 2 * c
+            sc, mn = _k4_sm(row, o + 4, j)
+            sc1, mn1 = _k4_sm(row, o + 4, j + 1)
+            _dpkb(ip, sc, sc, row, o + 48 + 32 * c, 0, 15, o + 16, 1 << j, 16, xq, k0 + 32 * j)
+            _dpkb(ip, sc1, sc1, row, o + 48 + 32 * c, 4, 15, o + 16, 2 << j, 16, xq, k0 + 32 * j + 32)
+            b = 16 * i + 2 * j
+            msum += np.float32(mn) * (xs[b] + xs[b + 1]) + np.float32(mn1) * (xs[b + 2] + xs[b + 3])
+        isum = _hsum8i(ip)
+        acc += xd[i] * (_h2f(_u16(row, o)) * np.float32(isum) - _h2f(_u16(row, o + 2)) * msum)
+    return acc
+
+
+@njit(**_JIT)
+def _row_q6_k(row, xq, xd, xs, pfd):
+    # element 128h + 32s + l: nibble 4*(s>>1) of ql[64h + 32*(s&1) + l] | bits 2s of qh[32h + l] << 4, minus 32
+    nsb = row.shape[0] // 210
+    ip = _stack_i32(8)
+    acc = np.float32(0.0)
+    for i in range(nsb):
+        o = 210 * i
+        _prefetch(row, o + pfd + 0)
+        _prefetch(row, o + pfd + 64)
+        _prefetch(row, o + pfd + 128)
+        _prefetch(row, o + pfd + 192)
+        k0 = 256 * i
+        _zero8(ip)
+        so = o + 192
+        corr = np.int32(0)
+        for h in range(2):
+            j = 8 * h + 0
+            sc0 = np.int32(np.int8(row[so + j]))
+            sc1 = np.int32(np.int8(row[so + j + 1]))
+            _dpk(ip, sc0, sc1, row, o + 64 * h + 0, 0, 15, o + 128 + 32 * h, 0, 3, 4,
+                 xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 2
+            sc0 = np.int32(np.int8(row[so + j]))
+            sc1 = np.int32(np.int8(row[so + j + 1]))
+            _dpk(ip, sc0, sc1, row, o + 64 * h + 32, 0, 15, o + 128 + 32 * h, 2, 3, 4,
+                 xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 4
+            sc0 = np.int32(np.int8(row[so + j]))
+            sc1 = np.int32(np.int8(row[so + j + 1]))
+            _dpk(ip, sc0, sc1, row, o + 64 * h + 0, 4, 15, o + 128 + 32 * h, 4, 3, 4,
+                 xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+            j = 8 * h + 6
+            sc0 = np.int32(np.int8(row[so + j]))
+            sc1 = np.int32(np.int8(row[so + j + 1]))
+            _dpk(ip, sc0, sc1, row, o + 64 * h + 32, 4, 15, o + 128 + 32 * h, 6, 3, 4,
+                 xq, k0 + 16 * j)
+            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
+        isum = np.int32(_hsum8i(ip) - np.int32(32) * corr)
+        acc += xd[i] * _h2f(_u16(row, o + 208)) * np.float32(isum)
+    return acc
+
+
+@njit(**_JIT)
+def _row_iq4_xs(row, xq, xd, xs, pfd):
+    nsb = row.shape[0] // 136
+    ip = _stack_i32(8)
+    acc = np.float32(0.0)
+    for i in range(nsb):
+        o = 136 * i
+        _prefetch(row, o + pfd + 0)
+        _prefetch(row, o + pfd + 64)
+        _prefetch(row, o + pfd + 128)
+        k0 = 256 * i
+        _zero8(ip)
+        sh = np.int32(_u16(row, o + 2))
+        corr = np.int32(0)
+        for j in range(8):
+            ls = ((np.int32(row[o + 4 + (j >> 1)]) >> (4 * (j & 1))) & 15) | (((sh >> (2 * j)) & 3) << 4)
+            ls = ls - 32
+            _dpni(ip, ls, row, o + 8 + 16 * j, o, 2, xq, k0 + 32 * j)
+            b = 16 * i + 2 * j
+            corr = np.int32(corr + ls * (np.int32(xs[b]) + np.int32(xs[b + 1])))
+        isum = np.int32(_hsum8i(ip) - np.int32(128) * corr)      # the table's +128
+        acc += xd[i] * _h2f(_u16(row, o)) * np.float32(isum)
+    return acc
+
+
+# ---- row-group kernels (what the executor calls) and prange wrappers ------------------------
+# gemv_<type>_groups(xq, xd, xs, raw, out, g0, g1): out[r] = W[r] . x for r in 4*g0 .. min(4*g1, N)-1,
+# from the activation slots filled by act_quant_<kind>. No allocation, no prange, no shared state:
+# concurrent calls on disjoint row groups are safe.
+
+_GSIG = types.void(types.int8[::1], types.float32[::1], types.float32[::1], _RO_U8_2D,
+                  types.float32[::1], types.int64, types.int64)
+_GEMM_GROUPS = 4      # row groups (16 weight rows) per GEMM task: reused from L1/L2 across tokens
+_PF_ROWS = 2          # software prefetch distance in rows (each block loop prefetches its bytes
+                      # in row r + _PF_ROWS: without it the hardware prefetcher does not run far
+                      # enough ahead and memory time adds to compute time)
+
+
+@njit(_GSIG, **_JIT)
+def gemv_q4_1_groups(xq, xd, xs, raw, out, g0, g1):
+    """Q4_1: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_1 slots."""
+    N = raw.shape[0]
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q4_1(raw[r], xq, xd, xs, pfd)
+
+
+@njit(**_PJIT)
+def _gemv_par_q4_1(x, raw, out, xq, xd, xs):
+    act_quant_q8_1(x, xq, xd, xs)
+    ng = (raw.shape[0] + 3) // 4
+    for g in prange(ng):
+        gemv_q4_1_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(**_PJIT)
+def _gemm_par_q4_1(x, raw, out, xq, xd, xs):
+    M = x.shape[0]
+    for t in prange(M):
+        act_quant_q8_1(x[t], xq[t], xd[t], xs[t])
+    ng = (raw.shape[0] + 3) // 4
+    nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
+    for task in prange(nt):
+        g0 = task * _GEMM_GROUPS
+        g1 = min(g0 + _GEMM_GROUPS, ng)
+        for t in range(M):
+            gemv_q4_1_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+
+
+@njit(_GSIG, **_JIT)
+def gemv_q5_0_groups(xq, xd, xs, raw, out, g0, g1):
+    """Q5_0: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_0 slots."""
+    N = raw.shape[0]
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q5_0(raw[r], xq, xd, xs, pfd)
+
+
+@njit(**_PJIT)
+def _gemv_par_q5_0(x, raw, out, xq, xd, xs):
+    act_quant_q8_0(x, xq, xd, xs)
+    ng = (raw.shape[0] + 3) // 4
+    for g in prange(ng):
+        gemv_q5_0_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(**_PJIT)
+def _gemm_par_q5_0(x, raw, out, xq, xd, xs):
+    M = x.shape[0]
+    for t in prange(M):
+        act_quant_q8_0(x[t], xq[t], xd[t], xs[t])
+    ng = (raw.shape[0] + 3) // 4
+    nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
+    for task in prange(nt):
+        g0 = task * _GEMM_GROUPS
+        g1 = min(g0 + _GEMM_GROUPS, ng)
+        for t in range(M):
+            gemv_q5_0_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+
+
+@njit(_GSIG, **_JIT)
+def gemv_q5_1_groups(xq, xd, xs, raw, out, g0, g1):
+    """Q5_1: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_1 slots."""
+    N = raw.shape[0]
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q5_1(raw[r], xq, xd, xs, pfd)
+
+
+@njit(**_PJIT)
+def _gemv_par_q5_1(x, raw, out, xq, xd, xs):
+    act_quant_q8_1(x, xq, xd, xs)
+    ng = (raw.shape[0] + 3) // 4
+    for g in prange(ng):
+        gemv_q5_1_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(**_PJIT)
+def _gemm_par_q5_1(x, raw, out, xq, xd, xs):
+    M = x.shape[0]
+    for t in prange(M):
+        act_quant_q8_1(x[t], xq[t], xd[t], xs[t])
+    ng = (raw.shape[0] + 3) // 4
+    nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
+    for task in prange(nt):
+        g0 = task * _GEMM_GROUPS
+        g1 = min(g0 + _GEMM_GROUPS, ng)
+        for t in range(M):
+            gemv_q5_1_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+
+
+@njit(_GSIG, **_JIT)
+def gemv_iq4_nl_groups(xq, xd, xs, raw, out, g0, g1):
+    """IQ4_NL: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_0 slots."""
+    N = raw.shape[0]
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_iq4_nl(raw[r], xq, xd, xs, pfd)
+
+
+@njit(**_PJIT)
+def _gemv_par_iq4_nl(x, raw, out, xq, xd, xs):
+    act_quant_q8_0(x, xq, xd, xs)
+    ng = (raw.shape[0] + 3) // 4
+    for g in prange(ng):
+        gemv_iq4_nl_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(**_PJIT)
+def _gemm_par_iq4_nl(x, raw, out, xq, xd, xs):
+    M = x.shape[0]
+    for t in prange(M):
+        act_quant_q8_0(x[t], xq[t], xd[t], xs[t])
+    ng = (raw.shape[0] + 3) // 4
+    nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
+    for task in prange(nt):
+        g0 = task * _GEMM_GROUPS
+        g1 = min(g0 + _GEMM_GROUPS, ng)
+        for t in range(M):
+            gemv_iq4_nl_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+
+
+@njit(_GSIG, **_JIT)
+def gemv_q2_k_groups(xq, xd, xs, raw, out, g0, g1):
+    """Q2_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
+    N = raw.shape[0]
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q2_k(raw[r], xq, xd, xs, pfd)
+
+
+@njit(**_PJIT)
+def _gemv_par_q2_k(x, raw, out, xq, xd, xs):
+    act_quant_q8_k(x, xq, xd, xs)
+    ng = (raw.shape[0] + 3) // 4
+    for g in prange(ng):
+        gemv_q2_k_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(**_PJIT)
+def _gemm_par_q2_k(x, raw, out, xq, xd, xs):
+    M = x.shape[0]
+    for t in prange(M):
+        act_quant_q8_k(x[t], xq[t], xd[t], xs[t])
+    ng = (raw.shape[0] + 3) // 4
+    nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
+    for task in prange(nt):
+        g0 = task * _GEMM_GROUPS
+        g1 = min(g0 + _GEMM_GROUPS, ng)
+        for t in range(M):
+            gemv_q2_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+
+
+@njit(_GSIG, **_JIT)
+def gemv_q3_k_groups(xq, xd, xs, raw, out, g0, g1):
+    """Q3_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
+    N = raw.shape[0]
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q3_k(raw[r], xq, xd, xs, pfd)
+
+
+@njit(**_PJIT)
+def _gemv_par_q3_k(x, raw, out, xq, xd, xs):
+    act_quant_q8_k(x, xq, xd, xs)
+    ng = (raw.shape[0] + 3) // 4
+    for g in prange(ng):
+        gemv_q3_k_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(**_PJIT)
+def _gemm_par_q3_k(x, raw, out, xq, xd, xs):
+    M = x.shape[0]
+    for t in prange(M):
+        act_quant_q8_k(x[t], xq[t], xd[t], xs[t])
+    ng = (raw.shape[0] + 3) // 4
+    nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
+    for task in prange(nt):
+        g0 = task * _GEMM_GROUPS
+        g1 = min(g0 + _GEMM_GROUPS, ng)
+        for t in range(M):
+            gemv_q3_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+
+
+@njit(_GSIG, **_JIT)
+def gemv_q4_k_groups(xq, xd, xs, raw, out, g0, g1):
+    """Q4_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
+    N = raw.shape[0]
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q4_k(raw[r], xq, xd, xs, pfd)
+
+
+@njit(**_PJIT)
+def _gemv_par_q4_k(x, raw, out, xq, xd, xs):
+    act_quant_q8_k(x, xq, xd, xs)
+    ng = (raw.shape[0] + 3) // 4
+    for g in prange(ng):
+        gemv_q4_k_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(**_PJIT)
+def _gemm_par_q4_k(x, raw, out, xq, xd, xs):
+    M = x.shape[0]
+    for t in prange(M):
+        act_quant_q8_k(x[t], xq[t], xd[t], xs[t])
+    ng = (raw.shape[0] + 3) // 4
+    nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
+    for task in prange(nt):
+        g0 = task * _GEMM_GROUPS
+        g1 = min(g0 + _GEMM_GROUPS, ng)
+        for t in range(M):
+            gemv_q4_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+
+
+@njit(_GSIG, **_JIT)
+def gemv_q5_k_groups(xq, xd, xs, raw, out, g0, g1):
+    """Q5_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
+    N = raw.shape[0]
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q5_k(raw[r], xq, xd, xs, pfd)
+
+
+@njit(**_PJIT)
+def _gemv_par_q5_k(x, raw, out, xq, xd, xs):
+    act_quant_q8_k(x, xq, xd, xs)
+    ng = (raw.shape[0] + 3) // 4
+    for g in prange(ng):
+        gemv_q5_k_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(**_PJIT)
+def _gemm_par_q5_k(x, raw, out, xq, xd, xs):
+    M = x.shape[0]
+    for t in prange(M):
+        act_quant_q8_k(x[t], xq[t], xd[t], xs[t])
+    ng = (raw.shape[0] + 3) // 4
+    nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
+    for task in prange(nt):
+        g0 = task * _GEMM_GROUPS
+        g1 = min(g0 + _GEMM_GROUPS, ng)
+        for t in range(M):
+            gemv_q5_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+
+
+@njit(_GSIG, **_JIT)
+def gemv_q6_k_groups(xq, xd, xs, raw, out, g0, g1):
+    """Q6_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
+    N = raw.shape[0]
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_q6_k(raw[r], xq, xd, xs, pfd)
+
+
+@njit(**_PJIT)
+def _gemv_par_q6_k(x, raw, out, xq, xd, xs):
+    act_quant_q8_k(x, xq, xd, xs)
+    ng = (raw.shape[0] + 3) // 4
+    for g in prange(ng):
+        gemv_q6_k_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(**_PJIT)
+def _gemm_par_q6_k(x, raw, out, xq, xd, xs):
+    M = x.shape[0]
+    for t in prange(M):
+        act_quant_q8_k(x[t], xq[t], xd[t], xs[t])
+    ng = (raw.shape[0] + 3) // 4
+    nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
+    for task in prange(nt):
+        g0 = task * _GEMM_GROUPS
+        g1 = min(g0 + _GEMM_GROUPS, ng)
+        for t in range(M):
+            gemv_q6_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+
+
+@njit(_GSIG, **_JIT)
+def gemv_iq4_xs_groups(xq, xd, xs, raw, out, g0, g1):
+    """IQ4_XS: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
+    N = raw.shape[0]
+    r1 = min(4 * g1, N)
+    for r in range(4 * g0, r1):
+        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
+        out[r] = _row_iq4_xs(raw[r], xq, xd, xs, pfd)
+
+
+@njit(**_PJIT)
+def _gemv_par_iq4_xs(x, raw, out, xq, xd, xs):
+    act_quant_q8_k(x, xq, xd, xs)
+    ng = (raw.shape[0] + 3) // 4
+    for g in prange(ng):
+        gemv_iq4_xs_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(**_PJIT)
+def _gemm_par_iq4_xs(x, raw, out, xq, xd, xs):
+    M = x.shape[0]
+    for t in prange(M):
+        act_quant_q8_k(x[t], xq[t], xd[t], xs[t])
+    ng = (raw.shape[0] + 3) // 4
+    nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
+    for task in prange(nt):
+        g0 = task * _GEMM_GROUPS
+        g1 = min(g0 + _GEMM_GROUPS, ng)
+        for t in range(M):
+            gemv_iq4_xs_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+
+
+# --------------------------------------------------------------------------------------------
+# Python layer: wrappers with checks, TypeSpec table
+# --------------------------------------------------------------------------------------------
+
+_ACT_SLOTS = {"q8_0": 32, "q8_1": 32, "q8_K": 256}   # elements per xd slot
+
+
+def act_scratch(K, M=None):
+    """Scratch for act_quant_*: (xq int8[K], xd f32[K//32], xs f32[K//16]) (with a leading M
+    dimension when M is given); large enough for every activation kind."""
+    lead = () if M is None else (M,)
+    return (np.zeros(lead + (K,), np.int8), np.zeros(lead + (K // 32,), np.float32),
+            np.zeros(lead + (max(K // 16, 1),), np.float32))
+
+
+@dataclass(frozen=True)
+class TypeSpec:
+    """One ggml weight format (see the module docstring for the callables' contracts)."""
+    name: str                  # ggml type name, e.g. "Q4_K"
+    ggml_type: int             # ggml's enum value (GGMLQuantizationType)
+    block: int                 # elements per block (32 or 256)
+    type_size: int             # bytes per block
+    bits_per_weight: float     # 8 * type_size / block
+    act: str                   # activation block type of ggml's vec_dot: "q8_0", "q8_1" or "q8_K"
+    quantize_ref: Callable     # (w f32[N, K], qw f32[K] | None = None) -> uint8[N, row_bytes]
+    dequantize_ref: Callable   # (raw uint8[N, row_bytes], K) -> f32[N, K]
+    quantize_act_ref: Callable  # (x f32[K]) -> (xq int8[K], xd f32[..], xs f32[..])
+    dot_ref: Callable          # (raw_row uint8[row_bytes], x f32[K]) -> float
+    act_quant: Callable        # Numba (x, xq, xd, xs)
+    gemv_groups: Callable      # Numba (xq, xd, xs, raw, out, g0, g1)
+    gemv: Callable             # (x f32[K], raw, out f32[N]) -> out
+    gemm: Callable             # (x f32[M, K], raw, out f32[M, N]) -> out
+
+    def row_bytes(self, K):
+        if K <= 0 or K % self.block != 0:
+            raise ValueError(f"{self.name}: K={K} is not a positive multiple of the block size {self.block}")
+        return K // self.block * self.type_size
+
+
+def _make_spec(name, ggml_type, block, type_size, act, act_quant, groups, gemv_par, gemm_par):
+    def quantize_ref(w, qw=None):
+        w = _check_w(w, block, name)
+        N, K = w.shape
+        qw = _check_qw(qw, K, name)
+        x = w.reshape(-1, block)
+        qwb = None if qw is None else np.broadcast_to(qw.reshape(1, K), (N, K)).reshape(-1, block)
+        b = _QUANT[name](x, qwb)
+        assert b.shape == (x.shape[0], type_size) and b.dtype == np.uint8
+        return np.ascontiguousarray(b).reshape(N, K // block * type_size)
+
+    def dequantize_ref(raw, K):
+        raw = _check_raw(raw, K, spec)
+        N = raw.shape[0]
+        bl = np.ascontiguousarray(raw).reshape(-1, type_size)
+        return _dequant_blocks(name, bl).astype(np.float32).reshape(N, K)
+
+    def dot_ref(raw_row, x):
+        return _dot_ref(name, raw_row, x)
+
+    def _args(x, raw, out, two_d):
+        x = np.asarray(x)
+        if x.dtype != np.float32 or not x.flags.c_contiguous or x.ndim != (2 if two_d else 1):
+            raise ValueError(f"{name}: x must be C-contiguous float32 {'[M, K]' if two_d else '[K]'}, "
+                             f"got {x.dtype}{list(x.shape)}")
+        K = x.shape[-1]
+        raw = _check_raw(raw, K, spec)
+        if not raw.flags.c_contiguous:
+            raise ValueError(f"{name}: raw must be C-contiguous")
+        want = (x.shape[0], raw.shape[0]) if two_d else (raw.shape[0],)
+        if (not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.shape != want
+                or not out.flags.c_contiguous):
+            raise ValueError(f"{name}: out must be C-contiguous float32{list(want)}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name}: activation contains NaN or Inf")
+        return x, raw, K
+
+    def gemv(x, raw, out):
+        x, raw, K = _args(x, raw, out, False)
+        gemv_par(x, raw, out, *act_scratch(K))
+        return out
+
+    def gemm(x, raw, out):
+        x, raw, K = _args(x, raw, out, True)
+        gemm_par(x, raw, out, *act_scratch(K, x.shape[0]))
+        return out
+
+    spec = TypeSpec(name, ggml_type, block, type_size, 8.0 * type_size / block, act, quantize_ref,
+                    dequantize_ref, _ACT_REF[act], dot_ref, act_quant, groups, gemv, gemm)
+    return spec
+
+
+_ACT_KERNEL = {"q8_0": act_quant_q8_0, "q8_1": act_quant_q8_1, "q8_K": act_quant_q8_k}
+
+# name, ggml enum, block, type_size, act
+_TABLE = [
+    ("Q4_1", 3, 32, 20, "q8_1"),
+    ("Q5_0", 6, 32, 22, "q8_0"),
+    ("Q5_1", 7, 32, 24, "q8_1"),
+    ("Q2_K", 10, 256, 84, "q8_K"),
+    ("Q3_K", 11, 256, 110, "q8_K"),
+    ("Q4_K", 12, 256, 144, "q8_K"),
+    ("Q5_K", 13, 256, 176, "q8_K"),
+    ("Q6_K", 14, 256, 210, "q8_K"),
+    ("IQ4_NL", 20, 32, 18, "q8_0"),
+    ("IQ4_XS", 23, 256, 136, "q8_K"),
+]
+
+SPECS: dict[str, TypeSpec] = {}
+for _name, _gt, _blk, _ts, _act in _TABLE:
+    _t = _name.lower()
+    SPECS[_name] = _make_spec(_name, _gt, _blk, _ts, _act, _ACT_KERNEL[_act], globals()[f"gemv_{_t}_groups"],
+                              globals()[f"_gemv_par_{_t}"], globals()[f"_gemm_par_{_t}"])
+
+
+def _check_against_gguf():
+    """Block sizes and enum values against gguf-py's table, when gguf-py is installed."""
+    try:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:      # gguf-py is optional at run time; the tests require it
+        return
+    for s in SPECS.values():
+        gt = GGMLQuantizationType[s.name]
+        if int(gt) != s.ggml_type or tuple(GGML_QUANT_SIZES[gt]) != (s.block, s.type_size):
+            raise AssertionError(f"{s.name}: (type {s.ggml_type}, block {s.block}, {s.type_size} bytes) "
+                                 f"disagrees with gguf-py ({int(gt)}, {GGML_QUANT_SIZES[gt]})")
+
+
+_check_against_gguf()

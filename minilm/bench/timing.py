@@ -1,0 +1,72 @@
+"""The one timing loop every engine goes through where the engine lets us drive it token by token
+(minilm, transformers, llama-cpp-python). llama.cpp's own `llama-bench` times itself; its samples
+are summarised by `summarize` here, so every row's median and min-max mean the same thing.
+
+A run: reset the engine, prefill the prompt and take the argmax of the last position (TTFT and
+prefill tok/s = prompt tokens / that time), then `new_tokens` greedy decode steps (decode tok/s =
+new_tokens / their time). Medians over the runs, with min and max."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Protocol, Sequence
+
+from .common import progress
+
+
+class Steppable(Protocol):
+    """What the timing loop needs from an engine adapter (see engines.py)."""
+
+    def reset(self) -> None: ...
+    def prefill(self, ids: list[int]) -> int: ...     # argmax of the last position's logits
+    def decode(self, tok: int) -> int: ...            # argmax of the next logits
+
+
+def summarize(samples: Sequence[float], key: str) -> dict:
+    """{key}_tok_s (median), {key}_min, {key}_max of tokens/s samples."""
+    if not samples:
+        raise ValueError(f"no {key} samples to summarize")
+    return {f"{key}_tok_s": float(statistics.median(samples)), f"{key}_min": float(min(samples)),
+            f"{key}_max": float(max(samples)), f"{key}_samples": [float(x) for x in samples]}
+
+
+def first_token(engine: Steppable, prompt_ids: list[int], t_start: float) -> float:
+    """Prefill once (JIT compile / cache load happens here); seconds since t_start (wall clock of
+    the parent when it started this process)."""
+    engine.reset()
+    engine.prefill(prompt_ids)
+    return time.time() - t_start
+
+
+def time_loop(engine: Steppable, prompt_ids: list[int], new_tokens: int, runs: int, desc: str = "speed") -> dict:
+    """Run the prefill + greedy decode loop `runs` times; medians and min-max of tok/s, TTFT."""
+    if runs < 1 or new_tokens < 1 or not prompt_ids:
+        raise ValueError(f"time_loop: runs {runs}, new_tokens {new_tokens}, prompt of {len(prompt_ids)} "
+                         "tokens: each must be >= 1")
+    ttft, prefill, decode = [], [], []
+    bar = progress(total=runs, desc=desc, unit="run")
+    for _ in range(runs):
+        engine.reset()
+        t = time.perf_counter()
+        tok = engine.prefill(prompt_ids)
+        dt = time.perf_counter() - t
+        ttft.append(dt)
+        prefill.append(len(prompt_ids) / dt)
+        t = time.perf_counter()
+        for _ in range(new_tokens):
+            tok = engine.decode(tok)
+        decode.append(new_tokens / (time.perf_counter() - t))
+        bar.update(1)
+    bar.close()
+    engine.reset()
+    out = {"ttft_s": float(statistics.median(ttft)), "timing": "minilm bench loop (wall clock, greedy argmax)"}
+    out.update(summarize(prefill, "prefill"))
+    out.update(summarize(decode, "decode"))
+    return out
+
+
+def gb_s(bytes_per_token: int | float | None, tok_s: float | None) -> float | None:
+    """Weight bytes streamed per second at tok_s decode tokens/s (GB = 1e9 bytes)."""
+    if not bytes_per_token or not tok_s:
+        return None
+    return bytes_per_token * tok_s / 1e9
