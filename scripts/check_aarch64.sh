@@ -152,7 +152,7 @@ MODEL_TESTS=(
 in_arm() {  # in_arm CPU ARGS...: the rootfs's python with ARGS, in the repo, as that CPU model
     local cpu="$1"; shift
     local envs=(PATH=/opt/minilm-venv/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 QEMU_CPU="$cpu"
-                NUMBA_CPU_NAME="$cpu" NUMBA_CPU_FEATURES= PYTHONDONTWRITEBYTECODE=1)
+                NUMBA_CPU_NAME="$cpu" NUMBA_CPU_FEATURES= PYTHONDONTWRITEBYTECODE=1 "${EXTRA_ENV[@]}")
     case "$RUN_MODE" in
         binfmt|native)
             chroot "$ROOTFS" /usr/bin/env -i "${envs[@]}" NUMBA_CACHE_DIR="/var/cache/minilm-numba/$cpu" \
@@ -168,6 +168,33 @@ in_arm() {  # in_arm CPU ARGS...: the rootfs's python with ARGS, in the repo, as
     esac
 }
 
+# Which instructions really ran: qemu logs every block it translates (QEMU_LOG=in_asm); the words
+# with the ARMv8.2 SDOT/UDOT (vector) encoding are counted. qemu 7.2's disassembler prints them as
+# .byte, so the encoding is matched: (w & 0xbfe0fc00) == 0x0e809400 (sdot) or 0x2e809400 (udot).
+PROBE='import numpy as np
+from minilm.kernels import qmatmul as Q
+rng = np.random.default_rng(0)
+w = rng.standard_normal((8, 256)).astype(np.float32)      # f32[N, K]
+x = rng.standard_normal(256).astype(np.float32)           # f32[K]
+ref = Q.dequantize_q8_0_ref(*Q.quantize_q8_0(w)) @ x
+out = np.empty(8, np.float32)
+Q.gemv_q8_0(x, *Q.quantize_q8_0(w), out)
+assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max(), (out, ref)
+Q.gemv_q4_0(x, *Q.quantize_q4_0(w, 32), out)'
+count_dot() {  # count_dot LOGFILE -> number of distinct translated sdot/udot instructions
+    python3 - "$1" <<'PY'
+import re, sys
+seen = set()
+with open(sys.argv[1], errors="replace") as f:
+    for line in f:
+        m = re.match(r"(0x[0-9a-f]+):\s+([0-9a-f]{8})\s", line)
+        if m and (int(m.group(2), 16) & 0xBFE0FC00) in (0x0E809400, 0x2E809400):
+            seen.add(m.group(1))
+print(len(seen))
+PY
+}
+
+EXTRA_ENV=()
 FAILED=()
 for cpu in $CPUS; do
     case "$cpu" in cortex-a76|cortex-a72|cortex-a55|cortex-a53|neoverse-n1) ;;
@@ -184,6 +211,20 @@ for cpu in $CPUS; do
     fi
     say "$cpu: pytest (${#tests[@]} test groups)"
     in_arm "$cpu" -m pytest -q -p no:cacheprovider "${tests[@]}" || FAILED+=("$cpu:pytest")
+    if [ "$RUN_MODE" != native ]; then
+        qlog="/tmp/minilm-qemu-$cpu.log"; host_qlog="$ROOTFS$qlog"
+        [ "$RUN_MODE" = explicit ] && qlog="$host_qlog"
+        rm -f "$host_qlog"
+        EXTRA_ENV=(QEMU_LOG=in_asm QEMU_LOG_FILENAME="$qlog")
+        in_arm "$cpu" -c "$PROBE" || FAILED+=("$cpu:probe")
+        EXTRA_ENV=()
+        ndot=$(count_dot "$host_qlog"); rm -f "$host_qlog"
+        say "$cpu: GEMV probe executed $ndot distinct sdot/udot instructions"
+        case "$cpu" in
+            cortex-a76) [ "$ndot" -gt 0 ] || FAILED+=("$cpu:no-sdot-executed") ;;
+            cortex-a72) [ "$ndot" = 0 ] || FAILED+=("$cpu:sdot-on-a-cpu-without-it") ;;
+        esac
+    fi
     if [ "$cpu" = cortex-a76 ]; then
         # the README's command, from the repo root as the README runs it
         say "$cpu: minilm generate -m ../shared/models/stories260K -p 'Once upon a time' -n 64"
