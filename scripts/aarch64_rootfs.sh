@@ -83,7 +83,7 @@ ensure_rootfs() {
     debootstrap --foreign --arch=arm64 --variant=minbase --include=python3,python3-venv \
         bookworm "$part" "$DEBIAN_MIRROR" > "$AARCH64_CACHE/debootstrap-stage1.log" 2>&1 || {
         say "debootstrap first stage failed; see $AARCH64_CACHE/debootstrap-stage1.log"; return 1; }
-    cp /usr/bin/qemu-aarch64-static "$part/usr/bin/"
+    if [ -x /usr/bin/qemu-aarch64-static ]; then cp /usr/bin/qemu-aarch64-static "$part/usr/bin/"; fi
     say "first stage done in $(( $(date +%s) - t0 )) s; second stage under qemu (several minutes)"
     t0=$(date +%s)
     chroot "$part" /debootstrap/debootstrap --second-stage > "$AARCH64_CACHE/debootstrap-stage2.log" 2>&1 || {

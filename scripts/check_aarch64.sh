@@ -62,7 +62,8 @@ RUN_MODE=native
 if [ "$(uname -m)" = x86_64 ]; then
     RUN_MODE=binfmt
     if [ "${MINILM_AARCH64_NO_BINFMT:-0}" = 1 ] || ! ensure_binfmt; then
-        [ -e "$ROOTFS/.minilm-rootfs-ok" ] || finish SKIPPED "binfmt_misc is not usable here (see above) and there is no cached rootfs to run through qemu-aarch64-static -L" 77
+        [ -e "$ROOTFS/.minilm-rootfs-ok" ] || finish SKIPPED "binfmt_misc is not usable here (see \
+above) and there is no cached rootfs to run through qemu-aarch64-static -L" 77
         [ "$BUILD_ONLY" = 1 ] && finish SKIPPED "--build-only needs binfmt_misc" 77
         say "binfmt_misc is not usable: running the cached rootfs's python through qemu-aarch64-static -L"
         RUN_MODE=explicit
