@@ -67,8 +67,8 @@ P_COLS = 3
 M_W, M_D, M_N, M_COLS, M_DCOLS, M_FMT, M_KP = range(7)
 M_COLS_N = 7
 
-# format ids (quant.FORMATS[name].fid)
-F_F32, F_F16, F_BF16, F_Q8_0, F_Q4_0 = range(5)
+# format ids (quant.FORMATS[name].fid); from F_RAW on: ggml's other formats as raw bytes
+F_F32, F_F16, F_BF16, F_Q8_0, F_Q4_0, F_RAW = range(6)
 
 
 @intrinsic
@@ -140,10 +140,58 @@ def _mm_rows(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
     activations XQ/XD/XS that OP_QUANT wrote)."""
 
 
+def _tags(fs):
+    """The format tags of fs: numpy dtypes as Numba types; raw ggml formats are record dtypes
+    named after the format (quant.FORMATS[...].tag)."""
+    return {t.dtype for t in fs.types} if isinstance(fs, types.BaseTuple) else {fs.dtype}
+
+
+def _raw_formats(fs):
+    """(fid, ggml_quants.TypeSpec) of the raw ggml formats in fs, by format id."""
+    from minilm.quant import FORMATS
+    names = [next(iter(t.fields)) for t in _tags(fs) if isinstance(t, types.Record)]
+    if not names:
+        return []
+    from . import ggml_quants  # compiles its kernels: only models that use them get here
+    return sorted((FORMATS[n].fid, ggml_quants.SPECS[FORMATS[n].ggml_name]) for n in names)
+
+
+def _raw_chain(specs, kind):
+    """A Numba function dispatching on the format id over the given raw formats:
+    kind "rows": (fid, raw, XQ, XD, XS, M, out, g0, g1) -> row groups g0..g1-1 for M tokens;
+    kind "act": (fid, x, xq, xd, xs) -> the format's activation quantizer on one row."""
+    if not specs:
+        if kind == "rows":
+            return njit(lambda fid, raw, XQ, XD, XS, M, out, g0, g1: None)
+        return njit(lambda fid, x, xq, xd, xs: None)
+    (fid, spec), rest = specs[0], _raw_chain(specs[1:], kind)
+    if kind == "rows":
+        rows = spec.gemv_groups
+
+        def one(f, raw, XQ, XD, XS, M, out, g0, g1):
+            if f == fid:
+                for g in range(g0, g1):          # the rows stay in cache across the tokens
+                    for m in range(M):
+                        rows(XQ[m], XD[m], XS[m], raw, out[m], g, g + 1)
+            else:
+                rest(f, raw, XQ, XD, XS, M, out, g0, g1)
+        return njit(one)
+    act = spec.act_quant
+
+    def one_act(f, x, xq, xd, xs):
+        if f == fid:
+            act(x, xq, xd, xs)
+        else:
+            rest(f, x, xq, xd, xs)
+    return njit(one_act)
+
+
 @overload(_mm_rows, jit_options=dict(fastmath=True))
 def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
     """Compiled once per set of formats (fs: tuple of empty arrays, one dtype tag per format)."""
-    tags = {t.dtype for t in fs.types} if isinstance(fs, types.BaseTuple) else {fs.dtype}
+    tags = _tags(fs)
+    raw_rows = _raw_chain(_raw_formats(fs), "rows")
+    has_raw = bool(_raw_formats(fs))
     has_f32 = types.float32 in tags
     has_f16 = types.uint16 in tags
     has_bf16 = types.int16 in tags
@@ -203,23 +251,36 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                     for m in range(M):
                         gemv_q4_0_groups(XQ[m], XD[m], XS[m], q4, d4, out[m], g, g + 1)
                 return
+        if has_raw:
+            if fmt >= F_RAW:
+                raw = numba.carray(_ptr_as(mtab[j, M_W], _U8), (N, mtab[j, M_COLS]))
+                raw_rows(fmt, raw, XQ, XD, XS, M, out, g0, g1)
+    return impl
+
+
+def _quant_row(fs, mtab, j, x, xq, xd, xs):
+    """Quantize one activation row for matrix j: int8 blocks as its row kernel expects."""
+
+
+@overload(_quant_row)
+def _quant_row_impl(fs, mtab, j, x, xq, xd, xs):
+    raw_act = _raw_chain(_raw_formats(fs), "act")
+
+    def impl(fs, mtab, j, x, xq, xd, xs):
+        fmt = mtab[j, M_FMT]
+        Kp = mtab[j, M_KP]
+        if fmt == F_Q8_0:
+            _quantize_act_q8v(x[:Kp], xq[:Kp], xd, xs)
+        elif fmt == F_Q4_0:
+            _quantize_act_q4(x[:Kp], 2 * mtab[j, M_COLS] // mtab[j, M_DCOLS], xq[:Kp], xd, xs)
+        elif fmt >= F_RAW:
+            raw_act(fmt, x[:Kp], xq[:Kp], xd, xs)
     return impl
 
 
 @njit(**_J)
-def _quant_row(mtab, j, x, xq, xd, xs):
-    """Quantize one activation row for matrix j: int8 per block of 32 as its row kernel expects."""
-    fmt = mtab[j, M_FMT]
-    Kp = mtab[j, M_KP]
-    if fmt == F_Q8_0:
-        _quantize_act_q8v(x[:Kp], xq[:Kp], xd, xs)
-    elif fmt == F_Q4_0:
-        _quantize_act_q4(x[:Kp], 2 * mtab[j, M_COLS] // mtab[j, M_DCOLS], xq[:Kp], xd, xs)
-
-
-@njit(**_J)
 def _is_quantized(fmt):
-    return fmt == F_Q8_0 or fmt == F_Q4_0
+    return fmt >= F_Q8_0
 
 
 # ---- LFM2's gated short convolution -------------------------------------------------------------
@@ -346,7 +407,7 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc,
                     o[r] += b[r]
     elif op == OP_QUANT:
         x = _buf(btab, steps[s, S_SRC], M)
-        _quant_row(mtab, steps[s, S_MAT], x[k], XQ[k], XD[k], XS[k])
+        _quant_row(fs, mtab, steps[s, S_MAT], x[k], XQ[k], XD[k], XS[k])
     elif op == OP_NORM:
         norm_row(_buf(btab, steps[s, S_SRC], M)[k], _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
                  fpar[s, P_EPS], _buf(btab, steps[s, S_DST], M)[k])

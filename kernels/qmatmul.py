@@ -232,7 +232,8 @@ def _udot512(builder, acc, u, s, wide=False):
     AVX512-VNNI: one vpdpbusd. AVX2: two vpmaddubsw + vpmaddwd halves, exact only while pair
     sums fit int16 (Q4_0: |nib * x| pairs <= 2*15*127); wide=True (Q8_0: u up to 255) and
     other CPUs (e.g. aarch64): plain widening integer IR, which LLVM lowers to the target's
-    own instructions."""
+    own instructions (with LLVM >= 22 a partial reduce-add, see _dot4_partial: sdot on ARM CPUs
+    with the dot product; then the 4 lanes of each 16-byte group may split their sum differently)."""
     m = builder.module
     if SIMD == "vnni":
         f = cgutils.get_or_insert_function(
@@ -247,11 +248,53 @@ def _udot512(builder, acc, u, s, wide=False):
             parts.append(_udot(builder, uh, sh))
         cat = builder.shuffle_vector(parts[0], parts[1], ir.Constant(_V16I32, list(range(16))))
         return builder.add(acc, cat)
+    if _PARTIAL_REDUCE:
+        return _dot4_partial(builder, acc, u, s)
     v64 = ir.VectorType(_I32, 64)
     prod = builder.mul(builder.zext(u, v64), builder.sext(s, v64))
     for j in range(4):
         acc = builder.add(acc, _splat_idx(builder, prod, [4 * L + j for L in range(16)]))
     return acc
+
+
+# The generic path's dot product as llvm.vector.partial.reduce.add (LLVM >= 22; older LLVM keeps
+# the shuffle-add form above): AArch64 lowers it to sdot when the CPU has the ARMv8.2 dot product
+# (cortex-a76, Pi 5) and to smull + saddw NEON code when it has not (cortex-a72, Pi 4); any other
+# target gets a correct expansion. The shuffle-add form became smull + ~40 zip/uzp/trn per 64
+# bytes and never sdot. No target intrinsic, so no CPU is ever asked for an instruction it lacks.
+_PARTIAL_REDUCE = _llvm.llvm_version_info >= (22,)
+_V4I32 = ir.VectorType(_I32, 4)
+
+
+def _dot4_partial(builder, acc, u, s):
+    """acc <16 x i32> + u <64 x i8> (unsigned) . s <64 x i8> (signed) per 16-byte group: lanes
+    4g..4g+3 together gain sum(u[16g:16g+16] * s[16g:16g+16]); how that sum is split over the 4
+    lanes is the target's choice (sdot: 4 adjacent bytes per lane as vpdpbusd; the NEON fallback:
+    bytes i, i+4, i+8, i+12). Every caller gives the 4 lanes of a group one scale (a group lies in
+    one 32-byte block), so only the group sums matter, and they are exact.
+    sdot multiplies signed bytes, so u goes in as w = u ^ 0x80 = u - 128 (signed) and
+    128 * sum(s) is added back: exact for every u in 0..255. For Q8_0 (u = q ^ 0x80) the two xors
+    cancel and w is the weight itself; sum(s) depends only on the activations, so LLVM computes it
+    once for all rows of a chunk."""
+    m = builder.module
+    v16 = ir.VectorType(_I32, 16)
+    pr = cgutils.get_or_insert_function(m, ir.FunctionType(_V4I32, [_V4I32, v16]),
+                                        "llvm.vector.partial.reduce.add.v4i32.v16i32")
+    w = builder.xor(u, ir.Constant(_V64I8, [-128] * 64))
+    zero4 = ir.Constant(_V4I32, [0] * 4)
+    seven = ir.Constant(_V4I32, [7] * 4)
+    parts = []
+    for g in range(4):
+        idx = list(range(16 * g, 16 * g + 16))
+        sg = builder.sext(_splat_idx(builder, s, idx), v16)
+        wg = builder.sext(_splat_idx(builder, w, idx), v16)
+        a = _splat_idx(builder, acc, list(range(4 * g, 4 * g + 4)))
+        a = builder.call(pr, [a, builder.mul(wg, sg)])
+        a = builder.add(a, builder.shl(builder.call(pr, [zero4, sg]), seven))
+        parts.append(a)
+    lo = builder.shuffle_vector(parts[0], parts[1], ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
+    hi = builder.shuffle_vector(parts[2], parts[3], ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
+    return builder.shuffle_vector(lo, hi, ir.Constant(v16, list(range(16))))
 
 
 _V32F32 = ir.VectorType(_F32, 32)

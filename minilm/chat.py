@@ -84,6 +84,20 @@ def validate_messages(messages) -> list[dict]:
         if not isinstance(role, str) or role not in ROLES:
             raise RequestError(f"{where}.role: unknown role {role!r} (expected one of {', '.join(ROLES)})",
                                f"{where}.role")
+        if role == "assistant" and m.get("tool_calls") is not None:
+            # an assistant turn that called tools: content may be null (as the API returns it)
+            from .tools import ToolError, check_tool_calls
+            try:
+                calls = check_tool_calls(m["tool_calls"], f"{where}.tool_calls")
+            except ToolError as e:
+                raise RequestError(str(e), e.param) from None
+            if m.get("content") is not None and not isinstance(m["content"], str):
+                raise RequestError(f"{where}.content: must be a string or null, got "
+                                   f"{type(m['content']).__name__}", f"{where}.content")
+            out.append({**m, "content": m.get("content") or "", "tool_calls": calls})
+            continue
+        if role == "tool" and m.get("tool_call_id") is not None and not isinstance(m["tool_call_id"], str):
+            raise RequestError(f"{where}.tool_call_id: must be a string", f"{where}.tool_call_id")
         if "content" not in m:
             raise RequestError(f"{where}.content: missing", f"{where}.content")
         if not isinstance(m["content"], str):
@@ -124,16 +138,33 @@ def chat_template_of(tokenizer) -> str | None:
     return t if isinstance(t, str) and t.strip() else None
 
 
-def render_chat(tokenizer, messages, add_generation_prompt: bool = True, template: str | None = None) -> str:
+def _uses_tools(messages, tools) -> bool:
+    return bool(tools) or any(isinstance(m, dict) and m.get("tool_calls") for m in messages)
+
+
+def render_chat(tokenizer, messages, add_generation_prompt: bool = True, template: str | None = None,
+                tools=None) -> str:
     """The prompt text for `messages` (validated) through the chat template (or the fallback),
-    rendered with limits (minilm.chat_template); a failure is a ChatTemplateError naming it."""
+    rendered with limits (minilm.chat_template); a failure is a ChatTemplateError naming it.
+    tools: checked OpenAI tools (minilm.tools.check_tools), passed to the template as `tools`."""
     from .chat_template import render
     messages = validate_messages(messages)
+    if not (template or chat_template_of(tokenizer)) and _uses_tools(messages, tools):
+        from .tools import TOOLS_FALLBACK_TEMPLATE
+        template = TOOLS_FALLBACK_TEMPLATE
     template = template or chat_template_of(tokenizer) or FALLBACK_CHAT_TEMPLATE
+    extra = {"tools": tools} if tools else {}
     size = sum(len(m["content"]) for m in messages)
+    if tools:
+        import json
+
+        from .tools import TOOLS_FALLBACK_TEMPLATE, tool_signature
+        size += len(json.dumps(tools))
+        if template == TOOLS_FALLBACK_TEMPLATE:             # lists the tools as one-line signatures
+            extra["tool_signatures"] = [tool_signature(t) for t in tools]
     try:
         return render(template, input_chars=size,
-                      messages=messages, add_generation_prompt=add_generation_prompt,
+                      messages=messages, add_generation_prompt=add_generation_prompt, **extra,
                       bos_token=getattr(tokenizer, "bos_token", None) or "",
                       eos_token=getattr(tokenizer, "eos_token", None) or "")
     except TemplateError as e:
@@ -143,11 +174,11 @@ def render_chat(tokenizer, messages, add_generation_prompt: bool = True, templat
         raise ChatTemplateError(msg) from None
 
 
-def encode_chat(model, messages, add_generation_prompt: bool = True):
+def encode_chat(model, messages, add_generation_prompt: bool = True, tools=None):
     """(prompt ids, extra stop strings, extra stop token ids) for a conversation."""
     tok = model.tokenizer
     template = chat_template_of(tok)
-    text = render_chat(tok, messages, add_generation_prompt, template)
+    text = render_chat(tok, messages, add_generation_prompt, template, tools)
     bos = getattr(tok, "bos_token", None)
     if bos and text.startswith(bos):
         ids = tok.encode(text, add_special_tokens=False)      # the template wrote the BOS itself
@@ -157,6 +188,9 @@ def encode_chat(model, messages, add_generation_prompt: bool = True):
     else:
         ids = tok.encode(text)
     used = template or FALLBACK_CHAT_TEMPLATE
+    if not template and _uses_tools(messages, tools):
+        from .tools import TOOLS_FALLBACK_TEMPLATE
+        used = TOOLS_FALLBACK_TEMPLATE
     stop_ids = []
     for s in _TURN_END_TOKENS:
         if s in used:
@@ -201,6 +235,8 @@ class Prepared:
     sampling: dict
     stop: list[str]
     stop_ids: list[int] = field(default_factory=list)
+    constraint: object = None        # minilm.constrain.Constraint: the output must match it
+    tools: object = None             # ToolSetup: parse tool calls from the answer
 
     def run(self, cancel=None) -> "Generation":
         return Generation(self, cancel)
@@ -261,8 +297,12 @@ class Generation:
         sampler = Sampler(m.config.vocab_size, **p.sampling)
         eos = list(m.eos_token_ids) + [i for i in p.stop_ids if i not in m.eos_token_ids]
         t0 = time.perf_counter()
-        toks = generate_tokens(m, p.ids, p.max_tokens, sampler, eos)
-        ts = TextStream(m.tokenizer, p.ids, p.stop)
+        state = p.constraint.start() if p.constraint is not None else None
+        self.constraint_state = state
+        toks = generate_tokens(m, p.ids, p.max_tokens, sampler, eos, constraint=state)
+        # under a constraint the grammar decides where the text ends: stop strings could cut a
+        # valid output short, so they are not applied
+        ts = TextStream(m.tokenizer, p.ids, [] if state is not None else p.stop)
         try:
             for t in toks:
                 if self.first_token_s is None:
@@ -283,6 +323,9 @@ class Generation:
                 self.text += tail
                 yield tail
             self.finish_reason = "length" if self.completion_tokens >= p.max_tokens else "stop"
+            if state is not None:
+                if state.done:                      # complete even if it used the last token
+                    self.finish_reason = "stop"
         finally:
             toks.close()
 
@@ -291,15 +334,117 @@ class Generation:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
+@dataclass
+class ToolSetup:
+    """How to find tool calls in an answer: the family's format, the tool names, tool_choice."""
+    fmt: object
+    names: list
+    choice: str
+
+
+def check_response_format(rf):
+    """OpenAI `response_format` -> (JSON schema or None, the param it came from)."""
+    if rf is None:
+        return None, None
+    if not isinstance(rf, dict):
+        raise RequestError(f"response_format: expected an object like {{\"type\": \"json_object\"}}, got "
+                           f"{type(rf).__name__}", "response_format")
+    t = rf.get("type")
+    if t == "text":
+        return None, None
+    if t == "json_object":
+        if rf.get("schema") is not None:           # llama.cpp's spelling of a schema here
+            return rf["schema"], "response_format.schema"
+        return {"type": "object"}, "response_format"
+    if t == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict):
+            raise RequestError("response_format.json_schema: required, an object with 'name' and 'schema'",
+                               "response_format.json_schema")
+        if "schema" not in js:
+            raise RequestError("response_format.json_schema.schema: required (the JSON schema)",
+                               "response_format.json_schema.schema")
+        return js["schema"], "response_format.json_schema.schema"
+    raise RequestError(f"response_format.type: unknown type {t!r} (expected 'text', 'json_object' or "
+                       f"'json_schema')", "response_format.type")
+
+
+def _attach_constraint(model, p: Prepared, json_schema=None, regex=None, grammar=None, param=None) -> None:
+    """Compile a json_schema / regex / grammar for the prepared request (errors name `param`)."""
+    from .constrain import ConstraintError, compile_constraint
+    eos = list(model.eos_token_ids) + [i for i in p.stop_ids if i not in model.eos_token_ids]
+    try:
+        p.constraint = compile_constraint(model, json_schema, regex, grammar, param, eos_ids=eos,
+                                          max_tokens=p.max_tokens)
+    except ConstraintError as e:
+        raise RequestError(str(e), e.param, e.code) from None
+
+
 def prepare_chat(model, messages, max_tokens=None, temperature=DEFAULT_TEMPERATURE, top_p=1.0, stop=None,
-                 seed=None, **sampling) -> Prepared:
-    ids, extra_stop, stop_ids = encode_chat(model, messages)
-    return prepare(model, ids, max_tokens, temperature, top_p, stop, seed, extra_stop, stop_ids,
-                   prompt_param="messages", **sampling)
+                 seed=None, tools=None, tool_choice=None, response_format=None, json_schema=None,
+                 regex=None, grammar=None, **sampling) -> Prepared:
+    from .tools import ToolError, call_grammar, check_tool_choice, check_tools, format_for
+    try:
+        tools = check_tools(tools)
+        choice = check_tool_choice(tool_choice, tools)
+    except ToolError as e:
+        raise RequestError(str(e), e.param, e.code) from None
+    rf_schema, rf_param = check_response_format(response_format)
+    given = [k for k, v in (("response_format", rf_schema), ("json_schema", json_schema), ("regex", regex),
+                            ("grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        raise RequestError(f"{' and '.join(given)}: give only one output constraint", given[1])
+    if given and choice not in ("none", "auto"):
+        raise RequestError(f"tool_choice={tool_choice!r} forces a tool call; it cannot be combined with "
+                           f"{given[0]}", "tool_choice")
+    # a named tool_choice shows the template only that tool (the output is held to a call of it;
+    # on a small context the other tools' descriptions would only take room)
+    shown = [] if choice == "none" else tools if choice in ("auto", "required") else \
+        [t for t in tools if t["function"]["name"] == choice]
+    ids, extra_stop, stop_ids = encode_chat(model, messages, tools=shown or None)
+    p = prepare(model, ids, max_tokens, temperature, top_p, stop, seed, extra_stop, stop_ids,
+                prompt_param="messages", **sampling)
+    if rf_schema is not None:
+        _attach_constraint(model, p, json_schema=rf_schema, param=rf_param)
+    elif given:
+        _attach_constraint(model, p, json_schema, regex, grammar)
+    if shown:
+        fmt = format_for(chat_template_of(model.tokenizer))
+        p.tools = ToolSetup(fmt, [t["function"]["name"] for t in tools], choice)
+        if choice != "auto":              # "required" or a tool name: constrain to one valid call
+            import llguidance
+
+            from .constrain import Constraint, ConstraintError
+            eos = list(model.eos_token_ids) + [i for i in p.stop_ids if i not in model.eos_token_ids]
+            # bounded arguments first; less bounded where a pattern's shortest match does not fit
+            for patterns, budget in ((True, p.max_tokens), (False, p.max_tokens), (False, None)):
+                spec = llguidance.LLMatcher.grammar_from_lark(call_grammar(fmt, tools, choice, budget, patterns))
+                try:
+                    p.constraint = Constraint(model, spec, "tools", eos)
+                    break
+                except ConstraintError as e:
+                    if budget is None or "nsatisfiable" not in str(e):
+                        raise RequestError(str(e), e.param, e.code) from None
+    return p
 
 
 def prepare_completion(model, prompt, max_tokens=16, temperature=DEFAULT_TEMPERATURE, top_p=1.0, stop=None,
-                       seed=None, **sampling) -> Prepared:
+                       seed=None, response_format=None, json_schema=None, regex=None, grammar=None,
+                       **sampling) -> Prepared:
+    p = _prepare_completion(model, prompt, max_tokens, temperature, top_p, stop, seed, **sampling)
+    rf_schema, rf_param = check_response_format(response_format)
+    given = [k for k, v in (("response_format", rf_schema), ("json_schema", json_schema), ("regex", regex),
+                            ("grammar", grammar)) if v is not None]
+    if len(given) > 1:
+        raise RequestError(f"{' and '.join(given)}: give only one output constraint", given[1])
+    if rf_schema is not None:
+        _attach_constraint(model, p, json_schema=rf_schema, param=rf_param)
+    elif given:
+        _attach_constraint(model, p, json_schema, regex, grammar)
+    return p
+
+
+def _prepare_completion(model, prompt, max_tokens, temperature, top_p, stop, seed, **sampling) -> Prepared:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str):
@@ -353,9 +498,15 @@ def chat_completion_from(p: Prepared, name: str, stream: bool = False, include_u
     g = p.run(cancel)
     if not stream:
         text = "".join(g)
+        message, finish = {"role": "assistant", "content": text}, g.finish_reason
+        if p.tools is not None:
+            from .tools import openai_calls
+            content, calls = p.tools.fmt.parse(text, p.tools.names)
+            if calls:
+                message = {"role": "assistant", "content": content or None, "tool_calls": openai_calls(calls)}
+                finish = "tool_calls"
         return {"id": cid, "object": "chat.completion", "created": created, "model": name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "logprobs": None, "finish_reason": g.finish_reason}],
+                "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
                 "usage": g.usage()}
 
     def chunk(delta, finish=None):
@@ -364,9 +515,26 @@ def chat_completion_from(p: Prepared, name: str, stream: bool = False, include_u
 
     def chunks():
         yield chunk({"role": "assistant", "content": ""})
-        for piece in g:
-            yield chunk({"content": piece})
-        yield chunk({}, g.finish_reason)
+        if p.tools is None:
+            for piece in g:
+                yield chunk({"content": piece})
+            yield chunk({}, g.finish_reason)
+        else:                         # text streams until a call may start; calls come at the end
+            from .tools import CallStream, openai_calls
+            cs = CallStream(p.tools.fmt, p.tools.names)
+            for piece in g:
+                out = cs.push(piece)
+                if out:
+                    yield chunk({"content": out})
+            rest, _, calls = cs.finish()
+            if rest:
+                yield chunk({"content": rest})
+            for i, c in enumerate(openai_calls(calls)):
+                f = c["function"]
+                yield chunk({"tool_calls": [{"index": i, "id": c["id"], "type": "function",
+                                             "function": {"name": f["name"], "arguments": ""}}]})
+                yield chunk({"tool_calls": [{"index": i, "function": {"arguments": f["arguments"]}}]})
+            yield chunk({}, "tool_calls" if calls else g.finish_reason)
         if include_usage:
             yield {"id": cid, "object": "chat.completion.chunk", "created": created, "model": name,
                    "choices": [], "usage": g.usage()}

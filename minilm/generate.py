@@ -61,17 +61,19 @@ def check_room(model, prompt_ids, max_new_tokens) -> None:
 
 
 def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
-                    eos_ids=(), ignore_eos=False) -> Iterator[int]:
+                    eos_ids=(), ignore_eos=False, constraint=None) -> Iterator[int]:
     """Yield new token ids. Reuses the cached prefix shared with the previous call. Holds the
     model (net.busy) from the first token to the last: concurrent generations on one model run
-    one after the other, never interleaved."""
+    one after the other, never interleaved.
+    constraint: a `minilm.constrain.ConstraintState` (or None): masks the logits before every
+    token (EOS only where the grammar accepts) and ends the generation once the grammar is done."""
     net = model.net
     with net.busy:
         check_room(model, prompt_ids, max_new_tokens)
-        yield from _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos)
+        yield from _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint)
 
 
-def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos):
+def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint=None):
     cache = net.cache
     keep = min(cache.common_prefix(prompt_ids), len(prompt_ids) - 1)  # re-run >= 1 token for logits
     if net.rope_depends_on_length(len(prompt_ids)):
@@ -81,11 +83,17 @@ def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos):
     history = list(prompt_ids)
     eos = set(eos_ids)
     for _ in range(max_new_tokens):
-        tok = sampler(logits, history)
+        if constraint is None:
+            tok = sampler(logits, history)
+        else:
+            tok = constraint.pick_allowed(sampler(constraint.mask(logits), history))
+            constraint.advance(tok)
         if tok in eos and not ignore_eos:
             return
         history.append(tok)
         yield tok
+        if constraint is not None and constraint.done:
+            return                             # complete; without EOS ids the grammar ends it
         if len(history) >= cache.n_ctx:        # cannot hold another token; max_new_tokens checked above
             return
         logits = net.decode(tok)

@@ -65,33 +65,48 @@ class LM:
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, stop=None, stream: bool = False, ignore_eos: bool = False):
+                 seed: int | None = None, stop=None, stream: bool = False, ignore_eos: bool = False,
+                 json_schema=None, regex: str | None = None, grammar: str | None = None):
         """Continue `prompt` (text, or a list of token ids). Greedy when temperature == 0.
 
         Returns the new text, or with stream=True an iterator of text pieces that concatenate to
         exactly that text. Stops at an EOS id, at a stop string (not returned), or after
         max_new_tokens.
+
+        Constrained output (at most one; see minilm/constrain.py): `json_schema` (a dict or its
+        JSON text), `regex`, or `grammar` (Lark syntax, or GBNF). Every token is masked to keep
+        the text a prefix of a match, and EOS is allowed only once it matches, so the text
+        always matches unless max_new_tokens ran out first. Strings and arrays of a schema
+        without maxLength / maxItems are bounded to fit the budget (`constrain.bound_schema`).
+        A bad schema / regex / grammar raises
+        `minilm.constrain.ConstraintError` (a ValueError) naming the argument.
         """
         for name, v in (("stream", stream), ("ignore_eos", ignore_eos)):
             if not isinstance(v, bool):
                 raise ValueError(f"{name}={v!r}: must be True or False")
         pieces = self._generate(prompt, max_new_tokens, temperature, top_k, top_p, min_p,
-                                repetition_penalty, seed, stop, ignore_eos)
+                                repetition_penalty, seed, stop, ignore_eos, json_schema, regex, grammar)
         return pieces if stream else "".join(pieces)
 
     def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, min_p,
-                  repetition_penalty, seed, stop, ignore_eos) -> Iterator[str]:
+                  repetition_penalty, seed, stop, ignore_eos, json_schema=None, regex=None,
+                  grammar=None) -> Iterator[str]:
         # validate eagerly (before the caller starts iterating)
         stop = check_generate_args(max_new_tokens, stop, seed=seed, temperature=temperature, top_k=top_k,
                                    top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
         ids = self.encode_prompt(prompt)
         check_room(self, ids, max_new_tokens)
+        state = None
+        if json_schema is not None or regex is not None or grammar is not None:
+            from .constrain import compile_constraint
+            state = compile_constraint(self, json_schema, regex, grammar, max_tokens=max_new_tokens).start()
         sampler = Sampler(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        toks = generate_tokens(self, ids, max_new_tokens, sampler, self.eos_token_ids, ignore_eos)
-        return self._stream(toks, TextStream(self.tokenizer, ids, stop))
+        toks = generate_tokens(self, ids, max_new_tokens, sampler, self.eos_token_ids, ignore_eos, state)
+        # under a constraint the grammar decides where the text ends (stop strings could cut it)
+        return self._stream(toks, TextStream(self.tokenizer, ids, [] if state is not None else stop), state)
 
     @staticmethod
-    def _stream(toks, ts: TextStream) -> Iterator[str]:
+    def _stream(toks, ts: TextStream, state=None) -> Iterator[str]:
         for t in toks:
             piece = ts.push(t)
             if piece:
@@ -102,6 +117,12 @@ class LM:
         tail = ts.finish()
         if tail:
             yield tail
+        if state is not None and not (state.done or state.accepting):
+            import warnings
+
+            from .constrain import IncompleteOutputWarning
+            warnings.warn(f"{state.c.param}: max_new_tokens ran out before the output was complete; "
+                          f"the text is a valid prefix, not a full match", IncompleteOutputWarning, stacklevel=2)
 
     def generate_ids(self, prompt, max_new_tokens: int = 128, ignore_eos: bool = False, **sampling) -> list[int]:
         """Like generate() but returns the new token ids (no stop strings)."""
@@ -182,6 +203,15 @@ class LM:
 
     def __repr__(self) -> str:
         return self.summary()
+
+    # ---- embeddings (minilm/embed.py) ------------------------------------------------------
+    def embed(self, texts, pooling: str = "mean", normalize: bool = True) -> np.ndarray:
+        """f32[n, hidden]: pooled final-normed hidden states of each text (a string, a list of
+        strings, or token id lists), each run from position 0. pooling "mean" | "last";
+        normalize: unit L2 norm. Inputs longer than the context raise a ValueError naming the
+        index. Resets the KV cache."""
+        from .embed import embed
+        return embed(self, texts, pooling, normalize)
 
     # ---- chat (minilm/chat.py) -------------------------------------------------------------
     def chat(self, messages, **kwargs):

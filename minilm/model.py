@@ -155,7 +155,7 @@ class RunState:
         K = low.kmax
         self.XQ = np.zeros((rows, K), np.int8)                 # quantized activations of one matmul
         self.XD = np.zeros((rows, K // 32), np.float32)        # their block scales
-        self.XS = np.zeros((rows, K // 32), np.float32)        # their block sums (kernel bias)
+        self.XS = np.zeros((rows, K // 16), np.float32)        # their block sums (kernel bias; K-quants: per 16)
         self.tiles = np.zeros((threads, 4, K), np.float32)     # per thread: 16-bit rows as f32 (prefill)
         self.scores = np.zeros((max(c.n_heads, threads), n_ctx), np.float32)  # attention scores
         # decode attention: one split of the cached positions per thread, [S, H, hd + 2] =

@@ -59,6 +59,8 @@ class Format:
         """(weights, scales) as the executor's matrix table reads them (scales: u16 fp16 bits;
         float formats have none)."""
         a = lin.arrays
+        if self.arrays == ("raw",):
+            return a["raw"], np.zeros((1, 1), np.uint16)
         if self.act == "f32":
             w = a["w"].view(np.uint16) if self.name == "f16" else a["w"]
             return w, np.zeros((1, 1), np.uint16)
@@ -138,6 +140,43 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
            _q4_pack, lambda a: _qm.dequantize_q4_0_ref(a["qs"], a["d"]),
            _q4_dot, _qm.gemv_q4_0, _qm.gemm_q4_0, _qm.gemv_q4_0_groups),
 ]}
+
+
+# ggml's other block formats (kernels/ggml_quants.py), stored as the GGUF tensor's own bytes,
+# raw uint8[N, (K / block) * block_bytes]. Their kernels compile on first use (the module is
+# imported only then): a model that does not use them never compiles them.
+def _gq():
+    from .kernels import ggml_quants
+    return ggml_quants
+
+
+def _raw_format(fid, name, gname, gtype, block, nbytes, act) -> Format:
+    spec = lambda: _gq().SPECS[gname]
+
+    def unpack(a):
+        raw = a["raw"]
+        return spec().dequantize_ref(raw, raw.shape[1] // nbytes * block)
+    return Format(name, fid, np.dtype([(name, np.uint8)]), block, nbytes, gtype, gname, act, ("raw",),
+                  lambda w, g: {"raw": spec().quantize_ref(w)}, unpack,
+                  lambda a, x: float(spec().dot_ref(a["raw"].reshape(-1), x)),
+                  lambda x, raw, out: spec().gemv(x, raw, out),
+                  lambda x, raw, out: spec().gemm(x, raw, out),
+                  None)                       # the executor takes SPECS[ggml_name].gemv_groups
+
+
+for _i, _r in enumerate([("q4_1", "Q4_1", 3, 32, 20, "q8_1"), ("q5_0", "Q5_0", 6, 32, 22, "q8_0"),
+                         ("q5_1", "Q5_1", 7, 32, 24, "q8_1"), ("q2_k", "Q2_K", 10, 256, 84, "q8_K"),
+                         ("q3_k", "Q3_K", 11, 256, 110, "q8_K"), ("q4_k", "Q4_K", 12, 256, 144, "q8_K"),
+                         ("q5_k", "Q5_K", 13, 256, 176, "q8_K"), ("q6_k", "Q6_K", 14, 256, 210, "q8_K"),
+                         ("iq4_nl", "IQ4_NL", 20, 32, 18, "q8_0"), ("iq4_xs", "IQ4_XS", 23, 256, 136, "q8_K")]):
+    FORMATS[_r[0]] = _raw_format(5 + _i, *_r)
+RAW_FIRST_FID = 5              # formats from here on are raw ggml bytes (kernels/executor.py)
+
+# A matrix whose K is not a multiple of a 256-block format's block takes another format, as
+# llama.cpp's quantizer does (llama-quant.cpp); the model summary lists them.
+FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "iq4_xs": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1",
+            "q6_k": "q8_0"}
+
 assert len({f.fid for f in FORMATS.values()}) == len(FORMATS) and len({f.tag for f in FORMATS.values()}) == len(FORMATS)
 GGML_TO_FMT = {f.ggml_name: f.name for f in FORMATS.values() if f.ggml_name}
 
@@ -150,6 +189,10 @@ LEVELS = {
     "int4": ("q4_0", "q8_0", 32),
     "int4-g64": ("q4_0", "q8_0", 64),
     "int4-g128": ("q4_0", "q8_0", 128),
+    # ggml's block formats by their own names (layer matrices; embedding / head in Q8_0). The
+    # 256-block ones fall back per matrix as llama.cpp does when K is not a multiple of 256.
+    **{n: (n, "q8_0", 32) for n in ("q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+                                     "iq4_nl", "iq4_xs")},
 }
 
 
@@ -184,7 +227,7 @@ class Linear:
         self._args = tuple(arrays.values())
         self._gemv, self._gemm = f.gemv, f.gemm
         self._gemv_pre = self._args
-        if fmt != "f32":     # call the Numba kernel directly, views and scratch bound once
+        if fmt != "f32" and f.arrays != ("raw",):   # the Numba kernel itself, views and scratch bound once
             self._gemv, self._gemv_pre = _qm.gemv_bound(fmt, self._args)
         self._xpad = np.zeros((1, self.Kp), np.float32) if self.Kp != K else None
 
@@ -193,6 +236,9 @@ class Linear:
         """Pack an f32 [N, K] matrix (NaN/Inf rejected for quantized formats, naming the tensor)."""
         f = FORMATS[fmt]
         N, K = w.shape
+        if K % f.block and fmt in FALLBACK:          # as llama.cpp: another format for this width
+            fmt = FALLBACK[fmt]
+            f = FORMATS[fmt]
         blk = group if fmt == "q4_0" else f.block
         Kp = -(-K // blk) * blk
         if Kp != K:

@@ -3,7 +3,8 @@
     minilm serve -m PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
-(`"stream": true` -> server-sent events `data: {...}\\n\\n` ending with `data: [DONE]\\n\\n`).
+(`"stream": true` -> server-sent events `data: {...}\\n\\n` ending with `data: [DONE]\\n\\n`;
+`response_format`, `tools` / `tool_choice` as in OpenAI's API), POST /v1/embeddings.
 
 Requests are validated before they are queued; a bad one gets a 4xx with an OpenAI-style body
 {"error": {"message", "type": "invalid_request_error", "param", "code"}}. Generation runs in one
@@ -162,6 +163,15 @@ def _gen_args(body: dict, default_max):
     return kw, stream, bool(so.get("include_usage"))
 
 
+# request fields for constrained output and tools, passed through to chat.prepare_* as they are
+# (checked there): response_format everywhere; tools / tool_choice for chat
+_CONSTRAINT_FIELDS = {"chat": ("response_format", "tools", "tool_choice"), "completion": ("response_format",)}
+
+
+def _constraint_args(body: dict, kind: str) -> dict:
+    return {k: body[k] for k in _CONSTRAINT_FIELDS[kind] if body.get(k) is not None}
+
+
 class _HeaderLimit:
     """ASGI middleware: 431 for a request whose request line + headers exceed `limit` bytes
     (whatever HTTP server runs the app; `serve` also sets uvicorn's h11 limit)."""
@@ -283,12 +293,14 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
                 if "messages" not in body:
                     raise RequestError("messages: required", "messages")
                 kw, stream, usage = _gen_args(body, None)
+                kw.update(_constraint_args(body, "chat"))
                 p = prepare_chat(model, body["messages"], **kw)
                 make = lambda cancel: chat_completion_from(p, name, stream, usage, cancel)
             else:
                 if "prompt" not in body:
                     raise RequestError("prompt: required", "prompt")
                 kw, stream, usage = _gen_args(body, 16)
+                kw.update(_constraint_args(body, "completion"))
                 p = prepare_completion(model, body["prompt"], **kw)
                 make = lambda cancel: completion_from(p, name, stream, usage, cancel)
         except RequestError as e:            # includes chat template errors
@@ -350,6 +362,60 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await run(request, "completion")
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        """OpenAI embeddings: `input` a string, a list of strings, a list of token ids or a list
+        of such lists; optional `encoding_format` "float" (default) or "base64"; minilm extras
+        `pooling` ("mean" | "last") and `normalize` (default true)."""
+        from .embed import EmbeddingError, embed_ids, encode_inputs
+        if (e := auth_error(request)) is not None:
+            return e
+        body, err = await read_json(request)
+        if err is not None:
+            return err
+        try:
+            if "input" not in body:
+                raise EmbeddingError("input: required", "input")
+            fmt = body.get("encoding_format") or "float"
+            if fmt not in ("float", "base64"):
+                raise EmbeddingError(f"encoding_format={fmt!r}: expected 'float' or 'base64'", "encoding_format")
+            pooling = body.get("pooling") or "mean"
+            normalize = body.get("normalize", True)
+            if body.get("dimensions") is not None:
+                raise EmbeddingError("dimensions: not supported (the size is the model's hidden size)",
+                                     "dimensions")
+            m = body.get("model")
+            if m is not None and not isinstance(m, str):
+                raise EmbeddingError("model: must be a string", "model")
+            ids = encode_inputs(model, body["input"])
+            if pooling not in ("mean", "last"):
+                raise EmbeddingError(f"pooling={pooling!r}: expected 'mean' or 'last'", "pooling")
+            if not isinstance(normalize, bool):
+                raise EmbeddingError(f"normalize={normalize!r}: must be true or false", "normalize")
+        except EmbeddingError as e:
+            return _error(400, str(e), e.param, e.code)
+
+        def items(cancel):
+            import base64
+            vecs = embed_ids(model, ids, pooling, normalize)           # f32[n, D]
+            n_tok = sum(len(x) for x in ids)
+            data = [{"object": "embedding", "index": i,
+                     "embedding": v.tolist() if fmt == "float" else base64.b64encode(v.tobytes()).decode()}
+                    for i, v in enumerate(vecs)]
+            return [{"object": "list", "data": data, "model": name,
+                     "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}]
+
+        job = worker.submit(_Job(asyncio.get_running_loop(), items))   # shares the model: queued
+        try:
+            item = await job.out.get()
+            if isinstance(item, Exception):
+                return _error(500, f"embedding failed: {type(item).__name__}: {item}", type_="server_error")
+            if item is _DONE:
+                return _error(500, "embedding produced no result", type_="server_error")
+            return item
+        finally:
+            job.cancel.set()
 
     return app
 

@@ -9,7 +9,9 @@ from minilm.quant import FORMATS, Linear, quantize_act_ref
 
 # format -> (max round-trip RMSE relative to the weights' RMS, max relative dot error vs f64)
 THRESHOLDS = {"f32": (0.0, 1e-6), "f16": (1e-3, 2e-3), "bf16": (8e-3, 1e-2),
-              "q8_0": (8e-3, 2e-2), "q4_0": (0.12, 0.12)}
+              "q8_0": (8e-3, 2e-2), "q4_0": (0.12, 0.12), "q4_1": (0.12, 0.12), "q5_0": (0.06, 0.06),
+              "q5_1": (0.06, 0.06), "q2_k": (0.45, 0.45), "q3_k": (0.25, 0.25), "q4_k": (0.12, 0.12),
+              "q5_k": (0.06, 0.06), "q6_k": (0.03, 0.03), "iq4_nl": (0.12, 0.12), "iq4_xs": (0.12, 0.12)}
 
 
 def _data(N, K, seed=0):

@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 
-from test_random_models import gpt2_cfg, llama_cfg, neox_cfg
-
 from minilm.config import Config
 from minilm.model import build_plan
+
+from test_random_models import gpt2_cfg, llama_cfg, neox_cfg
 
 
 def ops(plan, **match):

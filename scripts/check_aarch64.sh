@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# minilm on 64-bit ARM, emulated: runs a pytest subset and the README's `minilm generate` inside a
+# Debian bookworm arm64 root filesystem through qemu-user (binfmt_misc), once per CPU model:
+#   cortex-a76 (Raspberry Pi 5; ARMv8.2 dot product: the quantized kernels compile to sdot)
+#   cortex-a72 (Raspberry Pi 4; no dot product: the NEON fallback)
+# with QEMU_CPU and NUMBA_CPU_NAME set to the same model, so Numba compiles for that CPU and qemu
+# refuses (SIGILL) any instruction it does not have.
+#
+# Usage: scripts/check_aarch64.sh [--build-only] [--cpus "cortex-a76 cortex-a72"]
+#        (MINILM_AARCH64_TESTS="pytest ids" runs those instead of the subset, for debugging;
+#        MINILM_AARCH64_NO_BINFMT=1 runs a cached rootfs through qemu-aarch64-static -L)
+# Needs root, debootstrap, qemu-user-static (installed with apt-get when missing) and binfmt_misc
+# (without it, a cached rootfs still runs, through qemu-aarch64-static -L); network only for the
+# first build (Debian packages, PyPI aarch64 wheels), the emulated run is offline. Everything is
+# cached under ${MINILM_AARCH64_CACHE:-~/.cache/minilm} (arm64-rootfs, arm64-wheels, and the
+# Numba cache inside the rootfs); a cold build takes ~10 min on 2 cores.
+# Exit status: 0 passed, 1 failed, 77 skipped (the reason is printed).
+# Prints one line at the end: "check_aarch64: PASSED|FAILED|SKIPPED ... in N s".
+set -uo pipefail
+
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=scripts/aarch64_rootfs.sh
+source "$REPO/scripts/aarch64_rootfs.sh"
+T0=$(date +%s)
+BUILD_ONLY=0
+CPUS="cortex-a76 cortex-a72"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --build-only) BUILD_ONLY=1 ;;
+        --cpus) shift; CPUS="${1:-}" ;;
+        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        *) echo "check_aarch64: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+finish() {  # finish STATUS(PASSED|FAILED|SKIPPED) DETAIL EXIT
+    echo "check_aarch64: $1 ($2) in $(( $(date +%s) - T0 )) s"
+    exit "$3"
+}
+
+# ---- preflight -------------------------------------------------------------------------------
+[ "$(id -u)" = 0 ] || finish SKIPPED "needs root: debootstrap, chroot, binfmt_misc" 77
+[ "$(uname -m)" = x86_64 ] || [ "$(uname -m)" = aarch64 ] || \
+    finish SKIPPED "host $(uname -m) not supported (x86_64 with qemu, or aarch64 natively)" 77
+SHARED="$(cd "$REPO/../shared" 2>/dev/null && pwd)" || \
+    finish SKIPPED "../shared (test models and golden outputs) not found beside $REPO" 77
+if [ "$(uname -m)" = x86_64 ]; then
+    if ! command -v debootstrap >/dev/null || ! [ -x /usr/bin/qemu-aarch64-static ]; then
+        command -v apt-get >/dev/null || finish SKIPPED "debootstrap / qemu-user-static missing and no apt-get" 77
+        say "installing debootstrap qemu-user-static binfmt-support with apt-get"
+        { apt-get install -y -q debootstrap qemu-user-static binfmt-support >/dev/null 2>&1 ||
+          { apt-get update -q >/dev/null 2>&1 &&
+            apt-get install -y -q debootstrap qemu-user-static binfmt-support >/dev/null 2>&1; }; } ||
+            finish SKIPPED "apt-get could not install debootstrap qemu-user-static binfmt-support" 77
+    fi
+fi
+# binfmt: aarch64 programs run transparently (a chroot; needed to build the rootfs, whose
+# debootstrap second stage runs arm64 maintainer scripts). Without it a cached rootfs is still
+# usable: its python runs explicitly through qemu-aarch64-static -L ROOTFS (no chroot).
+RUN_MODE=native
+if [ "$(uname -m)" = x86_64 ]; then
+    RUN_MODE=binfmt
+    if [ "${MINILM_AARCH64_NO_BINFMT:-0}" = 1 ] || ! ensure_binfmt; then
+        [ -e "$ROOTFS/.minilm-rootfs-ok" ] || finish SKIPPED "binfmt_misc is not usable here (see \
+above) and there is no cached rootfs to run through qemu-aarch64-static -L" 77
+        [ "$BUILD_ONLY" = 1 ] && finish SKIPPED "--build-only needs binfmt_misc" 77
+        say "binfmt_misc is not usable: running the cached rootfs's python through qemu-aarch64-static -L"
+        RUN_MODE=explicit
+    fi
+fi
+command -v debootstrap >/dev/null || finish SKIPPED "debootstrap missing" 77
+
+# ---- cached rootfs + wheels ------------------------------------------------------------------
+mkdir -p "$AARCH64_CACHE"
+if ! [ -e "$ROOTFS/.minilm-rootfs-ok" ]; then
+    ensure_wheels || finish FAILED "downloading aarch64 wheels" 1
+fi
+ensure_rootfs || finish FAILED "building the arm64 rootfs" 1
+[ "$BUILD_ONLY" = 1 ] && finish PASSED "rootfs ready in $ROOTFS; --build-only" 0
+
+# ---- mounts: the repo and ../shared read-only, /proc /dev /sys ---------------------------------
+MOUNTS=()
+cleanup() {
+    local i
+    for (( i=${#MOUNTS[@]}-1; i>=0; i-- )); do umount -l "${MOUNTS[$i]}" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'cleanup; finish FAILED "interrupted" 1' INT TERM
+mnt() {  # mnt TARGET mount-args...
+    local target="$1"; shift
+    mkdir -p "$target"
+    mount "$@" "$target" || { say "mount $* $target failed"; return 1; }
+    MOUNTS+=("$target")
+}
+ro_bind() {
+    mnt "$2" --bind "$1" && mount -o remount,bind,ro "$2" || return 1
+}
+{ mnt "$ROOTFS/proc" -t proc proc &&
+  mnt "$ROOTFS/sys" -t sysfs sys &&
+  mnt "$ROOTFS/dev" --bind /dev &&
+  mnt "$ROOTFS/dev/shm" -t tmpfs shm &&
+  ro_bind "$REPO" "$ROOTFS/work/minilm" &&
+  ro_bind "$SHARED" "$ROOTFS/work/shared"; } || finish FAILED "mounting into the rootfs" 1
+
+# minilm from the mounted repo, importable as its editable install makes it (pyproject's
+# package-dir: minilm.kernels is the folder kernels/): the repo on the venv's path and a finder
+# for minilm.kernels, plus the `minilm` command.
+SITE=$(ls -d "$ROOTFS"/opt/minilm-venv/lib/python3*/site-packages)
+cat > "$SITE/_minilm_repo_finder.py" <<'PY'
+"""minilm.kernels -> /work/minilm/kernels (written by scripts/check_aarch64.sh)."""
+import importlib.util
+import sys
+
+
+class _KernelsFinder:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if name != "minilm.kernels":
+            return None
+        return importlib.util.spec_from_file_location(
+            name, "/work/minilm/kernels/__init__.py", submodule_search_locations=["/work/minilm/kernels"])
+
+
+sys.meta_path.insert(0, _KernelsFinder)
+PY
+printf '/work/minilm\nimport _minilm_repo_finder\n' > "$SITE/minilm-repo.pth"
+printf '#!/opt/minilm-venv/bin/python\nimport sys\nfrom minilm.cli import main\nsys.exit(main())\n' \
+    > "$ROOTFS/opt/minilm-venv/bin/minilm"
+chmod +x "$ROOTFS/opt/minilm-venv/bin/minilm"
+
+# ---- the subset --------------------------------------------------------------------------------
+# Numba compiles ~15x slower emulated; the persistent cache (per CPU model, in the rootfs) makes
+# repeated runs cheap. Kernel tests run on both CPU models; the model-level tests on cortex-a76.
+KERNEL_TESTS=(
+    "tests/test_qmatmul.py::test_q8_fast_equals_ref"
+    "tests/test_qmatmul.py::test_q4_fast_equals_ref"
+    "tests/test_qmatmul.py::test_gemv_q8_0"
+    "tests/test_qmatmul.py::test_gemv_q4_0"
+    "tests/test_qmatmul.py::test_gemv_q4_0_chunk_tails"
+    "tests/test_qmatmul.py::test_gemm_all_formats"
+)
+MODEL_TESTS=(
+    "tests/test_golden.py::test_logits_match_reference[stories260K]"
+    "tests/test_golden.py::test_logits_match_reference[proxy-qwen3-shakespeare]"
+    "tests/test_golden.py::test_greedy_tokens_match_reference[stories260K]"
+    "tests/test_golden.py::test_greedy_tokens_match_reference[proxy-qwen3-shakespeare]"
+    "tests/test_quant.py::test_int8_keeps_greedy_tokens_and_perplexity[proxy-qwen3-shakespeare]"
+    "tests/test_quant.py::test_int4_perplexity_within_12_percent[stories260K]"
+    "tests/test_quant.py::test_save_load_round_trip_is_exact[stories260K-int4]"
+)
+
+in_arm() {  # in_arm CPU ARGS...: the rootfs's python with ARGS, in the repo, as that CPU model
+    local cpu="$1"; shift
+    local envs=(PATH=/opt/minilm-venv/bin:/usr/bin:/bin HOME=/root LANG=C.UTF-8 QEMU_CPU="$cpu"
+                NUMBA_CPU_NAME="$cpu" NUMBA_CPU_FEATURES= PYTHONDONTWRITEBYTECODE=1 "${EXTRA_ENV[@]}")
+    case "$RUN_MODE" in
+        binfmt|native)
+            chroot "$ROOTFS" /usr/bin/env -i "${envs[@]}" NUMBA_CACHE_DIR="/var/cache/minilm-numba/$cpu" \
+                /bin/sh -c 'cd /work/minilm && exec /opt/minilm-venv/bin/python "$@"' sh "$@" ;;
+        explicit)
+            # qemu -L looks every path up in ROOTFS first, then on the host: /usr/lib/python3.11,
+            # /work/minilm and /work/shared resolve into the rootfs; the Numba cache is named by its
+            # host path (a file qemu would create is created at the path as given).
+            (cd "$ROOTFS/work/minilm" && env -i "${envs[@]}" \
+                NUMBA_CACHE_DIR="$ROOTFS/var/cache/minilm-numba/$cpu" \
+                /usr/bin/qemu-aarch64-static -L "$ROOTFS" -cpu "$cpu" -0 /opt/minilm-venv/bin/python \
+                "$ROOTFS/usr/bin/python3.11" "$@") ;;   # argv[0] in the venv: Python finds pyvenv.cfg
+    esac
+}
+
+# Which instructions really ran: qemu logs every block it translates (QEMU_LOG=in_asm); the words
+# with the ARMv8.2 SDOT/UDOT (vector) encoding are counted. qemu 7.2's disassembler prints them as
+# .byte, so the encoding is matched: (w & 0xbfe0fc00) == 0x0e809400 (sdot) or 0x2e809400 (udot).
+PROBE='import numpy as np
+from minilm.kernels import qmatmul as Q
+rng = np.random.default_rng(0)
+w = rng.standard_normal((8, 256)).astype(np.float32)      # f32[N, K]
+x = rng.standard_normal(256).astype(np.float32)           # f32[K]
+ref = Q.dequantize_q8_0_ref(*Q.quantize_q8_0(w)) @ x
+out = np.empty(8, np.float32)
+Q.gemv_q8_0(x, *Q.quantize_q8_0(w), out)
+assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max(), (out, ref)
+Q.gemv_q4_0(x, *Q.quantize_q4_0(w, 32), out)'
+count_dot() {  # count_dot LOGFILE -> number of distinct translated sdot/udot instructions
+    python3 - "$1" <<'PY'
+import re, sys
+seen = set()
+with open(sys.argv[1], errors="replace") as f:
+    for line in f:
+        m = re.match(r"(0x[0-9a-f]+):\s+([0-9a-f]{8})\s", line)
+        if m and (int(m.group(2), 16) & 0xBFE0FC00) in (0x0E809400, 0x2E809400):
+            seen.add(m.group(1))
+print(len(seen))
+PY
+}
+
+EXTRA_ENV=()
+FAILED=()
+for cpu in $CPUS; do
+    case "$cpu" in cortex-a76|cortex-a72|cortex-a55|cortex-a53|neoverse-n1) ;;
+        *) finish FAILED "unknown CPU model '$cpu'" 1 ;; esac
+    mkdir -p "$ROOTFS/var/cache/minilm-numba/$cpu"
+    t=$(date +%s)
+    machine=$(in_arm "$cpu" -c "import platform, minilm.kernels.qmatmul as Q; print(platform.machine(), Q.SIMD)")
+    say "$cpu: $machine"
+    [ "$machine" = "aarch64 generic" ] || { FAILED+=("$cpu:setup"); continue; }
+    tests=("${KERNEL_TESTS[@]}")
+    [ "$cpu" = cortex-a76 ] && tests+=("${MODEL_TESTS[@]}")
+    if [ -n "${MINILM_AARCH64_TESTS:-}" ]; then   # debugging: these pytest ids instead, every CPU
+        read -r -a tests <<< "$MINILM_AARCH64_TESTS"
+    fi
+    say "$cpu: pytest (${#tests[@]} test groups)"
+    in_arm "$cpu" -m pytest -q -p no:cacheprovider "${tests[@]}" || FAILED+=("$cpu:pytest")
+    if [ "$RUN_MODE" != native ]; then
+        qlog="/tmp/minilm-qemu-$cpu.log"; host_qlog="$ROOTFS$qlog"
+        [ "$RUN_MODE" = explicit ] && qlog="$host_qlog"
+        rm -f "$host_qlog"
+        EXTRA_ENV=(QEMU_LOG=in_asm QEMU_LOG_FILENAME="$qlog")
+        in_arm "$cpu" -c "$PROBE" || FAILED+=("$cpu:probe")
+        EXTRA_ENV=()
+        ndot=$(count_dot "$host_qlog"); rm -f "$host_qlog"
+        say "$cpu: GEMV probe executed $ndot distinct sdot/udot instructions"
+        case "$cpu" in
+            cortex-a76) [ "$ndot" -gt 0 ] || FAILED+=("$cpu:no-sdot-executed") ;;
+            cortex-a72) [ "$ndot" = 0 ] || FAILED+=("$cpu:sdot-on-a-cpu-without-it") ;;
+        esac
+    fi
+    if [ "$cpu" = cortex-a76 ]; then
+        # the README's command, from the repo root as the README runs it
+        say "$cpu: minilm generate -m ../shared/models/stories260K -p 'Once upon a time' -n 64"
+        gen=(generate -m ../shared/models/stories260K -p "Once upon a time" -n 64)
+        if [ "$RUN_MODE" = explicit ]; then   # the `minilm` script's code, without its #! line
+            out=$(in_arm "$cpu" -m minilm.cli "${gen[@]}")
+        else
+            out=$(in_arm "$cpu" -c 'import os, sys; os.execv("/opt/minilm-venv/bin/minilm", ["minilm"] + sys.argv[1:])' "${gen[@]}")
+        fi &&
+            [ "${#out}" -gt 20 ] && printf '%s\n' "$out" | head -3 || FAILED+=("$cpu:minilm-generate")
+    fi
+    say "$cpu: done in $(( $(date +%s) - t )) s"
+done
+
+if [ ${#FAILED[@]} -eq 0 ]; then
+    finish PASSED "aarch64 under qemu: $CPUS" 0
+else
+    finish FAILED "${FAILED[*]}" 1
+fi

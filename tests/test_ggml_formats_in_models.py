@@ -1,0 +1,56 @@
+"""ggml's block formats (Q4_1 ... Q6_K, IQ4_NL, IQ4_XS; kernels/ggml_quants.py) inside whole
+models: registered in the traits table, run by the executor from their raw ggml bytes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import minilm
+
+from conftest import shared_path
+from test_random_models import llama_cfg
+
+WIDE = llama_cfg(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                 vocab_size=512)
+
+
+@pytest.mark.parametrize("quant", ["q4_k", "q6_k", "q2_k", "iq4_xs", "q5_1"])
+def test_decode_equals_prefill(make_checkpoint, quant):
+    """The executor runs the raw-byte kernels per token in decode and prefill: bit-identical."""
+    m = minilm.load(make_checkpoint(WIDE), quant=quant, n_ctx=48)
+    assert m.tensors["l0.wqkv"].fmt == quant and m.tensors["l0.w_down"].fmt == quant
+    net = m.net
+    prompt, toks = [3, 17, 29, 5, 88, 41, 7, 12, 60], [9, 100, 4, 31, 2, 77, 15, 8]
+    net.cache.reset()
+    net.forward(np.array(prompt))
+    dec = np.concatenate([net.forward(np.array([t])).copy() for t in toks])
+    net.cache.reset()
+    full = net.forward(np.array(prompt + toks))[len(prompt):]
+    np.testing.assert_array_equal(dec, full)
+
+
+def test_256_block_formats_fall_back_as_llama_cpp(make_checkpoint):
+    """K = 64 is no multiple of 256: Q4_K matrices take Q5_0, Q6_K ones Q8_0 (llama.cpp's rule)."""
+    folder = make_checkpoint(llama_cfg(intermediate_size=192))
+    assert minilm.load(folder, quant="q4_k", n_ctx=32).tensors["l0.wqkv"].fmt == "q5_0"
+    assert minilm.load(folder, quant="q6_k", n_ctx=32).tensors["l0.wqkv"].fmt == "q8_0"
+
+
+def _kl_top1(ref, lg):
+    p = np.exp(ref - ref.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    lq = lg - lg.max(1, keepdims=True)
+    lq -= np.log(np.exp(lq).sum(1, keepdims=True))
+    return float((p * (np.log(p) - lq)).sum(1).mean()), float((lg.argmax(1) == ref.argmax(1)).mean())
+
+
+@pytest.mark.parametrize("quant,kl_max", [("q6_k", 4e-4), ("q4_k", 3e-3), ("iq4_xs", 3e-3), ("q2_k", 3e-2)])
+def test_accuracy_on_the_256_wide_proxy(quant, kl_max):
+    """proxy-llama256 (every width a multiple of 256) in each K-quant: mean KL against f32 and
+    top-1 agreement on 120 tokens of text (measured: q6_k 8e-5, q4_k 5e-4, iq4_xs 5e-4, q2_k 6e-3)."""
+    folder = shared_path("models", "proxy-llama256-shakespeare")
+    f32 = minilm.load(folder)
+    ids = f32.tokenizer.encode(shared_path("texts", "tinyshakespeare_input.txt").read_text()[5000:7000])[:120]
+    m = minilm.load(folder, quant=quant)
+    kl, top1 = _kl_top1(f32.logits(ids), m.logits(ids))
+    assert kl < kl_max and top1 >= 0.9, (quant, kl, top1)
