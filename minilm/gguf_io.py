@@ -57,7 +57,11 @@ from .sources import (
 )
 
 ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-QUANTS = ("f32", "f16", "bf16", "int8", "int4")
+# levels a GGUF can hold as they are: minilm's own names and ggml's block formats by their names
+GGML_LEVELS = {"q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1", "q2_k": "MOSTLY_Q2_K",
+               "q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S", "q6_k": "MOSTLY_Q6_K",
+               "iq4_nl": "MOSTLY_IQ4_NL", "iq4_xs": "MOSTLY_IQ4_XS"}
+QUANTS = ("f32", "f16", "bf16", "int8", "int4", *GGML_LEVELS)
 QK = 32     # the one Q4_0 group ggml has
 
 
@@ -166,8 +170,8 @@ def _tokenizer_meta(model, tj: dict) -> dict:
 
 
 def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool = True) -> Path:
-    """Write a GGUF file llama.cpp loads. quant: f32, f16, bf16, int8 (Q8_0), int4 (Q4_0, group 32);
-    None: as the model is. A model already in that format is written without requantizing."""
+    """Write a GGUF file llama.cpp loads. quant: f32, f16, bf16, int8 (Q8_0), int4 (Q4_0, group 32),
+    or one of ggml's block formats by name (q4_k, q6_k, iq4_nl, ...); None: as the model is. A model already in that format is written without requantizing."""
     gguf = gguf_module()
     from .lm import LM
 
@@ -218,7 +222,8 @@ def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool
     w.add_vocab_size(c.vocab_size)
     ft = gguf.LlamaFileType
     w.add_file_type({"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16,
-                     "int8": ft.MOSTLY_Q8_0, "int4": ft.MOSTLY_Q4_0}[level])
+                     "int8": ft.MOSTLY_Q8_0, "int4": ft.MOSTLY_Q4_0,
+                     **{k: getattr(ft, v) for k, v in GGML_LEVELS.items()}}[level])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     # tokenizer
