@@ -102,8 +102,8 @@ def check_json_schema(schema, param: str = "json_schema") -> dict | bool:
 # validates against the caller's schema). `uniqueItems`, which the grammar engine cannot express,
 # becomes a narrowing too: the array is held to minItems (at least 1) items and item j is drawn
 # from the j-th of disjoint parts of the item schema (`_distinct_parts`: enum values, number
-# ranges, string lengths); for other item schemas it is dropped, the one case whose output is
-# not guaranteed to validate (README says so).
+# ranges, string lengths); other item schemas are refused with a ConstraintError (an output that
+# might repeat an item is never given).
 _NUMBER_SPAN = 10 ** 9         # numbers without a bound get one this far from the other (or 0)
 _NUMBER_STEP = 0.001           # ... and numbers without multipleOf get at most 3 decimals
 _ARRAY_CAP = 8                  # items, for arrays without maxItems (fewer when items are big)
@@ -344,8 +344,11 @@ def bound_schema(schema, max_tokens: int, patterns: bool = True):
         if s.pop("uniqueItems", False):
             n = min(_int(s.get("maxItems"), 1 << 30), max(lo, 1))
             parts = None if "prefixItems" in s else _distinct_parts(s.get("items"), n)
-            if parts is not None:       # item j drawn from the j-th of n disjoint parts: all distinct
-                s["prefixItems"], s["items"], s["minItems"] = parts, False, n
+            if parts is None:           # refuse rather than give output that may not validate
+                raise ConstraintError("uniqueItems: cannot be enforced for these items (supported: items "
+                                      "with an enum, bounded numbers or integers, strings, booleans, or "
+                                      "objects with such a required property); drop uniqueItems")
+            s["prefixItems"], s["items"], s["minItems"] = parts, False, n
             s["maxItems"] = n
         if "maxItems" not in s:
             fit = max_tokens // (3 * _est_tokens(s.get("items")))
@@ -391,7 +394,10 @@ def grammar_spec(json_schema=None, regex=None, grammar=None, param: str | None =
     if kind == "json_schema":
         schema = check_json_schema(json_schema, p)
         if max_tokens is not None:
-            schema = bound_schema(schema, max_tokens, patterns)
+            try:
+                schema = bound_schema(schema, max_tokens, patterns)
+            except ConstraintError as e:
+                raise ConstraintError(f"{p}: {e}", p) from None
         try:
             return llg.LLMatcher.grammar_from_json_schema(
                 json.dumps(schema), defaults={"whitespace_flexible": False,

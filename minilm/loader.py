@@ -1,19 +1,20 @@
-"""`minilm.load`: a local folder, a hub id, or a hub-cache snapshot -> a ready `LM`."""
+"""`minilm.load`: a local folder, a hub id, a hub-cache snapshot or a GGUF file -> a ready `LM`.
+
+`open_source` picks the checkpoint source (sources.py: Hugging Face folder, pre-quantized folder,
+GGUF file); `load_source` does the common part once for all of them: n_ctx and the memory guard,
+every tensor checked before any is built, conversion to the target formats, `LM(...)`."""
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 import numpy as np
 
-from .config import MAX_POSITIONS, Config, token_ids
-from .errors import ModelLoadError, NonFiniteWeightsError, ResourceLimitError
-from .quant import Linear
-from .weights import CheckpointReader, check_checkpoint, iter_canonical
+from .config import MAX_POSITIONS, Config
+from .errors import ModelLoadError, ResourceLimitError
+from .sources import GGUFSource, HFSource, PrequantSource, Source, convert
 
-MATRICES = re.compile(r"^(tok_embd|output|l\d+\.(wqkv|wo|w_gate_up|w_up|w_down))$")
 DEFAULT_CTX = 4096
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 
@@ -39,34 +40,6 @@ def resolve(path_or_id: str) -> Path:
         raise ModelLoadError(
             f"{s}: not a local folder and not available from the Hugging Face hub or its cache "
             f"({type(e).__name__}); pass a local folder with -m/--model, e.g. ./models/SmolLM2-135M-Instruct") from None
-
-
-def read_generation_config(folder: Path) -> dict:
-    p = folder / "generation_config.json"
-    if not p.exists():
-        return {}
-    try:
-        g = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{p}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ModelLoadError(f"{p}: not valid JSON (nested too deeply)") from None
-    except OSError as e:
-        raise ModelLoadError(f"{p}: cannot read ({e})") from None
-    if not isinstance(g, dict):
-        raise ModelLoadError(f"{p}: expected a JSON object, got {type(g).__name__}")
-    return g
-
-
-def add_generation_eos(cfg: Config, gen: dict, where) -> None:
-    """generation_config.json's eos_token_id (one id or a list) joins the config's EOS ids."""
-    try:
-        ids = token_ids("eos_token_id", gen.get("eos_token_id"))
-    except ModelLoadError as e:
-        raise ModelLoadError(f"{where}: {e}") from None
-    for e in ids:
-        if e not in cfg.eos_token_ids:
-            cfg.eos_token_ids.append(e)
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -156,23 +129,8 @@ def build_lm(cfg: Config, tensors: dict, tok, n_ctx: int, **kw):
                                  f"buffers ({total:,} bytes); pass a smaller n_ctx") from None
 
 
-def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads: int | None = None,
-         group_size: int | None = None, embed_quant: str | None = None, check_weights: bool | None = None):
-    """Load a Hugging Face checkpoint (config.json + tokenizer.json + *.safetensors).
-
-    quant: None/'f32' keeps float32 weights (16-bit checkpoints are converted); 'f16', 'bf16'
-        (16-bit storage, f32 compute), 'int8' (ggml Q8_0), 'int4' (ggml Q4_0; embeddings and lm
-        head stay int8), 'int4-g64', 'int4-g128'. A pre-quantized folder (model.save) loads as saved.
-    group_size: int4 group size (32, 64, 128); embed_quant: format of embedding / lm head.
-    n_ctx: KV cache length (default min(max_position_embeddings, 4096)); one that would not fit
-        in the available memory is refused with `ResourceLimitError` saying what fits.
-    threads: Numba threads for the kernels (default: all cores).
-    check_weights: float weights are checked for NaN/Inf while loading (one pass over the mapped
-        data; `NonFiniteWeightsError` names the file and tensor). False skips the check for files
-        you trust; None (default) checks unless the environment sets MINILM_NO_WEIGHT_CHECK=1.
-    """
-    from .tokenizer import Tokenizer
-
+def check_load_args(quant=None, threads=None, group_size=None, embed_quant=None, check_weights=None) -> bool:
+    """Type-check `load`'s options, set the kernel threads; -> whether to check weights for NaN/Inf."""
     if threads is not None:
         import numba
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -184,43 +142,57 @@ def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads
         raise ValueError(f"embed_quant={embed_quant!r}: must be a string such as 'f16' or 'int8'")
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
         raise ValueError(f"group_size={group_size!r}: must be 32, 64 or 128")
-    check = weight_check_enabled(check_weights)
+    return weight_check_enabled(check_weights)
+
+
+def open_source(path_or_id, check_weights: bool = True) -> Source:
+    """The checkpoint source for a path or hub id: a `.gguf` file, a pre-quantized folder
+    (model.save), or a Hugging Face folder (local, hub id, hub-cache snapshot)."""
+    from .prequant import is_prequantized
     if not isinstance(path_or_id, (str, os.PathLike)):
         raise TypeError(f"path_or_id={path_or_id!r}: must be a folder path or a hub id (str)")
-    if str(path_or_id).lower().endswith(".gguf") and Path(os.path.expanduser(str(path_or_id))).is_file():
-        from .gguf_io import load_gguf  # a single llama.cpp GGUF file
-        return load_gguf(os.path.expanduser(str(path_or_id)), quant=quant, n_ctx=n_ctx, check_weights=check)
+    p = Path(os.path.expanduser(str(path_or_id)))
+    if str(path_or_id).lower().endswith(".gguf") and p.is_file():
+        return GGUFSource(p, check_weights)
     folder = resolve(path_or_id)
-    cfg = Config.from_file(folder / "config.json")
-    add_generation_eos(cfg, read_generation_config(folder), folder / "generation_config.json")
-    n_ctx = check_n_ctx(cfg, n_ctx, folder)
-    from . import prequant
-    from .quant import parse_level
+    if is_prequantized(folder):
+        return PrequantSource(folder, check_weights)
+    return HFSource(folder, check_weights)
 
-    if prequant.is_prequantized(folder):
-        tensors, meta = prequant.load_tensors(folder, cfg, check_weights=check)
-        check_context_memory(cfg, n_ctx)
-        if quant not in (None, meta["quant"]):
-            raise ValueError(f"quant={quant!r}: {folder} is already quantized as {meta['quant']}; "
-                             "load the original checkpoint to quantize it differently")
-        level, group = meta["quant"], meta["group_size"]
-    else:
-        mat_fmt, emb_fmt, group = parse_level(quant, group_size, embed_quant)
-        level = quant or "f32"
-        reader = CheckpointReader(folder, check_weights=check)
-        check_checkpoint(reader, cfg)                      # names, shapes, dtypes: before any work
-        check_context_memory(cfg, n_ctx)
-        tensors = {}
-        for name, get in iter_canonical(reader, cfg):      # one tensor at a time: streaming
-            a = get()
-            if MATRICES.match(name):
-                fmt = emb_fmt if name in ("tok_embd", "output") else mat_fmt
-                try:
-                    tensors[name] = Linear.quantize(a, fmt, group, name=name)
-                except ValueError as e:                    # NaN/Inf met by the quantizer
-                    raise NonFiniteWeightsError(f"{folder}: {e}") from None
-            else:
-                tensors[name] = np.ascontiguousarray(a, dtype=np.float32)
-            del a
-    tok = Tokenizer(folder, cfg.bos_token_id, cfg.eos_token_ids, model_vocab_size=cfg.vocab_size)
-    return build_lm(cfg, tensors, tok, n_ctx, source=str(folder), quant=level, group_size=group)
+
+def load_source(src: Source, quant: str | None = None, n_ctx: int | None = None, group_size: int | None = None,
+                embed_quant: str | None = None):
+    """The common part of loading, for any source: n_ctx, the formats to load with, every tensor
+    checked against the config and the memory guard before anything is allocated, then the
+    tensors one at a time in their target formats, the tokenizer and the `LM`."""
+    cfg = src.config
+    n_ctx = check_n_ctx(cfg, n_ctx, src.where)
+    target = src.target(quant, group_size, embed_quant)
+    src.check()                                            # names, types, shapes: before any work
+    check_context_memory(cfg, n_ctx)
+    tok = src.tokenizer()
+    tensors = {}
+    for name, get in src.tensors():                        # one tensor at a time: streaming
+        tensors[name] = convert(get(), name, target.fmt(name), target.group, src.where)
+    return build_lm(cfg, tensors, tok, n_ctx, source=src.where, quant=target.level, group_size=target.group)
+
+
+def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads: int | None = None,
+         group_size: int | None = None, embed_quant: str | None = None, check_weights: bool | None = None):
+    """Load a Hugging Face checkpoint (config.json + tokenizer.json + *.safetensors), a
+    pre-quantized folder (model.save) or a llama.cpp GGUF file (llama, qwen2, qwen3).
+
+    quant: None/'f32' keeps float32 weights (16-bit checkpoints are converted); 'f16', 'bf16'
+        (16-bit storage, f32 compute), 'int8' (ggml Q8_0), 'int4' (ggml Q4_0; embeddings and lm
+        head stay int8), 'int4-g64', 'int4-g128'. A pre-quantized folder loads as saved, a GGUF
+        file with its stored types (a float GGUF can be quantized while loading).
+    group_size: int4 group size (32, 64, 128); embed_quant: format of embedding / lm head.
+    n_ctx: KV cache length (default min(max_position_embeddings, 4096)); one that would not fit
+        in the available memory is refused with `ResourceLimitError` saying what fits.
+    threads: Numba threads for the kernels (default: all cores).
+    check_weights: float weights are checked for NaN/Inf while loading (one pass over the mapped
+        data; `NonFiniteWeightsError` names the file and tensor). False skips the check for files
+        you trust; None (default) checks unless the environment sets MINILM_NO_WEIGHT_CHECK=1.
+    """
+    check = check_load_args(quant, threads, group_size, embed_quant, check_weights)
+    return load_source(open_source(path_or_id, check), quant, n_ctx, group_size, embed_quant)

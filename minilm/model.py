@@ -27,6 +27,7 @@ buffer as wide as the vocabulary in the run state, and cost nothing for the othe
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
@@ -166,6 +167,20 @@ class RunState:
         self.ids = np.zeros(rows, np.int64)
 
 
+_SERIAL_REGIONS = threading.RLock()
+
+
+def _region_guard():
+    """Numba's workqueue threading layer (used where neither OpenMP nor TBB is available) must not
+    run two parallel regions at once: with it, models used from several threads take turns. The
+    OpenMP and TBB layers need nothing (this returns a no-op)."""
+    try:
+        layer = numba.threading_layer()
+    except ValueError:              # nothing parallel ran yet in this process: be safe once
+        return _SERIAL_REGIONS
+    return _SERIAL_REGIONS if layer == "workqueue" else contextlib.nullcontext()
+
+
 class Exclusive:
     """One call at a time on a model (its run state, KV cache and phase counters are single-use):
     other threads wait their turn; the thread that holds it re-entering (a second generation
@@ -181,9 +196,12 @@ class Exclusive:
                               "streamed generation?): exhaust or close() that stream first")
         self._lock.acquire()
         self._owner = threading.get_ident()
+        self._region = _region_guard()
+        self._region.__enter__()
         return self
 
     def __exit__(self, *exc):
+        self._region.__exit__(*exc)
         self._owner = None
         self._lock.release()
 

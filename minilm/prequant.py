@@ -125,16 +125,23 @@ def read_meta(folder: Path) -> dict:
 
 
 def load_tensors(folder: Path, cfg=None, check_weights: bool = True) -> tuple[dict, dict]:
-    """-> (canonical tensors with memory-mapped arrays, metadata).
+    """-> (canonical tensors with memory-mapped arrays, metadata): `plan_tensors` then every
+    tensor of `iter_tensors`."""
+    meta = read_meta(folder)
+    plan = plan_tensors(folder, cfg, meta)
+    return {name: get() for name, get in iter_tensors(plan, check_weights)}, meta
+
+
+def plan_tensors(folder: Path, cfg=None, meta: dict | None = None) -> tuple:
+    """Check the folder's tensors from the headers alone, before any array is mapped -> a plan
+    for `iter_tensors`.
 
     With `cfg` (the folder's Config), every tensor the config implies must be present with the
     dtype and shape its format implies (q8_0 `qs` int8[N, Kp] and `d` f16[N, Kp/32]; q4_0 `qs`
     uint8[N, Kp/2] and `d` f16[N, Kp/G]; f32/f16 `w`; bf16 `w` uint16; vectors f32), and nothing
-    else; all of it is checked from the headers before any array is mapped. check_weights: float
-    arrays (vectors, f32/f16/bf16 matrices, the Q8_0/Q4_0 scales) are checked for NaN/Inf."""
-    from .safetensors_io import check_finite
+    else."""
     from .weights import canonical_shapes, is_matrix
-    meta = read_meta(folder)
+    meta = read_meta(folder) if meta is None else meta
     info = meta["tensors"]
     f = SafetensorsFile(folder / WEIGHTS)
     path = f.path
@@ -193,19 +200,30 @@ def load_tensors(folder: Path, cfg=None, check_weights: bool = True) -> tuple[di
                                  f"describes ({cfg.n_layers} layers, {cfg.model_type}): the folder and its "
                                  "config do not match")
 
-    tensors = {}
-    for name, pl in plan.items():
+    return f, plan
+
+
+def iter_tensors(planned: tuple, check_weights: bool = True):
+    """(canonical name, loader) pairs; a loader maps its tensor (a `Linear` of memory-mapped
+    arrays, or an f32 vector). check_weights: float arrays (vectors, f32/f16/bf16 matrices, the
+    Q8_0/Q4_0 scales) are checked for NaN/Inf."""
+    from .safetensors_io import check_finite
+    f, plan = planned
+    path = f.path
+
+    def get(name, pl):
         if pl[0] == "vec":
             a = f.get(name)
             if check_weights:
                 check_finite(a, f"{path}: tensor {name!r}")
-            tensors[name] = a
-            continue
+            return a
         _, fmt, N, K, Kp = pl
         arrays = {a: f.get(f"{name}.{a}") for a, _, _ in _ARRAYS[fmt]}
         if check_weights:
             for a, arr in arrays.items():
                 if a in ("w", "d"):
                     check_finite(arr, f"{path}: tensor {name + '.' + a!r}", bf16=fmt == "bf16")
-        tensors[name] = Linear(fmt, N, K, arrays, Kp)
-    return tensors, meta
+        return Linear(fmt, N, K, arrays, Kp)
+
+    for name, pl in plan.items():
+        yield name, lambda name=name, pl=pl: get(name, pl)

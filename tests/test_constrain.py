@@ -171,6 +171,8 @@ def test_unfittable_bounds_fall_back_to_the_schema_as_given(model):
     (dict(grammar="start: undefined_rule"), "grammar", "cannot be compiled"),
     (dict(grammar="root ::= (("), "grammar", "GBNF"),
     (dict(regex="a", grammar='start: "a"'), "grammar", "only one"),
+    (dict(json_schema={"type": "array", "uniqueItems": True, "minItems": 2,
+                       "items": {"anyOf": [{"type": "integer"}, {"type": "string"}]}}), "json_schema", "uniqueItems"),
 ])
 def test_bad_constraints_name_the_field(model, kw, param, what):
     with pytest.raises(ConstraintError, match=re.escape(param) + ".*" + re.escape(what)) as e:

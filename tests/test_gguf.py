@@ -12,15 +12,22 @@ gguf = pytest.importorskip("gguf", reason="the `gguf` package is not installed (
 
 import minilm  # noqa: E402 (after importorskip)
 from minilm.errors import ModelLoadError  # noqa: E402 (after importorskip)
-from minilm.gguf_io import (  # noqa: E402 (after importorskip)
-    _make_tokenizer,
-    _Meta,
-    export_gguf,
-    load_gguf,
+from minilm.gguf_io import export_gguf, load_gguf  # noqa: E402 (after importorskip)
+from minilm.quant import FORMATS, Linear  # noqa: E402 (after importorskip)
+from minilm.sources import (  # noqa: E402 (after importorskip)
+    GGUFMeta,
+    GGUFSource,
+    ggml_bytes,
+    gguf_layout,
+    gguf_tokenizer,
+    linear_from_ggml,
+    map_rows,
+    open_gguf,
     permute_rows,
+    tensor_bytes,
+    tensor_format,
     unpermute_rows,
 )
-from minilm.quant import FORMATS, Linear  # noqa: E402 (after importorskip)
 
 from conftest import shared_path  # noqa: E402 (after importorskip)
 
@@ -141,8 +148,8 @@ def test_tokenizer_from_ggml_metadata(exported):
         samples += p.read_text(encoding="utf-8", errors="ignore")[:6000].split("\n\n")
     for name in ("stories260K", "proxy-qwen2-shakespeare"):
         m, path = exported(name, "int8")
-        meta = _Meta(gguf.GGUFReader(str(path)), path)
-        tok = _make_tokenizer(meta, m.config, use_hf_json=False)
+        meta = GGUFMeta(gguf.GGUFReader(str(path)), path)
+        tok = gguf_tokenizer(meta, m.config, use_hf_json=False)
         for s in samples:
             ids = m.tokenizer.encode(s)
             assert tok.encode(s) == ids, (name, s)
@@ -171,8 +178,9 @@ def test_export_errors(exported, tmp_path):
         export_gguf(g64, tmp_path / "x.gguf")
 
 
-def _tiny_gguf(path, emb_type):
-    """A minimal llama GGUF with a token embedding of GGML type `emb_type` (raw bytes)."""
+def _tiny_gguf(path, emb_type, fill=None):
+    """A minimal llama GGUF with a token embedding of GGML type `emb_type` (raw bytes: `fill`,
+    default zeros)."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_context_length(64)
     w.add_embedding_length(32)
@@ -183,7 +191,8 @@ def _tiny_gguf(path, emb_type):
     w.add_tokenizer_model("gpt2")
     w.add_token_list([chr(65 + i) for i in range(8)])
     bs, ts = gguf.GGML_QUANT_SIZES[emb_type]
-    w.add_tensor("token_embd.weight", np.zeros((8, 32 // bs * ts), np.uint8), raw_dtype=emb_type)
+    raw = np.zeros((8, 32 // bs * ts), np.uint8) if fill is None else fill
+    w.add_tensor("token_embd.weight", raw, raw_dtype=emb_type)
     w.add_tensor("output_norm.weight", np.ones(32, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -215,6 +224,93 @@ def test_cli_export(tmp_path, capsys):
     assert minilm.load(str(out), n_ctx=32).quant == "int4"
     assert main(["export", "-m", str(shared_path("models", "stories260K")), "--gguf", str(out),
                  "--quant", "int4-g128"]) == 1
+
+
+# ---- the GGUF source ----------------------------------------------------------------------------
+@pytest.mark.parametrize("name,quant", [("stories260K", "int8"), ("proxy-qwen2-shakespeare", "int4"),
+                                        ("proxy-qwen3-shakespeare", "int4")])
+def test_one_name_table(exported, name, quant):
+    """export_gguf writes exactly the GGUF tensors that gguf_layout names for the config (the
+    table the GGUF source reads), one entry per canonical tensor of the model."""
+    m, path = exported(name, quant)
+    r = gguf.GGUFReader(str(path))
+    layout = gguf_layout(m.config, r.fields["general.architecture"].contents())
+    assert set(layout) == set(m.tensors)
+    assert {t.name for t in r.tensors} == {p.gguf for parts in layout.values() for p in parts}
+    assert [p.gguf for p in layout["l0.wqkv"]] == ["blk.0.attn_q.weight", "blk.0.attn_k.weight",
+                                                    "blk.0.attn_v.weight"]
+    c = m.config
+    assert [(p.a, p.b) for p in layout["l1.w_gate_up"]] == [(0, c.intermediate_size),
+                                                            (c.intermediate_size, 2 * c.intermediate_size)]
+    llama = name == "stories260K"
+    assert [p.heads for p in layout["l0.wqkv"]] == ([c.n_heads, c.n_kv_heads, None] if llama else [None] * 3)
+
+
+def _mapped(a) -> bool:
+    """a is a view into a memory-mapped file (not a copy)."""
+    while a is not None:
+        if isinstance(a, np.memmap):
+            return True
+        a = a.base
+    return False
+
+
+def test_gguf_tensors_stay_mapped(exported):
+    """Float tensors that are one GGUF tensor each come out as views of the mapped file."""
+    _, path = exported("proxy-qwen2-shakespeare", "f32")
+    src = GGUFSource(path)
+    src.check()
+    T = {n: get() for n, get in src.tensors()}
+    for name in ("tok_embd", "l0.wo", "l1.w_down"):
+        assert T[name].fmt == "f32" and _mapped(T[name].arrays["w"]), name
+    assert _mapped(T["out_norm.w"]) and _mapped(T["l0.attn_norm.w"])
+    assert not _mapped(T["l0.wqkv"].arrays["w"])      # q, k, v fused: one copy
+
+
+def test_every_tensor_checked_before_any_is_built(exported, monkeypatch):
+    """A tensor missing from the LAST layer fails before any tensor is mapped, fused or converted."""
+    import minilm.sources as S
+    from minilm.loader import load_source
+    _, path = exported("proxy-qwen2-shakespeare", "int8")
+    src = GGUFSource(path)
+    last = f"blk.{src.config.n_layers - 1}.ffn_down.weight"
+    del src.gt[last]
+
+    def boom(*a, **k):
+        raise AssertionError("a tensor was built before all were checked")
+    monkeypatch.setattr(S, "linear_from_ggml", boom)
+    monkeypatch.setattr(S, "cat_rows", boom)
+    with pytest.raises(ModelLoadError, match=last.replace(".", r"\.") + ".*missing"):
+        load_source(src, n_ctx=16)
+
+
+def test_raw_ggml_format_maps_bytes_without_conversion(tmp_path, monkeypatch):
+    """A format registered with arrays ("raw",) (ggml's own block rows, as K-quants will be)
+    takes a GGUF tensor's bytes as they are in the mapped file, and writes them back unchanged."""
+    import dataclasses
+
+    from minilm import quant
+    from minilm.kernels import qmatmul
+    fake = dataclasses.replace(FORMATS["q4_0"], name="q4_1", fid=99, tag=np.uint32, ggml_type=3,
+                               ggml_name="Q4_1", block=32, block_bytes=20, arrays=("raw",))
+    monkeypatch.setitem(quant.FORMATS, "q4_1", fake)
+    monkeypatch.setitem(quant.GGML_TO_FMT, "Q4_1", "q4_1")
+    monkeypatch.setattr(qmatmul, "gemv_bound", lambda fmt, arrays: (None, arrays))   # no kernel needed here
+    p = tmp_path / "q41.gguf"
+    _tiny_gguf(p, gguf.GGMLQuantizationType.Q4_1, fill=np.arange(8 * 20, dtype=np.uint8).reshape(8, 20))
+    r = open_gguf(p)
+    t = {x.name: x for x in r.tensors}["token_embd.weight"]
+    fmt = tensor_format(t, p)
+    assert fmt == "q4_1"
+    lin = linear_from_ggml(fmt, tensor_bytes(t, p, 8 * 20).reshape(8, 20), 8, 32)
+    assert (lin.fmt, lin.N, lin.K, list(lin.arrays)) == ("q4_1", 8, 32, ["raw"])
+    assert _mapped(lin.arrays["raw"])
+    np.testing.assert_array_equal(lin.arrays["raw"], np.arange(8 * 20, dtype=np.uint8).reshape(8, 20))
+    np.testing.assert_array_equal(ggml_bytes(lin), lin.arrays["raw"])
+    # llama's q/k row permutation moves whole block rows: undone exactly
+    perm = map_rows(lin, lambda a: permute_rows(a, 2))
+    assert not np.array_equal(perm.arrays["raw"], lin.arrays["raw"])
+    np.testing.assert_array_equal(unpermute_rows(perm.arrays["raw"], 2), lin.arrays["raw"])
 
 
 # ---- llama.cpp ----------------------------------------------------------------------------------

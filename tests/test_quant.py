@@ -69,11 +69,11 @@ def test_save_load_round_trip_is_exact(tmp_path, name, quant, monkeypatch):
     model.save(out)
     assert not list(out.glob("model.safetensors*")), "the original weights must not be copied"
     # loading must not touch any original checkpoint reader
-    import minilm.loader as L
+    import minilm.sources as S
 
     def boom(*a, **k):
         raise AssertionError("pre-quantized load read an original checkpoint")
-    monkeypatch.setattr(L, "CheckpointReader", boom)
+    monkeypatch.setattr(S, "CheckpointReader", boom)
     small = minilm.load(out)
     assert small.quant == quant
     np.testing.assert_array_equal(small.logits(ids), before)

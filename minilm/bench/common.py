@@ -12,9 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-LEVELS = ("f32", "f16", "bf16", "int8", "int4", "int4-g64", "int4-g128")
+from .. import quant as _quant
+
+LEVELS = tuple(_quant.LEVELS)                               # the traits table's levels
 EMBED_LEVELS = ("f32", "f16", "bf16", "int8", "int4")     # LEVEL@EMBED: embedding / lm-head format
-GGUF_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
+# level -> the GGUF type of its layer matrices (from the traits table; int4 with groups of 64/128
+# has none: ggml's Q4_0 blocks are 32)
+GGUF_TYPES = {lv: _quant.FORMATS[m].ggml_name for lv, (m, _, g) in _quant.LEVELS.items()
+              if _quant.FORMATS[m].ggml_name and not (m == "q4_0" and g != 32)}
+GGUF_TYPES.update({"int8": "Q8_0", "int4": "Q4_0"})       # embedding spellings after '@'
+
 PEERS = ("llama.cpp", "transformers")
 
 
