@@ -18,9 +18,9 @@ import pytest
 import minilm
 from minilm.config import Config
 from minilm.errors import ModelLoadError, UnsupportedModelError
-from reference_model import RefModel
 
 from conftest import random_tensors, shared_path
+from reference_model import RefModel
 
 PROXIES = ["granite", "olmo2", "smollm3", "gemma3", "gemma2", "phi3", "lfm2"]
 N_NEW = 16
