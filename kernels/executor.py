@@ -170,9 +170,12 @@ def _raw_chain(specs, kind):
 
         def one(f, raw, XQ, XD, XS, M, out, g0, g1):
             if f == fid:
-                for g in range(g0, g1):          # the rows stay in cache across the tokens
-                    for m in range(M):
-                        rows(XQ[m], XD[m], XS[m], raw, out[m], g, g + 1)
+                if M == 1:
+                    rows(XQ[0], XD[0], XS[0], raw, out[0], g0, g1)
+                else:
+                    for g in range(g0, g1):      # the rows stay in cache across the tokens
+                        for m in range(M):
+                            rows(XQ[m], XD[m], XS[m], raw, out[m], g, g + 1)
             else:
                 rest(f, raw, XQ, XD, XS, M, out, g0, g1)
         return njit(one)
@@ -239,17 +242,23 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
             if fmt == F_Q8_0:
                 qs = numba.carray(_ptr_as(mtab[j, M_W], _I8), (N, mtab[j, M_COLS]))
                 d = numba.carray(_ptr_as(mtab[j, M_D], _U16), (N, mtab[j, M_DCOLS]))
-                for g in range(g0, g1):              # the 4 rows stay in L1 across the tokens
-                    for m in range(M):
-                        gemv_q8_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], g, g + 1)
+                if M == 1:                           # one stream of rows (prefetch runs ahead)
+                    gemv_q8_0_groups(XQ[0], XD[0], XS[0], qs, d, out[0], g0, g1)
+                else:
+                    for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
+                        for m in range(M):
+                            gemv_q8_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], g, g + 1)
                 return
         if has_q4:
             if fmt == F_Q4_0:
                 q4 = numba.carray(_ptr_as(mtab[j, M_W], _U8), (N, mtab[j, M_COLS]))
                 d4 = numba.carray(_ptr_as(mtab[j, M_D], _U16), (N, mtab[j, M_DCOLS]))
-                for g in range(g0, g1):
-                    for m in range(M):
-                        gemv_q4_0_groups(XQ[m], XD[m], XS[m], q4, d4, out[m], g, g + 1)
+                if M == 1:
+                    gemv_q4_0_groups(XQ[0], XD[0], XS[0], q4, d4, out[0], g0, g1)
+                else:
+                    for g in range(g0, g1):
+                        for m in range(M):
+                            gemv_q4_0_groups(XQ[m], XD[m], XS[m], q4, d4, out[m], g, g + 1)
                 return
         if has_raw:
             if fmt >= F_RAW:
