@@ -253,3 +253,55 @@ def make_checkpoint(tmp_path):
         return write_checkpoint(tmp_path / name, config, **kw)
 
     return make
+
+
+# ---- a live `minilm serve` for the server tests ------------------------------------------------
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m minilm.server -m PATH` on a free loopback port, returned once /health answers
+    (or RuntimeError with the server's log after `wait_s`)."""
+
+    def __init__(self, path, extra_args=(), wait_s: float = 90):
+        import subprocess
+        import sys
+        import tempfile
+        import time
+
+        import httpx
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "minilm.server", "-m", str(path), "--port", str(self.port),
+               "--threads", "1", "--log-level", "warning", *extra_args]
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + wait_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.logs()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"server did not come up in {wait_s:.0f} s: {self.logs()}")
+            time.sleep(0.1)
+
+    def logs(self):
+        self.log.seek(0)
+        return self.log.read()[-3000:]
+
+    def stop(self):
+        import subprocess
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

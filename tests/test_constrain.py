@@ -3,11 +3,6 @@
 validated with `jsonschema` against the schema the caller gave."""
 import json
 import re
-import socket
-import subprocess
-import sys
-import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -19,8 +14,10 @@ pytest.importorskip("llguidance", reason="llguidance not installed")
 import minilm  # noqa: E402
 from minilm.constrain import ConstraintError, IncompleteOutputWarning, bound_schema  # noqa: E402
 
+from conftest import SHARED, ServerProcess  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-MODELS = REPO.parent / "shared" / "models"
+MODELS = SHARED / "models"
 PROXY = "proxy-qwen3-shakespeare"
 
 # several shapes of schema: nested objects, arrays, enums, numbers with bounds, required fields
@@ -181,40 +178,15 @@ def test_bad_constraints_name_the_field(model, kw, param, what):
 
 
 # ---- through the server, with the openai client ----------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
+class LiveServer(ServerProcess):
     """`python -m minilm.server` on a free loopback port (as tests/test_server.py runs it)."""
 
     def __init__(self, name=PROXY, ctx=None):
-        import httpx
         import openai
         path = MODELS / name
         if not (path / "config.json").exists():
             pytest.skip(f"test model {name} not found in {MODELS}")
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "minilm.server", "-m", str(path), "--port", str(self.port),
-               "--threads", "1", "--log-level", "warning"] + (["--ctx", str(ctx)] if ctx else [])
-        self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 90
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.logs()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not come up in 90 s: {self.logs()}")
-            time.sleep(0.1)
+        super().__init__(path, ["--ctx", str(ctx)] if ctx else [], wait_s=90)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
 
     def post(self, path, body):
@@ -224,17 +196,6 @@ class LiveServer:
     def healthy(self) -> bool:
         import httpx
         return httpx.get(self.url + "/health", timeout=10).json()["status"] == "ok"
-
-    def logs(self):
-        self.log.seek(0)
-        return self.log.read()[-3000:]
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 def live_server(name=PROXY, ctx=None):

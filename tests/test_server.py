@@ -3,10 +3,6 @@ the official `openai` client, greedy answers equal to `model.chat` in-process, a
 bad input, auth, and client disconnects. Needs ../shared/models and the server extra + openai."""
 import concurrent.futures as cf
 import json
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +17,7 @@ import openai  # noqa: E402
 import minilm  # noqa: E402
 import minilm.chat  # noqa: E402,F401  (attaches LM.chat etc. if lm.py does not define them)
 
-from conftest import SHARED  # noqa: E402
+from conftest import SHARED, ServerProcess, free_port  # noqa: E402,F401
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = SHARED / "models"
@@ -30,36 +26,13 @@ MSGS = [{"role": "system", "content": "You are a storyteller."},
         {"role": "user", "content": "Tell me a story about a cat."}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     def __init__(self, name, api_key=None):
         path = MODELS / name
         if not (path / "config.json").exists():
             pytest.skip(f"test model {name} not found in {MODELS} (../shared/models beside the repo)")
-        self.name, self.port, self.key = name, _free_port(), api_key
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "minilm.server", "-m", str(path), "--port", str(self.port),
-               "--threads", "1", "--log-level", "warning"] + (["--api-key", api_key] if api_key else [])
-        self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.logs()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not come up in 60 s: {self.logs()}")
-            time.sleep(0.1)
+        super().__init__(path, ["--api-key", api_key] if api_key else [], wait_s=60)
+        self.name, self.key = name, api_key
         self.model = minilm.load(str(path))       # the same model in-process, for the expected answers
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=api_key or "none", max_retries=0, timeout=60)
 
@@ -73,10 +46,6 @@ class Server:
     def health(self):
         return httpx.get(self.url + "/health", timeout=10).json()
 
-    def logs(self):
-        self.log.seek(0)
-        return self.log.read()[-3000:]
-
     def rss_kb(self):
         try:
             for line in open(f"/proc/{self.proc.pid}/status"):
@@ -85,12 +54,6 @@ class Server:
         except OSError:
             return None
 
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")

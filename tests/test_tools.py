@@ -15,6 +15,8 @@ from test_constrain import live_server  # noqa: E402
 
 from minilm.tools import FORMATS, CallStream, ToolError, check_tool_choice, check_tools, format_for, tool_signature  # noqa: E402
 
+from conftest import SHARED  # noqa: E402
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather for a city",
     "parameters": {"type": "object", "properties": {
@@ -111,11 +113,10 @@ def test_signature_is_compact_and_complete():
 
 
 def test_named_choice_shows_only_that_tool():
-    from pathlib import Path
 
     import minilm
     from minilm.chat import prepare_chat
-    path = Path(__file__).resolve().parents[2] / "shared" / "models" / "proxy-qwen3-shakespeare"
+    path = SHARED / "models" / "proxy-qwen3-shakespeare"
     if not (path / "config.json").exists():
         pytest.skip("proxy-qwen3-shakespeare not found")
     m = minilm.load(str(path), n_ctx=1024)
