@@ -6,6 +6,9 @@
     bf16     w uint16[N, K]         (raw bf16 bits, f32 compute)    16
     q8_0     qs int8[N, K], d f16[N, K/32]      ggml Q8_0           8.5
     q4_0     qs uint8[N, K/2], d f16[N, K/G]    ggml Q4_0, G=32/64/128: 4 + 16/G
+    q4_1 q5_0 q5_1 iq4_nl, q2_k q3_k q4_k q5_k q6_k iq4_xs
+             raw uint8[N, K/block * bytes]      ggml's own block bytes   5 ... 2.625
+                                                (kernels/ggml_quants.py)
 
 A `Linear` holds one matrix in one format and computes out = x @ W.T with the format's GEMV
 (decode: one row of x) or GEMM (prefill: many rows). A K that is not a multiple of the block is
@@ -13,7 +16,9 @@ zero-padded up to one (the padded columns meet zero activations, so the product 
 `Linear.K` is the logical width, `Linear.Kp` the stored one. `Linear.rows` dequantizes rows of W
 (token embedding lookup).
 
-User-level quant levels (`minilm.load(..., quant=...)`) map to per-tensor formats in `plan()`.
+`FORMATS` below is the traits table every other part reads (the executor by `fid`, GGUF import
+and export by `ggml_type`, the summary and the benchmark by name and `bits`). User-level quant
+levels (`minilm.load(..., quant=...)`) map to per-tensor formats in `LEVELS` / `parse_level()`.
 """
 from __future__ import annotations
 
