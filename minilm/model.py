@@ -181,6 +181,13 @@ def _region_guard():
     return _SERIAL_REGIONS if layer == "workqueue" else contextlib.nullcontext()
 
 
+def _compile_notice():
+    """Said once when a model's first forward takes long: Numba is compiling (first run only)."""
+    import sys
+    print("minilm: compiling the kernels this model's weight formats need (first run on this machine "
+          "only; cached afterwards) ...", file=sys.stderr, flush=True)
+
+
 class Exclusive:
     """One call at a time on a model (its run state, KV cache and phase counters are single-use):
     other threads wait their turn; the thread that holds it re-entering (a second generation
@@ -235,6 +242,7 @@ class Transformer:
                 self._long = self._tables(self._long_from + 1, n_ctx)
         self._matrices = [tensors[s.mat] for s in self.plan if s.op == "matmul"]
         self.busy = Exclusive()
+        self._ran = False
 
     def _tables(self, seq_len, n):
         """cos/sin f32[n, R * rot/2]: table 0 (rope_theta with its scaling) and, for Gemma 3, table
@@ -311,9 +319,19 @@ class Transformer:
         cos, sin = self._rope(end)
         if self._long_from:
             self._kv_long = end > self._long_from
-        run_plan(low.fs, low.steps, low.fpar, s.btab, low.mtab, low.vtab, M, p0, cos, sin,
-                 cache.k, cache.v, s.XQ, s.XD, s.XS, s.tiles, s.scores, s.attn_part,
-                 c.n_heads, c.n_kv_heads, c.head_dim, c.rotary_dim, s.ctr)
+        notice = None
+        if not self._ran:                   # the first call may compile the executor for this model
+            notice = threading.Timer(3.0, _compile_notice)
+            notice.daemon = True
+            notice.start()
+        try:
+            run_plan(low.fs, low.steps, low.fpar, s.btab, low.mtab, low.vtab, M, p0, cos, sin,
+                     cache.k, cache.v, s.XQ, s.XD, s.XS, s.tiles, s.scores, s.attn_part,
+                     c.n_heads, c.n_kv_heads, c.head_dim, c.rotary_dim, s.ctr)
+        finally:
+            if notice is not None:
+                notice.cancel()
+            self._ran = True
         cache.pos += M
         cache.tokens.extend(int(t) for t in ids)
         return s.buf["xn"][:M, :c.hidden_size]                          # [M, D], final-normed
