@@ -7,7 +7,6 @@ raw dict again.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelLoadError, UnsupportedModelError
+from .jsonfile import read_json_object
 
 # model_type -> family. The family decides tensor naming (weights.py) and the small switches below.
 SUPPORTED = {
@@ -234,18 +234,9 @@ class Config:
     @classmethod
     def from_file(cls, path: str | Path) -> "Config":
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ModelLoadError(f"{path}: config.json not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
-        except RecursionError:
-            raise ModelLoadError(f"{path}: not valid JSON (nested too deeply)") from None
-        except OSError as e:
-            raise ModelLoadError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
-        if not isinstance(raw, dict):
-            raise ModelLoadError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        if not path.exists():
+            raise ModelLoadError(f"{path}: config.json not found")
+        raw = read_json_object(path)
         try:
             return cls.from_hf(raw)
         except ModelLoadError as e:

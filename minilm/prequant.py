@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelLoadError
+from .jsonfile import read_json_object
 from .quant import Linear
 from .safetensors_io import SafetensorsFile, save_file
 
@@ -78,16 +79,7 @@ def read_meta(folder: Path) -> dict:
     size and a `tensors` object of {fmt, N, K, Kp, arrays} entries."""
     from .quant import LEVELS
     path = folder / MARKER
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ModelLoadError(f"{path}: not valid JSON (nested too deeply)") from None
-    except OSError as e:
-        raise ModelLoadError(f"{path}: cannot read ({e})") from None
-    if not isinstance(meta, dict):
-        raise ModelLoadError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_json_object(path)
     v = meta.get("format_version")
     if meta.get("format") != "minilm" or not _int(v):
         raise ModelLoadError(f"{path}: not a minilm pre-quantized model description "

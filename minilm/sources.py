@@ -38,6 +38,7 @@ import numpy as np
 
 from .config import Config, token_ids
 from .errors import ModelLoadError, NonFiniteWeightsError, UnsupportedModelError
+from .jsonfile import read_json_object
 from .quant import FORMATS, GGML_TO_FMT, LEVELS, Linear, parse_level
 from .safetensors_io import check_finite
 from .weights import CheckpointReader, canonical_shapes, check_checkpoint, is_matrix, iter_canonical
@@ -108,17 +109,7 @@ def read_generation_config(folder: Path) -> dict:
     p = folder / "generation_config.json"
     if not p.exists():
         return {}
-    try:
-        g = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{p}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise ModelLoadError(f"{p}: not valid JSON (nested too deeply)") from None
-    except OSError as e:
-        raise ModelLoadError(f"{p}: cannot read ({e})") from None
-    if not isinstance(g, dict):
-        raise ModelLoadError(f"{p}: expected a JSON object, got {type(g).__name__}")
-    return g
+    return read_json_object(p)
 
 
 def add_generation_eos(cfg: Config, gen: dict, where) -> None:

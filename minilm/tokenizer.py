@@ -9,12 +9,12 @@ Public surface (nothing outside this module reaches into the underlying object):
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
 from .errors import ModelLoadError
+from .jsonfile import read_json_object
 
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
@@ -31,16 +31,7 @@ class Tokenizer:
         cfg_path = folder / "tokenizer_config.json"
         self.config = {}
         if cfg_path.exists():
-            try:
-                self.config = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ModelLoadError(f"{cfg_path}: not valid JSON ({e})") from None
-            except RecursionError:
-                raise ModelLoadError(f"{cfg_path}: not valid JSON (nested too deeply)") from None
-            except OSError as e:
-                raise ModelLoadError(f"{cfg_path}: cannot read ({type(e).__name__}: {e})") from None
-            if not isinstance(self.config, dict):
-                raise ModelLoadError(f"{cfg_path}: expected a JSON object, got {type(self.config).__name__}")
+            self.config = read_json_object(cfg_path)
             for k in _SPECIAL_KEYS:
                 t = self.config.get(k)
                 if t is not None and not isinstance(t, str) and not (
