@@ -241,6 +241,12 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
                           type_="invalid_request_error", code="invalid_api_key")
         return None
 
+    async def authed_json(request: Request):
+        """(body, None) for an authorised request with a valid JSON body, else (None, error response)."""
+        if (e := auth_error(request)) is not None:
+            return None, e
+        return await read_json(request)
+
     async def read_json(request: Request):
         cl = request.headers.get("content-length")
         if cl is not None:
@@ -283,9 +289,7 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
                                             "owned_by": "minilm"}]}
 
     async def run(request: Request, kind: str):
-        if (e := auth_error(request)) is not None:
-            return e
-        body, err = await read_json(request)
+        body, err = await authed_json(request)
         if err is not None:
             return err
         try:
@@ -369,9 +373,7 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
         of such lists; optional `encoding_format` "float" (default) or "base64"; minilm extras
         `pooling` ("mean" | "last") and `normalize` (default true)."""
         from .embed import EmbeddingError, embed_ids, encode_inputs
-        if (e := auth_error(request)) is not None:
-            return e
-        body, err = await read_json(request)
+        body, err = await authed_json(request)
         if err is not None:
             return err
         try:
