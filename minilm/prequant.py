@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import ModelLoadError
 from .jsonfile import read_json_object
-from .quant import Linear
+from .quant import FORMATS, Linear
 from .safetensors_io import SafetensorsFile, save_file
 
 FORMAT_VERSION = 1
@@ -61,15 +61,6 @@ def save(model, out_dir) -> Path:
 
 
 # format -> arrays of a Linear: (name, safetensors dtype, shape from (N, Kp, group))
-_ARRAYS = {
-    "f32": [("w", "F32", lambda N, Kp, G: (N, Kp))],
-    "f16": [("w", "F16", lambda N, Kp, G: (N, Kp))],
-    "bf16": [("w", "U16", lambda N, Kp, G: (N, Kp))],
-    "q8_0": [("qs", "I8", lambda N, Kp, G: (N, Kp)), ("d", "F16", lambda N, Kp, G: (N, Kp // 32))],
-    "q4_0": [("qs", "U8", lambda N, Kp, G: (N, Kp // 2)), ("d", "F16", lambda N, Kp, G: (N, Kp // G))],
-}
-
-
 def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -105,12 +96,12 @@ def read_meta(folder: Path) -> dict:
         if not isinstance(ti, dict):
             raise ModelLoadError(f"{where}: must be an object with fmt, N, K, Kp, arrays")
         fmt = ti.get("fmt")
-        if not isinstance(fmt, str) or fmt not in _ARRAYS:
-            raise ModelLoadError(f"{where}: unknown tensor format {fmt!r} (known: {', '.join(_ARRAYS)})")
+        if not isinstance(fmt, str) or fmt not in FORMATS:
+            raise ModelLoadError(f"{where}: unknown tensor format {fmt!r} (known: {', '.join(FORMATS)})")
         for k in ("N", "K", "Kp"):
             if not _int(ti.get(k)) or ti[k] < 1:
                 raise ModelLoadError(f"{where}: {k}={ti.get(k)!r} must be a positive integer")
-        want = [a for a, _, _ in _ARRAYS[fmt]]
+        want = list(FORMATS[fmt].arrays)
         if not isinstance(ti.get("arrays"), list) or sorted(ti["arrays"]) != sorted(want):
             raise ModelLoadError(f"{where}: arrays={ti.get('arrays')!r}, expected {want} for format {fmt}")
     return meta
@@ -169,7 +160,7 @@ def plan_tensors(folder: Path, cfg=None, meta: dict | None = None) -> tuple:
                 raise ModelLoadError(f"{path}: tensor {name!r} is missing")
             plan[name] = ("vec",)
             continue
-        blk = 32 if fmt in ("q8_0", "q4_0") else 1
+        blk = FORMATS[fmt].block
         G = 32
         if fmt == "q4_0":
             dn = f"{name}.d"
@@ -181,8 +172,8 @@ def plan_tensors(folder: Path, cfg=None, meta: dict | None = None) -> tuple:
         if Kp < K or Kp % blk or Kp - K >= blk:
             raise ModelLoadError(f"{folder / MARKER}: tensor {name!r}: Kp={Kp} is not K={K} padded to "
                                  f"a multiple of {blk} ({fmt})")
-        for a, dt, shp in _ARRAYS[fmt]:
-            need(f"{name}.{a}", dt, shp(N, Kp, G))
+        for a, dt, shp in FORMATS[fmt].stored(N, Kp, G):
+            need(f"{name}.{a}", dt, shp)
         plan[name] = ("linear", fmt, N, K, Kp)
     if expect is not None:
         extra = [n for n in info if n not in expect] + [
@@ -210,7 +201,7 @@ def iter_tensors(planned: tuple, check_weights: bool = True):
                 check_finite(a, f"{path}: tensor {name!r}")
             return a
         _, fmt, N, K, Kp = pl
-        arrays = {a: f.get(f"{name}.{a}") for a, _, _ in _ARRAYS[fmt]}
+        arrays = {a: f.get(f"{name}.{a}") for a in FORMATS[fmt].arrays}
         if check_weights:
             for a, arr in arrays.items():
                 if a in ("w", "d"):

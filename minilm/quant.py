@@ -60,6 +60,16 @@ class Format:
             return 4.0 + 16.0 / group
         return 8.0 * self.block_bytes / self.block
 
+    def stored(self, N: int, Kp: int, group: int = 32) -> list[tuple[str, str, tuple]]:
+        """The arrays a matrix [N, Kp] of this format stores: (name, safetensors dtype, shape)."""
+        if self.arrays == ("raw",):
+            return [("raw", "U8", (N, Kp // self.block * self.block_bytes))]
+        if self.name == "q8_0":
+            return [("qs", "I8", (N, Kp)), ("d", "F16", (N, Kp // 32))]
+        if self.name == "q4_0":
+            return [("qs", "U8", (N, Kp // 2)), ("d", "F16", (N, Kp // group))]
+        return [("w", {"f32": "F32", "f16": "F16", "bf16": "U16"}[self.name], (N, Kp))]
+
     def row_arrays(self, lin: "Linear"):
         """(weights, scales) as the executor's matrix table reads them (scales: u16 fp16 bits;
         float formats have none)."""

@@ -75,3 +75,15 @@ def test_gguf_round_trip_runs_the_raw_bytes(tmp_path, quant):
     lin = g.tensors["l0.w_down"]
     ours = FORMATS[quant].unpack(lin.arrays)
     np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape), ours)
+
+
+@pytest.mark.parametrize("quant", ["q4_k", "iq4_nl"])
+def test_prequantized_folder_round_trip(tmp_path, quant):
+    """model.save of a ggml-format model maps back (its raw arrays checked against the traits
+    table's stored shapes) with identical logits."""
+    m = minilm.load(shared_path("models", "proxy-llama256-shakespeare"), quant=quant)
+    m.save(tmp_path / "pq")
+    back = minilm.load(str(tmp_path / "pq"))
+    assert back.quant == quant and back.tensors["l0.wqkv"].fmt == quant
+    ids = list(range(5, 30))
+    np.testing.assert_array_equal(back.logits(ids), m.logits(ids))

@@ -332,7 +332,7 @@ def _edit_meta(folder, edit):
     (lambda m: m.update(quant=5), "quant"),
     (lambda m: m.update(group_size=7), "group_size"),
     (lambda m: m.update(format_version="1"), "format_version"),
-    (lambda m: m["tensors"]["l0.wqkv"].update(fmt="q5_k"), "unknown tensor format"),
+    (lambda m: m["tensors"]["l0.wqkv"].update(fmt="q9_9"), "unknown tensor format"),
     (lambda m: m["tensors"]["l0.wqkv"].update(N="8"), "N="),
     (lambda m: m["tensors"]["l0.wqkv"].update(arrays=["qs"]), "arrays"),
     (lambda m: m["tensors"]["l0.wqkv"].update(N=9999), "l0.wqkv"),
