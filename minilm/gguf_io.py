@@ -27,6 +27,7 @@ present, otherwise rebuilds a `tokenizers` tokenizer from the ggml metadata.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -38,7 +39,7 @@ from .quant import FORMATS, Linear, parse_level
 from .sources import (
     BYTE,
     CONTROL,
-    GGUF_ARCHS,
+    GGUF_ARCH_OF,
     GPT2_RE,
     LLAMA3_RE,
     NORMAL,
@@ -47,6 +48,7 @@ from .sources import (
     UNUSED,
     USER_DEFINED,
     GGUFSource,
+    Part,
     dequant,
     ggml_bytes,
     gguf_layout,
@@ -56,7 +58,8 @@ from .sources import (
     sub_rows,
 )
 
-ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCH_OF = GGUF_ARCH_OF          # model_type -> GGUF architecture
+OUTPUT_REQUIRED = ("gptneox", "olmo2")     # llama.cpp needs output.weight even when the head is tied
 # levels a GGUF can hold as they are: minilm's own names and ggml's block formats by their names
 GGML_LEVELS = {"q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1", "q2_k": "MOSTLY_Q2_K",
                "q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S", "q6_k": "MOSTLY_Q6_K",
@@ -169,6 +172,90 @@ def _tokenizer_meta(model, tj: dict) -> dict:
     return meta
 
 
+def _llama_cpp_attn_scale(c) -> float:
+    """The attention scale llama.cpp's gemma2 / gemma3 graphs use (they read no key for it)."""
+    big = c.n_layers == (46 if c.model_type == "gemma2" else 62)     # the 27B models
+    return 1.0 / math.sqrt(c.hidden_size / c.n_heads if big else c.head_dim)
+
+
+def _check_exportable(c, arch: str) -> None:
+    """UnsupportedModelError for a config that llama.cpp's graph for `arch` cannot express (it
+    would load and compute something else)."""
+    def no(what):
+        raise UnsupportedModelError(f"GGUF export ({arch}): {what}; llama.cpp's {arch} graph cannot express it")
+    kind = (c.rope_scaling or {}).get("rope_type")
+    if kind is not None and not (arch == "phi3" and kind == "longrope"):
+        no(f"rope_scaling {kind!r} is not supported")
+    if any(c.layer_windows) and arch not in ("gemma2", "gemma3", "phi3"):
+        no("sliding-window attention")
+    if arch in ("gemma2", "gemma3"):
+        win = {w for w in c.layer_windows if w}
+        if len(win) > 1:
+            no(f"sliding windows of several sizes {sorted(win)}")
+        if abs((c.attn_scale or 1.0 / math.sqrt(c.head_dim)) - _llama_cpp_attn_scale(c)) > 1e-6 * _llama_cpp_attn_scale(c):
+            no(f"attention scale {c.attn_scale} (query_pre_attn_scalar) differs from llama.cpp's "
+               f"{_llama_cpp_attn_scale(c)}")
+        if arch == "gemma3" and c.attn_softcap:
+            no("attention soft-capping on gemma3")
+        if arch == "gemma2" and not c.tie_word_embeddings:
+            no("an untied lm head on gemma2")
+    if arch == "smollm3" and c.layer_rope and c.layer_rope != [0 if (i + 1) % 4 else -1 for i in range(c.n_layers)]:
+        no("layers without RoPE other than every 4th (llama.cpp fixes no_rope_layer_interval = 4)")
+    if arch == "lfm2" and c.conv_bias:
+        no("convolution biases (conv_bias)")
+    if arch == "phi3" and len({w for w in c.layer_windows}) > 1:
+        no("per-layer sliding windows")
+
+
+def _arch_meta(w, c, arch: str) -> None:
+    """The hyper-parameters as llama.cpp's loader for `arch` reads them (llama-model.cpp and
+    src/models/<arch>.cpp at 0c1e570)."""
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.n_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.n_heads)
+    if arch == "lfm2":       # convolution layers have no kv heads: llama.cpp's marker of a recurrent layer
+        w.add_head_count_kv([0 if c.is_conv(i) else c.n_kv_heads for i in range(c.n_layers)])
+        w.add_shortconv_l_cache(c.conv_kernel)
+    else:
+        w.add_head_count_kv(c.n_kv_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    if c.rotary_dim:
+        w.add_rope_dimension_count(c.rotary_dim)
+        w.add_rope_freq_base(c.rope_theta)
+    if c.norm == "layer":
+        w.add_layer_norm_eps(c.norm_eps)
+    else:
+        w.add_layer_norm_rms_eps(c.norm_eps)
+    w.add_vocab_size(c.vocab_size)
+    if arch == "gptneox":
+        w.add_parallel_residual(bool(c.parallel_residual))
+    if arch in ("gemma2", "gemma3"):
+        win = max(c.layer_windows or [0])
+        if win:
+            w.add_sliding_window(win)
+            w.add_sliding_window_pattern([bool(x) for x in c.layer_windows])
+            if arch == "gemma3" and c.rope_local_theta:
+                w.add_rope_freq_base_swa(c.rope_local_theta)
+        if c.attn_softcap:
+            w.add_attn_logit_softcapping(c.attn_softcap)
+        if c.final_softcap:
+            w.add_final_logit_softcapping(c.final_softcap)
+    if arch == "phi3":
+        w.add_sliding_window(max(c.layer_windows or [0]))    # llama.cpp ignores it (as convert writes it)
+        sc = c.rope_scaling or {}
+        if sc.get("rope_type") == "longrope":
+            w.add_rope_scaling_orig_ctx_len(int(sc["original_max_position_embeddings"]))
+            w.add_rope_scaling_attn_factors(float(sc["attention_factor"]))
+    if arch == "granite":
+        w.add_embedding_scale(c.embed_scale)
+        w.add_residual_scale(c.residual_scale)
+        w.add_attention_scale(c.attn_scale or 1.0 / math.sqrt(c.head_dim))
+        w.add_logit_scale(c.logits_scaling)
+
+
 def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool = True) -> Path:
     """Write a GGUF file llama.cpp loads. quant: f32, f16, bf16, int8 (Q8_0), int4 (Q4_0, group 32),
     or one of ggml's block formats by name (q4_k, q6_k, iq4_nl, ...); None: as the model is. A model already in that format is written without requantizing."""
@@ -192,14 +279,9 @@ def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool
     mat_fmt, emb_fmt, _ = parse_level(level)
     c = model.config
     arch = ARCH_OF.get(c.model_type)
-    if arch not in GGUF_ARCHS or c.family != "llama":
-        raise UnsupportedModelError(f"GGUF export supports llama, mistral, qwen2 and qwen3 models, "
-                                    f"not {c.model_type}")
-    if c.rope_scaling:
-        raise UnsupportedModelError(f"GGUF export: rope_scaling {c.rope_scaling.get('rope_type')!r} "
-                                    "is not supported")
-    if any(c.layer_windows):
-        raise UnsupportedModelError("GGUF export: sliding-window attention is not supported")
+    if arch is None:
+        raise UnsupportedModelError(f"GGUF export supports {', '.join(sorted(ARCH_OF))} models, not {c.model_type}")
+    _check_exportable(c, arch)
     tj = _tok_json(model)
     if tj is None:
         raise ModelLoadError(f"{model.source}: no tokenizer.json to export")
@@ -208,18 +290,7 @@ def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool
     out_path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(out_path), arch)
     w.add_name(Path(str(model.source)).name or "minilm")
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_block_count(c.n_layers)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.n_heads)
-    w.add_head_count_kv(c.n_kv_heads)
-    w.add_key_length(c.head_dim)
-    w.add_value_length(c.head_dim)
-    w.add_rope_dimension_count(c.rotary_dim)
-    w.add_rope_freq_base(c.rope_theta)
-    w.add_layer_norm_rms_eps(c.norm_eps)
-    w.add_vocab_size(c.vocab_size)
+    _arch_meta(w, c, arch)
     ft = gguf.LlamaFileType
     w.add_file_type({"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16,
                      "int8": ft.MOSTLY_Q8_0, "int4": ft.MOSTLY_Q4_0,
@@ -266,12 +337,16 @@ def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool
     T = model.tensors
     fallback, notes = {}, []
     qtype = gguf.GGMLQuantizationType
-    for name, parts in gguf_layout(c, arch).items():
-        t = T[name]
+    layout = gguf_layout(c, arch)
+    if c.tie_word_embeddings and arch in OUTPUT_REQUIRED:     # llama.cpp loads no tied head for these
+        layout["output"] = [Part("output.weight", "tok_embd", 0, c.vocab_size, c.hidden_size, None)]
+    for name, parts in layout.items():
+        t = T[parts[0].canon]
         if not isinstance(t, Linear):                              # vectors: F32
             for p in parts:
                 a = np.ascontiguousarray(t[p.a:p.b], np.float32)
-                w.add_tensor(p.gguf, permute_rows(a, p.heads) if p.heads else a)
+                a = permute_rows(a, p.heads) if p.heads else a
+                w.add_tensor(p.gguf, a.reshape(-1, p.cols) if p.cols else a)
             continue
         lin = _to_target(t, emb_fmt if name in ("tok_embd", "output") else mat_fmt, name)
         f = FORMATS[lin.fmt]
@@ -287,6 +362,10 @@ def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool
                 w.add_tensor(p.gguf, dequant(part))
             else:
                 w.add_tensor(p.gguf, ggml_bytes(part), raw_dtype=qtype(f.ggml_type))   # byte shape
+    sc = c.rope_scaling or {}
+    if sc.get("rope_type") == "longrope":                   # Phi-3: one pair of factor tensors
+        for k in ("long", "short"):
+            w.add_tensor(f"rope_factors_{k}.weight", np.asarray(sc[f"{k}_factor"], np.float32))
     w.add_string("minilm.tensor_formats", json.dumps(fallback))
 
     w.write_header_to_file()

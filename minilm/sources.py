@@ -15,7 +15,7 @@ the target formats, `LM`).
 Three sources:
     HFSource        a Hugging Face folder (config.json + *.safetensors), through weights.py
     PrequantSource  a folder written by `model.save` (prequant.py), memory-mapped as saved
-    GGUFSource      a llama.cpp GGUF file (llama / qwen2 / qwen3); tensor types map onto minilm's
+    GGUFSource      a llama.cpp GGUF file (any architecture of GGUF_ARCHS); tensor types map onto minilm's
                     formats through quant.FORMATS (ggml_type / ggml_name / block / block_bytes),
                     the tensors stay memory-mapped where the canonical layout allows
 
@@ -199,14 +199,18 @@ class PrequantSource(Source):
 # ---- GGUF: the one table of tensor names ---------------------------------------------------------
 # canonical name (per-layer names without their "l{i}." prefix) -> its GGUF tensors, in row order:
 # (GGUF name, rows, rope). rows: the part's share of the canonical rows ("q": q_dim, "kv": kv_dim,
-# "ffn": intermediate_size, None: all of them). rope "q" / "k": for the llama architecture
-# llama.cpp stores these rows in its interleaved-pair RoPE order (n_heads / n_kv_heads heads; see
-# permute_rows); qwen2 / qwen3 use NEOX RoPE and store them as is.
+# "ffn": intermediate_size, None: all of them). rope "q" / "k": for the architectures whose
+# llama.cpp graph uses the interleaved-pair RoPE (GGUF_NORM_ROPE) these rows are stored in that
+# order (n_heads / n_kv_heads heads; see permute_rows); the NEOX-RoPE ones store them as is.
+# Names as llama.cpp 0c1e570 loads them (src/llama-arch.cpp, src/llama-model.cpp).
 GGUF_NAMES: dict[str, tuple[tuple[str, str | None, str | None], ...]] = {
     "tok_embd": (("token_embd.weight", None, None),),
+    "pos_embd": (("position_embd.weight", None, None),),
     "out_norm.w": (("output_norm.weight", None, None),),
+    "out_norm.b": (("output_norm.bias", None, None),),
     "output": (("output.weight", None, None),),
     "attn_norm.w": (("blk.{i}.attn_norm.weight", None, None),),
+    "attn_norm.b": (("blk.{i}.attn_norm.bias", None, None),),
     "wqkv": (("blk.{i}.attn_q.weight", "q", "q"), ("blk.{i}.attn_k.weight", "kv", "k"),
              ("blk.{i}.attn_v.weight", "kv", None)),
     "bqkv": (("blk.{i}.attn_q.bias", "q", "q"), ("blk.{i}.attn_k.bias", "kv", "k"),
@@ -215,44 +219,84 @@ GGUF_NAMES: dict[str, tuple[tuple[str, str | None, str | None], ...]] = {
     "k_norm": (("blk.{i}.attn_k_norm.weight", None, None),),
     "wo": (("blk.{i}.attn_output.weight", None, None),),
     "bo": (("blk.{i}.attn_output.bias", None, None),),
+    "post_attn_norm.w": (("blk.{i}.post_attention_norm.weight", None, None),),
     "ffn_norm.w": (("blk.{i}.ffn_norm.weight", None, None),),
+    "ffn_norm.b": (("blk.{i}.ffn_norm.bias", None, None),),
+    "post_ffn_norm.w": (("blk.{i}.post_ffw_norm.weight", None, None),),
     "w_gate_up": (("blk.{i}.ffn_gate.weight", "ffn", None), ("blk.{i}.ffn_up.weight", "ffn", None)),
     "b_gate_up": (("blk.{i}.ffn_gate.bias", "ffn", None), ("blk.{i}.ffn_up.bias", "ffn", None)),
+    "w_up": (("blk.{i}.ffn_up.weight", None, None),),
+    "b_up": (("blk.{i}.ffn_up.bias", None, None),),
     "w_down": (("blk.{i}.ffn_down.weight", None, None),),
     "b_down": (("blk.{i}.ffn_down.bias", None, None),),
+    "conv_w": (("blk.{i}.shortconv.conv.weight", None, None),),     # ggml {Lc, D}: see GGUF_2D
 }
-GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+_QKV_FUSED = {"wqkv": (("blk.{i}.attn_qkv.weight", None, None),),
+              "bqkv": (("blk.{i}.attn_qkv.bias", None, None),)}
+# Where an architecture names a tensor otherwise (these win over GGUF_NAMES). Keys "conv.X": LFM2's
+# convolution layers. Reading also accepts GGUF_NAMES' split q/k/v where the fused one is absent.
+GGUF_ARCH_NAMES: dict[str, dict[str, tuple[tuple[str, str | None, str | None], ...]]] = {
+    "gpt2": _QKV_FUSED,
+    "gptneox": _QKV_FUSED,                                  # q, k, v blocks (not NeoX's per-head order)
+    "phi3": {**_QKV_FUSED, "w_gate_up": (("blk.{i}.ffn_up.weight", None, None),)},   # gate rows, then up
+    "lfm2": {"out_norm.w": (("token_embd_norm.weight", None, None),),
+             "conv.wqkv": (("blk.{i}.shortconv.in_proj.weight", None, None),),
+             "conv.wo": (("blk.{i}.shortconv.out_proj.weight", None, None),)},
+}
+# canonical vectors that GGUF stores as a matrix: name -> its row length from the config
+GGUF_2D = {"conv_w": lambda cfg: cfg.conv_kernel}
+# model_type -> GGUF general.architecture (llama.cpp's names); GGUF_ARCHS: the ones minilm reads
+GGUF_ARCH_OF = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gpt2": "gpt2",
+                "gpt_neox": "gptneox", "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3",
+                "smollm3": "smollm3", "olmo2": "olmo2", "granite": "granite", "lfm2": "lfm2"}
+GGUF_ARCHS = tuple(dict.fromkeys(GGUF_ARCH_OF.values()))
+GGUF_NORM_ROPE = ("llama", "granite", "smollm3")   # llama.cpp's LLAMA_ROPE_TYPE_NORM among them
 
 
 @dataclass(frozen=True)
 class Part:
     """One GGUF tensor: rows a:b of canonical tensor `canon` (shape [b - a, K] or [b - a]);
-    heads: rows stored in llama.cpp's RoPE order for that many heads (None: as is)."""
+    heads: rows stored in llama.cpp's RoPE order for that many heads (None: as is). Tensors that
+    are not matrices (K None): width, the canonical row length of a 2-D one (GPT-2's positions;
+    1: a vector); cols, the GGUF row length when GGUF stores it 2-D (None: 1-D)."""
     gguf: str
     canon: str
     a: int
     b: int
-    K: int | None          # None: a vector
+    K: int | None          # None: not a matrix (no Linear)
     heads: int | None
+    cols: int | None = None
+    width: int = 1
 
 
-def gguf_layout(cfg: Config, arch: str) -> dict[str, list[Part]]:
+def gguf_layout(cfg: Config, arch: str, present=None) -> dict[str, list[Part]]:
     """Canonical name -> its GGUF parts, for every tensor `cfg` implies (weights.canonical_shapes).
-    UnsupportedModelError for a canonical tensor GGUF has no name for."""
+    present: the tensor names of a file being read; where the architecture's name for a tensor is
+    absent there but GGUF_NAMES' is present (e.g. split q/k/v instead of a fused attn_qkv), the
+    latter is used. UnsupportedModelError for a canonical tensor GGUF has no name for."""
     rows = {"q": cfg.q_dim, "kv": cfg.kv_dim, "ffn": cfg.intermediate_size}
     heads = {"q": cfg.n_heads, "k": cfg.n_kv_heads}
+    names = GGUF_ARCH_NAMES.get(arch, {})
     out = {}
     for name, shape in canonical_shapes(cfg).items():
         m = re.fullmatch(r"l(\d+)\.(.+)", name)
         key, i = (m.group(2), int(m.group(1))) if m else (name, None)
-        spec = GGUF_NAMES.get(key)
+        own = names.get(f"conv.{key}") if i is not None and cfg.is_conv(i) else None
+        spec = own or names.get(key) or GGUF_NAMES.get(key)
         if spec is None:
             raise UnsupportedModelError(f"tensor {name}: GGUF ({arch}) has no tensor name for it")
+        alt = GGUF_NAMES.get(key)
+        if present is not None and spec is not alt and alt and not own and \
+                spec[0][0].format(i=i) not in present and alt[0][0].format(i=i) in present:
+            spec = alt
         parts, a = [], 0
         for gname, r, rope in spec:
             n = rows[r] if r else shape[0]
-            h = heads[rope] if rope and arch == "llama" else None
-            parts.append(Part(gname.format(i=i), name, a, a + n, shape[1] if len(shape) == 2 else None, h))
+            h = heads[rope] if rope and arch in GGUF_NORM_ROPE else None
+            mat = len(shape) == 2 and is_matrix(name)
+            width = 1 if mat or len(shape) == 1 else shape[1]
+            cols = GGUF_2D[key](cfg) if key in GGUF_2D else (width if width > 1 else None)
+            parts.append(Part(gname.format(i=i), name, a, a + n, shape[1] if mat else None, h, cols, width))
             a += n
         if a != shape[0]:   # pragma: no cover - the table and canonical_shapes disagree
             raise AssertionError(f"{name}: GGUF parts cover {a} rows of {shape[0]}")
@@ -484,46 +528,82 @@ def _float_format(fmt: str) -> bool:
     return FORMATS[fmt].arrays == ("w",)
 
 
+def _gguf_vector(m: GGUFMeta, tensors: dict, name: str) -> list[float] | None:
+    """A small F32 tensor's values (Phi-3's rope factors), or None when absent."""
+    t = tensors.get(name)
+    if t is None:
+        return None
+    if t.tensor_type.name != "F32":
+        raise ModelLoadError(f"{m.path}: tensor {name!r} has GGML type {t.tensor_type.name}, expected F32")
+    return [float(x) for x in np.asarray(t.data, np.float32).reshape(-1)]
+
+
 def config_from_gguf(m: GGUFMeta, arch: str, tensors: dict) -> Config:
+    """The Config of a GGUF file: llama.cpp's metadata keys (and the tensors present) read back into
+    config.json's vocabulary, per architecture, so that Config.from_hf checks them as it checks any
+    checkpoint. Each key as llama.cpp reads it (src/models/<arch>.cpp load_arch_hparams)."""
     a = arch
     emb = tensors.get("token_embd.weight")
     if emb is None:
         raise ModelLoadError(f"{m.path}: tensor 'token_embd.weight' is missing")
     D = m.int_(f"{a}.embedding_length")
     H = m.int_(f"{a}.attention.head_count")
-    hkv = m.get(f"{a}.attention.head_count_kv", H)
-    if isinstance(hkv, list):
-        raise ModelLoadError(f"{m.path}: per-layer head_count_kv is not supported")
-    hkv = m.int_(f"{a}.attention.head_count_kv", H)
+    L = m.int_(f"{a}.block_count")
+    hkv_raw = m.get(f"{a}.attention.head_count_kv", H)
+    conv_layers = None
+    if isinstance(hkv_raw, list):        # per layer: LFM2 marks its convolution layers with 0
+        if a != "lfm2":
+            raise ModelLoadError(f"{m.path}: per-layer head_count_kv is not supported for {a}")
+        if len(hkv_raw) != L or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in hkv_raw):
+            raise ModelLoadError(f"{m.path}: GGUF metadata {a}.attention.head_count_kv must list {L} "
+                                 f"non-negative integers, got {hkv_raw!r}")
+        if len({x for x in hkv_raw if x}) != 1:
+            raise ModelLoadError(f"{m.path}: GGUF metadata {a}.attention.head_count_kv: the attention layers "
+                                 f"must share one kv head count, got {hkv_raw!r}")
+        conv_layers = [x == 0 for x in hkv_raw]
+        hkv = max(hkv_raw)
+    else:
+        hkv = m.int_(f"{a}.attention.head_count_kv", H)
     hd = m.int_(f"{a}.attention.key_length", D // H if H > 0 else 0)
     edims = tensor_dims(emb, m.path)
     V = edims[1] if len(edims) > 1 else None
+    layer_norm = a in ("gpt2", "gptneox")
+    model_type = {v: k for k, v in reversed(GGUF_ARCH_OF.items())}[a]    # llama -> llama, gemma3 -> gemma3_text
     raw = {
-        "model_type": a,
+        "model_type": model_type,
         "hidden_size": D,
-        "num_hidden_layers": m.int_(f"{a}.block_count"),
+        "num_hidden_layers": L,
         "num_attention_heads": H,
         "num_key_value_heads": hkv,
         "head_dim": hd,
         "intermediate_size": m.int_(f"{a}.feed_forward_length"),
         "max_position_embeddings": m.int_(f"{a}.context_length", 2048),
-        "rms_norm_eps": m.num(f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
         "rope_theta": m.num(f"{a}.rope.freq_base", 10000.0),
         "vocab_size": m.int_(f"{a}.vocab_size", V),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "mlp_bias": "blk.0.ffn_up.bias" in tensors,
         "bos_token_id": m.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": m.get("minilm.eos_token_ids") or m.get("tokenizer.ggml.eos_token_id"),
     }
-    if a != "qwen2":
-        raw["attention_bias"] = "blk.0.attn_q.bias" in tensors
+    if layer_norm:
+        raw["layer_norm_epsilon" if a == "gpt2" else "layer_norm_eps"] = m.num(f"{a}.attention.layer_norm_epsilon", 1e-5)
+    else:
+        raw["rms_norm_eps"] = m.num(f"{a}.attention.layer_norm_rms_epsilon", 1e-5)
+        raw["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    if a not in ("qwen2", "gpt2", "gptneox"):
+        raw["attention_bias"] = "blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors
     if a == "llama" and "blk.0.attn_output.bias" not in tensors and raw["attention_bias"]:
         raise ModelLoadError(f"{m.path}: q/k/v biases without an output bias are not supported for llama")
-    rd = m.int_(f"{a}.rope.dimension_count", hd)
-    if rd != hd:
-        if hd < 1:
-            raise ModelLoadError(f"{m.path}: GGUF metadata {a}.attention.key_length={hd} must be positive")
-        raw["partial_rotary_factor"] = rd / hd
+    if a == "gpt2":
+        raw.update(n_positions=raw["max_position_embeddings"], n_inner=raw["intermediate_size"])
+    if a == "gptneox":
+        raw["use_parallel_residual"] = bool(m.get(f"{a}.use_parallel_residual", True))
+        raw["attention_bias"] = "blk.0.attn_qkv.bias" in tensors
+    if a != "gpt2":
+        rd = m.int_(f"{a}.rope.dimension_count", hd)
+        if rd != hd:
+            if hd < 1:
+                raise ModelLoadError(f"{m.path}: GGUF metadata {a}.attention.key_length={hd} must be positive")
+            raw["partial_rotary_factor"] = rd / hd
     st = m.get(f"{a}.rope.scaling.type")
     if st not in (None, "none"):
         if st != "linear":
@@ -531,6 +611,46 @@ def config_from_gguf(m: GGUFMeta, arch: str, tensors: dict) -> Config:
         raw["rope_scaling"] = {"rope_type": "linear", "factor": m.num(f"{a}.rope.scaling.factor")}
     if "rope_freqs.weight" in tensors:
         raise ModelLoadError(f"{m.path}: rope frequency factors (rope_freqs.weight) are not supported")
+    long, short = (_gguf_vector(m, tensors, f"rope_factors_{k}.weight") for k in ("long", "short"))
+    if (long is None) != (short is None) or (long is not None and a != "phi3"):
+        raise ModelLoadError(f"{m.path}: rope_factors_long / rope_factors_short: both or neither, and only for phi3")
+    if long is not None:                 # Phi-3 LongRoPE
+        raw["rope_scaling"] = {"rope_type": "longrope", "long_factor": long, "short_factor": short,
+                               "attention_factor": m.num(f"{a}.rope.scaling.attn_factor", 1.0)}
+        raw["original_max_position_embeddings"] = m.int_(f"{a}.rope.scaling.original_context_length",
+                                                         raw["max_position_embeddings"])
+    if a in ("gemma2", "gemma3"):
+        key = f"{a}.attention.sliding_window"
+        sw = m.int_(key, 4096) if a == "gemma2" else (m.int_(key) if m.get(key) is not None else 0)
+        pat = m.get(f"{a}.attention.sliding_window_pattern", 2 if a == "gemma2" else 6)
+        if isinstance(pat, list):
+            if len(pat) != L or not all(isinstance(x, bool) for x in pat):
+                raise ModelLoadError(f"{m.path}: GGUF metadata {a}.attention.sliding_window_pattern must list "
+                                     f"{L} booleans, got {pat!r}")
+            swa = pat
+        else:
+            n = m.int_(f"{a}.attention.sliding_window_pattern", 2 if a == "gemma2" else 6)
+            swa = [n == 0 or i % n < n - 1 for i in range(L)]     # llama_hparams::set_swa_pattern
+        if sw:
+            raw["sliding_window"] = sw
+            raw["layer_types"] = ["sliding_attention" if x else "full_attention" for x in swa]
+        n_head_dim = D // H if L == (46 if a == "gemma2" else 62) else hd   # llama.cpp: 27B scales by D/H
+        raw["query_pre_attn_scalar"] = n_head_dim
+        for k in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if m.get(f"{a}.{k}") is not None and m.num(f"{a}.{k}") > 0:
+                raw[k] = m.num(f"{a}.{k}")
+        if a == "gemma3":
+            raw["rope_local_base_freq"] = m.num(f"{a}.rope.freq_base_swa", 10000.0)
+    if a == "phi3" and m.get(f"{a}.attention.sliding_window") is not None:
+        raw["sliding_window"] = m.int_(f"{a}.attention.sliding_window")     # 0: none (Phi-4)
+    if a == "granite":
+        raw.update(embedding_multiplier=m.num(f"{a}.embedding_scale", 1.0),
+                   residual_multiplier=m.num(f"{a}.residual_scale", 1.0),
+                   attention_multiplier=m.num(f"{a}.attention.scale", 1.0 / np.sqrt(hd) if hd > 0 else 1.0),
+                   logits_scaling=m.num(f"{a}.logit_scale", 1.0))
+    if a == "lfm2":
+        raw.update(norm_eps=raw.pop("rms_norm_eps"), conv_L_cache=m.int_(f"{a}.shortconv.l_cache"),
+                   layer_types=["conv" if c else "full_attention" for c in (conv_layers or [False] * L)])
     try:
         return Config.from_hf(raw)
     except ModelLoadError as e:
@@ -547,7 +667,7 @@ def level_of(fmts: list[str]) -> str:
 
 
 class GGUFSource(Source):
-    """A llama / qwen2 / qwen3 GGUF file. The config comes from the metadata, the tensors from
+    """A GGUF file of one of GGUF_ARCHS. The config comes from the metadata, the tensors from
     `gguf_layout` (the one name table) and the ggml types through quant.FORMATS: a GGUF tensor of
     a format minilm runs is used as stored (float and "raw" formats as views of the mapped file,
     Q8_0/Q4_0 blocks split into minilm's qs/d arrays); q and k are fused into wqkv, gate and up
@@ -578,7 +698,7 @@ class GGUFSource(Source):
             raise ModelLoadError(f"{path}: GGUF metadata minilm.tensor_formats must map tensor names to "
                                  f"formats ({', '.join(FORMATS)})")
         self.fallback = fallback                           # our export's exact-F32 stand-ins
-        self.layout = gguf_layout(self.config, arch)
+        self.layout = gguf_layout(self.config, arch, self.gt)
         self.checked = False
         mats = [p for name, parts in self.layout.items() if is_matrix(name) and name not in EMBEDDINGS
                 for p in parts]
@@ -614,8 +734,11 @@ class GGUFSource(Source):
             if not _float_format(fmt):
                 raise ModelLoadError(f"{path}: tensor {p.gguf!r} has GGML type {t.tensor_type.name}; "
                                      "1-D tensors must be F32, F16 or BF16")
+            n *= p.width
             if size != n:
                 raise ModelLoadError(f"{path}: tensor {p.gguf!r} has {size} elements (dimensions {dims}), expected {n}")
+            if p.cols and dims != [p.cols, n // p.cols]:
+                raise ModelLoadError(f"{path}: tensor {p.gguf!r} has shape {dims[::-1]}, expected {[n // p.cols, p.cols]}")
             return fmt, tensor_bytes(t, path, n * FORMATS[fmt].block_bytes)
         if dims != [p.K, n]:
             raise ModelLoadError(f"{path}: tensor {p.gguf!r} has shape {dims[::-1]}, expected {[n, p.K]}")
@@ -654,7 +777,8 @@ class GGUFSource(Source):
                        dtype=np.float32).reshape(-1)
         if self.check_weights:
             check_finite(a, f"{self.path}: tensor {p.gguf!r}")
-        return unpermute_rows(a, p.heads) if p.heads else a
+        a = unpermute_rows(a, p.heads) if p.heads else a
+        return a.reshape(-1, p.width) if p.width > 1 else a
 
     def tensors(self):
         if not self.checked:
