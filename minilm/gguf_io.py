@@ -14,10 +14,18 @@ cannot block it) is written as F32 holding our exactly dequantized values; the G
 `minilm.tensor_formats` records its minilm format so that loading requantizes it back
 (losslessly: a Q8_0/Q4_0 block requantizes to itself).
 
-Architectures: llama (also mistral checkpoints), qwen2, qwen3. For the llama architecture
-llama.cpp uses the interleaved-pair RoPE, so attn_q/attn_k rows are stored permuted from the
-HF rotate-half layout (convert_hf_to_gguf.py `LlamaModel.permute`); qwen2/qwen3 use NEOX RoPE and
-are stored as is. Permuting whole rows commutes with the row-wise Q8_0/Q4_0 blocks.
+Architectures: every one minilm runs, under llama.cpp's names (sources.GGUF_ARCH_OF: llama (also
+mistral), qwen2, qwen3, gpt2, gptneox, gemma2, gemma3, phi3, smollm3, olmo2, granite, lfm2), with
+the hyper-parameters llama.cpp's loader reads for each (`_arch_meta`); a config llama.cpp's graph
+cannot express is refused (`_check_exportable`). For llama, granite and smollm3 llama.cpp uses the
+interleaved-pair RoPE, so attn_q/attn_k rows are stored permuted from the HF rotate-half layout
+(convert_hf_to_gguf.py `LlamaModel.permute`); the others use NEOX RoPE and are stored as is.
+Permuting whole rows commutes with the row-wise blocks. Gemma's norms are stored as 1 + w (as
+convert_hf_to_gguf.py writes them; minilm's canonical weights already are). Where llama.cpp has
+no tied head (gptneox, olmo2) the embedding is written again as output.weight. Phi-3's LongRoPE:
+rope_factors_long/short tensors, the original context and the attention factor; llama.cpp picks
+the long factors when its context (n_ctx) exceeds the original one, transformers and minilm when
+the sequence does.
 
 Tokenizer: exported as llama.cpp metadata (tokenizer.ggml.model "llama" = SentencePiece with
 tokens/scores/token types, or "gpt2" = byte-level BPE with merges and a pre-tokenizer name) plus

@@ -57,6 +57,13 @@ def exported(tmp_path_factory):
 CASES = [("stories260K", "f32"), ("stories260K", "int8"), ("stories260K", "int4"),
          ("proxy-qwen2-shakespeare", "f32"), ("proxy-qwen2-shakespeare", "int8"),
          ("proxy-qwen2-shakespeare", "int4"), ("proxy-qwen3-shakespeare", "int4")]
+# the architectures beyond the llama family (issue 13): each exports and loads back exactly
+ARCH_MODELS = ["proxy-gpt2-shakespeare", "proxy-neox-shakespeare", "proxy-gemma2-shakespeare",
+               "proxy-gemma3-shakespeare", "proxy-phi3-shakespeare", "proxy-smollm3-shakespeare",
+               "proxy-olmo2-shakespeare", "proxy-granite-shakespeare", "proxy-lfm2-shakespeare"]
+CASES += [(n, "f32") for n in ARCH_MODELS] + [(n, "int8") for n in ("proxy-gemma3-shakespeare",
+                                                                     "proxy-phi3-shakespeare",
+                                                                     "proxy-lfm2-shakespeare")]
 
 
 @pytest.mark.parametrize("name,quant", CASES)
@@ -244,6 +251,36 @@ def test_one_name_table(exported, name, quant):
                                                             (c.intermediate_size, 2 * c.intermediate_size)]
     llama = name == "stories260K"
     assert [p.heads for p in layout["l0.wqkv"]] == ([c.n_heads, c.n_kv_heads, None] if llama else [None] * 3)
+
+
+@pytest.mark.parametrize("name", ["proxy-qwen2-shakespeare", "proxy-llama256-shakespeare", *ARCH_MODELS])
+def test_names_as_llama_cpp_convert_writes_them(exported, name):
+    """The tensors of our export are the ones llama.cpp's convert_hf_to_gguf.py writes for the same
+    checkpoint: each HF tensor mapped through gguf-py's TensorNameMap (the table convert uses), plus
+    the tensors convert derives (Phi-3's rope factors); NeoX/GPT-2/Phi-3 keep q, k, v fused."""
+    from safetensors import safe_open
+
+    m, path = exported(name, "f32")
+    folder = shared_path("models", name)
+    arch = gguf.MODEL_ARCH[{"gpt_neox": "GPTNEOX", "gemma3_text": "GEMMA3"}.get(m.config.model_type,
+                                                                                m.config.model_type.upper())]
+    tmap = gguf.get_tensor_name_map(arch, m.config.n_layers)
+    theirs = set()
+    for f in folder.glob("*.safetensors"):
+        with safe_open(str(f), "np") as st:
+            for k in st.keys():
+                if k.endswith(".attn.bias") or k.endswith("rotary_emb.inv_freq"):   # buffers, not weights
+                    continue
+                g = tmap.get_name(k, try_suffixes=(".weight", ".bias"))
+                assert g is not None, (name, k)
+                theirs.add(g)
+    if arch == gguf.MODEL_ARCH.PHI3:
+        theirs |= {"rope_factors_long.weight", "rope_factors_short.weight"}
+    ours = {t.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert ours == theirs, (name, sorted(ours ^ theirs))
+    expected = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}
+    assert {n.replace(f"blk.{n.split('.')[1]}.", "blk.{bid}.") if n.startswith("blk.") else n
+            for n in (x.rsplit(".", 1)[0] for x in ours)} <= expected
 
 
 def _mapped(a) -> bool:
