@@ -264,9 +264,13 @@ def _arch_meta(w, c, arch: str) -> None:
         w.add_logit_scale(c.logits_scaling)
 
 
-def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool = True) -> Path:
+def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool = True,
+                name: str | None = None) -> Path:
     """Write a GGUF file llama.cpp loads. quant: f32, f16, bf16, int8 (Q8_0), int4 (Q4_0, group 32),
-    or one of ggml's block formats by name (q4_k, q6_k, iq4_nl, ...); None: as the model is. A model already in that format is written without requantizing."""
+    or one of ggml's block formats by name (q4_k, q6_k, iq4_nl, ...); None: as the model is. A model already in that format is written without requantizing.
+    name: general.name (default: the model folder's name). llama.cpp 0c1e570 sets Phi-3 token
+    attributes when general.name contains "phi3" / "phi-3" and then needs the tokens </s>, <unk>
+    and <s> in the vocabulary (it fails to load the file otherwise)."""
     gguf = gguf_module()
     from .lm import LM
 
@@ -297,7 +301,7 @@ def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(out_path), arch)
-    w.add_name(Path(str(model.source)).name or "minilm")
+    w.add_name(name or Path(str(model.source)).name or "minilm")
     _arch_meta(w, c, arch)
     ft = gguf.LlamaFileType
     w.add_file_type({"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16,
