@@ -393,3 +393,26 @@ def test_llama_cpp_agrees(exported, llama_cpp, name, quant):
         assert llm.tokenize(text.encode("utf-8"), add_bos=bool(ids[0] == m.tokenizer.bos_token_id),
                             special=False) == m.tokenizer.encode(text)
     assert agree >= 0.9 * total, (name, quant, agree, total)
+
+
+def test_export_refuses_what_llama_cpp_cannot_express(exported, tmp_path):
+    """A config llama.cpp's graph for the architecture would compute differently is refused with
+    the reason (never a file that loads and disagrees)."""
+    from minilm.errors import UnsupportedModelError
+
+    m, _ = exported("proxy-gemma3-shakespeare", "f32")
+    scale = m.config.attn_scale
+    try:
+        m.config.attn_scale = scale / 2                      # query_pre_attn_scalar != head_dim
+        with pytest.raises(UnsupportedModelError, match="attention scale"):
+            export_gguf(m, tmp_path / "g.gguf", "f32", verbose=False)
+    finally:
+        m.config.attn_scale = scale
+    m, _ = exported("proxy-smollm3-shakespeare", "f32")
+    rope = list(m.config.layer_rope)
+    try:
+        m.config.layer_rope = [-1] + rope[1:]                # a no-RoPE layer llama.cpp would rotate
+        with pytest.raises(UnsupportedModelError, match="every 4th"):
+            export_gguf(m, tmp_path / "s.gguf", "f32", verbose=False)
+    finally:
+        m.config.layer_rope = rope
