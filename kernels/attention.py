@@ -171,22 +171,29 @@ def merge_parts(part, ns, n_heads, hd, out):
     """out: f32[H hd] <- the softmax-weighted sums of ns flash-decoding splits part[:ns]
     (each: sum of e*v, max, sum of e), rescaled to the common max."""
     for h in range(n_heads):
-        m = np.float32(-3.0e38)
-        for sp in range(ns):
-            m = max(m, part[sp, h, hd])
-        l = np.float32(0.0)
-        oh = out[h * hd:(h + 1) * hd]
+        merge_head(part[:, h], ns, hd, out[h * hd:(h + 1) * hd])
+
+
+@njit(**_J)
+def merge_head(part, ns, hd, oh):
+    """One head of merge_parts: oh f32[hd] <- the merge of its splits part[:ns] f32[S, hd + 2].
+    The executor's multi-row attention merges each row's splits with it too, so a row's
+    attention is bit-identical to what decode computes for it alone."""
+    m = np.float32(-3.0e38)
+    for sp in range(ns):
+        m = max(m, part[sp, hd])
+    l = np.float32(0.0)
+    for i in range(hd):
+        oh[i] = 0.0
+    for sp in range(ns):
+        f = fexp(part[sp, hd] - m)
+        l += f * part[sp, hd + 1]
+        ph = part[sp]
         for i in range(hd):
-            oh[i] = 0.0
-        for sp in range(ns):
-            f = fexp(part[sp, h, hd] - m)
-            l += f * part[sp, h, hd + 1]
-            ph = part[sp, h]
-            for i in range(hd):
-                oh[i] += f * ph[i]
-        inv = np.float32(1.0) / l
-        for i in range(hd):
-            oh[i] *= inv
+            oh[i] += f * ph[i]
+    inv = np.float32(1.0) / l
+    for i in range(hd):
+        oh[i] *= inv
 
 
 def attention_ref(q, k, v, pos0, scale, window=0):
