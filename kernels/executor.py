@@ -11,15 +11,18 @@ so nobody counts offsets by hand: plan.py writes each row from a named step.
 `run_plan` runs the whole plan in ONE parallel region. Every step is cut into tasks (a block of
 matrix rows, a token, an attention head or split); the threads take tasks from an atomic counter
 and wait at the end of the step until all its tasks are done. Consecutive steps that have one
-task each (the norms, activation quantizers and element-wise ops of one decode token) run as
-one phase on the thread that takes it, without a barrier in between. Decode is M = 1 (one token:
-every thread shares each matrix), prefill is M > 1 (matrix rows x tokens, tokens, heads x
-tokens). The kernels are the ones in this package; decode and prefill call the same row kernels.
+task each (the norms, activation quantizers and element-wise ops of one decode token, or of
+the few rows of a batched decode: ONE_TASK_ROWS) run as one phase on the thread that takes it,
+without a barrier in between. Decode is M = 1 (one token: every thread shares each matrix),
+prefill is M > 1 (matrix rows x tokens, tokens, heads x tokens). Rows carry their own position
+and KV-cache slot (`pos`, `slot`), so a pass may also hold one token of each of several
+sequences (the server's batched decode). The kernels are the ones in this package; decode and
+prefill call the same row kernels.
 
 Correctness of the waits: a thread only waits for the tasks of the current step, and it takes
 tasks until none is left before it waits, so any number of threads finishes (one alone runs
 every task); all threads walk the same phase sequence (the task counts depend only on the
-plan, M and the position).
+plan, M and the first row's position).
 
 Weight formats: `fs` is a tuple of empty arrays whose dtypes name the formats the model uses
 (quant.FORMATS[...].tag); the matrix dispatch is compiled only for those formats, so a model
@@ -69,6 +72,11 @@ M_COLS_N = 7
 
 # format ids (quant.FORMATS[name].fid); from F_RAW on: ggml's other formats as raw bytes
 F_F32, F_F16, F_BF16, F_Q8_0, F_Q4_0, F_RAW = range(6)
+
+# Up to this many rows, the per-row steps (norms, activation quantization, RoPE and cache
+# writes, element-wise ops) run as one task over all rows, so consecutive ones form one phase
+# without barriers in between, as in a decode step (a batched-decode pass has no more phases).
+ONE_TASK_ROWS = 8
 
 # Up to this many rows, float-format matrices run decode's GEMV kernel once per row (as the
 # quantized formats always do), so a row of a batched-decode pass gets bit-for-bit the result it
@@ -400,7 +408,9 @@ def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
             return nt
         return min((mtab[steps[s, S_MAT], M_N] + 3) // 4, 4 * nt)
     if op == OP_QUANT:
-        return M if _is_quantized(mtab[steps[s, S_MAT], M_FMT]) else 0
+        if not _is_quantized(mtab[steps[s, S_MAT], M_FMT]):
+            return 0
+        return 1 if M <= ONE_TASK_ROWS else M
     if op == OP_ATTEND:
         if M == 1:
             _, ns, _ = decode_splits(pos[0], steps[s, S_I0], nparts)
@@ -410,7 +420,15 @@ def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
         return 1 if M == 1 else 0
     if op == OP_CONV:
         return 1 if M == 1 else nt
-    return M
+    return 1 if M <= ONE_TASK_ROWS else M      # per-row steps
+
+
+@njit(**_J)
+def _task_rows(steps, s, M):
+    """How many rows one task of a one-task step covers: its M rows for per-row steps (M <=
+    ONE_TASK_ROWS), 1 for the steps whose single task does everything (decode merge, conv)."""
+    op = steps[s, S_OP]
+    return 1 if op == OP_MERGE or op == OP_CONV else M
 
 
 @njit(**_J)
@@ -563,8 +581,9 @@ def run_plan(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, 
                 if _take(ctr, ph, 1) == 0:
                     for s2 in range(s, e):
                         if _ntasks(steps, s2, mtab, M, pos, nt, nparts, H) == 1:
-                            _task(fs, steps, fpar, s2, 0, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
-                                  XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
+                            for k in range(_task_rows(steps, s2, M)):
+                                _task(fs, steps, fpar, s2, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin,
+                                      kc, vc, XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
                     _finish(ctr, ph)
                 _wait(ctr, ph, 1)
                 s = e

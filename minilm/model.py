@@ -307,10 +307,14 @@ class Transformer:
         cache.truncate(0)
         return ids
 
-    def _head(self, h: np.ndarray, out: np.ndarray) -> None:
+    def _head(self, h: np.ndarray, out: np.ndarray, each_row: bool = False) -> None:
         """out f32[M, V] <- logits of the final-normed h f32[M, D]: the lm head, then Granite's
-        logits_scaling and Gemma 2's final soft-cap (numpy on the logits; nothing for others)."""
-        self.lm_head(h, out)
+        logits_scaling and Gemma 2's final soft-cap (numpy on the logits; nothing for others).
+        each_row: every row as the head computes it for that row alone (batched decode)."""
+        if each_row:
+            self.lm_head.each_row(h, out)
+        else:
+            self.lm_head(h, out)
         c = self.cfg
         if c.logits_scaling != 1.0:
             out /= np.float32(c.logits_scaling)
@@ -446,7 +450,7 @@ class Transformer:
                 seqs[b].tokens.append(int(tokens[b]))
             h = s.buf["xn"][:M, :self.cfg.hidden_size]                  # [M, D]
             if not alone:                                               # rows a..a+M-1 in order
-                self._head(h, out[a:a + M])                             # [M, D] -> [M, V]
+                self._head(h, out[a:a + M], each_row=True)              # [M, D] -> [M, V]
             else:
                 for m, b in enumerate(part):
                     self._head(np.ascontiguousarray(h[m:m + 1]), s.logits)

@@ -308,7 +308,8 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "queued": worker.pending(), "served": worker.served,
-                "cancelled": worker.cancelled, "parallel": sched.parallel, "active": sched.pending()}
+                "cancelled": worker.cancelled, "parallel": sched.parallel, "active": sched.pending(),
+                "decode_steps": sched.steps, "decoded_tokens": sched.decoded}
 
     @app.get("/v1/models")
     async def models(request: Request):
