@@ -1,0 +1,109 @@
+"""Batched decoding: per-row positions and KV-cache slots in one executor pass.
+
+`Transformer.decode_batch` rows are bit-identical to each sequence decoded alone (np.array_equal
+of the logits) for a quantized model, an f32 model, a 16-bit model with a zero-padded matrix and
+LFM2 (per-slot convolution history); slot 0 stays the library's; bad arguments are refused.
+The server side (the scheduler under concurrent clients) is tests/test_server_batch.py."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, shared_path
+
+CHECK = r"""
+import sys
+import numpy as np
+import minilm
+path, quant = sys.argv[1], sys.argv[2]
+m = minilm.load(path, quant=None if quant == "f32" else quant, n_ctx=160)
+net = m.net
+net.set_slots(5)
+rng = np.random.default_rng(0)
+V = m.config.vocab_size
+lens = (3, 40, 70, 9)              # 70 + steps > 64: two attention splits on two threads
+prompts = [[int(t) for t in rng.integers(0, V, n)] for n in lens]
+steps = 6
+feeds = [[int(t) for t in rng.integers(0, V, steps)] for _ in lens]
+alone = []                          # each sequence alone on slot 0: prefill, then decode
+for p, f in zip(prompts, feeds):
+    net.cache.reset()
+    first = net.prefill(p).copy()
+    alone.append([first] + [net.decode(t).copy() for t in f])
+for i, p in enumerate(prompts):     # the same sequences on slots 4, 3, 2, 1 (not in order)
+    first = net.prefill(p, slot=4 - i)
+    assert np.array_equal(first, alone[i][0]), ("prefill", i)
+net.cache.reset()
+bad = 0
+done = [0] * 4                      # tokens decoded per sequence
+step = 0
+while min(done) < steps:            # sequence 1 sits out every other step: batches differ
+    rows = [i for i in range(4) if done[i] < steps and (i != 1 or step % 2 == 0)]
+    rows = rows or [i for i in range(4) if done[i] < steps]
+    toks = np.array([feeds[i][done[i]] for i in rows], np.int64)
+    out = net.decode_batch(toks, np.array([4 - i for i in rows], np.int64))
+    for b, i in enumerate(rows):
+        done[i] += 1
+        if not np.array_equal(out[b], alone[i][done[i]]):
+            bad += 1
+            print("MISMATCH step", step, "seq", i, np.abs(out[b] - alone[i][done[i]]).max())
+    step += 1
+assert net.cache.pos == 0 and all(net.cache.slots[4 - i].pos == lens[i] + steps for i in range(4))
+print("BAD", bad)
+"""
+
+CASES = [("proxy-qwen3-shakespeare", "int4"), ("proxy-qwen3-shakespeare", "f32"),
+         ("stories260K", "f16"), ("proxy-lfm2-shakespeare", "f32"), ("proxy-lfm2-shakespeare", "int8"),
+         ("proxy-gemma2-shakespeare", "f32")]
+
+
+@pytest.mark.parametrize("name,quant", CASES)
+def test_decode_batch_rows_equal_lone_decodes(name, quant):
+    """Four sequences of different lengths (one past the 64 positions where decode attention
+    splits in two) decoded together on slots 1-4: every row's logits equal that sequence's
+    lone prefill + decode on slot 0, bit for bit."""
+    path = shared_path("models", name)
+    r = subprocess.run([sys.executable, "-c", CHECK, str(path), quant], capture_output=True,
+                       text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "BAD 0" in r.stdout, r.stdout[-3000:]
+
+
+def test_decode_batch_refuses_bad_arguments(shared_model):
+    m = shared_model("stories260K", n_ctx=64)
+    net = m.net
+    with net.busy:
+        net.set_slots(3)
+        try:
+            for toks, slots, what in (([1, 2], [1, 1], "distinct"), ([1], [3], "in \\[0, 3\\)"),
+                                      ([1, 2], [1], "one length"), ([10 ** 6], [1], "vocab_size"),
+                                      ([], [], "one length")):
+                with pytest.raises(ValueError, match=what):
+                    net.decode_batch(np.array(toks, np.int64), np.array(slots, np.int64))
+            net.cache.slots[2].pos = 64                 # a full slot: a clear overflow error
+            with pytest.raises(Exception, match="context overflow"):
+                net.decode_batch(np.array([1], np.int64), np.array([2], np.int64))
+        finally:
+            net.set_slots(1)
+    assert net.cache.n_slots == 1 and len(net.cache.slots) == 1
+
+
+def test_slot_zero_is_the_library_cache(shared_model):
+    """More slots keep slot 0's contents: a prompt cached before set_slots is still reused."""
+    m = shared_model("stories260K", n_ctx=64)
+    net = m.net
+    a = m.generate("Once upon a time", max_new_tokens=6)
+    with net.busy:
+        tokens, pos = list(net.cache.tokens), net.cache.pos
+        k0 = net.cache.k[:, :, :pos].copy()
+        net.set_slots(4)
+        assert net.cache.tokens == tokens and net.cache.pos == pos
+        assert np.array_equal(net.cache.k[:, :, :pos], k0)
+        assert net.cache.k.shape == (net.cache.k_all.shape[0],) + net.cache.k_all.shape[2:]
+        assert net.cache.nbytes == 4 * net.cache.slot_nbytes
+    try:
+        assert m.generate("Once upon a time", max_new_tokens=6) == a
+    finally:
+        with net.busy:
+            net.set_slots(1)
