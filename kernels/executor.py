@@ -13,8 +13,10 @@ matrix rows, a token, an attention head or split); the threads take tasks from a
 and wait at the end of the step until all its tasks are done. Consecutive steps that have one
 task each (the norms, activation quantizers and element-wise ops of one decode token) run as
 one phase on the thread that takes it, without a barrier in between. Decode is M = 1 (one token:
-every thread shares each matrix), prefill is M > 1 (matrix rows x tokens, tokens, heads x
-tokens). The kernels are the ones in this package; decode and prefill call the same row kernels.
+every thread shares each matrix), prefill is M > 1 (matrix rows x tokens, tokens, tokens x
+splits x heads). The kernels are the ones in this package; decode and prefill call the same row
+kernels in the same order of arithmetic, so row m of any pass has the bits of decoding that
+token alone (speculative verification depends on it; tests/test_decode_exact.py).
 
 Correctness of the waits: a thread only waits for the tasks of the current step, and it takes
 tasks until none is left before it waits, so any number of threads finishes (one alone runs
@@ -33,8 +35,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from .activations import gelu_mul_row, gelu_row, gelu_tanh_row, silu_mul_row
-from .attention import attend_head, attend_task, decode_splits, merge_parts, prep_decode
-from .matmul import gemm_f32_block, gemv_float_groups
+from .attention import attend_task, decode_splits, merge_parts, prep_decode
+from .matmul import gemv_float_groups
 from .norm import add_norm_row, head_rmsnorm, norm_row
 from .qmatmul import _quantize_act_q4, _quantize_act_q8v, gemv_q4_0_groups, gemv_q8_0_groups
 from .simd import _bf2f, _h2f, atomic_add, atomic_load, cpu_yield, sleep_us, spin_pause
@@ -46,8 +48,8 @@ OP_ADD = 2         # dst += src                                               ta
 OP_QUANT = 3       # quantize src rows for matrix mat (int8 blocks)           tasks: M (0 for float formats)
 OP_MATMUL = 4      # dst = src @ W[mat].T (+ b)                               tasks: row blocks
 OP_QKV = 5         # q/k norm (w, b = q/k norm weights), RoPE, k/v -> cache   tasks: M
-OP_ATTEND = 6      # attention of the q heads of src over the cache -> dst    tasks: splits x H (M = 1), M x H
-OP_MERGE = 7       # merge the decode splits into dst                         tasks: 1 (M = 1), 0
+OP_ATTEND = 6      # attention of the q heads of src over the cache -> parts  tasks: M x splits x H
+OP_MERGE = 7       # merge each token's splits into dst                       tasks: M
 OP_SILU_MUL = 8    # dst[:F] = silu(src[:F]) * src[F:2F], F = I0              tasks: M
 OP_GELU = 9        # dst = gelu(dst) in place (I0: 0 erf, 1 tanh)             tasks: M
 OP_ADD_ROWS = 10   # dst[m] += table mat (f32 [P, D]) row p0 + m               tasks: M
@@ -209,9 +211,10 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                 w = numba.carray(_ptr_as(mtab[j, M_W], _F32), (N, mtab[j, M_COLS]))
                 if M == 1:
                     gemv_float_groups(x[0], w, out[0], 0, g0, g1)
-                else:
-                    for g in range(g0, g1):
-                        gemm_f32_block(x, w, out, 4 * g, 0)
+                else:                                # each token as decode computes it (same lanes,
+                    for g in range(g0, g1):          # same sum); the 4 rows stay in L1 across tokens
+                        for m in range(M):
+                            gemv_float_groups(x[m], w, out[m], 0, g, g + 1)
                 return
         if has_f16 or has_bf16:
             if fmt == F_F16 or fmt == F_BF16:
@@ -225,8 +228,8 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                 else:
                     K = w16.shape[1]
                     flat = tile.reshape(-1)
-                    for g in range(g0, g1):          # 4 rows -> an f32 tile, then the f32 block
-                        r0 = 4 * g
+                    for g in range(g0, g1):          # 4 rows -> an f32 tile (exact), then each token
+                        r0 = 4 * g                   # as decode computes it (the gemv's lanes and sum)
                         nr = min(4, N - r0)
                         t = flat[:nr * K].reshape(nr, K)
                         for r in range(nr):
@@ -236,7 +239,8 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                             else:
                                 for k in range(K):
                                     t[r, k] = _bf2f(w16[r0 + r, k])
-                        gemm_f32_block(x, t, out, 0, r0)
+                        for m in range(M):
+                            gemv_float_groups(x[m], t, out[m][r0:r0 + nr], 0, 0, 1)
                 return
         if has_q8:
             if fmt == F_Q8_0:
@@ -382,13 +386,9 @@ def _ntasks(steps, s, mtab, M, p0, nt, nparts, H):
         return min((mtab[steps[s, S_MAT], M_N] + 3) // 4, 4 * nt)
     if op == OP_QUANT:
         return M if _is_quantized(mtab[steps[s, S_MAT], M_FMT]) else 0
-    if op == OP_ATTEND:
-        if M == 1:
-            _, ns, _ = decode_splits(p0, steps[s, S_I0], nparts)
-            return ns * H
-        return M * H
-    if op == OP_MERGE:
-        return 1 if M == 1 else 0
+    if op == OP_ATTEND:                      # tasks past the last token's splits: none
+        _, ns, _ = decode_splits(p0 + M - 1, steps[s, S_I0], nparts)
+        return ((M - 1) * nparts + ns) * H
     if op == OP_CONV:
         return 1 if M == 1 else nt
     return M
@@ -443,19 +443,12 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc,
         q = _buf(btab, steps[s, S_SRC], M)
         scale = np.float32(fpar[s, P_SCALE])
         cap = np.float32(fpar[s, P_CAP])
-        if M == 1:
-            start, _, chunk = decode_splits(p0, window, part.shape[0])
-            attend_task(q[0], kc[L], vc[L], p0, H, Hkv, hd, scale, sc, part, start, chunk, k, cap)
-        else:
-            h = k // M
-            m = k - h * M
-            p = p0 + m
-            start = max(0, p - window + 1) if window > 0 else 0
-            attend_head(q[m], h * hd, kc[L], vc[L], h // (H // Hkv), start, p, hd, scale, sc[tid],
-                        _buf(btab, steps[s, S_DST], M)[m], h * hd, cap)
+        per = part.shape[1] * H                  # tasks per token: its splits x heads, as decode
+        m = k // per
+        attend_task(q[m], kc[L], vc[L], p0 + m, window, H, Hkv, hd, scale, sc[tid], part[m], k - m * per, cap)
     elif op == OP_MERGE:
-        _, ns, _ = decode_splits(p0, steps[s, S_I0], part.shape[0])
-        merge_parts(part, ns, H, hd, _buf(btab, steps[s, S_DST], M)[0])
+        _, ns, _ = decode_splits(p0 + k, steps[s, S_I0], part.shape[1])
+        merge_parts(part[k], ns, H, hd, _buf(btab, steps[s, S_DST], M)[k])
     elif op == OP_SILU_MUL:
         F = steps[s, S_I0]                       # the buffer may be wider (zero-padded K)
         silu_mul_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_DST], M)[k][:F])
@@ -505,12 +498,13 @@ def run_plan(fs, steps, fpar, btab, mtab, vtab, M, p0, cos, sin, kc, vc, XQ, XD,
     (R tables side by side: a qkv step's I0 picks one, -1 none);
     XQ int8[R, Kmax], XD, XS f32[R, Kmax/32]: the quantized activations of the current matmul;
     tiles f32[T, 4, Kmax]: per-thread dequantized rows (16-bit formats, M > 1);
-    sc f32[>= max(H, T), n_ctx]: attention scores; part f32[S, H, hd + 2]: decode splits;
+    sc f32[>= T, n_ctx]: attention scores (a row per thread); part f32[>= M, S, H, hd + 2]: each
+    token's attention splits (decode_splits: the same for a token in any pass);
     ctr int64[>= 2 * steps]: phase counters. T = the number of threads the state was sized for.
     """
     S = steps.shape[0]
     nt = tiles.shape[0]
-    nparts = part.shape[0]
+    nparts = part.shape[1]
     ctr[:] = 0
     for tid in prange(nt):
         ph = 0

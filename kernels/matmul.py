@@ -67,9 +67,22 @@ def gemv_f32(x, w, out):
     gemv_float(x, w, out, 0)
 
 
+@njit(cache=True, parallel=True, fastmath=True, nogil=True, error_model="numpy", boundscheck=False)
+def gemm_float(x, w, out, KIND):
+    """out[M, N] = x @ w.T for w f32[N,K] (KIND 0) or fp16/bf16 bits u16[N,K] (KIND 1/2): each row
+    of out exactly as gemv_float computes it for that row of x (the same lanes, the same sum), so
+    the logits of a multi-token pass equal decoding its tokens one by one; parallel over groups
+    of 4 weight rows, which stay in L1 while the tokens pass."""
+    for g in prange((w.shape[0] + 3) // 4):
+        for m in range(x.shape[0]):
+            gemv_float_groups(x[m], w, out[m], KIND, g, g + 1)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def gemm_f32(x, w, out):
-    """x: f32[M, K], w: f32[N, K], out: f32[M, N] <- x @ w.T (prefill)."""
-    gemm_f32_cols(x, w, out, 0)
+    """x: f32[M, K], w: f32[N, K], out: f32[M, N] <- x @ w.T (several tokens: the lm head over
+    the rows of a pass); each row bit-identical to gemv_f32 of it."""
+    gemm_float(x, w, out, 0)
 
 
 @njit(cache=True, parallel=True, fastmath=True, nogil=True, error_model="numpy")

@@ -101,7 +101,7 @@ def build_plan(c: Config) -> list[Step]:
                          b=p + "k_norm" if per_head else None, layer=kv, eps=eps, i0=rope))
         plan.append(Step("attend", dst="att", src="qkv", layer=kv, i0=c.window(i), scale=scale,
                          cap=c.attn_softcap))
-        plan.append(Step("merge", dst="att", layer=kv, i0=c.window(i)))  # decode: join the splits
+        plan.append(Step("merge", dst="att", layer=kv, i0=c.window(i)))  # join each token's attention splits
         kv += 1
         plan += matmul("o", "att", p + "wo", p + "bo")                # [M, H hd] -> [M, D]
         plan += branch_out(p, "post_attn_norm")
@@ -158,10 +158,10 @@ class RunState:
         self.XD = np.zeros((rows, K // 32), np.float32)        # their block scales
         self.XS = np.zeros((rows, K // 16), np.float32)        # their block sums (kernel bias; K-quants: per 16)
         self.tiles = np.zeros((threads, 4, K), np.float32)     # per thread: 16-bit rows as f32 (prefill)
-        self.scores = np.zeros((max(c.n_heads, threads), n_ctx), np.float32)  # attention scores
-        # decode attention: one split of the cached positions per thread, [S, H, hd + 2] =
-        # (sum of e*v, max, sum of e)
-        self.attn_part = np.zeros((threads, c.n_heads, c.head_dim + 2), np.float32)
+        self.scores = np.zeros((threads, n_ctx), np.float32)  # attention scores, a row per thread
+        # attention of each token: its cached positions in up to S = threads splits (as decode
+        # cuts them), [rows, S, H, hd + 2] = (sum of e*v, max, sum of e), merged per token
+        self.attn_part = np.zeros((rows, threads, c.n_heads, c.head_dim + 2), np.float32)
         self.ctr = np.zeros(2 * max(n_steps, 1), np.int64)    # executor phase counters
         self.logits = np.zeros((1, c.vocab_size), np.float32)  # decode logits
         self.ids = np.zeros(rows, np.int64)
