@@ -14,10 +14,12 @@ and wait at the end of the step until all its tasks are done. Consecutive steps 
 task each (the norms, activation quantizers and element-wise ops of one decode token, or of
 the few rows of a batched decode: ONE_TASK_ROWS) run as one phase on the thread that takes it,
 without a barrier in between. Decode is M = 1 (one token: every thread shares each matrix),
-prefill is M > 1 (matrix rows x tokens, tokens, heads x tokens). Rows carry their own position
-and KV-cache slot (`pos`, `slot`), so a pass may also hold one token of each of several
+prefill is M > 1 (matrix rows x tokens, tokens, tokens x splits x heads). Rows carry their own
+position and KV-cache slot (`pos`, `slot`), so a pass may also hold one token of each of several
 sequences (the server's batched decode). The kernels are the ones in this package; decode and
-prefill call the same row kernels.
+prefill call the same row kernels in the same order of arithmetic, so row m of any pass has the
+bits of decoding that token alone (speculative verification and batched decoding depend on it;
+tests/test_decode_exact.py, tests/test_batch.py).
 
 Correctness of the waits: a thread only waits for the tasks of the current step, and it takes
 tasks until none is left before it waits, so any number of threads finishes (one alone runs
@@ -36,8 +38,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from .activations import gelu_mul_row, gelu_row, gelu_tanh_row, silu_mul_row
-from .attention import attend_part, attend_task, decode_splits, merge_head, merge_parts, prep_decode
-from .matmul import gemm_f32_block, gemv_float_groups
+from .attention import attend_task, decode_splits, merge_parts, prep_decode
+from .matmul import gemv_float_groups
 from .norm import add_norm_row, head_rmsnorm, norm_row
 from .qmatmul import _quantize_act_q4, _quantize_act_q8v, gemv_q4_0_groups, gemv_q8_0_groups
 from .simd import _bf2f, _h2f, atomic_add, atomic_load, cpu_yield, sleep_us, spin_pause
@@ -49,8 +51,8 @@ OP_ADD = 2         # dst += src                                               ta
 OP_QUANT = 3       # quantize src rows for matrix mat (int8 blocks)           tasks: M (0 for float formats)
 OP_MATMUL = 4      # dst = src @ W[mat].T (+ b)                               tasks: row blocks
 OP_QKV = 5         # q/k norm (w, b = q/k norm weights), RoPE, k/v -> cache   tasks: M
-OP_ATTEND = 6      # attention of the q heads of src over the cache -> dst    tasks: splits x H (M = 1), M x H
-OP_MERGE = 7       # merge the decode splits into dst                         tasks: 1 (M = 1), 0 (M > 1: in ATTEND)
+OP_ATTEND = 6      # attention of the q heads of src over the cache -> parts  tasks: M x splits x H
+OP_MERGE = 7       # merge each token's splits into dst                       tasks: M
 OP_SILU_MUL = 8    # dst[:F] = silu(src[:F]) * src[F:2F], F = I0              tasks: M
 OP_GELU = 9        # dst = gelu(dst) in place (I0: 0 erf, 1 tanh)             tasks: M
 OP_ADD_ROWS = 10   # dst[m] += table mat (f32 [P, D]) row pos[m]               tasks: M
@@ -77,11 +79,6 @@ F_F32, F_F16, F_BF16, F_Q8_0, F_Q4_0, F_RAW = range(6)
 # writes, element-wise ops) run as one task over all rows, so consecutive ones form one phase
 # without barriers in between, as in a decode step (a batched-decode pass has no more phases).
 ONE_TASK_ROWS = 8
-
-# Up to this many rows, float-format matrices run decode's GEMV kernel once per row (as the
-# quantized formats always do), so a row of a batched-decode pass gets bit-for-bit the result it
-# gets alone; more rows (prefill chunks) take the register-blocked GEMM.
-GEMV_ROWS = 32
 
 
 @intrinsic
@@ -222,13 +219,10 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                 w = numba.carray(_ptr_as(mtab[j, M_W], _F32), (N, mtab[j, M_COLS]))
                 if M == 1:
                     gemv_float_groups(x[0], w, out[0], 0, g0, g1)
-                elif M <= GEMV_ROWS:                 # decode's kernel per row (rows stay in L1)
-                    for g in range(g0, g1):
+                else:                                # each token as decode computes it (same lanes,
+                    for g in range(g0, g1):          # same sum); the 4 rows stay in L1 across tokens
                         for m in range(M):
                             gemv_float_groups(x[m], w, out[m], 0, g, g + 1)
-                else:
-                    for g in range(g0, g1):
-                        gemm_f32_block(x, w, out, 4 * g, 0)
                 return
         if has_f16 or has_bf16:
             if fmt == F_F16 or fmt == F_BF16:
@@ -239,18 +233,11 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                         gemv_float_groups(x[0], w16, out[0], 1, g0, g1)
                     else:
                         gemv_float_groups(x[0], w16, out[0], 2, g0, g1)
-                elif M <= GEMV_ROWS:                 # decode's kernel per row (rows stay in L1)
-                    for g in range(g0, g1):
-                        for m in range(M):
-                            if kind == 1:
-                                gemv_float_groups(x[m], w16, out[m], 1, g, g + 1)
-                            else:
-                                gemv_float_groups(x[m], w16, out[m], 2, g, g + 1)
                 else:
                     K = w16.shape[1]
                     flat = tile.reshape(-1)
-                    for g in range(g0, g1):          # 4 rows -> an f32 tile, then the f32 block
-                        r0 = 4 * g
+                    for g in range(g0, g1):          # 4 rows -> an f32 tile (exact), then each token
+                        r0 = 4 * g                   # as decode computes it (the gemv's lanes and sum)
                         nr = min(4, N - r0)
                         t = flat[:nr * K].reshape(nr, K)
                         for r in range(nr):
@@ -260,7 +247,8 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                             else:
                                 for k in range(K):
                                     t[r, k] = _bf2f(w16[r0 + r, k])
-                        gemm_f32_block(x, t, out, 0, r0)
+                        for m in range(M):
+                            gemv_float_groups(x[m], t, out[m][r0:r0 + nr], 0, 0, 1)
                 return
         if has_q8:
             if fmt == F_Q8_0:
@@ -411,13 +399,9 @@ def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
         if not _is_quantized(mtab[steps[s, S_MAT], M_FMT]):
             return 0
         return 1 if M <= ONE_TASK_ROWS else M
-    if op == OP_ATTEND:
-        if M == 1:
-            _, ns, _ = decode_splits(pos[0], steps[s, S_I0], nparts)
-            return ns * H
-        return M * H
-    if op == OP_MERGE:
-        return 1 if M == 1 else 0
+    if op == OP_ATTEND:                      # a row's tasks past its own splits do nothing
+        _, ns, _ = decode_splits(pos[M - 1], steps[s, S_I0], nparts)
+        return ((M - 1) * nparts + ns) * H
     if op == OP_CONV:
         return 1 if M == 1 else nt
     return 1 if M <= ONE_TASK_ROWS else M      # per-row steps
@@ -426,9 +410,10 @@ def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
 @njit(**_J)
 def _task_rows(steps, s, M):
     """How many rows one task of a one-task step covers: its M rows for per-row steps (M <=
-    ONE_TASK_ROWS), 1 for the steps whose single task does everything (decode merge, conv)."""
+    ONE_TASK_ROWS), 1 for the steps whose tasks are cut otherwise (a matrix's row groups, the
+    attention's splits, LFM2's channels), whose one task is the whole step."""
     op = steps[s, S_OP]
-    return 1 if op == OP_MERGE or op == OP_CONV else M
+    return 1 if op == OP_MATMUL or op == OP_ATTEND or op == OP_CONV else M
 
 
 @njit(**_J)
@@ -481,27 +466,13 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, s
         q = _buf(btab, steps[s, S_SRC], M)
         scale = np.float32(fpar[s, P_SCALE])
         cap = np.float32(fpar[s, P_CAP])
-        if M == 1:
-            p = pos[0]
-            start, _, chunk = decode_splits(p, window, part.shape[0])
-            attend_task(q[0], kc[L, slot[0]], vc[L, slot[0]], p, H, Hkv, hd, scale, sc, part, start, chunk, k,
-                        cap)
-        else:                                    # row m, head h: decode's splits, then its merge
-            h = k // M
-            m = k - h * M
-            p = pos[m]
-            start, ns, chunk = decode_splits(p, window, part.shape[0])
-            pt = part[tid]                       # [>= S, hd + 2]: this task's splits
-            kl = kc[L, slot[m]]
-            vl = vc[L, slot[m]]
-            g = h // (H // Hkv)
-            for sp in range(ns):
-                j0 = start + sp * chunk
-                attend_part(q[m], h * hd, kl, vl, g, j0, min(p + 1, j0 + chunk), hd, scale, sc[tid], pt[sp], cap)
-            merge_head(pt, ns, hd, _buf(btab, steps[s, S_DST], M)[m][h * hd:(h + 1) * hd])
+        per = part.shape[1] * H                  # tasks per token: its splits x heads, as decode
+        m = k // per
+        attend_task(q[m], kc[L, slot[m]], vc[L, slot[m]], pos[m], window, H, Hkv, hd, scale, sc[tid], part[m],
+                    k - m * per, cap)
     elif op == OP_MERGE:
-        _, ns, _ = decode_splits(pos[0], steps[s, S_I0], part.shape[0])
-        merge_parts(part, ns, H, hd, _buf(btab, steps[s, S_DST], M)[0])
+        _, ns, _ = decode_splits(pos[k], steps[s, S_I0], part.shape[1])
+        merge_parts(part[k], ns, H, hd, _buf(btab, steps[s, S_DST], M)[k])
     elif op == OP_SILU_MUL:
         F = steps[s, S_I0]                       # the buffer may be wider (zero-padded K)
         silu_mul_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_DST], M)[k][:F])
@@ -550,21 +521,20 @@ def run_plan(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, 
     sequence in KV-cache slot slot[m] (int64[M] each), so one pass holds consecutive tokens of one
     sequence (prefill), one token of each of several sequences (batched decode), or a mix; a
     sequence's rows come in position order. Every row's result is the same whichever rows share
-    its pass (attention: decode's splits and merge per row; matrices: per-row kernels, see
-    _mm_rows), except float-format matrices when M > GEMV_ROWS (a GEMM).
+    its pass (attention: decode's splits and merge per row; matrices: decode's row kernels).
 
     kc, vc: the KV cache f32[L, n_slots, Hkv, n_ctx, hd] (LFM2's conv history: a matrix of
     n_slots * n_ctx rows); cos, sin: RoPE tables f32[n_pos, R * rot/2]
     (R tables side by side: a qkv step's I0 picks one, -1 none);
     XQ int8[R, Kmax], XD, XS f32[R, Kmax/32]: the quantized activations of the current matmul;
     tiles f32[T, 4, Kmax]: per-thread dequantized rows (16-bit formats, M > 1);
-    sc f32[>= max(H, T), n_ctx]: attention scores; part f32[T, max(T, H), hd + 2]: the decode
-    splits [split, head] (M = 1), or each thread's splits of its row and head (M > 1);
+    sc f32[>= T, n_ctx]: attention scores (a row per thread); part f32[>= M, S, H, hd + 2]: each
+    token's attention splits (decode_splits: the same for a token in any pass);
     ctr int64[>= 2 * steps]: phase counters. T = the number of threads the state was sized for.
     """
     S = steps.shape[0]
     nt = tiles.shape[0]
-    nparts = part.shape[0]                   # = T: one split per thread
+    nparts = part.shape[1]
     ctr[:] = 0
     for tid in prange(nt):
         ph = 0

@@ -61,26 +61,28 @@ def gemv_float(x, w, out, KIND):
         gemv_float_groups(x, w, out, KIND, g, g + 1)
 
 
-@njit(cache=True, parallel=True, fastmath=True, nogil=True, error_model="numpy", boundscheck=False)
-def gemv_float_rows(x, w, out, KIND):
-    """out[m] = w @ x[m] for each row of x f32[M, K] (out f32[M, N]; w as in gemv_float): decode's
-    GEMV kernel per row, so each row is bit-identical to gemv_float on it alone (the GEMM's
-    register blocking sums in another order); each group of 4 rows of w stays in cache across
-    the M rows. Parallel over the groups."""
-    for g in prange((w.shape[0] + 3) // 4):
-        for m in range(x.shape[0]):
-            gemv_float_groups(x[m], w, out[m], KIND, g, g + 1)
-
-
 @njit(cache=True, nogil=True, error_model="numpy")
 def gemv_f32(x, w, out):
     """x: f32[K], w: f32[N, K], out: f32[N] <- w @ x. Parallel over blocks of 4 output rows."""
     gemv_float(x, w, out, 0)
 
 
+@njit(cache=True, parallel=True, fastmath=True, nogil=True, error_model="numpy", boundscheck=False)
+def gemm_float(x, w, out, KIND):
+    """out[M, N] = x @ w.T for w f32[N,K] (KIND 0) or fp16/bf16 bits u16[N,K] (KIND 1/2): each row
+    of out exactly as gemv_float computes it for that row of x (the same lanes, the same sum), so
+    the logits of a multi-token pass equal decoding its tokens one by one; parallel over groups
+    of 4 weight rows, which stay in L1 while the tokens pass."""
+    for g in prange((w.shape[0] + 3) // 4):
+        for m in range(x.shape[0]):
+            gemv_float_groups(x[m], w, out[m], KIND, g, g + 1)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def gemm_f32(x, w, out):
-    """x: f32[M, K], w: f32[N, K], out: f32[M, N] <- x @ w.T (prefill)."""
-    gemm_f32_cols(x, w, out, 0)
+    """x: f32[M, K], w: f32[N, K], out: f32[M, N] <- x @ w.T (several tokens: the lm head over
+    the rows of a pass); each row bit-identical to gemv_f32 of it."""
+    gemm_float(x, w, out, 0)
 
 
 @njit(cache=True, parallel=True, fastmath=True, nogil=True, error_model="numpy")

@@ -37,7 +37,7 @@ import numpy as np
 from .cache import KVCache
 from .config import Config, rope_inv_freq
 from .errors import MinilmError
-from .kernels.executor import GEMV_ROWS, run_plan
+from .kernels.executor import run_plan
 from .kernels.rope import rope_tables
 from .plan import Step, lower, matmul
 from .quant import Linear
@@ -101,7 +101,7 @@ def build_plan(c: Config) -> list[Step]:
                          b=p + "k_norm" if per_head else None, layer=kv, eps=eps, i0=rope))
         plan.append(Step("attend", dst="att", src="qkv", layer=kv, i0=c.window(i), scale=scale,
                          cap=c.attn_softcap))
-        plan.append(Step("merge", dst="att", layer=kv, i0=c.window(i)))  # decode: join the splits
+        plan.append(Step("merge", dst="att", layer=kv, i0=c.window(i)))  # join each token's attention splits
         kv += 1
         plan += matmul("o", "att", p + "wo", p + "bo")                # [M, H hd] -> [M, D]
         plan += branch_out(p, "post_attn_norm")
@@ -158,14 +158,15 @@ class RunState:
         self.XD = np.zeros((rows, K // 32), np.float32)        # their block scales
         self.XS = np.zeros((rows, K // 16), np.float32)        # their block sums (kernel bias; K-quants: per 16)
         self.tiles = np.zeros((threads, 4, K), np.float32)     # per thread: 16-bit rows as f32 (prefill)
-        self.scores = np.zeros((max(c.n_heads, threads), n_ctx), np.float32)  # attention scores
-        # attention splits of the cached positions, one per thread, each (sum of e*v, max, sum of
-        # e): [S, H, hd + 2] for decode, part[t, :S] for thread t's row and head when M > 1
-        self.attn_part = np.zeros((threads, max(c.n_heads, threads), c.head_dim + 2), np.float32)
+        self.scores = np.zeros((threads, n_ctx), np.float32)  # attention scores, a row per thread
+        # attention of each token: its cached positions in up to S = threads splits (as decode
+        # cuts them), [rows, S, H, hd + 2] = (sum of e*v, max, sum of e), merged per token
+        self.attn_part = np.zeros((rows, threads, c.n_heads, c.head_dim + 2), np.float32)
         self.ctr = np.zeros(2 * max(n_steps, 1), np.int64)    # executor phase counters
         self.logits = np.zeros((1, c.vocab_size), np.float32)  # decode logits
         self.ids = np.zeros(rows, np.int64)
         self.pos = np.zeros(rows, np.int64)                     # each row's position
+        self.row = np.arange(rows, dtype=np.int64)              # 0..rows-1
         self.slot = np.zeros(rows, np.int64)                    # each row's KV-cache slot
         self.batch_logits = np.zeros((0, c.vocab_size), np.float32)  # decode_batch: [n_slots, V]
 
@@ -307,14 +308,10 @@ class Transformer:
         cache.truncate(0)
         return ids
 
-    def _head(self, h: np.ndarray, out: np.ndarray, each_row: bool = False) -> None:
+    def _head(self, h: np.ndarray, out: np.ndarray) -> None:
         """out f32[M, V] <- logits of the final-normed h f32[M, D]: the lm head, then Granite's
-        logits_scaling and Gemma 2's final soft-cap (numpy on the logits; nothing for others).
-        each_row: every row as the head computes it for that row alone (batched decode)."""
-        if each_row:
-            self.lm_head.each_row(h, out)
-        else:
-            self.lm_head(h, out)
+        logits_scaling and Gemma 2's final soft-cap (numpy on the logits; nothing for others)."""
+        self.lm_head(h, out)
         c = self.cfg
         if c.logits_scaling != 1.0:
             out /= np.float32(c.logits_scaling)
@@ -343,7 +340,7 @@ class Transformer:
         cos, sin = self._rope(end)
         if self._long_from:
             cache.kv_long = end > self._long_from
-        s.pos[:M] = np.arange(p0, p0 + M)
+        np.add(s.row, p0, out=s.pos)                                    # positions p0.. (rows past M unused)
         s.slot[:M] = slot
         self._run(M, cos, sin)
         cache.pos += M
@@ -410,7 +407,7 @@ class Transformer:
     def decode_batch(self, tokens, slots) -> np.ndarray:
         """One token for each of B sequences: tokens[b] at the next position of slot slots[b]
         (distinct slots) -> logits f32[B, V] (a buffer reused by the next call). One weight pass
-        for all B rows (up to GEMV_ROWS a pass); row b's logits are bit-identical to
+        for all B rows (up to state.rows a pass); row b's logits are bit-identical to
         decode(tokens[b], slots[b]). A row whose RoPE depends on the sequence length (dynamic
         NTK past max_position_embeddings, LongRoPE crossing its original context) runs alone."""
         tokens = np.asarray(tokens)
@@ -435,7 +432,7 @@ class Transformer:
         out = s.batch_logits[:B]                                        # [B, V]
         alone = [b for b, q in enumerate(seqs) if self._needs_restart(q) or self.rope_depends_on_length(q.pos + 1)]
         rows = [b for b in range(B) if b not in alone] if alone else range(B)
-        step = min(GEMV_ROWS, s.rows)
+        step = s.rows
         for a in range(0, len(rows), step):
             part = rows[a:a + step]
             M = len(part)
@@ -450,7 +447,7 @@ class Transformer:
                 seqs[b].tokens.append(int(tokens[b]))
             h = s.buf["xn"][:M, :self.cfg.hidden_size]                  # [M, D]
             if not alone:                                               # rows a..a+M-1 in order
-                self._head(h, out[a:a + M], each_row=True)              # [M, D] -> [M, V]
+                self._head(h, out[a:a + M])                             # [M, D] -> [M, V]
             else:
                 for m, b in enumerate(part):
                     self._head(np.ascontiguousarray(h[m:m + 1]), s.logits)

@@ -281,17 +281,6 @@ class Linear:
         else:
             self._gemm(x, *self._args, out)
 
-    def each_row(self, x: np.ndarray, out: np.ndarray) -> None:
-        """x: f32[M, K] -> out: f32[M, N], each row bit-identical to the product of that row alone
-        (a batched decode's logits equal lone decodes'). The quantized formats' GEMM already is;
-        float formats run their GEMV kernel per row instead of the GEMM."""
-        kind = {"f32": 0, "f16": 1, "bf16": 2}.get(self.fmt)
-        if kind is None or x.shape[0] == 1 or self._xpad is not None:
-            self(x, out)
-            return
-        w = self.arrays["w"]
-        _mm.gemv_float_rows(np.ascontiguousarray(x), w if kind == 0 else w.view(np.uint16), out, kind)
-
     def rows(self, ids: np.ndarray, out: np.ndarray) -> None:
         """out: f32[len(ids), K] <- rows `ids` of W as float32 (embedding lookup)."""
         if self.fmt == "f32" and self.Kp == self.K:

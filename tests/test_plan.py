@@ -64,7 +64,7 @@ z2, z5 = np.zeros((1, 1), np.float32), np.zeros((1, 1, 1, 1, 1), np.float32)
 pos, slot = np.arange(M, dtype=np.int64), np.zeros(M, np.int64)
 X.run_plan(low.fs, low.steps, low.fpar, btab, low.mtab, low.vtab, M, pos, slot, z2, z2, z5, z5,
            np.zeros((M, 32), np.int8), np.zeros((M, 1), np.float32), np.zeros((M, 1), np.float32),
-           np.zeros((2, 4, 32), np.float32), np.zeros((2, 1), np.float32), np.zeros((2, 2, 3), np.float32),
+           np.zeros((2, 4, 32), np.float32), np.zeros((2, 1), np.float32), np.zeros((M, 2, 1, 3), np.float32),
            1, 1, 1, 0, np.zeros(2 * len(steps), np.int64))
 xd = x.astype(np.float64)
 want = xd / np.sqrt((xd ** 2).mean(1, keepdims=True) + 1e-5) * w
