@@ -12,20 +12,25 @@ output constraint, EOS, budget) and an output queue that its request thread read
 1. admit waiting sequences first-in first-out while a slot is free: the free slot holding the
    longest prefix of the prompt (a returning conversation lands where its previous turn is
    cached), else the one free the longest; the cached prefix is kept (`reuse_prefix`);
-2. one step, holding `net.busy` (library calls on the same model take turns with steps):
-   one prefill chunk (up to `state.rows` prompt tokens) of the oldest sequence still reading
-   its prompt, then one `decode_batch` pass over every sequence that has a next token;
+2. one step, holding `net.busy` (library calls on the same model take turns with steps): one
+   pass over the weights (`Transformer.forward_rows`) with one token of every decoding sequence
+   and, in the rows left (`state.rows` in all), the next prompt chunks of the sequences still
+   reading theirs, oldest first, so a new request starts while the others decode. (Models whose
+   RoPE depends on the sequence length run a prompt chunk with `prefill_chunks`, then the
+   decode rows with `decode_batch`.)
 3. sequences that finished (EOS, budget, constraint, stop string seen by the reader) or were
    cancelled (client gone) leave and free their slot; the others are not disturbed.
 
-A sequence's tokens are exactly those it gets alone (greedy): its prefill runs in the same
-chunks as `Transformer.prefill`, and each `decode_batch` row is bit-identical to a lone decode.
+A sequence's tokens are exactly those it gets alone (greedy): every row of a pass is
+bit-identical to that token decoded alone, whatever else shares the pass.
 """
 from __future__ import annotations
 
 import collections
 import queue
 import threading
+
+import numpy as np
 
 from .generate import TokenChooser, check_room, reuse_prefix
 
@@ -73,7 +78,8 @@ class Seq:
         self.cancel = cancel                 # threading.Event or None: the client went away
         self.out: queue.SimpleQueue = queue.SimpleQueue()   # token ids, then _END or an exception
         self.slot = -1
-        self.prefill = None                  # Transformer.prefill_chunks iterator while reading the prompt
+        self.todo = None                     # prompt ids still to run (mixed passes)
+        self.prefill = None                  # or: Transformer.prefill_chunks iterator (length-dependent RoPE)
         self.next_tok = None                 # the token to decode next
         self.closed = False                  # the reader stopped reading
 
@@ -94,6 +100,7 @@ class Scheduler:
         self.active: list[Seq] = []
         self.cv = threading.Condition()
         self.steps = self.decoded = 0                 # passes run, tokens decoded in batches
+        self.reused = 0                               # prompt tokens found in a slot's cache
         self._stop = False
         try:                 # Numba's thread count is per thread: carry the loader's setting over
             import numba
@@ -189,7 +196,11 @@ class Scheduler:
         try:
             cache = self.net.cache.slots[q.slot]
             keep = reuse_prefix(self.net, cache, q.ids)
-            q.prefill = self.net.prefill_chunks(q.ids[keep:], q.slot)
+            self.reused += keep
+            if self.net.length_dependent_rope:
+                q.prefill = self.net.prefill_chunks(q.ids[keep:], q.slot)
+            else:
+                q.todo = q.ids[keep:]
         except Exception as e:
             self._fail(q, e)
             return
@@ -226,6 +237,9 @@ class Scheduler:
     def _step(self):
         for q in [q for q in self.active if q.gone()]:
             self._finish(q)
+        if not self.net.length_dependent_rope:
+            self._mixed_step()
+            return
         reading = next((q for q in self.active if q.prefill is not None), None)
         if reading is not None:                        # one chunk of the oldest prompt
             try:
@@ -253,3 +267,42 @@ class Scheduler:
         self.decoded += len(batch)
         for b, q in enumerate(batch):
             self._emit(q, out[b])
+
+    def _mixed_step(self):
+        """One pass: one token of every decoding sequence, then prompt chunks of the sequences
+        still reading theirs (oldest first) in the rows left (state.rows in all). Every row is
+        bit-identical to decoding it alone, so how prompts are cut does not change any answer."""
+        net = self.net
+        decode = [q for q in self.active if q.todo is None and q.next_tok is not None]
+        budget = net.state.rows - len(decode)
+        toks, slots, outs, fed = [], [], [], []       # outs: (sequence, its logits row)
+        for q in self.active:
+            if q.todo is None or budget <= 0:
+                continue
+            take = q.todo[:budget]
+            q.todo = q.todo[len(take):]
+            budget -= len(take)
+            toks += take
+            slots += [q.slot] * len(take)
+            fed.append(q)
+            if not q.todo:
+                q.todo = None
+                outs.append((q, len(toks) - 1))
+        for q in decode:
+            toks.append(q.next_tok)
+            slots.append(q.slot)
+            outs.append((q, len(toks) - 1))
+            q.next_tok = None
+        if not toks:
+            return
+        try:
+            h = net.forward_rows(np.array(toks, np.int64), np.array(slots, np.int64))   # [M, D]
+            logits = net.logits_of(h, [r for _, r in outs])                             # [n, V]
+        except Exception as e:                         # nothing sensible to continue: all fail
+            for q in set(fed) | {q for q, _ in outs}:
+                self._fail(q, e)
+            return
+        self.steps += 1
+        self.decoded += len(decode)
+        for i, (q, _) in enumerate(outs):
+            self._emit(q, logits[i])

@@ -436,16 +436,7 @@ class Transformer:
         for a in range(0, len(rows), step):
             part = rows[a:a + step]
             M = len(part)
-            for m, b in enumerate(part):
-                s.ids[m] = tokens[b]
-                s.pos[m] = seqs[b].pos
-                s.slot[m] = slots[b]
-            self.tok_embd.rows(s.ids[:M], s.buf["x"][:M])               # [M] -> [M, D]
-            self._run(M, self.cos, self.sin)
-            for m, b in enumerate(part):
-                seqs[b].pos += 1
-                seqs[b].tokens.append(int(tokens[b]))
-            h = s.buf["xn"][:M, :self.cfg.hidden_size]                  # [M, D]
+            h = self.forward_rows(tokens[part], slots[part])            # [M, D]
             if not alone:                                               # rows a..a+M-1 in order
                 self._head(h, out[a:a + M])                             # [M, D] -> [M, V]
             else:
@@ -455,6 +446,50 @@ class Transformer:
         for b in alone:
             out[b] = self.decode(int(tokens[b]), int(slots[b]))
         return out
+
+    def forward_rows(self, tokens: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """One pass over rows of several sequences: row m is tokens[m] at the next position of
+        slot slots[m] (int64[M] each, M <= state.rows; a slot's rows in position order, e.g. a
+        prompt chunk of one sequence beside one token of each of others). Writes their k/v,
+        advances each slot and returns the final-normed hidden states f32[M, D]; every row is
+        bit-identical to that token decoded alone. RoPE is the plain table: rows whose RoPE
+        depends on the sequence length (rope_depends_on_length, LongRoPE) go through
+        prefill / decode instead (decode_batch does that)."""
+        s, caches = self.state, self.cache.slots
+        M = len(tokens)
+        nxt: dict = {}                                                  # slot -> its next position
+        for m in range(M):
+            sl = int(slots[m])
+            p = nxt.get(sl, caches[sl].pos)
+            s.pos[m] = p
+            nxt[sl] = p + 1
+        for sl, p in nxt.items():
+            caches[sl].check_room(p - caches[sl].pos)
+        s.ids[:M] = tokens
+        s.slot[:M] = slots
+        self.tok_embd.rows(s.ids[:M], s.buf["x"][:M])                   # [M] -> [M, D]
+        self._run(M, self.cos, self.sin)
+        for m in range(M):
+            caches[int(slots[m])].tokens.append(int(tokens[m]))
+        for sl, p in nxt.items():
+            caches[sl].pos = p
+        return s.buf["xn"][:M, :self.cfg.hidden_size]                   # [M, D], final-normed
+
+    def logits_of(self, h: np.ndarray, rows) -> np.ndarray:
+        """Logits f32[len(rows), V] of rows `rows` of h f32[M, D] (a buffer reused by the next
+        call; each row as decode computes it)."""
+        n = len(rows)
+        s = self.state
+        if s.batch_logits.shape[0] < n:
+            s.batch_logits = np.zeros((n, self.cfg.vocab_size), np.float32)
+        out = s.batch_logits[:n]
+        self._head(np.ascontiguousarray(h[rows]), out)                  # [n, D] -> [n, V]
+        return out
+
+    @property
+    def length_dependent_rope(self) -> bool:
+        """RoPE tables that change with the sequence length (dynamic NTK, LongRoPE)."""
+        return bool(self._long_from or self._dynamic)
 
     def all_logits(self, ids) -> np.ndarray:
         """Logits f32[len(ids), V] for every position of ids, on top of the current cache."""

@@ -309,7 +309,7 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
     async def health():
         return {"status": "ok", "model": name, "queued": worker.pending(), "served": worker.served,
                 "cancelled": worker.cancelled, "parallel": sched.parallel, "active": sched.pending(),
-                "decode_steps": sched.steps, "decoded_tokens": sched.decoded}
+                "decode_steps": sched.steps, "decoded_tokens": sched.decoded, "reused_prompt_tokens": sched.reused}
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -6,6 +6,7 @@ LFM2 (per-slot convolution history); slot 0 stays the library's; bad arguments a
 The server side (the scheduler under concurrent clients) is tests/test_server_batch.py."""
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -107,3 +108,42 @@ def test_slot_zero_is_the_library_cache(shared_model):
     finally:
         with net.busy:
             net.set_slots(1)
+
+
+def test_scheduler_reuses_a_slots_prefix_and_matches_generate(shared_model):
+    """The scheduler in-process: two sequences at once give generate()'s greedy tokens; a
+    follow-up prompt that extends the first lands on the slot holding it (its prefix is reused,
+    though that slot is not the longest free) and still gives generate()'s tokens."""
+    from minilm.batch import Scheduler
+    from minilm.sampling import Sampler
+    m = shared_model("stories260K", n_ctx=256)
+    V = m.config.vocab_size
+    p1, p2 = m.tokenizer.encode("Once upon a time"), m.tokenizer.encode("Tom had a big red ball")
+    want1, want2 = m.generate_ids(p1, 12), m.generate_ids(p2, 9)
+    sched = Scheduler(m, 3)
+    try:
+        a, b = sched.tokens(m, p1, 12, Sampler(V)), sched.tokens(m, p2, 9, Sampler(V))
+        got1, got2 = [next(a)], [next(b)]             # both in flight together
+        for x in a:
+            got1.append(x)
+            got2 += [y for y in [next(b, None)] if y is not None]
+        got2 += list(b)
+        assert got1 == want1 and got2 == want2
+        follow = p1 + want1 + m.tokenizer.encode(" and then", add_special_tokens=False)
+        before = sched.reused
+        assert list(sched.tokens(m, follow, 6, Sampler(V))) == m.generate_ids(follow, 6)
+        assert sched.reused - before >= len(p1) + len(want1) - 1   # all but (at most) the last token
+        # a sequence closed by its reader leaves; the one beside it is not disturbed
+        a, b = sched.tokens(m, p1, 30, Sampler(V)), sched.tokens(m, p2, 30, Sampler(V))
+        next(a), next(a)
+        first = next(b)
+        a.close()
+        assert [first] + list(b) == m.generate_ids(p2, 30)
+        deadline = time.time() + 10
+        while sched.pending() and time.time() < deadline:
+            time.sleep(0.01)
+        assert sched.pending() == 0 and sorted(sched.free) == [1, 2, 3]
+    finally:
+        sched.stop()
+        with m.net.busy:
+            m.net.set_slots(1)

@@ -95,9 +95,12 @@ def test_eight_clients_get_their_lone_answers(srv):
 
 def test_cancelled_stream_leaves_the_others_alone(srv):
     """Four long streamed requests; one client hangs up after two chunks: the other three
-    answers are still exactly their lone answers, and the server counts one cancellation."""
-    bodies = [{"prompt": PROMPTS[i], "max_tokens": 60, "temperature": 0, "stream": True} for i in range(4)]
-    want = [srv.model.create_completion(b["prompt"], max_tokens=60, temperature=0)["choices"][0]["text"]
+    answers are still exactly their lone answers, and all four requests end. (Whether the hang-up
+    beats the end of a 400-token answer of this tiny model is timing; test_batch.py cancels a
+    sequence in the scheduler deterministically.)"""
+    bodies = [{"prompt": PROMPTS[i], "max_tokens": 400 if i == 0 else 60, "temperature": 0, "stream": True}
+              for i in range(4)]
+    want = [srv.model.create_completion(b["prompt"], max_tokens=b["max_tokens"], temperature=0)["choices"][0]["text"]
             for b in bodies]
     before = _health(srv)
 
@@ -114,7 +117,7 @@ def test_cancelled_stream_leaves_the_others_alone(srv):
     deadline = time.time() + 20
     while (h := _health(srv))["served"] < before["served"] + 4 and time.time() < deadline:
         time.sleep(0.05)
-    assert h["served"] == before["served"] + 4 and h["cancelled"] == before["cancelled"] + 1
+    assert h["served"] == before["served"] + 4 and h["active"] == 0
 
 
 def test_constrained_request_inside_a_batch(srv):
