@@ -39,7 +39,7 @@ from numba.extending import intrinsic, overload
 
 from .activations import gelu_mul_row, gelu_row, gelu_tanh_row, silu_mul_row
 from .attention import attend_task, decode_splits, merge_parts, prep_decode
-from .matmul import gemv_float_groups
+from .matmul import gemm_float_groups, gemv_float_groups
 from .norm import add_norm_row, head_rmsnorm, norm_row
 from .qmatmul import _quantize_act_q4, _quantize_act_q8v, gemv_q4_0_groups, gemv_q8_0_groups
 from .simd import _bf2f, _h2f, atomic_add, atomic_load, cpu_yield, sleep_us, spin_pause
@@ -219,10 +219,8 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                 w = numba.carray(_ptr_as(mtab[j, M_W], _F32), (N, mtab[j, M_COLS]))
                 if M == 1:
                     gemv_float_groups(x[0], w, out[0], 0, g0, g1)
-                else:                                # each token as decode computes it (same lanes,
-                    for g in range(g0, g1):          # same sum); the 4 rows stay in L1 across tokens
-                        for m in range(M):
-                            gemv_float_groups(x[m], w, out[m], 0, g, g + 1)
+                else:                                # each token as decode computes it
+                    gemm_float_groups(x, w, out, 0, M, g0, g1)
                 return
         if has_f16 or has_bf16:
             if fmt == F_F16 or fmt == F_BF16:
@@ -237,7 +235,7 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                     K = w16.shape[1]
                     flat = tile.reshape(-1)
                     for g in range(g0, g1):          # 4 rows -> an f32 tile (exact), then each token
-                        r0 = 4 * g                   # as decode computes it (the gemv's lanes and sum)
+                        r0 = 4 * g                   # as decode computes it (gemm_float_groups)
                         nr = min(4, N - r0)
                         t = flat[:nr * K].reshape(nr, K)
                         for r in range(nr):
@@ -247,8 +245,7 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                             else:
                                 for k in range(K):
                                     t[r, k] = _bf2f(w16[r0 + r, k])
-                        for m in range(M):
-                            gemv_float_groups(x[m], t, out[m][r0:r0 + nr], 0, 0, 1)
+                        gemm_float_groups(x, t, out[:, r0:r0 + nr], 0, M, 0, 1)
                 return
         if has_q8:
             if fmt == F_Q8_0:

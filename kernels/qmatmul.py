@@ -86,7 +86,6 @@ from numba import njit, prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from .matmul import gemm_f32_cols as _gemm_f32_cols  # noqa: E402
 from .matmul import gemm_float as _gemm_float  # noqa: E402
 from .matmul import gemv_float as _gemv_float  # noqa: E402
 from .simd import (  # noqa: E402,F401
@@ -870,39 +869,6 @@ gemv_bf16 = _gemv_bf16_kernel   # (x f32[K], w uint16[N,K] bf16 bits, out f32[N]
 gemv_q8_0.kernel = gemv_q8_0_kernel = _gemv_q8_0_kernel   # the Numba kernels themselves:
 gemv_q4_0.kernel = gemv_q4_0_kernel = _gemv_q4_0_kernel   # (x, xq, xd, xs, qs, d as uint16, out)
 gemv_f16.kernel = _gemv_f16_kernel
-
-
-# --------------------------------------------------------------------------------------------
-# Dequantize-rows kernels (for prefill GEMM): rows [n0, n1) -> tile f32[n1-n0, K]
-# --------------------------------------------------------------------------------------------
-
-@njit(**_PJIT)
-def _deq_f16_rows(w, n0, n1, tile):
-    K = w.shape[1]
-    for i in prange(n1 - n0):
-        for k in range(K):
-            tile[i, k] = _h2f(w[n0 + i, k])
-
-
-@njit(**_PJIT)
-def _deq_bf16_rows(w, n0, n1, tile):
-    K = w.shape[1]
-    for i in prange(n1 - n0):
-        for k in range(K):
-            tile[i, k] = _bf2f(w[n0 + i, k])
-
-
-GEMM_TILE_ROWS = 256
-
-
-def _gemm_tiled(x, out, N, K, deq):
-    # x f32[M,K], out f32[M,N]; deq(n0, n1, tile) fills tile[:n1-n0] with rows n0..n1 of W
-    tile = np.empty((min(N, GEMM_TILE_ROWS), K), np.float32)   # per call: prefill, not per token
-    for n0 in range(0, N, GEMM_TILE_ROWS):
-        n1 = min(N, n0 + GEMM_TILE_ROWS)
-        t = tile[: n1 - n0]
-        deq(n0, n1, t)
-        _gemm_f32_cols(x, t, out, n0)     # Numba GEMM: no BLAS thread pool fighting Numba's
 
 
 @njit(**_PJIT)
