@@ -1,6 +1,6 @@
 """An OpenAI-compatible local HTTP server for one model (FastAPI + uvicorn: `pip install minilm[server]`).
 
-    minilm serve -m PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    minilm serve -m PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--parallel N]
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (`"stream": true` -> server-sent events `data: {...}\\n\\n` ending with `data: [DONE]\\n\\n`;

@@ -147,3 +147,31 @@ def test_scheduler_reuses_a_slots_prefix_and_matches_generate(shared_model):
         sched.stop()
         with m.net.busy:
             m.net.set_slots(1)
+
+
+def test_scheduler_with_longrope_crossing_its_original_context(shared_model):
+    """Phi-3's LongRoPE switches factors past 64 positions (the cache is re-run then): the
+    scheduler's two-pass steps (prefill_chunks, decode_batch running such rows alone) still give
+    each of two sequences generate()'s greedy tokens while both cross position 64."""
+    from minilm.batch import Scheduler
+    from minilm.sampling import Sampler
+    m = shared_model("proxy-phi3-shakespeare", n_ctx=160)
+    assert m.net.length_dependent_rope
+    V = m.config.vocab_size
+    p1 = m.tokenizer.encode("First Citizen: Before we proceed any further, hear me speak.")
+    p2 = m.tokenizer.encode("ROMEO: But soft, what light through yonder window breaks? It is the east")
+    n = 70 - min(len(p1), len(p2))
+    want = [m.generate_ids(p1, n, ignore_eos=True), m.generate_ids(p2, n, ignore_eos=True)]
+    sched = Scheduler(m, 2)
+    try:
+        a, b = sched.tokens(m, p1, n, Sampler(V), ignore_eos=True), sched.tokens(m, p2, n, Sampler(V), ignore_eos=True)
+        got = [[], []]
+        for x in a:                                   # both in flight together
+            got[0].append(x)
+            got[1] += [y for y in [next(b, None)] if y is not None]
+        got[1] += list(b)
+        assert got == want
+    finally:
+        sched.stop()
+        with m.net.busy:
+            m.net.set_slots(1)
