@@ -4,9 +4,10 @@ Cache layout (one layer): k, v: f32[Hkv, n_ctx, hd]. Query head h reads kv head 
 Scores go to a caller-provided scratch sc: f32[H, n_ctx] (one row per query head), so nothing is
 allocated per call and the loops are contiguous and vectorised.
 
-Prefill uses the parallel kernels (store_kv, attention over M x H). Decode (one token) uses
-`decode_attention`, one parallel call that does q/k-norm, RoPE, the cache write and all heads,
-with the cached positions split across the threads (flash-decoding).
+The executor runs every token of a pass, one or many, as `decode_attention` does for one: its
+cached positions cut by `decode_splits` (attend_task per split and head), then `merge_parts`, so
+a row of a multi-token pass has the bits of decoding that token alone. `attention` (M x H whole
+rows, attend_head) is the simple parallel kernel the tests compare with.
 """
 
 import numpy as np
@@ -140,16 +141,17 @@ def decode_attention(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, 
     length keep both cores busy. qkv: f32[(H+2Hkv) hd]; sc: f32[H, n_ctx] scratch; part:
     f32[S, H, hd + 2] scratch, S = the number of threads; out: f32[H hd]."""
     prep_decode(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, eps)
-    start, ns, chunk = decode_splits(p, window, part.shape[0])
+    _, ns, _ = decode_splits(p, window, part.shape[0])
     for t in prange(ns * n_heads):
-        attend_task(qkv, kc, vc, p, n_heads, n_kv_heads, hd, scale, sc, part, start, chunk, t)
+        attend_task(qkv, kc, vc, p, window, n_heads, n_kv_heads, hd, scale, sc[t % n_heads], part, t)
     merge_parts(part, ns, n_heads, hd, out)
 
 
 @njit(**_J)
 def decode_splits(p, window, S):
     """(start, ns, chunk): the token at p attends rows start..p, cut into ns <= S splits of
-    chunk rows (>= 32 rows each)."""
+    chunk rows (>= 32 rows each). Every pass (decode, prefill, a verify pass of several tokens)
+    splits a token's rows this way, so a token's attention has the same bits in all of them."""
     start = max(0, p - window + 1) if window > 0 else 0
     T = p + 1 - start
     ns = max(1, min(S, T // 32))
@@ -157,13 +159,18 @@ def decode_splits(p, window, S):
 
 
 @njit(**_J)
-def attend_task(qkv, kc, vc, p, n_heads, n_kv_heads, hd, scale, sc, part, start, chunk, t, cap=np.float32(0.0)):
-    """Task t of ns * H: split t // H of query head t % H (attend_part into part[split, head])."""
+def attend_task(q, kc, vc, p, window, n_heads, n_kv_heads, hd, scale, sc, part, t, cap=np.float32(0.0)):
+    """Task t of S * H for the token at position p (query q: f32[>= H hd]): split t // H of
+    query head t % H (attend_part into part[split, head]; part: f32[S, H, hd + 2]), nothing for
+    a split past the token's ns (decode_splits). sc: f32[>= p + 1] scratch of this task only."""
     sp = t // n_heads
     h = t % n_heads
+    start, ns, chunk = decode_splits(p, window, part.shape[0])
+    if sp >= ns:
+        return
     j0 = start + sp * chunk
     j1 = min(p + 1, j0 + chunk)
-    attend_part(qkv, h * hd, kc, vc, h // (n_heads // n_kv_heads), j0, j1, hd, scale, sc[h], part[sp, h], cap)
+    attend_part(q, h * hd, kc, vc, h // (n_heads // n_kv_heads), j0, j1, hd, scale, sc, part[sp, h], cap)
 
 
 @njit(**_J)

@@ -11,15 +11,20 @@ so nobody counts offsets by hand: plan.py writes each row from a named step.
 `run_plan` runs the whole plan in ONE parallel region. Every step is cut into tasks (a block of
 matrix rows, a token, an attention head or split); the threads take tasks from an atomic counter
 and wait at the end of the step until all its tasks are done. Consecutive steps that have one
-task each (the norms, activation quantizers and element-wise ops of one decode token) run as
-one phase on the thread that takes it, without a barrier in between. Decode is M = 1 (one token:
-every thread shares each matrix), prefill is M > 1 (matrix rows x tokens, tokens, heads x
-tokens). The kernels are the ones in this package; decode and prefill call the same row kernels.
+task each (the norms, activation quantizers and element-wise ops of one decode token, or of
+the few rows of a batched decode: ONE_TASK_ROWS) run as one phase on the thread that takes it,
+without a barrier in between. Decode is M = 1 (one token: every thread shares each matrix),
+prefill is M > 1 (matrix rows x tokens, tokens, tokens x splits x heads). Rows carry their own
+position and KV-cache slot (`pos`, `slot`), so a pass may also hold one token of each of several
+sequences (the server's batched decode). The kernels are the ones in this package; decode and
+prefill call the same row kernels in the same order of arithmetic, so row m of any pass has the
+bits of decoding that token alone (speculative verification and batched decoding depend on it;
+tests/test_decode_exact.py, tests/test_batch.py).
 
 Correctness of the waits: a thread only waits for the tasks of the current step, and it takes
 tasks until none is left before it waits, so any number of threads finishes (one alone runs
 every task); all threads walk the same phase sequence (the task counts depend only on the
-plan, M and the position).
+plan, M and the first row's position).
 
 Weight formats: `fs` is a tuple of empty arrays whose dtypes name the formats the model uses
 (quant.FORMATS[...].tag); the matrix dispatch is compiled only for those formats, so a model
@@ -33,8 +38,8 @@ from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
 from .activations import gelu_mul_row, gelu_row, gelu_tanh_row, silu_mul_row
-from .attention import attend_head, attend_task, decode_splits, merge_parts, prep_decode
-from .matmul import gemm_f32_block, gemv_float_groups
+from .attention import attend_task, decode_splits, merge_parts, prep_decode
+from .matmul import gemm_float_groups, gemv_float_groups
 from .norm import add_norm_row, head_rmsnorm, norm_row
 from .qmatmul import _quantize_act_q4, _quantize_act_q8v, gemv_q4_0_groups, gemv_q8_0_groups
 from .simd import _bf2f, _h2f, atomic_add, atomic_load, cpu_yield, sleep_us, spin_pause
@@ -46,11 +51,11 @@ OP_ADD = 2         # dst += src                                               ta
 OP_QUANT = 3       # quantize src rows for matrix mat (int8 blocks)           tasks: M (0 for float formats)
 OP_MATMUL = 4      # dst = src @ W[mat].T (+ b)                               tasks: row blocks
 OP_QKV = 5         # q/k norm (w, b = q/k norm weights), RoPE, k/v -> cache   tasks: M
-OP_ATTEND = 6      # attention of the q heads of src over the cache -> dst    tasks: splits x H (M = 1), M x H
-OP_MERGE = 7       # merge the decode splits into dst                         tasks: 1 (M = 1), 0
+OP_ATTEND = 6      # attention of the q heads of src over the cache -> parts  tasks: M x splits x H
+OP_MERGE = 7       # merge each token's splits into dst                       tasks: M
 OP_SILU_MUL = 8    # dst[:F] = silu(src[:F]) * src[F:2F], F = I0              tasks: M
 OP_GELU = 9        # dst = gelu(dst) in place (I0: 0 erf, 1 tanh)             tasks: M
-OP_ADD_ROWS = 10   # dst[m] += table mat (f32 [P, D]) row p0 + m               tasks: M
+OP_ADD_ROWS = 10   # dst[m] += table mat (f32 [P, D]) row pos[m]               tasks: M
 OP_SCALE = 11      # dst *= scale (Granite multipliers, Gemma's sqrt(D))      tasks: M
 OP_QK_NORM = 12    # RMSNorm of the whole q (w) and whole k (b) of src (OLMo 2) tasks: M
 OP_GELU_MUL = 13   # dst[:F] = gelu_tanh(src[:F]) * src[F:2F], F = I0 (Gemma) tasks: M
@@ -69,6 +74,11 @@ M_COLS_N = 7
 
 # format ids (quant.FORMATS[name].fid); from F_RAW on: ggml's other formats as raw bytes
 F_F32, F_F16, F_BF16, F_Q8_0, F_Q4_0, F_RAW = range(6)
+
+# Up to this many rows, the per-row steps (norms, activation quantization, RoPE and cache
+# writes, element-wise ops) run as one task over all rows, so consecutive ones form one phase
+# without barriers in between, as in a decode step (a batched-decode pass has no more phases).
+ONE_TASK_ROWS = 8
 
 
 @intrinsic
@@ -209,9 +219,8 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                 w = numba.carray(_ptr_as(mtab[j, M_W], _F32), (N, mtab[j, M_COLS]))
                 if M == 1:
                     gemv_float_groups(x[0], w, out[0], 0, g0, g1)
-                else:
-                    for g in range(g0, g1):
-                        gemm_f32_block(x, w, out, 4 * g, 0)
+                else:                                # each token as decode computes it
+                    gemm_float_groups(x, w, out, 0, M, g0, g1)
                 return
         if has_f16 or has_bf16:
             if fmt == F_F16 or fmt == F_BF16:
@@ -225,8 +234,8 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                 else:
                     K = w16.shape[1]
                     flat = tile.reshape(-1)
-                    for g in range(g0, g1):          # 4 rows -> an f32 tile, then the f32 block
-                        r0 = 4 * g
+                    for g in range(g0, g1):          # 4 rows -> an f32 tile (exact), then each token
+                        r0 = 4 * g                   # as decode computes it (gemm_float_groups)
                         nr = min(4, N - r0)
                         t = flat[:nr * K].reshape(nr, K)
                         for r in range(nr):
@@ -236,7 +245,7 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                             else:
                                 for k in range(K):
                                     t[r, k] = _bf2f(w16[r0 + r, k])
-                        gemm_f32_block(x, t, out, 0, r0)
+                        gemm_float_groups(x, t, out[:, r0:r0 + nr], 0, M, 0, 1)
                 return
         if has_q8:
             if fmt == F_Q8_0:
@@ -294,18 +303,21 @@ def _is_quantized(fmt):
 
 # ---- LFM2's gated short convolution -------------------------------------------------------------
 @njit(fastmath=True, **_J)
-def _conv_rows(bcx, hist, w, b, Lc, p0, M, out, c0, c1):
-    """Channels c0..c1-1 of M tokens at positions p0..: hist[p] <- B * x (the conv input of
-    position p, kept in the cache), out[m] <- C * (bias + sum_j w[c, j] hist[p - Lc + 1 + j]),
-    a causal depthwise convolution of length Lc (positions before 0 are zeros). bcx: f32[M, 3D]
-    (B, C, x); hist: f32[n_ctx, D]; w: f32[D * Lc]; b: f32[D] or f32[0]; out: f32[M, >= D].
-    Tokens run in order (token m reads the rows tokens m-1, m-2.. wrote), channels independently."""
+def _conv_rows(bcx, hist, w, b, Lc, pos, slot, n_ctx, M, out, c0, c1):
+    """Channels c0..c1-1 of M tokens (token m: position pos[m] of sequence slot[m]):
+    hist[r + p] <- B * x (the conv input of position p, kept in the cache; r = slot * n_ctx, the
+    slot's rows), out[m] <- C * (bias + sum_j w[c, j] hist[r + p - Lc + 1 + j]), a causal
+    depthwise convolution of length Lc (positions before 0 are zeros). bcx: f32[M, 3D] (B, C, x);
+    hist: f32[n_slots * n_ctx, D]; w: f32[D * Lc]; b: f32[D] or f32[0]; out: f32[M, >= D].
+    Tokens run in order (token m reads the rows earlier tokens of its sequence wrote), channels
+    independently."""
     D = hist.shape[1]
     n = c1 - c0
     for m in range(M):
-        p = p0 + m
+        p = pos[m]
+        r0 = slot[m] * n_ctx
         x = bcx[m]
-        h = hist[p, c0:c1]
+        h = hist[r0 + p, c0:c1]
         xb = x[c0:c1]
         xx = x[2 * D + c0:2 * D + c1]
         for c in range(n):
@@ -320,7 +332,7 @@ def _conv_rows(bcx, hist, w, b, Lc, p0, M, out, c0, c1):
         for t in range(Lc):
             q = p - Lc + 1 + t
             if q >= 0:
-                r = hist[q, c0:c1]
+                r = hist[r0 + q, c0:c1]
                 for c in range(n):
                     o[c] += w[(c0 + c) * Lc + t] * r[c]
         xc = x[D + c0:D + c1]
@@ -329,8 +341,8 @@ def _conv_rows(bcx, hist, w, b, Lc, p0, M, out, c0, c1):
 
 
 # ---- new step kinds from outside this module -----------------------------------------------------
-# op id (>= N_OPS) -> an njit task function f(s, k, M, p0, steps, fpar, btab, mtab, vtab) run for
-# task k = 0..M-1 (one per token) of step s. The built-in kinds above do not change when one is
+# op id (>= N_OPS) -> an njit task function f(s, k, M, pos, steps, fpar, btab, mtab, vtab) run for
+# task k = 0..M-1 (one per token, at position pos[k]) of step s. The built-in kinds above do not change when one is
 # added: `_task` passes unknown ids to `_ext_task`, compiled from this table.
 EXTENSIONS: dict = {}
 
@@ -349,53 +361,60 @@ def register_step_kind(op_id: int, task) -> None:
             f.recompile()
 
 
-def _ext_task(op, s, k, M, p0, steps, fpar, btab, mtab, vtab):
+def _ext_task(op, s, k, M, pos, steps, fpar, btab, mtab, vtab):
     """Run task k of extension step s (see EXTENSIONS)."""
 
 
 def _ext_chain(items):
     if not items:
-        return njit(lambda op, s, k, M, p0, steps, fpar, btab, mtab, vtab: None)
+        return njit(lambda op, s, k, M, pos, steps, fpar, btab, mtab, vtab: None)
     (oid, fn), rest = items[0], _ext_chain(items[1:])
 
-    def one(op, s, k, M, p0, steps, fpar, btab, mtab, vtab):
+    def one(op, s, k, M, pos, steps, fpar, btab, mtab, vtab):
         if op == oid:
-            fn(s, k, M, p0, steps, fpar, btab, mtab, vtab)
+            fn(s, k, M, pos, steps, fpar, btab, mtab, vtab)
         else:
-            rest(op, s, k, M, p0, steps, fpar, btab, mtab, vtab)
+            rest(op, s, k, M, pos, steps, fpar, btab, mtab, vtab)
     return njit(one)
 
 
 @overload(_ext_task)
-def _ext_task_impl(op, s, k, M, p0, steps, fpar, btab, mtab, vtab):
+def _ext_task_impl(op, s, k, M, pos, steps, fpar, btab, mtab, vtab):
     chain = _ext_chain(sorted(EXTENSIONS.items()))
-    return lambda op, s, k, M, p0, steps, fpar, btab, mtab, vtab: chain(op, s, k, M, p0, steps, fpar, btab, mtab, vtab)
+    return lambda op, s, k, M, pos, steps, fpar, btab, mtab, vtab: chain(op, s, k, M, pos, steps, fpar, btab, mtab, vtab)
 
 
 # ---- steps -------------------------------------------------------------------------------------
 @njit(**_J)
-def _ntasks(steps, s, mtab, M, p0, nt, nparts, H):
+def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
     op = steps[s, S_OP]
     if op == OP_MATMUL:
         if M == 1:
             return nt
         return min((mtab[steps[s, S_MAT], M_N] + 3) // 4, 4 * nt)
     if op == OP_QUANT:
-        return M if _is_quantized(mtab[steps[s, S_MAT], M_FMT]) else 0
-    if op == OP_ATTEND:
-        if M == 1:
-            _, ns, _ = decode_splits(p0, steps[s, S_I0], nparts)
-            return ns * H
-        return M * H
-    if op == OP_MERGE:
-        return 1 if M == 1 else 0
+        if not _is_quantized(mtab[steps[s, S_MAT], M_FMT]):
+            return 0
+        return 1 if M <= ONE_TASK_ROWS else M
+    if op == OP_ATTEND:                      # a row's tasks past its own splits do nothing
+        _, ns, _ = decode_splits(pos[M - 1], steps[s, S_I0], nparts)
+        return ((M - 1) * nparts + ns) * H
     if op == OP_CONV:
         return 1 if M == 1 else nt
-    return M
+    return 1 if M <= ONE_TASK_ROWS else M      # per-row steps
 
 
 @njit(**_J)
-def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc, vc,
+def _task_rows(steps, s, M):
+    """How many rows one task of a one-task step covers: its M rows for per-row steps (M <=
+    ONE_TASK_ROWS), 1 for the steps whose tasks are cut otherwise (a matrix's row groups, the
+    attention's splits, LFM2's channels), whose one task is the whole step."""
+    op = steps[s, S_OP]
+    return 1 if op == OP_MATMUL or op == OP_ATTEND or op == OP_CONV else M
+
+
+@njit(**_J)
+def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
           XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
     """Task k of step s, run by thread tid."""
     op = steps[s, S_OP]
@@ -434,7 +453,8 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc,
         t = steps[s, S_I0]                       # RoPE table (columns t*rot/2..) or -1: no RoPE
         h2 = rot // 2
         c0 = max(t, 0) * h2
-        prep_decode(_buf(btab, steps[s, S_SRC], M)[k], kc[L], vc[L], p0 + k, cos[:, c0:c0 + h2],
+        sl = slot[k]
+        prep_decode(_buf(btab, steps[s, S_SRC], M)[k], kc[L, sl], vc[L, sl], pos[k], cos[:, c0:c0 + h2],
                     sin[:, c0:c0 + h2], _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]), H, Hkv, hd,
                     rot if t >= 0 else 0, fpar[s, P_EPS])
     elif op == OP_ATTEND:
@@ -443,19 +463,13 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc,
         q = _buf(btab, steps[s, S_SRC], M)
         scale = np.float32(fpar[s, P_SCALE])
         cap = np.float32(fpar[s, P_CAP])
-        if M == 1:
-            start, _, chunk = decode_splits(p0, window, part.shape[0])
-            attend_task(q[0], kc[L], vc[L], p0, H, Hkv, hd, scale, sc, part, start, chunk, k, cap)
-        else:
-            h = k // M
-            m = k - h * M
-            p = p0 + m
-            start = max(0, p - window + 1) if window > 0 else 0
-            attend_head(q[m], h * hd, kc[L], vc[L], h // (H // Hkv), start, p, hd, scale, sc[tid],
-                        _buf(btab, steps[s, S_DST], M)[m], h * hd, cap)
+        per = part.shape[1] * H                  # tasks per token: its splits x heads, as decode
+        m = k // per
+        attend_task(q[m], kc[L, slot[m]], vc[L, slot[m]], pos[m], window, H, Hkv, hd, scale, sc[tid], part[m],
+                    k - m * per, cap)
     elif op == OP_MERGE:
-        _, ns, _ = decode_splits(p0, steps[s, S_I0], part.shape[0])
-        merge_parts(part, ns, H, hd, _buf(btab, steps[s, S_DST], M)[0])
+        _, ns, _ = decode_splits(pos[k], steps[s, S_I0], part.shape[1])
+        merge_parts(part[k], ns, H, hd, _buf(btab, steps[s, S_DST], M)[k])
     elif op == OP_SILU_MUL:
         F = steps[s, S_I0]                       # the buffer may be wider (zero-padded K)
         silu_mul_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_DST], M)[k][:F])
@@ -484,58 +498,66 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc,
         hist = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], D))
         n = 1 if M == 1 else nt
         _conv_rows(_buf(btab, steps[s, S_SRC], M), hist, _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
-                   steps[s, S_I0], p0, M, _buf(btab, steps[s, S_DST], M), k * D // n, (k + 1) * D // n)
+                   steps[s, S_I0], pos, slot, kc.shape[3], M, _buf(btab, steps[s, S_DST], M), k * D // n,
+                   (k + 1) * D // n)
     elif op == OP_ADD_ROWS:
         j = steps[s, S_MAT]
         t = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], mtab[j, M_COLS]))
         d = _buf(btab, steps[s, S_DST], M)[k]
-        r = t[p0 + k]
+        r = t[pos[k]]
         for i in range(d.shape[0]):
             d[i] += r[i]
     else:
-        _ext_task(op, s, k, M, p0, steps, fpar, btab, mtab, vtab)
+        _ext_task(op, s, k, M, pos, steps, fpar, btab, mtab, vtab)
 
 
 @njit(parallel=True, **_J)
-def run_plan(fs, steps, fpar, btab, mtab, vtab, M, p0, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,
+def run_plan(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,
              H, Hkv, hd, rot, ctr):
-    """Run the plan for M tokens at positions p0..p0+M-1 (see the module docstring).
+    """Run the plan for M token rows (see the module docstring): row m is position pos[m] of the
+    sequence in KV-cache slot slot[m] (int64[M] each), so one pass holds consecutive tokens of one
+    sequence (prefill), one token of each of several sequences (batched decode), or a mix; a
+    sequence's rows come in position order. Every row's result is the same whichever rows share
+    its pass (attention: decode's splits and merge per row; matrices: decode's row kernels).
 
-    kc, vc: the KV cache f32[L, Hkv, n_ctx, hd]; cos, sin: RoPE tables f32[n_pos, R * rot/2]
+    kc, vc: the KV cache f32[L, n_slots, Hkv, n_ctx, hd] (LFM2's conv history: a matrix of
+    n_slots * n_ctx rows); cos, sin: RoPE tables f32[n_pos, R * rot/2]
     (R tables side by side: a qkv step's I0 picks one, -1 none);
     XQ int8[R, Kmax], XD, XS f32[R, Kmax/32]: the quantized activations of the current matmul;
     tiles f32[T, 4, Kmax]: per-thread dequantized rows (16-bit formats, M > 1);
-    sc f32[>= max(H, T), n_ctx]: attention scores; part f32[S, H, hd + 2]: decode splits;
+    sc f32[>= T, n_ctx]: attention scores (a row per thread); part f32[>= M, S, H, hd + 2]: each
+    token's attention splits (decode_splits: the same for a token in any pass);
     ctr int64[>= 2 * steps]: phase counters. T = the number of threads the state was sized for.
     """
     S = steps.shape[0]
     nt = tiles.shape[0]
-    nparts = part.shape[0]
+    nparts = part.shape[1]
     ctr[:] = 0
     for tid in prange(nt):
         ph = 0
         s = 0
         while s < S:
-            n = _ntasks(steps, s, mtab, M, p0, nt, nparts, H)
+            n = _ntasks(steps, s, mtab, M, pos, nt, nparts, H)
             if n == 0:
                 s += 1
                 continue
             if n == 1:                       # a run of one-task steps: one phase, one thread
                 e = s + 1
-                while e < S and _ntasks(steps, e, mtab, M, p0, nt, nparts, H) <= 1:
+                while e < S and _ntasks(steps, e, mtab, M, pos, nt, nparts, H) <= 1:
                     e += 1
                 if _take(ctr, ph, 1) == 0:
                     for s2 in range(s, e):
-                        if _ntasks(steps, s2, mtab, M, p0, nt, nparts, H) == 1:
-                            _task(fs, steps, fpar, s2, 0, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc, vc,
-                                  XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
+                        if _ntasks(steps, s2, mtab, M, pos, nt, nparts, H) == 1:
+                            for k in range(_task_rows(steps, s2, M)):
+                                _task(fs, steps, fpar, s2, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin,
+                                      kc, vc, XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
                     _finish(ctr, ph)
                 _wait(ctr, ph, 1)
                 s = e
             else:
                 k = _take(ctr, ph, n)
                 while k >= 0:
-                    _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc, vc,
+                    _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
                           XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
                     _finish(ctr, ph)
                     k = _take(ctr, ph, n)

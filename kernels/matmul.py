@@ -67,93 +67,69 @@ def gemv_f32(x, w, out):
     gemv_float(x, w, out, 0)
 
 
-def gemm_f32(x, w, out):
-    """x: f32[M, K], w: f32[N, K], out: f32[M, N] <- x @ w.T (prefill)."""
-    gemm_f32_cols(x, w, out, 0)
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy", boundscheck=False, inline="always")
+def _fma_4tok(accp, w, wo, x, xo, Kx, KIND):
+    """The 16-lane accumulators accp[0:64] of one weight row and 4 tokens (rows of x Kx apart)
+    += a block of 16 columns: one weight load (and conversion) feeds 4 FMAs."""
+    _blk_fma16(accp, w, wo, x, xo, 16, KIND)
+    _blk_fma16(_ptr_add(accp, 16), w, wo, x, xo + Kx, 16, KIND)
+    _blk_fma16(_ptr_add(accp, 32), w, wo, x, xo + 2 * Kx, 16, KIND)
+    _blk_fma16(_ptr_add(accp, 48), w, wo, x, xo + 3 * Kx, 16, KIND)
 
 
-@njit(cache=True, parallel=True, fastmath=True, nogil=True, error_model="numpy")
-def gemm_f32_cols(x, w, out, n0):
-    """out[:, n0:n0+N] <- x @ w.T for x: f32[M, K], w: f32[N, K] (a tile of a bigger W),
-    parallel over blocks of 4 weight rows (gemm_f32_block)."""
-    for b in prange((w.shape[0] + 3) // 4):
-        gemm_f32_block(x, w, out, b * 4, n0)
-
-
-@njit(cache=True, fastmath=True, nogil=True, error_model="numpy", inline="always")
-def gemm_f32_block(x, w, out, i0, n0):
-    """Rows i0..i0+3 of w (fewer at the end): out[:M, n0+i0 ..] <- x[:M] @ w[i0:i0+4].T, for
-    x: f32[M, >=K] (only the first K = w.shape[1] columns are read), w: f32[N, K].
-
-    Register-blocked 4 weight rows x 4 tokens: 16 accumulators, each loaded x[m, k] and
-    w[n, k] feeds 4 FMAs. The 4 weight rows stay in L1 while all M tokens stream past them.
-    A Numba kernel rather than numpy's BLAS: BLAS threads and Numba's OpenMP threads spin
-    against each other on a 2-core machine, which costs more than BLAS gains.
-    """
-    M = x.shape[0]
+@njit(cache=True, fastmath=True, nogil=True, error_model="numpy", boundscheck=False, inline="always")
+def gemm_float_groups(x, w, out, KIND, M, g0, g1):
+    """Row groups g0..g1-1 (rows 4g..4g+3) of out[:M] = x[:M] @ w.T, x f32[>= M, >= K] C-contiguous
+    (addressed as rows Kx apart, as the gemv addresses its x),
+    w as in gemv_float_groups. Every (row, token) is computed exactly as gemv_float_groups
+    computes it (16 lanes, FMAs in column order, the same masked tail and horizontal sum), so a
+    multi-token pass has decode's bits; 4 rows x 4 tokens at a time (16 accumulators in
+    registers, each weight block loaded once for 4 tokens), the last M % 4 tokens by the gemv."""
     N, K = w.shape
-    if i0 + 4 <= N:
+    Kx = x.shape[1]
+    K16 = K // 16 * 16
+    for g in range(g0, g1):
+        r0 = 4 * g
         m0 = 0
-        while m0 + 4 <= M:
-            a00 = a01 = a02 = a03 = np.float32(0.0)
-            a10 = a11 = a12 = a13 = np.float32(0.0)
-            a20 = a21 = a22 = a23 = np.float32(0.0)
-            a30 = a31 = a32 = a33 = np.float32(0.0)
-            for k in range(K):
-                w0 = w[i0, k]
-                w1 = w[i0 + 1, k]
-                w2 = w[i0 + 2, k]
-                w3 = w[i0 + 3, k]
-                x0 = x[m0, k]
-                x1 = x[m0 + 1, k]
-                x2 = x[m0 + 2, k]
-                x3 = x[m0 + 3, k]
-                a00 += x0 * w0
-                a01 += x0 * w1
-                a02 += x0 * w2
-                a03 += x0 * w3
-                a10 += x1 * w0
-                a11 += x1 * w1
-                a12 += x1 * w2
-                a13 += x1 * w3
-                a20 += x2 * w0
-                a21 += x2 * w1
-                a22 += x2 * w2
-                a23 += x2 * w3
-                a30 += x3 * w0
-                a31 += x3 * w1
-                a32 += x3 * w2
-                a33 += x3 * w3
-            out[m0, n0 + i0] = a00
-            out[m0, n0 + i0 + 1] = a01
-            out[m0, n0 + i0 + 2] = a02
-            out[m0, n0 + i0 + 3] = a03
-            out[m0 + 1, n0 + i0] = a10
-            out[m0 + 1, n0 + i0 + 1] = a11
-            out[m0 + 1, n0 + i0 + 2] = a12
-            out[m0 + 1, n0 + i0 + 3] = a13
-            out[m0 + 2, n0 + i0] = a20
-            out[m0 + 2, n0 + i0 + 1] = a21
-            out[m0 + 2, n0 + i0 + 2] = a22
-            out[m0 + 2, n0 + i0 + 3] = a23
-            out[m0 + 3, n0 + i0] = a30
-            out[m0 + 3, n0 + i0 + 1] = a31
-            out[m0 + 3, n0 + i0 + 2] = a32
-            out[m0 + 3, n0 + i0 + 3] = a33
-            m0 += 4
+        if r0 + 4 <= N:
+            accp = _stack_f32(256)
+            acc = numba.carray(accp, 256)
+            while m0 + 4 <= M:
+                for i in range(256):
+                    acc[i] = 0.0
+                xo = m0 * Kx
+                for k0 in range(0, K16, 16):
+                    _fma_4tok(accp, w, r0 * K + k0, x, xo + k0, Kx, KIND)
+                    _fma_4tok(_ptr_add(accp, 64), w, (r0 + 1) * K + k0, x, xo + k0, Kx, KIND)
+                    _fma_4tok(_ptr_add(accp, 128), w, (r0 + 2) * K + k0, x, xo + k0, Kx, KIND)
+                    _fma_4tok(_ptr_add(accp, 192), w, (r0 + 3) * K + k0, x, xo + k0, Kx, KIND)
+                for rr in range(4):
+                    for t in range(4):
+                        if K16 < K:          # the last K % 16 columns: the gemv's masked block
+                            _blk_fma16(_ptr_add(accp, 64 * rr + 16 * t), w, (r0 + rr) * K + K16, x,
+                                       xo + t * Kx + K16, K - K16, KIND)
+                        out[m0 + t, r0 + rr] = _hsum16(accp, 64 * rr + 16 * t)
+                m0 += 4
         for m in range(m0, M):
-            for i in range(i0, i0 + 4):
-                a = np.float32(0.0)
-                for k in range(K):
-                    a += x[m, k] * w[i, k]
-                out[m, n0 + i] = a
-    else:
-        for i in range(i0, N):
-            for m in range(M):
-                a = np.float32(0.0)
-                for k in range(K):
-                    a += x[m, k] * w[i, k]
-                out[m, n0 + i] = a
+            gemv_float_groups(x[m], w, out[m], KIND, g, g + 1)
+
+
+@njit(cache=True, parallel=True, fastmath=True, nogil=True, error_model="numpy", boundscheck=False)
+def gemm_float(x, w, out, KIND):
+    """out[M, N] = x @ w.T for w f32[N,K] (KIND 0) or fp16/bf16 bits u16[N,K] (KIND 1/2): each row
+    of out exactly as gemv_float computes it for that row of x (gemm_float_groups), so the
+    logits of a multi-token pass equal decoding its tokens one by one; parallel over groups of
+    4 weight rows. A strided x is copied first (the row kernels address x as rows Kx apart)."""
+    xc = np.ascontiguousarray(x)
+    for g in prange((w.shape[0] + 3) // 4):
+        gemm_float_groups(xc, w, out, KIND, xc.shape[0], g, g + 1)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def gemm_f32(x, w, out):
+    """x: f32[M, K], w: f32[N, K], out: f32[M, N] <- x @ w.T (several tokens: the lm head over
+    the rows of a pass); each row bit-identical to gemv_f32 of it."""
+    gemm_float(x, w, out, 0)
 
 
 def matmul_ref(x, w):

@@ -66,9 +66,9 @@ DESIGN NOTES (measured on the 2-vCPU Xeon, AVX-512 + VNNI; DRAM read ~29 GB/s id
     applied per block in float32.
   * Prefill GEMM, Q8_0/Q4_0: every token's activations quantized like the gemv's, then the gemv's
     row-group kernels per (group of 4 weight rows, token), the rows reused from L1 across tokens.
-    F16/BF16: dequantize chunks of rows to a module-cached f32 scratch, then matmul.gemm_f32_cols
-    (a register-blocked Numba GEMM): numpy's OpenBLAS threads and Numba's OpenMP threads spin
-    against each other on 2 cores.
+    F16/BF16 (and f32): matmul.gemm_float, the gemv's row groups per token, so every row equals
+    the gemv of it bit for bit (a multi-token pass gives decode's logits); a Numba kernel, since
+    numpy's OpenBLAS threads and Numba's OpenMP threads spin against each other on 2 cores.
   * Parallel runtime: with numba's OpenMP layer (libgomp) and its default wait policy a
     prange launch cost ~8 ms on this VM under load; minilm/__init__.py bounds the spin
     (GOMP_SPINCOUNT) before any kernel runs.
@@ -86,7 +86,7 @@ from numba import njit, prange, types  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-from .matmul import gemm_f32_cols as _gemm_f32_cols  # noqa: E402
+from .matmul import gemm_float as _gemm_float  # noqa: E402
 from .matmul import gemv_float as _gemv_float  # noqa: E402
 from .simd import (  # noqa: E402,F401
     _F32,
@@ -871,39 +871,6 @@ gemv_q4_0.kernel = gemv_q4_0_kernel = _gemv_q4_0_kernel   # (x, xq, xd, xs, qs, 
 gemv_f16.kernel = _gemv_f16_kernel
 
 
-# --------------------------------------------------------------------------------------------
-# Dequantize-rows kernels (for prefill GEMM): rows [n0, n1) -> tile f32[n1-n0, K]
-# --------------------------------------------------------------------------------------------
-
-@njit(**_PJIT)
-def _deq_f16_rows(w, n0, n1, tile):
-    K = w.shape[1]
-    for i in prange(n1 - n0):
-        for k in range(K):
-            tile[i, k] = _h2f(w[n0 + i, k])
-
-
-@njit(**_PJIT)
-def _deq_bf16_rows(w, n0, n1, tile):
-    K = w.shape[1]
-    for i in prange(n1 - n0):
-        for k in range(K):
-            tile[i, k] = _bf2f(w[n0 + i, k])
-
-
-GEMM_TILE_ROWS = 256
-
-
-def _gemm_tiled(x, out, N, K, deq):
-    # x f32[M,K], out f32[M,N]; deq(n0, n1, tile) fills tile[:n1-n0] with rows n0..n1 of W
-    tile = np.empty((min(N, GEMM_TILE_ROWS), K), np.float32)   # per call: prefill, not per token
-    for n0 in range(0, N, GEMM_TILE_ROWS):
-        n1 = min(N, n0 + GEMM_TILE_ROWS)
-        t = tile[: n1 - n0]
-        deq(n0, n1, t)
-        _gemm_f32_cols(x, t, out, n0)     # Numba GEMM: no BLAS thread pool fighting Numba's
-
-
 @njit(**_PJIT)
 def _gemm_q8_0_kernel(x, XQ, XD, XS, qs, d, out):
     # x f32[M,K]; scratch XQ int8[>=M,K], XD/XS f32[>=M,K//32]; qs int8[N,K]; d u16[N,K//32]
@@ -943,12 +910,21 @@ def gemm_q4_0(x, qs, d, out):
     _gemm_q4_0_kernel(x, *_gemm_act(x.shape[0], 2 * qs.shape[1]), qs, d.view(np.uint16), out)
 
 
+@njit(**_JIT)
+def _gemm_f16_kernel(x, w, out):
+    # x f32[M,K], w u16[N,K] (fp16 bits), out f32[M,N]
+    _gemm_float(x, w, out, 1)
+
+
+@njit(**_JIT)
+def _gemm_bf16_kernel(x, w, out):
+    # x f32[M,K], w u16[N,K] (bf16 bits), out f32[M,N]
+    _gemm_float(x, w, out, 2)
+
+
 def gemm_f16(x, w, out):
-    """out[M,N] = x[M,K] @ W.T, W float16[N,K]."""
-    wu = w.view(np.uint16)
-    _gemm_tiled(x, out, w.shape[0], w.shape[1], lambda a, b, t: _deq_f16_rows(wu, a, b, t))
+    """out[M,N] = x[M,K] @ W.T, W float16[N,K]; each row bit-identical to gemv_f16 of it."""
+    _gemm_f16_kernel(x, w.view(np.uint16), out)
 
 
-def gemm_bf16(x, w, out):
-    """out[M,N] = x[M,K] @ W.T, W uint16[N,K] bf16 bits."""
-    _gemm_tiled(x, out, w.shape[0], w.shape[1], lambda a, b, t: _deq_bf16_rows(w, a, b, t))
+gemm_bf16 = _gemm_bf16_kernel   # (x f32[M,K], w uint16[N,K] bf16 bits, out f32[M,N]); each row as gemv_bf16

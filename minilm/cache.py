@@ -1,5 +1,11 @@
 """The KV cache: preallocated float32 buffers sized from the context length, written in place.
 
+Sequence slots: the arrays have a slot axis (k, v: f32[L, n_slots, Hkv, n_ctx, hd]) so that one
+forward pass can advance several sequences at once (the server's batched decode); each slot has
+its own `pos` and `tokens`. `KVCache` itself is slot 0 (what `Transformer.cache` is and what the
+library's calls use: its `k`, `v`, `conv` are slot 0's arrays); `cache.slots[i]` is slot i's view
+with the same fields. A model starts with one slot; `resize_slots(n)` adds more.
+
 LFM2's convolution layers keep their state beside it: `conv` f32[n_conv, n_ctx, D] holds the
 convolution input (B * x) of every cached position, so a convolution at position p reads rows
 p - Lc + 1 .. p, and truncating the cache to any n (prefix reuse across turns) leaves exactly the
@@ -12,21 +18,34 @@ import numpy as np
 from .errors import ContextOverflowError
 
 
-class KVCache:
-    """k, v: f32[L, Hkv, n_ctx, hd]. `pos` = number of positions filled; `tokens` = their ids."""
+class SlotCache:
+    """One sequence slot of a KVCache: k, v: f32[L, Hkv, n_ctx, hd] views of the shared arrays;
+    `pos` = number of positions filled; `tokens` = their ids."""
 
-    def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, n_conv: int = 0,
-                 conv_dim: int = 0):
-        self.n_ctx = n_ctx
-        self.k = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), np.float32)
-        self.v = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), np.float32)
-        self.conv = np.zeros((n_conv, n_ctx, conv_dim), np.float32)   # LFM2: conv inputs per position
+    def __init__(self, store: "KVCache", index: int):
+        self.store = store
+        self.index = index
+        self.n_ctx = store.n_ctx
         self.pos = 0
         self.tokens: list[int] = []
+        self.kv_long = False       # LongRoPE: the cached keys were rotated with the long factors
+
+    @property
+    def k(self) -> np.ndarray:
+        return self.store.k_all[:, self.index]
+
+    @property
+    def v(self) -> np.ndarray:
+        return self.store.v_all[:, self.index]
+
+    @property
+    def conv(self) -> np.ndarray:
+        return self.store.conv_all[:, self.index]
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes + self.conv.nbytes
+        """Bytes of this slot's arrays."""
+        return self.store.slot_nbytes
 
     def reset(self) -> None:
         self.pos = 0
@@ -51,3 +70,50 @@ class KVCache:
         """Forget positions n.. (their rows are overwritten by the next writes)."""
         self.pos = min(self.pos, n)
         del self.tokens[n:]
+
+
+class KVCache(SlotCache):
+    """The cache of all slots; as a SlotCache it is slot 0. k_all, v_all: f32[L, n_slots, Hkv,
+    n_ctx, hd]; conv_all: f32[n_conv, n_slots, n_ctx, D]; `slots[i]`: slot i (slots[0] is self)."""
+
+    def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, n_conv: int = 0,
+                 conv_dim: int = 0, n_slots: int = 1):
+        self.n_ctx = n_ctx
+        self._shape = (n_layers, n_kv_heads, n_ctx, head_dim, n_conv, conv_dim)
+        self._alloc(n_slots)
+        super().__init__(self, 0)
+        self.slots: list[SlotCache] = [self] + [SlotCache(self, i) for i in range(1, n_slots)]
+
+    def _alloc(self, n_slots: int) -> None:
+        L, Hkv, n_ctx, hd, n_conv, D = self._shape
+        self.k_all = np.zeros((L, n_slots, Hkv, n_ctx, hd), np.float32)
+        self.v_all = np.zeros((L, n_slots, Hkv, n_ctx, hd), np.float32)
+        self.conv_all = np.zeros((n_conv, n_slots, n_ctx, D), np.float32)   # LFM2: conv inputs per position
+
+    @property
+    def n_slots(self) -> int:
+        return self.k_all.shape[1]
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Bytes of one slot's arrays."""
+        return (self.k_all.nbytes + self.v_all.nbytes + self.conv_all.nbytes) // self.n_slots
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole cache (every slot)."""
+        return self.k_all.nbytes + self.v_all.nbytes + self.conv_all.nbytes
+
+    def resize_slots(self, n_slots: int) -> None:
+        """Reallocate for n_slots sequence slots, keeping the contents of the slots that remain
+        (slot 0 always does). The owner re-points what holds the old arrays (Transformer.set_slots)."""
+        if isinstance(n_slots, bool) or not isinstance(n_slots, (int, np.integer)) or n_slots < 1:
+            raise ValueError(f"n_slots={n_slots!r}: must be an integer >= 1")
+        if n_slots == self.n_slots:
+            return
+        old = (self.k_all, self.v_all, self.conv_all)
+        keep = min(n_slots, self.n_slots)
+        self._alloc(int(n_slots))
+        for new, a in zip((self.k_all, self.v_all, self.conv_all), old):
+            new[:, :keep] = a[:, :keep]
+        self.slots = self.slots[:keep] + [SlotCache(self, i) for i in range(keep, n_slots)]

@@ -238,8 +238,8 @@ class Prepared:
     constraint: object = None        # minilm.constrain.Constraint: the output must match it
     tools: object = None             # ToolSetup: parse tool calls from the answer
 
-    def run(self, cancel=None) -> "Generation":
-        return Generation(self, cancel)
+    def run(self, cancel=None, source=None) -> "Generation":
+        return Generation(self, cancel, source)
 
 
 def prepare(model, ids, max_tokens, temperature, top_p, stop, seed, extra_stop=(), stop_ids=(),
@@ -281,11 +281,14 @@ def prepare(model, ids, max_tokens, temperature, top_p, stop, seed, extra_stop=(
 
 class Generation:
     """Iterate for the text pieces; afterwards `finish_reason` ('stop' | 'length', or 'cancelled'
-    when `cancel` — a threading.Event — was set), `prompt_tokens`, `completion_tokens`, `text`."""
+    when `cancel` — a threading.Event — was set), `prompt_tokens`, `completion_tokens`, `text`.
+    source: what produces the token ids, with generate_tokens' arguments (default: generate_tokens
+    itself; the server's batched scheduler passes its own)."""
 
-    def __init__(self, p: Prepared, cancel=None):
+    def __init__(self, p: Prepared, cancel=None, source=None):
         self.p = p
         self.cancel = cancel
+        self.source = source or generate_tokens
         self.prompt_tokens = len(p.ids)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -299,7 +302,7 @@ class Generation:
         t0 = time.perf_counter()
         state = p.constraint.start() if p.constraint is not None else None
         self.constraint_state = state
-        toks = generate_tokens(m, p.ids, p.max_tokens, sampler, eos, constraint=state)
+        toks = self.source(m, p.ids, p.max_tokens, sampler, eos, constraint=state)
         # under a constraint the grammar decides where the text ends: stop strings could cut a
         # valid output short, so they are not applied
         ts = TextStream(m.tokenizer, p.ids, [] if state is not None else p.stop)
@@ -493,9 +496,9 @@ def create_chat_completion(model, messages, max_tokens: int | None = None,
 
 
 def chat_completion_from(p: Prepared, name: str, stream: bool = False, include_usage: bool = False,
-                         cancel=None):
+                         cancel=None, source=None):
     cid, created = _new_id("chatcmpl"), int(time.time())
-    g = p.run(cancel)
+    g = p.run(cancel, source)
     if not stream:
         text = "".join(g)
         message, finish = {"role": "assistant", "content": text}, g.finish_reason
@@ -550,9 +553,10 @@ def create_completion(model, prompt, max_tokens: int | None = 16, temperature: f
     return completion_from(p, model_id(model), stream, include_usage)
 
 
-def completion_from(p: Prepared, name: str, stream: bool = False, include_usage: bool = False, cancel=None):
+def completion_from(p: Prepared, name: str, stream: bool = False, include_usage: bool = False, cancel=None,
+                    source=None):
     cid, created = _new_id("cmpl"), int(time.time())
-    g = p.run(cancel)
+    g = p.run(cancel, source)
 
     def body(text, finish):
         return {"id": cid, "object": "text_completion", "created": created, "model": name,

@@ -38,6 +38,9 @@ def add_subcommands(subparsers) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1 requests")
     s.add_argument("--name", default=None, help="model id reported by /v1/models (default: folder name)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--parallel", type=positive_int, default=None,
+                   help="requests generated together, each with its own KV cache (default: what fits in half "
+                        "the available memory, at most 8; more wait in a queue)")
     s.set_defaults(func=cmd_serve)
 
 
@@ -153,7 +156,13 @@ def cmd_serve(args) -> int:
         print(f"warning: serving on {args.host} without --api-key: anyone who reaches it can use it",
               file=sys.stderr)
     print(f"minilm serve: {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    serve(model, host=args.host, port=args.port, api_key=args.api_key, name=args.name, log_level=args.log_level)
+    from .errors import MinilmError
+    try:
+        serve(model, host=args.host, port=args.port, api_key=args.api_key, name=args.name,
+              log_level=args.log_level, parallel=args.parallel)
+    except (MinilmError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -73,28 +73,59 @@ def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, sampler: 
         yield from _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint)
 
 
-def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint=None):
-    cache = net.cache
-    keep = min(cache.common_prefix(prompt_ids), len(prompt_ids) - 1)  # re-run >= 1 token for logits
+def reuse_prefix(net, cache, prompt_ids) -> int:
+    """Truncate `cache` (a KV-cache slot) to the longest prefix it shares with prompt_ids that can
+    be kept, and return its length: at least one prompt token is re-run (for its logits), and
+    nothing is kept when the RoPE frequencies depend on the sequence length (dynamic NTK)."""
+    keep = min(cache.common_prefix(prompt_ids), len(prompt_ids) - 1)
     if net.rope_depends_on_length(len(prompt_ids)):
         keep = 0           # dynamic NTK RoPE: cached keys were rotated for a shorter sequence
     cache.truncate(keep)
-    logits = net.prefill(prompt_ids[keep:])
-    history = list(prompt_ids)
-    eos = set(eos_ids)
-    for _ in range(max_new_tokens):
-        if constraint is None:
-            tok = sampler(logits, history)
+    return keep
+
+
+class TokenChooser:
+    """One sequence's choice of its next tokens from logits: sampling, the output constraint, EOS
+    and the token budget. `choose(logits)` returns the next token, or None when the sequence ends
+    there (EOS, or nothing left); after a token, `left == 0` means it was the last one (the
+    budget, a completed constraint, or a full context), so no decode step for it is needed.
+    Used by `generate_tokens` and by the server's batched scheduler alike."""
+
+    def __init__(self, prompt_ids, max_new_tokens, sampler, eos_ids=(), ignore_eos=False, constraint=None,
+                 n_ctx=None):
+        self.sampler, self.constraint, self.ignore_eos = sampler, constraint, ignore_eos
+        self.eos = set(eos_ids)
+        self.history = list(prompt_ids)
+        self.left = max_new_tokens
+        self.n_ctx = n_ctx
+
+    def choose(self, logits) -> int | None:
+        if self.left <= 0:
+            return None
+        self.left -= 1
+        c = self.constraint
+        if c is None:
+            tok = self.sampler(logits, self.history)
         else:
-            tok = constraint.pick_allowed(sampler(constraint.mask(logits), history))
-            constraint.advance(tok)
-        if tok in eos and not ignore_eos:
-            return
-        history.append(tok)
+            tok = c.pick_allowed(self.sampler(c.mask(logits), self.history))
+            c.advance(tok)
+        if tok in self.eos and not self.ignore_eos:
+            self.left = 0
+            return None
+        self.history.append(tok)
+        if (c is not None and c.done) or (self.n_ctx is not None and len(self.history) >= self.n_ctx):
+            self.left = 0          # complete (without EOS ids the grammar ends it), or no room left
+        return tok
+
+
+def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint=None):
+    cache = net.cache
+    keep = reuse_prefix(net, cache, prompt_ids)
+    logits = net.prefill(prompt_ids[keep:])
+    ch = TokenChooser(prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint, cache.n_ctx)
+    while (tok := ch.choose(logits)) is not None:
         yield tok
-        if constraint is not None and constraint.done:
-            return                             # complete; without EOS ids the grammar ends it
-        if len(history) >= cache.n_ctx:        # cannot hold another token; max_new_tokens checked above
+        if ch.left == 0:
             return
         logits = net.decode(tok)
 

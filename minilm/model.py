@@ -101,7 +101,7 @@ def build_plan(c: Config) -> list[Step]:
                          b=p + "k_norm" if per_head else None, layer=kv, eps=eps, i0=rope))
         plan.append(Step("attend", dst="att", src="qkv", layer=kv, i0=c.window(i), scale=scale,
                          cap=c.attn_softcap))
-        plan.append(Step("merge", dst="att", layer=kv, i0=c.window(i)))  # decode: join the splits
+        plan.append(Step("merge", dst="att", layer=kv, i0=c.window(i)))  # join each token's attention splits
         kv += 1
         plan += matmul("o", "att", p + "wo", p + "bo")                # [M, H hd] -> [M, D]
         plan += branch_out(p, "post_attn_norm")
@@ -158,13 +158,17 @@ class RunState:
         self.XD = np.zeros((rows, K // 32), np.float32)        # their block scales
         self.XS = np.zeros((rows, K // 16), np.float32)        # their block sums (kernel bias; K-quants: per 16)
         self.tiles = np.zeros((threads, 4, K), np.float32)     # per thread: 16-bit rows as f32 (prefill)
-        self.scores = np.zeros((max(c.n_heads, threads), n_ctx), np.float32)  # attention scores
-        # decode attention: one split of the cached positions per thread, [S, H, hd + 2] =
-        # (sum of e*v, max, sum of e)
-        self.attn_part = np.zeros((threads, c.n_heads, c.head_dim + 2), np.float32)
+        self.scores = np.zeros((threads, n_ctx), np.float32)  # attention scores, a row per thread
+        # attention of each token: its cached positions in up to S = threads splits (as decode
+        # cuts them), [rows, S, H, hd + 2] = (sum of e*v, max, sum of e), merged per token
+        self.attn_part = np.zeros((rows, threads, c.n_heads, c.head_dim + 2), np.float32)
         self.ctr = np.zeros(2 * max(n_steps, 1), np.int64)    # executor phase counters
         self.logits = np.zeros((1, c.vocab_size), np.float32)  # decode logits
         self.ids = np.zeros(rows, np.int64)
+        self.pos = np.zeros(rows, np.int64)                     # each row's position
+        self.row = np.arange(rows, dtype=np.int64)              # 0..rows-1
+        self.slot = np.zeros(rows, np.int64)                    # each row's KV-cache slot
+        self.batch_logits = np.zeros((0, c.vocab_size), np.float32)  # decode_batch: [n_slots, V]
 
 
 _SERIAL_REGIONS = threading.RLock()
@@ -226,15 +230,14 @@ class Transformer:
         self.plan = build_plan(c)
         convs = [i for i in range(c.n_layers) if c.is_conv(i)]
         self.cache = KVCache(c.n_kv_layers, c.n_kv_heads, n_ctx, c.head_dim, len(convs), c.hidden_size)
-        hist = {f"l{i}.conv_hist": self.cache.conv[j] for j, i in enumerate(convs)}  # [n_ctx, D] each
-        self.lowered = low = lower(self.plan, dict(tensors, **hist) if hist else tensors, buffer_widths(c))
+        self._tensors = tensors
+        self.lowered = low = self._lower()
         threads = numba.get_num_threads()
         self.state = RunState(c, low, min(n_ctx, PREFILL_CHUNK), n_ctx, len(self.plan), threads)
         rs = c.rope_scaling or {}
         self._dynamic = bool(c.rotary_dim) and rs.get("rope_type") == "dynamic"
         self._long_from = rs["original_max_position_embeddings"] if (
             c.rotary_dim and rs.get("rope_type") == "longrope") else 0   # LongRoPE: long factors past this
-        self._kv_long = False          # LongRoPE: the cached keys were rotated with the long factors
         self.cos = self.sin = np.zeros((1, 1), np.float32)
         if c.rotary_dim:
             self.cos, self.sin = self._tables(None, n_ctx)            # [n_ctx, R * rot/2]
@@ -243,6 +246,24 @@ class Transformer:
         self._matrices = [tensors[s.mat] for s in self.plan if s.op == "matmul"]
         self.busy = Exclusive()
         self._ran = False
+
+    def _lower(self):
+        """The plan's tables; LFM2's conv histories point into the cache (all slots' rows)."""
+        c, conv = self.cfg, self.cache.conv_all
+        convs = [i for i in range(c.n_layers) if c.is_conv(i)]
+        hist = {f"l{i}.conv_hist": conv[j].reshape(-1, c.hidden_size)   # [n_slots * n_ctx, D]
+                for j, i in enumerate(convs)}
+        return lower(self.plan, dict(self._tensors, **hist) if hist else self._tensors, buffer_widths(c))
+
+    def set_slots(self, n: int) -> None:
+        """Give the KV cache n sequence slots (slot 0, the library's, keeps its contents): the
+        server's batched decode runs one sequence per slot. Call it holding `busy`."""
+        self.cache.resize_slots(n)
+        if self.cache.conv_all.shape[0]:
+            self.lowered = self._lower()                   # the conv history moved
+        s = self.state
+        if s.batch_logits.shape[0] < n:
+            s.batch_logits = np.zeros((n, self.cfg.vocab_size), np.float32)
 
     def _tables(self, seq_len, n):
         """cos/sin f32[n, R * rot/2]: table 0 (rope_theta with its scaling) and, for Gemma 3, table
@@ -276,12 +297,12 @@ class Transformer:
             return self._tables(end, end)
         return self.cos, self.sin
 
-    def _restart(self, ids: np.ndarray, end: int) -> np.ndarray:
+    def _restart(self, ids: np.ndarray, end: int, slot: int = 0) -> np.ndarray:
         """LongRoPE: when a sequence of `end` tokens needs the other factor set than the cached
         keys were rotated with, re-run the cached tokens too (as transformers' Phi-3 drops its
         cache when generation crosses the original context). Returns the ids to run."""
-        cache = self.cache
-        if not self._long_from or cache.pos == 0 or (end > self._long_from) == self._kv_long:
+        cache = self.cache.slots[slot]
+        if not self._long_from or cache.pos == 0 or (end > self._long_from) == cache.kv_long:
             return ids
         ids = np.concatenate([np.asarray(cache.tokens, np.int64), ids])
         cache.truncate(0)
@@ -305,12 +326,12 @@ class Transformer:
         return sum(m.nbytes for m in self._matrices) + self.lm_head.nbytes
 
     # ---- the network ---------------------------------------------------------------------
-    def forward(self, ids: np.ndarray, rope_end: int = 0) -> np.ndarray:
-        """Run M = len(ids) <= state.rows new tokens at positions cache.pos.., write their k/v
-        into the cache, advance it, and return the final-normed hidden states f32[M, D].
-        rope_end: the length of the whole sequence this call belongs to (a prompt prefilled in
-        chunks), which dynamic NTK RoPE scales by."""
-        c, s, cache, low = self.cfg, self.state, self.cache, self.lowered
+    def forward(self, ids: np.ndarray, rope_end: int = 0, slot: int = 0) -> np.ndarray:
+        """Run M = len(ids) <= state.rows new tokens at positions cache.pos.. of sequence slot
+        `slot`, write their k/v into the cache, advance it, and return the final-normed hidden
+        states f32[M, D]. rope_end: the length of the whole sequence this call belongs to (a
+        prompt prefilled in chunks), which dynamic NTK RoPE scales by."""
+        s, cache = self.state, self.cache.slots[slot]
         M = len(ids)
         p0 = cache.pos
         cache.check_room(M)
@@ -318,45 +339,157 @@ class Transformer:
         end = max(rope_end, p0 + M)
         cos, sin = self._rope(end)
         if self._long_from:
-            self._kv_long = end > self._long_from
+            cache.kv_long = end > self._long_from
+        np.add(s.row, p0, out=s.pos)                                    # positions p0.. (rows past M unused)
+        s.slot[:M] = slot
+        self._run(M, cos, sin)
+        cache.pos += M
+        cache.tokens.extend(int(t) for t in ids)
+        return s.buf["xn"][:M, :self.cfg.hidden_size]                   # [M, D], final-normed
+
+    def _run(self, M: int, cos, sin) -> None:
+        """The plan over the M rows whose embeddings, positions and slots are in the run state."""
+        c, s, cache, low = self.cfg, self.state, self.cache, self.lowered
         notice = None
         if not self._ran:                   # the first call may compile the executor for this model
             notice = threading.Timer(3.0, _compile_notice)
             notice.daemon = True
             notice.start()
         try:
-            run_plan(low.fs, low.steps, low.fpar, s.btab, low.mtab, low.vtab, M, p0, cos, sin,
-                     cache.k, cache.v, s.XQ, s.XD, s.XS, s.tiles, s.scores, s.attn_part,
+            run_plan(low.fs, low.steps, low.fpar, s.btab, low.mtab, low.vtab, M, s.pos[:M], s.slot[:M],
+                     cos, sin, cache.k_all, cache.v_all, s.XQ, s.XD, s.XS, s.tiles, s.scores, s.attn_part,
                      c.n_heads, c.n_kv_heads, c.head_dim, c.rotary_dim, s.ctr)
         finally:
             if notice is not None:
                 notice.cancel()
             self._ran = True
-        cache.pos += M
-        cache.tokens.extend(int(t) for t in ids)
-        return s.buf["xn"][:M, :c.hidden_size]                          # [M, D], final-normed
 
-    def prefill(self, ids) -> np.ndarray:
-        """Run a prompt (in chunks of state.rows) and return the logits f32[V] of its last token."""
+    def prefill(self, ids, slot: int = 0) -> np.ndarray:
+        """Run a prompt (in chunks of state.rows) on sequence slot `slot` and return the logits
+        f32[V] of its last token (a buffer reused by the next call)."""
+        for out in self.prefill_chunks(ids, slot):
+            pass
+        return out
+
+    def prefill_chunks(self, ids, slot: int = 0):
+        """`prefill` one chunk per step: an iterator that runs the next chunk of state.rows tokens
+        each time it is advanced, yielding None after each chunk but the last and then the logits
+        f32[V] of the last token (the server interleaves other sequences' steps in between)."""
         ids = np.asarray(ids, dtype=np.int64)
-        self.cache.check_room(len(ids))
-        end = self.cache.pos + len(ids)
-        ids = self._restart(ids, end)
-        for a in range(0, len(ids), self.state.rows):
-            h = self.forward(ids[a:a + self.state.rows], end)
+        cache = self.cache.slots[slot]
+        cache.check_room(len(ids))
+        end = cache.pos + len(ids)
+        ids = self._restart(ids, end, slot)
+        rows = self.state.rows
+        for a in range(0, len(ids), rows):
+            h = self.forward(ids[a:a + rows], end, slot)
+            if a + rows < len(ids):
+                yield None
         out = self.state.logits
         self._head(np.ascontiguousarray(h[-1:]), out)                  # [1, D] -> [1, V]
-        return out[0]
+        yield out[0]
 
-    def decode(self, token: int) -> np.ndarray:
-        """One token at position cache.pos -> logits f32[V] (a buffer reused by the next call)."""
+    def _needs_restart(self, cache) -> bool:
+        """LongRoPE: the next token crosses the original context (the cache is re-run)."""
+        return bool(self._long_from) and cache.pos > 0 and (cache.pos + 1 > self._long_from) != cache.kv_long
+
+    def decode(self, token: int, slot: int = 0) -> np.ndarray:
+        """One token at position cache.pos of slot `slot` -> logits f32[V] (a buffer reused by
+        the next call)."""
         s = self.state
-        if self._long_from and self.cache.pos and (self.cache.pos + 1 > self._long_from) != self._kv_long:
-            return self.prefill([token])                                # re-runs the cache (_restart)
+        if self._needs_restart(self.cache.slots[slot]):
+            return self.prefill([token], slot)                          # re-runs the cache (_restart)
         s.ids[0] = token
-        h = self.forward(s.ids[:1])                                     # [1, D] (a contiguous row)
+        h = self.forward(s.ids[:1], 0, slot)                            # [1, D] (a contiguous row)
         self._head(h, s.logits)                                         # [1, D] -> [1, V]
         return s.logits[0]
+
+    def decode_batch(self, tokens, slots) -> np.ndarray:
+        """One token for each of B sequences: tokens[b] at the next position of slot slots[b]
+        (distinct slots) -> logits f32[B, V] (a buffer reused by the next call). One weight pass
+        for all B rows (up to state.rows a pass); row b's logits are bit-identical to
+        decode(tokens[b], slots[b]). A row whose RoPE depends on the sequence length (dynamic
+        NTK past max_position_embeddings, LongRoPE crossing its original context) runs alone."""
+        tokens = np.asarray(tokens)
+        slots = np.asarray(slots)
+        B = len(tokens)
+        n_slots = self.cache.n_slots
+        if tokens.ndim != 1 or slots.shape != tokens.shape or B == 0 or \
+                not np.issubdtype(tokens.dtype, np.integer) or not np.issubdtype(slots.dtype, np.integer):
+            raise ValueError(f"decode_batch: tokens and slots must be 1-D integer arrays of one length >= 1, "
+                             f"got {tokens.dtype}{tokens.shape} and {slots.dtype}{slots.shape}")
+        if slots.min() < 0 or slots.max() >= n_slots or len(set(slots.tolist())) != B:
+            raise ValueError(f"decode_batch: slots {slots.tolist()} must be distinct, in [0, {n_slots})")
+        V = self.cfg.vocab_size
+        if tokens.min() < 0 or tokens.max() >= V:
+            raise ValueError(f"decode_batch: token ids must be in [0, {V}) (vocab_size)")
+        seqs = [self.cache.slots[int(i)] for i in slots]
+        for q in seqs:
+            q.check_room(1)
+        s = self.state
+        if s.batch_logits.shape[0] < B:
+            s.batch_logits = np.zeros((B, V), np.float32)
+        out = s.batch_logits[:B]                                        # [B, V]
+        alone = [b for b, q in enumerate(seqs) if self._needs_restart(q) or self.rope_depends_on_length(q.pos + 1)]
+        rows = [b for b in range(B) if b not in alone] if alone else range(B)
+        step = s.rows
+        for a in range(0, len(rows), step):
+            part = rows[a:a + step]
+            M = len(part)
+            h = self.forward_rows(tokens[part], slots[part])            # [M, D]
+            if not alone:                                               # rows a..a+M-1 in order
+                self._head(h, out[a:a + M])                             # [M, D] -> [M, V]
+            else:
+                for m, b in enumerate(part):
+                    self._head(np.ascontiguousarray(h[m:m + 1]), s.logits)
+                    out[b] = s.logits[0]
+        for b in alone:
+            out[b] = self.decode(int(tokens[b]), int(slots[b]))
+        return out
+
+    def forward_rows(self, tokens: np.ndarray, slots: np.ndarray) -> np.ndarray:
+        """One pass over rows of several sequences: row m is tokens[m] at the next position of
+        slot slots[m] (int64[M] each, M <= state.rows; a slot's rows in position order, e.g. a
+        prompt chunk of one sequence beside one token of each of others). Writes their k/v,
+        advances each slot and returns the final-normed hidden states f32[M, D]; every row is
+        bit-identical to that token decoded alone. RoPE is the plain table: rows whose RoPE
+        depends on the sequence length (rope_depends_on_length, LongRoPE) go through
+        prefill / decode instead (decode_batch does that)."""
+        s, caches = self.state, self.cache.slots
+        M = len(tokens)
+        nxt: dict = {}                                                  # slot -> its next position
+        for m in range(M):
+            sl = int(slots[m])
+            p = nxt.get(sl, caches[sl].pos)
+            s.pos[m] = p
+            nxt[sl] = p + 1
+        for sl, p in nxt.items():
+            caches[sl].check_room(p - caches[sl].pos)
+        s.ids[:M] = tokens
+        s.slot[:M] = slots
+        self.tok_embd.rows(s.ids[:M], s.buf["x"][:M])                   # [M] -> [M, D]
+        self._run(M, self.cos, self.sin)
+        for m in range(M):
+            caches[int(slots[m])].tokens.append(int(tokens[m]))
+        for sl, p in nxt.items():
+            caches[sl].pos = p
+        return s.buf["xn"][:M, :self.cfg.hidden_size]                   # [M, D], final-normed
+
+    def logits_of(self, h: np.ndarray, rows) -> np.ndarray:
+        """Logits f32[len(rows), V] of rows `rows` of h f32[M, D] (a buffer reused by the next
+        call; each row as decode computes it)."""
+        n = len(rows)
+        s = self.state
+        if s.batch_logits.shape[0] < n:
+            s.batch_logits = np.zeros((n, self.cfg.vocab_size), np.float32)
+        out = s.batch_logits[:n]
+        self._head(np.ascontiguousarray(h[rows]), out)                  # [n, D] -> [n, V]
+        return out
+
+    @property
+    def length_dependent_rope(self) -> bool:
+        """RoPE tables that change with the sequence length (dynamic NTK, LongRoPE)."""
+        return bool(self._long_from or self._dynamic)
 
     def all_logits(self, ids) -> np.ndarray:
         """Logits f32[len(ids), V] for every position of ids, on top of the current cache."""

@@ -1,16 +1,18 @@
 """An OpenAI-compatible local HTTP server for one model (FastAPI + uvicorn: `pip install minilm[server]`).
 
-    minilm serve -m PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    minilm serve -m PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--parallel N]
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (`"stream": true` -> server-sent events `data: {...}\\n\\n` ending with `data: [DONE]\\n\\n`;
 `response_format`, `tools` / `tool_choice` as in OpenAI's API), POST /v1/embeddings.
 
 Requests are validated before they are queued; a bad one gets a 4xx with an OpenAI-style body
-{"error": {"message", "type": "invalid_request_error", "param", "code"}}. Generation runs in one
-worker thread that takes requests first-in first-out (the model and its KV cache serve one
-request at a time; each answer is complete and never mixed with another's). A client that
-disconnects stops its generation at the next token.
+{"error": {"message", "type": "invalid_request_error", "param", "code"}}. Generation is batched
+(minilm/batch.py): one scheduler thread advances up to `parallel` requests together, one token
+each per pass over the weights, each in its own KV-cache slot; new requests join between steps
+(first-in first-out; beyond `parallel` they wait), finished ones leave. Each answer is the one the
+request gets alone (greedy), never mixed with another's. A client that disconnects stops its
+generation at the next step. Embeddings run one at a time on a worker thread.
 """
 import asyncio
 import contextlib
@@ -62,13 +64,17 @@ class _Job:
 
 
 class Worker:
-    """A single thread that runs jobs one at a time, first come first served."""
+    """A single thread that runs jobs one at a time, first come first served (embeddings); `start`
+    runs a job on a thread of its own (a generation, whose tokens come from the scheduler).
+    Counts the jobs served and cancelled."""
 
     def __init__(self):
         self.q: queue.Queue = queue.Queue()
         self.busy = False
         self.served = 0
         self.cancelled = 0
+        self.running = 0            # jobs on threads of their own
+        self._count = threading.Lock()
         try:                 # Numba's thread count is per thread: carry the loader's setting over
             import numba
             self.threads = numba.get_num_threads()
@@ -90,15 +96,32 @@ class Worker:
                 job.run()
             finally:
                 self.busy = False
-                self.served += 1
-                self.cancelled += job.cancelled
+                self._done(job)
+
+    def _done(self, job: _Job):
+        with self._count:
+            self.served += 1
+            self.cancelled += job.cancelled
 
     def submit(self, job: _Job) -> _Job:
         self.q.put(job)
         return job
 
+    def start(self, job: _Job) -> _Job:
+        def run():
+            try:
+                job.run()
+            finally:
+                with self._count:
+                    self.running -= 1
+                self._done(job)
+        with self._count:
+            self.running += 1
+        threading.Thread(target=run, name="minilm-request", daemon=True).start()
+        return job
+
     def pending(self) -> int:
-        return self.q.qsize() + int(self.busy)
+        return self.q.qsize() + int(self.busy) + self.running
 
     def stop(self):
         self.q.put(None)
@@ -197,24 +220,30 @@ class _HeaderLimit:
 
 
 def create_app(model, api_key: str | None = None, name: str | None = None, max_body: int = MAX_BODY,
-               max_headers: int = MAX_HEADERS):
-    """The FastAPI app serving `model` (an `LM`)."""
+               max_headers: int = MAX_HEADERS, parallel: int | None = None):
+    """The FastAPI app serving `model` (an `LM`). parallel: how many requests are generated
+    together (None: what fits the machine, `batch.default_parallel`)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    from .batch import Scheduler, check_parallel, default_parallel
     name = name or model_id(model)
+    parallel = default_parallel(model)[0] if parallel is None else check_parallel(model, parallel)
     worker = Worker()
+    sched = Scheduler(model, parallel)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
         worker.stop()
+        sched.stop()
 
     app = FastAPI(title="minilm", version="0.1.0", lifespan=lifespan)
     app.add_middleware(_HeaderLimit, limit=max_headers)
     app.state.worker = worker
+    app.state.scheduler = sched
     app.state.model = model
     created = int(time.time())
 
@@ -279,7 +308,8 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "queued": worker.pending(), "served": worker.served,
-                "cancelled": worker.cancelled}
+                "cancelled": worker.cancelled, "parallel": sched.parallel, "active": sched.pending(),
+                "decode_steps": sched.steps, "decoded_tokens": sched.decoded, "reused_prompt_tokens": sched.reused}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -287,6 +317,10 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
             return e
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
                                             "owned_by": "minilm"}]}
+
+    def source(cancel):
+        """The token source of one request: the scheduler, which stops it once `cancel` is set."""
+        return lambda *a, **kw: sched.tokens(*a, cancel=cancel, **kw)
 
     async def run(request: Request, kind: str):
         body, err = await authed_json(request)
@@ -299,14 +333,14 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
                 kw, stream, usage = _gen_args(body, None)
                 kw.update(_constraint_args(body, "chat"))
                 p = prepare_chat(model, body["messages"], **kw)
-                make = lambda cancel: chat_completion_from(p, name, stream, usage, cancel)
+                make = lambda cancel: chat_completion_from(p, name, stream, usage, cancel, source(cancel))
             else:
                 if "prompt" not in body:
                     raise RequestError("prompt: required", "prompt")
                 kw, stream, usage = _gen_args(body, 16)
                 kw.update(_constraint_args(body, "completion"))
                 p = prepare_completion(model, body["prompt"], **kw)
-                make = lambda cancel: completion_from(p, name, stream, usage, cancel)
+                make = lambda cancel: completion_from(p, name, stream, usage, cancel, source(cancel))
         except RequestError as e:            # includes chat template errors
             return _error(400, str(e), e.param, e.code)
         except (ValueError, TypeError, MinilmError) as e:   # anything else the engine refuses
@@ -316,7 +350,7 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
             r = make(cancel)
             return r if stream else [r]
 
-        job = worker.submit(_Job(asyncio.get_running_loop(), items))
+        job = worker.start(_Job(asyncio.get_running_loop(), items))
         if not stream:
             try:
                 while True:
@@ -423,13 +457,24 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
 
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          name: str | None = None, log_level: str = "info", max_body: int = MAX_BODY) -> None:
-    """Run the server until interrupted."""
+          name: str | None = None, log_level: str = "info", max_body: int = MAX_BODY,
+          parallel: int | None = None) -> None:
+    """Run the server until interrupted. parallel: requests generated together (None: what fits)."""
     try:
         import uvicorn
     except ImportError:
         raise SystemExit("minilm serve needs the server extra: pip install 'minilm[server]'") from None
-    app = create_app(model, api_key=api_key, name=name, max_body=max_body)
+    import sys
+
+    from .batch import check_parallel, default_parallel
+    if parallel is None:
+        parallel, why = default_parallel(model)
+        print(f"minilm serve: {parallel} requests at a time (--parallel default: {why})", file=sys.stderr, flush=True)
+    else:
+        check_parallel(model, parallel)
+        print(f"minilm serve: {parallel} requests at a time (--parallel {parallel}; "
+              f"{model.net.cache.slot_nbytes / 2**20:.0f} MiB of KV cache each)", file=sys.stderr, flush=True)
+    app = create_app(model, api_key=api_key, name=name, max_body=max_body, parallel=parallel)
     # h11 (pure Python, always installed with uvicorn) enforces a limit on the request line and
     # headers; the app's middleware checks them again.
     uvicorn.run(app, host=host, port=port, log_level=log_level, http="h11",

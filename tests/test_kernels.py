@@ -50,13 +50,21 @@ def test_gemm_f32(M, N, K):
     close(out, mm.matmul_ref(x, w), what="gemm")
 
 
-def test_gemm_f32_cols_tile():
-    f = need(mm, "gemm_f32_cols")
-    x, w = rnd(6, 40, seed=60), rnd(9, 40, seed=61)
-    out = np.zeros((6, 20), np.float32)
-    f(x, w, out, 5)                                           # columns 5..13
-    close(out[:, 5:14], mm.matmul_ref(x, w), what="gemm tile")
-    assert not out[:, :5].any() and not out[:, 14:].any()
+def test_gemm_rows_equal_gemv():
+    """Each row of the float GEMM has the bits of the GEMV of that row (the 4x4 blocks, the
+    M % 4 tokens and N % 4 rows left over, K % 16 columns, a non-contiguous x)."""
+    for M, N, K in [(9, 14, 50), (4, 8, 576), (3, 5, 17)]:
+        x, w = rnd(M, K, seed=62), rnd(N, K, seed=63)
+        out = np.zeros((M, N), np.float32)
+        mm.gemm_f32(x, w, out)
+        for m in range(M):
+            one = np.zeros(N, np.float32)
+            mm.gemv_f32(x[m].copy(), w, one)
+            assert np.array_equal(out[m], one), (M, N, K, m)
+    xs = rnd(5, 2 * 40, seed=64)[:, ::2]
+    out = np.zeros((5, 7), np.float32)
+    mm.gemm_f32(xs, rnd(7, 40, seed=65), out)
+    close(out, mm.matmul_ref(xs, rnd(7, 40, seed=65)), what="gemm of a strided x")
 
 
 def test_gemv_into_row_view():

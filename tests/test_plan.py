@@ -45,7 +45,7 @@ from minilm import plan as P
 from minilm.kernels import executor as X
 
 @njit
-def softcap(s, k, M, p0, steps, fpar, btab, mtab, vtab):
+def softcap(s, k, M, pos, steps, fpar, btab, mtab, vtab):
     # a new step kind: dst = cap * tanh(dst / cap), cap = the step's scale (as Gemma 2 caps logits)
     d = X._buf(btab, steps[s, X.S_DST], M)[k]
     cap = np.float32(fpar[s, X.P_SCALE])
@@ -60,10 +60,11 @@ low = P.lower(steps, {"w": w}, {"x": D, "xn": D})
 x = (np.random.default_rng(0).standard_normal((M, D)) * 3).astype(np.float32)
 bufs = {"x": x.copy(), "xn": np.zeros((M, D), np.float32)}
 btab = np.array([[bufs[n].ctypes.data, M, D] for n in low.buffer_names], np.int64)
-z2, z4 = np.zeros((1, 1), np.float32), np.zeros((1, 1, 1, 1), np.float32)
-X.run_plan(low.fs, low.steps, low.fpar, btab, low.mtab, low.vtab, M, 0, z2, z2, z4, z4,
+z2, z5 = np.zeros((1, 1), np.float32), np.zeros((1, 1, 1, 1, 1), np.float32)
+pos, slot = np.arange(M, dtype=np.int64), np.zeros(M, np.int64)
+X.run_plan(low.fs, low.steps, low.fpar, btab, low.mtab, low.vtab, M, pos, slot, z2, z2, z5, z5,
            np.zeros((M, 32), np.int8), np.zeros((M, 1), np.float32), np.zeros((M, 1), np.float32),
-           np.zeros((2, 4, 32), np.float32), np.zeros((2, 1), np.float32), np.zeros((2, 1, 3), np.float32),
+           np.zeros((2, 4, 32), np.float32), np.zeros((2, 1), np.float32), np.zeros((M, 2, 1, 3), np.float32),
            1, 1, 1, 0, np.zeros(2 * len(steps), np.int64))
 xd = x.astype(np.float64)
 want = xd / np.sqrt((xd ** 2).mean(1, keepdims=True) + 1e-5) * w

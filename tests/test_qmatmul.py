@@ -283,7 +283,7 @@ def test_single_signature():
     Q.gemm_bf16(X, _bf16(w), OUT)
     Q.quantize_act_q8(x, *Q.act_scratch(K))    # also called directly (inside the gemv it may come from cache)
     kernels = [Q.gemv_q8_0.kernel, Q.gemv_q4_0.kernel, Q.gemv_f16.kernel, Q.gemv_bf16,
-               Q._gemm_q8_0_kernel, Q._gemm_q4_0_kernel, Q._deq_f16_rows, Q._deq_bf16_rows,
+               Q._gemm_q8_0_kernel, Q._gemm_q4_0_kernel, Q._gemm_f16_kernel, Q._gemm_bf16_kernel,
                Q.quantize_act_q8]
     for k in kernels:
         assert len(k.signatures) == 1, (k, k.signatures)

@@ -1,0 +1,191 @@
+"""Batched serving benchmark: `minilm serve` under 1, 2, 4, 8 concurrent clients.
+
+    python benchmarks/bench_serving.py -m MODEL [--parallel 8] [--rounds 3] [--max-tokens 64]
+                                       [--requests 2] [--out results.json]
+
+Starts `python -m minilm.server -m MODEL --parallel N` on a free loopback port and, per round
+(rounds interleave every configuration, so machine noise hits all alike):
+- for C in 1, 2, 4, 8 clients, with the same prompt for every client and with different prompts:
+  each client sends `--requests` streamed greedy completions of `--max-tokens` tokens (EOS
+  ignored through a long budget on a random-weight checkpoint; the counts come from `usage`)
+  one after another; reported: aggregate generated tokens/s (all clients' completion tokens /
+  wall time), per-request latency and time to first token (TTFT);
+- TTFT of a new request idle vs. while 3 other requests are decoding.
+Prints medians over the rounds with min-max, and the issue's two ratios (4 clients vs 1
+aggregate tok/s; TTFT with 3 decoding / idle). Figures depend on the machine and its load: say
+both when quoting them (benchmarks/README.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["Once upon a time there was a little robot who lived in a big city and",
+           "The history of the printing press begins in the fifteenth century, when",
+           "Write a short poem about the sea, the wind and the old lighthouse keeper:",
+           "In mathematics, a prime number is a natural number greater than one that",
+           "The recipe calls for two cups of flour, one egg, a pinch of salt and",
+           "Dear diary, today I finally finished the long project that I started",
+           "The train left the station at seven o'clock in the morning, heading",
+           "Scientists have discovered a new species of frog in the rainforest that"]
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str, parallel: int, threads: int | None):
+    port = free_port()
+    cmd = [sys.executable, "-m", "minilm.server", "-m", model, "--port", str(port), "--parallel", str(parallel),
+           "--log-level", "warning"] + (["--threads", str(threads)] if threads else [])
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 600
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise SystemExit(f"server exited: {log.read()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url, log
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            proc.kill()
+            raise SystemExit("server did not start in 600 s")
+        time.sleep(0.2)
+
+
+def one_request(url: str, prompt: str, max_tokens: int) -> dict:
+    """A streamed greedy completion: {"ttft", "latency", "tokens"} (seconds, completion tokens)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if d.get("usage"):
+                tokens = d["usage"]["completion_tokens"]
+            elif ttft is None and d["choices"] and d["choices"][0]["text"]:
+                ttft = time.perf_counter() - t0
+    lat = time.perf_counter() - t0
+    return {"ttft": ttft if ttft is not None else lat, "latency": lat, "tokens": tokens}
+
+
+def clients_run(url: str, n: int, same: bool, requests: int, max_tokens: int) -> dict:
+    """n clients, each `requests` completions in a row: aggregate tok/s, latencies, TTFTs."""
+    results: list[dict] = []
+    lock = threading.Lock()
+
+    def client(c):
+        for j in range(requests):
+            r = one_request(url, PROMPTS[0 if same else (c + j) % len(PROMPTS)], max_tokens)
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=client, args=(c,)) for c in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    wall = time.perf_counter() - t0
+    return {"tok_s": sum(r["tokens"] for r in results) / wall,
+            "latency": statistics.median(r["latency"] for r in results),
+            "ttft": statistics.median(r["ttft"] for r in results)}
+
+
+def ttft_busy(url: str, max_tokens: int) -> float:
+    """TTFT of a new request while 3 others decode (they run long enough to outlast it)."""
+    done = []
+    bg = [threading.Thread(target=lambda i=i: done.append(one_request(url, PROMPTS[i + 1], max_tokens * 4)))
+          for i in range(3)]
+    for t in bg:
+        t.start()
+    deadline = time.time() + 60
+    while httpx.get(url + "/health", timeout=10).json().get("active", 0) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)                                   # the three are decoding now
+    r = one_request(url, PROMPTS[0], 1)
+    for t in bg:
+        t.join()
+    return r["ttft"]
+
+
+def fmt(xs, unit="", scale=1.0, nd=1):
+    xs = [x * scale for x in xs]
+    return f"{statistics.median(xs):.{nd}f}{unit} ({min(xs):.{nd}f}-{max(xs):.{nd}f})"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("--parallel", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--requests", type=int, default=2, help="requests per client per configuration")
+    ap.add_argument("--clients", default="1,2,4,8")
+    ap.add_argument("--out", default=None, help="write the raw figures as JSON here")
+    a = ap.parse_args(argv)
+    counts = [int(c) for c in a.clients.split(",")]
+    proc, url, log = start_server(a.model, a.parallel, a.threads)
+    try:
+        one_request(url, PROMPTS[0], 8)                                # warm up (compiles on a cold cache)
+        raw: dict = {f"{c}{'s' if same else 'd'}": [] for c in counts for same in (True, False)}
+        idle, busy = [], []
+        for rnd in range(a.rounds):
+            for c in counts:
+                for same in (True, False):
+                    raw[f"{c}{'s' if same else 'd'}"].append(clients_run(url, c, same, a.requests, a.max_tokens))
+            idle.append(one_request(url, PROMPTS[0], 1)["ttft"])
+            busy.append(ttft_busy(url, a.max_tokens))
+            print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    load = os.getloadavg()
+    print(f"model {a.model}, --parallel {a.parallel}, {a.rounds} rounds, {a.requests} x {a.max_tokens} tokens "
+          f"per client; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print("| clients | prompts | aggregate tok/s | per-request latency s | TTFT ms |")
+    print("|---|---|---|---|---|")
+    for c in counts:
+        for same in (True, False):
+            rs = raw[f"{c}{'s' if same else 'd'}"]
+            print(f"| {c} | {'same' if same else 'different'} | {fmt([r['tok_s'] for r in rs])} | "
+                  f"{fmt([r['latency'] for r in rs], nd=2)} | {fmt([r['ttft'] for r in rs], scale=1000, nd=0)} |")
+    print(f"TTFT idle {fmt(idle, ' ms', 1000, 0)}; with 3 decoding {fmt(busy, ' ms', 1000, 0)}; "
+          f"ratio (medians) {statistics.median(busy) / statistics.median(idle):.2f}")
+    if 1 in counts and 4 in counts:
+        for same in (True, False):
+            k = "s" if same else "d"
+            r1 = statistics.median(r["tok_s"] for r in raw[f"1{k}"])
+            r4 = statistics.median(r["tok_s"] for r in raw[f"4{k}"])
+            print(f"4 clients / 1 client aggregate tok/s ({'same' if same else 'different'} prompts): {r4 / r1:.2f}x")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"raw": raw, "ttft_idle": idle, "ttft_busy": busy, "load": load,
+                                           "args": vars(a)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""Batched decoding: per-row positions and KV-cache slots in one executor pass.
+
+`Transformer.decode_batch` rows are bit-identical to each sequence decoded alone (np.array_equal
+of the logits) for a quantized model, an f32 model, a 16-bit model with a zero-padded matrix and
+LFM2 (per-slot convolution history); slot 0 stays the library's; bad arguments are refused.
+The server side (the scheduler under concurrent clients) is tests/test_server_batch.py."""
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, shared_path
+
+CHECK = r"""
+import sys
+import numpy as np
+import minilm
+path, quant = sys.argv[1], sys.argv[2]
+m = minilm.load(path, quant=None if quant == "f32" else quant, n_ctx=160)
+net = m.net
+net.set_slots(5)
+rng = np.random.default_rng(0)
+V = m.config.vocab_size
+lens = (3, 40, 70, 9)              # 70 + steps > 64: two attention splits on two threads
+prompts = [[int(t) for t in rng.integers(0, V, n)] for n in lens]
+steps = 6
+feeds = [[int(t) for t in rng.integers(0, V, steps)] for _ in lens]
+alone = []                          # each sequence alone on slot 0: prefill, then decode
+for p, f in zip(prompts, feeds):
+    net.cache.reset()
+    first = net.prefill(p).copy()
+    alone.append([first] + [net.decode(t).copy() for t in f])
+for i, p in enumerate(prompts):     # the same sequences on slots 4, 3, 2, 1 (not in order)
+    first = net.prefill(p, slot=4 - i)
+    assert np.array_equal(first, alone[i][0]), ("prefill", i)
+net.cache.reset()
+bad = 0
+done = [0] * 4                      # tokens decoded per sequence
+step = 0
+while min(done) < steps:            # sequence 1 sits out every other step: batches differ
+    rows = [i for i in range(4) if done[i] < steps and (i != 1 or step % 2 == 0)]
+    rows = rows or [i for i in range(4) if done[i] < steps]
+    toks = np.array([feeds[i][done[i]] for i in rows], np.int64)
+    out = net.decode_batch(toks, np.array([4 - i for i in rows], np.int64))
+    for b, i in enumerate(rows):
+        done[i] += 1
+        if not np.array_equal(out[b], alone[i][done[i]]):
+            bad += 1
+            print("MISMATCH step", step, "seq", i, np.abs(out[b] - alone[i][done[i]]).max())
+    step += 1
+assert net.cache.pos == 0 and all(net.cache.slots[4 - i].pos == lens[i] + steps for i in range(4))
+print("BAD", bad)
+"""
+
+CASES = [("proxy-qwen3-shakespeare", "int4"), ("proxy-qwen3-shakespeare", "f32"),
+         ("stories260K", "f16"), ("proxy-lfm2-shakespeare", "f32"), ("proxy-lfm2-shakespeare", "int8"),
+         ("proxy-gemma2-shakespeare", "f32")]
+
+
+@pytest.mark.parametrize("name,quant", CASES)
+def test_decode_batch_rows_equal_lone_decodes(name, quant):
+    """Four sequences of different lengths (one past the 64 positions where decode attention
+    splits in two) decoded together on slots 1-4: every row's logits equal that sequence's
+    lone prefill + decode on slot 0, bit for bit."""
+    path = shared_path("models", name)
+    r = subprocess.run([sys.executable, "-c", CHECK, str(path), quant], capture_output=True,
+                       text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "BAD 0" in r.stdout, r.stdout[-3000:]
+
+
+def test_decode_batch_refuses_bad_arguments(shared_model):
+    m = shared_model("stories260K", n_ctx=64)
+    net = m.net
+    with net.busy:
+        net.set_slots(3)
+        try:
+            for toks, slots, what in (([1, 2], [1, 1], "distinct"), ([1], [3], "in \\[0, 3\\)"),
+                                      ([1, 2], [1], "one length"), ([10 ** 6], [1], "vocab_size"),
+                                      ([], [], "one length")):
+                with pytest.raises(ValueError, match=what):
+                    net.decode_batch(np.array(toks, np.int64), np.array(slots, np.int64))
+            net.cache.slots[2].pos = 64                 # a full slot: a clear overflow error
+            with pytest.raises(Exception, match="context overflow"):
+                net.decode_batch(np.array([1], np.int64), np.array([2], np.int64))
+        finally:
+            net.set_slots(1)
+    assert net.cache.n_slots == 1 and len(net.cache.slots) == 1
+
+
+def test_slot_zero_is_the_library_cache(shared_model):
+    """More slots keep slot 0's contents: a prompt cached before set_slots is still reused."""
+    m = shared_model("stories260K", n_ctx=64)
+    net = m.net
+    a = m.generate("Once upon a time", max_new_tokens=6)
+    with net.busy:
+        tokens, pos = list(net.cache.tokens), net.cache.pos
+        k0 = net.cache.k[:, :, :pos].copy()
+        net.set_slots(4)
+        assert net.cache.tokens == tokens and net.cache.pos == pos
+        assert np.array_equal(net.cache.k[:, :, :pos], k0)
+        assert net.cache.k.shape == (net.cache.k_all.shape[0],) + net.cache.k_all.shape[2:]
+        assert net.cache.nbytes == 4 * net.cache.slot_nbytes
+    try:
+        assert m.generate("Once upon a time", max_new_tokens=6) == a
+    finally:
+        with net.busy:
+            net.set_slots(1)
+
+
+def test_scheduler_reuses_a_slots_prefix_and_matches_generate(shared_model):
+    """The scheduler in-process: two sequences at once give generate()'s greedy tokens; a
+    follow-up prompt that extends the first lands on the slot holding it (its prefix is reused,
+    though that slot is not the longest free) and still gives generate()'s tokens."""
+    from minilm.batch import Scheduler
+    from minilm.sampling import Sampler
+    m = shared_model("stories260K", n_ctx=256)
+    V = m.config.vocab_size
+    p1, p2 = m.tokenizer.encode("Once upon a time"), m.tokenizer.encode("Tom had a big red ball")
+    want1, want2 = m.generate_ids(p1, 12), m.generate_ids(p2, 9)
+    sched = Scheduler(m, 3)
+    try:
+        a, b = sched.tokens(m, p1, 12, Sampler(V)), sched.tokens(m, p2, 9, Sampler(V))
+        got1, got2 = [next(a)], [next(b)]             # both in flight together
+        for x in a:
+            got1.append(x)
+            got2 += [y for y in [next(b, None)] if y is not None]
+        got2 += list(b)
+        assert got1 == want1 and got2 == want2
+        follow = p1 + want1 + m.tokenizer.encode(" and then", add_special_tokens=False)
+        before = sched.reused
+        assert list(sched.tokens(m, follow, 6, Sampler(V))) == m.generate_ids(follow, 6)
+        assert sched.reused - before >= len(p1) + len(want1) - 1   # all but (at most) the last token
+        # a sequence closed by its reader leaves; the one beside it is not disturbed
+        a, b = sched.tokens(m, p1, 30, Sampler(V)), sched.tokens(m, p2, 30, Sampler(V))
+        next(a), next(a)
+        first = next(b)
+        a.close()
+        assert [first] + list(b) == m.generate_ids(p2, 30)
+        deadline = time.time() + 10
+        while sched.pending() and time.time() < deadline:
+            time.sleep(0.01)
+        assert sched.pending() == 0 and sorted(sched.free) == [1, 2, 3]
+    finally:
+        sched.stop()
+        with m.net.busy:
+            m.net.set_slots(1)
+
+
+def test_scheduler_with_longrope_crossing_its_original_context(shared_model):
+    """Phi-3's LongRoPE switches factors past 64 positions (the cache is re-run then): the
+    scheduler's two-pass steps (prefill_chunks, decode_batch running such rows alone) still give
+    each of two sequences generate()'s greedy tokens while both cross position 64."""
+    from minilm.batch import Scheduler
+    from minilm.sampling import Sampler
+    m = shared_model("proxy-phi3-shakespeare", n_ctx=160)
+    assert m.net.length_dependent_rope
+    V = m.config.vocab_size
+    p1 = m.tokenizer.encode("First Citizen: Before we proceed any further, hear me speak.")
+    p2 = m.tokenizer.encode("ROMEO: But soft, what light through yonder window breaks? It is the east")
+    n = 70 - min(len(p1), len(p2))
+    want = [m.generate_ids(p1, n, ignore_eos=True), m.generate_ids(p2, n, ignore_eos=True)]
+    sched = Scheduler(m, 2)
+    try:
+        a, b = sched.tokens(m, p1, n, Sampler(V), ignore_eos=True), sched.tokens(m, p2, n, Sampler(V), ignore_eos=True)
+        got = [[], []]
+        for x in a:                                   # both in flight together
+            got[0].append(x)
+            got[1] += [y for y in [next(b, None)] if y is not None]
+        got[1] += list(b)
+        assert got == want
+    finally:
+        sched.stop()
+        with m.net.busy:
+            m.net.set_slots(1)
