@@ -501,7 +501,7 @@ def run_plan(fs, steps, fpar, btab, mtab, vtab, M, p0, cos, sin, kc, vc, XQ, XD,
              H, Hkv, hd, rot, ctr):
     """Run the plan for M tokens at positions p0..p0+M-1 (see the module docstring).
 
-    kc, vc: the KV cache f32[L, Hkv, n_ctx, hd]; cos, sin: RoPE tables f32[n_pos, R * rot/2]
+    kc, vc: the KV cache [L, Hkv, n_ctx, W] (rows in its storage type: kvrows.py); cos, sin: RoPE tables f32[n_pos, R * rot/2]
     (R tables side by side: a qkv step's I0 picks one, -1 none);
     XQ int8[R, Kmax], XD, XS f32[R, Kmax/32]: the quantized activations of the current matmul;
     tiles f32[T, 4, Kmax]: per-thread dequantized rows (16-bit formats, M > 1);

@@ -1,4 +1,11 @@
-"""The KV cache: preallocated float32 buffers sized from the context length, written in place.
+"""The KV cache: preallocated buffers sized from the context length, written in place.
+
+Storage types (`kv_quant`; the row layouts are kernels/kvrows.py, the attention maths is float32):
+    f16    fp16 values (the default): half of f32's bytes
+    q8_0   int8 values + one fp16 scale per 32 values of a head row (ggml Q8_0 style): 8.5 bits
+    f32    float32, exactly the values the model computed
+The buffers are allocated zeroed and untouched (np.zeros): the operating system maps their pages
+only as positions are written, so resident memory grows with the context used, not with n_ctx.
 
 LFM2's convolution layers keep their state beside it: `conv` f32[n_conv, n_ctx, D] holds the
 convolution input (B * x) of every cached position, so a convolution at position p reads rows
@@ -11,15 +18,43 @@ import numpy as np
 
 from .errors import ContextOverflowError
 
+KV_QUANTS = ("f16", "q8_0", "f32")          # the first is the default
+DEFAULT_KV_QUANT = KV_QUANTS[0]
+_KV_DTYPE = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}   # uint16: fp16 bits
+
+
+def check_kv_quant(kv_quant) -> str:
+    """The KV storage type to use: None -> the default; anything not in KV_QUANTS -> ValueError."""
+    if kv_quant is None:
+        return DEFAULT_KV_QUANT
+    if not isinstance(kv_quant, str) or kv_quant.lower() not in KV_QUANTS:
+        raise ValueError(f"kv_quant={kv_quant!r}: must be one of {', '.join(KV_QUANTS)} "
+                         f"(the KV cache's storage type; default {DEFAULT_KV_QUANT})")
+    return kv_quant.lower()
+
+
+def kv_row_bytes(kv_quant: str, head_dim: int) -> int:
+    """Bytes of one cached row (one position's k or v of one kv head)."""
+    if kv_quant == "q8_0":
+        from .kernels.kvrows import q8_row_width
+        return q8_row_width(head_dim)
+    return head_dim * np.dtype(_KV_DTYPE[kv_quant]).itemsize
+
 
 class KVCache:
-    """k, v: f32[L, Hkv, n_ctx, hd]. `pos` = number of positions filled; `tokens` = their ids."""
+    """k, v: [L, Hkv, n_ctx, W] rows of hd values in the `kv_quant` storage type (f32: f32[.., hd],
+    f16: uint16 fp16 bits [.., hd], q8_0: int8[.., hd + 2 ceil(hd/32)]; kernels/kvrows.py).
+    `pos` = number of positions filled; `tokens` = their ids."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, n_conv: int = 0,
-                 conv_dim: int = 0):
+                 conv_dim: int = 0, kv_quant: str | None = None):
         self.n_ctx = n_ctx
-        self.k = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), np.float32)
-        self.v = np.zeros((n_layers, n_kv_heads, n_ctx, head_dim), np.float32)
+        self.kv_quant = kv_quant = check_kv_quant(kv_quant)
+        self.head_dim = head_dim
+        dt = _KV_DTYPE[kv_quant]
+        W = kv_row_bytes(kv_quant, head_dim) // np.dtype(dt).itemsize
+        self.k = np.zeros((n_layers, n_kv_heads, n_ctx, W), dt)
+        self.v = np.zeros((n_layers, n_kv_heads, n_ctx, W), dt)
         self.conv = np.zeros((n_conv, n_ctx, conv_dim), np.float32)   # LFM2: conv inputs per position
         self.pos = 0
         self.tokens: list[int] = []

@@ -217,7 +217,7 @@ class Transformer:
     """Weights + plan + KV cache + run state of one model. Calls that use the run state hold
     `self.busy` (generate_tokens, LM.logits ...): one model serves one call at a time."""
 
-    def __init__(self, cfg: Config, tensors: dict, n_ctx: int):
+    def __init__(self, cfg: Config, tensors: dict, n_ctx: int, kv_quant: str | None = None):
         c = self.cfg = cfg
         self.tok_embd: Linear = tensors["tok_embd"]                # [V, D]
         self.lm_head: Linear = tensors.get("output", self.tok_embd)  # [V, D]
@@ -225,7 +225,8 @@ class Transformer:
         self.n_ctx = n_ctx
         self.plan = build_plan(c)
         convs = [i for i in range(c.n_layers) if c.is_conv(i)]
-        self.cache = KVCache(c.n_kv_layers, c.n_kv_heads, n_ctx, c.head_dim, len(convs), c.hidden_size)
+        self.cache = KVCache(c.n_kv_layers, c.n_kv_heads, n_ctx, c.head_dim, len(convs), c.hidden_size,
+                             kv_quant=kv_quant)                # kv_quant None: the default (f16)
         hist = {f"l{i}.conv_hist": self.cache.conv[j] for j, i in enumerate(convs)}  # [n_ctx, D] each
         self.lowered = low = lower(self.plan, dict(tensors, **hist) if hist else tensors, buffer_widths(c))
         threads = numba.get_num_threads()
