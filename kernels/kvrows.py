@@ -44,11 +44,12 @@ def encode_rows(x: np.ndarray, dtype) -> np.ndarray:
     nb = (hd + QK - 1) // QK
     out = np.zeros(x.shape[:-1] + (q8_row_width(hd),), np.int8)
     for b in range(nb):
-        blk = x[..., b * QK:(b + 1) * QK]
+        i0, i1 = b * QK, min(hd, (b + 1) * QK)
+        blk = x[..., i0:i1]
         d = np.abs(blk).max(-1) / np.float32(127.0)                        # [...] f32
         inv = np.where(d > 0, np.float32(1.0) / np.where(d > 0, d, 1), 0).astype(np.float32)
         q = np.trunc(blk * inv[..., None] + np.copysign(np.float32(0.5), blk))  # round half away from 0
-        out[..., b * QK:(b + 1) * QK] = np.clip(q, -127, 127).astype(np.int8)
+        out[..., i0:i1] = np.clip(q, -127, 127).astype(np.int8)
         out[..., hd + 2 * b:hd + 2 * b + 2] = d.astype(np.float16)[..., None].view(np.int8)
     return out
 
