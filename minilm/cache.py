@@ -4,8 +4,11 @@ Storage types (`kv_quant`; the row layouts are kernels/kvrows.py, the attention 
     f16    fp16 values (the default): half of f32's bytes
     q8_0   int8 values + one fp16 scale per 32 values of a head row (ggml Q8_0 style): 8.5 bits
     f32    float32, exactly the values the model computed
-The buffers are allocated zeroed and untouched (np.zeros): the operating system maps their pages
-only as positions are written, so resident memory grows with the context used, not with n_ctx.
+The buffers are anonymous memory maps with transparent huge pages refused (`lazy_zeros`): the
+operating system maps their 4 KiB pages only as positions are written, so resident memory grows
+with the context used, not with n_ctx. (np.zeros asks for huge pages on large arrays: the first
+token then touched one 2 MiB page in each [layer, kv head] plane, the whole cache when a plane is
+that small, e.g. 189 MB resident for SmolLM2-135M's n_ctx 8192 after one token.)
 
 LFM2's convolution layers keep their state beside it: `conv` f32[n_conv, n_ctx, D] holds the
 convolution input (B * x) of every cached position, so a convolution at position p reads rows
@@ -13,6 +16,8 @@ p - Lc + 1 .. p, and truncating the cache to any n (prefix reuse across turns) l
 state of position n: nothing is rolled, nothing needs recomputing. It costs D floats per position
 and conv layer, as much as one attention layer's k and v with 2 Hkv hd = D."""
 from __future__ import annotations
+
+import mmap
 
 import numpy as np
 
@@ -41,6 +46,19 @@ def kv_row_bytes(kv_quant: str, head_dim: int) -> int:
     return head_dim * np.dtype(_KV_DTYPE[kv_quant]).itemsize
 
 
+def lazy_zeros(shape: tuple, dtype) -> np.ndarray:
+    """A zeroed writable array whose pages are mapped only when first written (4 KiB pages: no
+    transparent huge pages where the OS has the advice). Empty shapes get np.zeros."""
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape)) * dt.itemsize
+    if n == 0:
+        return np.zeros(shape, dt)
+    buf = mmap.mmap(-1, n)                                   # anonymous, zero-filled on first touch
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dt).reshape(shape)           # the array keeps the map alive
+
+
 class KVCache:
     """k, v: [L, Hkv, n_ctx, W] rows of hd values in the `kv_quant` storage type (f32: f32[.., hd],
     f16: uint16 fp16 bits [.., hd], q8_0: int8[.., hd + 2 ceil(hd/32)]; kernels/kvrows.py).
@@ -53,9 +71,9 @@ class KVCache:
         self.head_dim = head_dim
         dt = _KV_DTYPE[kv_quant]
         W = kv_row_bytes(kv_quant, head_dim) // np.dtype(dt).itemsize
-        self.k = np.zeros((n_layers, n_kv_heads, n_ctx, W), dt)
-        self.v = np.zeros((n_layers, n_kv_heads, n_ctx, W), dt)
-        self.conv = np.zeros((n_conv, n_ctx, conv_dim), np.float32)   # LFM2: conv inputs per position
+        self.k = lazy_zeros((n_layers, n_kv_heads, n_ctx, W), dt)
+        self.v = lazy_zeros((n_layers, n_kv_heads, n_ctx, W), dt)
+        self.conv = lazy_zeros((n_conv, n_ctx, conv_dim), np.float32)   # LFM2: conv inputs per position
         self.pos = 0
         self.tokens: list[int] = []
 
