@@ -55,17 +55,23 @@ def _read_int(path: str) -> int | None:
 
 def cgroup_room() -> int | None:
     """Bytes this process's cgroup may still allocate (limit - usage), or None without a limit.
-    cgroup v2 (the process's own group from /proc/self/cgroup), else v1's memory controller."""
-    group = ""
+    cgroup v2 or v1's memory controller, at the process's own group (/proc/self/cgroup) or the root."""
+    v2 = v1 = ""
     try:
         with open("/proc/self/cgroup", encoding="ascii") as f:
             for line in f:
-                if line.startswith("0::"):
-                    group = line[3:].strip()
+                _, ctrl, path = (line.rstrip("\n").split(":", 2) + ["", ""])[:3]
+                if ctrl == "":
+                    v2 = path
+                elif "memory" in ctrl.split(","):
+                    v1 = path
     except OSError:
         pass
-    for lim, use in ((f"/sys/fs/cgroup{group}/memory.max", f"/sys/fs/cgroup{group}/memory.current"),
+    v2, v1 = v2.rstrip("/"), v1.rstrip("/")
+    for lim, use in ((f"/sys/fs/cgroup{v2}/memory.max", f"/sys/fs/cgroup{v2}/memory.current"),
                      ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                     (f"/sys/fs/cgroup/memory{v1}/memory.limit_in_bytes",
+                      f"/sys/fs/cgroup/memory{v1}/memory.usage_in_bytes"),
                      ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         limit = _read_int(lim)
         if limit is not None and limit < 1 << 60:            # v1 writes "no limit" as a huge number
