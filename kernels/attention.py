@@ -1,6 +1,9 @@
 """Causal attention of new tokens over the KV cache, with grouped-query heads.
 
-Cache layout (one layer): k, v: f32[Hkv, n_ctx, hd]. Query head h reads kv head h // (H / Hkv).
+Cache layout (one layer): k, v: [Hkv, n_ctx, W], one stored row of hd values per kv head and
+position in the cache's storage type (kvrows.py: f32, f16 bits, or q8_0 blocks; the kernels
+read and write rows only through its kv_put / kv_dot / kv_axpy, and compute in float32).
+Query head h reads kv head h // (H / Hkv).
 Scores go to a caller-provided scratch sc: f32[H, n_ctx] (one row per query head), so nothing is
 allocated per call and the loops are contiguous and vectorised.
 
@@ -14,6 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from .activations import fexp
+from .kvrows import kv_axpy, kv_dot, kv_put
 from .norm import head_rmsnorm
 from .rope import rope_head
 
@@ -31,14 +35,11 @@ def _attend(q, qo, kc, vc, g, j0, j1, hd, scale, sc, oh, cap):
     n = max(0, j1 - j0)
     qh = q[qo:qo + hd]
     s_ = sc[j0:j0 + n]          # [n] scores, then weights
-    kg = kc[g, j0:j0 + n]       # [n, hd]
+    kg = kc[g, j0:j0 + n]       # [n, W] stored rows
     vg = vc[g, j0:j0 + n]
     mx = np.float32(-3.0e38)    # not -inf: fastmath lets LLVM assume no infinities
     for j in range(n):
-        k = kg[j]
-        s = np.float32(0.0)
-        for i in range(hd):
-            s += qh[i] * k[i]
+        s = kv_dot(qh, kg[j])
         s *= scale
         s_[j] = s
         mx = max(mx, s)
@@ -53,11 +54,9 @@ def _attend(q, qo, kc, vc, g, j0, j1, hd, scale, sc, oh, cap):
         l += e
     for i in range(hd):
         oh[i] = 0.0
+    ov = oh[:hd]
     for j in range(n):
-        w = s_[j]
-        v = vg[j]
-        for i in range(hd):
-            oh[i] += w * v[i]
+        kv_axpy(s_[j], vg[j], ov)
     return mx, l
 
 
@@ -74,25 +73,24 @@ def attend_head(q, qo, kc, vc, g, start, p, hd, scale, sc, out, oo, cap=np.float
 
 @njit(parallel=True, **_J)
 def store_kv(qkv, kc, vc, pos0, n_heads, n_kv_heads, head_dim):
-    """Copy the k and v heads of qkv: f32[M, (H + 2*Hkv) * hd] into cache rows pos0..pos0+M-1."""
+    """Store the k and v heads of qkv: f32[M, (H + 2*Hkv) * hd] into cache rows pos0..pos0+M-1."""
     M = qkv.shape[0]
     ko = n_heads * head_dim
     vo = ko + n_kv_heads * head_dim
     for t in prange(M * n_kv_heads):
         m = t // n_kv_heads
         g = t % n_kv_heads
-        for i in range(head_dim):
-            kc[g, pos0 + m, i] = qkv[m, ko + g * head_dim + i]
-            vc[g, pos0 + m, i] = qkv[m, vo + g * head_dim + i]
+        kv_put(kc[g, pos0 + m], qkv[m, ko + g * head_dim:ko + (g + 1) * head_dim])
+        kv_put(vc[g, pos0 + m], qkv[m, vo + g * head_dim:vo + (g + 1) * head_dim])
 
 
 @njit(parallel=True, **_J)
 def attention(qkv, kc, vc, pos0, n_heads, n_kv_heads, head_dim, scale, window, sc, out):
     """out: f32[M, H * hd] <- softmax(q k^T * scale) v for each new token and query head.
 
-    qkv: f32[M, (H + 2*Hkv) * hd] (only the q part is read); kc, vc: f32[Hkv, n_ctx, hd] already
-    holding positions 0..pos0+M-1; sc: f32[H, n_ctx] scratch. Parallel over heads. Token m
-    (position p = pos0 + m) sees positions max(0, p - window + 1) .. p (window = 0: all).
+    qkv: f32[M, (H + 2*Hkv) * hd] (only the q part is read); kc, vc: [Hkv, n_ctx, W] stored rows
+    (kvrows.py) already holding positions 0..pos0+M-1; sc: f32[H, n_ctx] scratch. Parallel over
+    heads. Token m (position p = pos0 + m) sees positions max(0, p - window + 1) .. p (window = 0: all).
     """
     M = qkv.shape[0]
     group = n_heads // n_kv_heads
@@ -118,9 +116,8 @@ def prep_decode(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, 
     ko = n_heads * hd
     vo = ko + n_kv_heads * hd
     for g in range(n_kv_heads):
-        for i in range(hd):
-            kc[g, p, i] = qkv[ko + g * hd + i]
-            vc[g, p, i] = qkv[vo + g * hd + i]
+        kv_put(kc[g, p], qkv[ko + g * hd:ko + (g + 1) * hd])
+        kv_put(vc[g, p], qkv[vo + g * hd:vo + (g + 1) * hd])
 
 
 @njit(**_J)

@@ -520,8 +520,8 @@ def run_plan(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, 
     sequence's rows come in position order. Every row's result is the same whichever rows share
     its pass (attention: decode's splits and merge per row; matrices: decode's row kernels).
 
-    kc, vc: the KV cache f32[L, n_slots, Hkv, n_ctx, hd] (LFM2's conv history: a matrix of
-    n_slots * n_ctx rows); cos, sin: RoPE tables f32[n_pos, R * rot/2]
+    kc, vc: the KV cache [L, n_slots, Hkv, n_ctx, W] (rows in its storage type: kvrows.py; LFM2's
+    conv history: a matrix of n_slots * n_ctx rows); cos, sin: RoPE tables f32[n_pos, R * rot/2]
     (R tables side by side: a qkv step's I0 picks one, -1 none);
     XQ int8[R, Kmax], XD, XS f32[R, Kmax/32]: the quantized activations of the current matmul;
     tiles f32[T, 4, Kmax]: per-thread dequantized rows (16-bit formats, M > 1);

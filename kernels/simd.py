@@ -3,6 +3,7 @@
 Numba has no float16 type, no vector types and no prefetch; these small intrinsics give the
 kernels in matmul.py and qmatmul.py what they need, and LLVM inlines them:
   _h2f / _bf2f             one fp16 / bf16 element (uint16 bits) -> float32
+  _f2h                     float32 -> fp16 bits (uint16; round to nearest even; vcvtps2ph)
   _stack_f32(n)            n float32 on the stack (the parfor body's entry block); accessed whole,
                            LLVM keeps them in vector registers (per-row accumulators)
   _ptr_add(p, n)           p + n elements
@@ -37,6 +38,14 @@ def _h2f(typingctx, h):
         v = builder.trunc(args[0], ir.IntType(16)) if args[0].type.width != 16 else args[0]
         return builder.fpext(builder.bitcast(v, ir.HalfType()), ir.FloatType())
     return types.float32(h), codegen
+
+
+@intrinsic
+def _f2h(typingctx, x):
+    """float32 -> fp16 bits as uint16 (fptrunc half: round to nearest even; vectorises to vcvtps2ph)."""
+    def codegen(ctx, builder, sig, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+    return types.uint16(types.float32), codegen
 
 
 @intrinsic

@@ -1,6 +1,16 @@
-"""The KV cache: preallocated float32 buffers sized from the context length, written in place.
+"""The KV cache: preallocated buffers sized from the context length, written in place.
 
-Sequence slots: the arrays have a slot axis (k, v: f32[L, n_slots, Hkv, n_ctx, hd]) so that one
+Storage types (`kv_quant`; the row layouts are kernels/kvrows.py, the attention maths is float32):
+    f16    fp16 values (the default): half of f32's bytes
+    q8_0   int8 values + one fp16 scale per 32 values of a head row (ggml Q8_0 style): 8.5 bits
+    f32    float32, exactly the values the model computed
+The buffers are anonymous memory maps with transparent huge pages refused (`lazy_zeros`): the
+operating system maps their 4 KiB pages only as positions are written, so resident memory grows
+with the context used, not with n_ctx. (np.zeros asks for huge pages on large arrays: the first
+token then touched one 2 MiB page in each [layer, kv head] plane, the whole cache when a plane is
+that small, e.g. 189 MB resident for SmolLM2-135M's n_ctx 8192 after one token.)
+
+Sequence slots: the arrays have a slot axis (k, v: [L, n_slots, Hkv, n_ctx, W]) so that one
 forward pass can advance several sequences at once (the server's batched decode); each slot has
 its own `pos` and `tokens`. `KVCache` itself is slot 0 (what `Transformer.cache` is and what the
 library's calls use: its `k`, `v`, `conv` are slot 0's arrays); `cache.slots[i]` is slot i's view
@@ -13,14 +23,51 @@ state of position n: nothing is rolled, nothing needs recomputing. It costs D fl
 and conv layer, as much as one attention layer's k and v with 2 Hkv hd = D."""
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from .errors import ContextOverflowError
 
+KV_QUANTS = ("f16", "q8_0", "f32")          # the first is the default
+DEFAULT_KV_QUANT = KV_QUANTS[0]
+_KV_DTYPE = {"f32": np.float32, "f16": np.uint16, "q8_0": np.int8}   # uint16: fp16 bits
+
+
+def check_kv_quant(kv_quant) -> str:
+    """The KV storage type to use: None -> the default; anything not in KV_QUANTS -> ValueError."""
+    if kv_quant is None:
+        return DEFAULT_KV_QUANT
+    if not isinstance(kv_quant, str) or kv_quant.lower() not in KV_QUANTS:
+        raise ValueError(f"kv_quant={kv_quant!r}: must be one of {', '.join(KV_QUANTS)} "
+                         f"(the KV cache's storage type; default {DEFAULT_KV_QUANT})")
+    return kv_quant.lower()
+
+
+def kv_row_bytes(kv_quant: str, head_dim: int) -> int:
+    """Bytes of one cached row (one position's k or v of one kv head)."""
+    if kv_quant == "q8_0":
+        from .kernels.kvrows import q8_row_width
+        return q8_row_width(head_dim)
+    return head_dim * np.dtype(_KV_DTYPE[kv_quant]).itemsize
+
+
+def lazy_zeros(shape: tuple, dtype) -> np.ndarray:
+    """A zeroed writable array whose pages are mapped only when first written (4 KiB pages: no
+    transparent huge pages where the OS has the advice). Empty shapes get np.zeros."""
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape)) * dt.itemsize
+    if n == 0:
+        return np.zeros(shape, dt)
+    buf = mmap.mmap(-1, n)                                   # anonymous, zero-filled on first touch
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, dt).reshape(shape)           # the array keeps the map alive
+
 
 class SlotCache:
-    """One sequence slot of a KVCache: k, v: f32[L, Hkv, n_ctx, hd] views of the shared arrays;
-    `pos` = number of positions filled; `tokens` = their ids."""
+    """One sequence slot of a KVCache: k, v: [L, Hkv, n_ctx, W] views of the shared arrays (rows
+    in the cache's storage type); `pos` = number of positions filled; `tokens` = their ids."""
 
     def __init__(self, store: "KVCache", index: int):
         self.store = store
@@ -73,12 +120,16 @@ class SlotCache:
 
 
 class KVCache(SlotCache):
-    """The cache of all slots; as a SlotCache it is slot 0. k_all, v_all: f32[L, n_slots, Hkv,
-    n_ctx, hd]; conv_all: f32[n_conv, n_slots, n_ctx, D]; `slots[i]`: slot i (slots[0] is self)."""
+    """The cache of all slots; as a SlotCache it is slot 0. k_all, v_all: [L, n_slots, Hkv, n_ctx,
+    W] rows of hd values in the `kv_quant` storage type (f32: f32[.., hd], f16: uint16 fp16 bits
+    [.., hd], q8_0: int8[.., hd + 2 ceil(hd/32)]; kernels/kvrows.py); conv_all: f32[n_conv,
+    n_slots, n_ctx, D]; `slots[i]`: slot i (slots[0] is self)."""
 
     def __init__(self, n_layers: int, n_kv_heads: int, n_ctx: int, head_dim: int, n_conv: int = 0,
-                 conv_dim: int = 0, n_slots: int = 1):
+                 conv_dim: int = 0, n_slots: int = 1, kv_quant: str | None = None):
         self.n_ctx = n_ctx
+        self.kv_quant = check_kv_quant(kv_quant)
+        self.head_dim = head_dim
         self._shape = (n_layers, n_kv_heads, n_ctx, head_dim, n_conv, conv_dim)
         self._alloc(n_slots)
         super().__init__(self, 0)
@@ -86,9 +137,11 @@ class KVCache(SlotCache):
 
     def _alloc(self, n_slots: int) -> None:
         L, Hkv, n_ctx, hd, n_conv, D = self._shape
-        self.k_all = np.zeros((L, n_slots, Hkv, n_ctx, hd), np.float32)
-        self.v_all = np.zeros((L, n_slots, Hkv, n_ctx, hd), np.float32)
-        self.conv_all = np.zeros((n_conv, n_slots, n_ctx, D), np.float32)   # LFM2: conv inputs per position
+        dt = _KV_DTYPE[self.kv_quant]
+        W = kv_row_bytes(self.kv_quant, hd) // np.dtype(dt).itemsize
+        self.k_all = lazy_zeros((L, n_slots, Hkv, n_ctx, W), dt)
+        self.v_all = lazy_zeros((L, n_slots, Hkv, n_ctx, W), dt)
+        self.conv_all = lazy_zeros((n_conv, n_slots, n_ctx, D), np.float32)   # LFM2: conv inputs per position
 
     @property
     def n_slots(self) -> int:

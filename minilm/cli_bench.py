@@ -22,6 +22,10 @@ def add_subcommands(sub) -> None:
     b.add_argument("--quant", default="f32,f16,int8,int4,int4-g128",
                    help="comma-separated levels (default: f32,f16,int8,int4,int4-g128); LEVEL@EMBED sets the "
                         "embedding / lm-head format, e.g. int8@int8 = llama.cpp's Q8_0 layout byte for byte")
+    b.add_argument("--kv-quant", default="f16",
+                   help="comma-separated KV cache storage types for the minilm rows: f16, q8_0, f32 (default "
+                        "f16); each level runs once per type. The quality reference is f32 weights with an f32 "
+                        "KV cache, so `--quant f32 --kv-quant f16,q8_0` shows the KV cache's own KL cost")
     b.add_argument("--text", default=None,
                    help="UTF-8 text file for the quality columns (default: a short built-in paragraph)")
     b.add_argument("--prompt-tokens", type=int, default=128)

@@ -13,10 +13,11 @@ from .sampling import Sampler
 
 class LM:
     def __init__(self, cfg: Config, tensors: dict, tokenizer, n_ctx: int, source: str = "", quant: str = "f32",
-                 group_size: int = 32):
+                 group_size: int = 32, kv_quant: str | None = None, n_ctx_note: str = ""):
         self.config = cfg
         self.tokenizer = tokenizer
-        self.net = Transformer(cfg, tensors, n_ctx)
+        self.net = Transformer(cfg, tensors, n_ctx, kv_quant)
+        self.n_ctx_note = n_ctx_note or f"n_ctx {n_ctx}"      # how n_ctx was chosen (the summary says it)
         self.tensors = tensors
         self.source = source
         self.quant = quant
@@ -30,6 +31,11 @@ class LM:
     @property
     def n_ctx(self) -> int:
         return self.net.n_ctx
+
+    @property
+    def kv_quant(self) -> str:
+        """The KV cache's storage type: f16, q8_0 or f32."""
+        return self.net.cache.kv_quant
 
     def reset(self) -> None:
         """Forget the cached context."""
@@ -198,7 +204,11 @@ class LM:
         lines.append(f"  {'total':32} {'':7} {tp:12,d} {tb / 1e6:9.2f} {8 * tb / max(tp, 1):11.2f}")
         if padded:
             lines.append(f"  zero-padded to the block size: {', '.join(padded)}")
-        lines.append(f"  KV cache: {self.net.cache.nbytes / 1e6:.2f} MB for n_ctx={self.n_ctx} (f32)")
+        kc = self.net.cache
+        lines.append(f"  KV cache: {kc.kv_quant}, {kc.nbytes / 1e6:.2f} MB for n_ctx={self.n_ctx} "
+                     f"({kc.nbytes / max(self.n_ctx, 1) / 1e3:.1f} kB per position; pages are mapped as "
+                     f"positions fill)")
+        lines.append(f"  context: {self.n_ctx_note}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

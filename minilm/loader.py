@@ -15,7 +15,9 @@ from .config import MAX_POSITIONS, Config
 from .errors import ModelLoadError, ResourceLimitError
 from .sources import GGUFSource, HFSource, PrequantSource, Source, convert
 
-DEFAULT_CTX = 4096
+DEFAULT_CTX = 4096       # the default n_ctx when the machine's free memory is unknown
+MIN_CTX = 512            # the default n_ctx never goes below min(this, the model's maximum)
+CTX_MARGIN = 256 << 20   # bytes the default n_ctx leaves free besides the weights and the context
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model"]
 
 
@@ -43,32 +45,70 @@ def resolve(path_or_id: str) -> Path:
 
 
 # ---- memory ------------------------------------------------------------------------------------
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None                      # absent, or "max" (no limit)
+
+
+def cgroup_room() -> int | None:
+    """Bytes this process's cgroup may still allocate (limit - usage), or None without a limit.
+    cgroup v2 or v1's memory controller, at the process's own group (/proc/self/cgroup) or the root."""
+    v2 = v1 = ""
+    try:
+        with open("/proc/self/cgroup", encoding="ascii") as f:
+            for line in f:
+                _, ctrl, path = (line.rstrip("\n").split(":", 2) + ["", ""])[:3]
+                if ctrl == "":
+                    v2 = path
+                elif "memory" in ctrl.split(","):
+                    v1 = path
+    except OSError:
+        pass
+    v2, v1 = v2.rstrip("/"), v1.rstrip("/")
+    for lim, use in ((f"/sys/fs/cgroup{v2}/memory.max", f"/sys/fs/cgroup{v2}/memory.current"),
+                     ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                     (f"/sys/fs/cgroup/memory{v1}/memory.limit_in_bytes",
+                      f"/sys/fs/cgroup/memory{v1}/memory.usage_in_bytes"),
+                     ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit = _read_int(lim)
+        if limit is not None and limit < 1 << 60:            # v1 writes "no limit" as a huge number
+            return max(0, limit - (_read_int(use) or 0))
+    return None
+
+
 def available_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux MemAvailable; sysconf elsewhere), or None."""
+    """Bytes of memory available to a new allocation (Linux MemAvailable; sysconf elsewhere), and
+    no more than the cgroup limit leaves (containers), or None when unknown."""
+    avail = None
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return None
+    if avail is None:
+        try:
+            avail = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            pass
+    room = cgroup_room()
+    if room is not None:
+        avail = room if avail is None else min(avail, room)
+    return avail
 
 
-def kv_dtype() -> np.dtype:
-    """The KV cache's element type. Hook: cache.KVCache may declare `dtype` (f16 later); f32 today."""
-    from .cache import KVCache
-    return np.dtype(getattr(KVCache, "dtype", np.float32))
-
-
-def context_bytes(cfg: Config, n_ctx: int) -> tuple[int, int, int]:
+def context_bytes(cfg: Config, n_ctx: int, kv_quant: str | None = None) -> tuple[int, int, int]:
     """(total, per_position, fixed) bytes that a context of n_ctx positions allocates: the KV cache
-    (2 x layers x kv_heads x n_ctx x head_dim x itemsize), RoPE tables and attention scores per
-    position, and the run buffers (prefill chunk rows, logits) that do not grow with n_ctx."""
-    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * kv_dtype().itemsize
+    (2 x layers x kv_heads x n_ctx rows of head_dim values in kv_quant's storage), RoPE tables and
+    attention scores per position, and the run buffers (prefill chunk rows, logits) that do not
+    grow with n_ctx."""
+    from .cache import check_kv_quant, kv_row_bytes
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * kv_row_bytes(check_kv_quant(kv_quant), cfg.head_dim)
     per = kv + 4 * cfg.n_heads + 8 * cfg.rotary_dim + 8
     rows = min(n_ctx, 256)
     F = cfg.intermediate_size
@@ -76,9 +116,11 @@ def context_bytes(cfg: Config, n_ctx: int) -> tuple[int, int, int]:
     return per * n_ctx + fixed, per, fixed
 
 
-def check_context_memory(cfg: Config, n_ctx: int, available: int | None = None) -> None:
+def check_context_memory(cfg: Config, n_ctx: int, available: int | None = None, kv_quant: str | None = None) -> None:
     """Raise ResourceLimitError before allocating when n_ctx's buffers would not fit in memory."""
-    total, per, fixed = context_bytes(cfg, n_ctx)
+    from .cache import check_kv_quant, kv_row_bytes
+    kv_quant = check_kv_quant(kv_quant)
+    total, per, fixed = context_bytes(cfg, n_ctx, kv_quant)
     avail = available_memory() if available is None else available
     if n_ctx <= MAX_POSITIONS and (avail is None or total <= avail):
         return
@@ -88,20 +130,43 @@ def check_context_memory(cfg: Config, n_ctx: int, available: int | None = None) 
     if fit == 0:
         raise ResourceLimitError(f"this model's run buffers alone need {fixed:,} bytes but only {avail:,} "
                                  "bytes of memory are available (vocab_size / intermediate_size too large)")
-    kv = 2 * cfg.n_layers * cfg.n_kv_heads * n_ctx * cfg.head_dim * kv_dtype().itemsize
+    row = kv_row_bytes(kv_quant, cfg.head_dim)
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * n_ctx * row
     raise ResourceLimitError(
         f"n_ctx={n_ctx}: the KV cache would need {kv:,} bytes ({kv / 2**30:.1f} GiB: 2 x {cfg.n_layers} "
-        f"layers x {cfg.n_kv_heads} kv heads x {n_ctx} positions x {cfg.head_dim} head_dim x "
-        f"{kv_dtype().itemsize} bytes), {total:,} bytes with the run buffers, but only {avail:,} bytes "
+        f"layers x {cfg.n_kv_heads} kv heads x {n_ctx} positions x {row} bytes per {kv_quant} row of "
+        f"{cfg.head_dim} values), {total:,} bytes with the run buffers, but only {avail:,} bytes "
         f"({avail / 2**30:.1f} GiB) are available; n_ctx <= {fit} fits in this machine's memory")
 
 
-def check_n_ctx(cfg: Config, n_ctx, where) -> int:
-    """The KV cache length to use: the caller's n_ctx (type-checked) or min(max_position_embeddings,
-    DEFAULT_CTX). `check_context_memory` then checks it against the machine's memory."""
+def default_n_ctx(cfg: Config, kv_quant: str, weight_bytes: int, available: int | None) -> tuple[int, str]:
+    """(n_ctx, why) when the caller gives none: the model's max_position_embeddings, capped by what
+    `available` bytes of memory leave for the context after the weights and CTX_MARGIN, never
+    below min(MIN_CTX, the maximum); with `available` unknown, min(maximum, DEFAULT_CTX).
+    A pure function of its arguments (the loader passes available_memory() measured before it
+    mapped the weights)."""
+    mx = cfg.max_position_embeddings
+    if available is None:
+        n = min(mx, DEFAULT_CTX)
+        return n, f"n_ctx {n} (model max {mx}; free memory unknown)"
+    _, per, fixed = context_bytes(cfg, mx, kv_quant)
+    fit = (available - weight_bytes - CTX_MARGIN - fixed) // per
+    if fit >= mx:
+        return mx, f"n_ctx {mx} (the model's max_position_embeddings; fits in free memory)"
+    floor = min(mx, MIN_CTX)
+    if fit <= floor:
+        return floor, (f"n_ctx {floor} (model max {mx}; the floor: free memory, {available / 2**20:,.0f} MiB, "
+                       f"leaves less)")
+    n = max(floor, fit // 256 * 256)                         # a round number
+    return n, f"n_ctx {n} (model max {mx}; limited by free memory, {available / 2**20:,.0f} MiB available)"
+
+
+def check_n_ctx(cfg: Config, n_ctx, where) -> int | None:
+    """The caller's KV cache length, type-checked; None stays None (the loader then picks
+    `default_n_ctx`). `check_context_memory` checks a given one against the machine's memory."""
     if n_ctx is None:
-        n_ctx = min(cfg.max_position_embeddings, DEFAULT_CTX)
-    elif isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1:
+        return None
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, (int, np.integer)) or n_ctx < 1:
         raise ValueError(f"n_ctx={n_ctx!r}: must be a positive integer")
     n_ctx = int(n_ctx)
     if cfg.learned_pos and n_ctx > cfg.max_position_embeddings:
@@ -124,7 +189,7 @@ def build_lm(cfg: Config, tensors: dict, tok, n_ctx: int, **kw):
     try:
         return LM(cfg, tensors, tok, n_ctx=n_ctx, **kw)
     except MemoryError:
-        total, _, _ = context_bytes(cfg, n_ctx)
+        total, _, _ = context_bytes(cfg, n_ctx, kw.get("kv_quant"))
         raise ResourceLimitError(f"n_ctx={n_ctx}: out of memory while allocating the KV cache and run "
                                  f"buffers ({total:,} bytes); pass a smaller n_ctx") from None
 
@@ -161,24 +226,36 @@ def open_source(path_or_id, check_weights: bool = True) -> Source:
 
 
 def load_source(src: Source, quant: str | None = None, n_ctx: int | None = None, group_size: int | None = None,
-                embed_quant: str | None = None):
+                embed_quant: str | None = None, kv_quant: str | None = None):
     """The common part of loading, for any source: n_ctx, the formats to load with, every tensor
     checked against the config and the memory guard before anything is allocated, then the
-    tensors one at a time in their target formats, the tokenizer and the `LM`."""
+    tensors one at a time in their target formats, the tokenizer and the `LM`. Without an n_ctx,
+    `default_n_ctx` picks one from the memory available before loading and the weights' bytes."""
+    from .cache import check_kv_quant
     cfg = src.config
+    kv_quant = check_kv_quant(kv_quant)
     n_ctx = check_n_ctx(cfg, n_ctx, src.where)
     target = src.target(quant, group_size, embed_quant)
     src.check()                                            # names, types, shapes: before any work
-    check_context_memory(cfg, n_ctx)
+    note = ""
+    if n_ctx is not None:
+        check_context_memory(cfg, n_ctx, kv_quant=kv_quant)
+        note = f"n_ctx {n_ctx} (as given)"
+    avail = available_memory()
     tok = src.tokenizer()
     tensors = {}
     for name, get in src.tensors():                        # one tensor at a time: streaming
         tensors[name] = convert(get(), name, target.fmt(name), target.group, src.where)
-    return build_lm(cfg, tensors, tok, n_ctx, source=src.where, quant=target.level, group_size=target.group)
+    if n_ctx is None:
+        weights = sum({id(t): t.nbytes for t in tensors.values()}.values())
+        n_ctx, note = default_n_ctx(cfg, kv_quant, weights, avail)
+    return build_lm(cfg, tensors, tok, n_ctx, source=src.where, quant=target.level, group_size=target.group,
+                    kv_quant=kv_quant, n_ctx_note=note)
 
 
 def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads: int | None = None,
-         group_size: int | None = None, embed_quant: str | None = None, check_weights: bool | None = None):
+         group_size: int | None = None, embed_quant: str | None = None, check_weights: bool | None = None,
+         kv_quant: str | None = None):
     """Load a Hugging Face checkpoint (config.json + tokenizer.json + *.safetensors), a
     pre-quantized folder (model.save) or a llama.cpp GGUF file (llama, qwen2, qwen3).
 
@@ -187,12 +264,16 @@ def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads
         head stay int8), 'int4-g64', 'int4-g128'. A pre-quantized folder loads as saved, a GGUF
         file with its stored types (a float GGUF can be quantized while loading).
     group_size: int4 group size (32, 64, 128); embed_quant: format of embedding / lm head.
-    n_ctx: KV cache length (default min(max_position_embeddings, 4096)); one that would not fit
-        in the available memory is refused with `ResourceLimitError` saying what fits.
+    n_ctx: KV cache length. Default: the model's max_position_embeddings, capped by what the
+        memory available at load (MemAvailable, and the cgroup limit) leaves after the weights
+        and a margin (`default_n_ctx`; the summary says which and why). A given n_ctx that would
+        not fit in the available memory is refused with `ResourceLimitError` saying what fits.
+    kv_quant: the KV cache's storage type: 'f16' (default), 'q8_0' (int8 + a scale per 32
+        values), 'f32'. Attention computes in float32 whichever is stored.
     threads: Numba threads for the kernels (default: all cores).
     check_weights: float weights are checked for NaN/Inf while loading (one pass over the mapped
         data; `NonFiniteWeightsError` names the file and tensor). False skips the check for files
         you trust; None (default) checks unless the environment sets MINILM_NO_WEIGHT_CHECK=1.
     """
     check = check_load_args(quant, threads, group_size, embed_quant, check_weights)
-    return load_source(open_source(path_or_id, check), quant, n_ctx, group_size, embed_quant)
+    return load_source(open_source(path_or_id, check), quant, n_ctx, group_size, embed_quant, kv_quant)

@@ -221,7 +221,7 @@ class Transformer:
     """Weights + plan + KV cache + run state of one model. Calls that use the run state hold
     `self.busy` (generate_tokens, LM.logits ...): one model serves one call at a time."""
 
-    def __init__(self, cfg: Config, tensors: dict, n_ctx: int):
+    def __init__(self, cfg: Config, tensors: dict, n_ctx: int, kv_quant: str | None = None):
         c = self.cfg = cfg
         self.tok_embd: Linear = tensors["tok_embd"]                # [V, D]
         self.lm_head: Linear = tensors.get("output", self.tok_embd)  # [V, D]
@@ -229,7 +229,8 @@ class Transformer:
         self.n_ctx = n_ctx
         self.plan = build_plan(c)
         convs = [i for i in range(c.n_layers) if c.is_conv(i)]
-        self.cache = KVCache(c.n_kv_layers, c.n_kv_heads, n_ctx, c.head_dim, len(convs), c.hidden_size)
+        self.cache = KVCache(c.n_kv_layers, c.n_kv_heads, n_ctx, c.head_dim, len(convs), c.hidden_size,
+                             kv_quant=kv_quant)                # kv_quant None: the default (f16)
         self._tensors = tensors
         self.lowered = low = self._lower()
         threads = numba.get_num_threads()

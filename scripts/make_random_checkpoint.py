@@ -8,6 +8,7 @@ real model's size, so tokens/s and memory use match the real model.
 
 Usage:
     python scripts/make_random_checkpoint.py --shape smollm2-135m --out /tmp/ckpt/smollm2-135m
+    python scripts/make_random_checkpoint.py --shape smollm2-360m --out /tmp/ckpt/smollm2-360m --dtype bf16
     python scripts/make_random_checkpoint.py --shape tinyllama-1.1b --out /tmp/ckpt/tinyllama-1.1b
     python scripts/make_random_checkpoint.py --shape stories15m --out /tmp/ckpt/stories15m --dtype bf16
     python scripts/make_random_checkpoint.py --shape gemma3-270m --out /tmp/ckpt/gemma3-270m
@@ -54,6 +55,14 @@ SHAPES = {
     "smollm2-135m": dict(
         hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
         num_key_value_heads=3, head_dim=64, intermediate_size=1536,
+        vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
+        rms_norm_eps=1e-5, max_position_embeddings=8192,
+        bos_token_id=1, eos_token_id=2, tokenizer="gpt2",
+    ),
+    # HuggingFaceTB/SmolLM2-360M
+    "smollm2-360m": dict(
+        hidden_size=960, num_hidden_layers=32, num_attention_heads=15,
+        num_key_value_heads=5, head_dim=64, intermediate_size=2560,
         vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
         rms_norm_eps=1e-5, max_position_embeddings=8192,
         bos_token_id=1, eos_token_id=2, tokenizer="gpt2",

@@ -22,11 +22,34 @@ def bench_out(tmp_path_factory):
     from minilm.cli import main
     out = tmp_path_factory.mktemp("bench")
     argv = ["bench", "-m", str(MODEL), "--quant", "f32,int8", "--prompt-tokens", "16", "--new-tokens", "8",
-            "--runs", "2", "--quality-tokens", "256", "--bw-size-mb", "32", "-t", "2", "--out", str(out)]
+            "--runs", "2", "--quality-tokens", "256", "--bw-size-mb", "32", "-t", "2", "--kv-quant", "f32",
+            "--out", str(out)]
     if TEXT.exists():
         argv += ["--text", str(TEXT)]
     assert main(argv) == 0
     return out
+
+
+def test_kv_cache_axis(tmp_path):
+    """--kv-quant runs a level once per KV storage type against the f32-weights, f32-KV reference
+    (computed alone when no row is that): each row says its KV type and bytes, and the KL columns
+    are the KV cache's own cost."""
+    from minilm.cli import main
+    argv = ["bench", "-m", str(MODEL), "--quant", "f32", "--kv-quant", "q8_0,f16", "--prompt-tokens", "16",
+            "--new-tokens", "4", "--runs", "1", "--quality-tokens", "256", "--bw-size-mb", "16", "-t", "2",
+            "--out", str(tmp_path)]
+    if TEXT.exists():
+        argv += ["--text", str(TEXT)]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["kv_quant"]: r for r in res["rows"]}
+    assert list(rows) == ["q8_0", "f16"] and res["meta"]["kv_quants"] == ["q8_0", "f16"]
+    h, q = rows["f16"], rows["q8_0"]
+    assert not h.get("note") and not q.get("note")
+    assert 0 < h["kl_mean"] < q["kl_mean"] < 0.05 and q["top1_agree_pct"] > 90
+    assert 0 < q["kv_cache_mb"] < h["kv_cache_mb"]
+    md = (tmp_path / "results.md").read_text()
+    assert "| KV | KV MB |" in md and "| minilm | f32 | q8_0 |" in md
 
 
 def test_files_written(bench_out):

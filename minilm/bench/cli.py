@@ -106,26 +106,31 @@ def _run_child(spec: dict, work: Path, name: str) -> dict:
 
 
 # ---- the parent -------------------------------------------------------------------------------------
-def _jobs(levels: list[str], peers: list[str], from_saved: bool) -> list[tuple[str, str]]:
+def _jobs(levels: list[str], peers: list[str], from_saved: bool,
+          kvs: tuple[str, ...] = ("f16",)) -> list[tuple[str, str, str | None]]:
+    """(engine, level, KV storage type of a minilm row) in run order: f32 weights with an f32 KV
+    cache first when asked for (that row writes the quality reference)."""
     order = (["f32"] if "f32" in levels else []) + [q for q in levels if q != "f32"]
+    kvs = (["f32"] if "f32" in kvs else []) + [k for k in kvs if k != "f32"]
     jobs = []
     for q in order:
         if from_saved and q != "f32":
-            jobs.append(("save", q))
-        jobs.append(("minilm", q))
+            jobs.append(("save", q, None))
+        jobs += [("minilm", q, kv) for kv in kvs]
     if "llama.cpp" in peers:
         gg = [q for q in order if parse_level(q)[0] in GGUF_TYPES]
-        jobs += [("llama.cpp", q) for q in (gg or ["f32"])]
+        jobs += [("llama.cpp", q, None) for q in (gg or ["f32"])]
     if "transformers" in peers:
-        jobs.append(("transformers", "fp32"))
+        jobs.append(("transformers", "fp32", None))
         if any(parse_level(q)[0] == "int8" for q in order):      # torch's own int8, where it runs
-            jobs.append(("transformers", "int8-dynamic"))
+            jobs.append(("transformers", "int8-dynamic", None))
     return jobs
 
 
 def run(args) -> int:
     import minilm
 
+    from ..cache import check_kv_quant
     from ..config import Config
     from ..loader import resolve
     from ..tokenizer import Tokenizer
@@ -135,6 +140,15 @@ def run(args) -> int:
         raise ValueError("--quant: no level given")
     for q in levels:
         parse_level(q)                                 # raises, naming the bad level
+    kvs = []
+    for k in (getattr(args, "kv_quant", None) or "f16").split(","):
+        if k.strip():
+            try:
+                kvs.append(check_kv_quant(k.strip()))
+            except ValueError:
+                raise ValueError(f"--kv-quant {k.strip()}: not a KV cache type (choose from f16, q8_0, f32)") from None
+    if not kvs:
+        raise ValueError("--kv-quant: no KV cache type given")
     peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
     for p in peers:
         if p not in PEERS:
@@ -197,7 +211,8 @@ def run(args) -> int:
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
             "text": text_name, "ctx": ctx, "quality_tokens": args.quality_tokens,
             "quality_positions": qual["positions"] if qual else 0, "notes": notes,
-            "from_saved": bool(getattr(args, "from_saved", False)), "reference": "f32", "complete": False}
+            "from_saved": bool(getattr(args, "from_saved", False)), "reference": "f32 weights, f32 KV cache",
+            "kv_quants": kvs, "complete": False}
     print(f"model {args.model} ({cfg.model_type}), {threads} threads, CPU {meta['cpu']}\n"
           f"read bandwidth {bw:.1f} GB/s (numba parallel sum, {args.bw_size_mb} MB, median of 5)\n"
           f"speed: {args.prompt_tokens}-token prompt + {args.new_tokens} decode steps, medians of {args.runs} runs; "
@@ -211,17 +226,18 @@ def run(args) -> int:
     if qual:
         base["quality"] = dict(qual, ref=str(tmp / "f32_logprobs.npy"))
 
-    jobs = _jobs(levels, peers, meta["from_saved"])
+    jobs = _jobs(levels, peers, meta["from_saved"], tuple(kvs))
     interrupted = False
     try:
-        if qual and "f32" not in levels:      # the reference alone (not a row)
+        if qual and not ("f32" in levels and "f32" in kvs):      # the reference alone (not a row)
             print("computing the f32 reference for the quality columns", file=sys.stderr)
-            r = _run_child(dict(base, engine="minilm", quant="f32", ref_only=True), tmp, "ref")
+            r = _run_child(dict(base, engine="minilm", quant="f32", kv_quant="f32", ref_only=True), tmp, "ref")
             if r.get("note"):
                 raise RuntimeError(f"f32 reference failed: {r['note']}")
         f32_bpt, params, saved = None, None, {}
-        for engine, q in progress(jobs, desc="levels", unit="level", leave=True):
-            spec = dict(base, engine=engine, quant=q, tmp=str(tmp), f32_bytes_per_token=f32_bpt, params=params)
+        for engine, q, kv in progress(jobs, desc="levels", unit="level", leave=True):
+            spec = dict(base, engine=engine, quant=q, kv_quant=kv, tmp=str(tmp), f32_bytes_per_token=f32_bpt,
+                        params=params)
             if engine == "save":
                 d = tmp / f"saved-{q}"
                 r = _run_child(dict(spec, folder=str(d)), tmp, f"save-{q}")
@@ -235,14 +251,14 @@ def run(args) -> int:
                 if q not in saved:
                     continue                     # its save step failed: that row says why
                 spec["folder"] = saved[q]
-            r = report.derive(_run_child(spec, tmp, f"{engine}-{q}"), bw)
+            r = report.derive(_run_child(spec, tmp, f"{engine}-{q}" + (f"-kv{kv}" if kv else "")), bw)
             if engine == "minilm" and q == "f32":
                 f32_bpt = r.get("bytes_per_token")
             if engine == "minilm":
                 params = params or r.get("params")
             rows.append(r)
             report.write_json(out, meta, rows)
-            print(f"{engine} {q}: " + (r["note"] if str(r.get("note", "")).startswith(("failed", "skipped"))
+            print(f"{engine} {q}" + (f" (KV {kv})" if kv else "") + ": " + (r["note"] if str(r.get("note", "")).startswith(("failed", "skipped"))
                                        else "done"), file=sys.stderr)
     except KeyboardInterrupt:
         interrupted = True

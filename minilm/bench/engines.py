@@ -72,15 +72,17 @@ class MinilmEngine:
 
     def load(self) -> dict:
         import minilm
-        row = {"engine": "minilm", "quant": self.spec["quant"], "version": minilm.__version__}
+        kv = self.spec.get("kv_quant")
+        row = {"engine": "minilm", "quant": self.spec["quant"], "kv_quant": kv or "f16", "version": minilm.__version__}
         t = time.perf_counter()
         if self.spec.get("folder"):                     # a pre-quantized folder saved by a prepare step
-            self.model = minilm.load(self.spec["folder"], n_ctx=self.spec["n_ctx"], threads=self.spec["threads"])
+            self.model = minilm.load(self.spec["folder"], n_ctx=self.spec["n_ctx"], threads=self.spec["threads"],
+                                     kv_quant=kv)
             row["loaded_from"] = "pre-quantized folder (model.save)"
         else:
             self.model = minilm.load(self.spec["model"], quant=None if self.level == "f32" else self.level,
                                      n_ctx=self.spec["n_ctx"], threads=self.spec["threads"],
-                                     embed_quant=self.embed)
+                                     embed_quant=self.embed, kv_quant=kv)
         row["load_s"] = time.perf_counter() - t
         self.net = self.model.net
         self.V = self.model.config.vocab_size

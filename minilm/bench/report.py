@@ -7,7 +7,8 @@ import math
 from pathlib import Path
 
 COLUMNS = [  # (key, header, format)
-    ("engine", "engine", "{}"), ("quant", "quant", "{}"), ("file_mb", "file MB", "{:.2f}"),
+    ("engine", "engine", "{}"), ("quant", "quant", "{}"), ("kv_quant", "KV", "{}"), ("kv_cache_mb", "KV MB", "{:.1f}"),
+    ("file_mb", "file MB", "{:.2f}"),
     ("bits_per_weight", "bits/w", "{:.2f}"), ("load_s", "load s", "{:.2f}"),
     ("peak_rss_mb", "peak RSS MiB", "{:.0f}"), ("ttft_ms", "TTFT ms", "{:.1f}"),
     ("start_to_first_token_s", "start->1st s", "{:.2f}"),
@@ -156,7 +157,8 @@ def plot(rows, path: Path, title: str) -> None:
             ax.scatter([x], [y], marker=m, color=c, s=60, label=None if r["engine"] in seen else r["engine"])
             seen.add(r["engine"])
             off = {"minilm": (5, 5), "llama.cpp": (5, -12), "transformers": (-30, 8)}.get(r["engine"], (5, 5))
-            ax.annotate(r["quant"], (x, y), textcoords="offset points", xytext=off, fontsize=8, color=c)
+            lab = r["quant"] + (f" kv {r['kv_quant']}" if r.get("kv_quant", "f16") != "f16" else "")
+            ax.annotate(lab, (x, y), textcoords="offset points", xytext=off, fontsize=8, color=c)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         if use_kl and ys:
