@@ -237,13 +237,14 @@ class Prepared:
     stop_ids: list[int] = field(default_factory=list)
     constraint: object = None        # minilm.constrain.Constraint: the output must match it
     tools: object = None             # ToolSetup: parse tool calls from the answer
+    speculative: bool = True         # prompt-lookup speculative decoding (minilm/generate.py)
 
     def run(self, cancel=None) -> "Generation":
         return Generation(self, cancel)
 
 
 def prepare(model, ids, max_tokens, temperature, top_p, stop, seed, extra_stop=(), stop_ids=(),
-            top_k=0, min_p=0.0, repetition_penalty=1.0, prompt_param="messages") -> Prepared:
+            top_k=0, min_p=0.0, repetition_penalty=1.0, prompt_param="messages", speculative=True) -> Prepared:
     """Validate the generation arguments against the model and the prompt length."""
     n_ctx = model.n_ctx
     if max_tokens is not None:
@@ -265,6 +266,8 @@ def prepare(model, ids, max_tokens, temperature, top_p, stop, seed, extra_stop=(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise RequestError(f"seed={seed!r}: must be an integer >= 0", "seed")
     stop = check_stop(stop)
+    if not isinstance(speculative, bool):
+        raise RequestError(f"speculative={speculative!r}: must be true or false", "speculative")
     if not ids:
         raise RequestError(f"{prompt_param}: the prompt is empty (no tokens)", prompt_param)
     if len(ids) >= n_ctx:
@@ -276,7 +279,7 @@ def prepare(model, ids, max_tokens, temperature, top_p, stop, seed, extra_stop=(
     sampling = dict(temperature=temperature, top_k=int(top_k), top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, seed=None if seed is None else int(seed))
     return Prepared(model, list(ids), max_tokens, sampling,
-                    stop + [s for s in extra_stop if s not in stop], list(stop_ids))
+                    stop + [s for s in extra_stop if s not in stop], list(stop_ids), speculative=speculative)
 
 
 class Generation:
@@ -299,7 +302,7 @@ class Generation:
         t0 = time.perf_counter()
         state = p.constraint.start() if p.constraint is not None else None
         self.constraint_state = state
-        toks = generate_tokens(m, p.ids, p.max_tokens, sampler, eos, constraint=state)
+        toks = generate_tokens(m, p.ids, p.max_tokens, sampler, eos, constraint=state, speculative=p.speculative)
         # under a constraint the grammar decides where the text ends: stop strings could cut a
         # valid output short, so they are not applied
         ts = TextStream(m.tokenizer, p.ids, [] if state is not None else p.stop)
@@ -471,8 +474,8 @@ def chat(model, messages, max_tokens: int | None = None, temperature: float = DE
     """Answer a conversation: `messages` = [{"role": "system"|"user"|"assistant"|"tool",
     "content": str}, ...]. Returns the assistant's text, or with stream=True an iterator of text
     pieces. max_tokens=None: up to the end of the context. Greedy when temperature == 0.
-    Extra sampling keywords: top_k, min_p, repetition_penalty. Raises RequestError (a ValueError)
-    naming the bad argument."""
+    Extra keywords: top_k, min_p, repetition_penalty, speculative (False: no speculative
+    decoding). Raises RequestError (a ValueError) naming the bad argument."""
     g = prepare_chat(model, messages, max_tokens, temperature, top_p, stop, seed, **sampling).run()
     return iter(g) if stream else "".join(g)
 

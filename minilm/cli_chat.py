@@ -13,6 +13,8 @@ HELP = "commands: /reset clears the conversation, /exit quits (or Ctrl-D); Ctrl-
 
 def _common(p):
     add_model_args(p, quant_help="weight format, e.g. f32 (default), int8, int4")
+    p.add_argument("--no-speculative", action="store_true",
+                   help="no prompt-lookup speculative decoding (same output, may be slower)")
 
 
 def add_subcommands(subparsers) -> None:
@@ -52,7 +54,7 @@ def _load(args):
 
 # ---- chat ------------------------------------------------------------------------------------
 def chat_loop(model, system=None, max_tokens=None, temperature=0.7, top_p=1.0, seed=None,
-              read=input, out=None) -> int:
+              read=input, out=None, speculative=True) -> int:
     """The interactive loop: read a line, stream the answer, keep the history."""
     from .chat import RequestError, model_id, prepare_chat
     out = out or sys.stdout
@@ -93,7 +95,7 @@ def chat_loop(model, system=None, max_tokens=None, temperature=0.7, top_p=1.0, s
         while True:
             try:
                 p = prepare_chat(model, head + history, max_tokens=max_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed)
+                                 top_p=top_p, seed=seed, speculative=speculative)
                 break
             except RequestError as e:
                 if e.code == "context_length_exceeded" and len(history) > 2:
@@ -131,7 +133,8 @@ def cmd_chat(args) -> int:
             pass
     from .chat import RequestError
     try:
-        return chat_loop(model, args.system, args.max_tokens, args.temperature, args.top_p, args.seed)
+        return chat_loop(model, args.system, args.max_tokens, args.temperature, args.top_p, args.seed,
+                         speculative=not args.no_speculative)
     except RequestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -153,7 +156,8 @@ def cmd_serve(args) -> int:
         print(f"warning: serving on {args.host} without --api-key: anyone who reaches it can use it",
               file=sys.stderr)
     print(f"minilm serve: {args.model} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    serve(model, host=args.host, port=args.port, api_key=args.api_key, name=args.name, log_level=args.log_level)
+    serve(model, host=args.host, port=args.port, api_key=args.api_key, name=args.name, log_level=args.log_level,
+          speculative=not args.no_speculative)
     return 0
 
 

@@ -243,6 +243,8 @@ class Transformer:
         self._matrices = [tensors[s.mat] for s in self.plan if s.op == "matmul"]
         self.busy = Exclusive()
         self._ran = False
+        self._rows_logits = None       # decode_rows' logits f32[rows, V], allocated on first use
+        self.last_lookup = None        # the last generation's generate.PromptLookup (its counts)
 
     def _tables(self, seq_len, n):
         """cos/sin f32[n, R * rot/2]: table 0 (rope_theta with its scaling) and, for Gemma 3, table
@@ -357,6 +359,23 @@ class Transformer:
         h = self.forward(s.ids[:1])                                     # [1, D] (a contiguous row)
         self._head(h, s.logits)                                         # [1, D] -> [1, V]
         return s.logits[0]
+
+    def decode_rows(self, ids) -> np.ndarray:
+        """Logits f32[M, V] of M = len(ids) new tokens at positions cache.pos.. in one pass (a
+        speculative decoding verify pass): row m is, bit for bit, what decode() of ids[m] would
+        return after ids[:m] (kernels/executor.py; tests/test_decode_exact.py). A buffer reused
+        by the next call (nothing allocated per pass once it is big enough)."""
+        M = len(ids)
+        s = self.state
+        if M > s.rows or self.rope_depends_on_length(self.cache.pos + M):
+            return self.all_logits(ids)                                 # (callers avoid both)
+        if self._rows_logits is None or self._rows_logits.shape[0] < M:
+            self._rows_logits = np.zeros((max(M, 8), self.cfg.vocab_size), np.float32)
+        s.ids[:M] = ids
+        h = self.forward(s.ids[:M])                                     # [M, D]
+        out = self._rows_logits[:M]
+        self._head(h if h.flags.c_contiguous else np.ascontiguousarray(h), out)   # [M, D] -> [M, V]
+        return out
 
     def all_logits(self, ids) -> np.ndarray:
         """Logits f32[len(ids), V] for every position of ids, on top of the current cache."""

@@ -104,7 +104,7 @@ class Worker:
         self.q.put(None)
 
 
-_SAMPLING = {"top_k", "min_p", "repetition_penalty"}
+_SAMPLING = {"top_k", "min_p", "repetition_penalty", "speculative"}   # (speculative: a minilm extension)
 
 
 def find_surrogate(x, where: str = "", depth: int = 0):
@@ -197,8 +197,9 @@ class _HeaderLimit:
 
 
 def create_app(model, api_key: str | None = None, name: str | None = None, max_body: int = MAX_BODY,
-               max_headers: int = MAX_HEADERS):
-    """The FastAPI app serving `model` (an `LM`)."""
+               max_headers: int = MAX_HEADERS, speculative: bool = True):
+    """The FastAPI app serving `model` (an `LM`). speculative: the default of a request's
+    `speculative` field (prompt-lookup speculative decoding, minilm/generate.py)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -297,6 +298,7 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
                 if "messages" not in body:
                     raise RequestError("messages: required", "messages")
                 kw, stream, usage = _gen_args(body, None)
+                kw.setdefault("speculative", speculative)
                 kw.update(_constraint_args(body, "chat"))
                 p = prepare_chat(model, body["messages"], **kw)
                 make = lambda cancel: chat_completion_from(p, name, stream, usage, cancel)
@@ -304,6 +306,7 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
                 if "prompt" not in body:
                     raise RequestError("prompt: required", "prompt")
                 kw, stream, usage = _gen_args(body, 16)
+                kw.setdefault("speculative", speculative)
                 kw.update(_constraint_args(body, "completion"))
                 p = prepare_completion(model, body["prompt"], **kw)
                 make = lambda cancel: completion_from(p, name, stream, usage, cancel)
@@ -423,13 +426,14 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
 
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          name: str | None = None, log_level: str = "info", max_body: int = MAX_BODY) -> None:
+          name: str | None = None, log_level: str = "info", max_body: int = MAX_BODY,
+          speculative: bool = True) -> None:
     """Run the server until interrupted."""
     try:
         import uvicorn
     except ImportError:
         raise SystemExit("minilm serve needs the server extra: pip install 'minilm[server]'") from None
-    app = create_app(model, api_key=api_key, name=name, max_body=max_body)
+    app = create_app(model, api_key=api_key, name=name, max_body=max_body, speculative=speculative)
     # h11 (pure Python, always installed with uvicorn) enforces a limit on the request line and
     # headers; the app's middleware checks them again.
     uvicorn.run(app, host=host, port=port, log_level=log_level, http="h11",
