@@ -59,6 +59,12 @@ OP_GELU_MUL = 13   # dst[:F] = gelu_tanh(src[:F]) * src[F:2F], F = I0 (Gemma) ta
 OP_CONV = 14       # LFM2 gated short conv: src = [B | C | x] rows, hist = table mat  tasks: 1 (M = 1), channel blocks
 N_OPS = 15
 
+# A pass of at most SERIAL_ROWS tokens (decode, a speculative verify pass) runs each per-token
+# step (norms, quantizers, element-wise ops, merges) as one task looping over its tokens, so
+# consecutive ones share one phase and one barrier as in decode; the arithmetic per token is
+# the same either way. A barrier costs most on a loaded machine (a descheduled thread).
+SERIAL_ROWS = 16
+
 # step table columns
 S_OP, S_DST, S_SRC, S_SRC2, S_MAT, S_W, S_B, S_LAYER, S_I0 = range(9)
 S_COLS = 9
@@ -382,13 +388,21 @@ def _ntasks(steps, s, mtab, M, p0, nt, nparts, H):
             return nt
         return min((mtab[steps[s, S_MAT], M_N] + 3) // 4, 4 * nt)
     if op == OP_QUANT:
-        return M if _is_quantized(mtab[steps[s, S_MAT], M_FMT]) else 0
+        return (1 if M <= SERIAL_ROWS else M) if _is_quantized(mtab[steps[s, S_MAT], M_FMT]) else 0
     if op == OP_ATTEND:                      # tasks past the last token's splits: none
         _, ns, _ = decode_splits(p0 + M - 1, steps[s, S_I0], nparts)
         return ((M - 1) * nparts + ns) * H
     if op == OP_CONV:
-        return 1 if M == 1 else nt
-    return M
+        return 1 if M <= SERIAL_ROWS else nt
+    return 1 if M <= SERIAL_ROWS else M      # per-token steps
+
+
+@njit(**_J)
+def _one_task_rows(steps, s, M):
+    """How many tokens the one task of a one-task step runs: all M for a per-token step of a
+    short pass (M <= SERIAL_ROWS), else 1 (a matrix, attention or conv step's single task)."""
+    op = steps[s, S_OP]
+    return 1 if op == OP_MATMUL or op == OP_ATTEND or op == OP_CONV else M
 
 
 @njit(**_J)
@@ -472,7 +486,7 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc,
         j = steps[s, S_MAT]
         D = mtab[j, M_COLS]
         hist = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], D))
-        n = 1 if M == 1 else nt
+        n = 1 if M <= SERIAL_ROWS else nt
         _conv_rows(_buf(btab, steps[s, S_SRC], M), hist, _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
                    steps[s, S_I0], p0, M, _buf(btab, steps[s, S_DST], M), k * D // n, (k + 1) * D // n)
     elif op == OP_ADD_ROWS:
@@ -518,8 +532,9 @@ def run_plan(fs, steps, fpar, btab, mtab, vtab, M, p0, cos, sin, kc, vc, XQ, XD,
                 if _take(ctr, ph, 1) == 0:
                     for s2 in range(s, e):
                         if _ntasks(steps, s2, mtab, M, p0, nt, nparts, H) == 1:
-                            _task(fs, steps, fpar, s2, 0, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc, vc,
-                                  XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
+                            for k in range(_one_task_rows(steps, s2, M)):
+                                _task(fs, steps, fpar, s2, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc,
+                                      vc, XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
                     _finish(ctr, ph)
                 _wait(ctr, ph, 1)
                 s = e
