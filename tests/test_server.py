@@ -125,6 +125,15 @@ def test_completion_equals_in_process(server):
     assert "".join(c.choices[0].text for c in s) == want
 
 
+def test_speculative_field(stories):
+    """"speculative": false in a request body (a minilm extension) turns it off; same answer."""
+    want = stories.model.create_completion("Once upon a time", max_tokens=24, temperature=0)["choices"][0]["text"]
+    for flag in (False, True):
+        r = stories.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0,
+                                             "speculative": flag})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+
+
 # ---- load ------------------------------------------------------------------------------------
 def test_concurrent_clients_get_complete_correct_answers(stories):
     """8 clients x 6 requests at once, streamed and not: each answer equals its own in-process
@@ -203,6 +212,7 @@ LONG = "the cat sat on the mat " * 400
     ("/v1/completions", {"prompt": LONG}, 400, "prompt", "context_length_exceeded"),
     ("/v1/completions", {"prompt": {"a": 1}}, 400, "prompt", None),
     ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", None),
+    ("/v1/completions", {"prompt": "hi", "speculative": "no"}, 400, "speculative", None),
     ("/v1/completions", {"prompt": "x" * (1 << 20)}, 413, None, "request_too_large"),
 ])
 def test_bad_requests(stories, path, body, status, param, code):
