@@ -75,10 +75,12 @@ M_COLS_N = 7
 # format ids (quant.FORMATS[name].fid); from F_RAW on: ggml's other formats as raw bytes
 F_F32, F_F16, F_BF16, F_Q8_0, F_Q4_0, F_RAW = range(6)
 
-# Up to this many rows, the per-row steps (norms, activation quantization, RoPE and cache
-# writes, element-wise ops) run as one task over all rows, so consecutive ones form one phase
-# without barriers in between, as in a decode step (a batched-decode pass has no more phases).
-ONE_TASK_ROWS = 8
+# Up to this many rows (decode, a batched-decode pass, a speculative verify pass), the per-row
+# steps (norms, activation quantization, RoPE and cache writes, element-wise ops, LFM2's conv)
+# run as one task over all rows, so consecutive ones form one phase without barriers in
+# between, as in a decode step; the arithmetic per row is the same either way. A barrier costs
+# most on a loaded machine (a descheduled thread).
+ONE_TASK_ROWS = 16
 
 
 @intrinsic
@@ -400,7 +402,7 @@ def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
         _, ns, _ = decode_splits(pos[M - 1], steps[s, S_I0], nparts)
         return ((M - 1) * nparts + ns) * H
     if op == OP_CONV:
-        return 1 if M == 1 else nt
+        return 1 if M <= ONE_TASK_ROWS else nt
     return 1 if M <= ONE_TASK_ROWS else M      # per-row steps
 
 
@@ -496,7 +498,7 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, s
         j = steps[s, S_MAT]
         D = mtab[j, M_COLS]
         hist = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], D))
-        n = 1 if M == 1 else nt
+        n = 1 if M <= ONE_TASK_ROWS else nt
         _conv_rows(_buf(btab, steps[s, S_SRC], M), hist, _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
                    steps[s, S_I0], pos, slot, kc.shape[3], M, _buf(btab, steps[s, S_DST], M), k * D // n,
                    (k + 1) * D // n)

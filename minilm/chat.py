@@ -21,6 +21,7 @@ An `LM` is not thread-safe: one generation at a time (the server queues requests
 """
 from __future__ import annotations
 
+import functools
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -237,13 +238,14 @@ class Prepared:
     stop_ids: list[int] = field(default_factory=list)
     constraint: object = None        # minilm.constrain.Constraint: the output must match it
     tools: object = None             # ToolSetup: parse tool calls from the answer
+    speculative: bool = True         # prompt-lookup speculative decoding (minilm/generate.py)
 
     def run(self, cancel=None, source=None) -> "Generation":
         return Generation(self, cancel, source)
 
 
 def prepare(model, ids, max_tokens, temperature, top_p, stop, seed, extra_stop=(), stop_ids=(),
-            top_k=0, min_p=0.0, repetition_penalty=1.0, prompt_param="messages") -> Prepared:
+            top_k=0, min_p=0.0, repetition_penalty=1.0, prompt_param="messages", speculative=True) -> Prepared:
     """Validate the generation arguments against the model and the prompt length."""
     n_ctx = model.n_ctx
     if max_tokens is not None:
@@ -265,6 +267,8 @@ def prepare(model, ids, max_tokens, temperature, top_p, stop, seed, extra_stop=(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise RequestError(f"seed={seed!r}: must be an integer >= 0", "seed")
     stop = check_stop(stop)
+    if not isinstance(speculative, bool):
+        raise RequestError(f"speculative={speculative!r}: must be true or false", "speculative")
     if not ids:
         raise RequestError(f"{prompt_param}: the prompt is empty (no tokens)", prompt_param)
     if len(ids) >= n_ctx:
@@ -276,19 +280,21 @@ def prepare(model, ids, max_tokens, temperature, top_p, stop, seed, extra_stop=(
     sampling = dict(temperature=temperature, top_k=int(top_k), top_p=top_p, min_p=min_p,
                     repetition_penalty=repetition_penalty, seed=None if seed is None else int(seed))
     return Prepared(model, list(ids), max_tokens, sampling,
-                    stop + [s for s in extra_stop if s not in stop], list(stop_ids))
+                    stop + [s for s in extra_stop if s not in stop], list(stop_ids), speculative=speculative)
 
 
 class Generation:
     """Iterate for the text pieces; afterwards `finish_reason` ('stop' | 'length', or 'cancelled'
     when `cancel` — a threading.Event — was set), `prompt_tokens`, `completion_tokens`, `text`.
     source: what produces the token ids, with generate_tokens' arguments (default: generate_tokens
-    itself; the server's batched scheduler passes its own)."""
+    itself, with the request's `speculative`; the server's batched scheduler passes its own)."""
 
     def __init__(self, p: Prepared, cancel=None, source=None):
         self.p = p
         self.cancel = cancel
-        self.source = source or generate_tokens
+        # the library's own generation speculates when asked; the server's scheduler advances
+        # each of its sequences one token per batched step
+        self.source = source or functools.partial(generate_tokens, speculative=p.speculative)
         self.prompt_tokens = len(p.ids)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
@@ -474,8 +480,8 @@ def chat(model, messages, max_tokens: int | None = None, temperature: float = DE
     """Answer a conversation: `messages` = [{"role": "system"|"user"|"assistant"|"tool",
     "content": str}, ...]. Returns the assistant's text, or with stream=True an iterator of text
     pieces. max_tokens=None: up to the end of the context. Greedy when temperature == 0.
-    Extra sampling keywords: top_k, min_p, repetition_penalty. Raises RequestError (a ValueError)
-    naming the bad argument."""
+    Extra keywords: top_k, min_p, repetition_penalty, speculative (False: no speculative
+    decoding). Raises RequestError (a ValueError) naming the bad argument."""
     g = prepare_chat(model, messages, max_tokens, temperature, top_p, stop, seed, **sampling).run()
     return iter(g) if stream else "".join(g)
 

@@ -19,7 +19,7 @@ def cmd_generate(args) -> int:
     model = load_model(args)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
-              seed=args.seed, stop=args.stop or None)
+              seed=args.seed, stop=args.stop or None, speculative=not args.no_speculative)
     if args.stream:
         for piece in model.generate(args.prompt, stream=True, **kw):
             sys.stdout.write(piece)
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--stream", action="store_true", help="print tokens as they come")
+    cli_chat.add_speculative_arg(g)
     g.set_defaults(func=cmd_generate)
 
     for m in (cli_chat, cli_quant, cli_bench, cli_export):     # subcommands that live with their features

@@ -15,11 +15,17 @@ def _common(p):
     add_model_args(p, quant_help="weight format, e.g. f32 (default), int8, int4")
 
 
+def add_speculative_arg(p):
+    p.add_argument("--no-speculative", action="store_true",
+                   help="no prompt-lookup speculative decoding (same output, may be slower)")
+
+
 def add_subcommands(subparsers) -> None:
     """Add `chat` and `serve` to an argparse subparsers object."""
     c = subparsers.add_parser("chat", help="interactive chat in the terminal",
                               description="Chat with a model in the terminal. " + HELP + ".")
     _common(c)
+    add_speculative_arg(c)
     c.add_argument("--system", default=None, help="system message")
     c.add_argument("--max-tokens", type=positive_int, default=None,
                    help="longest answer in tokens (default: up to the end of the context)")
@@ -55,7 +61,7 @@ def _load(args):
 
 # ---- chat ------------------------------------------------------------------------------------
 def chat_loop(model, system=None, max_tokens=None, temperature=0.7, top_p=1.0, seed=None,
-              read=input, out=None) -> int:
+              read=input, out=None, speculative=True) -> int:
     """The interactive loop: read a line, stream the answer, keep the history."""
     from .chat import RequestError, model_id, prepare_chat
     out = out or sys.stdout
@@ -96,7 +102,7 @@ def chat_loop(model, system=None, max_tokens=None, temperature=0.7, top_p=1.0, s
         while True:
             try:
                 p = prepare_chat(model, head + history, max_tokens=max_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed)
+                                 top_p=top_p, seed=seed, speculative=speculative)
                 break
             except RequestError as e:
                 if e.code == "context_length_exceeded" and len(history) > 2:
@@ -134,7 +140,8 @@ def cmd_chat(args) -> int:
             pass
     from .chat import RequestError
     try:
-        return chat_loop(model, args.system, args.max_tokens, args.temperature, args.top_p, args.seed)
+        return chat_loop(model, args.system, args.max_tokens, args.temperature, args.top_p, args.seed,
+                         speculative=not args.no_speculative)
     except RequestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -60,17 +60,28 @@ def check_room(model, prompt_ids, max_new_tokens) -> None:
             f"> n_ctx={n_ctx}")
 
 
+def check_speculative(speculative) -> bool:
+    if not isinstance(speculative, bool):
+        raise ValueError(f"speculative={speculative!r}: must be True or False")
+    return speculative
+
+
 def generate_tokens(model, prompt_ids: list[int], max_new_tokens: int, sampler: Sampler,
-                    eos_ids=(), ignore_eos=False, constraint=None) -> Iterator[int]:
+                    eos_ids=(), ignore_eos=False, constraint=None, speculative=True) -> Iterator[int]:
     """Yield new token ids. Reuses the cached prefix shared with the previous call. Holds the
     model (net.busy) from the first token to the last: concurrent generations on one model run
     one after the other, never interleaved.
     constraint: a `minilm.constrain.ConstraintState` (or None): masks the logits before every
-    token (EOS only where the grammar accepts) and ends the generation once the grammar is done."""
+    token (EOS only where the grammar accepts) and ends the generation once the grammar is done.
+    speculative: draft tokens by prompt lookup and verify them in one pass (`PromptLookup`); the
+    tokens are the same as without (greedy: identical; sampling: the same distribution). Off
+    under a constraint (the grammar masks each position from the tokens before it)."""
     net = model.net
+    check_speculative(speculative)
     with net.busy:
         check_room(model, prompt_ids, max_new_tokens)
-        yield from _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint)
+        yield from _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint,
+                             speculative and constraint is None)
 
 
 def reuse_prefix(net, cache, prompt_ids) -> int:
@@ -99,12 +110,16 @@ class TokenChooser:
         self.left = max_new_tokens
         self.n_ctx = n_ctx
 
-    def choose(self, logits) -> int | None:
+    def choose(self, logits, draft: int | None = None) -> int | None:
+        """draft: a speculative draft token these logits were computed after (Sampler.verify
+        keeps it with its probability: the same distribution as sampling; greedy: the argmax)."""
         if self.left <= 0:
             return None
         self.left -= 1
         c = self.constraint
-        if c is None:
+        if c is None and draft is not None:
+            tok = self.sampler.verify(logits, self.history, draft)
+        elif c is None:
             tok = self.sampler(logits, self.history)
         else:
             tok = c.pick_allowed(self.sampler(c.mask(logits), self.history))
@@ -118,16 +133,101 @@ class TokenChooser:
         return tok
 
 
-def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint=None):
+class PromptLookup:
+    """Draft tokens for speculative decoding by prompt lookup (no draft model): the tokens that
+    followed the most recent earlier occurrence of the text's last n tokens (n = 3, then 2, 1),
+    in the prompt and the generated text, as an index of n-grams -> where their follower is.
+
+    How many to draft (k) adapts: +2 after a draft accepted whole (up to K_MAX), -1 after one
+    cut short. A draft of which nothing was accepted also pauses drafting for `backoff` tokens,
+    doubling each time (up to 64) until a draft is accepted again, so text the lookup does not
+    predict runs as plain decoding at (almost) no cost. `proposed` / `accepted` count drafted
+    tokens, `passes` the verify passes."""
+    N = 3
+    K_MAX = 12
+    BACKOFF_MAX = 64
+
+    def __init__(self, ids: list[int]):
+        self.ids = ids                      # the text so far (the caller appends to it)
+        self.index: list[dict] = [{} for _ in range(self.N)]   # n-gram (n = 1..N) -> follower position
+        self.done = 0                       # followers ids[:done] are indexed
+        self.k, self.pause, self.backoff = 4, 0, 1
+        self.proposed = self.accepted = self.passes = 0
+
+    def draft(self, limit: int) -> list[int]:
+        """Up to min(k, limit) tokens that may follow the text (empty: decode plainly)."""
+        if self.pause > 0:
+            self.pause -= 1
+            return []
+        ids, L = self.ids, len(self.ids)
+        for i in range(max(self.done, 1), L):           # index the followers added since
+            for n in range(1, min(self.N, i) + 1):
+                self.index[n - 1][tuple(ids[i - n:i])] = i
+        self.done = L
+        k = min(self.k, limit)
+        if k <= 0:
+            return []
+        for n in range(min(self.N, L - 1), 0, -1):
+            i = self.index[n - 1].get(tuple(ids[L - n:]))
+            if i is not None:
+                return ids[i:i + k]
+        return []
+
+    def result(self, drafted: int, accepted: int) -> None:
+        """Adapt k and the pause to how many of `drafted` tokens were accepted."""
+        self.proposed += drafted
+        self.accepted += accepted
+        if accepted == drafted:
+            self.k = min(self.K_MAX, self.k + 2)
+        else:
+            self.k = max(1, self.k - 1)
+        if accepted == 0:
+            self.pause = self.backoff
+            self.backoff = min(self.BACKOFF_MAX, 2 * self.backoff)
+        else:
+            self.backoff = 1
+
+
+def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint=None, speculative=False):
     cache = net.cache
     keep = reuse_prefix(net, cache, prompt_ids)
     logits = net.prefill(prompt_ids[keep:])
     ch = TokenChooser(prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint, cache.n_ctx)
-    while (tok := ch.choose(logits)) is not None:
-        yield tok
-        if ch.left == 0:
-            return
-        logits = net.decode(tok)
+    history = ch.history                    # the text so far (the chooser appends each token)
+    spec = PromptLookup(history) if speculative else None
+    net.last_lookup = spec                  # its counts, for `minilm bench` and the tests
+    pending: list = []      # [(drafted token, logits after it)] of the last verify pass, in order
+    drafted = 0             # tokens in that pass's draft
+    try:
+        while (tok := ch.choose(logits, pending[0][0] if pending else None)) is not None:
+            yield tok
+            if ch.left == 0:
+                return
+            if pending:
+                if pending[0][0] == tok:           # drafted and accepted: its pass gave the next logits
+                    logits = pending.pop(0)[1]
+                    if not pending:
+                        spec.result(drafted, drafted)
+                    continue
+                spec.result(drafted, drafted - len(pending))
+                pending = []
+                cache.truncate(len(history) - 1)   # forget the rejected draft (tok is not in the cache)
+            # a draft of at most the tokens still wanted after the next one, within n_ctx
+            limit = min(ch.left - 1, cache.n_ctx - len(history), net.state.rows - 1)
+            draft = spec.draft(limit) if spec is not None else []
+            if draft and net.rope_depends_on_length(len(history) + len(draft)):
+                draft = []                         # RoPE would change with the length: decode plainly
+            if not draft:
+                logits = net.decode(tok)
+                continue
+            spec.passes += 1
+            rows = net.decode_rows([tok, *draft])  # [1 + len(draft), V]: row j follows draft[j - 1]
+            logits = rows[0]
+            pending = list(zip(draft, rows[1:]))
+            drafted = len(draft)
+    finally:
+        if pending:                                # stopped inside a draft: keep only what was used
+            cache.truncate(cache.common_prefix(history))
 
 
 class TextStream:

@@ -6,7 +6,7 @@ from typing import Iterator
 import numpy as np
 
 from .config import Config
-from .generate import TextStream, check_generate_args, check_room, generate_tokens
+from .generate import TextStream, check_generate_args, check_room, check_speculative, generate_tokens
 from .model import Transformer
 from .sampling import Sampler
 
@@ -72,7 +72,8 @@ class LM:
     def generate(self, prompt, max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
                  seed: int | None = None, stop=None, stream: bool = False, ignore_eos: bool = False,
-                 json_schema=None, regex: str | None = None, grammar: str | None = None):
+                 json_schema=None, regex: str | None = None, grammar: str | None = None,
+                 speculative: bool = True):
         """Continue `prompt` (text, or a list of token ids). Greedy when temperature == 0.
 
         Returns the new text, or with stream=True an iterator of text pieces that concatenate to
@@ -86,20 +87,27 @@ class LM:
         without maxLength / maxItems are bounded to fit the budget (`constrain.bound_schema`).
         A bad schema / regex / grammar raises
         `minilm.constrain.ConstraintError` (a ValueError) naming the argument.
+
+        speculative: draft tokens from the prompt and the text so far and check them in one pass
+        (minilm/generate.py `PromptLookup`): the same tokens as without it (greedy) or the same
+        distribution (sampling), faster where the text repeats what it has seen; off under a
+        constraint. False turns it off.
         """
         for name, v in (("stream", stream), ("ignore_eos", ignore_eos)):
             if not isinstance(v, bool):
                 raise ValueError(f"{name}={v!r}: must be True or False")
         pieces = self._generate(prompt, max_new_tokens, temperature, top_k, top_p, min_p,
-                                repetition_penalty, seed, stop, ignore_eos, json_schema, regex, grammar)
+                                repetition_penalty, seed, stop, ignore_eos, json_schema, regex, grammar,
+                                speculative)
         return pieces if stream else "".join(pieces)
 
     def _generate(self, prompt, max_new_tokens, temperature, top_k, top_p, min_p,
                   repetition_penalty, seed, stop, ignore_eos, json_schema=None, regex=None,
-                  grammar=None) -> Iterator[str]:
+                  grammar=None, speculative=True) -> Iterator[str]:
         # validate eagerly (before the caller starts iterating)
         stop = check_generate_args(max_new_tokens, stop, seed=seed, temperature=temperature, top_k=top_k,
                                    top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+        check_speculative(speculative)
         ids = self.encode_prompt(prompt)
         check_room(self, ids, max_new_tokens)
         state = None
@@ -107,7 +115,8 @@ class LM:
             from .constrain import compile_constraint
             state = compile_constraint(self, json_schema, regex, grammar, max_tokens=max_new_tokens).start()
         sampler = Sampler(self.config.vocab_size, temperature, top_k, top_p, min_p, repetition_penalty, seed)
-        toks = generate_tokens(self, ids, max_new_tokens, sampler, self.eos_token_ids, ignore_eos, state)
+        toks = generate_tokens(self, ids, max_new_tokens, sampler, self.eos_token_ids, ignore_eos, state,
+                               speculative)
         # under a constraint the grammar decides where the text ends (stop strings could cut it)
         return self._stream(toks, TextStream(self.tokenizer, ids, [] if state is not None else stop), state)
 
@@ -130,7 +139,8 @@ class LM:
             warnings.warn(f"{state.c.param}: max_new_tokens ran out before the output was complete; "
                           f"the text is a valid prefix, not a full match", IncompleteOutputWarning, stacklevel=2)
 
-    def generate_ids(self, prompt, max_new_tokens: int = 128, ignore_eos: bool = False, **sampling) -> list[int]:
+    def generate_ids(self, prompt, max_new_tokens: int = 128, ignore_eos: bool = False, speculative: bool = True,
+                     **sampling) -> list[int]:
         """Like generate() but returns the new token ids (no stop strings)."""
         unknown = set(sampling) - {"seed", "temperature", "top_k", "top_p", "min_p", "repetition_penalty"}
         if unknown:
@@ -139,7 +149,7 @@ class LM:
         seed = sampling.pop("seed", None)
         sampler = Sampler(self.config.vocab_size, seed=seed, **sampling)
         return list(generate_tokens(self, self.encode_prompt(prompt), max_new_tokens, sampler,
-                                    self.eos_token_ids, ignore_eos))
+                                    self.eos_token_ids, ignore_eos, speculative=speculative))
 
     # ---- helpers ---------------------------------------------------------------------------
     def encode_prompt(self, prompt) -> list[int]:

@@ -247,6 +247,7 @@ class Transformer:
         self._matrices = [tensors[s.mat] for s in self.plan if s.op == "matmul"]
         self.busy = Exclusive()
         self._ran = False
+        self.last_lookup = None        # the last generation's generate.PromptLookup (its counts)
 
     def _lower(self):
         """The plan's tables; LFM2's conv histories point into the cache (all slots' rows)."""
@@ -491,6 +492,27 @@ class Transformer:
     def length_dependent_rope(self) -> bool:
         """RoPE tables that change with the sequence length (dynamic NTK, LongRoPE)."""
         return bool(self._long_from or self._dynamic)
+
+    def decode_rows(self, ids, slot: int = 0) -> np.ndarray:
+        """Logits f32[M, V] of M = len(ids) new tokens at positions cache.pos.. of slot `slot` in one pass (a
+        speculative decoding verify pass): row m is, bit for bit, what decode() of ids[m] would
+        return after ids[:m] (kernels/executor.py; tests/test_decode_exact.py). A buffer reused
+        by the next call (nothing allocated per pass once it is big enough)."""
+        M = len(ids)
+        s = self.state
+        cache = self.cache.slots[slot]
+        if M > s.rows or self.rope_depends_on_length(cache.pos + M) or self._needs_restart(cache):
+            if slot != 0:
+                raise ValueError("decode_rows: a pass longer than state.rows, or a length-dependent RoPE, "
+                                 "runs on slot 0 only")
+            return self.all_logits(ids)                                 # (callers avoid both)
+        if s.batch_logits.shape[0] < M:
+            s.batch_logits = np.zeros((M, self.cfg.vocab_size), np.float32)
+        s.ids[:M] = ids
+        h = self.forward(s.ids[:M], 0, slot)                            # [M, D]
+        out = s.batch_logits[:M]
+        self._head(h if h.flags.c_contiguous else np.ascontiguousarray(h), out)   # [M, D] -> [M, V]
+        return out
 
     def all_logits(self, ids) -> np.ndarray:
         """Logits f32[len(ids), V] for every position of ids, on top of the current cache."""

@@ -152,7 +152,25 @@ class Sampler:
         x = self._check_logits(logits)
         if self.temperature == 0.0:
             return self._argmax(x if self.penalty == 1.0 else self._penalized(x, history))
+        return self._draw(self._probs(self._penalized(x, history)))
+
+    def verify(self, logits: np.ndarray, history, draft: int) -> int:
+        """The next token when a deterministic drafter proposed `draft` for it (speculative
+        decoding, minilm/generate.py). Greedy: the argmax, exactly as __call__. Sampling, with p
+        the final distribution (`distribution`): `draft` with probability p(draft), otherwise a
+        token drawn from p without `draft`, renormalized; so the token is distributed as p,
+        whatever was drafted (speculative sampling's rule for a one-hot proposal)."""
+        x = self._check_logits(logits)
+        if self.temperature == 0.0:
+            return self(x, history)
         p = self._probs(self._penalized(x, history))
+        if self.rng.random() < p[draft]:
+            return int(draft)
+        p[draft] = 0.0                  # p(draft) < 1 here, so some other token has mass
+        return self._draw(p)
+
+    def _draw(self, p: np.ndarray) -> int:
+        """A token drawn from the weights p f64[V] (not necessarily summing to 1)."""
         support = np.flatnonzero(p)                                  # int64[n]: the tokens left
         cdf = np.cumsum(p if len(support) == len(p) else p[support])   # f64[n]
         i = min(int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right")), len(support) - 1)

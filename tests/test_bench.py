@@ -58,7 +58,7 @@ def test_files_written(bench_out):
     assert (bench_out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (bench_out / "results.md").read_text()
     for head in ("file MB", "bits/w", "load s", "peak RSS MiB", "TTFT ms", "prefill tok/s", "decode tok/s",
-                 "GB/s", "% of bw", "PPL", "KL mean", "top-1 %"):
+                 "GB/s", "% of bw", "spec accept %", "spec x grounded", "spec x free", "PPL", "KL mean", "top-1 %"):
         assert head in md, head
     assert "| minilm | int8 |" in md
 
@@ -77,6 +77,9 @@ def test_rows_complete_and_finite(bench_out):
             assert isinstance(v, (int, float)) and math.isfinite(v) and v > 0, (r["quant"], k, v)
         assert r["prefill_min"] <= r["prefill_tok_s"] <= r["prefill_max"]
         assert r["decode_min"] <= r["decode_tok_s"] <= r["decode_max"]
+        for k in ("spec_x_grounded", "spec_x_free", "plain_free_tok_s", "spec_grounded_tok_s"):   # speculative
+            assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (r["quant"], k, r[k])
+        assert 0 <= r["spec_accept_pct"] <= 100
         assert math.isfinite(r["kl_mean"]) and r["kl_mean"] >= 0
         assert r["quality_positions"] == meta["quality_positions"]
     f32, i8 = rows

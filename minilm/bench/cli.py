@@ -171,7 +171,7 @@ def run(args) -> int:
     V = cfg.vocab_size
     max_pos = cfg.max_position_embeddings
     ctx = args.ctx or min(max_pos, 512)
-    speed_len = args.prompt_tokens + args.new_tokens + 1
+    speed_len = max(args.prompt_tokens, 32) + 16 + args.new_tokens + 2   # the grounded speculative prompt
     if cfg.learned_pos and max(ctx, speed_len) > max_pos:
         raise ValueError(f"this model has {max_pos} learned positions: --ctx {ctx} / prompt+new "
                          f"{speed_len} must fit")
@@ -196,6 +196,13 @@ def run(args) -> int:
         if wins:
             qual = {"windows": wins, "positions": sum(len(w) - 1 for w in wins), "ctx": ctx}
     prompt_ids = speed_prompt(V, args.prompt_tokens)
+    # speculative decoding columns: a grounded prompt (a passage of the text, then its start
+    # again: the continuation can copy it) and a free one (the text's start alone)
+    n_pass = max(args.prompt_tokens, 32)
+    passage = [i for i in tok.encode(text[:n_pass * 16], add_special_tokens=False) if i < V][:n_pass]
+    spec_prompts = {"grounded": passage + passage[:16], "free": passage[:16]} if len(passage) >= 32 else None
+    if spec_prompts is None:
+        notes.append("the text gives fewer than 32 tokens: no speculative decoding columns")
 
     import numba
     threads = args.threads or numba.config.NUMBA_NUM_THREADS
@@ -222,7 +229,8 @@ def run(args) -> int:
     rows: list[dict] = []
     tmp = Path(tempfile.mkdtemp(prefix="minilm-bench-"))
     base = {"model": str(folder), "threads": args.threads, "n_ctx": n_ctx, "prompt_ids": prompt_ids,
-            "new_tokens": args.new_tokens, "runs": args.runs, "llama_bench": llama_bench}
+            "new_tokens": args.new_tokens, "runs": args.runs, "llama_bench": llama_bench,
+            "spec_prompts": spec_prompts}
     if qual:
         base["quality"] = dict(qual, ref=str(tmp / "f32_logprobs.npy"))
 

@@ -526,6 +526,9 @@ def measure_driven(engine, spec: dict) -> dict:
         row["peak_rss_mb"] = peak_rss_mb()
         row.update(engine.describe())
         row["decode_gb_s"] = timing.gb_s(row.get("bytes_per_token"), row["decode_tok_s"])
+        if engine.engine == "minilm" and spec.get("spec_prompts"):
+            row.update(timing.speculation(engine.model, {k: [i % V for i in v] for k, v in spec["spec_prompts"].items()},
+                                          spec["new_tokens"], spec["runs"]))
     qs = spec.get("quality")
     if qs and (engine.engine == "minilm" or Path(qs["ref"]).exists()):
         row.update(quality.score(engine.window_logits, qs, V, desc=f"{engine.engine} {spec['quant']} quality"))

@@ -14,6 +14,8 @@ COLUMNS = [  # (key, header, format)
     ("start_to_first_token_s", "start->1st s", "{:.2f}"),
     ("prefill", "prefill tok/s (min-max)", None), ("decode", "decode tok/s (min-max)", None),
     ("decode_gb_s", "GB/s", "{:.2f}"), ("pct_of_bw", "% of bw", "{:.0f}"),
+    ("spec_accept_pct", "spec accept %", "{:.0f}"), ("spec_x_grounded", "spec x grounded", "{:.2f}"),
+    ("spec_x_free", "spec x free", "{:.2f}"),
     ("ppl", "PPL", "{:.3f}"), ("kl_mean", "KL mean", "{:.4g}"), ("top1_agree_pct", "top-1 %", "{:.1f}"),
     ("version", "version", "{}"), ("config", "configuration that ran", "{}"), ("note", "note", "{}"),
 ]

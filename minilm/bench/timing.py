@@ -65,6 +65,48 @@ def time_loop(engine: Steppable, prompt_ids: list[int], new_tokens: int, runs: i
     return out
 
 
+def speculation(model, prompts: dict, new_tokens: int, runs: int) -> dict:
+    """Prompt-lookup speculative decoding against plain decoding (minilm only): for each prompt
+    (name -> ids; "grounded" continues a passage that is in the prompt, "free" does not), greedy
+    decode tok/s with and without it, the two interleaved in every run (the machine's drift hits
+    both alike); medians. Columns: spec_accept_pct (drafted tokens accepted, grounded),
+    spec_x_<name> (median speculative / median plain decode tok/s), spec_<name>_tok_s /
+    plain_<name>_tok_s."""
+    from ..generate import generate_tokens
+    from ..sampling import Sampler
+
+    def one(ids, speculative):
+        model.reset()
+        it = generate_tokens(model, ids, new_tokens + 1, Sampler(model.config.vocab_size),
+                             model.eos_token_ids, ignore_eos=True, speculative=speculative)
+        next(it)                                       # the prompt's token: prefill, not timed
+        t = time.perf_counter()
+        n = sum(1 for _ in it)
+        return n / (time.perf_counter() - t), model.net.last_lookup
+
+    out: dict = {}
+    bar = progress(total=runs * len(prompts), desc="speculative", unit="run")
+    for name, ids in prompts.items():
+        plain, spec, prop, acc = [], [], 0, 0
+        for _ in range(runs):
+            plain.append(one(ids, False)[0])
+            s, lk = one(ids, True)
+            spec.append(s)
+            prop, acc = prop + lk.proposed, acc + lk.accepted
+            bar.update(1)
+        out[f"plain_{name}_tok_s"] = float(statistics.median(plain))
+        out[f"spec_{name}_tok_s"] = float(statistics.median(spec))
+        out[f"spec_x_{name}"] = out[f"spec_{name}_tok_s"] / out[f"plain_{name}_tok_s"]
+        out[f"spec_{name}_samples"] = [float(x) for x in spec]
+        out[f"plain_{name}_samples"] = [float(x) for x in plain]
+        out[f"spec_{name}_accept_pct"] = 100.0 * acc / prop if prop else 0.0
+    bar.close()
+    model.reset()
+    if "grounded" in prompts:
+        out["spec_accept_pct"] = out["spec_grounded_accept_pct"]
+    return out
+
+
 def gb_s(bytes_per_token: int | float | None, tok_s: float | None) -> float | None:
     """Weight bytes streamed per second at tok_s decode tokens/s (GB = 1e9 bytes)."""
     if not bytes_per_token or not tok_s:

@@ -1,0 +1,156 @@
+"""Prompt-lookup speculative decoding (minilm/generate.py): the same tokens as plain decoding
+(greedy), the same distribution (sampling), and stop strings, EOS, max_new_tokens, n_ctx and
+streaming exactly as without it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import minilm
+from minilm.generate import PromptLookup, generate_tokens
+from minilm.sampling import Sampler
+
+from conftest import shared_path
+
+
+def _grounded(m, n_passage=60, n_lead=12):
+    """A passage, then its first n_lead tokens again: the continuation can copy the passage."""
+    text = shared_path("texts", "tinyshakespeare_input.txt").read_text()[3000:5000]
+    ids = m.tokenizer.encode(text)[:n_passage]
+    return ids + ids[:n_lead]
+
+
+def _load(name, quant=None, n_ctx=256):
+    return minilm.load(shared_path("models", name), quant=quant, n_ctx=n_ctx)
+
+
+@pytest.mark.parametrize("name,quant", [
+    ("proxy-llama256-shakespeare", None), ("proxy-llama256-shakespeare", "int4"),
+    ("proxy-llama256-shakespeare", "int8"), ("proxy-llama256-shakespeare", "q4_k"),
+    ("proxy-gemma3-shakespeare", None), ("proxy-gemma2-shakespeare", "int4"),
+    ("proxy-gpt2-shakespeare", None), ("proxy-neox-shakespeare", "int4"),
+    ("proxy-lfm2-shakespeare", None), ("proxy-lfm2-shakespeare", "int4"),
+    ("stories260K", None)])
+def test_greedy_identical_with_and_without(name, quant):
+    """Greedy: token for token the same output, on a grounded prompt where drafts are proposed,
+    accepted and rejected (the rejected ones roll the KV cache / LFM2 conv history back), then a
+    free prompt; the counts show speculation really ran."""
+    m = _load(name, quant)
+    prompt = _grounded(m)
+    plain = m.generate_ids(prompt, max_new_tokens=100, ignore_eos=True, speculative=False)
+    spec = m.generate_ids(prompt, max_new_tokens=100, ignore_eos=True)
+    assert spec == plain
+    st = m.net.last_lookup
+    assert st.passes > 0 and st.proposed > st.accepted > 0, vars(st)
+    free = m.generate_ids([prompt[0]], max_new_tokens=60, ignore_eos=True)
+    assert free == m.generate_ids([prompt[0]], max_new_tokens=60, ignore_eos=True, speculative=False)
+
+
+def test_rollback_across_the_sliding_window():
+    """Gemma 3 proxy (window 32): a verify pass that runs past position 32, then a rollback to
+    before it and other tokens: every logit equals a fresh token-by-token decode."""
+    m = _load("proxy-gemma3-shakespeare")
+    net = m.net
+    ids = _grounded(m, 40, 0)[:40]
+    with net.busy:
+        net.cache.reset()
+        want = np.stack([net.decode(t).copy() for t in ids])
+        net.cache.reset()
+        net.prefill(ids[:29])
+        net.decode_rows([ids[29], 7, 8, 9, 10, 11, 12])      # rows at positions 29..35, drafts wrong
+        net.cache.truncate(30)                               # keep ids[29]; drop 7..12
+        got = [net.decode_rows(ids[30:34]).copy(), *[net.decode(t).copy()[None] for t in ids[34:]]]
+        net.cache.reset()
+    np.testing.assert_array_equal(np.concatenate(got), want[30:])
+
+
+def test_stop_eos_and_streaming_as_without():
+    """A stop string and an EOS id that fall inside accepted drafts end the text where plain
+    decoding ends it; streamed pieces are the same pieces."""
+    m = _load("proxy-llama256-shakespeare", "int4")
+    prompt = _grounded(m)
+    plain_ids = m.generate_ids(prompt, max_new_tokens=80, ignore_eos=True, speculative=False)
+    text = m.tokenizer.decode(plain_ids)
+    stop = text[len(text) // 2: len(text) // 2 + 4]
+    for kw in (dict(stop=stop), dict()):
+        a = list(m.generate(prompt, max_new_tokens=80, stream=True, speculative=False, **kw))
+        b = list(m.generate(prompt, max_new_tokens=80, stream=True, **kw))
+        assert a == b
+    eos = plain_ids[40]                                  # the first place it occurs ends both
+    first = plain_ids.index(eos)
+    for spec in (False, True):
+        s = Sampler(m.config.vocab_size)
+        got = list(generate_tokens(m, prompt, 80, s, eos_ids=[eos], speculative=spec))
+        assert got == plain_ids[:first]
+    # the cache holds nothing of an unused draft: a second call reusing the prefix agrees
+    assert m.generate_ids(prompt, max_new_tokens=80, ignore_eos=True) == plain_ids
+
+
+def test_n_ctx_edge():
+    """Generation up to the last slot of the cache: drafts never run past n_ctx."""
+    m = _load("proxy-llama256-shakespeare", "int4", n_ctx=100)
+    prompt = _grounded(m)
+    n = 100 - len(prompt)
+    plain = m.generate_ids(prompt, max_new_tokens=n, ignore_eos=True, speculative=False)
+    assert len(plain) == n
+    assert m.generate_ids(prompt, max_new_tokens=n, ignore_eos=True) == plain
+    assert m.net.cache.pos <= 100
+
+
+def test_sampling_is_seeded_and_uses_the_rule():
+    """With sampling, a fixed seed gives the same text twice, and drafts were verified."""
+    m = _load("proxy-llama256-shakespeare", "int4")
+    prompt = _grounded(m)
+    kw = dict(max_new_tokens=60, ignore_eos=True, temperature=0.7, top_p=0.9, repetition_penalty=1.1, seed=5)
+    a = m.generate_ids(prompt, **kw)
+    assert m.net.last_lookup.passes > 0
+    assert m.generate_ids(prompt, **kw) == a
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.8, top_k=3),
+                                    dict(temperature=1.3, top_p=0.7, min_p=0.05),
+                                    dict(temperature=1.0, repetition_penalty=1.5)])
+def test_verify_keeps_the_distribution(params):
+    """Sampler.verify in isolation on a 6-token vocabulary: for every draft (likely, unlikely,
+    removed by top-k / top-p), the drawn tokens follow `distribution` (chi-square, 20000 draws,
+    fixed seed), and greedy verify is the argmax."""
+    logits = np.array([2.0, 1.5, 0.3, -0.5, 1.0, -2.0], np.float32)
+    history = [0, 4]
+    s = Sampler(6, seed=1234, **params)
+    p = s.distribution(logits, history)
+    n = 20000
+    for draft in range(6):
+        counts = np.bincount([s.verify(logits, history, draft) for _ in range(n)], minlength=6)
+        assert counts[p == 0].sum() == 0, (draft, counts, p)
+        e = n * p[p > 0]
+        chi2 = float(((counts[p > 0] - e) ** 2 / e).sum())
+        assert chi2 < 25.0, (draft, counts, e, chi2)        # dof <= 5: p-value ~1e-4
+    g = Sampler(6)
+    assert all(g.verify(logits, history, d) == 0 for d in range(6))
+
+
+def test_prompt_lookup_drafts_and_backs_off():
+    """The most recent earlier occurrence of the longest suffix (3, 2, 1 tokens) gives the
+    draft; k grows on full accepts and shrinks on rejects; nothing accepted pauses drafting."""
+    ids = [1, 2, 3, 4, 9, 2, 3, 5, 6, 7, 1, 2, 3]
+    pl = PromptLookup(ids)
+    assert pl.draft(10) == [4, 9, 2, 3]          # "1 2 3" at 0: followed by 4 9 2 3 (k = 4)
+    pl.result(4, 4)
+    assert pl.k == 6
+    ids += [8]                                   # "2 3 8", "3 8", "8": never seen before
+    assert pl.draft(10) == []
+    ids += [5]                                   # "8 5" unseen, "5" at 7: 6 7 1 2 3 8
+    assert pl.draft(3) == [6, 7, 1]              # limited by the caller
+    pl.result(3, 0)                              # nothing accepted: pause 1 token, then 2 ...
+    assert pl.k == 5 and pl.draft(10) == [] and pl.draft(10) != []
+    pl.result(5, 0)
+    assert pl.draft(10) == [] and pl.draft(10) == [] and pl.draft(10) != []
+    assert (pl.proposed, pl.accepted) == (12, 4)
+
+
+def test_speculative_argument_checked():
+    m = _load("stories260K")
+    with pytest.raises(ValueError, match="speculative"):
+        m.generate("Once", max_new_tokens=2, speculative="yes")
+    with pytest.raises(ValueError, match="speculative"):
+        m.create_completion("Once", max_tokens=2, speculative=1)
