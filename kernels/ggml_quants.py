@@ -1161,56 +1161,62 @@ def _k4_scales(builder, s):
             _shuf(builder, builder.and_(b, _cv([63] * 8)), mn_hi, pick))
 
 
-def _ksb_row(ctx, builder, kind, ld, h16, base, xv, bs, p8):
-    """One row's super-block: (isum <16 x i32>, msum <16 x i32> | None, d, dmin | None)."""
+def _ksb_unpack(builder, kind, ld, h16, base):
+    """One row's super-block at byte base, unpacked for any number of activation rows:
+    dict(pieces=[(u <64 x u8>, scale lanes, p)] (x[64p : 64p+64] pairs with u), d, dmin | None,
+    mn (mins: <8 x i32> per 32-sub-block or <16 x i32> per 16-group) | None, osc (<16 x i32>
+    scales of the offset formats) | None, osh (the offset as a shift: 5 = 32, 2 = 4), ls (IQ4_XS))."""
     def at(k):
         return builder.add(base, ir.Constant(_I64T, k))
-    zero16 = ir.Constant(_V16I32, [0] * 16)
 
     def sc_lanes(sc, first):
-        """<32 x i16> of 16-sub-block scales first..first+3 (8 i16 lanes = 16 bytes each)."""
+        """<32 x i16> of 16-group scales first..first+3 (8 i16 lanes = 16 bytes each)."""
         return _shuf(builder, sc, sc, [first + k // 8 for k in range(32)])
 
+    U = dict(pieces=[], d=None, dmin=None, mn=None, osc=None, osh=0, ls=None)
     if kind in (12, 13):                                  # Q4_K, Q5_K
-        d, dmin = h16(at(0)), h16(at(2))
+        U["d"], U["dmin"] = h16(at(0)), h16(at(2))
         sc8, mn8 = _k4_scales(builder, ld(at(4), _V16I8))
         sc16 = builder.zext(sc8, _V8I16)
         qo = 16 if kind == 12 else 48
         if kind == 13:
             qh = ld(at(16), _V32I8)
             hz = _cat(builder, qh, qh)
-        acc = zero16
-        for c in range(4):
-            q = ld(at(qo + 32 * c), _V32I8)
-            u = _cat(builder, builder.and_(q, _cv([15] * 32)), builder.lshr(q, _cv([4] * 32)))
-            if kind == 13:
-                u = builder.or_(u, _bitset(builder, hz, [1 << 2 * c] * 32 + [2 << 2 * c] * 32, 16))
-            acc = _mdot(builder, acc, u, xv[c], _shuf(builder, sc16, sc16, [2 * c] * 16 + [2 * c + 1] * 16))
-        m8 = builder.mul(builder.zext(mn8, _V8I32), p8)
-        return acc, _cat(builder, m8, ir.Constant(_V8I32, [0] * 8)), d, dmin
+        for h in range(2):                                # 64 bytes = sub-blocks 4h .. 4h+3
+            v = ld(at(qo + 64 * h), _V64I8)
+            lo = builder.and_(v, _cv([15] * 64))
+            hi = builder.lshr(v, _cv([4] * 64))
+            for c2 in range(2):                           # [low, high] nibbles of 32 bytes
+                c = 2 * h + c2
+                half = list(range(32 * c2, 32 * c2 + 32))
+                u = _shuf(builder, lo, hi, half + [64 + k for k in half])
+                if kind == 13:
+                    u = builder.or_(u, _bitset(builder, hz, [1 << 2 * c] * 32 + [2 << 2 * c] * 32, 16))
+                U["pieces"].append((u, _shuf(builder, sc16, sc16, [2 * c] * 16 + [2 * c + 1] * 16), c))
+        U["mn"] = builder.zext(mn8, _V8I32)
+        return U
     if kind == 14:                                        # Q6_K: (ql | qh << 4) - 32
-        d = h16(at(208))
+        U["d"] = h16(at(208))
         s = ld(at(192), _V16I8)
         sc = builder.sext(s, _V16I16)
-        acc = builder.sub(zero16, builder.shl(builder.mul(builder.sext(s, _V16I32), bs), _cv([5] * 16, _I32T)))
+        U["osc"], U["osh"] = builder.sext(s, _V16I32), 5
         for h in range(2):
             ql = ld(at(64 * h), _V64I8)
             q = ld(at(128 + 32 * h), _V32I8)
             qh2 = _cat(builder, q, builder.lshr(q, _cv([2] * 32)))
             ua = builder.or_(builder.and_(ql, _cv([15] * 64)), builder.shl(builder.and_(qh2, _cv([3] * 64)), _cv([4] * 64)))
             ub = builder.or_(builder.lshr(ql, _cv([4] * 64)), builder.and_(qh2, _cv([0x30] * 64)))
-            acc = _mdot(builder, acc, ua, xv[2 * h], sc_lanes(sc, 8 * h))
-            acc = _mdot(builder, acc, ub, xv[2 * h + 1], sc_lanes(sc, 8 * h + 4))
-        return acc, None, d, None
+            U["pieces"] += [(ua, sc_lanes(sc, 8 * h), 2 * h), (ub, sc_lanes(sc, 8 * h + 4), 2 * h + 1)]
+        return U
     if kind in (10, 11):                                  # Q2_K, Q3_K: 2-bit fields (+ Q3_K's hmask bit)
         if kind == 10:
-            d, dmin = h16(at(80)), h16(at(82))
+            U["d"], U["dmin"] = h16(at(80)), h16(at(82))
             s = ld(at(0), _V16I8)
             sc = builder.zext(builder.and_(s, _cv([15] * 16)), _V16I16)
-            acc = zero16
+            U["mn"] = builder.zext(builder.lshr(s, _cv([4] * 16)), _V16I32)
             qo = 16
         else:
-            d = h16(at(108))
+            U["d"] = h16(at(108))
             s = ld(at(94), _V16I8)                       # bytes 2..13 are the 12 scale bytes
             a8 = _shuf(builder, s, s, list(range(2, 10)))
             lo = _cat(builder, builder.and_(a8, _cv([15] * 8)), builder.lshr(a8, _cv([4] * 8)))
@@ -1219,7 +1225,7 @@ def _ksb_row(ctx, builder, kind, ld, h16, base, xv, bs, p8):
             hi = _cat(builder, _cat(builder, hs[0], hs[1]), _cat(builder, hs[2], hs[3]))
             s8 = builder.sub(builder.or_(lo, builder.shl(hi, _cv([4] * 16))), _cv([32] * 16))
             sc = builder.sext(s8, _V16I16)
-            acc = builder.sub(zero16, builder.shl(builder.mul(builder.sext(s8, _V16I32), bs), _cv([2] * 16, _I32T)))
+            U["osc"], U["osh"] = builder.sext(s8, _V16I32), 2
             hm = ld(at(0), _V32I8)
             hz = _cat(builder, hm, hm)
             qo = 32
@@ -1231,34 +1237,53 @@ def _ksb_row(ctx, builder, kind, ld, h16, base, xv, bs, p8):
             if kind == 11:
                 ua = builder.or_(ua, _bitset(builder, hz, [1 << 4 * h] * 32 + [2 << 4 * h] * 32, 4))
                 ub = builder.or_(ub, _bitset(builder, hz, [4 << 4 * h] * 32 + [8 << 4 * h] * 32, 4))
-            acc = _mdot(builder, acc, ua, xv[2 * h], sc_lanes(sc, 8 * h))
-            acc = _mdot(builder, acc, ub, xv[2 * h + 1], sc_lanes(sc, 8 * h + 4))
-        if kind == 10:
-            mins = builder.mul(builder.zext(builder.lshr(s, _cv([4] * 16)), _V16I32), bs)
-            return acc, mins, d, dmin
-        return acc, None, d, None
-    # IQ4_XS: table values + 128 (u8) by vpdpbusd, the -128 * pair-sum bias preloaded, x scales
-    d = h16(at(0))
+            U["pieces"] += [(ua, sc_lanes(sc, 8 * h), 2 * h), (ub, sc_lanes(sc, 8 * h + 4), 2 * h + 1)]
+        return U
+    # IQ4_XS: table values + 128 (u8), scales as <16 x i32> lanes per piece (vpdpbusd, vpmulld)
+    U["d"] = h16(at(0))
     sh = builder.zext(builder.load(builder.bitcast(ld.ptr(at(2)), _I16T.as_pointer()), align=1), _I32T)
-    sl = builder.zext(_shuf(builder, ld(at(4), _V4I8), ld(at(4), _V4I8), [0, 0, 1, 1, 2, 2, 3, 3]), _V8I32)
+    sl4 = ld(at(4), _V4I8)
+    sl = builder.zext(_shuf(builder, sl4, sl4, [0, 0, 1, 1, 2, 2, 3, 3]), _V8I32)
     slv = builder.and_(builder.lshr(sl, _cv([0, 4] * 4, _I32T)), _cv([15] * 8, _I32T))
     shs = _shuf(builder, builder.insert_element(ir.Constant(_V8I32, None), sh, ir.Constant(_I32T, 0)),
                 ir.Constant(_V8I32, None), [0] * 8)
     shv = builder.and_(builder.lshr(shs, _cv([2 * j for j in range(8)], _I32T)), _cv([3] * 8, _I32T))
     ls = builder.sub(builder.or_(slv, builder.shl(shv, _cv([4] * 8, _I32T))), _cv([32] * 8, _I32T))
     tab = _cv(_KV128)
-    bias = builder.mul(p8, _cv([-128] * 8, _I32T))
-    acc = zero16
     for p in range(4):
         q = ld(at(8 + 32 * p), _V32I8)
         lo = builder.and_(q, _cv([15] * 32))
         hi = builder.lshr(q, _cv([4] * 32))
         idx = _shuf(builder, lo, hi, list(range(16)) + list(range(32, 48)) + list(range(16, 32)) + list(range(48, 64)))
-        u = _pshufb64(builder, tab, idx)
-        b0 = _shuf(builder, bias, ir.Constant(_V8I32, [0] * 8), [2 * p] + [8] * 7 + [2 * p + 1] + [8] * 7)
-        dd = _dot4_64(builder, b0, u, xv[p])
-        acc = builder.add(acc, builder.mul(dd, _shuf(builder, ls, ls, [2 * p] * 8 + [2 * p + 1] * 8)))
-    return acc, None, d, None
+        U["pieces"].append((_pshufb64(builder, tab, idx), _shuf(builder, ls, ls, [2 * p] * 8 + [2 * p + 1] * 8), p))
+    U["ls"] = True
+    return U
+
+
+def _ksb_dot(builder, U, xv, bs, p8):
+    """The integer sums of an unpacked super-block (_ksb_unpack) with one activation row's
+    super-block (xv: its 4 zmm, bs <16 x i32> block sums, p8 <8 x i32> pair sums):
+    (isum <16 x i32>, msum <16 x i32> | None)."""
+    zero16 = ir.Constant(_V16I32, [0] * 16)
+    if U["osc"] is not None:          # the offset: acc starts at -off * sum(sc * bsum), lane-wise
+        acc = builder.sub(zero16, builder.shl(builder.mul(U["osc"], bs), _cv([U["osh"]] * 16, _I32T)))
+    else:
+        acc = zero16
+    if U["ls"]:
+        bias = builder.mul(p8, _cv([-128] * 8, _I32T))   # the table's +128, per 32-sub-block
+        for u, lsv, p in U["pieces"]:
+            b0 = _shuf(builder, bias, ir.Constant(_V8I32, [0] * 8), [2 * p] + [8] * 7 + [2 * p + 1] + [8] * 7)
+            acc = builder.add(acc, builder.mul(_dot4_64(builder, b0, u, xv[p]), lsv))
+    else:
+        for u, sc16, p in U["pieces"]:
+            acc = _mdot(builder, acc, u, xv[p], sc16)
+    msum = None
+    if U["mn"] is not None:
+        if U["mn"].type.count == 8:
+            msum = _cat(builder, builder.mul(U["mn"], p8), ir.Constant(_V8I32, [0] * 8))
+        else:
+            msum = builder.mul(U["mn"], bs)
+    return acc, msum
 
 
 class _RawLoader:
@@ -1273,10 +1298,47 @@ class _RawLoader:
         return self.builder.load(self.builder.bitcast(self.ptr(off), vty.as_pointer()), align=1)
 
 
+def _ksb_common(ctx, builder, raw_aty, raw_):
+    ld = _RawLoader(ctx, builder, raw_aty, raw_)
+
+    def h16(off):
+        h = builder.load(builder.bitcast(ld.ptr(off), ir.HalfType().as_pointer()), align=1)
+        return builder.fpext(h, _F32T)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
+
+    def acc_into(accp, k, isum, scale):
+        """accp[k : k+16] = fma(f32(isum), scale, accp[k : k+16]) (the one float step per super-block)."""
+        e = builder.insert_element(ir.Constant(_V16F32, None), scale, ir.Constant(_I32T, 0))
+        ap = builder.bitcast(builder.gep(accp, [ir.Constant(_I32T, k)]), _V16F32.as_pointer())
+        builder.store(builder.call(fma, [builder.sitofp(isum, _V16F32), _shuf(builder, e, e, [0] * 16),
+                                         builder.load(ap, align=4)]), ap, align=4)
+
+    def act(aty_q, xq_, aty_s, xs_, aty_d, xd_, xo, so, do):
+        """One activation row's super-block: (4 zmm of xq from xo, bs, p8, xd)."""
+        xv = [builder.load(_elem_ptr(ctx, builder, aty_q, xq_, builder.add(xo, ir.Constant(_I64T, 64 * p)), _V64I8),
+                           align=1) for p in range(4)]
+        bs = builder.fptosi(builder.load(_elem_ptr(ctx, builder, aty_s, xs_, so, _V16F32), align=4), _V16I32)
+        p8 = builder.add(_shuf(builder, bs, bs, list(range(0, 16, 2))), _shuf(builder, bs, bs, list(range(1, 16, 2))))
+        return xv, bs, p8, builder.load(_elem_ptr(ctx, builder, aty_d, xd_, do, _F32T), align=4)
+    return ld, h16, acc_into, act
+
+
+def _prefetch_lines(builder, ld, off, n):
+    pf = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [_I8T.as_pointer(), _I32T, _I32T, _I32T]), "llvm.prefetch.p0")
+    for k in range(n):
+        builder.call(pf, [ld.ptr(builder.add(off, ir.Constant(_I64T, 64 * k))), ir.Constant(_I32T, 0),
+                          ir.Constant(_I32T, 3), ir.Constant(_I32T, 1)])
+
+
+def _as64(builder, v):
+    return builder.sext(v, _I64T) if v.type.width < 64 else v
+
+
 @intrinsic
 def _ksb(typingctx, accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND):
-    """Super-block i of NR rows (see the section comment); prefetches NR*type_size bytes of raw
-    from byte pfo on (the caller maps super-blocks onto a linear stream ahead)."""
+    """GEMV: super-block i of NR rows (see the section comment); prefetches NR*type_size bytes of
+    raw from byte pfo on (the caller maps super-blocks onto a linear stream ahead)."""
     if not (isinstance(NR, types.IntegerLiteral) and isinstance(KIND, types.IntegerLiteral)):
         return None
     nr, kind = NR.literal_value, KIND.literal_value
@@ -1286,44 +1348,60 @@ def _ksb(typingctx, accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND):
 
     def codegen(ctx, builder, sig, args):
         accp_, raw_, qoff_, rb_, xq_, xd_, xs_, i_, pfo_ = args[:9]
-        i64 = builder.sext(i_, _I64T) if i_.type.width < 64 else i_
-        ld = _RawLoader(ctx, builder, sig.args[1], raw_)
-
-        def h16(off):
-            h = builder.load(builder.bitcast(ld.ptr(off), ir.HalfType().as_pointer()), align=1)
-            return builder.fpext(h, _F32T)
-        pf = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [_I8T.as_pointer(), _I32T, _I32T, _I32T]),
-            "llvm.prefetch.p0")
-        for k in range((nr * ts + 63) // 64):
-            builder.call(pf, [ld.ptr(builder.add(pfo_, ir.Constant(_I64T, 64 * k))), ir.Constant(_I32T, 0),
-                              ir.Constant(_I32T, 3), ir.Constant(_I32T, 1)])
-        xo = builder.mul(i64, ir.Constant(_I64T, 256))
-        xv = [builder.load(_elem_ptr(ctx, builder, sig.args[4], xq_, builder.add(xo, ir.Constant(_I64T, 64 * p)),
-                                     _V64I8), align=1) for p in range(4)]
-        bsf = builder.load(_elem_ptr(ctx, builder, sig.args[6], xs_, builder.mul(i64, ir.Constant(_I64T, 16)),
-                                     _V16F32), align=4)
-        bs = builder.fptosi(bsf, _V16I32)                # exact: |bsum| <= 16 * 127
-        p8 = builder.add(_shuf(builder, bs, bs, list(range(0, 16, 2))), _shuf(builder, bs, bs, list(range(1, 16, 2))))
-        xdi = builder.load(_elem_ptr(ctx, builder, sig.args[5], xd_, i64, _F32T), align=4)
-        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
-
-        def splat(v):
-            e = builder.insert_element(ir.Constant(_V16F32, None), v, ir.Constant(_I32T, 0))
-            return _shuf(builder, e, e, [0] * 16)
+        i64 = _as64(builder, i_)
+        ld, h16, acc_into, act = _ksb_common(ctx, builder, sig.args[1], raw_)
+        _prefetch_lines(builder, ld, pfo_, (nr * ts + 63) // 64)
+        xv, bs, p8, xdi = act(sig.args[4], xq_, sig.args[6], xs_, sig.args[5], xd_,
+                              builder.mul(i64, ir.Constant(_I64T, 256)), builder.mul(i64, ir.Constant(_I64T, 16)), i64)
         for r in range(nr):
             base = builder.add(builder.add(qoff_, builder.mul(rb_, ir.Constant(_I64T, r))),
                                builder.mul(i64, ir.Constant(_I64T, ts)))
-            isum, msum, d, dmin = _ksb_row(ctx, builder, kind, ld, h16, base, xv, bs, p8)
-            ap = builder.bitcast(builder.gep(accp_, [ir.Constant(_I32T, 32 * r)]), _V16F32.as_pointer())
-            builder.store(builder.call(fma, [builder.sitofp(isum, _V16F32), splat(builder.fmul(xdi, d)),
-                                             builder.load(ap, align=4)]), ap, align=4)
+            U = _ksb_unpack(builder, kind, ld, h16, base)
+            isum, msum = _ksb_dot(builder, U, xv, bs, p8)
+            acc_into(accp_, 32 * r, isum, builder.fmul(xdi, U["d"]))
             if msum is not None:
-                mp = builder.bitcast(builder.gep(accp_, [ir.Constant(_I32T, 32 * r + 16)]), _V16F32.as_pointer())
-                builder.store(builder.call(fma, [builder.sitofp(msum, _V16F32), splat(builder.fmul(xdi, dmin)),
-                                                 builder.load(mp, align=4)]), mp, align=4)
+                acc_into(accp_, 32 * r + 16, msum, builder.fmul(xdi, U["dmin"]))
         return ir.Constant(_I8T, 0)
     return types.int8(accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND), codegen
+
+
+@intrinsic
+def _ksb_mt(typingctx, accp, raw, roff, XQ, XD, XS, t0, i, NT, KIND):
+    """GEMM: super-block i of one row (at byte roff of raw) against the activation rows
+    t0 .. t0+NT-1 of XQ/XD/XS (2-D): the row is unpacked once, then per token exactly the
+    integer sums and float step of _ksb (so decode and prefill agree bit for bit);
+    accp[32t : 32t+32] is token t0+t's (main, mins) pair."""
+    if not (isinstance(NT, types.IntegerLiteral) and isinstance(KIND, types.IntegerLiteral)):
+        return None
+    nt, kind = NT.literal_value, KIND.literal_value
+    if kind not in _KTS or any(a.layout != "C" for a in (XQ, XD, XS)):
+        return None
+    ts = _KTS[kind]
+
+    def codegen(ctx, builder, sig, args):
+        accp_, raw_, roff_, XQ_, XD_, XS_, t0_, i_ = args[:8]
+        i64 = _as64(builder, i_)
+        t064 = _as64(builder, t0_)
+        ld, h16, acc_into, act = _ksb_common(ctx, builder, sig.args[1], raw_)
+        U = _ksb_unpack(builder, kind, ld, h16, builder.add(roff_, builder.mul(i64, ir.Constant(_I64T, ts))))
+        aq = ctx.make_array(sig.args[3])(ctx, builder, XQ_)
+        ad = ctx.make_array(sig.args[4])(ctx, builder, XD_)
+        as_ = ctx.make_array(sig.args[5])(ctx, builder, XS_)
+        kq = builder.extract_value(aq.shape, 1)            # row strides in elements (C-contiguous rows)
+        kd = builder.extract_value(ad.shape, 1)
+        ks = builder.extract_value(as_.shape, 1)
+        for t in range(nt):
+            tt = builder.add(t064, ir.Constant(_I64T, t))
+            xo = builder.add(builder.mul(tt, kq), builder.mul(i64, ir.Constant(_I64T, 256)))
+            so = builder.add(builder.mul(tt, ks), builder.mul(i64, ir.Constant(_I64T, 16)))
+            do = builder.add(builder.mul(tt, kd), i64)
+            xv, bs, p8, xdi = act(sig.args[3], XQ_, sig.args[5], XS_, sig.args[4], XD_, xo, so, do)
+            isum, msum = _ksb_dot(builder, U, xv, bs, p8)
+            acc_into(accp_, 32 * t, isum, builder.fmul(xdi, U["d"]))
+            if msum is not None:
+                acc_into(accp_, 32 * t + 16, msum, builder.fmul(xdi, U["dmin"]))
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, raw, roff, XQ, XD, XS, t0, i, NT, KIND), codegen
 
 
 @njit(**dict(_JIT, inline="always"))
@@ -1352,6 +1430,39 @@ def _k_groups(xq, xd, xs, raw, out, g0, g1, KIND, TS):
                     _ksb(_ptr_add(accp, 32 * rr), raw, q0 + rr * rb, rb, xq, xd, xs, i, q0 + PF + TS * i, 1, KIND)
         for rr in range(nr):
             out[r0 + rr] = _hsum16(accp, 32 * rr) - _hsum16(accp, 32 * rr + 16)
+
+
+_MT = 4       # tokens per pass of the K-quant GEMM (one unpacked super-block serves them all)
+
+
+@njit(**dict(_JIT, inline="always"))
+def _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, KIND, TS):
+    """Row groups g0..g1-1 of out[:M] = X[:M] @ W.T (K-quants): per row and block of _MT tokens
+    one pass over the row's super-blocks, each unpacked once for the _MT tokens (_ksb_mt); the
+    group's rows stay in L1 across the token blocks. Per (row, token) the same arithmetic as
+    _k_groups."""
+    N = raw.shape[0]
+    rb = raw.shape[1]
+    nsb = rb // TS
+    accp = _stack_f32(128)                # _MT (4) tokens x (16 main + 16 min) f32 lanes
+    acc = numba.carray(accp, 32 * _MT)
+    for g in range(g0, g1):
+        r1 = min(4 * g + 4, N)
+        for t0 in range(0, M - _MT + 1, _MT):
+            for r in range(4 * g, r1):
+                for k in range(32 * _MT):
+                    acc[k] = 0.0
+                for i in range(nsb):
+                    _ksb_mt(accp, raw, r * rb, XQ, XD, XS, t0, i, _MT, KIND)
+                for t in range(_MT):
+                    out[t0 + t, r] = _hsum16(accp, 32 * t) - _hsum16(accp, 32 * t + 16)
+        for t0 in range(M - M % _MT, M):                   # the last M % _MT tokens one by one
+            for r in range(4 * g, r1):
+                for k in range(32):
+                    acc[k] = 0.0
+                for i in range(nsb):
+                    _ksb_mt(accp, raw, r * rb, XQ, XD, XS, t0, i, 1, KIND)
+                out[t0, r] = _hsum16(accp, 0) - _hsum16(accp, 16)
 
 
 # ---- row dot products: row uint8[row_bytes], activation slots -> f32 ------------------------
@@ -1442,6 +1553,8 @@ def _row_iq4_nl(row, xq, xd, xs, pfd):
 
 _GSIG = types.void(types.int8[::1], types.float32[::1], types.float32[::1], _RO_U8_2D,
                   types.float32[::1], types.int64, types.int64)
+_GGSIG = types.void(types.int8[:, ::1], types.float32[:, ::1], types.float32[:, ::1], _RO_U8_2D,
+                   types.float32[:, ::1], types.int64, types.int64, types.int64)
 _GEMM_GROUPS = 4      # row groups (16 weight rows) per GEMM task: reused from L1/L2 across tokens
 _PF_ROWS = 2          # software prefetch distance in rows (each block loop prefetches its bytes
                       # in row r + _PF_ROWS: without it the hardware prefetcher does not run far
@@ -1466,6 +1579,14 @@ def _gemv_par_q4_1(x, raw, out, xq, xd, xs):
         gemv_q4_1_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_q4_1_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q4_1: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, one token at a time."""
+    for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
+        for m in range(M):
+            gemv_q4_1_groups(XQ[m], XD[m], XS[m], raw, out[m], g, g + 1)
+
+
 @njit(**_PJIT)
 def _gemm_par_q4_1(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1475,9 +1596,7 @@ def _gemm_par_q4_1(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q4_1_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q4_1_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
@@ -1498,6 +1617,14 @@ def _gemv_par_q5_0(x, raw, out, xq, xd, xs):
         gemv_q5_0_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_q5_0_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q5_0: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, one token at a time."""
+    for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
+        for m in range(M):
+            gemv_q5_0_groups(XQ[m], XD[m], XS[m], raw, out[m], g, g + 1)
+
+
 @njit(**_PJIT)
 def _gemm_par_q5_0(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1507,9 +1634,7 @@ def _gemm_par_q5_0(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q5_0_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q5_0_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
@@ -1530,6 +1655,14 @@ def _gemv_par_q5_1(x, raw, out, xq, xd, xs):
         gemv_q5_1_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_q5_1_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q5_1: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, one token at a time."""
+    for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
+        for m in range(M):
+            gemv_q5_1_groups(XQ[m], XD[m], XS[m], raw, out[m], g, g + 1)
+
+
 @njit(**_PJIT)
 def _gemm_par_q5_1(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1539,9 +1672,7 @@ def _gemm_par_q5_1(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q5_1_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q5_1_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
@@ -1562,6 +1693,14 @@ def _gemv_par_iq4_nl(x, raw, out, xq, xd, xs):
         gemv_iq4_nl_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_iq4_nl_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """IQ4_NL: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, one token at a time."""
+    for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
+        for m in range(M):
+            gemv_iq4_nl_groups(XQ[m], XD[m], XS[m], raw, out[m], g, g + 1)
+
+
 @njit(**_PJIT)
 def _gemm_par_iq4_nl(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1571,9 +1710,7 @@ def _gemm_par_iq4_nl(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_iq4_nl_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_iq4_nl_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
@@ -1590,6 +1727,12 @@ def _gemv_par_q2_k(x, raw, out, xq, xd, xs):
         gemv_q2_k_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_q2_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q2_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 10, 84)
+
+
 @njit(**_PJIT)
 def _gemm_par_q2_k(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1599,9 +1742,7 @@ def _gemm_par_q2_k(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q2_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q2_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
@@ -1618,6 +1759,12 @@ def _gemv_par_q3_k(x, raw, out, xq, xd, xs):
         gemv_q3_k_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_q3_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q3_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 11, 110)
+
+
 @njit(**_PJIT)
 def _gemm_par_q3_k(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1627,9 +1774,7 @@ def _gemm_par_q3_k(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q3_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q3_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
@@ -1646,6 +1791,12 @@ def _gemv_par_q4_k(x, raw, out, xq, xd, xs):
         gemv_q4_k_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_q4_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q4_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 12, 144)
+
+
 @njit(**_PJIT)
 def _gemm_par_q4_k(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1655,9 +1806,7 @@ def _gemm_par_q4_k(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q4_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q4_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
@@ -1674,6 +1823,12 @@ def _gemv_par_q5_k(x, raw, out, xq, xd, xs):
         gemv_q5_k_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_q5_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q5_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 13, 176)
+
+
 @njit(**_PJIT)
 def _gemm_par_q5_k(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1683,9 +1838,7 @@ def _gemm_par_q5_k(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q5_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q5_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
@@ -1702,6 +1855,12 @@ def _gemv_par_q6_k(x, raw, out, xq, xd, xs):
         gemv_q6_k_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_q6_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q6_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 14, 210)
+
+
 @njit(**_PJIT)
 def _gemm_par_q6_k(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1711,9 +1870,7 @@ def _gemm_par_q6_k(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q6_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q6_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
@@ -1730,6 +1887,12 @@ def _gemv_par_iq4_xs(x, raw, out, xq, xd, xs):
         gemv_iq4_xs_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_iq4_xs_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """IQ4_XS: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 23, 136)
+
+
 @njit(**_PJIT)
 def _gemm_par_iq4_xs(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1739,9 +1902,7 @@ def _gemm_par_iq4_xs(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_iq4_xs_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_iq4_xs_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1774,6 +1935,7 @@ class TypeSpec:
     dot_ref: Callable          # (raw_row uint8[row_bytes], x f32[K]) -> float
     act_quant: Callable        # Numba (x, xq, xd, xs)
     gemv_groups: Callable      # Numba (xq, xd, xs, raw, out, g0, g1)
+    gemm_groups: Callable      # Numba (XQ[M, K], XD, XS, raw, out[M, N], M, g0, g1): M tokens at once
     gemv: Callable             # (x f32[K], raw, out f32[N]) -> out
     gemm: Callable             # (x f32[M, K], raw, out f32[M, N]) -> out
 
@@ -1783,7 +1945,7 @@ class TypeSpec:
         return K // self.block * self.type_size
 
 
-def _make_spec(name, ggml_type, block, type_size, act, act_quant, groups, gemv_par, gemm_par):
+def _make_spec(name, ggml_type, block, type_size, act, act_quant, groups, ggroups, gemv_par, gemm_par):
     def quantize_ref(w, qw=None):
         w = _check_w(w, block, name)
         N, K = w.shape
@@ -1831,7 +1993,7 @@ def _make_spec(name, ggml_type, block, type_size, act, act_quant, groups, gemv_p
         return out
 
     spec = TypeSpec(name, ggml_type, block, type_size, 8.0 * type_size / block, act, quantize_ref,
-                    dequantize_ref, _ACT_REF[act], dot_ref, act_quant, groups, gemv, gemm)
+                    dequantize_ref, _ACT_REF[act], dot_ref, act_quant, groups, ggroups, gemv, gemm)
     return spec
 
 
@@ -1855,6 +2017,7 @@ SPECS: dict[str, TypeSpec] = {}
 for _name, _gt, _blk, _ts, _act in _TABLE:
     _t = _name.lower()
     SPECS[_name] = _make_spec(_name, _gt, _blk, _ts, _act, _ACT_KERNEL[_act], globals()[f"gemv_{_t}_groups"],
+                              globals()[f"gemm_{_t}_groups"],
                               globals()[f"_gemv_par_{_t}"], globals()[f"_gemm_par_{_t}"])
 
 
