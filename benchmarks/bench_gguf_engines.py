@@ -52,7 +52,7 @@ def main(argv=None) -> int:
         name, sep, py = item.partition("=")
         if not sep or not name or not py:
             ap.error(f"--minilm {item!r}: expected NAME=PYTHON")
-        engines.append((name, py))
+        engines.append((name, os.path.abspath(py) if os.sep in py else py))   # children run elsewhere
     build = None
     if not a.no_llama:
         builds = find_llama_bench(a.llama_bench)

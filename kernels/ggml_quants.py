@@ -54,25 +54,27 @@ Kernel design and what inspect_asm showed (2-vCPU Xeon with AVX-512 VNNI, numba 
     accumulator it widens to vpmovsxbq/vpmuldq; table lookups (IQ4) and per-lane shifts (the
     Q5 high bits) stayed scalar; byte-unpacking loops into a stack buffer cost ~30 ns per 256
     weights on their own (Q6_K 57, Q5_0/Q5_1 106 ns per 256 weights in cache).
-  * So each 32-weight group is unpacked in LLVM IR (intrinsics _dpk/_dpkb/_dpnf/_dpni below:
-    byte shift + mask, or vgf2p8affineqb for the nibble shift; the qh bits by a byte shuffle and
-    a mask test; IQ4's table by vpshufb) straight into vpdpbusd ymm (u8 weights x s8
-    activations). Sub-block scales multiply the int32 lanes (vpmulld, two 16-sub-blocks per
-    call), one horizontal sum per 256-super-block; 32-block types (Q4_1, Q5_0, Q5_1, IQ4_NL)
-    convert per block and fma into two f32 accumulators (even / odd blocks: one chain is
-    latency-bound). Unsigned weights need an offset for the signed formats: Q5_0 -16, Q3_K -4,
-    Q6_K -32 and the IQ4 table's +128 come off through the activation block sums (xs).
-    Software prefetch (prefetcht0) of the row 2 rows ahead in every block loop, as qmatmul.
-  * inspect_asm of gemv_q4_k_groups: 8 vpdpbusd on ymm per super-block, vgf2p8affineqb, vpmulld,
-    prefetcht0; no vpmovsxbq (asserted by tests/test_ggml_quants.py::test_vnni_asm). All ten
-    gemvs contain vpdpbusd and no vpmovsxbq.
-  * Cost in cache, 1 thread, ns per 256 weights (min of 40 calls, 256 x 2048 matrix; qmatmul's
-    hand-written Q4_0 kernel: 3.7): Q4_1 9.6, Q5_0 11.4, Q5_1 12.5, Q2_K 17.6, Q3_K 17.5,
-    Q4_K 12.8, Q5_K 14.7, Q6_K 13.4, IQ4_NL 9.5, IQ4_XS 13.8. Not yet at Q4_0's speed: what is
-    left is mostly scalar per-sub-block scale work and one row at a time (qmatmul shares each
-    activation load between 4 rows). The prefill GEMM runs these row kernels per token
-    (quantize each token once, 16 weight rows x all tokens per task), so it pays the unpacking
-    per token: 3.5-7x slower than qmatmul's Q4_0 GEMM on the TinyLlama 2048 x 5632 shape.
+  * 32-block types (Q4_1, Q5_0, Q5_1, IQ4_NL): each 32-weight block is unpacked in LLVM IR
+    (intrinsic _dpnf: byte shift + mask; the qh bits by a byte shuffle and a mask test; IQ4's
+    table by vpshufb) straight into vpdpbusd ymm (u8 weights x s8 activations), converted per
+    block and fma'd into two f32 accumulators (even / odd blocks: one chain is latency-bound),
+    one row at a time, the row 2 rows ahead prefetched. Unsigned weights need an offset for the
+    signed formats: Q5_0 -16 and the IQ4 table's +128 come off through the block sums (xs).
+  * K-quants and IQ4_XS (_ksb / _ksb_mt, section "K-quant super-blocks" below): a whole
+    256-super-block per step. GEMV: 4 rows per pass (the 4 activation zmm and the Q8_K block
+    sums loaded once for the 4 rows); each row's weights unpacked with zmm vector ops in the
+    activation's order, the 6-bit / 8-bit sub-block scales unpacked as vectors and applied
+    inside the integer dot (vpmaddubsw u8 x s8 -> i16 pairs, then vpdpwssd with the scales as
+    i16 lanes), the mins (Q2_K, Q4_K, Q5_K) and offsets (Q3_K -4, Q6_K -32) in int32 lanes from
+    the block sums, one float fma per super-block and row, one horizontal sum per row. IQ4_XS
+    (table + 128 overflows the i16 pairs) keeps vpdpbusd with the -128 bias preloaded in the
+    accumulator and a vpmulld by its scales. The 4 rows' bytes 16 rows ahead are prefetched as a
+    linear stream (as qmatmul's Q4_0). GEMM (prefill, gemm_<type>_groups): 1 row x 4 tokens per
+    pass, the super-block unpacked once for the 4 tokens; the per-(row, token) integer sums and
+    float step are the GEMV's code, so prefill is bit-identical to decode.
+  * inspect_asm of gemv_q4_k_groups: vpmaddubsw + vpdpwssd on zmm, prefetcht0, no vpmovsxbq
+    (asserted by tests/test_ggml_quants.py::test_vnni_asm).
+  * Cost: see benchmarks/README.md ("ggml K-quant kernels") for the before/after figures.
   * Without AVX512-VNNI/VL (or MINILM_SIMD=generic|avx2): generic IR (zext/sext, mul, adds; a
     select chain for the IQ4 table) that any LLVM target compiles; tested by forcing it.
 """
