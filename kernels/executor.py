@@ -178,16 +178,14 @@ def _raw_chain(specs, kind):
         return njit(lambda fid, x, xq, xd, xs: None)
     (fid, spec), rest = specs[0], _raw_chain(specs[1:], kind)
     if kind == "rows":
-        rows = spec.gemv_groups
+        rows, mrows = spec.gemv_groups, spec.gemm_groups
 
         def one(f, raw, XQ, XD, XS, M, out, g0, g1):
             if f == fid:
                 if M == 1:
                     rows(XQ[0], XD[0], XS[0], raw, out[0], g0, g1)
-                else:
-                    for g in range(g0, g1):      # the rows stay in cache across the tokens
-                        for m in range(M):
-                            rows(XQ[m], XD[m], XS[m], raw, out[m], g, g + 1)
+                else:                            # the format's GEMM (bit-identical to its rows)
+                    mrows(XQ, XD, XS, raw, out, M, g0, g1)
             else:
                 rest(f, raw, XQ, XD, XS, M, out, g0, g1)
         return njit(one)

@@ -54,25 +54,27 @@ Kernel design and what inspect_asm showed (2-vCPU Xeon with AVX-512 VNNI, numba 
     accumulator it widens to vpmovsxbq/vpmuldq; table lookups (IQ4) and per-lane shifts (the
     Q5 high bits) stayed scalar; byte-unpacking loops into a stack buffer cost ~30 ns per 256
     weights on their own (Q6_K 57, Q5_0/Q5_1 106 ns per 256 weights in cache).
-  * So each 32-weight group is unpacked in LLVM IR (intrinsics _dpk/_dpkb/_dpnf/_dpni below:
-    byte shift + mask, or vgf2p8affineqb for the nibble shift; the qh bits by a byte shuffle and
-    a mask test; IQ4's table by vpshufb) straight into vpdpbusd ymm (u8 weights x s8
-    activations). Sub-block scales multiply the int32 lanes (vpmulld, two 16-sub-blocks per
-    call), one horizontal sum per 256-super-block; 32-block types (Q4_1, Q5_0, Q5_1, IQ4_NL)
-    convert per block and fma into two f32 accumulators (even / odd blocks: one chain is
-    latency-bound). Unsigned weights need an offset for the signed formats: Q5_0 -16, Q3_K -4,
-    Q6_K -32 and the IQ4 table's +128 come off through the activation block sums (xs).
-    Software prefetch (prefetcht0) of the row 2 rows ahead in every block loop, as qmatmul.
-  * inspect_asm of gemv_q4_k_groups: 8 vpdpbusd on ymm per super-block, vgf2p8affineqb, vpmulld,
-    prefetcht0; no vpmovsxbq (asserted by tests/test_ggml_quants.py::test_vnni_asm). All ten
-    gemvs contain vpdpbusd and no vpmovsxbq.
-  * Cost in cache, 1 thread, ns per 256 weights (min of 40 calls, 256 x 2048 matrix; qmatmul's
-    hand-written Q4_0 kernel: 3.7): Q4_1 9.6, Q5_0 11.4, Q5_1 12.5, Q2_K 17.6, Q3_K 17.5,
-    Q4_K 12.8, Q5_K 14.7, Q6_K 13.4, IQ4_NL 9.5, IQ4_XS 13.8. Not yet at Q4_0's speed: what is
-    left is mostly scalar per-sub-block scale work and one row at a time (qmatmul shares each
-    activation load between 4 rows). The prefill GEMM runs these row kernels per token
-    (quantize each token once, 16 weight rows x all tokens per task), so it pays the unpacking
-    per token: 3.5-7x slower than qmatmul's Q4_0 GEMM on the TinyLlama 2048 x 5632 shape.
+  * 32-block types (Q4_1, Q5_0, Q5_1, IQ4_NL): each 32-weight block is unpacked in LLVM IR
+    (intrinsic _dpnf: byte shift + mask; the qh bits by a byte shuffle and a mask test; IQ4's
+    table by vpshufb) straight into vpdpbusd ymm (u8 weights x s8 activations), converted per
+    block and fma'd into two f32 accumulators (even / odd blocks: one chain is latency-bound),
+    one row at a time, the row 2 rows ahead prefetched. Unsigned weights need an offset for the
+    signed formats: Q5_0 -16 and the IQ4 table's +128 come off through the block sums (xs).
+  * K-quants and IQ4_XS (_ksb / _ksb_mt, section "K-quant super-blocks" below): a whole
+    256-super-block per step. GEMV: 4 rows per pass (the 4 activation zmm and the Q8_K block
+    sums loaded once for the 4 rows); each row's weights unpacked with zmm vector ops in the
+    activation's order, the 6-bit / 8-bit sub-block scales unpacked as vectors and applied
+    inside the integer dot (vpmaddubsw u8 x s8 -> i16 pairs, then vpdpwssd with the scales as
+    i16 lanes), the mins (Q2_K, Q4_K, Q5_K) and offsets (Q3_K -4, Q6_K -32) in int32 lanes from
+    the block sums, one float fma per super-block and row, one horizontal sum per row. IQ4_XS
+    (table + 128 overflows the i16 pairs) keeps vpdpbusd with the -128 bias preloaded in the
+    accumulator and a vpmulld by its scales. The 4 rows' bytes 16 rows ahead are prefetched as a
+    linear stream (as qmatmul's Q4_0). GEMM (prefill, gemm_<type>_groups): 1 row x 4 tokens per
+    pass, the super-block unpacked once for the 4 tokens; the per-(row, token) integer sums and
+    float step are the GEMV's code, so prefill is bit-identical to decode.
+  * inspect_asm of gemv_q4_k_groups: vpmaddubsw + vpdpwssd on zmm, prefetcht0, no vpmovsxbq
+    (asserted by tests/test_ggml_quants.py::test_vnni_asm).
+  * Cost: see benchmarks/README.md ("ggml K-quant kernels") for the before/after figures.
   * Without AVX512-VNNI/VL (or MINILM_SIMD=generic|avx2): generic IR (zext/sext, mul, adds; a
     select chain for the IQ4 table) that any LLVM target compiles; tested by forcing it.
 """
@@ -915,15 +917,8 @@ def act_quant_q8_k(x, xq, xd, xs):
 
 
 # ---- SIMD building blocks (LLVM IR) --------------------------------------------------------
-# _dpk(acc, sc0, sc1, row, ro, sh, mk, ro2, sh2, mk2, ls2, x, xo)   K-quants: 32 weights
-#     u = ((row[ro:ro+32] >> sh) & mk) | (((row[ro2:ro2+32] >> sh2) & mk2) << ls2) (u8), then
-#     acc[0:8] (int32, stack) += dot4(u, x[xo:xo+32] (s8)) * [sc0]*4 ++ [sc1]*4 (lane i = bytes
-#     4i..4i+3: lanes 0-3 are the first 16 weights, 4-7 the next 16, so one call serves two
-#     16-sub-blocks or one 32-sub-block)
-# _dpkb(...): the same with a one-bit high part tested by a mask (Q3_K, Q5_K)
 # _dpnf(facc, scale, row, ro, qho, KIND, x, xo)   32-blocks from 16 nibble bytes (KIND 0 plain,
 #     1 with the Q5 qh bits, 2 IQ4 table + 128): facc[0:8] (f32) += f32(dot4(...)) * scale
-# _dpni(acc, sc, row, ro, qho, KIND, x, xo)   the same into int32 lanes times sc (IQ4_XS)
 # "vnni": vpdpbusd ymm and pshufb; "generic": widening IR any LLVM target lowers (zext/sext, mul,
 # adds; a select chain for the table), chosen when the CPU lacks AVX512-VNNI/VL or with
 # MINILM_SIMD=generic|avx2 (as kernels/qmatmul.py; use a fresh NUMBA_CACHE_DIR with it).
@@ -933,7 +928,7 @@ import os as _os  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 
-from .simd import _elem_ptr, _prefetch, _ptr_add, _stack_f32  # noqa: E402
+from .simd import _elem_ptr, _hsum16, _prefetch, _ptr_add, _stack_f32  # noqa: E402
 
 try:
     _FEAT = _llvm.get_host_cpu_features()
@@ -991,17 +986,6 @@ def _splat8(builder, v, n=32):
     return _shuf(builder, e, e, [0] * n)
 
 
-def _bits32(ctx, builder, sig, args, i):
-    """u = ((row[ro:ro+32] >> sh) & mk) | (((row[ro2:ro2+32] >> sh2) & mk2) << ls2) as <32 x i8>,
-    from the args i .. i+7 = row, ro, sh, mk, ro2, sh2, mk2, ls2 (byte-wise shifts)."""
-    row, ro, sh, mk, ro2, sh2, mk2, ls2 = args[i:i + 8]
-    a = _load32(ctx, builder, sig.args[i], row, ro)
-    a = builder.and_(builder.lshr(a, _splat8(builder, sh)), _splat8(builder, mk))
-    b = _load32(ctx, builder, sig.args[i], row, ro2)
-    b = builder.and_(builder.lshr(b, _splat8(builder, sh2)), _splat8(builder, mk2))
-    return builder.or_(a, builder.shl(b, _splat8(builder, ls2)))
-
-
 def _nib32(ctx, builder, sig, args, i, kind):
     """32 weights of a 32-block from its 16 nibble bytes at row[ro:] (args i, i+1; i+2 = qho):
     kind 0: [lo nibbles, hi nibbles]; 1: | bit l of the little-endian u32 at row[qho:] << 4 (Q5);
@@ -1039,49 +1023,12 @@ def _nib32(ctx, builder, sig, args, i, kind):
     return u
 
 
-def _acc_i32(builder, accp, d, s0, s1):
-    v0 = builder.insert_element(ir.Constant(_V8I32, None), _i32(builder, s0), ir.Constant(_I32T, 0))
-    v1 = builder.insert_element(ir.Constant(_V8I32, None), _i32(builder, s1), ir.Constant(_I32T, 0))
-    sc = _shuf(builder, v0, v1, [0, 0, 0, 0, 8, 8, 8, 8])
-    ap = builder.bitcast(accp, _V8I32.as_pointer())
-    builder.store(builder.add(builder.load(ap, align=4), builder.mul(d, sc)), ap, align=4)
-
-
 def _acc_f32(builder, accp, d, scale):
     v = builder.insert_element(ir.Constant(_V8F32, None), scale, ir.Constant(_I32T, 0))
     v = _shuf(builder, v, v, [0] * 8)
     ap = builder.bitcast(accp, _V8F32.as_pointer())
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8F32, [_V8F32] * 3), "llvm.fma.v8f32")
     builder.store(builder.call(fma, [builder.sitofp(d, _V8F32), v, builder.load(ap, align=4)]), ap, align=4)
-
-
-@intrinsic
-def _dpk(typingctx, accp, sc0, sc1, row, ro, sh, mk, ro2, sh2, mk2, ls2, x, xo):
-    """acc[0:8] (i32) += dot4(_bits32(row ...), x[xo:xo+32]) * [sc0]*4 ++ [sc1]*4 (K-quants)."""
-    def codegen(ctx, builder, sig, args):
-        u = _bits32(ctx, builder, sig, args, 3)
-        d = _dot4(builder, u, _load32(ctx, builder, sig.args[11], args[11], args[12]))
-        _acc_i32(builder, args[0], d, args[1], args[2])
-        return ir.Constant(_I8T, 0)
-    return types.int8(accp, sc0, sc1, row, ro, sh, mk, ro2, sh2, mk2, ls2, x, xo), codegen
-
-
-@intrinsic
-def _dpkb(typingctx, accp, sc0, sc1, row, ro, sh, mk, ro2, bm, hv, x, xo):
-    """acc[0:8] (i32) += dot4(u, x[xo:xo+32]) * [sc0]*4 ++ [sc1]*4 with
-    u = ((row[ro:ro+32] >> sh) & mk) | (hv where row[ro2:ro2+32] & bm else 0): a low part and a
-    one-bit high part tested with a mask (Q3_K, Q5_K: no per-call shift of the high bits)."""
-    def codegen(ctx, builder, sig, args):
-        accp_, s0, s1, row, ro, sh, mk, ro2, bm, hv, x_, xo_ = args
-        a = _load32(ctx, builder, sig.args[3], row, ro)
-        a = builder.and_(builder.lshr(a, _splat8(builder, sh)), _splat8(builder, mk))
-        b = _load32(ctx, builder, sig.args[3], row, ro2)
-        hit = builder.icmp_unsigned("!=", builder.and_(b, _splat8(builder, bm)), ir.Constant(_V32I8, [0] * 32))
-        u = builder.or_(a, builder.select(hit, _splat8(builder, hv), ir.Constant(_V32I8, [0] * 32)))
-        d = _dot4(builder, u, _load32(ctx, builder, sig.args[10], x_, xo_))
-        _acc_i32(builder, accp_, d, s0, s1)
-        return ir.Constant(_I8T, 0)
-    return types.int8(accp, sc0, sc1, row, ro, sh, mk, ro2, bm, hv, x, xo), codegen
 
 
 @intrinsic
@@ -1100,45 +1047,6 @@ def _dpnf(typingctx, accp, scale, row, ro, qho, KIND, x, xo):
 
 
 @intrinsic
-def _dpni(typingctx, accp, sc, row, ro, qho, KIND, x, xo):
-    """acc[0:8] (i32) += dot4(_nib32(row, ro, qho, KIND), x[xo:xo+32]) * sc (IQ4_XS)."""
-    if not isinstance(KIND, types.IntegerLiteral):
-        return None
-    kind = KIND.literal_value
-
-    def codegen(ctx, builder, sig, args):
-        u = _nib32(ctx, builder, sig, args, 2, kind)
-        d = _dot4(builder, u, _load32(ctx, builder, sig.args[6], args[6], args[7]))
-        _acc_i32(builder, args[0], d, args[1], args[1])
-        return ir.Constant(_I8T, 0)
-    return types.int8(accp, sc, row, ro, qho, KIND, x, xo), codegen
-
-
-@intrinsic
-def _stack_i32(typingctx, n):
-    if not isinstance(n, types.IntegerLiteral):
-        return None
-    size = n.literal_value
-
-    def codegen(ctx, builder, sig, args):
-        return builder.bitcast(cgutils.alloca_once(builder, ir.ArrayType(_I32T, size)), _I32T.as_pointer())
-    return types.CPointer(types.int32)(n), codegen
-
-
-@intrinsic
-def _hsum8i(typingctx, accp):
-    def codegen(ctx, builder, sig, args):
-        v = builder.load(builder.bitcast(args[0], _V8I32.as_pointer()), align=4)
-        n = 8
-        while n > 1:
-            h = n // 2
-            v = builder.add(_shuf(builder, v, v, list(range(h))), _shuf(builder, v, v, list(range(h, n))))
-            n = h
-        return builder.extract_element(v, ir.Constant(_I32T, 0))
-    return types.int32(accp), codegen
-
-
-@intrinsic
 def _hsum8f(typingctx, accp):
     def codegen(ctx, builder, sig, args):
         v = builder.load(builder.bitcast(args[0], _V8F32.as_pointer()), align=4)
@@ -1149,6 +1057,414 @@ def _hsum8f(typingctx, accp):
             n = h
         return builder.extract_element(v, ir.Constant(_I32T, 0))
     return types.float32(accp), codegen
+
+
+# ---- K-quant super-blocks, several rows at once (LLVM IR) -----------------------------------
+# _ksb(accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND): super-block i (256 weights) of the NR
+# rows that start at byte qoff of raw (row stride rb bytes); per row r two f32 accumulators of 16
+# lanes on the stack, accp[32r : 32r+16] (main) and accp[32r+16 : 32r+32] (the K-quant mins):
+#     main += f32(isum lanes) * (xd[i] * d_r),   mins += f32(msum lanes) * (xd[i] * dmin_r)
+# and out[r] = sum(main) - sum(mins) at the end. Layout of the work per super-block:
+#   * the 256 activation bytes are 4 zmm loads (x[64p : 64p+64]) shared by all NR rows, and the
+#     Q8_K block sums xs[16i : 16i+16] are converted to int32 once (the mins and the offsets);
+#   * each row's 256 weights are unpacked with vector ops into 4 x 64 unsigned bytes in the
+#     activation's order (no shuffles of x: e.g. Q4_K's 32 bytes qs[32c:] give [low nibbles,
+#     high nibbles] = sub-blocks 2c, 2c+1 = x[64c : 64c+64]);
+#   * the sub-block scales (unpacked as vectors, not per element) multiply the integer sums
+#     inside the dot product: vpmaddubsw (u8 x s8 -> pairs of i16; every format's
+#     |u0*x0 + u1*x1| <= 2*63*128 fits) then vpdpwssd with the scales as i16 lanes (i32 lanes
+#     += p16 * scale). IQ4_XS (table values + 128 up to 241: pairs would overflow i16) uses
+#     vpdpbusd with the -128 offset preloaded in the accumulator and a vpmulld by its scales;
+#   * offsets (Q3_K -4, Q6_K -32) come off lane-wise in int32: acc starts at -off * sc * bsum.
+# "generic" (no AVX512-VNNI/BW): the same sums with widening integer IR any LLVM target compiles.
+
+_I16T = ir.IntType(16)
+_I64T = ir.IntType(64)
+_V64I8 = ir.VectorType(_I8T, 64)
+_V8I8 = ir.VectorType(_I8T, 8)
+_V4I8 = ir.VectorType(_I8T, 4)
+_V32I16 = ir.VectorType(_I16T, 32)
+_V16I16 = ir.VectorType(_I16T, 16)
+_V8I16 = ir.VectorType(_I16T, 8)
+_V16I32 = ir.VectorType(_I32T, 16)
+_V64I32 = ir.VectorType(_I32T, 64)
+_V16F32 = ir.VectorType(_F32T, 16)
+_KTS = {10: 84, 11: 110, 12: 144, 13: 176, 14: 210, 23: 136}    # ggml type -> bytes per super-block
+
+
+def _cv(vals, ty=_I8T):
+    """A constant vector (i8 values given as 0..255 or signed)."""
+    if ty is _I8T:
+        vals = [v - 256 if v > 127 else v for v in vals]
+    return ir.Constant(ir.VectorType(ty, len(vals)), list(vals))
+
+
+def _cat(builder, a, b):
+    n = a.type.count
+    return _shuf(builder, a, b, list(range(2 * n)))
+
+
+def _dot4_64(builder, acc, u, x):
+    """acc <16 x i32> + per lane k: sum(u[4k:4k+4] (u8) * x[4k:4k+4] (s8)) (vpdpbusd zmm)."""
+    if SIMD == "vnni":
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3),
+                                           "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(f, [acc, builder.bitcast(u, _V16I32), builder.bitcast(x, _V16I32)])
+    p = builder.mul(builder.zext(u, _V64I32), builder.sext(x, _V64I32))
+    parts = [_shuf(builder, p, p, [4 * i + k for i in range(16)]) for k in range(4)]
+    return builder.add(acc, builder.add(builder.add(parts[0], parts[1]), builder.add(parts[2], parts[3])))
+
+
+def _mdot(builder, acc, u, x, sc16):
+    """acc <16 x i32> + per lane k: sum_{b<4} u[4k+b] * x[4k+b] * sc16[(4k+b)//2] (u u8, x s8,
+    sc16 <32 x i16>, equal in lanes 2k and 2k+1 for every caller): vpmaddubsw + vpdpwssd."""
+    if SIMD == "vnni":
+        f1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32I16, [_V64I8, _V64I8]),
+                                            "llvm.x86.avx512.pmaddubs.w.512")
+        f2 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3),
+                                            "llvm.x86.avx512.vpdpwssd.512")
+        p = builder.call(f1, [u, x])
+        return builder.call(f2, [acc, builder.bitcast(p, _V16I32), builder.bitcast(sc16, _V16I32)])
+    d = _dot4_64(builder, ir.Constant(_V16I32, [0] * 16), u, x)
+    s = builder.sext(_shuf(builder, sc16, sc16, [2 * k for k in range(16)]), _V16I32)
+    return builder.add(acc, builder.mul(d, s))
+
+
+def _pshufb64(builder, tab, idx):
+    """tab[idx] per byte (idx 0..15, tab <16 x i8>): vpshufb zmm, or a select chain."""
+    if SIMD == "vnni":
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V64I8, [_V64I8] * 2),
+                                           "llvm.x86.avx512.pshuf.b.512")
+        return builder.call(f, [_shuf(builder, tab, tab, list(range(16)) * 4), idx])
+    r = ir.Constant(_V64I8, [0] * 64)
+    for t in range(16):
+        kv = _shuf(builder, tab, tab, [t] * 64)
+        r = builder.select(builder.icmp_unsigned("==", idx, _cv([t] * 64)), kv, r)
+    return r
+
+
+def _bitset(builder, v, mask, val):
+    """val where (v & mask) != 0, else 0 (per byte; <64 x i8>)."""
+    hit = builder.icmp_unsigned("!=", builder.and_(v, _cv(mask)), _cv([0] * 64))
+    return builder.select(hit, _cv([val] * 64), _cv([0] * 64))
+
+
+def _k4_scales(builder, s):
+    """Q4_K/Q5_K's 12 packed bytes (s <16 x i8>, bytes 0..11) -> (sc <8 x i8>, mn <8 x i8>)."""
+    a = _shuf(builder, s, s, [0, 1, 2, 3] * 2)
+    b = _shuf(builder, s, s, [4, 5, 6, 7] * 2)
+    c = _shuf(builder, s, s, [8, 9, 10, 11] * 2)
+    top_a = builder.shl(builder.lshr(a, _cv([6] * 8)), _cv([4] * 8))
+    top_b = builder.shl(builder.lshr(b, _cv([6] * 8)), _cv([4] * 8))
+    sc_hi = builder.or_(builder.and_(c, _cv([15] * 8)), top_a)
+    mn_hi = builder.or_(builder.lshr(c, _cv([4] * 8)), top_b)
+    pick = [0, 1, 2, 3, 12, 13, 14, 15]
+    return (_shuf(builder, builder.and_(a, _cv([63] * 8)), sc_hi, pick),
+            _shuf(builder, builder.and_(b, _cv([63] * 8)), mn_hi, pick))
+
+
+def _ksb_unpack(builder, kind, ld, h16, base):
+    """One row's super-block at byte base, unpacked for any number of activation rows:
+    dict(pieces=[(u <64 x u8>, scale lanes, p)] (x[64p : 64p+64] pairs with u), d, dmin | None,
+    mn (mins: <8 x i32> per 32-sub-block or <16 x i32> per 16-group) | None, osc (<16 x i32>
+    scales of the offset formats) | None, osh (the offset as a shift: 5 = 32, 2 = 4), ls (IQ4_XS))."""
+    def at(k):
+        return builder.add(base, ir.Constant(_I64T, k))
+
+    def sc_lanes(sc, first):
+        """<32 x i16> of 16-group scales first..first+3 (8 i16 lanes = 16 bytes each)."""
+        return _shuf(builder, sc, sc, [first + k // 8 for k in range(32)])
+
+    U = dict(pieces=[], d=None, dmin=None, mn=None, osc=None, osh=0, ls=None)
+    if kind in (12, 13):                                  # Q4_K, Q5_K
+        U["d"], U["dmin"] = h16(at(0)), h16(at(2))
+        sc8, mn8 = _k4_scales(builder, ld(at(4), _V16I8))
+        sc16 = builder.zext(sc8, _V8I16)
+        qo = 16 if kind == 12 else 48
+        if kind == 13:
+            qh = ld(at(16), _V32I8)
+            hz = _cat(builder, qh, qh)
+        for h in range(2):                                # 64 bytes = sub-blocks 4h .. 4h+3
+            v = ld(at(qo + 64 * h), _V64I8)
+            lo = builder.and_(v, _cv([15] * 64))
+            hi = builder.lshr(v, _cv([4] * 64))
+            for c2 in range(2):                           # [low, high] nibbles of 32 bytes
+                c = 2 * h + c2
+                half = list(range(32 * c2, 32 * c2 + 32))
+                u = _shuf(builder, lo, hi, half + [64 + k for k in half])
+                if kind == 13:
+                    u = builder.or_(u, _bitset(builder, hz, [1 << 2 * c] * 32 + [2 << 2 * c] * 32, 16))
+                U["pieces"].append((u, _shuf(builder, sc16, sc16, [2 * c] * 16 + [2 * c + 1] * 16), c))
+        U["mn"] = builder.zext(mn8, _V8I32)
+        return U
+    if kind == 14:                                        # Q6_K: (ql | qh << 4) - 32
+        U["d"] = h16(at(208))
+        s = ld(at(192), _V16I8)
+        sc = builder.sext(s, _V16I16)
+        U["osc"], U["osh"] = builder.sext(s, _V16I32), 5
+        for h in range(2):
+            ql = ld(at(64 * h), _V64I8)
+            q = ld(at(128 + 32 * h), _V32I8)
+            qh2 = _cat(builder, q, builder.lshr(q, _cv([2] * 32)))
+            ua = builder.or_(builder.and_(ql, _cv([15] * 64)), builder.shl(builder.and_(qh2, _cv([3] * 64)), _cv([4] * 64)))
+            ub = builder.or_(builder.lshr(ql, _cv([4] * 64)), builder.and_(qh2, _cv([0x30] * 64)))
+            U["pieces"] += [(ua, sc_lanes(sc, 8 * h), 2 * h), (ub, sc_lanes(sc, 8 * h + 4), 2 * h + 1)]
+        return U
+    if kind in (10, 11):                                  # Q2_K, Q3_K: 2-bit fields (+ Q3_K's hmask bit)
+        if kind == 10:
+            U["d"], U["dmin"] = h16(at(80)), h16(at(82))
+            s = ld(at(0), _V16I8)
+            sc = builder.zext(builder.and_(s, _cv([15] * 16)), _V16I16)
+            U["mn"] = builder.zext(builder.lshr(s, _cv([4] * 16)), _V16I32)
+            qo = 16
+        else:
+            U["d"] = h16(at(108))
+            s = ld(at(94), _V16I8)                       # bytes 2..13 are the 12 scale bytes
+            a8 = _shuf(builder, s, s, list(range(2, 10)))
+            lo = _cat(builder, builder.and_(a8, _cv([15] * 8)), builder.lshr(a8, _cv([4] * 8)))
+            b4 = _shuf(builder, s, s, [10, 11, 12, 13])
+            hs = [builder.and_(builder.lshr(b4, _cv([2 * t] * 4)), _cv([3] * 4)) for t in range(4)]
+            hi = _cat(builder, _cat(builder, hs[0], hs[1]), _cat(builder, hs[2], hs[3]))
+            s8 = builder.sub(builder.or_(lo, builder.shl(hi, _cv([4] * 16))), _cv([32] * 16))
+            sc = builder.sext(s8, _V16I16)
+            U["osc"], U["osh"] = builder.sext(s8, _V16I32), 2
+            hm = ld(at(0), _V32I8)
+            hz = _cat(builder, hm, hm)
+            qo = 32
+        for h in range(2):
+            q = ld(at(qo + 32 * h), _V32I8)
+            q2 = _cat(builder, q, builder.lshr(q, _cv([2] * 32)))
+            ua = builder.and_(q2, _cv([3] * 64))
+            ub = builder.and_(builder.lshr(q2, _cv([4] * 64)), _cv([3] * 64))
+            if kind == 11:
+                ua = builder.or_(ua, _bitset(builder, hz, [1 << 4 * h] * 32 + [2 << 4 * h] * 32, 4))
+                ub = builder.or_(ub, _bitset(builder, hz, [4 << 4 * h] * 32 + [8 << 4 * h] * 32, 4))
+            U["pieces"] += [(ua, sc_lanes(sc, 8 * h), 2 * h), (ub, sc_lanes(sc, 8 * h + 4), 2 * h + 1)]
+        return U
+    # IQ4_XS: table values + 128 (u8), scales as <16 x i32> lanes per piece (vpdpbusd, vpmulld)
+    U["d"] = h16(at(0))
+    sh = builder.zext(builder.load(builder.bitcast(ld.ptr(at(2)), _I16T.as_pointer()), align=1), _I32T)
+    sl4 = ld(at(4), _V4I8)
+    sl = builder.zext(_shuf(builder, sl4, sl4, [0, 0, 1, 1, 2, 2, 3, 3]), _V8I32)
+    slv = builder.and_(builder.lshr(sl, _cv([0, 4] * 4, _I32T)), _cv([15] * 8, _I32T))
+    shs = _shuf(builder, builder.insert_element(ir.Constant(_V8I32, None), sh, ir.Constant(_I32T, 0)),
+                ir.Constant(_V8I32, None), [0] * 8)
+    shv = builder.and_(builder.lshr(shs, _cv([2 * j for j in range(8)], _I32T)), _cv([3] * 8, _I32T))
+    ls = builder.sub(builder.or_(slv, builder.shl(shv, _cv([4] * 8, _I32T))), _cv([32] * 8, _I32T))
+    tab = _cv(_KV128)
+    for p in range(4):
+        q = ld(at(8 + 32 * p), _V32I8)
+        lo = builder.and_(q, _cv([15] * 32))
+        hi = builder.lshr(q, _cv([4] * 32))
+        idx = _shuf(builder, lo, hi, list(range(16)) + list(range(32, 48)) + list(range(16, 32)) + list(range(48, 64)))
+        U["pieces"].append((_pshufb64(builder, tab, idx), _shuf(builder, ls, ls, [2 * p] * 8 + [2 * p + 1] * 8), p))
+    U["ls"] = True
+    return U
+
+
+def _ksb_dot(builder, U, xv, bs, p8):
+    """The integer sums of an unpacked super-block (_ksb_unpack) with one activation row's
+    super-block (xv: its 4 zmm, bs <16 x i32> block sums, p8 <8 x i32> pair sums):
+    (isum <16 x i32>, msum <16 x i32> | None)."""
+    zero16 = ir.Constant(_V16I32, [0] * 16)
+    if U["osc"] is not None:          # the offset: acc starts at -off * sum(sc * bsum), lane-wise
+        acc = builder.sub(zero16, builder.shl(builder.mul(U["osc"], bs), _cv([U["osh"]] * 16, _I32T)))
+    else:
+        acc = zero16
+    if U["ls"]:
+        bias = builder.mul(p8, _cv([-128] * 8, _I32T))   # the table's +128, per 32-sub-block
+        for u, lsv, p in U["pieces"]:
+            b0 = _shuf(builder, bias, ir.Constant(_V8I32, [0] * 8), [2 * p] + [8] * 7 + [2 * p + 1] + [8] * 7)
+            acc = builder.add(acc, builder.mul(_dot4_64(builder, b0, u, xv[p]), lsv))
+    else:
+        for u, sc16, p in U["pieces"]:
+            acc = _mdot(builder, acc, u, xv[p], sc16)
+    msum = None
+    if U["mn"] is not None:
+        if U["mn"].type.count == 8:
+            msum = _cat(builder, builder.mul(U["mn"], p8), ir.Constant(_V8I32, [0] * 8))
+        else:
+            msum = builder.mul(U["mn"], bs)
+    return acc, msum
+
+
+class _RawLoader:
+    """Loads from the raw bytes (ld(off, vty)); ptr(off) is the i8 pointer."""
+    def __init__(self, ctx, builder, aty, arr):
+        self.ctx, self.builder, self.aty, self.arr = ctx, builder, aty, arr
+
+    def ptr(self, off):
+        return _elem_ptr(self.ctx, self.builder, self.aty, self.arr, off, _I8T)
+
+    def __call__(self, off, vty):
+        return self.builder.load(self.builder.bitcast(self.ptr(off), vty.as_pointer()), align=1)
+
+
+def _ksb_common(ctx, builder, raw_aty, raw_):
+    ld = _RawLoader(ctx, builder, raw_aty, raw_)
+
+    def h16(off):
+        h = builder.load(builder.bitcast(ld.ptr(off), ir.HalfType().as_pointer()), align=1)
+        return builder.fpext(h, _F32T)
+    fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
+
+    def acc_into(accp, k, isum, scale):
+        """accp[k : k+16] = fma(f32(isum), scale, accp[k : k+16]) (the one float step per super-block)."""
+        e = builder.insert_element(ir.Constant(_V16F32, None), scale, ir.Constant(_I32T, 0))
+        ap = builder.bitcast(builder.gep(accp, [ir.Constant(_I32T, k)]), _V16F32.as_pointer())
+        builder.store(builder.call(fma, [builder.sitofp(isum, _V16F32), _shuf(builder, e, e, [0] * 16),
+                                         builder.load(ap, align=4)]), ap, align=4)
+
+    def act(aty_q, xq_, aty_s, xs_, aty_d, xd_, xo, so, do):
+        """One activation row's super-block: (4 zmm of xq from xo, bs, p8, xd)."""
+        xv = [builder.load(_elem_ptr(ctx, builder, aty_q, xq_, builder.add(xo, ir.Constant(_I64T, 64 * p)), _V64I8),
+                           align=1) for p in range(4)]
+        bs = builder.fptosi(builder.load(_elem_ptr(ctx, builder, aty_s, xs_, so, _V16F32), align=4), _V16I32)
+        p8 = builder.add(_shuf(builder, bs, bs, list(range(0, 16, 2))), _shuf(builder, bs, bs, list(range(1, 16, 2))))
+        return xv, bs, p8, builder.load(_elem_ptr(ctx, builder, aty_d, xd_, do, _F32T), align=4)
+    return ld, h16, acc_into, act
+
+
+def _prefetch_lines(builder, ld, off, n):
+    pf = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [_I8T.as_pointer(), _I32T, _I32T, _I32T]), "llvm.prefetch.p0")
+    for k in range(n):
+        builder.call(pf, [ld.ptr(builder.add(off, ir.Constant(_I64T, 64 * k))), ir.Constant(_I32T, 0),
+                          ir.Constant(_I32T, 3), ir.Constant(_I32T, 1)])
+
+
+def _as64(builder, v):
+    return builder.sext(v, _I64T) if v.type.width < 64 else v
+
+
+@intrinsic
+def _ksb(typingctx, accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND):
+    """GEMV: super-block i of NR rows (see the section comment); prefetches NR*type_size bytes of
+    raw from byte pfo on (the caller maps super-blocks onto a linear stream ahead)."""
+    if not (isinstance(NR, types.IntegerLiteral) and isinstance(KIND, types.IntegerLiteral)):
+        return None
+    nr, kind = NR.literal_value, KIND.literal_value
+    if kind not in _KTS:
+        return None
+    ts = _KTS[kind]
+
+    def codegen(ctx, builder, sig, args):
+        accp_, raw_, qoff_, rb_, xq_, xd_, xs_, i_, pfo_ = args[:9]
+        i64 = _as64(builder, i_)
+        ld, h16, acc_into, act = _ksb_common(ctx, builder, sig.args[1], raw_)
+        _prefetch_lines(builder, ld, pfo_, (nr * ts + 63) // 64)
+        xv, bs, p8, xdi = act(sig.args[4], xq_, sig.args[6], xs_, sig.args[5], xd_,
+                              builder.mul(i64, ir.Constant(_I64T, 256)), builder.mul(i64, ir.Constant(_I64T, 16)), i64)
+        for r in range(nr):
+            base = builder.add(builder.add(qoff_, builder.mul(rb_, ir.Constant(_I64T, r))),
+                               builder.mul(i64, ir.Constant(_I64T, ts)))
+            U = _ksb_unpack(builder, kind, ld, h16, base)
+            isum, msum = _ksb_dot(builder, U, xv, bs, p8)
+            acc_into(accp_, 32 * r, isum, builder.fmul(xdi, U["d"]))
+            if msum is not None:
+                acc_into(accp_, 32 * r + 16, msum, builder.fmul(xdi, U["dmin"]))
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND), codegen
+
+
+@intrinsic
+def _ksb_mt(typingctx, accp, raw, roff, XQ, XD, XS, t0, i, NT, KIND):
+    """GEMM: super-block i of one row (at byte roff of raw) against the activation rows
+    t0 .. t0+NT-1 of XQ/XD/XS (2-D): the row is unpacked once, then per token exactly the
+    integer sums and float step of _ksb (so decode and prefill agree bit for bit);
+    accp[32t : 32t+32] is token t0+t's (main, mins) pair."""
+    if not (isinstance(NT, types.IntegerLiteral) and isinstance(KIND, types.IntegerLiteral)):
+        return None
+    nt, kind = NT.literal_value, KIND.literal_value
+    if kind not in _KTS or any(a.layout != "C" for a in (XQ, XD, XS)):
+        return None
+    ts = _KTS[kind]
+
+    def codegen(ctx, builder, sig, args):
+        accp_, raw_, roff_, XQ_, XD_, XS_, t0_, i_ = args[:8]
+        i64 = _as64(builder, i_)
+        t064 = _as64(builder, t0_)
+        ld, h16, acc_into, act = _ksb_common(ctx, builder, sig.args[1], raw_)
+        U = _ksb_unpack(builder, kind, ld, h16, builder.add(roff_, builder.mul(i64, ir.Constant(_I64T, ts))))
+        aq = ctx.make_array(sig.args[3])(ctx, builder, XQ_)
+        ad = ctx.make_array(sig.args[4])(ctx, builder, XD_)
+        as_ = ctx.make_array(sig.args[5])(ctx, builder, XS_)
+        kq = builder.extract_value(aq.shape, 1)            # row strides in elements (C-contiguous rows)
+        kd = builder.extract_value(ad.shape, 1)
+        ks = builder.extract_value(as_.shape, 1)
+        for t in range(nt):
+            tt = builder.add(t064, ir.Constant(_I64T, t))
+            xo = builder.add(builder.mul(tt, kq), builder.mul(i64, ir.Constant(_I64T, 256)))
+            so = builder.add(builder.mul(tt, ks), builder.mul(i64, ir.Constant(_I64T, 16)))
+            do = builder.add(builder.mul(tt, kd), i64)
+            xv, bs, p8, xdi = act(sig.args[3], XQ_, sig.args[5], XS_, sig.args[4], XD_, xo, so, do)
+            isum, msum = _ksb_dot(builder, U, xv, bs, p8)
+            acc_into(accp_, 32 * t, isum, builder.fmul(xdi, U["d"]))
+            if msum is not None:
+                acc_into(accp_, 32 * t + 16, msum, builder.fmul(xdi, U["dmin"]))
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, raw, roff, XQ, XD, XS, t0, i, NT, KIND), codegen
+
+
+@njit(**dict(_JIT, inline="always"))
+def _k_groups(xq, xd, xs, raw, out, g0, g1, KIND, TS):
+    """Row groups g0..g1-1 (4 rows each) of a K-quant gemv: per group one pass over the
+    super-blocks with the 4 rows together (_ksb), the rows 16 ahead prefetched as a linear stream."""
+    N = raw.shape[0]
+    rb = raw.shape[1]
+    nsb = rb // TS
+    PF = 16 * rb
+    accp = _stack_f32(128)                # 4 rows x (16 main + 16 min) f32 lanes
+    acc = numba.carray(accp, 128)
+    for g in range(g0, g1):
+        r0 = 4 * g
+        for k in range(128):
+            acc[k] = 0.0
+        q0 = r0 * rb
+        if r0 + 4 <= N:
+            for i in range(nsb):
+                _ksb(accp, raw, q0, rb, xq, xd, xs, i, q0 + PF + 4 * TS * i, 4, KIND)
+            nr = 4
+        else:
+            nr = N - r0
+            for rr in range(nr):
+                for i in range(nsb):
+                    _ksb(_ptr_add(accp, 32 * rr), raw, q0 + rr * rb, rb, xq, xd, xs, i, q0 + PF + TS * i, 1, KIND)
+        for rr in range(nr):
+            out[r0 + rr] = _hsum16(accp, 32 * rr) - _hsum16(accp, 32 * rr + 16)
+
+
+_MT = 4       # tokens per pass of the K-quant GEMM (one unpacked super-block serves them all)
+
+
+@njit(**dict(_JIT, inline="always"))
+def _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, KIND, TS):
+    """Row groups g0..g1-1 of out[:M] = X[:M] @ W.T (K-quants): per row and block of _MT tokens
+    one pass over the row's super-blocks, each unpacked once for the _MT tokens (_ksb_mt); the
+    group's rows stay in L1 across the token blocks. Per (row, token) the same arithmetic as
+    _k_groups."""
+    N = raw.shape[0]
+    rb = raw.shape[1]
+    nsb = rb // TS
+    accp = _stack_f32(128)                # _MT (4) tokens x (16 main + 16 min) f32 lanes
+    acc = numba.carray(accp, 32 * _MT)
+    for g in range(g0, g1):
+        r1 = min(4 * g + 4, N)
+        for t0 in range(0, M - _MT + 1, _MT):
+            for r in range(4 * g, r1):
+                for k in range(32 * _MT):
+                    acc[k] = 0.0
+                for i in range(nsb):
+                    _ksb_mt(accp, raw, r * rb, XQ, XD, XS, t0, i, _MT, KIND)
+                for t in range(_MT):
+                    out[t0 + t, r] = _hsum16(accp, 32 * t) - _hsum16(accp, 32 * t + 16)
+        for t0 in range(M - M % _MT, M):                   # the last M % _MT tokens one by one
+            for r in range(4 * g, r1):
+                for k in range(32):
+                    acc[k] = 0.0
+                for i in range(nsb):
+                    _ksb_mt(accp, raw, r * rb, XQ, XD, XS, t0, i, 1, KIND)
+                out[t0, r] = _hsum16(accp, 0) - _hsum16(accp, 16)
 
 
 # ---- row dot products: row uint8[row_bytes], activation slots -> f32 ------------------------
@@ -1232,234 +1548,6 @@ def _row_iq4_nl(row, xq, xd, xs, pfd):
     return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + np.float32(-128.0) * corr
 
 
-@njit(**_JIT)
-def _zero8(ip):
-    a = numba.carray(ip, 8)
-    for i in range(8):
-        a[i] = 0
-
-
-@njit(**_JIT)
-def _row_q2_k(row, xq, xd, xs, pfd):
-    # element 128h + 32s + l (l < 32): bits 2s of qs[32h + l]; 16-groups j = 8h + 2s (+1)
-    nsb = row.shape[0] // 84
-    ip = _stack_i32(8)
-    acc = np.float32(0.0)
-    for i in range(nsb):
-        o = 84 * i
-        _prefetch(row, o + pfd + 0)
-        _prefetch(row, o + pfd + 64)
-        k0 = 256 * i
-        _zero8(ip)
-        msum = np.float32(0.0)
-        for h in range(2):
-            j = 8 * h + 0
-            c0 = row[o + j]
-            c1 = row[o + j + 1]
-            _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 0, 3, o, 0, 0, 0, xq, k0 + 16 * j)
-            msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
-            j = 8 * h + 2
-            c0 = row[o + j]
-            c1 = row[o + j + 1]
-            _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 2, 3, o, 0, 0, 0, xq, k0 + 16 * j)
-            msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
-            j = 8 * h + 4
-            c0 = row[o + j]
-            c1 = row[o + j + 1]
-            _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 4, 3, o, 0, 0, 0, xq, k0 + 16 * j)
-            msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
-            j = 8 * h + 6
-            c0 = row[o + j]
-            c1 = row[o + j + 1]
-            _dpk(ip, c0 & 15, c1 & 15, row, o + 16 + 32 * h, 6, 3, o, 0, 0, 0, xq, k0 + 16 * j)
-            msum += np.float32(c0 >> 4) * xs[16 * i + j] + np.float32(c1 >> 4) * xs[16 * i + j + 1]
-        isum = _hsum8i(ip)
-        acc += xd[i] * (_h2f(_u16(row, o + 80)) * np.float32(isum) - _h2f(_u16(row, o + 82)) * msum)
-    return acc
-
-
-@njit(**_JIT)
-def _q3_scale(row, so, j):
-    lo = np.int32(row[so + j] & 15) if j < 8 else np.int32(row[so + j - 8] >> 4)
-    hi = np.int32((row[so + 8 + (j & 3)] >> (2 * (j >> 2))) & 3)
-    return (lo | (hi << 4)) - 32
-
-
-@njit(**_JIT)
-def _row_q3_k(row, xq, xd, xs, pfd):
-    # element 128h + 32s + l: bits 2s of qs[32h + l] | bit 4h+s of hmask[l] << 2, minus 4
-    nsb = row.shape[0] // 110
-    ip = _stack_i32(8)
-    acc = np.float32(0.0)
-    for i in range(nsb):
-        o = 110 * i
-        _prefetch(row, o + pfd + 0)
-        _prefetch(row, o + pfd + 64)
-        k0 = 256 * i
-        _zero8(ip)
-        so = o + 96
-        corr = np.int32(0)
-        for h in range(2):
-            j = 8 * h + 0
-            sc0 = _q3_scale(row, so, j)
-            sc1 = _q3_scale(row, so, j + 1)
-            _dpkb(ip, sc0, sc1, row, o + 32 + 32 * h, 0, 3, o, 1 << (4 * h), 4, xq, k0 + 16 * j)
-            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
-            j = 8 * h + 2
-            sc0 = _q3_scale(row, so, j)
-            sc1 = _q3_scale(row, so, j + 1)
-            _dpkb(ip, sc0, sc1, row, o + 32 + 32 * h, 2, 3, o, 2 << (4 * h), 4, xq, k0 + 16 * j)
-            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
-            j = 8 * h + 4
-            sc0 = _q3_scale(row, so, j)
-            sc1 = _q3_scale(row, so, j + 1)
-            _dpkb(ip, sc0, sc1, row, o + 32 + 32 * h, 4, 3, o, 4 << (4 * h), 4, xq, k0 + 16 * j)
-            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
-            j = 8 * h + 6
-            sc0 = _q3_scale(row, so, j)
-            sc1 = _q3_scale(row, so, j + 1)
-            _dpkb(ip, sc0, sc1, row, o + 32 + 32 * h, 6, 3, o, 8 << (4 * h), 4, xq, k0 + 16 * j)
-            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
-        isum = np.int32(_hsum8i(ip) - np.int32(4) * corr)
-        acc += xd[i] * _h2f(_u16(row, o + 108)) * np.float32(isum)
-    return acc
-
-
-@njit(**_JIT)
-def _k4_sm(row, so, j):
-    """(scale, min) of sub-block j from the 12 packed bytes at row[so:]."""
-    if j < 4:
-        return np.int32(row[so + j] & 63), np.int32(row[so + j + 4] & 63)
-    sc = np.int32(row[so + j + 4] & 15) | (np.int32(row[so + j - 4] >> 6) << 4)
-    mn = np.int32(row[so + j + 4] >> 4) | (np.int32(row[so + j] >> 6) << 4)
-    return sc, mn
-
-
-@njit(**_JIT)
-def _row_q4_k(row, xq, xd, xs, pfd):
-    # sub-block j (32): nibble 4*(j&1) of qs[32*(j>>1) + l]
-    nsb = row.shape[0] // 144
-    ip = _stack_i32(8)
-    acc = np.float32(0.0)
-    for i in range(nsb):
-        o = 144 * i
-        _prefetch(row, o + pfd + 0)
-        _prefetch(row, o + pfd + 64)
-        _prefetch(row, o + pfd + 128)
-        k0 = 256 * i
-        _zero8(ip)
-        msum = np.float32(0.0)
-        for c in range(4):
-            j = 2 * c
-            sc, mn = _k4_sm(row, o + 4, j)
-            sc1, mn1 = _k4_sm(row, o + 4, j + 1)
-            _dpk(ip, sc, sc, row, o + 16 + 32 * c, 0, 15, o, 0, 0, 0, xq, k0 + 32 * j)
-            _dpk(ip, sc1, sc1, row, o + 16 + 32 * c, 4, 15, o, 0, 0, 0, xq, k0 + 32 * j + 32)
-            b = 16 * i + 2 * j
-            msum += np.float32(mn) * (xs[b] + xs[b + 1]) + np.float32(mn1) * (xs[b + 2] + xs[b + 3])
-        isum = _hsum8i(ip)
-        acc += xd[i] * (_h2f(_u16(row, o)) * np.float32(isum) - _h2f(_u16(row, o + 2)) * msum)
-    return acc
-
-
-@njit(**_JIT)
-def _row_q5_k(row, xq, xd, xs, pfd):
-    # sub-block j (32): nibble 4*(j&1) of qs[32*(j>>1) + l] | bit j of qh[l] << 4
-    nsb = row.shape[0] // 176
-    ip = _stack_i32(8)
-    acc = np.float32(0.0)
-    for i in range(nsb):
-        o = 176 * i
-        _prefetch(row, o + pfd + 0)
-        _prefetch(row, o + pfd + 64)
-        _prefetch(row, o + pfd + 128)
-        k0 = 256 * i
-        _zero8(ip)
-        msum = np.float32(0.0)
-        for c in range(4):
-            j = 2 * c
-            sc, mn = _k4_sm(row, o + 4, j)
-            sc1, mn1 = _k4_sm(row, o + 4, j + 1)
-            _dpkb(ip, sc, sc, row, o + 48 + 32 * c, 0, 15, o + 16, 1 << j, 16, xq, k0 + 32 * j)
-            _dpkb(ip, sc1, sc1, row, o + 48 + 32 * c, 4, 15, o + 16, 2 << j, 16, xq, k0 + 32 * j + 32)
-            b = 16 * i + 2 * j
-            msum += np.float32(mn) * (xs[b] + xs[b + 1]) + np.float32(mn1) * (xs[b + 2] + xs[b + 3])
-        isum = _hsum8i(ip)
-        acc += xd[i] * (_h2f(_u16(row, o)) * np.float32(isum) - _h2f(_u16(row, o + 2)) * msum)
-    return acc
-
-
-@njit(**_JIT)
-def _row_q6_k(row, xq, xd, xs, pfd):
-    # element 128h + 32s + l: nibble 4*(s>>1) of ql[64h + 32*(s&1) + l] | bits 2s of qh[32h + l] << 4, minus 32
-    nsb = row.shape[0] // 210
-    ip = _stack_i32(8)
-    acc = np.float32(0.0)
-    for i in range(nsb):
-        o = 210 * i
-        _prefetch(row, o + pfd + 0)
-        _prefetch(row, o + pfd + 64)
-        _prefetch(row, o + pfd + 128)
-        _prefetch(row, o + pfd + 192)
-        k0 = 256 * i
-        _zero8(ip)
-        so = o + 192
-        corr = np.int32(0)
-        for h in range(2):
-            j = 8 * h + 0
-            sc0 = np.int32(np.int8(row[so + j]))
-            sc1 = np.int32(np.int8(row[so + j + 1]))
-            _dpk(ip, sc0, sc1, row, o + 64 * h + 0, 0, 15, o + 128 + 32 * h, 0, 3, 4,
-                 xq, k0 + 16 * j)
-            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
-            j = 8 * h + 2
-            sc0 = np.int32(np.int8(row[so + j]))
-            sc1 = np.int32(np.int8(row[so + j + 1]))
-            _dpk(ip, sc0, sc1, row, o + 64 * h + 32, 0, 15, o + 128 + 32 * h, 2, 3, 4,
-                 xq, k0 + 16 * j)
-            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
-            j = 8 * h + 4
-            sc0 = np.int32(np.int8(row[so + j]))
-            sc1 = np.int32(np.int8(row[so + j + 1]))
-            _dpk(ip, sc0, sc1, row, o + 64 * h + 0, 4, 15, o + 128 + 32 * h, 4, 3, 4,
-                 xq, k0 + 16 * j)
-            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
-            j = 8 * h + 6
-            sc0 = np.int32(np.int8(row[so + j]))
-            sc1 = np.int32(np.int8(row[so + j + 1]))
-            _dpk(ip, sc0, sc1, row, o + 64 * h + 32, 4, 15, o + 128 + 32 * h, 6, 3, 4,
-                 xq, k0 + 16 * j)
-            corr = np.int32(corr + sc0 * np.int32(xs[16 * i + j]) + sc1 * np.int32(xs[16 * i + j + 1]))
-        isum = np.int32(_hsum8i(ip) - np.int32(32) * corr)
-        acc += xd[i] * _h2f(_u16(row, o + 208)) * np.float32(isum)
-    return acc
-
-
-@njit(**_JIT)
-def _row_iq4_xs(row, xq, xd, xs, pfd):
-    nsb = row.shape[0] // 136
-    ip = _stack_i32(8)
-    acc = np.float32(0.0)
-    for i in range(nsb):
-        o = 136 * i
-        _prefetch(row, o + pfd + 0)
-        _prefetch(row, o + pfd + 64)
-        _prefetch(row, o + pfd + 128)
-        k0 = 256 * i
-        _zero8(ip)
-        sh = np.int32(_u16(row, o + 2))
-        corr = np.int32(0)
-        for j in range(8):
-            ls = ((np.int32(row[o + 4 + (j >> 1)]) >> (4 * (j & 1))) & 15) | (((sh >> (2 * j)) & 3) << 4)
-            ls = ls - 32
-            _dpni(ip, ls, row, o + 8 + 16 * j, o, 2, xq, k0 + 32 * j)
-            b = 16 * i + 2 * j
-            corr = np.int32(corr + ls * (np.int32(xs[b]) + np.int32(xs[b + 1])))
-        isum = np.int32(_hsum8i(ip) - np.int32(128) * corr)      # the table's +128
-        acc += xd[i] * _h2f(_u16(row, o)) * np.float32(isum)
-    return acc
-
-
 # ---- row-group kernels (what the executor calls) and prange wrappers ------------------------
 # gemv_<type>_groups(xq, xd, xs, raw, out, g0, g1): out[r] = W[r] . x for r in 4*g0 .. min(4*g1, N)-1,
 # from the activation slots filled by act_quant_<kind>. No allocation, no prange, no shared state:
@@ -1467,6 +1555,8 @@ def _row_iq4_xs(row, xq, xd, xs, pfd):
 
 _GSIG = types.void(types.int8[::1], types.float32[::1], types.float32[::1], _RO_U8_2D,
                   types.float32[::1], types.int64, types.int64)
+_GGSIG = types.void(types.int8[:, ::1], types.float32[:, ::1], types.float32[:, ::1], _RO_U8_2D,
+                   types.float32[:, ::1], types.int64, types.int64, types.int64)
 _GEMM_GROUPS = 4      # row groups (16 weight rows) per GEMM task: reused from L1/L2 across tokens
 _PF_ROWS = 2          # software prefetch distance in rows (each block loop prefetches its bytes
                       # in row r + _PF_ROWS: without it the hardware prefetcher does not run far
@@ -1491,6 +1581,14 @@ def _gemv_par_q4_1(x, raw, out, xq, xd, xs):
         gemv_q4_1_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_q4_1_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q4_1: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, one token at a time."""
+    for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
+        for m in range(M):
+            gemv_q4_1_groups(XQ[m], XD[m], XS[m], raw, out[m], g, g + 1)
+
+
 @njit(**_PJIT)
 def _gemm_par_q4_1(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1500,9 +1598,7 @@ def _gemm_par_q4_1(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q4_1_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q4_1_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
@@ -1523,6 +1619,14 @@ def _gemv_par_q5_0(x, raw, out, xq, xd, xs):
         gemv_q5_0_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_q5_0_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q5_0: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, one token at a time."""
+    for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
+        for m in range(M):
+            gemv_q5_0_groups(XQ[m], XD[m], XS[m], raw, out[m], g, g + 1)
+
+
 @njit(**_PJIT)
 def _gemm_par_q5_0(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1532,9 +1636,7 @@ def _gemm_par_q5_0(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q5_0_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q5_0_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
@@ -1555,6 +1657,14 @@ def _gemv_par_q5_1(x, raw, out, xq, xd, xs):
         gemv_q5_1_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_q5_1_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q5_1: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, one token at a time."""
+    for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
+        for m in range(M):
+            gemv_q5_1_groups(XQ[m], XD[m], XS[m], raw, out[m], g, g + 1)
+
+
 @njit(**_PJIT)
 def _gemm_par_q5_1(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1564,9 +1674,7 @@ def _gemm_par_q5_1(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q5_1_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q5_1_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
@@ -1587,6 +1695,14 @@ def _gemv_par_iq4_nl(x, raw, out, xq, xd, xs):
         gemv_iq4_nl_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
+@njit(_GGSIG, **_JIT)
+def gemm_iq4_nl_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """IQ4_NL: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, one token at a time."""
+    for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
+        for m in range(M):
+            gemv_iq4_nl_groups(XQ[m], XD[m], XS[m], raw, out[m], g, g + 1)
+
+
 @njit(**_PJIT)
 def _gemm_par_iq4_nl(x, raw, out, xq, xd, xs):
     M = x.shape[0]
@@ -1596,19 +1712,13 @@ def _gemm_par_iq4_nl(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_iq4_nl_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_iq4_nl_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
 def gemv_q2_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q2_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
-    N = raw.shape[0]
-    r1 = min(4 * g1, N)
-    for r in range(4 * g0, r1):
-        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
-        out[r] = _row_q2_k(raw[r], xq, xd, xs, pfd)
+    _k_groups(xq, xd, xs, raw, out, g0, g1, 10, 84)
 
 
 @njit(**_PJIT)
@@ -1617,6 +1727,12 @@ def _gemv_par_q2_k(x, raw, out, xq, xd, xs):
     ng = (raw.shape[0] + 3) // 4
     for g in prange(ng):
         gemv_q2_k_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(_GGSIG, **_JIT)
+def gemm_q2_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q2_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 10, 84)
 
 
 @njit(**_PJIT)
@@ -1628,19 +1744,13 @@ def _gemm_par_q2_k(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q2_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q2_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
 def gemv_q3_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q3_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
-    N = raw.shape[0]
-    r1 = min(4 * g1, N)
-    for r in range(4 * g0, r1):
-        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
-        out[r] = _row_q3_k(raw[r], xq, xd, xs, pfd)
+    _k_groups(xq, xd, xs, raw, out, g0, g1, 11, 110)
 
 
 @njit(**_PJIT)
@@ -1649,6 +1759,12 @@ def _gemv_par_q3_k(x, raw, out, xq, xd, xs):
     ng = (raw.shape[0] + 3) // 4
     for g in prange(ng):
         gemv_q3_k_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(_GGSIG, **_JIT)
+def gemm_q3_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q3_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 11, 110)
 
 
 @njit(**_PJIT)
@@ -1660,19 +1776,13 @@ def _gemm_par_q3_k(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q3_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q3_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
 def gemv_q4_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q4_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
-    N = raw.shape[0]
-    r1 = min(4 * g1, N)
-    for r in range(4 * g0, r1):
-        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
-        out[r] = _row_q4_k(raw[r], xq, xd, xs, pfd)
+    _k_groups(xq, xd, xs, raw, out, g0, g1, 12, 144)
 
 
 @njit(**_PJIT)
@@ -1681,6 +1791,12 @@ def _gemv_par_q4_k(x, raw, out, xq, xd, xs):
     ng = (raw.shape[0] + 3) // 4
     for g in prange(ng):
         gemv_q4_k_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(_GGSIG, **_JIT)
+def gemm_q4_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q4_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 12, 144)
 
 
 @njit(**_PJIT)
@@ -1692,19 +1808,13 @@ def _gemm_par_q4_k(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q4_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q4_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
 def gemv_q5_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q5_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
-    N = raw.shape[0]
-    r1 = min(4 * g1, N)
-    for r in range(4 * g0, r1):
-        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
-        out[r] = _row_q5_k(raw[r], xq, xd, xs, pfd)
+    _k_groups(xq, xd, xs, raw, out, g0, g1, 13, 176)
 
 
 @njit(**_PJIT)
@@ -1713,6 +1823,12 @@ def _gemv_par_q5_k(x, raw, out, xq, xd, xs):
     ng = (raw.shape[0] + 3) // 4
     for g in prange(ng):
         gemv_q5_k_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(_GGSIG, **_JIT)
+def gemm_q5_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q5_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 13, 176)
 
 
 @njit(**_PJIT)
@@ -1724,19 +1840,13 @@ def _gemm_par_q5_k(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q5_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q5_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
 def gemv_q6_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q6_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
-    N = raw.shape[0]
-    r1 = min(4 * g1, N)
-    for r in range(4 * g0, r1):
-        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
-        out[r] = _row_q6_k(raw[r], xq, xd, xs, pfd)
+    _k_groups(xq, xd, xs, raw, out, g0, g1, 14, 210)
 
 
 @njit(**_PJIT)
@@ -1745,6 +1855,12 @@ def _gemv_par_q6_k(x, raw, out, xq, xd, xs):
     ng = (raw.shape[0] + 3) // 4
     for g in prange(ng):
         gemv_q6_k_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(_GGSIG, **_JIT)
+def gemm_q6_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q6_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 14, 210)
 
 
 @njit(**_PJIT)
@@ -1756,19 +1872,13 @@ def _gemm_par_q6_k(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_q6_k_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_q6_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 @njit(_GSIG, **_JIT)
 def gemv_iq4_xs_groups(xq, xd, xs, raw, out, g0, g1):
     """IQ4_XS: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
-    N = raw.shape[0]
-    r1 = min(4 * g1, N)
-    for r in range(4 * g0, r1):
-        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
-        out[r] = _row_iq4_xs(raw[r], xq, xd, xs, pfd)
+    _k_groups(xq, xd, xs, raw, out, g0, g1, 23, 136)
 
 
 @njit(**_PJIT)
@@ -1777,6 +1887,12 @@ def _gemv_par_iq4_xs(x, raw, out, xq, xd, xs):
     ng = (raw.shape[0] + 3) // 4
     for g in prange(ng):
         gemv_iq4_xs_groups(xq, xd, xs, raw, out, g, g + 1)
+
+
+@njit(_GGSIG, **_JIT)
+def gemm_iq4_xs_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """IQ4_XS: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 23, 136)
 
 
 @njit(**_PJIT)
@@ -1788,9 +1904,7 @@ def _gemm_par_iq4_xs(x, raw, out, xq, xd, xs):
     nt = (ng + _GEMM_GROUPS - 1) // _GEMM_GROUPS
     for task in prange(nt):
         g0 = task * _GEMM_GROUPS
-        g1 = min(g0 + _GEMM_GROUPS, ng)
-        for t in range(M):
-            gemv_iq4_xs_groups(xq[t], xd[t], xs[t], raw, out[t], g0, g1)
+        gemm_iq4_xs_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1823,6 +1937,7 @@ class TypeSpec:
     dot_ref: Callable          # (raw_row uint8[row_bytes], x f32[K]) -> float
     act_quant: Callable        # Numba (x, xq, xd, xs)
     gemv_groups: Callable      # Numba (xq, xd, xs, raw, out, g0, g1)
+    gemm_groups: Callable      # Numba (XQ[M, K], XD, XS, raw, out[M, N], M, g0, g1): M tokens at once
     gemv: Callable             # (x f32[K], raw, out f32[N]) -> out
     gemm: Callable             # (x f32[M, K], raw, out f32[M, N]) -> out
 
@@ -1832,7 +1947,7 @@ class TypeSpec:
         return K // self.block * self.type_size
 
 
-def _make_spec(name, ggml_type, block, type_size, act, act_quant, groups, gemv_par, gemm_par):
+def _make_spec(name, ggml_type, block, type_size, act, act_quant, groups, ggroups, gemv_par, gemm_par):
     def quantize_ref(w, qw=None):
         w = _check_w(w, block, name)
         N, K = w.shape
@@ -1880,7 +1995,7 @@ def _make_spec(name, ggml_type, block, type_size, act, act_quant, groups, gemv_p
         return out
 
     spec = TypeSpec(name, ggml_type, block, type_size, 8.0 * type_size / block, act, quantize_ref,
-                    dequantize_ref, _ACT_REF[act], dot_ref, act_quant, groups, gemv, gemm)
+                    dequantize_ref, _ACT_REF[act], dot_ref, act_quant, groups, ggroups, gemv, gemm)
     return spec
 
 
@@ -1904,6 +2019,7 @@ SPECS: dict[str, TypeSpec] = {}
 for _name, _gt, _blk, _ts, _act in _TABLE:
     _t = _name.lower()
     SPECS[_name] = _make_spec(_name, _gt, _blk, _ts, _act, _ACT_KERNEL[_act], globals()[f"gemv_{_t}_groups"],
+                              globals()[f"gemm_{_t}_groups"],
                               globals()[f"_gemv_par_{_t}"], globals()[f"_gemm_par_{_t}"])
 
 

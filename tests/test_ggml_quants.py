@@ -252,7 +252,8 @@ for name in names:
         f = s.gemv_groups
         asm = f.inspect_asm(f.signatures[0])
         ins = set(re.findall(r"^\s+([a-z][a-z0-9]+)", asm, re.M))
-        print("ASM", name, "vpdpbusd" in ins, "vpmovsxbq" in ins, "%ymm" in asm, "prefetcht0" in ins)
+        print("ASM", name, "vpmaddubsw" in ins and "vpdpwssd" in ins, "vpmovsxbq" in ins, "%zmm" in asm,
+              "prefetcht0" in ins)
 print(worst)
 """
 
@@ -280,8 +281,9 @@ def test_generic_path_matches_dot_ref(tmp_path):
 
 
 def test_vnni_asm(tmp_path):
-    """On an AVX512-VNNI CPU the gemv's hot loop is vpdpbusd on ymm registers with software
-    prefetch, and nothing widens int8 to int64 (vpmovsxbq)."""
+    """On an AVX512-VNNI CPU the K-quant gemv's hot loop is vpmaddubsw + vpdpwssd (the sub-block
+    scales inside the integer dot) on zmm registers with software prefetch, and nothing widens
+    int8 to int64 (vpmovsxbq)."""
     if GQ.SIMD != "vnni":
         pytest.skip("this CPU has no AVX512-VNNI/VL")
     lines = _run_fresh("asm", tmp_path)
