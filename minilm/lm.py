@@ -167,6 +167,7 @@ class LM:
 
     def summary(self) -> str:
         """Per-type parameter counts, bytes and bits per weight, padded tensors, KV cache size."""
+        from .mixes import mix_summary
         from .quant import Linear
         c = self.config
         by_type: dict[str, list] = {}
@@ -198,6 +199,7 @@ class LM:
         lines.append(f"  {'total':32} {'':7} {tp:12,d} {tb / 1e6:9.2f} {8 * tb / max(tp, 1):11.2f}")
         if padded:
             lines.append(f"  zero-padded to the block size: {', '.join(padded)}")
+        lines += mix_summary(self.quant, c, self.tensors)
         lines.append(f"  KV cache: {self.net.cache.nbytes / 1e6:.2f} MB for n_ctx={self.n_ctx} (f32)")
         return "\n".join(lines)
 

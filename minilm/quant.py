@@ -188,8 +188,9 @@ for _i, _r in enumerate([("q4_1", "Q4_1", 3, 32, 20, "q8_1"), ("q5_0", "Q5_0", 6
 RAW_FIRST_FID = 5              # formats from here on are raw ggml bytes (kernels/executor.py)
 
 # A matrix whose K is not a multiple of a 256-block format's block takes another format, as
-# llama.cpp's quantizer does (llama-quant.cpp); the model summary lists them.
-FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "iq4_xs": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1",
+# llama.cpp's quantizer does (llama-quant.cpp tensor_type_fallback, commit 0c1e570: Q2_K and Q3_K
+# take Q4_0 there; older llama.cpp took IQ4_NL); the model summary lists them.
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "iq4_xs": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1",
             "q6_k": "q8_0"}
 
 assert len({f.fid for f in FORMATS.values()}) == len(FORMATS) and len({f.tag for f in FORMATS.values()}) == len(FORMATS)
@@ -206,16 +207,30 @@ LEVELS = {
     "int4-g128": ("q4_0", "q8_0", 128),
     # ggml's block formats by their own names (layer matrices; embedding / head in Q8_0). The
     # 256-block ones fall back per matrix as llama.cpp does when K is not a multiple of 256.
-    **{n: (n, "q8_0", 32) for n in ("q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+    # q2_k is llama.cpp's Q2_K mix (mixes.PRESETS, with q4_k_m ...), not a uniform level.
+    **{n: (n, "q8_0", 32) for n in ("q4_1", "q5_0", "q5_1", "q3_k", "q4_k", "q5_k", "q6_k",
                                      "iq4_nl", "iq4_xs")},
+    "q8_0": ("q8_0", "q8_0", 32),     # llama.cpp's Q8_0 file: every matrix Q8_0
+    "q4_0": ("q4_0", "q8_0", 32),     # int4 by ggml's name
 }
+
+
+def is_level(quant) -> bool:
+    """A quant label minilm knows: a level of LEVELS or a llama.cpp mix preset (mixes.PRESETS)."""
+    from .mixes import PRESETS
+    return isinstance(quant, str) and (quant in LEVELS or quant in PRESETS)
 
 
 def parse_level(quant: str | None, group_size: int | None = None, embed: str | None = None):
     """quant level name (+ overrides) -> (matrix format, embedding format, group)."""
     q = quant or "f32"
     if q not in LEVELS:
-        raise ValueError(f"quant={quant!r}: unknown quantization (supported: {', '.join(LEVELS)})")
+        from .mixes import PRESETS
+        if q in PRESETS:
+            raise ValueError(f"quant={quant!r}: a llama.cpp mix preset has per-tensor formats, not one "
+                             "matrix format (use sources.level_target)")
+        raise ValueError(f"quant={quant!r}: unknown quantization (supported: {', '.join(LEVELS)}; "
+                         f"llama.cpp mixes: {', '.join(PRESETS)})")
     mat, emb, g = LEVELS[q]
     if group_size is not None:
         if mat != "q4_0":
