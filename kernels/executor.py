@@ -55,7 +55,8 @@ OP_SCALE = 11      # dst *= scale (Granite multipliers, Gemma's sqrt(D))      ta
 OP_QK_NORM = 12    # RMSNorm of the whole q (w) and whole k (b) of src (OLMo 2) tasks: M
 OP_GELU_MUL = 13   # dst[:F] = gelu_tanh(src[:F]) * src[F:2F], F = I0 (Gemma) tasks: M
 OP_CONV = 14       # LFM2 gated short conv: src = [B | C | x] rows, hist = table mat  tasks: 1 (M = 1), channel blocks
-N_OPS = 15
+OP_STATS = 15      # w[i] += sum over the M rows of src[m, i]^2, i < len(w) (calibration)  tasks: 1
+N_OPS = 16
 
 # step table columns
 S_OP, S_DST, S_SRC, S_SRC2, S_MAT, S_W, S_B, S_LAYER, S_I0 = range(9)
@@ -391,6 +392,8 @@ def _ntasks(steps, s, mtab, M, p0, nt, nparts, H):
         return 1 if M == 1 else 0
     if op == OP_CONV:
         return 1 if M == 1 else nt
+    if op == OP_STATS:
+        return 1
     return M
 
 
@@ -492,6 +495,14 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc,
         r = t[p0 + k]
         for i in range(d.shape[0]):
             d[i] += r[i]
+    elif op == OP_STATS:                         # one task: the vector is shared by all rows
+        x = _buf(btab, steps[s, S_SRC], M)
+        v = _vec(vtab, steps[s, S_W])
+        for i in range(v.shape[0]):
+            acc = 0.0                            # float64 over the rows
+            for m in range(M):
+                acc += x[m, i] * x[m, i]
+            v[i] += acc
     else:
         _ext_task(op, s, k, M, p0, steps, fpar, btab, mtab, vtab)
 

@@ -163,6 +163,7 @@ def mix_summary(quant: str, cfg, tensors: dict) -> list[str]:
     if quant not in PRESETS:
         return []
     from collections import Counter
+
     from .quant import Linear
     n = Counter(t.fmt for k, t in tensors.items() if isinstance(t, Linear) and k != "pos_embd")
     lines = [f"  llama.cpp mix {quant}: " + ", ".join(f"{f} x{c}" for f, c in sorted(n.items()))]

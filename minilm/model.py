@@ -39,7 +39,7 @@ from .config import Config, rope_inv_freq
 from .errors import MinilmError
 from .kernels.executor import run_plan
 from .kernels.rope import rope_tables
-from .plan import Step, lower, matmul
+from .plan import Step, lower, matmul, with_stats
 from .quant import Linear
 
 PREFILL_CHUNK = 256   # prompt rows per forward call: bounds the scratch buffers
@@ -217,13 +217,20 @@ class Transformer:
     """Weights + plan + KV cache + run state of one model. Calls that use the run state hold
     `self.busy` (generate_tokens, LM.logits ...): one model serves one call at a time."""
 
-    def __init__(self, cfg: Config, tensors: dict, n_ctx: int):
+    def __init__(self, cfg: Config, tensors: dict, n_ctx: int, stats: bool = False):
+        """stats: calibration: every matmul's input rows add their squares into `self.stats`
+        (matrix name -> f32[K] column sums of x^2; plan.with_stats)."""
         c = self.cfg = cfg
         self.tok_embd: Linear = tensors["tok_embd"]                # [V, D]
         self.lm_head: Linear = tensors.get("output", self.tok_embd)  # [V, D]
         self.out_norm = (tensors["out_norm.w"], tensors.get("out_norm.b"))
         self.n_ctx = n_ctx
         self.plan = build_plan(c)
+        self.stats = {}
+        if stats:
+            self.plan = with_stats(self.plan)
+            self.stats = {s.mat: np.zeros(tensors[s.mat].K, np.float32) for s in self.plan if s.op == "quant"}
+            tensors = dict(tensors, **{f"imatrix:{k}": v for k, v in self.stats.items()})
         convs = [i for i in range(c.n_layers) if c.is_conv(i)]
         self.cache = KVCache(c.n_kv_layers, c.n_kv_heads, n_ctx, c.head_dim, len(convs), c.hidden_size)
         hist = {f"l{i}.conv_hist": self.cache.conv[j] for j, i in enumerate(convs)}  # [n_ctx, D] each

@@ -80,10 +80,11 @@ def dequant(lin: Linear) -> np.ndarray:
     return np.ascontiguousarray(FORMATS[lin.fmt].unpack(lin.arrays)[:, :lin.K], dtype=np.float32)
 
 
-def convert(t, name: str, fmt: str | None, group: int, where) -> Linear | np.ndarray:
+def convert(t, name: str, fmt: str | None, group: int, where, qw=None) -> Linear | np.ndarray:
     """A canonical tensor in its load format: matrices as a `Linear` of `fmt` (None: as stored;
     float arrays from a checkpoint are packed, a `Linear` of another format is requantized from
-    its exact values), vectors as contiguous f32. NaN/Inf met by a quantizer -> NonFiniteWeightsError."""
+    its exact values), vectors as contiguous f32. NaN/Inf met by a quantizer -> NonFiniteWeightsError.
+    qw: the matrix's importance weights f32[K] (calibration), or None."""
     if not is_matrix(name):
         return np.ascontiguousarray(t, dtype=np.float32)
     if isinstance(t, Linear):
@@ -92,7 +93,7 @@ def convert(t, name: str, fmt: str | None, group: int, where) -> Linear | np.nda
             return t
         t = dequant(t)
     try:
-        return Linear.quantize(t, fmt or "f32", group, name=name)
+        return Linear.quantize(t, fmt or "f32", group, name=name, qw=qw)
     except ValueError as e:
         raise NonFiniteWeightsError(f"{where}: {e}") from None
 
