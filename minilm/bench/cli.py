@@ -16,7 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from . import report
-from .common import GGUF_TYPES, PEERS, cpu_name, gguf_type, measure_bandwidth, parse_level, progress, speed_prompt
+from .common import (
+    GGUF_TYPES,
+    PEERS,
+    calibrated,
+    cpu_name,
+    gguf_type,
+    measure_bandwidth,
+    parse_level,
+    progress,
+    speed_prompt,
+)
 
 BUILTIN_TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
@@ -114,7 +124,7 @@ def _jobs(levels: list[str], peers: list[str], from_saved: bool) -> list[tuple[s
             jobs.append(("save", q))
         jobs.append(("minilm", q))
     if "llama.cpp" in peers:
-        gg = [q for q in order if parse_level(q)[0] in GGUF_TYPES]
+        gg = [q for q in order if parse_level(q)[0] in GGUF_TYPES and not calibrated(q)]
         jobs += [("llama.cpp", q) for q in (gg or ["f32"])]
     if "transformers" in peers:
         jobs.append(("transformers", "fp32"))
@@ -135,6 +145,13 @@ def run(args) -> int:
         raise ValueError("--quant: no level given")
     for q in levels:
         parse_level(q)                                 # raises, naming the bad level
+    calibration = getattr(args, "calibration", None)
+    if any(calibrated(q) for q in levels):
+        if not calibration:
+            raise ValueError(f"--quant {','.join(q for q in levels if calibrated(q))}: calibrated levels need "
+                             "--calibration FILE (a text distinct from --text)")
+        if not Path(calibration).is_file():
+            raise ValueError(f"--calibration {calibration}: file not found")
     peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
     for p in peers:
         if p not in PEERS:
@@ -195,7 +212,7 @@ def run(args) -> int:
             "threads": threads, "python": platform.python_version(), "numpy": np.__version__,
             "numba": numba.__version__, "minilm": minilm.__version__, "bandwidth": bwr,
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
-            "text": text_name, "ctx": ctx, "quality_tokens": args.quality_tokens,
+            "text": text_name, "calibration": str(calibration) if calibration else None, "ctx": ctx, "quality_tokens": args.quality_tokens,
             "quality_positions": qual["positions"] if qual else 0, "notes": notes,
             "from_saved": bool(getattr(args, "from_saved", False)), "reference": "f32", "complete": False}
     print(f"model {args.model} ({cfg.model_type}), {threads} threads, CPU {meta['cpu']}\n"
@@ -207,7 +224,8 @@ def run(args) -> int:
     rows: list[dict] = []
     tmp = Path(tempfile.mkdtemp(prefix="minilm-bench-"))
     base = {"model": str(folder), "threads": args.threads, "n_ctx": n_ctx, "prompt_ids": prompt_ids,
-            "new_tokens": args.new_tokens, "runs": args.runs, "llama_bench": llama_bench}
+            "new_tokens": args.new_tokens, "runs": args.runs, "llama_bench": llama_bench,
+            "calibration": str(calibration) if calibration else None}
     if qual:
         base["quality"] = dict(qual, ref=str(tmp / "f32_logprobs.npy"))
 
