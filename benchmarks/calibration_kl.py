@@ -1,5 +1,6 @@
-"""Calibration (imatrix) against unweighted quantization: mean KL against f32 and top-1 agreement
-at the same formats, on evaluation text distinct from the calibration text.
+"""Calibration (imatrix, and imatrix + GPTQ error feedback) against unweighted quantization: mean
+KL against f32 and top-1 agreement at the same formats, on evaluation text distinct from the
+calibration text.
 
     python benchmarks/calibration_kl.py [--models proxy-llama256-shakespeare,...] [--quants q4_0,...]
 
@@ -34,8 +35,9 @@ def main():
     a = ap.parse_args()
     calib = (SHARED / "texts" / "pride_and_prejudice_pg1342.txt").read_text()[:40000]
     evtxt = (SHARED / "texts" / "tinyshakespeare_input.txt").read_text()[500000:502500]
-    print("| model | quant | bits/weight | KL unweighted | KL imatrix | ratio | top-1 unw. | top-1 imatrix |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | quant | bits/weight | KL unweighted | KL imatrix (ratio) | KL imatrix+GPTQ (ratio) "
+          "| top-1 % unw. / imatrix / +GPTQ |")
+    print("|---|---|---|---|---|---|---|")
     for name in a.models.split(","):
         folder = SHARED / "models" / name
         f32 = minilm.load(folder, n_ctx=512)
@@ -48,16 +50,18 @@ def main():
         ref = f32.logits(ids)
         t0 = time.time()
         im = collect_imatrix(f32, calib, max_tokens=4096)
+        cov = collect_imatrix(f32, calib, max_tokens=4096, full=True)
         tc = time.time() - t0
         for q in a.quants.split(","):
             res = []
-            for imat in (None, im):
+            for imat in (None, im, cov):
                 m = quantize_model(f32, q, imat, n_ctx=512)
                 bits = sum(t.nbytes for k, t in m.tensors.items() if hasattr(t, "fmt")) * 8 / sum(
                     t.N * t.K for k, t in m.tensors.items() if hasattr(t, "fmt"))
                 res.append((bits,) + kl_top1(ref, m.logits(ids)))
-            (b, k0, t0_), (_, k1, t1) = res
-            print(f"| {name} | {q} | {b:.2f} | {k0:.2e} | {k1:.2e} | {k1 / k0:.2f} | {t0_:.3f} | {t1:.3f} |", flush=True)
+            (b, k0, a0), (_, k1, a1), (_, k2, a2) = res
+            print(f"| {name} | {q} | {b:.2f} | {k0:.2e} | {k1:.2e} ({k1 / k0:.2f}) | {k2:.2e} ({k2 / k0:.2f}) "
+                  f"| {100 * a0:.1f} / {100 * a1:.1f} / {100 * a2:.1f} |", flush=True)
         print(f"(imatrix of {name}: {tc:.1f} s)", flush=True)
 
 

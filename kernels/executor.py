@@ -55,7 +55,8 @@ OP_SCALE = 11      # dst *= scale (Granite multipliers, Gemma's sqrt(D))      ta
 OP_QK_NORM = 12    # RMSNorm of the whole q (w) and whole k (b) of src (OLMo 2) tasks: M
 OP_GELU_MUL = 13   # dst[:F] = gelu_tanh(src[:F]) * src[F:2F], F = I0 (Gemma) tasks: M
 OP_CONV = 14       # LFM2 gated short conv: src = [B | C | x] rows, hist = table mat  tasks: 1 (M = 1), channel blocks
-OP_STATS = 15      # w[i] += sum over the M rows of src[m, i]^2, i < len(w) (calibration)  tasks: 1
+OP_STATS = 15      # calibration, I0 = 0: w[i] += sum_m src[m, i]^2 (i < len(w))         tasks: 1
+                   #   I0 = K: w[i K + j] += sum_m src[m, i] src[m, j] (X^T X, K x K)     tasks: row blocks of 16
 N_OPS = 16
 
 # step table columns
@@ -393,7 +394,7 @@ def _ntasks(steps, s, mtab, M, p0, nt, nparts, H):
     if op == OP_CONV:
         return 1 if M == 1 else nt
     if op == OP_STATS:
-        return 1
+        return 1 if steps[s, S_I0] == 0 else (steps[s, S_I0] + 15) // 16
     return M
 
 
@@ -495,14 +496,23 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, p0, cos, sin, kc,
         r = t[p0 + k]
         for i in range(d.shape[0]):
             d[i] += r[i]
-    elif op == OP_STATS:                         # one task: the vector is shared by all rows
+    elif op == OP_STATS:
         x = _buf(btab, steps[s, S_SRC], M)
         v = _vec(vtab, steps[s, S_W])
-        for i in range(v.shape[0]):
-            acc = 0.0                            # float64 over the rows
-            for m in range(M):
-                acc += x[m, i] * x[m, i]
-            v[i] += acc
+        K = steps[s, S_I0]
+        if K == 0:                               # one task: the vector is shared by all rows
+            for i in range(v.shape[0]):
+                acc = 0.0                        # float64 over the rows
+                for m in range(M):
+                    acc += x[m, i] * x[m, i]
+                v[i] += acc
+        else:                                    # rows 16k..16k+15 of X^T X (disjoint per task)
+            for i in range(16 * k, min(16 * k + 16, K)):
+                for j in range(K):
+                    acc = 0.0
+                    for m in range(M):
+                        acc += x[m, i] * x[m, j]
+                    v[i * K + j] += acc
     else:
         _ext_task(op, s, k, M, p0, steps, fpar, btab, mtab, vtab)
 

@@ -4,9 +4,14 @@
                                    0, as llama-imatrix does) with the plan's `stats` steps
                                    (plan.with_stats: every matmul input adds its column sums of
                                    x^2; the lm head's input is summed here from the final-normed
-                                   rows) -> {matrix name: f32[K] mean of x^2 per input column}
+                                   rows) -> {matrix name: f32[K] mean of x^2 per input column};
+                                   full=True: the whole input covariance f32[K, K] instead
     quantize_model(model, quant, imatrix)   the model's float matrices quantized to `quant` (a
-                                   level or a mix preset) with those weights as every format's qw
+                                   level or a mix preset) with those weights as every format's qw;
+                                   with covariances, block by block with GPTQ's error feedback
+                                   (gptq_linear), each block still the format's own quantizer
+`load(..., calibration=)` collects covariances when they fit in GPTQ_MAX_BYTES (small models),
+else the imatrix alone.
     save_imatrix / load_imatrix    a safetensors file of the vectors (canonical matrix names)
 
 A tied embedding takes the lm head's statistics (the matrix is the head's); an untied token
@@ -24,6 +29,7 @@ from .errors import ModelLoadError
 
 CHUNK = 512           # tokens per calibration chunk (llama-imatrix's default context)
 MAX_TOKENS = 8192     # tokens read from the text at most
+GPTQ_MAX_BYTES = 1 << 29   # collect full input covariances (GPTQ) when they take at most this much
 
 
 def calibration_text(text_or_path) -> str:
@@ -43,28 +49,75 @@ def calibration_text(text_or_path) -> str:
     return text_or_path
 
 
-def collect_imatrix(model, text: str, max_tokens: int = MAX_TOKENS, chunk: int = CHUNK) -> dict:
+def hessian_bytes(model) -> int:
+    """Bytes of the K x K input covariances of every matrix of `model` (f32)."""
+    from .quant import Linear
+    return 4 * sum(t.K * t.K for t in {id(t): t for t in model.tensors.values()}.values() if isinstance(t, Linear))
+
+
+def collect_imatrix(model, text: str, max_tokens: int = MAX_TOKENS, chunk: int = CHUNK,
+                    full: bool = False) -> dict:
     """{canonical matrix name: f32[K] mean of x^2 over the calibration tokens} for every matrix
-    of the float `model` (an `LM`) run over `text` (see the module docstring)."""
+    of the float `model` (an `LM`) run over `text` (see the module docstring). full: the whole
+    input covariance f32[K, K] (mean of x x^T; its diagonal is the imatrix) for GPTQ-style
+    quantization (`quantize_model`)."""
     from .model import Transformer
     ids = model.tokenizer.encode(text)[:max_tokens]
     chunk = min(chunk, model.config.max_position_embeddings)
     if len(ids) < 2:
         raise ValueError(f"calibration text gives {len(ids)} token(s); it needs at least 2 (use a longer text)")
-    net = Transformer(model.config, model.tensors, min(chunk, len(ids)), stats=True)
+    net = Transformer(model.config, model.tensors, min(chunk, len(ids)), stats=True, full=full)
     D = model.config.hidden_size
-    head = np.zeros(D, np.float64)
+    head = np.zeros((D, D) if full else D, np.float64)
     for a in range(0, len(ids), chunk):
         part = np.asarray(ids[a:a + chunk], np.int64)
         net.cache.reset()
         for b in range(0, len(part), net.state.rows):
-            h = net.forward(part[b:b + net.state.rows], len(part))   # [rows, D], final-normed
-            head += (h.astype(np.float64) ** 2).sum(0)                # the lm head's input
+            h = net.forward(part[b:b + net.state.rows], len(part)).astype(np.float64)  # [rows, D], final-normed
+            head += h.T @ h if full else (h ** 2).sum(0)                # the lm head's input
     n = float(len(ids))
-    out = {name: (v / n).astype(np.float32) for name, v in net.stats.items()}
+    out = {}
+    for name, v in net.stats.items():
+        K = model.tensors[name].K
+        out[name] = (v / n).astype(np.float32).reshape((K, K) if full else (K,))
     head_name = "output" if "output" in model.tensors else "tok_embd"
     out[head_name] = (head / n).astype(np.float32)
     return out
+
+
+def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = "", damp: float = 0.01):
+    """Quantize w f32[N, K] to `fmt` block by block of columns (the format's block; Q4_0 its
+    group), each block with the format's own quantizer weighted by diag(H), and after each block
+    spread its rounding error over the columns not yet quantized so that the layer's output
+    error on inputs of covariance H (f32[K, K]) is least: GPTQ's update W_R -= E U_GG^-1 U_GR
+    with U the upper Cholesky factor of H^-1 (Frantar et al. 2022), in whole blocks so that
+    the ggml block layouts and their scale searches stay as they are. -> `Linear`."""
+    from .quant import FALLBACK, FORMATS, Linear
+    N, K = w.shape
+    if K % FORMATS[fmt].block and fmt in FALLBACK:                   # as Linear.quantize
+        fmt = FALLBACK[fmt]
+    blk = group if fmt == "q4_0" else FORMATS[fmt].block
+    Hd = np.array(H, np.float64)
+    dead = np.diag(Hd) <= 0
+    Hd[dead, dead] = 1.0
+    Hd += damp * float(np.mean(np.diag(Hd))) * np.eye(K)
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(Hd)).T                     # H^-1 = U^T U, U upper
+    except np.linalg.LinAlgError:
+        return Linear.quantize(w, fmt, group, name=name, qw=np.clip(np.diag(H), 0, None))
+    W = np.array(w, np.float64)
+    W[:, dead] = 0.0
+    qw = np.diag(Hd).astype(np.float32)
+    parts = []
+    for a in range(0, K, blk):
+        b = min(a + blk, K)
+        lin = Linear.quantize(np.ascontiguousarray(W[:, a:b], np.float32), fmt, group, name=name, qw=qw[a:b])
+        parts.append(lin)
+        if b < K:
+            Q = FORMATS[fmt].unpack(lin.arrays)[:, :b - a].astype(np.float64)
+            W[:, b:] -= (W[:, a:b] - Q) @ np.linalg.solve(U[a:b, a:b], U[a:b, b:])
+    arrays = {k: np.ascontiguousarray(np.concatenate([p.arrays[k] for p in parts], axis=1)) for k in parts[0].arrays}
+    return Linear(fmt, N, K, arrays, sum(p.Kp for p in parts))
 
 
 def quantize_model(model, quant: str | None, imatrix: dict | None, n_ctx: int | None = None,
@@ -72,7 +125,7 @@ def quantize_model(model, quant: str | None, imatrix: dict | None, n_ctx: int | 
     """A new `LM`: the float `model`'s tensors in the formats of `quant`, each matrix quantized
     with its imatrix vector as importance weights (None: unweighted)."""
     from .loader import build_lm
-    from .quant import Linear
+    from .quant import FORMATS, Linear
     from .sources import convert, level_target
     cfg = model.config
     for name, t in model.tensors.items():
@@ -83,18 +136,26 @@ def quantize_model(model, quant: str | None, imatrix: dict | None, n_ctx: int | 
     imatrix = imatrix or {}
     tensors = {}
     for name, t in model.tensors.items():
-        tensors[name] = convert(t, name, target.fmt(name), target.group, model.source, qw=imatrix.get(name))
+        st, fmt = imatrix.get(name), target.fmt(name)
+        if st is not None and st.ndim == 2 and isinstance(t, Linear) and fmt not in (None, "f32", "f16", "bf16"):
+            w = FORMATS[t.fmt].unpack(t.arrays)[:, :t.K].astype(np.float32)
+            tensors[name] = gptq_linear(w, fmt, target.group, st, name)        # covariance: GPTQ
+        else:
+            qw = np.diagonal(st) if st is not None and st.ndim == 2 else st
+            tensors[name] = convert(t, name, fmt, target.group, model.source, qw=qw)
     return build_lm(cfg, tensors, model.tokenizer, n_ctx or model.n_ctx, source=model.source,
                     quant=target.level, group_size=target.group)
 
 
 def save_imatrix(imatrix: dict, path, n_tokens: int | None = None) -> Path:
-    """Write the vectors as a safetensors file (metadata: minilm.imatrix, tokens)."""
+    """Write the vectors as a safetensors file (metadata: minilm.imatrix, tokens); of full
+    covariances, their diagonals (the imatrix: a file read back quantizes without GPTQ)."""
     from .safetensors_io import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"minilm.imatrix": json.dumps({"version": 1, "tokens": n_tokens})}
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in imatrix.items()}, path, metadata=meta)
+    save_file({k: np.ascontiguousarray(np.diagonal(v) if v.ndim == 2 else v, np.float32) for k, v in imatrix.items()},
+              path, metadata=meta)
     return path
 
 

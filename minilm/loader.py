@@ -223,7 +223,7 @@ def load_calibrated(src: Source, quant, n_ctx, group_size, embed_quant, calibrat
         imat = imatrix if isinstance(imatrix, dict) else calibrate.load_imatrix(imatrix, src.config)
     f32 = load_source(src, None, min(src.config.max_position_embeddings, calibrate.CHUNK))
     if text is not None:
-        imat = calibrate.collect_imatrix(f32, text)
+        imat = calibrate.collect_imatrix(f32, text, full=calibrate.hessian_bytes(f32) <= calibrate.GPTQ_MAX_BYTES)
     n_ctx = check_n_ctx(f32.config, n_ctx, src.where)
     check_context_memory(f32.config, n_ctx)
     return calibrate.quantize_model(f32, quant, imat, n_ctx, group_size, embed_quant), imat

@@ -66,14 +66,16 @@ def matmul(dst: str, src: str, mat: str, bias: str | None = None) -> list[Step]:
     return [Step("quant", src=src, mat=mat), Step("matmul", dst=dst, src=src, mat=mat, b=bias)]
 
 
-def with_stats(steps: list[Step]) -> list[Step]:
+def with_stats(steps: list[Step], full: dict | None = None) -> list[Step]:
     """The plan with a `stats` step before every matmul's input quantization: it adds the column
     sums of squares of the matmul's input rows into the vector "imatrix:<matrix>" (calibration,
-    the statistics of llama.cpp's imatrix)."""
+    the statistics of llama.cpp's imatrix). full: {matrix: K} of the matrices that collect the
+    whole K x K X^T X instead (a vector of K * K)."""
+    full = full or {}
     out = []
     for st in steps:
         if st.op == "quant":
-            out.append(Step("stats", src=st.src, w=f"imatrix:{st.mat}"))
+            out.append(Step("stats", src=st.src, w=f"imatrix:{st.mat}", i0=full.get(st.mat, 0)))
         out.append(st)
     return out
 
