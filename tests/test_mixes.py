@@ -227,3 +227,39 @@ def test_bad_quant_and_calibration_input(tmp_path, llama256):
     assert main(["quantize", "-m", str(llama256), "--quant", "q9_k_m", "-o", str(tmp_path / "o")]) != 0
     assert main(["quantize", "-m", str(llama256), "--quant", "q4_0", "--save-imatrix", str(tmp_path / "x"),
                  "-o", str(tmp_path / "o")]) != 0
+
+
+def test_bench_levels_name_mixes_and_calibrated_rows(tmp_path, llama256):
+    from minilm.bench.common import calibrated, gguf_type, parse_level
+    from minilm.cli import main
+    assert parse_level("q4_k_m+imatrix") == ("q4_k_m", None) and calibrated("q4_k_m+imatrix")
+    assert parse_level("q4_0") == ("q4_0", None) and not calibrated("q4_0") and gguf_type("q4_0") == "q4_0"
+    with pytest.raises(ValueError, match="chooses the embedding"):
+        parse_level("q4_k_m@int8")
+    with pytest.raises(ValueError, match="q4_k_z"):
+        parse_level("q4_k_z+imatrix")
+    # a calibrated row without --calibration: refused before anything is measured
+    assert main(["bench", "-m", str(llama256), "--quant", "q4_0+imatrix", "-o", str(tmp_path / "b")]) != 0
+
+
+def test_quantize_cli_calibration_and_saved_imatrix(tmp_path, llama256):
+    """minilm quantize --calibration writes a folder whose matrices differ from the unweighted
+    ones and saves the imatrix; --imatrix reads it back; both folders load and generate."""
+    from safetensors.numpy import load_file
+
+    from minilm.cli import main
+    text = tmp_path / "calib.txt"
+    text.write_text(shared_path("texts", "pride_and_prejudice_pg1342.txt").read_text()[:6000])
+    im = tmp_path / "im.safetensors"
+    assert main(["quantize", "-m", str(llama256), "--quant", "q4_0", "--calibration", str(text),
+                 "--save-imatrix", str(im), "-o", str(tmp_path / "cal")]) == 0
+    saved = load_file(str(im))
+    assert saved["l0.w_down"].shape == (768,) and saved["output"].shape == (256,) and "tok_embd" not in saved
+    assert main(["quantize", "-m", str(llama256), "--quant", "q4_0", "--imatrix", str(im),
+                 "-o", str(tmp_path / "imx")]) == 0
+    plain = minilm.load(llama256, quant="q4_0", n_ctx=64)
+    for d in ("cal", "imx"):
+        m = minilm.load(str(tmp_path / d), n_ctx=64)
+        assert m.quant == "q4_0" and m.tensors["l1.w_down"].fmt == "q4_0"
+        assert not np.array_equal(m.tensors["l1.w_down"].arrays["qs"], plain.tensors["l1.w_down"].arrays["qs"])
+        assert len(m.generate("ROMEO:", max_new_tokens=8)) > 0
