@@ -86,12 +86,14 @@ def collect_imatrix(model, text: str, max_tokens: int = MAX_TOKENS, chunk: int =
 
 
 def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = "", damp: float = 0.01):
-    """Quantize w f32[N, K] to `fmt` block by block of columns (the format's block; Q4_0 its
-    group), each block with the format's own quantizer weighted by diag(H), and after each block
-    spread its rounding error over the columns not yet quantized so that the layer's output
-    error on inputs of covariance H (f32[K, K]) is least: GPTQ's update W_R -= E U_GG^-1 U_GR
-    with U the upper Cholesky factor of H^-1 (Frantar et al. 2022), in whole blocks so that
-    the ggml block layouts and their scale searches stay as they are. -> `Linear`."""
+    """Quantize w f32[N, K] to `fmt` with GPTQ's error feedback (Frantar et al. 2022) around the
+    format's own quantizer (weighted by diag(H)), so the ggml block layouts and their scale
+    searches stay as they are. Columns are fixed in steps of 32 (a 32-block format: one block);
+    after each step its rounding error E is spread over the columns not yet fixed so that the
+    layer's output error on inputs of covariance H (f32[K, K]) is least: W_R -= E U_GG^-1 U_GR,
+    U the upper Cholesky factor of H^-1. In a 256-block (K-quants) each step takes its columns
+    from the whole block quantized anew (the block's scales are shared), and the block is then
+    stored as the quantization of the values fixed in it. -> `Linear`."""
     from .quant import FALLBACK, FORMATS, Linear
     N, K = w.shape
     if K % FORMATS[fmt].block and fmt in FALLBACK:                   # as Linear.quantize
@@ -108,14 +110,24 @@ def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = 
     W = np.array(w, np.float64)
     W[:, dead] = 0.0
     qw = np.diag(Hd).astype(np.float32)
+    step = min(32, blk)          # K-quants: columns fixed 32 at a time inside a 256-block
     parts = []
-    for a in range(0, K, blk):
-        b = min(a + blk, K)
-        lin = Linear.quantize(np.ascontiguousarray(W[:, a:b], np.float32), fmt, group, name=name, qw=qw[a:b])
+    quant = lambda a, b: Linear.quantize(np.ascontiguousarray(W[:, a:b], np.float32), fmt, group,
+                                         name=name, qw=qw[a:b])
+    for s0 in range(0, K, blk):
+        s1 = min(s0 + blk, K)
+        T = np.zeros((N, s1 - s0), np.float64)        # the block's values as fixed step by step
+        for a in range(s0, s1, step):
+            b = min(a + step, s1)
+            lin = quant(s0, s1)                       # the whole block, as the format blocks it
+            Q = FORMATS[fmt].unpack(lin.arrays)[:, a - s0:b - s0].astype(np.float64)
+            T[:, a - s0:b - s0] = Q
+            if b < K:
+                W[:, b:] -= (W[:, a:b] - Q) @ np.linalg.solve(U[a:b, a:b], U[a:b, b:])
+        if s1 - s0 > step:                            # one block from the values fixed in it
+            W[:, s0:s1] = T
+            lin = quant(s0, s1)
         parts.append(lin)
-        if b < K:
-            Q = FORMATS[fmt].unpack(lin.arrays)[:, :b - a].astype(np.float64)
-            W[:, b:] -= (W[:, a:b] - Q) @ np.linalg.solve(U[a:b, a:b], U[a:b, b:])
     arrays = {k: np.ascontiguousarray(np.concatenate([p.arrays[k] for p in parts], axis=1)) for k in parts[0].arrays}
     return Linear(fmt, N, K, arrays, sum(p.Kp for p in parts))
 
