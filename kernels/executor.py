@@ -60,7 +60,9 @@ OP_SCALE = 11      # dst *= scale (Granite multipliers, Gemma's sqrt(D))      ta
 OP_QK_NORM = 12    # RMSNorm of the whole q (w) and whole k (b) of src (OLMo 2) tasks: M
 OP_GELU_MUL = 13   # dst[:F] = gelu_tanh(src[:F]) * src[F:2F], F = I0 (Gemma) tasks: M
 OP_CONV = 14       # LFM2 gated short conv: src = [B | C | x] rows, hist = table mat  tasks: 1 (M = 1), channel blocks
-N_OPS = 15
+OP_STATS = 15      # calibration, I0 = 0: w[i] += sum_m src[m, i]^2 (i < len(w))         tasks: 1
+                   #   I0 = K: w[i K + j] += sum_m src[m, i] src[m, j] (X^T X, K x K)     tasks: row blocks of 16
+N_OPS = 16
 
 # step table columns
 S_OP, S_DST, S_SRC, S_SRC2, S_MAT, S_W, S_B, S_LAYER, S_I0 = range(9)
@@ -401,6 +403,8 @@ def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
         return ((M - 1) * nparts + ns) * H
     if op == OP_CONV:
         return 1 if M <= ONE_TASK_ROWS else nt
+    if op == OP_STATS:
+        return 1 if steps[s, S_I0] == 0 else (steps[s, S_I0] + 15) // 16
     return 1 if M <= ONE_TASK_ROWS else M      # per-row steps
 
 
@@ -408,9 +412,9 @@ def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
 def _task_rows(steps, s, M):
     """How many rows one task of a one-task step covers: its M rows for per-row steps (M <=
     ONE_TASK_ROWS), 1 for the steps whose tasks are cut otherwise (a matrix's row groups, the
-    attention's splits, LFM2's channels), whose one task is the whole step."""
+    attention's splits, LFM2's channels, calibration sums over all rows), whose one task is the whole step."""
     op = steps[s, S_OP]
-    return 1 if op == OP_MATMUL or op == OP_ATTEND or op == OP_CONV else M
+    return 1 if op == OP_MATMUL or op == OP_ATTEND or op == OP_CONV or op == OP_STATS else M
 
 
 @njit(**_J)
@@ -507,6 +511,23 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, s
         r = t[pos[k]]
         for i in range(d.shape[0]):
             d[i] += r[i]
+    elif op == OP_STATS:
+        x = _buf(btab, steps[s, S_SRC], M)
+        v = _vec(vtab, steps[s, S_W])
+        K = steps[s, S_I0]
+        if K == 0:                               # one task: the vector is shared by all rows
+            for i in range(v.shape[0]):
+                acc = 0.0                        # float64 over the rows
+                for m in range(M):
+                    acc += x[m, i] * x[m, i]
+                v[i] += acc
+        else:                                    # rows 16k..16k+15 of X^T X (disjoint per task)
+            for i in range(16 * k, min(16 * k + 16, K)):
+                for j in range(K):
+                    acc = 0.0
+                    for m in range(M):
+                        acc += x[m, i] * x[m, j]
+                    v[i * K + j] += acc
     else:
         _ext_task(op, s, k, M, pos, steps, fpar, btab, mtab, vtab)
 

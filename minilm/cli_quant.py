@@ -7,9 +7,18 @@ from .cli_common import add_model_args, load_model
 
 
 def cmd_quantize(args) -> int:
-    from .loader import load
+    from .loader import load, load_calibrated, open_source
     t = time.perf_counter()
-    model = load(args.model, quant=args.quant, group_size=args.group_size, embed_quant=args.embed_quant, n_ctx=16)
+    if args.calibration is None and args.imatrix is None:
+        if args.save_imatrix:
+            raise ValueError("--save-imatrix needs --calibration FILE (the text to collect the statistics from)")
+        model = load(args.model, quant=args.quant, group_size=args.group_size, embed_quant=args.embed_quant, n_ctx=16)
+    else:
+        model, imat = load_calibrated(open_source(args.model), args.quant, 16, args.group_size, args.embed_quant,
+                                      args.calibration, args.imatrix)
+        if args.save_imatrix:
+            from .calibrate import save_imatrix
+            print(f"wrote the imatrix to {save_imatrix(imat, args.save_imatrix)}")
     model.save(args.output)
     print(model.summary())
     print(f"wrote {args.output} in {time.perf_counter() - t:.1f} s")
@@ -25,7 +34,16 @@ def cmd_info(args) -> int:
 def add_subcommands(sub) -> None:
     q = sub.add_parser("quantize", help="write a pre-quantized model folder")
     q.add_argument("-m", "--model", required=True, help="source checkpoint (folder or hub id)")
-    q.add_argument("--quant", required=True, help="int8, int4, int4-g64, int4-g128, f16, bf16, f32")
+    q.add_argument("--quant", required=True,
+                   help="int8, int4, int4-g64, int4-g128, f16, bf16, f32, ggml's formats (q8_0, q4_0, q6_k, "
+                        "iq4_nl, iq4_xs, ...) or llama.cpp's mixes (q4_k_m, q4_k_s, q5_k_m, q5_k_s, q3_k_m, "
+                        "q3_k_s, q3_k_l, q2_k)")
+    q.add_argument("--calibration", default=None, metavar="FILE",
+                   help="UTF-8 text to collect importance weights from (imatrix): every matrix is "
+                        "quantized weighting its input columns by their mean squared activation")
+    q.add_argument("--imatrix", default=None, metavar="FILE", help="importance weights saved by --save-imatrix")
+    q.add_argument("--save-imatrix", default=None, metavar="FILE",
+                   help="write the statistics --calibration collected (safetensors)")
     q.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128], help="int4 group size")
     q.add_argument("--embed-quant", default=None, help="format of embedding/lm head (default: int8 for int4)")
     q.add_argument("-o", "--output", required=True, help="output folder")

@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelLoadError, UnsupportedModelError
-from .quant import FORMATS, Linear, parse_level
+from .mixes import PRESETS
+from .quant import FORMATS, Linear
 from .sources import (
     BYTE,
     CONTROL,
@@ -61,6 +62,7 @@ from .sources import (
     ggml_bytes,
     gguf_layout,
     gguf_module,
+    level_target,
     map_rows,
     permute_rows,
     sub_rows,
@@ -69,10 +71,10 @@ from .sources import (
 ARCH_OF = GGUF_ARCH_OF          # model_type -> GGUF architecture
 OUTPUT_REQUIRED = ("gptneox", "olmo2")     # llama.cpp needs output.weight even when the head is tied
 # levels a GGUF can hold as they are: minilm's own names and ggml's block formats by their names
-GGML_LEVELS = {"q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1", "q2_k": "MOSTLY_Q2_K",
+GGML_LEVELS = {"q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1",
                "q3_k": "MOSTLY_Q3_K_S", "q4_k": "MOSTLY_Q4_K_S", "q5_k": "MOSTLY_Q5_K_S", "q6_k": "MOSTLY_Q6_K",
-               "iq4_nl": "MOSTLY_IQ4_NL", "iq4_xs": "MOSTLY_IQ4_XS"}
-QUANTS = ("f32", "f16", "bf16", "int8", "int4", *GGML_LEVELS)
+               "iq4_nl": "MOSTLY_IQ4_NL", "iq4_xs": "MOSTLY_IQ4_XS", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+QUANTS = ("f32", "f16", "bf16", "int8", "int4", *GGML_LEVELS, *PRESETS)   # PRESETS: llama.cpp's mixes (mixes.py)
 QK = 32     # the one Q4_0 group ggml has
 
 
@@ -288,8 +290,8 @@ def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool
     if level not in QUANTS:
         raise ValueError(f"model quant {level!r}: GGUF has no matching type (only int4 with group 32 maps "
                          "to Q4_0); pass quant= to convert")
-    mat_fmt, emb_fmt, _ = parse_level(level)
     c = model.config
+    target = level_target(c, level, None, None)             # per-tensor formats (a mix preset's own)
     arch = ARCH_OF.get(c.model_type)
     if arch is None:
         raise UnsupportedModelError(f"GGUF export supports {', '.join(sorted(ARCH_OF))} models, not {c.model_type}")
@@ -306,7 +308,8 @@ def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool
     ft = gguf.LlamaFileType
     w.add_file_type({"f32": ft.ALL_F32, "f16": ft.MOSTLY_F16, "bf16": ft.MOSTLY_BF16,
                      "int8": ft.MOSTLY_Q8_0, "int4": ft.MOSTLY_Q4_0,
-                     **{k: getattr(ft, v) for k, v in GGML_LEVELS.items()}}[level])
+                     **{k: getattr(ft, v) for k, v in GGML_LEVELS.items()},
+                     **{k: ft(v) for k, (_, v) in PRESETS.items()}}[level])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     # tokenizer
@@ -360,7 +363,7 @@ def export_gguf(model_or_path, out_path, quant: str | None = None, verbose: bool
                 a = permute_rows(a, p.heads) if p.heads else a
                 w.add_tensor(p.gguf, a.reshape(-1, p.cols) if p.cols else a)
             continue
-        lin = _to_target(t, emb_fmt if name in ("tok_embd", "output") else mat_fmt, name)
+        lin = _to_target(t, target.fmt(name), name)
         f = FORMATS[lin.fmt]
         if f.ggml_type is None:   # pragma: no cover - every export level has a ggml type
             raise ValueError(f"tensor {name}: format {lin.fmt} has no GGUF type")

@@ -183,6 +183,7 @@ class LM:
 
     def summary(self) -> str:
         """Per-type parameter counts, bytes and bits per weight, padded tensors, KV cache size."""
+        from .mixes import mix_summary
         from .quant import Linear
         c = self.config
         by_type: dict[str, list] = {}
@@ -214,6 +215,7 @@ class LM:
         lines.append(f"  {'total':32} {'':7} {tp:12,d} {tb / 1e6:9.2f} {8 * tb / max(tp, 1):11.2f}")
         if padded:
             lines.append(f"  zero-padded to the block size: {', '.join(padded)}")
+        lines += mix_summary(self.quant, c, self.tensors)
         kc = self.net.cache
         lines.append(f"  KV cache: {kc.kv_quant}, {kc.nbytes / 1e6:.2f} MB for n_ctx={self.n_ctx} "
                      f"({kc.nbytes / max(self.n_ctx, 1) / 1e3:.1f} kB per position; pages are mapped as "

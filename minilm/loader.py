@@ -255,7 +255,7 @@ def load_source(src: Source, quant: str | None = None, n_ctx: int | None = None,
 
 def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads: int | None = None,
          group_size: int | None = None, embed_quant: str | None = None, check_weights: bool | None = None,
-         kv_quant: str | None = None):
+         kv_quant: str | None = None, calibration=None, imatrix=None):
     """Load a Hugging Face checkpoint (config.json + tokenizer.json + *.safetensors), a
     pre-quantized folder (model.save) or a llama.cpp GGUF file (llama, qwen2, qwen3).
 
@@ -274,6 +274,38 @@ def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads
     check_weights: float weights are checked for NaN/Inf while loading (one pass over the mapped
         data; `NonFiniteWeightsError` names the file and tensor). False skips the check for files
         you trust; None (default) checks unless the environment sets MINILM_NO_WEIGHT_CHECK=1.
+    calibration: a text (or a path to a UTF-8 text file) to quantize with importance weights:
+        the float model runs over it and every matrix is quantized weighting its input columns
+        by their mean squared activation (llama.cpp's imatrix; minilm/calibrate.py).
+    imatrix: instead of calibration, those statistics from a file (`minilm quantize
+        --save-imatrix`) or a dict {matrix name: f32[K]}.
     """
     check = check_load_args(quant, threads, group_size, embed_quant, check_weights)
-    return load_source(open_source(path_or_id, check), quant, n_ctx, group_size, embed_quant, kv_quant)
+    if calibration is None and imatrix is None:
+        return load_source(open_source(path_or_id, check), quant, n_ctx, group_size, embed_quant, kv_quant)
+    return load_calibrated(open_source(path_or_id, check), quant, n_ctx, group_size, embed_quant,
+                           calibration, imatrix, kv_quant)[0]
+
+
+def load_calibrated(src: Source, quant, n_ctx, group_size, embed_quant, calibration, imatrix,
+                    kv_quant=None):
+    """`load` with importance weights: the source in f32, the imatrix (collected from the
+    calibration text, or read), then the matrices quantized with it. -> (LM, imatrix)."""
+    from . import calibrate
+    if calibration is not None and imatrix is not None:
+        raise ValueError("pass calibration= (a text to collect the statistics from) or imatrix= (saved "
+                         "statistics), not both")
+    if isinstance(src, PrequantSource):
+        raise ValueError(f"{src.where} is already quantized; calibration needs the float checkpoint")
+    src.target(quant, group_size, embed_quant)             # a bad quant fails before any work
+    text = calibrate.calibration_text(calibration) if calibration is not None else None
+    imat = None
+    if imatrix is not None:                                 # checked before the model is loaded
+        imat = imatrix if isinstance(imatrix, dict) else calibrate.load_imatrix(imatrix, src.config)
+    f32 = load_source(src, None, min(src.config.max_position_embeddings, calibrate.CHUNK))
+    if text is not None:
+        imat = calibrate.collect_imatrix(f32, text, full=calibrate.hessian_bytes(f32) <= calibrate.GPTQ_MAX_BYTES)
+    n_ctx = check_n_ctx(f32.config, n_ctx, src.where)
+    if n_ctx is not None:
+        check_context_memory(f32.config, n_ctx, kv_quant=kv_quant)
+    return calibrate.quantize_model(f32, quant, imat, n_ctx, group_size, embed_quant, kv_quant), imat

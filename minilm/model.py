@@ -39,7 +39,7 @@ from .config import Config, rope_inv_freq
 from .errors import MinilmError
 from .kernels.executor import run_plan
 from .kernels.rope import rope_tables
-from .plan import Step, lower, matmul
+from .plan import Step, lower, matmul, with_stats
 from .quant import Linear
 
 PREFILL_CHUNK = 256   # prompt rows per forward call: bounds the scratch buffers
@@ -221,13 +221,22 @@ class Transformer:
     """Weights + plan + KV cache + run state of one model. Calls that use the run state hold
     `self.busy` (generate_tokens, LM.logits ...): one model serves one call at a time."""
 
-    def __init__(self, cfg: Config, tensors: dict, n_ctx: int, kv_quant: str | None = None):
+    def __init__(self, cfg: Config, tensors: dict, n_ctx: int, kv_quant: str | None = None, stats: bool = False,
+                 full: bool = False):
+        """stats: calibration: every matmul's input rows add their squares into `self.stats`
+        (matrix name -> f32[K] column sums of x^2; full: f32[K * K] sums of x x^T; plan.with_stats)."""
         c = self.cfg = cfg
         self.tok_embd: Linear = tensors["tok_embd"]                # [V, D]
         self.lm_head: Linear = tensors.get("output", self.tok_embd)  # [V, D]
         self.out_norm = (tensors["out_norm.w"], tensors.get("out_norm.b"))
         self.n_ctx = n_ctx
         self.plan = build_plan(c)
+        self.stats = {}
+        if stats:
+            ks = {s.mat: tensors[s.mat].K for s in self.plan if s.op == "quant"}
+            self.plan = with_stats(self.plan, ks if full else None)
+            self.stats = {m: np.zeros(K * K if full else K, np.float32) for m, K in ks.items()}
+            tensors = dict(tensors, **{f"imatrix:{k}": v for k, v in self.stats.items()})
         convs = [i for i in range(c.n_layers) if c.is_conv(i)]
         self.cache = KVCache(c.n_kv_layers, c.n_kv_heads, n_ctx, c.head_dim, len(convs), c.hidden_size,
                              kv_quant=kv_quant)                # kv_quant None: the default (f16)

@@ -24,7 +24,7 @@ OPS = {"norm": X.OP_NORM, "add_norm": X.OP_ADD_NORM, "add": X.OP_ADD, "quant": X
        "matmul": X.OP_MATMUL, "qkv": X.OP_QKV, "attend": X.OP_ATTEND, "merge": X.OP_MERGE,
        "silu_mul": X.OP_SILU_MUL, "gelu": X.OP_GELU, "add_rows": X.OP_ADD_ROWS,
        "scale": X.OP_SCALE, "qk_norm": X.OP_QK_NORM, "gelu_mul": X.OP_GELU_MUL,
-       "conv": X.OP_CONV}
+       "conv": X.OP_CONV, "stats": X.OP_STATS}
 
 
 def register_step_kind(name: str, task) -> int:
@@ -64,6 +64,20 @@ class Step:
 def matmul(dst: str, src: str, mat: str, bias: str | None = None) -> list[Step]:
     """dst = src @ W.T (+ bias): quantize the input once for W's format, then the product."""
     return [Step("quant", src=src, mat=mat), Step("matmul", dst=dst, src=src, mat=mat, b=bias)]
+
+
+def with_stats(steps: list[Step], full: dict | None = None) -> list[Step]:
+    """The plan with a `stats` step before every matmul's input quantization: it adds the column
+    sums of squares of the matmul's input rows into the vector "imatrix:<matrix>" (calibration,
+    the statistics of llama.cpp's imatrix). full: {matrix: K} of the matrices that collect the
+    whole K x K X^T X instead (a vector of K * K)."""
+    full = full or {}
+    out = []
+    for st in steps:
+        if st.op == "quant":
+            out.append(Step("stats", src=st.src, w=f"imatrix:{st.mat}", i0=full.get(st.mat, 0)))
+        out.append(st)
+    return out
 
 
 @dataclass

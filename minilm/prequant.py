@@ -68,7 +68,8 @@ def _int(v) -> bool:
 def read_meta(folder: Path) -> dict:
     """minilm.json, checked: an object with format, format_version, a known quant label, a group
     size and a `tensors` object of {fmt, N, K, Kp, arrays} entries."""
-    from .quant import LEVELS
+    from .mixes import PRESETS
+    from .quant import LEVELS, is_level
     path = folder / MARKER
     meta = read_json_object(path)
     v = meta.get("format_version")
@@ -81,9 +82,9 @@ def read_meta(folder: Path) -> dict:
     if v < 1:
         raise ModelLoadError(f"{path}: format_version {v} is not valid")
     q = meta.get("quant")
-    if not isinstance(q, str) or q not in LEVELS:
+    if not is_level(q):
         raise ModelLoadError(f"{path}: quant {q!r} is not a known quantization level "
-                             f"(known: {', '.join(LEVELS)})")
+                             f"(known: {', '.join(LEVELS)}, {', '.join(PRESETS)})")
     g = meta.get("group_size")
     if not _int(g) or g not in (32, 64, 128):
         raise ModelLoadError(f"{path}: group_size {g!r} must be 32, 64 or 128")

@@ -47,7 +47,8 @@ class Format:
     ggml_name: str | None
     act: str                     # what the row kernel reads: "f32", or "q8_0" (int8 blocks of 32)
     arrays: tuple                # names of the stored arrays
-    pack: Callable               # (w f32[N, Kp], group) -> dict of arrays
+    pack: Callable               # (w f32[N, Kp], group, qw f32[Kp] | None) -> dict of arrays;
+                                 # qw: importance of each input column (an imatrix), weighted search
     unpack: Callable             # numpy dequantize: dict of arrays (some rows) -> f32[rows, Kp]
     dot_ref: Callable            # numpy spec of the kernels' arithmetic: (arrays of ONE row, x f32[Kp]) -> float
     gemv: Callable               # (x f32[Kp], *arrays, out f32[N]) for a Linear (parallel)
@@ -88,14 +89,93 @@ def _bf16_bits(w):
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
 
 
-def _q4_pack(w, group):
-    qs, d = _qm.quantize_q4_0(w, group)
+def _q4_pack(w, group, qw=None):
+    qs, d = _qm.quantize_q4_0(w, group) if qw is None else quantize_q4_0_weighted(w, group, qw)
     return {"qs": qs, "d": d}
 
 
-def _q8_pack(w, group):
-    qs, d = _qm.quantize_q8_0(w)
+def _q8_pack(w, group, qw=None):
+    qs, d = _qm.quantize_q8_0(w) if qw is None else quantize_q8_0_weighted(w, qw)
     return {"qs": qs, "d": d}
+
+
+def _check_qw(w, qw):
+    """Importance weights f32[K] for w f32[N, K]: finite, >= 0 (ValueError otherwise)."""
+    qw = np.ascontiguousarray(qw, np.float32).reshape(-1)
+    if qw.shape[0] != w.shape[1]:
+        raise ValueError(f"importance weights have {qw.shape[0]} entries, the matrix has {w.shape[1]} columns")
+    if not np.isfinite(qw).all() or (qw < 0).any():
+        raise ValueError("importance weights must be finite and >= 0")
+    if not np.isfinite(w).all():
+        raise ValueError("weights contain NaN or Inf")
+    return qw
+
+
+def _sym_search(x, wt, lo, hi, amax_div, trials):
+    """Weighted symmetric scale search over blocks x f32[nb, n] with weights wt f32[nb, n]:
+    for each trial inverse scale t (amax_div + 0.1 i) / max|x|, L = clip(round(x t), lo, hi) and
+    the least-squares scale d = sum(w x L) / sum(w L^2); keep the trial of least weighted error
+    sum w (x - d L)^2 (= maximal (sum w x L)^2 / sum w L^2). -> (d f32[nb], L int32[nb, n])."""
+    amax = np.abs(x).max(axis=1)
+    safe = np.where(amax > 0, amax, np.float32(1)).astype(np.float32)
+    best = np.full(x.shape[0], -1.0, np.float64)
+    d = np.zeros(x.shape[0], np.float32)
+    L = np.zeros(x.shape, np.int32)
+    for i in range(-trials, trials + 1):
+        t = ((np.float32(amax_div) + np.float32(0.1) * np.float32(i)) / safe).astype(np.float32)
+        Lt = np.clip(np.rint(x * t[:, None]), lo, hi)
+        slx = (wt * x * Lt).sum(axis=1, dtype=np.float64)
+        sl2 = (wt * Lt * Lt).sum(axis=1, dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.where(sl2 > 0, slx * slx / sl2, 0.0)
+            dt = np.where(sl2 > 0, slx / sl2, 0.0)
+        better = score > best
+        best = np.where(better, score, best)
+        d = np.where(better, dt, d).astype(np.float32)
+        L = np.where(better[:, None], Lt.astype(np.int32), L)
+    d = np.where(amax > 0, d, np.float32(0)).astype(np.float32)
+    return d, L
+
+
+def _imatrix_weights(xb, qwb, sigma2):
+    """ggml's importance weight per element: qw * sqrt(sigma2 + x^2)."""
+    return (qwb * np.sqrt(sigma2 + xb * xb)).astype(np.float32)
+
+
+def quantize_q4_0_weighted(w, group, qw):
+    """Q4_0 (group 32/64/128) with importance weights qw f32[K]: ggml's imatrix path for Q4_0
+    (weights qw * sqrt(sigma2 + x^2), sigma2 = mean x^2 of the row, and a weighted scale search
+    over 19 trial scales; here the scale is also fitted after each trial's rounding).
+    -> (qs uint8[N, K/2], d f16[N, K/G]), byte-compatible with ggml Q4_0 (nibble - 8) * d."""
+    w = np.ascontiguousarray(w, np.float32)
+    qw = _check_qw(w, qw)
+    N, K = w.shape
+    G = group
+    x = w.reshape(N * (K // G), G)
+    sigma2 = np.repeat((w * w).mean(axis=1), K // G)[:, None]
+    wt = _imatrix_weights(x, np.broadcast_to(qw.reshape(1, K), (N, K)).reshape(-1, G), sigma2)
+    # ggml's convention: the block's largest |x| maps to -8 (the one code with no +8 partner)
+    mx = np.take_along_axis(x, np.abs(x).argmax(axis=1)[:, None], axis=1)[:, 0]
+    sgn = np.where(mx < 0, np.float32(1), np.float32(-1))       # flip so the extreme is negative
+    d, L = _sym_search(x * sgn[:, None], wt, -8, 7, 8.0, 9)
+    d = (d * sgn).astype(np.float32)
+    q = (L + 8).astype(np.uint8).reshape(N, K // G, G)
+    qs = (q[:, :, :G // 2] | (q[:, :, G // 2:] << 4)).astype(np.uint8).reshape(N, K // 2)
+    return qs, d.reshape(N, K // G).astype(np.float16)
+
+
+def quantize_q8_0_weighted(w, qw):
+    """Q8_0 with importance weights qw f32[K] (ggml's Q8_0 ignores an imatrix; minilm searches
+    the scale as for Q4_0: 19 trial scales around max|x| / 127, least-squares refit, least
+    weighted error). -> (qs int8[N, K], d f16[N, K/32]), byte-compatible with ggml Q8_0."""
+    w = np.ascontiguousarray(w, np.float32)
+    qw = _check_qw(w, qw)
+    N, K = w.shape
+    x = w.reshape(-1, 32)
+    sigma2 = np.repeat((w * w).mean(axis=1), K // 32)[:, None]
+    wt = _imatrix_weights(x, np.broadcast_to(qw.reshape(1, K), (N, K)).reshape(-1, 32), sigma2)
+    d, L = _sym_search(x, wt, -127, 127, 127.0, 9)
+    return L.astype(np.int8).reshape(N, K), d.reshape(N, K // 32).astype(np.float16)
 
 
 def quantize_act_ref(x):
@@ -139,14 +219,15 @@ def _q4_dot(a, x):
 
 FORMATS: dict[str, Format] = {f.name: f for f in [
     Format("f32", 0, np.float32, 1, 4, 0, "F32", "f32", ("w",),
-           lambda w, g: {"w": np.ascontiguousarray(w, dtype=np.float32)}, lambda a: a["w"],
+           lambda w, g, qw=None: {"w": np.ascontiguousarray(w, dtype=np.float32)}, lambda a: a["w"],
            _float_dot, _mm.gemv_f32, _mm.gemm_f32, _mm.gemv_float_groups),
     Format("f16", 1, np.uint16, 1, 2, 1, "F16", "f32", ("w",),
-           lambda w, g: {"w": np.ascontiguousarray(w, dtype=np.float16)}, lambda a: a["w"].astype(np.float32),
+           lambda w, g, qw=None: {"w": np.ascontiguousarray(w, dtype=np.float16)},
+           lambda a: a["w"].astype(np.float32),
            lambda a, x: _float_dot({"w": a["w"].astype(np.float32)}, x),
            _qm.gemv_f16, _qm.gemm_f16, _mm.gemv_float_groups),
     Format("bf16", 2, np.int16, 1, 2, 30, "BF16", "f32", ("w",),
-           lambda w, g: {"w": _bf16_bits(w)}, lambda a: (a["w"].astype(np.uint32) << 16).view(np.float32),
+           lambda w, g, qw=None: {"w": _bf16_bits(w)}, lambda a: (a["w"].astype(np.uint32) << 16).view(np.float32),
            _float_dot, _qm.gemv_bf16, _qm.gemm_bf16, _mm.gemv_float_groups),
     Format("q8_0", 3, np.int8, 32, 34, 8, "Q8_0", "q8_0", ("qs", "d"),
            _q8_pack, lambda a: _qm.dequantize_q8_0_ref(a["qs"], a["d"]),
@@ -172,7 +253,7 @@ def _raw_format(fid, name, gname, gtype, block, nbytes, act) -> Format:
         raw = a["raw"]
         return spec().dequantize_ref(raw, raw.shape[1] // nbytes * block)
     return Format(name, fid, np.dtype([(name, np.uint8)]), block, nbytes, gtype, gname, act, ("raw",),
-                  lambda w, g: {"raw": spec().quantize_ref(w)}, unpack,
+                  lambda w, g, qw=None: {"raw": spec().quantize_ref(w, qw)}, unpack,
                   lambda a, x: float(spec().dot_ref(a["raw"].reshape(-1), x)),
                   lambda x, raw, out: spec().gemv(x, raw, out),
                   lambda x, raw, out: spec().gemm(x, raw, out),
@@ -188,8 +269,9 @@ for _i, _r in enumerate([("q4_1", "Q4_1", 3, 32, 20, "q8_1"), ("q5_0", "Q5_0", 6
 RAW_FIRST_FID = 5              # formats from here on are raw ggml bytes (kernels/executor.py)
 
 # A matrix whose K is not a multiple of a 256-block format's block takes another format, as
-# llama.cpp's quantizer does (llama-quant.cpp); the model summary lists them.
-FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "iq4_xs": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1",
+# llama.cpp's quantizer does (llama-quant.cpp tensor_type_fallback, commit 0c1e570: Q2_K and Q3_K
+# take Q4_0 there; older llama.cpp took IQ4_NL); the model summary lists them.
+FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "iq4_xs": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1",
             "q6_k": "q8_0"}
 
 assert len({f.fid for f in FORMATS.values()}) == len(FORMATS) and len({f.tag for f in FORMATS.values()}) == len(FORMATS)
@@ -206,16 +288,30 @@ LEVELS = {
     "int4-g128": ("q4_0", "q8_0", 128),
     # ggml's block formats by their own names (layer matrices; embedding / head in Q8_0). The
     # 256-block ones fall back per matrix as llama.cpp does when K is not a multiple of 256.
-    **{n: (n, "q8_0", 32) for n in ("q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k",
+    # q2_k is llama.cpp's Q2_K mix (mixes.PRESETS, with q4_k_m ...), not a uniform level.
+    **{n: (n, "q8_0", 32) for n in ("q4_1", "q5_0", "q5_1", "q3_k", "q4_k", "q5_k", "q6_k",
                                      "iq4_nl", "iq4_xs")},
+    "q8_0": ("q8_0", "q8_0", 32),     # llama.cpp's Q8_0 file: every matrix Q8_0
+    "q4_0": ("q4_0", "q8_0", 32),     # int4 by ggml's name
 }
+
+
+def is_level(quant) -> bool:
+    """A quant label minilm knows: a level of LEVELS or a llama.cpp mix preset (mixes.PRESETS)."""
+    from .mixes import PRESETS
+    return isinstance(quant, str) and (quant in LEVELS or quant in PRESETS)
 
 
 def parse_level(quant: str | None, group_size: int | None = None, embed: str | None = None):
     """quant level name (+ overrides) -> (matrix format, embedding format, group)."""
     q = quant or "f32"
     if q not in LEVELS:
-        raise ValueError(f"quant={quant!r}: unknown quantization (supported: {', '.join(LEVELS)})")
+        from .mixes import PRESETS
+        if q in PRESETS:
+            raise ValueError(f"quant={quant!r}: a llama.cpp mix preset has per-tensor formats, not one "
+                             "matrix format (use sources.level_target)")
+        raise ValueError(f"quant={quant!r}: unknown quantization (supported: {', '.join(LEVELS)}; "
+                         f"llama.cpp mixes: {', '.join(PRESETS)})")
     mat, emb, g = LEVELS[q]
     if group_size is not None:
         if mat != "q4_0":
@@ -247,8 +343,10 @@ class Linear:
         self._xpad = np.zeros((1, self.Kp), np.float32) if self.Kp != K else None
 
     @classmethod
-    def quantize(cls, w: np.ndarray, fmt: str = "f32", group: int = 32, name: str = "") -> "Linear":
-        """Pack an f32 [N, K] matrix (NaN/Inf rejected for quantized formats, naming the tensor)."""
+    def quantize(cls, w: np.ndarray, fmt: str = "f32", group: int = 32, name: str = "",
+                 qw: np.ndarray | None = None) -> "Linear":
+        """Pack an f32 [N, K] matrix (NaN/Inf rejected for quantized formats, naming the tensor).
+        qw: f32[K] importance of each input column (calibration; an imatrix), or None."""
         f = FORMATS[fmt]
         N, K = w.shape
         if K % f.block and fmt in FALLBACK:          # as llama.cpp: another format for this width
@@ -260,8 +358,15 @@ class Linear:
             wp = np.zeros((N, Kp), np.float32)
             wp[:, :K] = w
             w = wp
+        if qw is not None:
+            qw = np.asarray(qw, np.float32).reshape(-1)
+            if qw.shape[0] != K:
+                raise ValueError(f"tensor {name or '?'}: importance weights have {qw.shape[0]} entries, "
+                                 f"the matrix has {K} columns")
+            if Kp != K:                               # padded columns: zero weights, any weight
+                qw = np.concatenate([qw, np.full(Kp - K, qw.mean() if K else 1.0, np.float32)])
         try:
-            arrays = f.pack(w, group)
+            arrays = f.pack(w, group, qw)
         except ValueError as e:
             raise ValueError(f"tensor {name or '?'}: {e}") from None
         return cls(fmt, N, K, arrays, Kp)

@@ -39,7 +39,7 @@ import numpy as np
 from .config import Config, token_ids
 from .errors import ModelLoadError, NonFiniteWeightsError, UnsupportedModelError
 from .jsonfile import read_json_object
-from .quant import FORMATS, GGML_TO_FMT, LEVELS, Linear, parse_level
+from .quant import FORMATS, GGML_TO_FMT, LEVELS, Linear, is_level, parse_level
 from .safetensors_io import check_finite
 from .weights import CheckpointReader, canonical_shapes, check_checkpoint, is_matrix, iter_canonical
 
@@ -49,14 +49,30 @@ EMBEDDINGS = ("tok_embd", "output")
 
 @dataclass(frozen=True)
 class Target:
-    """How to load the matrices: `mat` / `emb` formats (None: as stored), quant label and group."""
+    """How to load the matrices: `mat` / `emb` formats (None: as stored), quant label and group;
+    `formats`: per-matrix formats of a llama.cpp mix preset (mixes.py), which take precedence."""
     level: str
     group: int
     mat: str | None = None
     emb: str | None = None
+    formats: dict | None = None
 
     def fmt(self, name: str) -> str | None:
+        if self.formats is not None and name in self.formats:
+            return self.formats[name]
         return self.emb if name in EMBEDDINGS else self.mat
+
+
+def level_target(cfg: Config, quant: str | None, group_size: int | None, embed_quant: str | None) -> Target:
+    """The Target of a quant level (quant.LEVELS) or of a llama.cpp mix preset (mixes.PRESETS)."""
+    from .mixes import PRESETS, mix_formats
+    if quant in PRESETS:
+        if group_size not in (None, 32) or embed_quant is not None:
+            raise ValueError(f"quant={quant!r}: a llama.cpp mix preset chooses every tensor's type "
+                             "(group_size / embed_quant do not apply)")
+        return Target(quant, 32, formats=mix_formats(quant, cfg))
+    mat, emb, group = parse_level(quant, group_size, embed_quant)
+    return Target(quant or "f32", group, mat, emb)
 
 
 def dequant(lin: Linear) -> np.ndarray:
@@ -64,10 +80,11 @@ def dequant(lin: Linear) -> np.ndarray:
     return np.ascontiguousarray(FORMATS[lin.fmt].unpack(lin.arrays)[:, :lin.K], dtype=np.float32)
 
 
-def convert(t, name: str, fmt: str | None, group: int, where) -> Linear | np.ndarray:
+def convert(t, name: str, fmt: str | None, group: int, where, qw=None) -> Linear | np.ndarray:
     """A canonical tensor in its load format: matrices as a `Linear` of `fmt` (None: as stored;
     float arrays from a checkpoint are packed, a `Linear` of another format is requantized from
-    its exact values), vectors as contiguous f32. NaN/Inf met by a quantizer -> NonFiniteWeightsError."""
+    its exact values), vectors as contiguous f32. NaN/Inf met by a quantizer -> NonFiniteWeightsError.
+    qw: the matrix's importance weights f32[K] (calibration), or None."""
     if not is_matrix(name):
         return np.ascontiguousarray(t, dtype=np.float32)
     if isinstance(t, Linear):
@@ -76,7 +93,7 @@ def convert(t, name: str, fmt: str | None, group: int, where) -> Linear | np.nda
             return t
         t = dequant(t)
     try:
-        return Linear.quantize(t, fmt or "f32", group, name=name)
+        return Linear.quantize(t, fmt or "f32", group, name=name, qw=qw)
     except ValueError as e:
         raise NonFiniteWeightsError(f"{where}: {e}") from None
 
@@ -144,8 +161,7 @@ class HFSource(Source):
         self.reader = None
 
     def target(self, quant, group_size, embed_quant):
-        mat, emb, group = parse_level(quant, group_size, embed_quant)
-        return Target(quant or "f32", group, mat, emb)
+        return level_target(self.config, quant, group_size, embed_quant)
 
     def check(self):
         self.reader = CheckpointReader(self.folder, check_weights=self.check_weights)
@@ -687,7 +703,7 @@ class GGUFSource(Source):
             tensor_format(t, path)
         self.config = config_from_gguf(m, arch, self.gt)
         stored = m.str_("minilm.quant")
-        if stored is not None and stored not in LEVELS:
+        if stored is not None and not is_level(stored):
             raise ModelLoadError(f"{path}: GGUF metadata minilm.quant={stored!r} is not a known quantization level")
         try:
             fallback = json.loads(m.str_("minilm.tensor_formats") or "{}")
@@ -714,8 +730,7 @@ class GGUFSource(Source):
             return Target(self.level, 32)                  # as stored
         if self._stored_quantized():
             raise ValueError(f"quant={quant!r}: {self.path} is already quantized ({self.level}); load it as stored")
-        mat, emb, group = parse_level(quant, group_size, embed_quant)
-        return Target(quant or "f32", group, mat, emb)
+        return level_target(self.config, quant, group_size, embed_quant)
 
     def _tensor(self, name: str):
         t = self.gt.get(name)

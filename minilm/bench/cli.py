@@ -16,7 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from . import report
-from .common import GGUF_TYPES, PEERS, cpu_name, gguf_type, measure_bandwidth, parse_level, progress, speed_prompt
+from .common import (
+    GGUF_TYPES,
+    PEERS,
+    calibrated,
+    cpu_name,
+    gguf_type,
+    measure_bandwidth,
+    parse_level,
+    progress,
+    speed_prompt,
+)
 
 BUILTIN_TEXT = (
     "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be "
@@ -118,7 +128,7 @@ def _jobs(levels: list[str], peers: list[str], from_saved: bool,
             jobs.append(("save", q, None))
         jobs += [("minilm", q, kv) for kv in kvs]
     if "llama.cpp" in peers:
-        gg = [q for q in order if parse_level(q)[0] in GGUF_TYPES]
+        gg = [q for q in order if parse_level(q)[0] in GGUF_TYPES and not calibrated(q)]
         jobs += [("llama.cpp", q, None) for q in (gg or ["f32"])]
     if "transformers" in peers:
         jobs.append(("transformers", "fp32", None))
@@ -149,6 +159,13 @@ def run(args) -> int:
                 raise ValueError(f"--kv-quant {k.strip()}: not a KV cache type (choose from f16, q8_0, f32)") from None
     if not kvs:
         raise ValueError("--kv-quant: no KV cache type given")
+    calibration = getattr(args, "calibration", None)
+    if any(calibrated(q) for q in levels):
+        if not calibration:
+            raise ValueError(f"--quant {','.join(q for q in levels if calibrated(q))}: calibrated levels need "
+                             "--calibration FILE (a text distinct from --text)")
+        if not Path(calibration).is_file():
+            raise ValueError(f"--calibration {calibration}: file not found")
     peers = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
     for p in peers:
         if p not in PEERS:
@@ -216,7 +233,7 @@ def run(args) -> int:
             "threads": threads, "python": platform.python_version(), "numpy": np.__version__,
             "numba": numba.__version__, "minilm": minilm.__version__, "bandwidth": bwr,
             "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": args.runs,
-            "text": text_name, "ctx": ctx, "quality_tokens": args.quality_tokens,
+            "text": text_name, "calibration": str(calibration) if calibration else None, "ctx": ctx, "quality_tokens": args.quality_tokens,
             "quality_positions": qual["positions"] if qual else 0, "notes": notes,
             "from_saved": bool(getattr(args, "from_saved", False)), "reference": "f32 weights, f32 KV cache",
             "kv_quants": kvs, "complete": False}
@@ -230,7 +247,7 @@ def run(args) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="minilm-bench-"))
     base = {"model": str(folder), "threads": args.threads, "n_ctx": n_ctx, "prompt_ids": prompt_ids,
             "new_tokens": args.new_tokens, "runs": args.runs, "llama_bench": llama_bench,
-            "spec_prompts": spec_prompts}
+            "spec_prompts": spec_prompts, "calibration": str(calibration) if calibration else None}
     if qual:
         base["quality"] = dict(qual, ref=str(tmp / "f32_logprobs.npy"))
 

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import mixes as _mixes
 from .. import quant as _quant
 
-LEVELS = tuple(_quant.LEVELS)                               # the traits table's levels
+LEVELS = tuple(_quant.LEVELS) + tuple(_mixes.PRESETS)       # the traits table's levels, llama.cpp's mixes
+CALIBRATED = "+imatrix"     # LEVEL+imatrix: quantized with importance weights from bench --calibration
 EMBED_LEVELS = ("f32", "f16", "bf16", "int8", "int4")     # LEVEL@EMBED: embedding / lm-head format
 # level -> the GGUF type of its layer matrices (from the traits table; int4 with groups of 64/128
 # has none: ggml's Q4_0 blocks are 32)
@@ -27,15 +29,26 @@ PEERS = ("llama.cpp", "transformers")
 
 def parse_level(spec: str) -> tuple[str, str | None]:
     """'int8' -> ('int8', None); 'int8@int8' -> ('int8', 'int8') (int8 matrices, Q8_0 embedding /
-    lm head: llama.cpp's Q8_0 layout byte for byte). Raises ValueError naming the bad part."""
-    level, at, emb = spec.partition("@")
+    lm head: llama.cpp's Q8_0 layout byte for byte); a "+imatrix" suffix (calibrated, see
+    `calibrated`) is not part of the level. Raises ValueError naming the bad part."""
+    base = spec[:-len(CALIBRATED)] if calibrated(spec) else spec
+    level, at, emb = base.partition("@")
     if level not in LEVELS:
         raise ValueError(f"--quant {spec}: unknown level {level!r} (choose from {', '.join(LEVELS)}; "
-                         "LEVEL@EMBED sets the embedding / lm-head format)")
+                         f"LEVEL@EMBED sets the embedding / lm-head format, LEVEL{CALIBRATED} quantizes "
+                         "with importance weights from --calibration)")
+    if at and level in _mixes.PRESETS:
+        raise ValueError(f"--quant {spec}: {level} is a llama.cpp mix that chooses the embedding / "
+                         "lm-head format itself ('@' does not apply)")
     if at and emb not in EMBED_LEVELS:
         raise ValueError(f"--quant {spec}: unknown embedding format {emb!r} after '@' "
                          f"(choose from {', '.join(EMBED_LEVELS)})")
     return level, (emb if at else None)
+
+
+def calibrated(spec: str) -> bool:
+    """Whether a level spec asks for calibrated quantization (LEVEL+imatrix)."""
+    return spec.endswith(CALIBRATED)
 
 
 def gguf_type(spec: str) -> str | None:

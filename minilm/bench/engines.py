@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from . import quality, timing
-from .common import GGUF_TYPES, children_peak_rss_mb, gguf_type, parse_level, peak_rss_mb
+from .common import GGUF_TYPES, calibrated, children_peak_rss_mb, gguf_type, parse_level, peak_rss_mb
 
 
 # ---- helpers about a loaded minilm model -----------------------------------------------------------
@@ -63,6 +63,11 @@ def gguf_bytes_per_token(path: Path) -> int:
 
 
 # ---- minilm ----------------------------------------------------------------------------------------
+def _calibration(spec: dict):
+    """The calibration text file of a LEVEL+imatrix row (None for the others)."""
+    return spec.get("calibration") if calibrated(spec["quant"]) else None
+
+
 class MinilmEngine:
     engine = "minilm"
 
@@ -82,7 +87,7 @@ class MinilmEngine:
         else:
             self.model = minilm.load(self.spec["model"], quant=None if self.level == "f32" else self.level,
                                      n_ctx=self.spec["n_ctx"], threads=self.spec["threads"],
-                                     embed_quant=self.embed, kv_quant=kv)
+                                     embed_quant=self.embed, kv_quant=kv, calibration=_calibration(self.spec))
         row["load_s"] = time.perf_counter() - t
         self.net = self.model.net
         self.V = self.model.config.vocab_size
@@ -126,7 +131,7 @@ def save_level(spec: dict) -> dict:
     import minilm
     level, emb = parse_level(spec["quant"])
     model = minilm.load(spec["model"], quant=None if level == "f32" else level, n_ctx=16,
-                        threads=spec["threads"], embed_quant=emb)
+                        threads=spec["threads"], embed_quant=emb, calibration=_calibration(spec))
     model.save(spec["folder"])
     return {"engine": "save", "quant": spec["quant"], "folder": spec["folder"]}
 

@@ -148,7 +148,8 @@ def plot(rows, path: Path, title: str) -> None:
         _speed_bars(axes[2], rows, pairs)
     markers = {"minilm": ("o", "C0"), "llama.cpp": ("s", "C1"), "transformers": ("^", "C2")}
     ys = [r[ykey] for r in rows if r.get(ykey) is not None and math.isfinite(r[ykey])]
-    for ax, (xkey, xlabel) in zip(axes[:2], [("decode_tok_s", "decode tokens/s (median)"), ("file_mb", "file size (MB)")]):
+    for ax, (xkey, xlabel) in zip(axes[:2], [("decode_tok_s", "decode tokens/s (median)"),
+                                             ("bits_per_weight", "bits per weight (file)")]):
         seen = set()
         for r in rows:
             x, y = r.get(xkey), r.get(ykey)

@@ -1,0 +1,209 @@
+"""Importance-weighted quantization from a calibration text (llama.cpp's imatrix, in minilm).
+
+    collect_imatrix(model, text)   run the float model over the text in chunks (each from position
+                                   0, as llama-imatrix does) with the plan's `stats` steps
+                                   (plan.with_stats: every matmul input adds its column sums of
+                                   x^2; the lm head's input is summed here from the final-normed
+                                   rows) -> {matrix name: f32[K] mean of x^2 per input column};
+                                   full=True: the whole input covariance f32[K, K] instead
+    quantize_model(model, quant, imatrix)   the model's float matrices quantized to `quant` (a
+                                   level or a mix preset) with those weights as every format's qw;
+                                   with covariances, block by block with GPTQ's error feedback
+                                   (gptq_linear), each block still the format's own quantizer
+`load(..., calibration=)` collects covariances when they fit in GPTQ_MAX_BYTES (small models),
+else the imatrix alone.
+    save_imatrix / load_imatrix    a safetensors file of the vectors (canonical matrix names)
+
+A tied embedding takes the lm head's statistics (the matrix is the head's); an untied token
+embedding is a lookup table (no matmul input) and is quantized unweighted, as llama.cpp does.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ModelLoadError
+
+CHUNK = 512           # tokens per calibration chunk (llama-imatrix's default context)
+MAX_TOKENS = 8192     # tokens read from the text at most
+GPTQ_MAX_BYTES = 1 << 29   # collect full input covariances (GPTQ) when they take at most this much
+
+
+def calibration_text(text_or_path) -> str:
+    """A calibration text: a path to a UTF-8 text file, or the text itself (a str that is not
+    an existing file). Errors name the file."""
+    if isinstance(text_or_path, os.PathLike) or (isinstance(text_or_path, str) and "\n" not in text_or_path
+                                                 and len(text_or_path) < 4096 and Path(text_or_path).is_file()):
+        p = Path(text_or_path)
+        if not p.is_file():
+            raise ValueError(f"calibration file {p}: not found")
+        try:
+            return p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"calibration file {p}: cannot be read as UTF-8 text ({e})") from None
+    if not isinstance(text_or_path, str):
+        raise ValueError(f"calibration={text_or_path!r}: must be a text or a path to a text file")
+    return text_or_path
+
+
+def hessian_bytes(model) -> int:
+    """Bytes of the K x K input covariances of every matrix of `model` (f32)."""
+    from .quant import Linear
+    return 4 * sum(t.K * t.K for t in {id(t): t for t in model.tensors.values()}.values() if isinstance(t, Linear))
+
+
+def collect_imatrix(model, text: str, max_tokens: int = MAX_TOKENS, chunk: int = CHUNK,
+                    full: bool = False) -> dict:
+    """{canonical matrix name: f32[K] mean of x^2 over the calibration tokens} for every matrix
+    of the float `model` (an `LM`) run over `text` (see the module docstring). full: the whole
+    input covariance f32[K, K] (mean of x x^T; its diagonal is the imatrix) for GPTQ-style
+    quantization (`quantize_model`)."""
+    from .model import Transformer
+    ids = model.tokenizer.encode(text)[:max_tokens]
+    chunk = min(chunk, model.config.max_position_embeddings)
+    if len(ids) < 2:
+        raise ValueError(f"calibration text gives {len(ids)} token(s); it needs at least 2 (use a longer text)")
+    net = Transformer(model.config, model.tensors, min(chunk, len(ids)), kv_quant="f32", stats=True, full=full)
+    D = model.config.hidden_size
+    head = np.zeros((D, D) if full else D, np.float64)
+    for a in range(0, len(ids), chunk):
+        part = np.asarray(ids[a:a + chunk], np.int64)
+        net.cache.reset()
+        for b in range(0, len(part), net.state.rows):
+            h = net.forward(part[b:b + net.state.rows], len(part)).astype(np.float64)  # [rows, D], final-normed
+            head += h.T @ h if full else (h ** 2).sum(0)                # the lm head's input
+    n = float(len(ids))
+    out = {}
+    for name, v in net.stats.items():
+        K = model.tensors[name].K
+        out[name] = (v / n).astype(np.float32).reshape((K, K) if full else (K,))
+    head_name = "output" if "output" in model.tensors else "tok_embd"
+    out[head_name] = (head / n).astype(np.float32)
+    return out
+
+
+def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = "", damp: float = 0.01):
+    """Quantize w f32[N, K] to `fmt` with GPTQ's error feedback (Frantar et al. 2022) around the
+    format's own quantizer (weighted by diag(H)), so the ggml block layouts and their scale
+    searches stay as they are. Columns are fixed in steps of 32 (a 32-block format: one block);
+    after each step its rounding error E is spread over the columns not yet fixed so that the
+    layer's output error on inputs of covariance H (f32[K, K]) is least: W_R -= E U_GG^-1 U_GR,
+    U the upper Cholesky factor of H^-1. In a 256-block (K-quants) each step takes its columns
+    from the whole block quantized anew (the block's scales are shared), and the block is then
+    stored as the quantization of the values fixed in it. -> `Linear`."""
+    from .quant import FALLBACK, FORMATS, Linear
+    N, K = w.shape
+    if K % FORMATS[fmt].block and fmt in FALLBACK:                   # as Linear.quantize
+        fmt = FALLBACK[fmt]
+    blk = group if fmt == "q4_0" else FORMATS[fmt].block
+    Hd = np.array(H, np.float64)
+    dead = np.diag(Hd) <= 0
+    Hd[dead, dead] = 1.0
+    Hd += damp * float(np.mean(np.diag(Hd))) * np.eye(K)
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(Hd)).T                     # H^-1 = U^T U, U upper
+    except np.linalg.LinAlgError:
+        return Linear.quantize(w, fmt, group, name=name, qw=np.clip(np.diag(H), 0, None))
+    W = np.array(w, np.float64)
+    W[:, dead] = 0.0
+    qw = np.diag(Hd).astype(np.float32)
+    step = min(32, blk)          # K-quants: columns fixed 32 at a time inside a 256-block
+    parts = []
+    quant = lambda a, b: Linear.quantize(np.ascontiguousarray(W[:, a:b], np.float32), fmt, group,
+                                         name=name, qw=qw[a:b])
+    for s0 in range(0, K, blk):
+        s1 = min(s0 + blk, K)
+        T = np.zeros((N, s1 - s0), np.float64)        # the block's values as fixed step by step
+        for a in range(s0, s1, step):
+            b = min(a + step, s1)
+            lin = quant(s0, s1)                       # the whole block, as the format blocks it
+            Q = FORMATS[fmt].unpack(lin.arrays)[:, a - s0:b - s0].astype(np.float64)
+            T[:, a - s0:b - s0] = Q
+            if b < K:
+                W[:, b:] -= (W[:, a:b] - Q) @ np.linalg.solve(U[a:b, a:b], U[a:b, b:])
+        if s1 - s0 > step:                            # one block from the values fixed in it
+            W[:, s0:s1] = T
+            lin = quant(s0, s1)
+        parts.append(lin)
+    arrays = {k: np.ascontiguousarray(np.concatenate([p.arrays[k] for p in parts], axis=1)) for k in parts[0].arrays}
+    return Linear(fmt, N, K, arrays, sum(p.Kp for p in parts))
+
+
+def quantize_model(model, quant: str | None, imatrix: dict | None, n_ctx: int | None = None,
+                   group_size: int | None = None, embed_quant: str | None = None, kv_quant: str | None = None):
+    """A new `LM`: the float `model`'s tensors in the formats of `quant`, each matrix quantized
+    with its imatrix vector as importance weights (None: unweighted). n_ctx None: the loader's
+    default for the quantized weights and the machine's free memory (`loader.default_n_ctx`)."""
+    from .cache import check_kv_quant
+    from .loader import available_memory, build_lm, default_n_ctx
+    from .quant import FORMATS, Linear
+    from .sources import convert, level_target
+    cfg = model.config
+    for name, t in model.tensors.items():
+        if isinstance(t, Linear) and t.fmt not in ("f32", "f16", "bf16"):
+            raise ValueError(f"calibration needs a float model: tensor {name} is {t.fmt}; "
+                             "calibrate the original checkpoint")
+    target = level_target(cfg, quant, group_size, embed_quant)
+    imatrix = imatrix or {}
+    tensors = {}
+    for name, t in model.tensors.items():
+        st, fmt = imatrix.get(name), target.fmt(name)
+        if st is not None and st.ndim == 2 and isinstance(t, Linear) and fmt not in (None, "f32", "f16", "bf16"):
+            w = FORMATS[t.fmt].unpack(t.arrays)[:, :t.K].astype(np.float32)
+            tensors[name] = gptq_linear(w, fmt, target.group, st, name)        # covariance: GPTQ
+        else:
+            qw = np.diagonal(st) if st is not None and st.ndim == 2 else st
+            tensors[name] = convert(t, name, fmt, target.group, model.source, qw=qw)
+    kv_quant = check_kv_quant(kv_quant)
+    note = f"n_ctx {n_ctx} (as given)"
+    if n_ctx is None:
+        weights = sum({id(t): t.nbytes for t in tensors.values()}.values())
+        n_ctx, note = default_n_ctx(cfg, kv_quant, weights, available_memory())
+    return build_lm(cfg, tensors, model.tokenizer, n_ctx, source=model.source, quant=target.level,
+                    group_size=target.group, kv_quant=kv_quant, n_ctx_note=note)
+
+
+def save_imatrix(imatrix: dict, path, n_tokens: int | None = None) -> Path:
+    """Write the vectors as a safetensors file (metadata: minilm.imatrix, tokens); of full
+    covariances, their diagonals (the imatrix: a file read back quantizes without GPTQ)."""
+    from .safetensors_io import save_file
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"minilm.imatrix": json.dumps({"version": 1, "tokens": n_tokens})}
+    save_file({k: np.ascontiguousarray(np.diagonal(v) if v.ndim == 2 else v, np.float32) for k, v in imatrix.items()},
+              path, metadata=meta)
+    return path
+
+
+def load_imatrix(path, cfg) -> dict:
+    """Read an imatrix file written by `save_imatrix`, checked against the model `cfg`: every
+    vector names a matrix of the model, has its input width, finite values >= 0."""
+    from .safetensors_io import SafetensorsFile
+    from .weights import canonical_shapes, is_matrix
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"imatrix file {path}: not found")
+    try:
+        f = SafetensorsFile(path)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a file that is no safetensors at all
+        raise ModelLoadError(f"imatrix file {path}: not a minilm imatrix (safetensors) file ({e})") from None
+    shapes = canonical_shapes(cfg)
+    out = {}
+    for name in f.names:
+        if name not in shapes or not is_matrix(name):
+            raise ModelLoadError(f"imatrix file {path}: vector {name!r} names no matrix of this model "
+                                 f"({cfg.model_type}, {cfg.n_layers} layers)")
+        K = shapes[name][1]
+        if f.dtype(name) != "F32" or tuple(f.shape(name)) != (K,):
+            raise ModelLoadError(f"imatrix file {path}: vector {name!r} is {f.dtype(name)}{list(f.shape(name))}, "
+                                 f"expected F32[{K}] (the matrix's input width)")
+        v = np.asarray(f.get(name), np.float32)
+        if not np.isfinite(v).all() or (v < 0).any():
+            raise ModelLoadError(f"imatrix file {path}: vector {name!r} has values that are not finite and >= 0")
+        out[name] = v
+    return out
