@@ -346,15 +346,22 @@ def sub_rows(lin: Linear, a: int, b: int) -> Linear:
 
 
 def cat_rows(lins: list[Linear]) -> Linear:
-    """Stack Linears by rows; one format: arrays concatenated as stored; mixed formats: the exact
-    values in f32 (no format holds both exactly)."""
+    """Stack Linears by rows (minilm's fused q/k/v and gate/up). One format: the arrays
+    concatenated as stored. Mixed formats (llama.cpp's mixes give attn_v more bits than attn_q /
+    attn_k in some layers): the widest part's format for all, the parts already in it kept byte
+    for byte and the others re-packed from their exact values (a finer grid than their own: e.g.
+    Q4_K values in Q6_K), never a float copy of the whole matrix."""
     if len(lins) == 1:
         return lins[0]
-    if len({(l.fmt, l.Kp, l.group) for l in lins}) == 1:
-        l0 = lins[0]
-        arrays = {k: np.ascontiguousarray(np.concatenate([l.arrays[k] for l in lins], axis=0)) for k in l0.arrays}
-        return Linear(l0.fmt, sum(l.N for l in lins), l0.K, arrays, l0.Kp)
-    return Linear.quantize(np.concatenate([dequant(l) for l in lins], axis=0), "f32")
+    if len({(l.fmt, l.Kp, l.group) for l in lins}) != 1:
+        wide = max(lins, key=lambda l: (FORMATS[l.fmt].bits(l.group), l.fmt == "f32"))
+        lins = [l if (l.fmt, l.Kp, l.group) == (wide.fmt, wide.Kp, wide.group)
+                else Linear.quantize(dequant(l), wide.fmt, wide.group) for l in lins]
+        if len({(l.fmt, l.Kp, l.group) for l in lins}) != 1:      # a width fallback changed a part's format
+            return Linear.quantize(np.concatenate([dequant(l) for l in lins], axis=0), "f32")
+    l0 = lins[0]
+    arrays = {k: np.ascontiguousarray(np.concatenate([l.arrays[k] for l in lins], axis=0)) for k in l0.arrays}
+    return Linear(l0.fmt, sum(l.N for l in lins), l0.K, arrays, l0.Kp)
 
 
 # ---- GGUF: ggml blocks <-> a Linear's arrays -----------------------------------------------------

@@ -263,3 +263,22 @@ def test_quantize_cli_calibration_and_saved_imatrix(tmp_path, llama256):
         assert m.quant == "q4_0" and m.tensors["l1.w_down"].fmt == "q4_0"
         assert not np.array_equal(m.tensors["l1.w_down"].arrays["qs"], plain.tensors["l1.w_down"].arrays["qs"])
         assert len(m.generate("ROMEO:", max_new_tokens=8)) > 0
+
+
+def test_mixed_fused_parts_take_the_widest_format_not_f32():
+    """A GGUF from llama.cpp's Q4_K_M has attn_v in Q6_K beside attn_q / attn_k in Q4_K: the fused
+    q/k/v matrix is Q6_K (the Q6_K part byte for byte, the Q4_K parts re-packed from their exact
+    values), never an f32 copy; the values stay within Q6_K's grid of the originals."""
+    from minilm.sources import cat_rows, dequant
+    rng = np.random.default_rng(0)
+    q = Linear.quantize(rng.standard_normal((64, 256)).astype(np.float32), "q4_k")
+    k = Linear.quantize(rng.standard_normal((32, 256)).astype(np.float32), "q4_k")
+    v = Linear.quantize(rng.standard_normal((32, 256)).astype(np.float32), "q6_k")
+    fused = cat_rows([q, k, v])
+    assert fused.fmt == "q6_k" and fused.N == 128 and fused.K == 256
+    assert np.array_equal(fused.arrays["raw"][96:], v.arrays["raw"])           # the Q6_K part as stored
+    exact = np.concatenate([dequant(q), dequant(k)])
+    got = dequant(fused)[:96]
+    assert np.abs(got - exact).max() <= 0.05 * np.abs(exact).max()             # Q6_K re-pack of Q4_K values
+    f32 = cat_rows([Linear.quantize(rng.standard_normal((8, 256)).astype(np.float32), "f32"), v])
+    assert f32.fmt == "f32"                                                     # f32 (32 bits) is the widest
