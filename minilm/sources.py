@@ -348,15 +348,19 @@ def sub_rows(lin: Linear, a: int, b: int) -> Linear:
 def cat_rows(lins: list[Linear]) -> Linear:
     """Stack Linears by rows (minilm's fused q/k/v and gate/up). One format: the arrays
     concatenated as stored. Mixed formats (llama.cpp's mixes give attn_v more bits than attn_q /
-    attn_k in some layers): the widest part's format for all, the parts already in it kept byte
-    for byte and the others re-packed from their exact values (a finer grid than their own: e.g.
-    Q4_K values in Q6_K), never a float copy of the whole matrix."""
+    attn_k in some layers): the widest part's format for all when it has >= 6.5 bits (Q6_K,
+    Q8_0, floats), else Q6_K (Q8_0 for widths not a multiple of 256); parts already in it are
+    kept byte for byte, the others re-packed from their exact values onto that finer grid (Q4_K
+    or Q2_K values in Q6_K: within a few thousandths of their range). Never a float copy of
+    the whole quantized matrix."""
     if len(lins) == 1:
         return lins[0]
     if len({(l.fmt, l.Kp, l.group) for l in lins}) != 1:
         wide = max(lins, key=lambda l: (FORMATS[l.fmt].bits(l.group), l.fmt == "f32"))
-        lins = [l if (l.fmt, l.Kp, l.group) == (wide.fmt, wide.Kp, wide.group)
-                else Linear.quantize(dequant(l), wide.fmt, wide.group) for l in lins]
+        fmt, group = wide.fmt, wide.group
+        if FORMATS[fmt].bits(group) < 6.5:       # a 2-5 bit grid would move the narrower parts' values
+            fmt, group = ("q6_k" if wide.K % 256 == 0 else "q8_0"), 32
+        lins = [l if (l.fmt, l.group) == (fmt, group) else Linear.quantize(dequant(l), fmt, group) for l in lins]
         if len({(l.fmt, l.Kp, l.group) for l in lins}) != 1:      # a width fallback changed a part's format
             return Linear.quantize(np.concatenate([dequant(l) for l in lins], axis=0), "f32")
     l0 = lins[0]

@@ -282,3 +282,8 @@ def test_mixed_fused_parts_take_the_widest_format_not_f32():
     assert np.abs(got - exact).max() <= 0.05 * np.abs(exact).max()             # Q6_K re-pack of Q4_K values
     f32 = cat_rows([Linear.quantize(rng.standard_normal((8, 256)).astype(np.float32), "f32"), v])
     assert f32.fmt == "f32"                                                     # f32 (32 bits) is the widest
+    low = [Linear.quantize(rng.standard_normal((32, 256)).astype(np.float32), f) for f in ("q2_k", "q3_k")]
+    both = cat_rows(low)                                                        # Q2_K mix: q/k Q2_K, v Q3_K
+    assert both.fmt == "q6_k"                                                   # not onto Q3_K's coarse grid
+    exact = np.concatenate([dequant(x) for x in low])
+    assert np.abs(dequant(both) - exact).max() <= 0.03 * np.abs(exact).max()
