@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 import minilm
-from minilm.calibrate import collect_imatrix, quantize_model
+from minilm.calibrate import collect_imatrix
+from minilm.loader import quantize_loaded
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
 
@@ -55,7 +56,7 @@ def main():
         for q in a.quants.split(","):
             res = []
             for imat in (None, im, cov):
-                m = quantize_model(f32, q, imat, n_ctx=512)
+                m = quantize_loaded(f32, q, imat, n_ctx=512)
                 bits = sum(t.nbytes for k, t in m.tensors.items() if hasattr(t, "fmt")) * 8 / sum(
                     t.N * t.K for k, t in m.tensors.items() if hasattr(t, "fmt"))
                 res.append((bits,) + kl_top1(ref, m.logits(ids)))

@@ -6,7 +6,7 @@
                                    x^2; the lm head's input is summed here from the final-normed
                                    rows) -> {matrix name: f32[K] mean of x^2 per input column};
                                    full=True: the whole input covariance f32[K, K] instead
-    quantize_model(model, quant, imatrix)   the model's float matrices quantized to `quant` (a
+    quantize_tensors(model, quant, imatrix)   the model's float matrices quantized to `quant` (a
                                    level or a mix preset) with those weights as every format's qw;
                                    with covariances, block by block with GPTQ's error feedback
                                    (gptq_linear), each block still the format's own quantizer
@@ -60,7 +60,7 @@ def collect_imatrix(model, text: str, max_tokens: int = MAX_TOKENS, chunk: int =
     """{canonical matrix name: f32[K] mean of x^2 over the calibration tokens} for every matrix
     of the float `model` (an `LM`) run over `text` (see the module docstring). full: the whole
     input covariance f32[K, K] (mean of x x^T; its diagonal is the imatrix) for GPTQ-style
-    quantization (`quantize_model`)."""
+    quantization (`quantize_tensors`)."""
     from .model import Transformer
     ids = model.tokenizer.encode(text)[:max_tokens]
     chunk = min(chunk, model.config.max_position_embeddings)
@@ -132,13 +132,11 @@ def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = 
     return Linear(fmt, N, K, arrays, sum(p.Kp for p in parts))
 
 
-def quantize_model(model, quant: str | None, imatrix: dict | None, n_ctx: int | None = None,
-                   group_size: int | None = None, embed_quant: str | None = None, kv_quant: str | None = None):
-    """A new `LM`: the float `model`'s tensors in the formats of `quant`, each matrix quantized
-    with its imatrix vector as importance weights (None: unweighted). n_ctx None: the loader's
-    default for the quantized weights and the machine's free memory (`loader.default_n_ctx`)."""
-    from .cache import check_kv_quant
-    from .loader import available_memory, build_lm, default_n_ctx
+def quantize_tensors(model, quant: str | None, imatrix: dict | None, group_size: int | None = None,
+                     embed_quant: str | None = None):
+    """The float `model`'s tensors in the formats of `quant`, each matrix quantized with its
+    imatrix vector as importance weights (None: unweighted) -> (tensors, sources.Target).
+    `loader.quantize_loaded` makes the `LM` of them."""
     from .quant import FORMATS, Linear
     from .sources import convert, level_target
     cfg = model.config
@@ -157,13 +155,7 @@ def quantize_model(model, quant: str | None, imatrix: dict | None, n_ctx: int | 
         else:
             qw = np.diagonal(st) if st is not None and st.ndim == 2 else st
             tensors[name] = convert(t, name, fmt, target.group, model.source, qw=qw)
-    kv_quant = check_kv_quant(kv_quant)
-    note = f"n_ctx {n_ctx} (as given)"
-    if n_ctx is None:
-        weights = sum({id(t): t.nbytes for t in tensors.values()}.values())
-        n_ctx, note = default_n_ctx(cfg, kv_quant, weights, available_memory())
-    return build_lm(cfg, tensors, model.tokenizer, n_ctx, source=model.source, quant=target.level,
-                    group_size=target.group, kv_quant=kv_quant, n_ctx_note=note)
+    return tensors, target
 
 
 def save_imatrix(imatrix: dict, path, n_tokens: int | None = None) -> Path:

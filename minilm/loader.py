@@ -308,4 +308,21 @@ def load_calibrated(src: Source, quant, n_ctx, group_size, embed_quant, calibrat
     n_ctx = check_n_ctx(f32.config, n_ctx, src.where)
     if n_ctx is not None:
         check_context_memory(f32.config, n_ctx, kv_quant=kv_quant)
-    return calibrate.quantize_model(f32, quant, imat, n_ctx, group_size, embed_quant, kv_quant), imat
+    return quantize_loaded(f32, quant, imat, n_ctx, group_size, embed_quant, kv_quant), imat
+
+
+def quantize_loaded(model, quant: str | None, imatrix: dict | None = None, n_ctx: int | None = None,
+                    group_size: int | None = None, embed_quant: str | None = None, kv_quant: str | None = None):
+    """A new `LM` of a loaded float `model` quantized to `quant` with importance weights
+    (calibrate.quantize_tensors; imatrix None: unweighted). n_ctx None: `default_n_ctx` for the
+    quantized weights and the memory available now."""
+    from . import calibrate
+    from .cache import check_kv_quant
+    kv_quant = check_kv_quant(kv_quant)
+    tensors, target = calibrate.quantize_tensors(model, quant, imatrix, group_size, embed_quant)
+    note = f"n_ctx {n_ctx} (as given)"
+    if n_ctx is None:
+        weights = sum({id(t): t.nbytes for t in tensors.values()}.values())
+        n_ctx, note = default_n_ctx(model.config, kv_quant, weights, available_memory())
+    return build_lm(model.config, tensors, model.tokenizer, n_ctx, source=model.source, quant=target.level,
+                    group_size=target.group, kv_quant=kv_quant, n_ctx_note=note)

@@ -34,13 +34,10 @@ from __future__ import annotations
 
 import re
 
-from .quant import FALLBACK, FORMATS
+from .quant import FALLBACK, FORMATS, PRESETS
 
 # preset -> (default format, llama.cpp's LLAMA_FTYPE (general.file_type in GGUF))
-PRESETS = {
-    "q2_k": ("q2_k", 10), "q3_k_s": ("q3_k", 11), "q3_k_m": ("q3_k", 12), "q3_k_l": ("q3_k", 13),
-    "q4_k_s": ("q4_k", 14), "q4_k_m": ("q4_k", 15), "q5_k_s": ("q5_k", 16), "q5_k_m": ("q5_k", 17),
-}
+# PRESETS (quant.py): preset name -> (its base ggml type, llama.cpp's LLAMA_FTYPE_MOSTLY_* value)
 
 # canonical matrix (weights.py) -> llama.cpp's tensor roles of its row parts
 ROLES = {"tok_embd": ("token_embd",), "output": ("output",), "wqkv": ("attn_q", "attn_k", "attn_v"),

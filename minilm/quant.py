@@ -296,9 +296,16 @@ LEVELS = {
 }
 
 
+# llama.cpp's mix presets (their per-tensor rules: minilm/mixes.py): name -> (base ggml type,
+# llama.cpp's LLAMA_FTYPE_MOSTLY_* value, written as the GGUF's general.file_type)
+PRESETS = {
+    "q2_k": ("q2_k", 10), "q3_k_s": ("q3_k", 11), "q3_k_m": ("q3_k", 12), "q3_k_l": ("q3_k", 13),
+    "q4_k_s": ("q4_k", 14), "q4_k_m": ("q4_k", 15), "q5_k_s": ("q5_k", 16), "q5_k_m": ("q5_k", 17),
+}
+
+
 def is_level(quant) -> bool:
-    """A quant label minilm knows: a level of LEVELS or a llama.cpp mix preset (mixes.PRESETS)."""
-    from .mixes import PRESETS
+    """A quant label minilm knows: a level of LEVELS or a llama.cpp mix preset (PRESETS)."""
     return isinstance(quant, str) and (quant in LEVELS or quant in PRESETS)
 
 
@@ -306,7 +313,6 @@ def parse_level(quant: str | None, group_size: int | None = None, embed: str | N
     """quant level name (+ overrides) -> (matrix format, embedding format, group)."""
     q = quant or "f32"
     if q not in LEVELS:
-        from .mixes import PRESETS
         if q in PRESETS:
             raise ValueError(f"quant={quant!r}: a llama.cpp mix preset has per-tensor formats, not one "
                              "matrix format (use sources.level_target)")

@@ -65,8 +65,10 @@ def sequences(name: str) -> list[list[int]]:
 
 def llama_cpp_logits(path, seqs) -> list[np.ndarray]:
     """llama.cpp's logits f32 [len(ids), V] for each sequence, each from an empty cache."""
+    # both engines with an f32 KV cache: the check is about the weight formats (llama.cpp's
+    # default f16 cache also rounds q to f16 in its K.q product, minilm's f16 cache does not)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, n_threads=2,
-                          verbose=False)
+                          verbose=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
     try:
         out = []
         for ids in seqs:
@@ -84,7 +86,7 @@ def agreement(path, name: str, model=None) -> tuple[float, float, float, int]:
     is given). A near-tie: the engines pick different tokens, but in llama.cpp's own logits
     minilm's pick is within NEAR_TIE of its top one."""
     seqs = sequences(name)
-    m = model if model is not None else minilm.load(str(path), n_ctx=N_CTX)
+    m = model if model is not None else minilm.load(str(path), n_ctx=N_CTX, kv_quant="f32")
     theirs = llama_cpp_logits(path, seqs)
     agree, ties, kls = 0, 0, []
     for ids, t in zip(seqs, theirs):
@@ -175,7 +177,8 @@ def test_every_architecture_agrees(name, tmp_path_factory):
     arch = open_gguf(path).fields["general.architecture"].contents()
     assert arch in GGUF_ARCH_OF.values()
     _arch_supported(path)
-    check(path, name, f"{name} ({arch}) f32 export", model=minilm.load(shared_path("models", name), n_ctx=N_CTX))
+    check(path, name, f"{name} ({arch}) f32 export", model=minilm.load(shared_path("models", name), n_ctx=N_CTX,
+                                                                             kv_quant="f32"))
     check(llama_quantize(path, "Q8_0", tmp_path_factory), name, f"{name} ({arch}) llama.cpp Q8_0")
 
 

@@ -151,10 +151,11 @@ def test_stats_step_sums_squares_like_numpy():
     low = P.lower(steps, {"imatrix:m": v}, {"x": D})
     x = (np.random.default_rng(0).standard_normal((M, D)) * 3).astype(np.float32)
     btab = np.array([[x.ctypes.data, M, D]], np.int64)
-    z2, z4 = np.zeros((1, 1), np.float32), np.zeros((1, 1, 1, 1), np.float32)
-    X.run_plan(low.fs, low.steps, low.fpar, btab, low.mtab, low.vtab, M, 0, z2, z2, z4, z4,
+    z2, z5 = np.zeros((1, 1), np.float32), np.zeros((1, 1, 1, 1, 1), np.float32)
+    pos, slot = np.arange(M, dtype=np.int64), np.zeros(M, np.int64)             # rows: positions 0.., slot 0
+    X.run_plan(low.fs, low.steps, low.fpar, btab, low.mtab, low.vtab, M, pos, slot, z2, z2, z5, z5,
                np.zeros((M, 32), np.int8), np.zeros((M, 1), np.float32), np.zeros((M, 1), np.float32),
-               np.zeros((2, 4, 32), np.float32), np.zeros((2, 1), np.float32), np.zeros((2, 1, 3), np.float32),
+               np.zeros((2, 4, 32), np.float32), np.zeros((2, 1), np.float32), np.zeros((M, 2, 1, 3), np.float32),
                1, 1, 1, 0, np.zeros(2 * len(steps), np.int64))
     want = 0.25 + 2 * (x.astype(np.float64) ** 2).sum(0)
     np.testing.assert_allclose(v, want, rtol=1e-6)

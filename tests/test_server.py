@@ -203,7 +203,6 @@ LONG = "the cat sat on the mat " * 400
     ("/v1/completions", {"prompt": LONG}, 400, "prompt", "context_length_exceeded"),
     ("/v1/completions", {"prompt": {"a": 1}}, 400, "prompt", None),
     ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", None),
-    ("/v1/completions", {"prompt": "hi", "speculative": "no"}, 400, "speculative", None),
     ("/v1/completions", {"prompt": "x" * (1 << 20)}, 413, None, "request_too_large"),
 ])
 def test_bad_requests(stories, path, body, status, param, code):
