@@ -2,6 +2,7 @@
 and UTF-8-safe streaming detokenization."""
 from __future__ import annotations
 
+import time
 from typing import Iterator
 
 import numpy as np
@@ -142,7 +143,13 @@ class PromptLookup:
     cut short. A draft of which nothing was accepted also pauses drafting for `backoff` tokens,
     doubling each time (up to 64) until a draft is accepted again, so text the lookup does not
     predict runs as plain decoding at (almost) no cost. `proposed` / `accepted` count drafted
-    tokens, `passes` the verify passes."""
+    tokens, `passes` the verify passes.
+
+    Whether it pays is also measured as it runs: the seconds per token of plain decode steps and
+    of verify passes (a pass's time over the tokens it produced: those accepted + 1), as moving
+    averages; while the passes cost more per token than plain steps (a tiny model whose step is
+    mostly fixed overhead, a pass that is not much cheaper per row than single steps), a draft
+    is followed by the same doubling pause as a draft with nothing accepted."""
     N = 3
     K_MAX = 12
     BACKOFF_MAX = 64
@@ -153,6 +160,15 @@ class PromptLookup:
         self.done = 0                       # followers ids[:done] are indexed
         self.k, self.pause, self.backoff = 4, 0, 1
         self.proposed = self.accepted = self.passes = 0
+        self.t_plain = self.t_pass = 0.0    # moving averages: s per plain step, s per token of a pass
+
+    @staticmethod
+    def _avg(old: float, new: float) -> float:
+        return new if old == 0.0 else 0.75 * old + 0.25 * new
+
+    def timed_step(self, seconds: float) -> None:
+        """A plain decode step took `seconds`."""
+        self.t_plain = self._avg(self.t_plain, seconds)
 
     def draft(self, limit: int) -> list[int]:
         """Up to min(k, limit) tokens that may follow the text (empty: decode plainly)."""
@@ -173,10 +189,15 @@ class PromptLookup:
                 return ids[i:i + k]
         return []
 
-    def result(self, drafted: int, accepted: int) -> None:
-        """Adapt k and the pause to how many of `drafted` tokens were accepted."""
+    def result(self, drafted: int, accepted: int, seconds: float = 0.0) -> None:
+        """Adapt k and the pause to how many of `drafted` tokens were accepted by a verify pass
+        that took `seconds`."""
         self.proposed += drafted
         self.accepted += accepted
+        if seconds > 0.0:
+            self.t_pass = self._avg(self.t_pass, seconds / (accepted + 1))
+        if self.t_plain > 0.0 and self.t_pass > self.t_plain:    # passes cost more per token: pause
+            accepted = 0
         if accepted == drafted:
             self.k = min(self.K_MAX, self.k + 2)
         else:
@@ -198,6 +219,7 @@ def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, con
     net.last_lookup = spec                  # its counts, for `minilm bench` and the tests
     pending: list = []      # [(drafted token, logits after it)] of the last verify pass, in order
     drafted = 0             # tokens in that pass's draft
+    pass_s = 0.0            # seconds that pass took
     try:
         while (tok := ch.choose(logits, pending[0][0] if pending else None)) is not None:
             yield tok
@@ -207,9 +229,9 @@ def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, con
                 if pending[0][0] == tok:           # drafted and accepted: its pass gave the next logits
                     logits = pending.pop(0)[1]
                     if not pending:
-                        spec.result(drafted, drafted)
+                        spec.result(drafted, drafted, pass_s)
                     continue
-                spec.result(drafted, drafted - len(pending))
+                spec.result(drafted, drafted - len(pending), pass_s)
                 pending = []
                 cache.truncate(len(history) - 1)   # forget the rejected draft (tok is not in the cache)
             # a draft of at most the tokens still wanted after the next one, within n_ctx
@@ -218,10 +240,17 @@ def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, con
             if draft and net.rope_depends_on_length(len(history) + len(draft)):
                 draft = []                         # RoPE would change with the length: decode plainly
             if not draft:
-                logits = net.decode(tok)
+                if spec is None:
+                    logits = net.decode(tok)
+                else:
+                    t0 = time.perf_counter()
+                    logits = net.decode(tok)
+                    spec.timed_step(time.perf_counter() - t0)
                 continue
             spec.passes += 1
+            t0 = time.perf_counter()
             rows = net.decode_rows([tok, *draft])  # [1 + len(draft), V]: row j follows draft[j - 1]
+            pass_s = time.perf_counter() - t0
             logits = rows[0]
             pending = list(zip(draft, rows[1:]))
             drafted = len(draft)

@@ -148,6 +148,20 @@ def test_prompt_lookup_drafts_and_backs_off():
     assert (pl.proposed, pl.accepted) == (12, 4)
 
 
+def test_prompt_lookup_pauses_while_passes_cost_more_per_token():
+    """Measured as it runs: a verify pass whose seconds per produced token (accepted + 1) exceed
+    a plain step's pauses drafting like a draft with nothing accepted; a cheaper one does not."""
+    ids = [1, 2, 3, 4, 9, 1, 2, 3]
+    pl = PromptLookup(ids)
+    pl.timed_step(0.010)                         # plain steps: 10 ms
+    assert pl.draft(10) == [4, 9, 1, 2]
+    pl.result(4, 4, seconds=0.020)               # 20 ms for 5 tokens: 4 ms per token, it pays
+    assert pl.k == 6 and pl.draft(10) != []
+    pl.result(4, 1, seconds=0.100)               # 50 ms per token: the average passes 10 ms: pause
+    assert pl.draft(10) == [] and pl.draft(10) != []
+    assert (pl.proposed, pl.accepted) == (8, 5)  # the counts stay what was accepted
+
+
 def test_speculative_argument_checked():
     m = _load("stories260K")
     with pytest.raises(ValueError, match="speculative"):
