@@ -32,9 +32,11 @@ compiles (and caches) only the kernels it needs. Adding a step kind means: an OP
 task count in `_ntasks`, its body in `_task`, and the plan rows that use it; nothing else changes
 (tests/test_plan.py adds one outside this module to show it).
 """
+import llvmlite.ir as ir
 import numba
 import numpy as np
 from numba import njit, prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from .activations import gelu_mul_row, gelu_row, gelu_tanh_row, silu_mul_row
@@ -357,10 +359,11 @@ def register_step_kind(op_id: int, task) -> None:
     if op_id < N_OPS or op_id in EXTENSIONS:
         raise ValueError(f"step kind id {op_id} is taken (built-in kinds are 0..{N_OPS - 1})")
     EXTENSIONS[op_id] = task
-    for f in (_task, run_plan):
-        f._cache = NullCache()
-        if f.signatures:
-            f.recompile()
+    _task._cache = NullCache()
+    if _task.signatures:
+        _task.recompile()
+    _ENTRIES.clear()                # addresses of the old compilation
+    _BY_CALL.clear()
 
 
 def _ext_task(op, s, k, M, pos, steps, fpar, btab, mtab, vtab):
@@ -532,7 +535,121 @@ def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, s
         _ext_task(op, s, k, M, pos, steps, fpar, btab, mtab, vtab)
 
 
+# ---- the run: one parallel region calling the compiled _task through its address -------------
+# The parallel region (a parfor: its gufunc and two wrappers around it, each one LLVM module) does
+# not link _task's code: Numba would otherwise link every step kernel into each of those modules
+# and LLVM would optimise and generate machine code for all of it four more times (about 60 % of a
+# cold start; benchmarks/README.md, "Cold start"). _task is compiled once per signature (its own
+# on-disk cache entry) and called through its address, an indirect call per task.
+
+def _sig_key(argtypes) -> int:
+    """A 64-bit key of a _task signature (tuple of Numba types), the same in every process."""
+    import hashlib
+    h = hashlib.blake2b(repr(tuple(str(t) for t in argtypes)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little", signed=True)
+
+
+@intrinsic
+def _task_key(typingctx, args):
+    """The _sig_key of the types of the tuple args (a compile-time constant)."""
+    key = _sig_key(args.types)
+
+    def codegen(ctx, builder, sig, llargs):
+        return ir.Constant(ir.IntType(64), key)
+    return types.int64(args), codegen
+
+
+@intrinsic
+def _call_task(typingctx, addr, key, args):
+    """_task(*args) through addr, the entry point of _task compiled for exactly the types of args
+    (run_plan_jit checks `key` against them before its parallel region; a mismatch here traps)."""
+    argtypes = list(args.types)
+    want = _sig_key(argtypes)
+
+    def codegen(ctx, builder, sig, llargs):
+        bad = builder.icmp_signed("!=", llargs[1], ir.Constant(ir.IntType(64), want))
+        with cgutils.if_unlikely(builder, bad):
+            builder.call(builder.module.declare_intrinsic("llvm.trap", fnty=ir.FunctionType(ir.VoidType(), [])), [])
+        fnty = ctx.call_conv.get_function_type(types.none, argtypes)
+        fn = builder.inttoptr(llargs[0], fnty.as_pointer())
+        vals = [builder.extract_value(llargs[2], i) for i in range(len(argtypes))]
+        status, _ = ctx.call_conv.call_function(builder, fn, types.none, argtypes, vals)
+        with cgutils.if_unlikely(builder, status.is_error):
+            ctx.call_conv.return_status_propagate(builder, status)
+        return ctx.get_dummy_value()
+    return types.none(addr, key, args), codegen
+
+
 @njit(parallel=True, **_J)
+def run_plan_jit(task, key, fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles,
+                 sc, part, H, Hkv, hd, rot, ctr):
+    """run_plan's parallel region; task: the address of _task compiled for the types of these
+    arguments (_task_entry), key: that signature's _sig_key. Returns 1 without running anything
+    when key is not the key of this call's task signature, else 0."""
+    S = steps.shape[0]
+    nt = tiles.shape[0]
+    nparts = part.shape[1]
+    M = np.int64(M)
+    H, Hkv, hd, rot = np.int64(H), np.int64(Hkv), np.int64(hd), np.int64(rot)
+    z = np.int64(0)
+    if key != _task_key((fs, steps, fpar, z, z, z, z, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD,
+                         XS, tiles, sc, part, H, Hkv, hd, rot)):
+        return 1
+    ctr[:] = 0
+    for t in prange(nt):
+        tid = np.int64(t)
+        ph = np.int64(0)
+        s = np.int64(0)
+        while s < S:
+            n = _ntasks(steps, s, mtab, M, pos, nt, nparts, H)
+            if n == 0:
+                s += 1
+                continue
+            if n == 1:                       # a run of one-task steps: one phase, one thread
+                e = s + 1
+                while e < S and _ntasks(steps, e, mtab, M, pos, nt, nparts, H) <= 1:
+                    e += 1
+                if _take(ctr, ph, 1) == 0:
+                    for s2 in range(s, e):
+                        if _ntasks(steps, s2, mtab, M, pos, nt, nparts, H) == 1:
+                            for k in range(_task_rows(steps, s2, M)):
+                                _call_task(task, key, (fs, steps, fpar, np.int64(s2), np.int64(k), tid, nt, btab,
+                                                       mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles,
+                                                       sc, part, H, Hkv, hd, rot))
+                    _finish(ctr, ph)
+                _wait(ctr, ph, 1)
+                s = e
+            else:
+                k = _take(ctr, ph, n)
+                while k >= 0:
+                    _call_task(task, key, (fs, steps, fpar, s, np.int64(k), tid, nt, btab, mtab, vtab, M, pos, slot,
+                                           cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot))
+                    _finish(ctr, ph)
+                    k = _take(ctr, ph, n)
+                _wait(ctr, ph, n)
+                s += 1
+            ph += 1
+    return 0
+
+
+_ENTRIES: dict = {}   # _task signature -> (address, key). A lookup cache whose entries never change
+_BY_CALL: dict = {}   # (id(fs), kc dtype, vc dtype) -> the same entries (no typeof per call)
+# (once made; register_step_kind empties both): threads that race on a miss compute the same entry.
+
+
+def _task_entry(fs, steps, fpar, btab, mtab, vtab, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part):
+    """(address, key) of _task compiled (or loaded from the on-disk cache) for these arguments."""
+    ty, i64 = numba.typeof, types.int64
+    sig = (ty(fs), ty(steps), ty(fpar), i64, i64, i64, i64, ty(btab), ty(mtab), ty(vtab), i64, ty(pos), ty(slot),
+           ty(cos), ty(sin), ty(kc), ty(vc), ty(XQ), ty(XD), ty(XS), ty(tiles), ty(sc), ty(part), i64, i64, i64, i64)
+    e = _ENTRIES.get(sig)
+    if e is None:
+        _task.compile(sig)
+        cres = _task.overloads[sig]
+        e = _ENTRIES[sig] = (cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name), _sig_key(sig))
+    return e
+
+
 def run_plan(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,
              H, Hkv, hd, rot, ctr):
     """Run the plan for M token rows (see the module docstring): row m is position pos[m] of the
@@ -549,39 +666,15 @@ def run_plan(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, 
     sc f32[>= T, n_ctx]: attention scores (a row per thread); part f32[>= M, S, H, hd + 2]: each
     token's attention splits (decode_splits: the same for a token in any pass);
     ctr int64[>= 2 * steps]: phase counters. T = the number of threads the state was sized for.
+    H, Hkv, hd, rot and M: integers.
     """
-    S = steps.shape[0]
-    nt = tiles.shape[0]
-    nparts = part.shape[1]
-    ctr[:] = 0
-    for tid in prange(nt):
-        ph = 0
-        s = 0
-        while s < S:
-            n = _ntasks(steps, s, mtab, M, pos, nt, nparts, H)
-            if n == 0:
-                s += 1
-                continue
-            if n == 1:                       # a run of one-task steps: one phase, one thread
-                e = s + 1
-                while e < S and _ntasks(steps, e, mtab, M, pos, nt, nparts, H) <= 1:
-                    e += 1
-                if _take(ctr, ph, 1) == 0:
-                    for s2 in range(s, e):
-                        if _ntasks(steps, s2, mtab, M, pos, nt, nparts, H) == 1:
-                            for k in range(_task_rows(steps, s2, M)):
-                                _task(fs, steps, fpar, s2, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin,
-                                      kc, vc, XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
-                    _finish(ctr, ph)
-                _wait(ctr, ph, 1)
-                s = e
-            else:
-                k = _take(ctr, ph, n)
-                while k >= 0:
-                    _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
-                          XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
-                    _finish(ctr, ph)
-                    k = _take(ctr, ph, n)
-                _wait(ctr, ph, n)
-                s += 1
-            ph += 1
+    args = (fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,
+            H, Hkv, hd, rot, ctr)
+    fast = (id(fs), getattr(kc, "dtype", None), getattr(vc, "dtype", None))
+    e = _BY_CALL.get(fast)
+    if e is not None and run_plan_jit(e[0], e[1], *args) == 0:
+        return
+    e = _BY_CALL[fast] = _task_entry(fs, steps, fpar, btab, mtab, vtab, pos, slot, cos, sin, kc, vc, XQ, XD, XS,
+                                     tiles, sc, part)
+    if run_plan_jit(e[0], e[1], *args) != 0:
+        raise RuntimeError("executor: the compiled task does not match run_plan's argument types (a bug)")
