@@ -27,8 +27,13 @@ every task); all threads walk the same phase sequence (the task counts depend on
 plan, M and the first row's position).
 
 Weight formats: `fs` is a tuple of empty arrays whose dtypes name the formats the model uses
-(quant.FORMATS[...].tag); the matrix dispatch is compiled only for those formats, so a model
-compiles (and caches) only the kernels it needs. Adding a step kind means: an OP_ constant, its
+(quant.FORMATS[...].tag) and, in one record dtype with fields "op_<id>", the step kinds its plan
+uses; the matrix dispatch is compiled only for those formats and `_task` only for those kinds, so
+a model compiles (and caches) only the kernels it needs.
+
+Compiling: `_task` (every step kernel) is compiled once per signature and called through its
+entry point from the parallel region `run_plan_jit` (see "the run" below), so no wrapper level of
+the parallel region carries a copy of the kernels (benchmarks/README.md, "Cold start"). Adding a step kind means: an OP_ constant, its
 task count in `_ntasks`, its body in `_task`, and the plan rows that use it; nothing else changes
 (tests/test_plan.py adds one outside this module to show it).
 """
@@ -151,6 +156,19 @@ def _wait(ctr, ph, n):
 
 
 # ---- matrices ----------------------------------------------------------------------------------
+@njit(**_J)
+def _q8_groups(xq, xd, xs, qs, d, out, g0, g1):
+    """gemv_q8_0_groups (inline="always") compiled once as a function of its own: the matrix
+    dispatch calls it from its decode and prefill branches without a copy of its code in each."""
+    gemv_q8_0_groups(xq, xd, xs, qs, d, out, g0, g1)
+
+
+@njit(**_J)
+def _q4_groups(xq, xd, xs, qs, d, out, g0, g1):
+    """gemv_q4_0_groups compiled once (as _q8_groups)."""
+    gemv_q4_0_groups(xq, xd, xs, qs, d, out, g0, g1)
+
+
 def _mm_rows(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
     """Row groups g0..g1-1 (4 rows each) of out[:M] = x[:M] @ W_j.T (quantized formats read the
     activations XQ/XD/XS that OP_QUANT wrote)."""
@@ -165,11 +183,14 @@ def _tags(fs):
 def _raw_formats(fs):
     """(fid, ggml_quants.TypeSpec) of the raw ggml formats in fs, by format id."""
     from minilm.quant import FORMATS
-    names = [next(iter(t.fields)) for t in _tags(fs) if isinstance(t, types.Record)]
+    names = [n for t in _tags(fs) if isinstance(t, types.Record) for n in t.fields if n in FORMATS]
     if not names:
         return []
-    from . import ggml_quants  # compiles its kernels: only models that use them get here
-    return sorted((FORMATS[n].fid, ggml_quants.SPECS[FORMATS[n].ggml_name]) for n in names)
+    from . import ggml_quants
+    specs = sorted((FORMATS[n].fid, ggml_quants.SPECS[FORMATS[n].ggml_name]) for n in names)
+    for _, spec in specs:                    # only the formats this model uses compile
+        ggml_quants.compile_format(spec)
+    return specs
 
 
 def _raw_chain(specs, kind):
@@ -256,22 +277,22 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                 qs = numba.carray(_ptr_as(mtab[j, M_W], _I8), (N, mtab[j, M_COLS]))
                 d = numba.carray(_ptr_as(mtab[j, M_D], _U16), (N, mtab[j, M_DCOLS]))
                 if M == 1:                           # one stream of rows (prefetch runs ahead)
-                    gemv_q8_0_groups(XQ[0], XD[0], XS[0], qs, d, out[0], g0, g1)
+                    _q8_groups(XQ[0], XD[0], XS[0], qs, d, out[0], g0, g1)
                 else:
                     for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
                         for m in range(M):
-                            gemv_q8_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], g, g + 1)
+                            _q8_groups(XQ[m], XD[m], XS[m], qs, d, out[m], g, g + 1)
                 return
         if has_q4:
             if fmt == F_Q4_0:
                 q4 = numba.carray(_ptr_as(mtab[j, M_W], _U8), (N, mtab[j, M_COLS]))
                 d4 = numba.carray(_ptr_as(mtab[j, M_D], _U16), (N, mtab[j, M_DCOLS]))
                 if M == 1:
-                    gemv_q4_0_groups(XQ[0], XD[0], XS[0], q4, d4, out[0], g0, g1)
+                    _q4_groups(XQ[0], XD[0], XS[0], q4, d4, out[0], g0, g1)
                 else:
                     for g in range(g0, g1):
                         for m in range(M):
-                            gemv_q4_0_groups(XQ[m], XD[m], XS[m], q4, d4, out[m], g, g + 1)
+                            _q4_groups(XQ[m], XD[m], XS[m], q4, d4, out[m], g, g + 1)
                 return
         if has_raw:
             if fmt >= F_RAW:
@@ -353,8 +374,8 @@ EXTENSIONS: dict = {}
 
 def register_step_kind(op_id: int, task) -> None:
     """Add a per-token step kind to the executor (tests/test_plan.py adds one this way). Call it
-    before the model that uses it is built: it turns off the on-disk cache of the executor (so a
-    cached executor without the new kind is never loaded) and recompiles what was compiled."""
+    before the model that uses it is built: it turns off the on-disk cache of _task (so a cached
+    _task without the new kind is never loaded) and recompiles what was compiled."""
     from numba.core.caching import NullCache
     if op_id < N_OPS or op_id in EXTENSIONS:
         raise ValueError(f"step kind id {op_id} is taken (built-in kinds are 0..{N_OPS - 1})")
@@ -420,119 +441,196 @@ def _task_rows(steps, s, M):
     return 1 if op == OP_MATMUL or op == OP_ATTEND or op == OP_CONV or op == OP_STATS else M
 
 
+def _task_body(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
+               XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
+    """Task k of step s, run by thread tid (_task)."""
+
+
+def _step_kinds(fs):
+    """The step kinds fs names (plan.lower adds a record whose fields are "op_<id>" for the kinds
+    its plan uses), or every kind when it names none."""
+    for t in _tags(fs):
+        if isinstance(t, types.Record) and any(n.startswith("op_") for n in t.fields):
+            return {int(n[3:]) for n in t.fields}
+    return set(range(N_OPS)) | set(EXTENSIONS)
+
+
+@overload(_task_body, jit_options=dict(nogil=True, error_model="numpy"))
+def _task_impl(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
+               XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
+    """Compiled once per fs: only the step kinds the plan uses (the others' kernels are not
+    compiled at all: LFM2's conv, GELU, calibration statistics ... for a Llama)."""
+    ops = _step_kinds(fs)
+    has_matmul = OP_MATMUL in ops
+    has_quant = OP_QUANT in ops
+    has_norm = OP_NORM in ops
+    has_add_norm = OP_ADD_NORM in ops
+    has_add = OP_ADD in ops
+    has_qkv = OP_QKV in ops
+    has_attend = OP_ATTEND in ops
+    has_merge = OP_MERGE in ops
+    has_silu_mul = OP_SILU_MUL in ops
+    has_gelu = OP_GELU in ops
+    has_scale = OP_SCALE in ops
+    has_qk_norm = OP_QK_NORM in ops
+    has_gelu_mul = OP_GELU_MUL in ops
+    has_conv = OP_CONV in ops
+    has_add_rows = OP_ADD_ROWS in ops
+    has_stats = OP_STATS in ops
+    has_ext = any(o >= N_OPS for o in ops)
+
+    def impl(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
+             XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
+        op = steps[s, S_OP]
+        if has_matmul:
+            if op == OP_MATMUL:
+                j = steps[s, S_MAT]
+                ng = (mtab[j, M_N] + 3) // 4
+                n = nt if M == 1 else min(ng, 4 * nt)
+                g0 = k * ng // n
+                g1 = (k + 1) * ng // n
+                out = _buf(btab, steps[s, S_DST], M)
+                _mm_rows(fs, mtab, j, _buf(btab, steps[s, S_SRC], M), XQ, XD, XS, tiles[tid], M, out, g0, g1)
+                b = _vec(vtab, steps[s, S_B])
+                if b.shape[0] > 0:                       # bias on this task's rows
+                    r1 = min(4 * g1, mtab[j, M_N])
+                    for m in range(M):
+                        o = out[m]
+                        for r in range(4 * g0, r1):
+                            o[r] += b[r]
+                return
+        if has_quant:
+            if op == OP_QUANT:
+                x = _buf(btab, steps[s, S_SRC], M)
+                _quant_row(fs, mtab, steps[s, S_MAT], x[k], XQ[k], XD[k], XS[k])
+                return
+        if has_norm:
+            if op == OP_NORM:
+                norm_row(_buf(btab, steps[s, S_SRC], M)[k], _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
+                         fpar[s, P_EPS], _buf(btab, steps[s, S_DST], M)[k])
+                return
+        if has_add_norm:
+            if op == OP_ADD_NORM:
+                add_norm_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_SRC2], M)[k],
+                             _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]), fpar[s, P_EPS],
+                             _buf(btab, steps[s, S_DST], M)[k])
+                return
+        if has_add:
+            if op == OP_ADD:
+                d = _buf(btab, steps[s, S_DST], M)[k]
+                x = _buf(btab, steps[s, S_SRC], M)[k]
+                for i in range(d.shape[0]):
+                    d[i] += x[i]
+                return
+        if has_qkv:
+            if op == OP_QKV:
+                L = steps[s, S_LAYER]
+                t = steps[s, S_I0]                       # RoPE table (columns t*rot/2..) or -1: no RoPE
+                h2 = rot // 2
+                c0 = max(t, 0) * h2
+                sl = slot[k]
+                prep_decode(_buf(btab, steps[s, S_SRC], M)[k], kc[L, sl], vc[L, sl], pos[k], cos[:, c0:c0 + h2],
+                            sin[:, c0:c0 + h2], _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]), H, Hkv, hd,
+                            rot if t >= 0 else 0, fpar[s, P_EPS])
+                return
+        if has_attend:
+            if op == OP_ATTEND:
+                L = steps[s, S_LAYER]
+                window = steps[s, S_I0]
+                q = _buf(btab, steps[s, S_SRC], M)
+                scale = np.float32(fpar[s, P_SCALE])
+                cap = np.float32(fpar[s, P_CAP])
+                per = part.shape[1] * H                  # tasks per token: its splits x heads, as decode
+                m = k // per
+                attend_task(q[m], kc[L, slot[m]], vc[L, slot[m]], pos[m], window, H, Hkv, hd, scale, sc[tid], part[m],
+                            k - m * per, cap)
+                return
+        if has_merge:
+            if op == OP_MERGE:
+                _, ns, _ = decode_splits(pos[k], steps[s, S_I0], part.shape[1])
+                merge_parts(part[k], ns, H, hd, _buf(btab, steps[s, S_DST], M)[k])
+                return
+        if has_silu_mul:
+            if op == OP_SILU_MUL:
+                F = steps[s, S_I0]                       # the buffer may be wider (zero-padded K)
+                silu_mul_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_DST], M)[k][:F])
+                return
+        if has_gelu:
+            if op == OP_GELU:
+                d = _buf(btab, steps[s, S_DST], M)[k]
+                if steps[s, S_I0] == 1:
+                    gelu_tanh_row(d)
+                else:
+                    gelu_row(d)
+                return
+        if has_scale:
+            if op == OP_SCALE:
+                d = _buf(btab, steps[s, S_DST], M)[k]
+                f = np.float32(fpar[s, P_SCALE])
+                for i in range(d.shape[0]):
+                    d[i] *= f
+                return
+        if has_qk_norm:
+            if op == OP_QK_NORM:
+                x = _buf(btab, steps[s, S_SRC], M)[k]
+                e = fpar[s, P_EPS]
+                head_rmsnorm(x, 0, H * hd, _vec(vtab, steps[s, S_W]), e)
+                head_rmsnorm(x, H * hd, Hkv * hd, _vec(vtab, steps[s, S_B]), e)
+                return
+        if has_gelu_mul:
+            if op == OP_GELU_MUL:
+                F = steps[s, S_I0]
+                gelu_mul_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_DST], M)[k][:F])
+                return
+        if has_conv:
+            if op == OP_CONV:
+                j = steps[s, S_MAT]
+                D = mtab[j, M_COLS]
+                hist = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], D))
+                n = 1 if M <= ONE_TASK_ROWS else nt
+                _conv_rows(_buf(btab, steps[s, S_SRC], M), hist, _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
+                           steps[s, S_I0], pos, slot, kc.shape[3], M, _buf(btab, steps[s, S_DST], M), k * D // n,
+                           (k + 1) * D // n)
+                return
+        if has_add_rows:
+            if op == OP_ADD_ROWS:
+                j = steps[s, S_MAT]
+                t = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], mtab[j, M_COLS]))
+                d = _buf(btab, steps[s, S_DST], M)[k]
+                r = t[pos[k]]
+                for i in range(d.shape[0]):
+                    d[i] += r[i]
+                return
+        if has_stats:
+            if op == OP_STATS:
+                x = _buf(btab, steps[s, S_SRC], M)
+                v = _vec(vtab, steps[s, S_W])
+                K = steps[s, S_I0]
+                if K == 0:                               # one task: the vector is shared by all rows
+                    for i in range(v.shape[0]):
+                        acc = 0.0                        # float64 over the rows
+                        for m in range(M):
+                            acc += x[m, i] * x[m, i]
+                        v[i] += acc
+                else:                                    # rows 16k..16k+15 of X^T X (disjoint per task)
+                    for i in range(16 * k, min(16 * k + 16, K)):
+                        for j in range(K):
+                            acc = 0.0
+                            for m in range(M):
+                                acc += x[m, i] * x[m, j]
+                            v[i * K + j] += acc
+                return
+        if has_ext:
+            _ext_task(op, s, k, M, pos, steps, fpar, btab, mtab, vtab)
+    return impl
+
+
 @njit(**_J)
 def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
           XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
     """Task k of step s, run by thread tid."""
-    op = steps[s, S_OP]
-    if op == OP_MATMUL:
-        j = steps[s, S_MAT]
-        ng = (mtab[j, M_N] + 3) // 4
-        n = nt if M == 1 else min(ng, 4 * nt)
-        g0 = k * ng // n
-        g1 = (k + 1) * ng // n
-        out = _buf(btab, steps[s, S_DST], M)
-        _mm_rows(fs, mtab, j, _buf(btab, steps[s, S_SRC], M), XQ, XD, XS, tiles[tid], M, out, g0, g1)
-        b = _vec(vtab, steps[s, S_B])
-        if b.shape[0] > 0:                       # bias on this task's rows
-            r1 = min(4 * g1, mtab[j, M_N])
-            for m in range(M):
-                o = out[m]
-                for r in range(4 * g0, r1):
-                    o[r] += b[r]
-    elif op == OP_QUANT:
-        x = _buf(btab, steps[s, S_SRC], M)
-        _quant_row(fs, mtab, steps[s, S_MAT], x[k], XQ[k], XD[k], XS[k])
-    elif op == OP_NORM:
-        norm_row(_buf(btab, steps[s, S_SRC], M)[k], _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
-                 fpar[s, P_EPS], _buf(btab, steps[s, S_DST], M)[k])
-    elif op == OP_ADD_NORM:
-        add_norm_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_SRC2], M)[k],
-                     _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]), fpar[s, P_EPS],
-                     _buf(btab, steps[s, S_DST], M)[k])
-    elif op == OP_ADD:
-        d = _buf(btab, steps[s, S_DST], M)[k]
-        x = _buf(btab, steps[s, S_SRC], M)[k]
-        for i in range(d.shape[0]):
-            d[i] += x[i]
-    elif op == OP_QKV:
-        L = steps[s, S_LAYER]
-        t = steps[s, S_I0]                       # RoPE table (columns t*rot/2..) or -1: no RoPE
-        h2 = rot // 2
-        c0 = max(t, 0) * h2
-        sl = slot[k]
-        prep_decode(_buf(btab, steps[s, S_SRC], M)[k], kc[L, sl], vc[L, sl], pos[k], cos[:, c0:c0 + h2],
-                    sin[:, c0:c0 + h2], _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]), H, Hkv, hd,
-                    rot if t >= 0 else 0, fpar[s, P_EPS])
-    elif op == OP_ATTEND:
-        L = steps[s, S_LAYER]
-        window = steps[s, S_I0]
-        q = _buf(btab, steps[s, S_SRC], M)
-        scale = np.float32(fpar[s, P_SCALE])
-        cap = np.float32(fpar[s, P_CAP])
-        per = part.shape[1] * H                  # tasks per token: its splits x heads, as decode
-        m = k // per
-        attend_task(q[m], kc[L, slot[m]], vc[L, slot[m]], pos[m], window, H, Hkv, hd, scale, sc[tid], part[m],
-                    k - m * per, cap)
-    elif op == OP_MERGE:
-        _, ns, _ = decode_splits(pos[k], steps[s, S_I0], part.shape[1])
-        merge_parts(part[k], ns, H, hd, _buf(btab, steps[s, S_DST], M)[k])
-    elif op == OP_SILU_MUL:
-        F = steps[s, S_I0]                       # the buffer may be wider (zero-padded K)
-        silu_mul_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_DST], M)[k][:F])
-    elif op == OP_GELU:
-        d = _buf(btab, steps[s, S_DST], M)[k]
-        if steps[s, S_I0] == 1:
-            gelu_tanh_row(d)
-        else:
-            gelu_row(d)
-    elif op == OP_SCALE:
-        d = _buf(btab, steps[s, S_DST], M)[k]
-        f = np.float32(fpar[s, P_SCALE])
-        for i in range(d.shape[0]):
-            d[i] *= f
-    elif op == OP_QK_NORM:
-        x = _buf(btab, steps[s, S_SRC], M)[k]
-        e = fpar[s, P_EPS]
-        head_rmsnorm(x, 0, H * hd, _vec(vtab, steps[s, S_W]), e)
-        head_rmsnorm(x, H * hd, Hkv * hd, _vec(vtab, steps[s, S_B]), e)
-    elif op == OP_GELU_MUL:
-        F = steps[s, S_I0]
-        gelu_mul_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_DST], M)[k][:F])
-    elif op == OP_CONV:
-        j = steps[s, S_MAT]
-        D = mtab[j, M_COLS]
-        hist = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], D))
-        n = 1 if M <= ONE_TASK_ROWS else nt
-        _conv_rows(_buf(btab, steps[s, S_SRC], M), hist, _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
-                   steps[s, S_I0], pos, slot, kc.shape[3], M, _buf(btab, steps[s, S_DST], M), k * D // n,
-                   (k + 1) * D // n)
-    elif op == OP_ADD_ROWS:
-        j = steps[s, S_MAT]
-        t = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], mtab[j, M_COLS]))
-        d = _buf(btab, steps[s, S_DST], M)[k]
-        r = t[pos[k]]
-        for i in range(d.shape[0]):
-            d[i] += r[i]
-    elif op == OP_STATS:
-        x = _buf(btab, steps[s, S_SRC], M)
-        v = _vec(vtab, steps[s, S_W])
-        K = steps[s, S_I0]
-        if K == 0:                               # one task: the vector is shared by all rows
-            for i in range(v.shape[0]):
-                acc = 0.0                        # float64 over the rows
-                for m in range(M):
-                    acc += x[m, i] * x[m, i]
-                v[i] += acc
-        else:                                    # rows 16k..16k+15 of X^T X (disjoint per task)
-            for i in range(16 * k, min(16 * k + 16, K)):
-                for j in range(K):
-                    acc = 0.0
-                    for m in range(M):
-                        acc += x[m, i] * x[m, j]
-                    v[i * K + j] += acc
-    else:
-        _ext_task(op, s, k, M, pos, steps, fpar, btab, mtab, vtab)
+    _task_body(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
+               XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
 
 
 # ---- the run: one parallel region calling the compiled _task through its address -------------
@@ -637,17 +735,44 @@ _BY_CALL: dict = {}   # (id(fs), kc dtype, vc dtype) -> the same entries (no typ
 # (once made; register_step_kind empties both): threads that race on a miss compute the same entry.
 
 
+def _task_sig(fs, steps, fpar, btab, mtab, vtab, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part):
+    """_task's signature for run_plan's arguments (as run_plan_jit passes them on)."""
+    ty, i64 = numba.typeof, types.int64
+    return (ty(fs), ty(steps), ty(fpar), i64, i64, i64, i64, ty(btab), ty(mtab), ty(vtab), i64, ty(pos), ty(slot),
+            ty(cos), ty(sin), ty(kc), ty(vc), ty(XQ), ty(XD), ty(XS), ty(tiles), ty(sc), ty(part), i64, i64, i64, i64)
+
+
 def _task_entry(fs, steps, fpar, btab, mtab, vtab, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part):
     """(address, key) of _task compiled (or loaded from the on-disk cache) for these arguments."""
-    ty, i64 = numba.typeof, types.int64
-    sig = (ty(fs), ty(steps), ty(fpar), i64, i64, i64, i64, ty(btab), ty(mtab), ty(vtab), i64, ty(pos), ty(slot),
-           ty(cos), ty(sin), ty(kc), ty(vc), ty(XQ), ty(XD), ty(XS), ty(tiles), ty(sc), ty(part), i64, i64, i64, i64)
+    sig = _task_sig(fs, steps, fpar, btab, mtab, vtab, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part)
     e = _ENTRIES.get(sig)
     if e is None:
         _task.compile(sig)
         cres = _task.overloads[sig]
         e = _ENTRIES[sig] = (cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name), _sig_key(sig))
     return e
+
+
+def _compiled(disp, sig) -> bool:
+    """Whether dispatcher disp has sig (a tuple of Numba types) compiled in this process or in
+    its on-disk cache (Numba's cache index; False when that cannot be read)."""
+    if tuple(sig) in disp.overloads:
+        return True
+    try:
+        c = disp._cache
+        return bool(c._enabled) and c._index_key(tuple(sig), disp.targetctx.codegen()) in c._cache_file._load_index()
+    except Exception:                   # another Numba's cache internals: say "not known to be cached"
+        return False
+
+
+def compiled(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,
+             H, Hkv, hd, rot, ctr) -> bool:
+    """Whether run_plan on these arguments finds the executor compiled (in this process or in
+    Numba's on-disk cache); False: its first call compiles it (tens of seconds on a small CPU)."""
+    tsig = _task_sig(fs, steps, fpar, btab, mtab, vtab, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part)
+    args = (0, 0, fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,
+            H, Hkv, hd, rot, ctr)
+    return _compiled(_task, tsig) and _compiled(run_plan_jit, tuple(numba.typeof(a) for a in args))
 
 
 def run_plan(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,

@@ -37,10 +37,11 @@ import numpy as np
 from .cache import KVCache
 from .config import Config, rope_inv_freq
 from .errors import MinilmError
+from .kernels.executor import compiled as executor_compiled
 from .kernels.executor import run_plan
 from .kernels.rope import rope_tables
 from .plan import Step, lower, matmul, with_stats
-from .quant import Linear
+from .quant import FORMATS, Linear
 
 PREFILL_CHUNK = 256   # prompt rows per forward call: bounds the scratch buffers
 
@@ -185,11 +186,23 @@ def _region_guard():
     return _SERIAL_REGIONS if layer == "workqueue" else contextlib.nullcontext()
 
 
-def _compile_notice():
-    """Said once when a model's first forward takes long: Numba is compiling (first run only)."""
+def _compile_notice(fs=None):
+    """Said once when a model's first forward compiles kernels (first run only; Numba caches them):
+    at once when the executor is known not to be cached, with an estimate from fs (the formats:
+    each of ggml's block formats adds its kernels), else after a few seconds of a first forward."""
     import sys
-    print("minilm: compiling the kernels this model's weight formats need (first run on this machine "
-          "only; cached afterwards) ...", file=sys.stderr, flush=True)
+    est = ""
+    if fs is not None:
+        from .quant import RAW_FIRST_FID
+        n_raw = sum(1 for a in fs for n in (a.dtype.names or ()) if n in FORMATS and FORMATS[n].fid >= RAW_FIRST_FID)
+        est = f", ~{COMPILE_SECONDS[0] + COMPILE_SECONDS[1] * n_raw:.0f} s"
+    print(f"minilm: compiling kernels for this CPU (first run only{est}; cached afterwards) ...",
+          file=sys.stderr, flush=True)
+
+
+# A first start's compile on a 2-core x86 (AMD EPYC Zen 4, benchmarks/README.md "Cold start"):
+# seconds for minilm's own formats, and per ggml block format the model adds.
+COMPILE_SECONDS = (10, 4)
 
 
 class Exclusive:
@@ -361,15 +374,19 @@ class Transformer:
     def _run(self, M: int, cos, sin) -> None:
         """The plan over the M rows whose embeddings, positions and slots are in the run state."""
         c, s, cache, low = self.cfg, self.state, self.cache, self.lowered
+        args = (low.fs, low.steps, low.fpar, s.btab, low.mtab, low.vtab, M, s.pos[:M], s.slot[:M], cos, sin,
+                cache.k_all, cache.v_all, s.XQ, s.XD, s.XS, s.tiles, s.scores, s.attn_part, c.n_heads,
+                c.n_kv_heads, c.head_dim, c.rotary_dim, s.ctr)
         notice = None
         if not self._ran:                   # the first call may compile the executor for this model
-            notice = threading.Timer(3.0, _compile_notice)
-            notice.daemon = True
-            notice.start()
+            if not executor_compiled(*args):
+                _compile_notice(low.fs)
+            else:                           # other kernels (the lm head's) may still compile
+                notice = threading.Timer(3.0, _compile_notice)
+                notice.daemon = True
+                notice.start()
         try:
-            run_plan(low.fs, low.steps, low.fpar, s.btab, low.mtab, low.vtab, M, s.pos[:M], s.slot[:M],
-                     cos, sin, cache.k_all, cache.v_all, s.XQ, s.XD, s.XS, s.tiles, s.scores, s.attn_part,
-                     c.n_heads, c.n_kv_heads, c.head_dim, c.rotary_dim, s.ctr)
+            run_plan(*args)
         finally:
             if notice is not None:
                 notice.cancel()

@@ -89,7 +89,8 @@ class Lowered:
     vtab: np.ndarray         # int64[nv, 2]
     widths: dict             # buffer name -> width
     buffer_names: list       # row order of btab
-    fs: tuple                # one empty array per weight format used (its dtype tag)
+    fs: tuple                # one empty array per weight format used (its dtype tag), and one whose
+                             # record dtype names the step kinds used ("op_<id>" fields)
     kmax: int                # widest quantized-activation row
     keep: list               # arrays the tables point into (kept alive)
 
@@ -159,6 +160,8 @@ def lower(steps: list[Step], tensors: dict, base_widths: dict) -> Lowered:
                     raise KeyError(f"plan step {st} uses buffer {buf!r}, which has no width")
                 row[col] = names.index(buf)
     fs = tuple(np.zeros(0, FORMATS[f].tag) for f in sorted(fmts, key=lambda f: FORMATS[f].fid))
+    kinds = sorted({OPS[st.op] for st in steps})             # the executor compiles only these
+    fs += (np.zeros(0, np.dtype([(f"op_{o}", np.uint8) for o in kinds])),)
     return Lowered(np.array(srows, np.int64).reshape(-1, X.S_COLS), np.array(frows, np.float64).reshape(-1, X.P_COLS),
                    np.array(mrows, np.int64).reshape(-1, X.M_COLS_N), np.array(vrows, np.int64),
                    widths, names, fs, kmax, keep)

@@ -438,7 +438,7 @@ SIG_SCRIPT = textwrap.dedent("""
 # kernels of the brief (old names, or their fused replacements) that a forward must compile
 # what Python calls: the executor (the row kernels are compiled into it, and when it comes from the
 # on-disk cache they are not compiled on their own at all) and the lm head's GEMV
-MUST_COMPILE = [("run_plan",), ("gemv_f32",)]
+MUST_COMPILE = [("run_plan_jit",), ("gemv_f32",)]
 
 
 def test_one_signature_per_kernel_after_forward():
