@@ -831,13 +831,14 @@ def _to_f16(typingctx, x):
 
 
 # x and raw are typed read-only (a mutable array converts to it): weights memory-mapped read-only
-# from a GGUF file and writable arrays both match the one signature
+# from a GGUF file and writable arrays both match the one signature. A format's kernels compile for
+# it on the format's first use (compile_format), not at import: a model compiles only its formats.
 _RO_F32_1D = types.Array(types.float32, 1, "C", readonly=True)
 _RO_U8_2D = types.Array(types.uint8, 2, "C", readonly=True)
 _AQ_SIG = types.void(_RO_F32_1D, types.int8[::1], types.float32[::1], types.float32[::1])
 
 
-@njit(_AQ_SIG, **_AJIT)
+@njit(**_AJIT)
 def _q8_blocks(x, xq, xd, xs):
     """Shared body of q8_0/q8_1: xq, xd[b] = fp16(d); returns nothing, xs[b] = sum(q)."""
     nb = x.shape[0] // 32
@@ -858,13 +859,13 @@ def _q8_blocks(x, xq, xd, xs):
         xs[b] = np.float32(s)
 
 
-@njit(_AQ_SIG, **_AJIT)
+@njit(**_AJIT)
 def act_quant_q8_0(x, xq, xd, xs):
     """q8_0 activation blocks (see the module docstring for the slots)."""
     _q8_blocks(x, xq, xd, xs)
 
 
-@njit(_AQ_SIG, **_AJIT)
+@njit(**_AJIT)
 def act_quant_q8_1(x, xq, xd, xs):
     """q8_1 activation blocks: as q8_0, xs[b] = fp16(d * sum(q)) with the f32 d."""
     nb = x.shape[0] // 32
@@ -885,7 +886,7 @@ def act_quant_q8_1(x, xq, xd, xs):
         xs[b] = _to_f16(np.float32(s) * d)
 
 
-@njit(_AQ_SIG, **_AJIT)
+@njit(**_AJIT)
 def act_quant_q8_k(x, xq, xd, xs):
     """q8_K activation blocks: xd[b] = d (f32) per 256, xs[j] = bsums per 16."""
     nb = x.shape[0] // 256
@@ -1563,7 +1564,7 @@ _PF_ROWS = 2          # software prefetch distance in rows (each block loop pref
                       # enough ahead and memory time adds to compute time)
 
 
-@njit(_GSIG, **_JIT)
+@njit(**_JIT)
 def gemv_q4_1_groups(xq, xd, xs, raw, out, g0, g1):
     """Q4_1: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_1 slots."""
     N = raw.shape[0]
@@ -1581,7 +1582,7 @@ def _gemv_par_q4_1(x, raw, out, xq, xd, xs):
         gemv_q4_1_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
-@njit(_GGSIG, **_JIT)
+@njit(**_JIT)
 def gemm_q4_1_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q4_1: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, one token at a time."""
     for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
@@ -1601,7 +1602,7 @@ def _gemm_par_q4_1(x, raw, out, xq, xd, xs):
         gemm_q4_1_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
-@njit(_GSIG, **_JIT)
+@njit(**_JIT)
 def gemv_q5_0_groups(xq, xd, xs, raw, out, g0, g1):
     """Q5_0: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_0 slots."""
     N = raw.shape[0]
@@ -1619,7 +1620,7 @@ def _gemv_par_q5_0(x, raw, out, xq, xd, xs):
         gemv_q5_0_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
-@njit(_GGSIG, **_JIT)
+@njit(**_JIT)
 def gemm_q5_0_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q5_0: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, one token at a time."""
     for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
@@ -1639,7 +1640,7 @@ def _gemm_par_q5_0(x, raw, out, xq, xd, xs):
         gemm_q5_0_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
-@njit(_GSIG, **_JIT)
+@njit(**_JIT)
 def gemv_q5_1_groups(xq, xd, xs, raw, out, g0, g1):
     """Q5_1: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_1 slots."""
     N = raw.shape[0]
@@ -1657,7 +1658,7 @@ def _gemv_par_q5_1(x, raw, out, xq, xd, xs):
         gemv_q5_1_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
-@njit(_GGSIG, **_JIT)
+@njit(**_JIT)
 def gemm_q5_1_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q5_1: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, one token at a time."""
     for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
@@ -1677,7 +1678,7 @@ def _gemm_par_q5_1(x, raw, out, xq, xd, xs):
         gemm_q5_1_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
-@njit(_GSIG, **_JIT)
+@njit(**_JIT)
 def gemv_iq4_nl_groups(xq, xd, xs, raw, out, g0, g1):
     """IQ4_NL: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_0 slots."""
     N = raw.shape[0]
@@ -1695,7 +1696,7 @@ def _gemv_par_iq4_nl(x, raw, out, xq, xd, xs):
         gemv_iq4_nl_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
-@njit(_GGSIG, **_JIT)
+@njit(**_JIT)
 def gemm_iq4_nl_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """IQ4_NL: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, one token at a time."""
     for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
@@ -1715,7 +1716,7 @@ def _gemm_par_iq4_nl(x, raw, out, xq, xd, xs):
         gemm_iq4_nl_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
-@njit(_GSIG, **_JIT)
+@njit(**_JIT)
 def gemv_q2_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q2_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
     _k_groups(xq, xd, xs, raw, out, g0, g1, 10, 84)
@@ -1729,7 +1730,7 @@ def _gemv_par_q2_k(x, raw, out, xq, xd, xs):
         gemv_q2_k_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
-@njit(_GGSIG, **_JIT)
+@njit(**_JIT)
 def gemm_q2_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q2_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
     _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 10, 84)
@@ -1747,7 +1748,7 @@ def _gemm_par_q2_k(x, raw, out, xq, xd, xs):
         gemm_q2_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
-@njit(_GSIG, **_JIT)
+@njit(**_JIT)
 def gemv_q3_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q3_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
     _k_groups(xq, xd, xs, raw, out, g0, g1, 11, 110)
@@ -1761,7 +1762,7 @@ def _gemv_par_q3_k(x, raw, out, xq, xd, xs):
         gemv_q3_k_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
-@njit(_GGSIG, **_JIT)
+@njit(**_JIT)
 def gemm_q3_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q3_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
     _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 11, 110)
@@ -1779,7 +1780,7 @@ def _gemm_par_q3_k(x, raw, out, xq, xd, xs):
         gemm_q3_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
-@njit(_GSIG, **_JIT)
+@njit(**_JIT)
 def gemv_q4_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q4_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
     _k_groups(xq, xd, xs, raw, out, g0, g1, 12, 144)
@@ -1793,7 +1794,7 @@ def _gemv_par_q4_k(x, raw, out, xq, xd, xs):
         gemv_q4_k_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
-@njit(_GGSIG, **_JIT)
+@njit(**_JIT)
 def gemm_q4_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q4_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
     _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 12, 144)
@@ -1811,7 +1812,7 @@ def _gemm_par_q4_k(x, raw, out, xq, xd, xs):
         gemm_q4_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
-@njit(_GSIG, **_JIT)
+@njit(**_JIT)
 def gemv_q5_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q5_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
     _k_groups(xq, xd, xs, raw, out, g0, g1, 13, 176)
@@ -1825,7 +1826,7 @@ def _gemv_par_q5_k(x, raw, out, xq, xd, xs):
         gemv_q5_k_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
-@njit(_GGSIG, **_JIT)
+@njit(**_JIT)
 def gemm_q5_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q5_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
     _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 13, 176)
@@ -1843,7 +1844,7 @@ def _gemm_par_q5_k(x, raw, out, xq, xd, xs):
         gemm_q5_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
-@njit(_GSIG, **_JIT)
+@njit(**_JIT)
 def gemv_q6_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q6_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
     _k_groups(xq, xd, xs, raw, out, g0, g1, 14, 210)
@@ -1857,7 +1858,7 @@ def _gemv_par_q6_k(x, raw, out, xq, xd, xs):
         gemv_q6_k_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
-@njit(_GGSIG, **_JIT)
+@njit(**_JIT)
 def gemm_q6_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q6_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
     _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 14, 210)
@@ -1875,7 +1876,7 @@ def _gemm_par_q6_k(x, raw, out, xq, xd, xs):
         gemm_q6_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
-@njit(_GSIG, **_JIT)
+@njit(**_JIT)
 def gemv_iq4_xs_groups(xq, xd, xs, raw, out, g0, g1):
     """IQ4_XS: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
     _k_groups(xq, xd, xs, raw, out, g0, g1, 23, 136)
@@ -1889,7 +1890,7 @@ def _gemv_par_iq4_xs(x, raw, out, xq, xd, xs):
         gemv_iq4_xs_groups(xq, xd, xs, raw, out, g, g + 1)
 
 
-@njit(_GGSIG, **_JIT)
+@njit(**_JIT)
 def gemm_iq4_xs_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """IQ4_XS: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
     _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 23, 136)
@@ -1947,6 +1948,16 @@ class TypeSpec:
         return K // self.block * self.type_size
 
 
+def compile_format(spec) -> None:
+    """Compile (or load from Numba's cache) the format's activation quantizer and row kernels for
+    their one signature each (read-only x / raw; writable arrays convert), then stop them compiling
+    for other types. Called on a format's first use (the executor, gemv / gemm below)."""
+    for f, sig in ((spec.act_quant, _AQ_SIG), (spec.gemv_groups, _GSIG), (spec.gemm_groups, _GGSIG)):
+        if f._can_compile:
+            f.compile(sig)
+            f.disable_compile()
+
+
 def _make_spec(name, ggml_type, block, type_size, act, act_quant, groups, ggroups, gemv_par, gemm_par):
     def quantize_ref(w, qw=None):
         w = _check_w(w, block, name)
@@ -1986,11 +1997,13 @@ def _make_spec(name, ggml_type, block, type_size, act, act_quant, groups, ggroup
 
     def gemv(x, raw, out):
         x, raw, K = _args(x, raw, out, False)
+        compile_format(spec)
         gemv_par(x, raw, out, *act_scratch(K))
         return out
 
     def gemm(x, raw, out):
         x, raw, K = _args(x, raw, out, True)
+        compile_format(spec)
         gemm_par(x, raw, out, *act_scratch(K, x.shape[0]))
         return out
 

@@ -239,8 +239,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
 
 
 # ggml's other block formats (kernels/ggml_quants.py), stored as the GGUF tensor's own bytes,
-# raw uint8[N, (K / block) * block_bytes]. Their kernels compile on first use (the module is
-# imported only then): a model that does not use them never compiles them.
+# raw uint8[N, (K / block) * block_bytes]. Their kernels compile on first use, per format
+# (ggml_quants.compile_format): a model compiles the kernels of its own formats only.
 def _gq():
     from .kernels import ggml_quants
     return ggml_quants
