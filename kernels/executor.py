@@ -707,7 +707,7 @@ def run_plan_jit(task, key, fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos
                 e = s + 1
                 while e < S and _ntasks(steps, e, mtab, M, pos, nt, nparts, H) <= 1:
                     e += 1
-                if _take(ctr, ph, 1) == 0:
+                if _take(ctr, ph, np.int64(1)) == 0:
                     for s2 in range(s, e):
                         if _ntasks(steps, s2, mtab, M, pos, nt, nparts, H) == 1:
                             for k in range(_task_rows(steps, s2, M)):
@@ -715,7 +715,7 @@ def run_plan_jit(task, key, fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos
                                                        mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles,
                                                        sc, part, H, Hkv, hd, rot))
                     _finish(ctr, ph)
-                _wait(ctr, ph, 1)
+                _wait(ctr, ph, np.int64(1))
                 s = e
             else:
                 k = _take(ctr, ph, n)
