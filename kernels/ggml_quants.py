@@ -928,7 +928,7 @@ import os as _os  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 
-from .simd import _elem_ptr, _hsum16, _prefetch, _ptr_add, _stack_f32  # noqa: E402
+from .simd import _elem_ptr, _prefetch, _ptr_add, _stack_f32  # noqa: E402
 
 try:
     _FEAT = _llvm.get_host_cpu_features()
@@ -1143,6 +1143,42 @@ def _pshufb64(builder, tab, idx):
     return r
 
 
+_GFNI = SIMD == "vnni" and bool(_FEAT.get("gfni", False))
+
+
+def _affine_qword(r, m, sh):
+    """The GF(2) 8x8 bit matrix (vgf2p8affineqb's qword) of the byte map b -> ((b >> r) & m) << sh:
+    output bit i is input bit i - sh + r where mask bit i - sh is set (byte 7 - i of the qword
+    selects the input bits of output bit i)."""
+    q = 0
+    for i in range(8):
+        j = i - sh
+        if 0 <= j < 8 and (m >> j) & 1 and j + r < 8:
+            q |= (1 << (j + r)) << (8 * (7 - i))
+    return q
+
+
+def _fields64(builder, v, lo, hi):
+    """<64 x i8>: bytes 0..31 are ((v >> r) & m) << sh with (r, m, sh) = lo, bytes 32..63 with hi
+    (one vgf2p8affineqb with a matrix per qword; shifts and masks in the generic IR)."""
+    if _GFNI:
+        qw = [_affine_qword(*lo)] * 4 + [_affine_qword(*hi)] * 4
+        mat = ir.Constant(_V64I8, [((q >> (8 * b)) & 0xFF) - (256 if (q >> (8 * b)) & 0x80 else 0)
+                                   for q in qw for b in range(8)])
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V64I8, [_V64I8, _V64I8, _I8T]),
+                                           "llvm.x86.vgf2p8affineqb.512")
+        return builder.call(f, [v, mat, ir.Constant(_I8T, 0)])
+    t = builder.lshr(v, _cv([lo[0]] * 32 + [hi[0]] * 32))
+    t = builder.and_(t, _cv([lo[1]] * 32 + [hi[1]] * 32))
+    return builder.shl(t, _cv([lo[2]] * 32 + [hi[2]] * 32))
+
+
+def _bcast32(builder, ld, off):
+    """32 bytes at off in both halves of a <64 x i8> (vbroadcasti64x4 from memory)."""
+    q = ld(off, _V32I8)
+    return _cat(builder, q, q)
+
+
 def _bitset(builder, v, mask, val):
     """val where (v & mask) != 0, else 0 (per byte; <64 x i8>)."""
     hit = builder.icmp_unsigned("!=", builder.and_(v, _cv(mask)), _cv([0] * 64))
@@ -1184,30 +1220,23 @@ def _ksb_unpack(builder, kind, ld, h16, base):
         if kind == 13:
             qh = ld(at(16), _V32I8)
             hz = _cat(builder, qh, qh)
-        for h in range(2):                                # 64 bytes = sub-blocks 4h .. 4h+3
-            v = ld(at(qo + 64 * h), _V64I8)
-            lo = builder.and_(v, _cv([15] * 64))
-            hi = builder.lshr(v, _cv([4] * 64))
-            for c2 in range(2):                           # [low, high] nibbles of 32 bytes
-                c = 2 * h + c2
-                half = list(range(32 * c2, 32 * c2 + 32))
-                u = _shuf(builder, lo, hi, half + [64 + k for k in half])
-                if kind == 13:
-                    u = builder.or_(u, _bitset(builder, hz, [1 << 2 * c] * 32 + [2 << 2 * c] * 32, 16))
-                U["pieces"].append((u, _shuf(builder, sc16, sc16, [2 * c] * 16 + [2 * c + 1] * 16), c))
+        for c in range(4):                                # 32 bytes: [low, high] nibbles = sub-blocks 2c, 2c+1
+            u = _fields64(builder, _bcast32(builder, ld, at(qo + 32 * c)), (0, 15, 0), (4, 15, 0))
+            if kind == 13:
+                u = builder.or_(u, _bitset(builder, hz, [1 << 2 * c] * 32 + [2 << 2 * c] * 32, 16))
+            U["pieces"].append((u, _shuf(builder, sc16, sc16, [2 * c] * 16 + [2 * c + 1] * 16), c))
         U["mn"] = builder.zext(mn8, _V8I32)
         return U
     if kind == 14:                                        # Q6_K: (ql | qh << 4) - 32
         U["d"] = h16(at(208))
         s = ld(at(192), _V16I8)
         sc = builder.sext(s, _V16I16)
-        U["osc"], U["osh"] = builder.sext(s, _V16I32), 5
+        U["osc"], U["osh"] = sc, 5
         for h in range(2):
             ql = ld(at(64 * h), _V64I8)
-            q = ld(at(128 + 32 * h), _V32I8)
-            qh2 = _cat(builder, q, builder.lshr(q, _cv([2] * 32)))
-            ua = builder.or_(builder.and_(ql, _cv([15] * 64)), builder.shl(builder.and_(qh2, _cv([3] * 64)), _cv([4] * 64)))
-            ub = builder.or_(builder.lshr(ql, _cv([4] * 64)), builder.and_(qh2, _cv([0x30] * 64)))
+            qb = _bcast32(builder, ld, at(128 + 32 * h))   # 2-bit fields 0, 1 | 2, 3 -> bits 4-5
+            ua = builder.or_(builder.and_(ql, _cv([15] * 64)), _fields64(builder, qb, (0, 3, 4), (2, 3, 4)))
+            ub = builder.or_(builder.lshr(ql, _cv([4] * 64)), _fields64(builder, qb, (4, 3, 4), (6, 3, 4)))
             U["pieces"] += [(ua, sc_lanes(sc, 8 * h), 2 * h), (ub, sc_lanes(sc, 8 * h + 4), 2 * h + 1)]
         return U
     if kind in (10, 11):                                  # Q2_K, Q3_K: 2-bit fields (+ Q3_K's hmask bit)
@@ -1227,15 +1256,14 @@ def _ksb_unpack(builder, kind, ld, h16, base):
             hi = _cat(builder, _cat(builder, hs[0], hs[1]), _cat(builder, hs[2], hs[3]))
             s8 = builder.sub(builder.or_(lo, builder.shl(hi, _cv([4] * 16))), _cv([32] * 16))
             sc = builder.sext(s8, _V16I16)
-            U["osc"], U["osh"] = builder.sext(s8, _V16I32), 2
+            U["osc"], U["osh"] = sc, 2
             hm = ld(at(0), _V32I8)
             hz = _cat(builder, hm, hm)
             qo = 32
         for h in range(2):
-            q = ld(at(qo + 32 * h), _V32I8)
-            q2 = _cat(builder, q, builder.lshr(q, _cv([2] * 32)))
-            ua = builder.and_(q2, _cv([3] * 64))
-            ub = builder.and_(builder.lshr(q2, _cv([4] * 64)), _cv([3] * 64))
+            qb = _bcast32(builder, ld, at(qo + 32 * h))
+            ua = _fields64(builder, qb, (0, 3, 0), (2, 3, 0))
+            ub = _fields64(builder, qb, (4, 3, 0), (6, 3, 0))
             if kind == 11:
                 ua = builder.or_(ua, _bitset(builder, hz, [1 << 4 * h] * 32 + [2 << 4 * h] * 32, 4))
                 ub = builder.or_(ub, _bitset(builder, hz, [4 << 4 * h] * 32 + [8 << 4 * h] * 32, 4))
@@ -1262,13 +1290,24 @@ def _ksb_unpack(builder, kind, ld, h16, base):
     return U
 
 
-def _ksb_dot(builder, U, xv, bs, p8):
+def _pmaddwd16(builder, a, b):
+    """<16 x i16> . <16 x i16> -> <8 x i32>, lane k = a[2k]*b[2k] + a[2k+1]*b[2k+1] (vpmaddwd ymm)."""
+    if SIMD == "vnni":
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [_V16I16, _V16I16]),
+                                           "llvm.x86.avx2.pmadd.wd")
+        return builder.call(f, [a, b])
+    p = builder.mul(builder.sext(a, _V16I32), builder.sext(b, _V16I32))
+    return builder.add(_shuf(builder, p, p, list(range(0, 16, 2))), _shuf(builder, p, p, list(range(1, 16, 2))))
+
+
+def _ksb_dot(builder, U, xv, bs, p8, bs16):
     """The integer sums of an unpacked super-block (_ksb_unpack) with one activation row's
-    super-block (xv: its 4 zmm, bs <16 x i32> block sums, p8 <8 x i32> pair sums):
-    (isum <16 x i32>, msum <16 x i32> | None)."""
+    super-block (xv: its 4 zmm, bs <16 x i32> block sums, p8 <8 x i32> pair sums, bs16 the block
+    sums as <16 x i16>): (isum <16 x i32>, msum <8 x i32> | None)."""
     zero16 = ir.Constant(_V16I32, [0] * 16)
-    if U["osc"] is not None:          # the offset: acc starts at -off * sum(sc * bsum), lane-wise
-        acc = builder.sub(zero16, builder.shl(builder.mul(U["osc"], bs), _cv([U["osh"]] * 16, _I32T)))
+    if U["osc"] is not None:          # the offset: acc starts at -off * sum(sc * bsum) (lanes 0..7)
+        o8 = builder.shl(_pmaddwd16(builder, U["osc"], bs16), _cv([U["osh"]] * 8, _I32T))
+        acc = _cat(builder, builder.sub(ir.Constant(_V8I32, [0] * 8), o8), ir.Constant(_V8I32, [0] * 8))
     else:
         acc = zero16
     if U["ls"]:
@@ -1282,9 +1321,10 @@ def _ksb_dot(builder, U, xv, bs, p8):
     msum = None
     if U["mn"] is not None:
         if U["mn"].type.count == 8:
-            msum = _cat(builder, builder.mul(U["mn"], p8), ir.Constant(_V8I32, [0] * 8))
+            msum = builder.mul(U["mn"], p8)
         else:
-            msum = builder.mul(U["mn"], bs)
+            m16 = builder.mul(U["mn"], bs)
+            msum = builder.add(_shuf(builder, m16, m16, list(range(8))), _shuf(builder, m16, m16, list(range(8, 16))))
     return acc, msum
 
 
@@ -1308,12 +1348,26 @@ def _ksb_common(ctx, builder, raw_aty, raw_):
         return builder.fpext(h, _F32T)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
 
-    def acc_into(accp, k, isum, scale):
-        """accp[k : k+16] = fma(f32(isum), scale, accp[k : k+16]) (the one float step per super-block)."""
-        e = builder.insert_element(ir.Constant(_V16F32, None), scale, ir.Constant(_I32T, 0))
+    def acc_into(accp, k, isum, msum, xdi, U):
+        """The one float step per super-block, accp[k : k+16] += f32(v) * sv: without mins
+        v = isum, sv = xd*d; with mins v = [isum lanes i + i+8 (8), msum (8)], sv = [xd*d (8),
+        xd*dmin (8)] (_kout takes sum(lanes 0..7) - sum(lanes 8..15))."""
+        if "dv" not in U:             # [d] * 16 or [d] * 8 + [dmin] * 8, once per unpacked super-block
+            e = builder.insert_element(ir.Constant(_V16F32, None), U["d"], ir.Constant(_I32T, 0))
+            if U["mn"] is None:
+                U["dv"] = _shuf(builder, e, e, [0] * 16)
+            else:
+                e = builder.insert_element(e, U["dmin"], ir.Constant(_I32T, 1))
+                U["dv"] = _shuf(builder, e, e, [0] * 8 + [1] * 8)
+        x1 = builder.insert_element(ir.Constant(_V16F32, None), xdi, ir.Constant(_I32T, 0))
+        sv = builder.fmul(_shuf(builder, x1, x1, [0] * 16), U["dv"])
+        if msum is None:
+            v = isum
+        else:
+            v = _cat(builder, builder.add(_shuf(builder, isum, isum, list(range(8))),
+                                          _shuf(builder, isum, isum, list(range(8, 16)))), msum)
         ap = builder.bitcast(builder.gep(accp, [ir.Constant(_I32T, k)]), _V16F32.as_pointer())
-        builder.store(builder.call(fma, [builder.sitofp(isum, _V16F32), _shuf(builder, e, e, [0] * 16),
-                                         builder.load(ap, align=4)]), ap, align=4)
+        builder.store(builder.call(fma, [builder.sitofp(v, _V16F32), sv, builder.load(ap, align=4)]), ap, align=4)
 
     def act(aty_q, xq_, aty_s, xs_, aty_d, xd_, xo, so, do):
         """One activation row's super-block: (4 zmm of xq from xo, bs, p8, xd)."""
@@ -1321,7 +1375,8 @@ def _ksb_common(ctx, builder, raw_aty, raw_):
                            align=1) for p in range(4)]
         bs = builder.fptosi(builder.load(_elem_ptr(ctx, builder, aty_s, xs_, so, _V16F32), align=4), _V16I32)
         p8 = builder.add(_shuf(builder, bs, bs, list(range(0, 16, 2))), _shuf(builder, bs, bs, list(range(1, 16, 2))))
-        return xv, bs, p8, builder.load(_elem_ptr(ctx, builder, aty_d, xd_, do, _F32T), align=4)
+        return (xv, bs, p8, builder.trunc(bs, _V16I16),
+                builder.load(_elem_ptr(ctx, builder, aty_d, xd_, do, _F32T), align=4))
     return ld, h16, acc_into, act
 
 
@@ -1353,16 +1408,14 @@ def _ksb(typingctx, accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND):
         i64 = _as64(builder, i_)
         ld, h16, acc_into, act = _ksb_common(ctx, builder, sig.args[1], raw_)
         _prefetch_lines(builder, ld, pfo_, (nr * ts + 63) // 64)
-        xv, bs, p8, xdi = act(sig.args[4], xq_, sig.args[6], xs_, sig.args[5], xd_,
-                              builder.mul(i64, ir.Constant(_I64T, 256)), builder.mul(i64, ir.Constant(_I64T, 16)), i64)
+        xv, bs, p8, bs16, xdi = act(sig.args[4], xq_, sig.args[6], xs_, sig.args[5], xd_,
+                                    builder.mul(i64, ir.Constant(_I64T, 256)), builder.mul(i64, ir.Constant(_I64T, 16)), i64)
         for r in range(nr):
             base = builder.add(builder.add(qoff_, builder.mul(rb_, ir.Constant(_I64T, r))),
                                builder.mul(i64, ir.Constant(_I64T, ts)))
             U = _ksb_unpack(builder, kind, ld, h16, base)
-            isum, msum = _ksb_dot(builder, U, xv, bs, p8)
-            acc_into(accp_, 32 * r, isum, builder.fmul(xdi, U["d"]))
-            if msum is not None:
-                acc_into(accp_, 32 * r + 16, msum, builder.fmul(xdi, U["dmin"]))
+            isum, msum = _ksb_dot(builder, U, xv, bs, p8, bs16)
+            acc_into(accp_, 16 * r, isum, msum, xdi, U)
         return ir.Constant(_I8T, 0)
     return types.int8(accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND), codegen
 
@@ -1397,13 +1450,37 @@ def _ksb_mt(typingctx, accp, raw, roff, XQ, XD, XS, t0, i, NT, KIND):
             xo = builder.add(builder.mul(tt, kq), builder.mul(i64, ir.Constant(_I64T, 256)))
             so = builder.add(builder.mul(tt, ks), builder.mul(i64, ir.Constant(_I64T, 16)))
             do = builder.add(builder.mul(tt, kd), i64)
-            xv, bs, p8, xdi = act(sig.args[3], XQ_, sig.args[5], XS_, sig.args[4], XD_, xo, so, do)
-            isum, msum = _ksb_dot(builder, U, xv, bs, p8)
-            acc_into(accp_, 32 * t, isum, builder.fmul(xdi, U["d"]))
-            if msum is not None:
-                acc_into(accp_, 32 * t + 16, msum, builder.fmul(xdi, U["dmin"]))
+            xv, bs, p8, bs16, xdi = act(sig.args[3], XQ_, sig.args[5], XS_, sig.args[4], XD_, xo, so, do)
+            isum, msum = _ksb_dot(builder, U, xv, bs, p8, bs16)
+            acc_into(accp_, 16 * t, isum, msum, xdi, U)
         return ir.Constant(_I8T, 0)
     return types.int8(accp, raw, roff, XQ, XD, XS, t0, i, NT, KIND), codegen
+
+
+@intrinsic
+def _kout(typingctx, accp, off, KIND):
+    """A row's result from its 16 f32 accumulator lanes at accp[off:]: sum(lanes 0..7) -
+    sum(lanes 8..15) for the formats with mins (Q2_K, Q4_K, Q5_K), else the sum of all 16
+    (shuffle trees, no fast-math flags: the same tree in the GEMV and the GEMM)."""
+    if not isinstance(KIND, types.IntegerLiteral):
+        return None
+    mins = KIND.literal_value in (10, 12, 13)
+
+    def tree(builder, v, n):
+        while n > 1:
+            h = n // 2
+            v = builder.fadd(_shuf(builder, v, v, list(range(h))), _shuf(builder, v, v, list(range(h, n))))
+            n = h
+        return builder.extract_element(v, ir.Constant(_I32T, 0))
+
+    def codegen(ctx, builder, sig, args):
+        p = builder.bitcast(builder.gep(args[0], [args[1]]), _V16F32.as_pointer())
+        v = builder.load(p, align=4)
+        if not mins:
+            return tree(builder, v, 16)
+        return builder.fsub(tree(builder, _shuf(builder, v, v, list(range(8))), 8),
+                            tree(builder, _shuf(builder, v, v, list(range(8, 16))), 8))
+    return types.float32(accp, off, KIND), codegen
 
 
 @njit(**dict(_JIT, inline="always"))
@@ -1414,11 +1491,11 @@ def _k_groups(xq, xd, xs, raw, out, g0, g1, KIND, TS):
     rb = raw.shape[1]
     nsb = rb // TS
     PF = 16 * rb
-    accp = _stack_f32(128)                # 4 rows x (16 main + 16 min) f32 lanes
-    acc = numba.carray(accp, 128)
+    accp = _stack_f32(64)                 # 4 rows x 16 f32 lanes
+    acc = numba.carray(accp, 64)
     for g in range(g0, g1):
         r0 = 4 * g
-        for k in range(128):
+        for k in range(64):
             acc[k] = 0.0
         q0 = r0 * rb
         if r0 + 4 <= N:
@@ -1429,12 +1506,12 @@ def _k_groups(xq, xd, xs, raw, out, g0, g1, KIND, TS):
             nr = N - r0
             for rr in range(nr):
                 for i in range(nsb):
-                    _ksb(_ptr_add(accp, 32 * rr), raw, q0 + rr * rb, rb, xq, xd, xs, i, q0 + PF + TS * i, 1, KIND)
+                    _ksb(_ptr_add(accp, 16 * rr), raw, q0 + rr * rb, rb, xq, xd, xs, i, q0 + PF + TS * i, 1, KIND)
         for rr in range(nr):
-            out[r0 + rr] = _hsum16(accp, 32 * rr) - _hsum16(accp, 32 * rr + 16)
+            out[r0 + rr] = _kout(accp, 16 * rr, KIND)
 
 
-_MT = 4       # tokens per pass of the K-quant GEMM (one unpacked super-block serves them all)
+_MT = 8       # tokens per pass of the K-quant GEMM (one unpacked super-block serves them all)
 
 
 @njit(**dict(_JIT, inline="always"))
@@ -1446,25 +1523,35 @@ def _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, KIND, TS):
     N = raw.shape[0]
     rb = raw.shape[1]
     nsb = rb // TS
-    accp = _stack_f32(128)                # _MT (4) tokens x (16 main + 16 min) f32 lanes
-    acc = numba.carray(accp, 32 * _MT)
+    accp = _stack_f32(128)                # _MT (8) tokens x 16 f32 lanes
+    acc = numba.carray(accp, 16 * _MT)
     for g in range(g0, g1):
         r1 = min(4 * g + 4, N)
         for t0 in range(0, M - _MT + 1, _MT):
             for r in range(4 * g, r1):
-                for k in range(32 * _MT):
+                for k in range(16 * _MT):
                     acc[k] = 0.0
                 for i in range(nsb):
                     _ksb_mt(accp, raw, r * rb, XQ, XD, XS, t0, i, _MT, KIND)
                 for t in range(_MT):
-                    out[t0 + t, r] = _hsum16(accp, 32 * t) - _hsum16(accp, 32 * t + 16)
-        for t0 in range(M - M % _MT, M):                   # the last M % _MT tokens one by one
+                    out[t0 + t, r] = _kout(accp, 16 * t, KIND)
+        m4 = M - M % _MT
+        if M - m4 >= 4:                                    # then 4 tokens
             for r in range(4 * g, r1):
-                for k in range(32):
+                for k in range(64):
+                    acc[k] = 0.0
+                for i in range(nsb):
+                    _ksb_mt(accp, raw, r * rb, XQ, XD, XS, m4, i, 4, KIND)
+                for t in range(4):
+                    out[m4 + t, r] = _kout(accp, 16 * t, KIND)
+            m4 += 4
+        for t0 in range(m4, M):                            # the last M % 4 tokens one by one
+            for r in range(4 * g, r1):
+                for k in range(16):
                     acc[k] = 0.0
                 for i in range(nsb):
                     _ksb_mt(accp, raw, r * rb, XQ, XD, XS, t0, i, 1, KIND)
-                out[t0, r] = _hsum16(accp, 0) - _hsum16(accp, 16)
+                out[t0, r] = _kout(accp, 0, KIND)
 
 
 # ---- row dot products: row uint8[row_bytes], activation slots -> f32 ------------------------
