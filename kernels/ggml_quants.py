@@ -1186,17 +1186,18 @@ def _bitset(builder, v, mask, val):
 
 
 def _k4_scales(builder, s):
-    """Q4_K/Q5_K's 12 packed bytes (s <16 x i8>, bytes 0..11) -> (sc <8 x i8>, mn <8 x i8>)."""
-    a = _shuf(builder, s, s, [0, 1, 2, 3] * 2)
-    b = _shuf(builder, s, s, [4, 5, 6, 7] * 2)
-    c = _shuf(builder, s, s, [8, 9, 10, 11] * 2)
-    top_a = builder.shl(builder.lshr(a, _cv([6] * 8)), _cv([4] * 8))
-    top_b = builder.shl(builder.lshr(b, _cv([6] * 8)), _cv([4] * 8))
-    sc_hi = builder.or_(builder.and_(c, _cv([15] * 8)), top_a)
-    mn_hi = builder.or_(builder.lshr(c, _cv([4] * 8)), top_b)
-    pick = [0, 1, 2, 3, 12, 13, 14, 15]
-    return (_shuf(builder, builder.and_(a, _cv([63] * 8)), sc_hi, pick),
-            _shuf(builder, builder.and_(b, _cv([63] * 8)), mn_hi, pick))
+    """Q4_K/Q5_K's 12 packed bytes (s <16 x i8>, bytes 0..11) -> (sc <8 x i8>, mn <8 x i8>), as
+    32-bit lane ops on the words w0, w1, w2: sc0..3 = w0 & 0x3f.., mn0..3 = w1 & 0x3f..,
+    sc4..7 = (w2 & 0x0f..) | ((w0 >> 2) & 0x30..), mn4..7 = ((w2 >> 4) & 0x0f..) | ((w1 >> 2) & 0x30..)."""
+    v4 = ir.VectorType(_I32T, 4)
+    w = builder.bitcast(s, v4)
+    a = _shuf(builder, w, w, [0, 1, 2, 2])
+    b = _shuf(builder, w, w, [0, 1, 0, 1])
+    lo = builder.and_(builder.lshr(a, _cv([0, 0, 0, 4], _I32T)),
+                      _cv([0x3f3f3f3f, 0x3f3f3f3f, 0x0f0f0f0f, 0x0f0f0f0f], _I32T))
+    hi = builder.and_(builder.lshr(b, _cv([2] * 4, _I32T)), _cv([0, 0, 0x30303030, 0x30303030], _I32T))
+    r = builder.bitcast(builder.or_(lo, hi), _V16I8)       # [sc0..3, mn0..3, sc4..7, mn4..7]
+    return (_shuf(builder, r, r, [0, 1, 2, 3, 8, 9, 10, 11]), _shuf(builder, r, r, [4, 5, 6, 7, 12, 13, 14, 15]))
 
 
 def _ksb_unpack(builder, kind, ld, h16, base):
