@@ -65,13 +65,22 @@ Kernel design and what inspect_asm showed (2-vCPU Xeon with AVX-512 VNNI, numba 
     sums loaded once for the 4 rows); each row's weights unpacked with zmm vector ops in the
     activation's order, the 6-bit / 8-bit sub-block scales unpacked as vectors and applied
     inside the integer dot (vpmaddubsw u8 x s8 -> i16 pairs, then vpdpwssd with the scales as
-    i16 lanes), the mins (Q2_K, Q4_K, Q5_K) and offsets (Q3_K -4, Q6_K -32) in int32 lanes from
-    the block sums, one float fma per super-block and row, one horizontal sum per row. IQ4_XS
-    (table + 128 overflows the i16 pairs) keeps vpdpbusd with the -128 bias preloaded in the
-    accumulator and a vpmulld by its scales. The 4 rows' bytes 16 rows ahead are prefetched as a
-    linear stream (as qmatmul's Q4_0). GEMM (prefill, gemm_<type>_groups): 1 row x 4 tokens per
-    pass, the super-block unpacked once for the 4 tokens; the per-(row, token) integer sums and
-    float step are the GEMV's code, so prefill is bit-identical to decode.
+    i16 lanes), the mins (Q2_K, Q4_K, Q5_K) and offsets (Q3_K -4, Q6_K -32: one vpmaddwd of the
+    i16 scales with the i16 block sums) in int32 lanes, one float fma per super-block and row
+    (with mins: 8 lanes of the weight sums and 8 of the min sums in one vector, scaled by
+    [xd*d] * 8 + [xd*dmin] * 8), one horizontal sum per row. Bit fields (nibbles, Q6_K's and
+    Q2_K/Q3_K's 2-bit fields) come out of a 32-byte broadcast by one vgf2p8affineqb per 64 bytes
+    (a bit matrix per qword: shift and mask per 16-byte lane). Q4_K/Q5_K pair their pieces: one
+    register holds the first 16 weights of 4 sub-blocks, a second the last 16, so the two
+    vpmaddubsw results add in i16 before one vpdpwssd with the 4 scales (3 multiplies per 128
+    weights instead of 4; the activation is rearranged to match once per super-block and shared
+    by the rows), and their 12 scale/min bytes unpack as <4 x i32> word ops. IQ4_XS (table + 128
+    overflows the i16 pairs) keeps vpdpbusd with the -128 bias preloaded in the accumulator and a
+    vpmulld by its scales. The 4 rows' bytes 16 rows ahead are prefetched as a linear stream (as
+    qmatmul's Q4_0). GEMM (prefill, gemm_<type>_groups): per pass 8 tokens (then 4, then 1) x 1
+    row (Q4_K/Q5_K: x 4 rows, the rearranged activation shared by them), each super-block
+    unpacked once for the tokens; the per-(row, token) integer sums and float step are the
+    GEMV's code, so prefill is bit-identical to decode.
   * inspect_asm of gemv_q4_k_groups: vpmaddubsw + vpdpwssd on zmm, prefetcht0, no vpmovsxbq
     (asserted by tests/test_ggml_quants.py::test_vnni_asm).
   * Cost: see benchmarks/README.md ("ggml K-quant kernels") for the before/after figures.
@@ -1130,6 +1139,37 @@ def _mdot(builder, acc, u, x, sc16):
     return builder.add(acc, builder.mul(d, s))
 
 
+def _mdot2(builder, acc, ua, xa, ub, xb, sc16):
+    """acc + per lane k: sum over 4 bytes of ua*xa*sc16 + ub*xb*sc16 (as _mdot): the two
+    vpmaddubsw results add in i16 (every caller's |pair sum| <= 2*2*31*127 < 2^15), then one
+    vpdpwssd with the scales."""
+    if SIMD == "vnni":
+        f1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32I16, [_V64I8, _V64I8]),
+                                            "llvm.x86.avx512.pmaddubs.w.512")
+        f2 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3),
+                                            "llvm.x86.avx512.vpdpwssd.512")
+        p = builder.add(builder.call(f1, [ua, xa]), builder.call(f1, [ub, xb]))
+        return builder.call(f2, [acc, builder.bitcast(p, _V16I32), builder.bitcast(sc16, _V16I32)])
+    return _mdot(builder, _mdot(builder, acc, ua, xa, sc16), ub, xb, sc16)
+
+
+class _XV(list):
+    """An activation super-block's 4 zmm (xv[p] = x[64p : 64p+64]) and, built once and shared by
+    the rows, the paired layout of _ksb_unpack's Q4_K/Q5_K halves: half(H, j) = 16-byte lane k
+    is x of sub-block 4H+k, weights 16j .. 16j+15."""
+    def __init__(self, builder, xs):
+        super().__init__(xs)
+        self.builder, self.cache = builder, {}
+
+    def half(self, H, j):
+        if (H, j) not in self.cache:
+            a, b = self[2 * H], self[2 * H + 1]
+            l0, l1 = 16 * j, 32 + 16 * j
+            idx = [l0 + t for t in range(16)] + [l1 + t for t in range(16)]
+            self.cache[(H, j)] = _shuf(self.builder, a, b, idx + [64 + i for i in idx])
+        return self.cache[(H, j)]
+
+
 def _pshufb64(builder, tab, idx):
     """tab[idx] per byte (idx 0..15, tab <16 x i8>): vpshufb zmm, or a select chain."""
     if SIMD == "vnni":
@@ -1158,19 +1198,22 @@ def _affine_qword(r, m, sh):
     return q
 
 
-def _fields64(builder, v, lo, hi):
-    """<64 x i8>: bytes 0..31 are ((v >> r) & m) << sh with (r, m, sh) = lo, bytes 32..63 with hi
-    (one vgf2p8affineqb with a matrix per qword; shifts and masks in the generic IR)."""
+def _fields64(builder, v, lo, hi, lanes=None):
+    """<64 x i8>: bytes 0..31 are ((v >> r) & m) << sh with (r, m, sh) = lo, bytes 32..63 with hi;
+    or per 16-byte lane k with lanes[k] (one vgf2p8affineqb with a matrix per qword; shifts and
+    masks in the generic IR)."""
+    if lanes is None:
+        lanes = [lo, lo, hi, hi]
     if _GFNI:
-        qw = [_affine_qword(*lo)] * 4 + [_affine_qword(*hi)] * 4
+        qw = [_affine_qword(*lanes[k // 2]) for k in range(8)]
         mat = ir.Constant(_V64I8, [((q >> (8 * b)) & 0xFF) - (256 if (q >> (8 * b)) & 0x80 else 0)
                                    for q in qw for b in range(8)])
         f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V64I8, [_V64I8, _V64I8, _I8T]),
                                            "llvm.x86.vgf2p8affineqb.512")
         return builder.call(f, [v, mat, ir.Constant(_I8T, 0)])
-    t = builder.lshr(v, _cv([lo[0]] * 32 + [hi[0]] * 32))
-    t = builder.and_(t, _cv([lo[1]] * 32 + [hi[1]] * 32))
-    return builder.shl(t, _cv([lo[2]] * 32 + [hi[2]] * 32))
+    t = builder.lshr(v, _cv([f[0] for f in lanes for _ in range(16)]))
+    t = builder.and_(t, _cv([f[1] for f in lanes for _ in range(16)]))
+    return builder.shl(t, _cv([f[2] for f in lanes for _ in range(16)]))
 
 
 def _bcast32(builder, ld, off):
@@ -1212,7 +1255,7 @@ def _ksb_unpack(builder, kind, ld, h16, base):
         """<32 x i16> of 16-group scales first..first+3 (8 i16 lanes = 16 bytes each)."""
         return _shuf(builder, sc, sc, [first + k // 8 for k in range(32)])
 
-    U = dict(pieces=[], d=None, dmin=None, mn=None, osc=None, osh=0, ls=None)
+    U = dict(pieces=[], pairs=[], d=None, dmin=None, mn=None, osc=None, osh=0, ls=None)
     if kind in (12, 13):                                  # Q4_K, Q5_K
         U["d"], U["dmin"] = h16(at(0)), h16(at(2))
         sc8, mn8 = _k4_scales(builder, ld(at(4), _V16I8))
@@ -1220,12 +1263,22 @@ def _ksb_unpack(builder, kind, ld, h16, base):
         qo = 16 if kind == 12 else 48
         if kind == 13:
             qh = ld(at(16), _V32I8)
-            hz = _cat(builder, qh, qh)
-        for c in range(4):                                # 32 bytes: [low, high] nibbles = sub-blocks 2c, 2c+1
-            u = _fields64(builder, _bcast32(builder, ld, at(qo + 32 * c)), (0, 15, 0), (4, 15, 0))
-            if kind == 13:
-                u = builder.or_(u, _bitset(builder, hz, [1 << 2 * c] * 32 + [2 << 2 * c] * 32, 16))
-            U["pieces"].append((u, _shuf(builder, sc16, sc16, [2 * c] * 16 + [2 * c + 1] * 16), c))
+        # Half H (sub-blocks 4H..4H+3) as two registers whose 16-byte lane k holds 16 weights of
+        # sub-block 4H+k: A the first 16 (l < 16), B the last 16; their vpmaddubsw pair sums
+        # add in i16 (|sum| <= 4*31*127) before one vpdpwssd with the 4 scales (_ksb_dot).
+        nib = [(0, 15, 0), (4, 15, 0)] * 2
+        for H in range(2):
+            q = ld(at(qo + 64 * H), _V64I8)                # lanes: qs[64H:][16k:16k+16]
+            ab = []
+            for half in range(2):
+                l0 = 16 * half                            # [Q.l(half), Q.l(half), Q.l(half+2), Q.l(half+2)]
+                src = _shuf(builder, q, q, [l0 + b for b in range(16)] * 2 + [32 + l0 + b for b in range(16)] * 2)
+                u = _fields64(builder, src, None, None, nib)
+                if kind == 13:
+                    h = _shuf(builder, qh, qh, [l0 + b for b in range(16)] * 4)
+                    u = builder.or_(u, _bitset(builder, h, [1 << (4 * H + b // 16) for b in range(64)], 16))
+                ab.append(u)
+            U["pairs"].append((ab[0], ab[1], _shuf(builder, sc16, sc16, [4 * H + k // 8 for k in range(32)]), H))
         U["mn"] = builder.zext(mn8, _V8I32)
         return U
     if kind == 14:                                        # Q6_K: (ql | qh << 4) - 32
@@ -1319,6 +1372,8 @@ def _ksb_dot(builder, U, xv, bs, p8, bs16):
     else:
         for u, sc16, p in U["pieces"]:
             acc = _mdot(builder, acc, u, xv[p], sc16)
+        for ua, ub, sc16, H in U["pairs"]:
+            acc = _mdot2(builder, acc, ua, xv.half(H, 0), ub, xv.half(H, 1), sc16)
     msum = None
     if U["mn"] is not None:
         if U["mn"].type.count == 8:
@@ -1372,8 +1427,8 @@ def _ksb_common(ctx, builder, raw_aty, raw_):
 
     def act(aty_q, xq_, aty_s, xs_, aty_d, xd_, xo, so, do):
         """One activation row's super-block: (4 zmm of xq from xo, bs, p8, xd)."""
-        xv = [builder.load(_elem_ptr(ctx, builder, aty_q, xq_, builder.add(xo, ir.Constant(_I64T, 64 * p)), _V64I8),
-                           align=1) for p in range(4)]
+        xv = _XV(builder, [builder.load(_elem_ptr(ctx, builder, aty_q, xq_, builder.add(xo, ir.Constant(_I64T, 64 * p)),
+                                                _V64I8), align=1) for p in range(4)])
         bs = builder.fptosi(builder.load(_elem_ptr(ctx, builder, aty_s, xs_, so, _V16F32), align=4), _V16I32)
         p8 = builder.add(_shuf(builder, bs, bs, list(range(0, 16, 2))), _shuf(builder, bs, bs, list(range(1, 16, 2))))
         return (xv, bs, p8, builder.trunc(bs, _V16I16),
@@ -1422,27 +1477,30 @@ def _ksb(typingctx, accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND):
 
 
 @intrinsic
-def _ksb_mt(typingctx, accp, raw, roff, XQ, XD, XS, t0, i, NT, KIND):
-    """GEMM: super-block i of one row (at byte roff of raw) against the activation rows
-    t0 .. t0+NT-1 of XQ/XD/XS (2-D): the row is unpacked once, then per token exactly the
-    integer sums and float step of _ksb (so decode and prefill agree bit for bit);
-    accp[32t : 32t+32] is token t0+t's (main, mins) pair."""
-    if not (isinstance(NT, types.IntegerLiteral) and isinstance(KIND, types.IntegerLiteral)):
+def _ksb_mt(typingctx, accp, raw, roff, rb, XQ, XD, XS, t0, i, NT, NR, KIND):
+    """GEMM: super-block i of NR rows (at bytes roff, roff + rb, ... of raw) against the
+    activation rows t0 .. t0+NT-1 of XQ/XD/XS (2-D): each row is unpacked once, then per token
+    the activation is loaded (and rearranged) once for the NR rows, and per (row, token) exactly
+    the integer sums and float step of _ksb (so decode and prefill agree bit for bit);
+    accp[16(NR t + r) :][:16] is the accumulator of row r and token t0+t."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (NT, NR, KIND)):
         return None
-    nt, kind = NT.literal_value, KIND.literal_value
+    nt, nr, kind = NT.literal_value, NR.literal_value, KIND.literal_value
     if kind not in _KTS or any(a.layout != "C" for a in (XQ, XD, XS)):
         return None
     ts = _KTS[kind]
 
     def codegen(ctx, builder, sig, args):
-        accp_, raw_, roff_, XQ_, XD_, XS_, t0_, i_ = args[:8]
+        accp_, raw_, roff_, rb_, XQ_, XD_, XS_, t0_, i_ = args[:9]
         i64 = _as64(builder, i_)
         t064 = _as64(builder, t0_)
         ld, h16, acc_into, act = _ksb_common(ctx, builder, sig.args[1], raw_)
-        U = _ksb_unpack(builder, kind, ld, h16, builder.add(roff_, builder.mul(i64, ir.Constant(_I64T, ts))))
-        aq = ctx.make_array(sig.args[3])(ctx, builder, XQ_)
-        ad = ctx.make_array(sig.args[4])(ctx, builder, XD_)
-        as_ = ctx.make_array(sig.args[5])(ctx, builder, XS_)
+        base = builder.add(roff_, builder.mul(i64, ir.Constant(_I64T, ts)))
+        Us = [_ksb_unpack(builder, kind, ld, h16, builder.add(base, builder.mul(rb_, ir.Constant(_I64T, r))))
+              for r in range(nr)]
+        aq = ctx.make_array(sig.args[4])(ctx, builder, XQ_)
+        ad = ctx.make_array(sig.args[5])(ctx, builder, XD_)
+        as_ = ctx.make_array(sig.args[6])(ctx, builder, XS_)
         kq = builder.extract_value(aq.shape, 1)            # row strides in elements (C-contiguous rows)
         kd = builder.extract_value(ad.shape, 1)
         ks = builder.extract_value(as_.shape, 1)
@@ -1451,11 +1509,12 @@ def _ksb_mt(typingctx, accp, raw, roff, XQ, XD, XS, t0, i, NT, KIND):
             xo = builder.add(builder.mul(tt, kq), builder.mul(i64, ir.Constant(_I64T, 256)))
             so = builder.add(builder.mul(tt, ks), builder.mul(i64, ir.Constant(_I64T, 16)))
             do = builder.add(builder.mul(tt, kd), i64)
-            xv, bs, p8, bs16, xdi = act(sig.args[3], XQ_, sig.args[5], XS_, sig.args[4], XD_, xo, so, do)
-            isum, msum = _ksb_dot(builder, U, xv, bs, p8, bs16)
-            acc_into(accp_, 16 * t, isum, msum, xdi, U)
+            xv, bs, p8, bs16, xdi = act(sig.args[4], XQ_, sig.args[6], XS_, sig.args[5], XD_, xo, so, do)
+            for r, U in enumerate(Us):
+                isum, msum = _ksb_dot(builder, U, xv, bs, p8, bs16)
+                acc_into(accp_, 16 * (nr * t + r), isum, msum, xdi, U)
         return ir.Constant(_I8T, 0)
-    return types.int8(accp, raw, roff, XQ, XD, XS, t0, i, NT, KIND), codegen
+    return types.int8(accp, raw, roff, rb, XQ, XD, XS, t0, i, NT, NR, KIND), codegen
 
 
 @intrinsic
@@ -1516,43 +1575,46 @@ _MT = 8       # tokens per pass of the K-quant GEMM (one unpacked super-block se
 
 
 @njit(**dict(_JIT, inline="always"))
-def _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, KIND, TS):
-    """Row groups g0..g1-1 of out[:M] = X[:M] @ W.T (K-quants): per row and block of _MT tokens
-    one pass over the row's super-blocks, each unpacked once for the _MT tokens (_ksb_mt); the
-    group's rows stay in L1 across the token blocks. Per (row, token) the same arithmetic as
+def _k_gemm_pass(XQ, XD, XS, raw, out, t0, r, rb, nsb, accp, acc, NT, NR, KIND):
+    """out[t0 : t0+NT, r : r+NR] by one pass over the rows' super-blocks (_ksb_mt)."""
+    for k in range(16 * NT * NR):
+        acc[k] = 0.0
+    for i in range(nsb):
+        _ksb_mt(accp, raw, r * rb, rb, XQ, XD, XS, t0, i, NT, NR, KIND)
+    for t in range(NT):
+        for rr in range(NR):
+            out[t0 + t, r + rr] = _kout(accp, 16 * (NR * t + rr), KIND)
+
+
+@njit(**dict(_JIT, inline="always"))
+def _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, KIND, TS, NR):
+    """Row groups g0..g1-1 of out[:M] = X[:M] @ W.T (K-quants): per NR rows (4: Q4_K/Q5_K, whose
+    paired activation layout is then built once per token for the 4 rows; 1: the others) and
+    block of _MT tokens one pass over the rows' super-blocks, each unpacked once for the _MT
+    tokens (_ksb_mt); then a block of 4 tokens and single tokens for the rest; a last group of
+    fewer than 4 rows one row and token at a time. Per (row, token) the same arithmetic as
     _k_groups."""
     N = raw.shape[0]
     rb = raw.shape[1]
     nsb = rb // TS
-    accp = _stack_f32(128)                # _MT (8) tokens x 16 f32 lanes
-    acc = numba.carray(accp, 16 * _MT)
+    accp = _stack_f32(512)                # _MT (8) tokens x up to 4 rows x 16 f32 lanes
+    acc = numba.carray(accp, 512)
     for g in range(g0, g1):
-        r1 = min(4 * g + 4, N)
-        for t0 in range(0, M - _MT + 1, _MT):
-            for r in range(4 * g, r1):
-                for k in range(16 * _MT):
-                    acc[k] = 0.0
-                for i in range(nsb):
-                    _ksb_mt(accp, raw, r * rb, XQ, XD, XS, t0, i, _MT, KIND)
-                for t in range(_MT):
-                    out[t0 + t, r] = _kout(accp, 16 * t, KIND)
-        m4 = M - M % _MT
-        if M - m4 >= 4:                                    # then 4 tokens
-            for r in range(4 * g, r1):
-                for k in range(64):
-                    acc[k] = 0.0
-                for i in range(nsb):
-                    _ksb_mt(accp, raw, r * rb, XQ, XD, XS, m4, i, 4, KIND)
-                for t in range(4):
-                    out[m4 + t, r] = _kout(accp, 16 * t, KIND)
-            m4 += 4
-        for t0 in range(m4, M):                            # the last M % 4 tokens one by one
-            for r in range(4 * g, r1):
-                for k in range(16):
-                    acc[k] = 0.0
-                for i in range(nsb):
-                    _ksb_mt(accp, raw, r * rb, XQ, XD, XS, t0, i, 1, KIND)
-                out[t0, r] = _kout(accp, 0, KIND)
+        if 4 * g + 4 <= N:
+            for r in range(4 * g, 4 * g + 4, NR):
+                m4 = 0
+                for t0 in range(0, M - _MT + 1, _MT):
+                    _k_gemm_pass(XQ, XD, XS, raw, out, t0, r, rb, nsb, accp, acc, _MT, NR, KIND)
+                    m4 = t0 + _MT
+                if M - m4 >= 4:
+                    _k_gemm_pass(XQ, XD, XS, raw, out, m4, r, rb, nsb, accp, acc, 4, NR, KIND)
+                    m4 += 4
+                for t0 in range(m4, M):
+                    _k_gemm_pass(XQ, XD, XS, raw, out, t0, r, rb, nsb, accp, acc, 1, NR, KIND)
+        else:
+            for rr in range(4 * g, N):
+                for t0 in range(M):
+                    _k_gemm_pass(XQ, XD, XS, raw, out, t0, rr, rb, nsb, accp, acc, 1, 1, KIND)
 
 
 # ---- row dot products: row uint8[row_bytes], activation slots -> f32 ------------------------
@@ -1820,7 +1882,7 @@ def _gemv_par_q2_k(x, raw, out, xq, xd, xs):
 @njit(_GGSIG, **_JIT)
 def gemm_q2_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q2_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 10, 84)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 10, 84, 1)
 
 
 @njit(**_PJIT)
@@ -1852,7 +1914,7 @@ def _gemv_par_q3_k(x, raw, out, xq, xd, xs):
 @njit(_GGSIG, **_JIT)
 def gemm_q3_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q3_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 11, 110)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 11, 110, 1)
 
 
 @njit(**_PJIT)
@@ -1884,7 +1946,7 @@ def _gemv_par_q4_k(x, raw, out, xq, xd, xs):
 @njit(_GGSIG, **_JIT)
 def gemm_q4_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q4_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 12, 144)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 12, 144, 4)
 
 
 @njit(**_PJIT)
@@ -1916,7 +1978,7 @@ def _gemv_par_q5_k(x, raw, out, xq, xd, xs):
 @njit(_GGSIG, **_JIT)
 def gemm_q5_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q5_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 13, 176)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 13, 176, 4)
 
 
 @njit(**_PJIT)
@@ -1948,7 +2010,7 @@ def _gemv_par_q6_k(x, raw, out, xq, xd, xs):
 @njit(_GGSIG, **_JIT)
 def gemm_q6_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q6_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 14, 210)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 14, 210, 1)
 
 
 @njit(**_PJIT)
@@ -1980,7 +2042,7 @@ def _gemv_par_iq4_xs(x, raw, out, xq, xd, xs):
 @njit(_GGSIG, **_JIT)
 def gemm_iq4_xs_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """IQ4_XS: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 23, 136)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 23, 136, 1)
 
 
 @njit(**_PJIT)
