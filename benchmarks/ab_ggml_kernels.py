@@ -10,6 +10,14 @@ turn: the GEMV with the weights from DRAM (a 256 MB read before the call; GB/s =
 time), the GEMV again from cache (ns per weight), the M-token GEMM (GFLOP/s = 2*M*N*K / time).
 Medians over the rounds. The old module imports this tree's kernels/simd.py (its relative imports
 resolve to the installed package), so only the ggml kernels differ.
+
+    python benchmarks/ab_ggml_kernels.py --old /path/to/old/tree --short [--calls 100]
+
+--short: for a loaded machine, where a call of milliseconds is preempted and medians drift:
+one thread, the `gemv_<type>_groups` kernel on W 256 x 2048 in cache and `gemm_<type>_groups`
+on W 16 x 5632 against 128 tokens (X from L2), each the minimum over --calls rounds of 3 short
+calls (10-100 us), the two trees interleaved; qmatmul's Q4_0 GEMV (with its activation
+quantization) as the per-weight yardstick.
 """
 import os
 
@@ -49,12 +57,16 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--gemm", type=int, default=64, help="tokens of the GEMM")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--short", action="store_true", help="minimum-of-many short calls, 1 thread (see above)")
+    ap.add_argument("--calls", type=int, default=100, help="--short: rounds of 3 calls per kernel")
     a = ap.parse_args(argv)
     names = [t for t in a.types.split(",") if t]
     bad = [t for t in names if t not in NEW.SPECS]
     if bad:
         ap.error(f"unknown --types {bad}; known: {list(NEW.SPECS)}")
     old = _load_old(a.old)
+    if a.short:
+        return _short(old, names, a.calls)
     numba.set_num_threads(min(a.threads, numba.config.NUMBA_NUM_THREADS))
     buf = np.ones(64 << 20, np.float32)
     rng = np.random.default_rng(0)
@@ -101,6 +113,63 @@ def main(argv=None):
             td, tc, tg = (statistics.median(v) for v in T[(name, tag)])
             print(f"| {name} | {tag} | {td * 1e6:.0f} | {nb / 1e9 / td:.1f} | {tc * 1e9 / (N * K):.3f} | "
                   f"{tg * 1e3:.1f} | {2 * a.gemm * N * K / tg / 1e9:.1f} |", flush=True)
+
+
+def _short(old, names, calls):
+    numba.set_num_threads(1)
+    mods = {"old": old, "new": NEW}
+    rng = np.random.default_rng(0)
+
+    def tmin(fs, n):
+        best = {k: float("inf") for k in fs}
+        for _ in range(n):
+            for k, f in fs.items():
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    f()
+                    best[k] = min(best[k], time.perf_counter() - t0)
+        return best
+
+    N, K = 256, 2048                       # GEMV: W[N, K] in cache
+    Ng, Kg, M = 16, 5632, 128              # GEMM: W[Ng, Kg] against M tokens
+    w = rng.standard_normal((N, K), dtype=np.float32) * np.float32(0.02)
+    x = rng.standard_normal(K, dtype=np.float32)
+    wg = rng.standard_normal((Ng, Kg), dtype=np.float32) * np.float32(0.02)
+    X = rng.standard_normal((M, Kg), dtype=np.float32)
+    out = np.zeros(N, np.float32)          # [N]
+    O = np.zeros((M, Ng), np.float32)      # [M, Ng]
+    qs, d = Q.quantize_q4_0(w, 32)
+    sc = Q.act_scratch(K)
+    q40 = tmin({"q4_0": lambda: Q.gemv_q4_0(x, qs, d, out, sc)}, calls)["q4_0"]
+    print(f"1 thread, load average {os.getloadavg()[0]:.1f}; GEMV W {N}x{K} in cache, us (min); Q4_0 "
+          f"(qmatmul, with its activation quantization) {q40 * 1e6:.1f} us; GEMM W {Ng}x{Kg}, M={M}, GFLOP/s (best)")
+    print("| type | GEMV old us | GEMV new us | new/old time | new vs Q4_0 per weight | GEMM old GFLOP/s | "
+          "GEMM new GFLOP/s | GEMM new/old |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n in names:
+        s = NEW.SPECS[n]
+        if s.block != 256:
+            continue                       # the 32-block types have no _groups GEMM of this shape
+        raw, rawg = s.quantize_ref(w), s.quantize_ref(wg)
+        xq, xd, xs = np.zeros(K, np.int8), np.zeros(K // 32, np.float32), np.zeros(K // 16, np.float32)
+        s.act_quant(x, xq, xd, xs)
+        XQ = np.zeros((M, Kg), np.int8)                 # [M, Kg]
+        XD = np.zeros((M, Kg // 32), np.float32)        # [M, Kg/32]
+        XS = np.zeros((M, Kg // 16), np.float32)        # [M, Kg/16]
+        for i in range(M):
+            s.act_quant(X[i], XQ[i], XD[i], XS[i])
+        gv = {k: (lambda f=getattr(m, f"gemv_{n.lower()}_groups"): f(xq, xd, xs, raw, out, 0, N // 4))
+              for k, m in mods.items()}
+        gm = {k: (lambda f=getattr(m, f"gemm_{n.lower()}_groups"): f(XQ, XD, XS, rawg, O, M, 0, Ng // 4))
+              for k, m in mods.items()}
+        for f in list(gv.values()) + list(gm.values()):
+            f()
+        bv, bg = tmin(gv, calls), tmin(gm, max(1, calls // 3))
+        fl = 2 * M * Ng * Kg
+        print(f"| {n} | {bv['old'] * 1e6:.1f} | {bv['new'] * 1e6:.1f} | {bv['new'] / bv['old']:.2f}x | "
+              f"{bv['new'] / q40:.2f}x | {fl / bg['old'] / 1e9:.0f} | {fl / bg['new'] / 1e9:.0f} | "
+              f"{bg['old'] / bg['new']:.2f}x |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -65,13 +65,22 @@ Kernel design and what inspect_asm showed (2-vCPU Xeon with AVX-512 VNNI, numba 
     sums loaded once for the 4 rows); each row's weights unpacked with zmm vector ops in the
     activation's order, the 6-bit / 8-bit sub-block scales unpacked as vectors and applied
     inside the integer dot (vpmaddubsw u8 x s8 -> i16 pairs, then vpdpwssd with the scales as
-    i16 lanes), the mins (Q2_K, Q4_K, Q5_K) and offsets (Q3_K -4, Q6_K -32) in int32 lanes from
-    the block sums, one float fma per super-block and row, one horizontal sum per row. IQ4_XS
-    (table + 128 overflows the i16 pairs) keeps vpdpbusd with the -128 bias preloaded in the
-    accumulator and a vpmulld by its scales. The 4 rows' bytes 16 rows ahead are prefetched as a
-    linear stream (as qmatmul's Q4_0). GEMM (prefill, gemm_<type>_groups): 1 row x 4 tokens per
-    pass, the super-block unpacked once for the 4 tokens; the per-(row, token) integer sums and
-    float step are the GEMV's code, so prefill is bit-identical to decode.
+    i16 lanes), the mins (Q2_K, Q4_K, Q5_K) and offsets (Q3_K -4, Q6_K -32: one vpmaddwd of the
+    i16 scales with the i16 block sums) in int32 lanes, one float fma per super-block and row
+    (with mins: 8 lanes of the weight sums and 8 of the min sums in one vector, scaled by
+    [xd*d] * 8 + [xd*dmin] * 8), one horizontal sum per row. Bit fields (nibbles, Q6_K's and
+    Q2_K/Q3_K's 2-bit fields) come out of a 32-byte broadcast by one vgf2p8affineqb per 64 bytes
+    (a bit matrix per qword: shift and mask per 16-byte lane). Q4_K/Q5_K pair their pieces: one
+    register holds the first 16 weights of 4 sub-blocks, a second the last 16, so the two
+    vpmaddubsw results add in i16 before one vpdpwssd with the 4 scales (3 multiplies per 128
+    weights instead of 4; the activation is rearranged to match once per super-block and shared
+    by the rows), and their 12 scale/min bytes unpack as <4 x i32> word ops. IQ4_XS (table + 128
+    overflows the i16 pairs) keeps vpdpbusd with the -128 bias preloaded in the accumulator and a
+    vpmulld by its scales. The 4 rows' bytes 16 rows ahead are prefetched as a linear stream (as
+    qmatmul's Q4_0). GEMM (prefill, gemm_<type>_groups): per pass 8 tokens (then 4, then 1) x 1
+    row (Q4_K/Q5_K: x 4 rows, the rearranged activation shared by them), each super-block
+    unpacked once for the tokens; the per-(row, token) integer sums and float step are the
+    GEMV's code, so prefill is bit-identical to decode.
   * inspect_asm of gemv_q4_k_groups: vpmaddubsw + vpdpwssd on zmm, prefetcht0, no vpmovsxbq
     (asserted by tests/test_ggml_quants.py::test_vnni_asm).
   * Cost: see benchmarks/README.md ("ggml K-quant kernels") for the before/after figures.
@@ -929,7 +938,7 @@ import os as _os  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 
-from .simd import _elem_ptr, _hsum16, _prefetch, _ptr_add, _stack_f32  # noqa: E402
+from .simd import _elem_ptr, _prefetch, _ptr_add, _stack_f32  # noqa: E402
 
 try:
     _FEAT = _llvm.get_host_cpu_features()
@@ -1131,6 +1140,37 @@ def _mdot(builder, acc, u, x, sc16):
     return builder.add(acc, builder.mul(d, s))
 
 
+def _mdot2(builder, acc, ua, xa, ub, xb, sc16):
+    """acc + per lane k: sum over 4 bytes of ua*xa*sc16 + ub*xb*sc16 (as _mdot): the two
+    vpmaddubsw results add in i16 (every caller's |pair sum| <= 2*2*31*127 < 2^15), then one
+    vpdpwssd with the scales."""
+    if SIMD == "vnni":
+        f1 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V32I16, [_V64I8, _V64I8]),
+                                            "llvm.x86.avx512.pmaddubs.w.512")
+        f2 = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I32, [_V16I32] * 3),
+                                            "llvm.x86.avx512.vpdpwssd.512")
+        p = builder.add(builder.call(f1, [ua, xa]), builder.call(f1, [ub, xb]))
+        return builder.call(f2, [acc, builder.bitcast(p, _V16I32), builder.bitcast(sc16, _V16I32)])
+    return _mdot(builder, _mdot(builder, acc, ua, xa, sc16), ub, xb, sc16)
+
+
+class _XV(list):
+    """An activation super-block's 4 zmm (xv[p] = x[64p : 64p+64]) and, built once and shared by
+    the rows, the paired layout of _ksb_unpack's Q4_K/Q5_K halves: half(H, j) = 16-byte lane k
+    is x of sub-block 4H+k, weights 16j .. 16j+15."""
+    def __init__(self, builder, xs):
+        super().__init__(xs)
+        self.builder, self.cache = builder, {}
+
+    def half(self, H, j):
+        if (H, j) not in self.cache:
+            a, b = self[2 * H], self[2 * H + 1]
+            l0, l1 = 16 * j, 32 + 16 * j
+            idx = [l0 + t for t in range(16)] + [l1 + t for t in range(16)]
+            self.cache[(H, j)] = _shuf(self.builder, a, b, idx + [64 + i for i in idx])
+        return self.cache[(H, j)]
+
+
 def _pshufb64(builder, tab, idx):
     """tab[idx] per byte (idx 0..15, tab <16 x i8>): vpshufb zmm, or a select chain."""
     if SIMD == "vnni":
@@ -1144,6 +1184,45 @@ def _pshufb64(builder, tab, idx):
     return r
 
 
+_GFNI = SIMD == "vnni" and bool(_FEAT.get("gfni", False))
+
+
+def _affine_qword(r, m, sh):
+    """The GF(2) 8x8 bit matrix (vgf2p8affineqb's qword) of the byte map b -> ((b >> r) & m) << sh:
+    output bit i is input bit i - sh + r where mask bit i - sh is set (byte 7 - i of the qword
+    selects the input bits of output bit i)."""
+    q = 0
+    for i in range(8):
+        j = i - sh
+        if 0 <= j < 8 and (m >> j) & 1 and j + r < 8:
+            q |= (1 << (j + r)) << (8 * (7 - i))
+    return q
+
+
+def _fields64(builder, v, lo, hi, lanes=None):
+    """<64 x i8>: bytes 0..31 are ((v >> r) & m) << sh with (r, m, sh) = lo, bytes 32..63 with hi;
+    or per 16-byte lane k with lanes[k] (one vgf2p8affineqb with a matrix per qword; shifts and
+    masks in the generic IR)."""
+    if lanes is None:
+        lanes = [lo, lo, hi, hi]
+    if _GFNI:
+        qw = [_affine_qword(*lanes[k // 2]) for k in range(8)]
+        mat = ir.Constant(_V64I8, [((q >> (8 * b)) & 0xFF) - (256 if (q >> (8 * b)) & 0x80 else 0)
+                                   for q in qw for b in range(8)])
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V64I8, [_V64I8, _V64I8, _I8T]),
+                                           "llvm.x86.vgf2p8affineqb.512")
+        return builder.call(f, [v, mat, ir.Constant(_I8T, 0)])
+    t = builder.lshr(v, _cv([f[0] for f in lanes for _ in range(16)]))
+    t = builder.and_(t, _cv([f[1] for f in lanes for _ in range(16)]))
+    return builder.shl(t, _cv([f[2] for f in lanes for _ in range(16)]))
+
+
+def _bcast32(builder, ld, off):
+    """32 bytes at off in both halves of a <64 x i8> (vbroadcasti64x4 from memory)."""
+    q = ld(off, _V32I8)
+    return _cat(builder, q, q)
+
+
 def _bitset(builder, v, mask, val):
     """val where (v & mask) != 0, else 0 (per byte; <64 x i8>)."""
     hit = builder.icmp_unsigned("!=", builder.and_(v, _cv(mask)), _cv([0] * 64))
@@ -1151,17 +1230,18 @@ def _bitset(builder, v, mask, val):
 
 
 def _k4_scales(builder, s):
-    """Q4_K/Q5_K's 12 packed bytes (s <16 x i8>, bytes 0..11) -> (sc <8 x i8>, mn <8 x i8>)."""
-    a = _shuf(builder, s, s, [0, 1, 2, 3] * 2)
-    b = _shuf(builder, s, s, [4, 5, 6, 7] * 2)
-    c = _shuf(builder, s, s, [8, 9, 10, 11] * 2)
-    top_a = builder.shl(builder.lshr(a, _cv([6] * 8)), _cv([4] * 8))
-    top_b = builder.shl(builder.lshr(b, _cv([6] * 8)), _cv([4] * 8))
-    sc_hi = builder.or_(builder.and_(c, _cv([15] * 8)), top_a)
-    mn_hi = builder.or_(builder.lshr(c, _cv([4] * 8)), top_b)
-    pick = [0, 1, 2, 3, 12, 13, 14, 15]
-    return (_shuf(builder, builder.and_(a, _cv([63] * 8)), sc_hi, pick),
-            _shuf(builder, builder.and_(b, _cv([63] * 8)), mn_hi, pick))
+    """Q4_K/Q5_K's 12 packed bytes (s <16 x i8>, bytes 0..11) -> (sc <8 x i8>, mn <8 x i8>), as
+    32-bit lane ops on the words w0, w1, w2: sc0..3 = w0 & 0x3f.., mn0..3 = w1 & 0x3f..,
+    sc4..7 = (w2 & 0x0f..) | ((w0 >> 2) & 0x30..), mn4..7 = ((w2 >> 4) & 0x0f..) | ((w1 >> 2) & 0x30..)."""
+    v4 = ir.VectorType(_I32T, 4)
+    w = builder.bitcast(s, v4)
+    a = _shuf(builder, w, w, [0, 1, 2, 2])
+    b = _shuf(builder, w, w, [0, 1, 0, 1])
+    lo = builder.and_(builder.lshr(a, _cv([0, 0, 0, 4], _I32T)),
+                      _cv([0x3f3f3f3f, 0x3f3f3f3f, 0x0f0f0f0f, 0x0f0f0f0f], _I32T))
+    hi = builder.and_(builder.lshr(b, _cv([2] * 4, _I32T)), _cv([0, 0, 0x30303030, 0x30303030], _I32T))
+    r = builder.bitcast(builder.or_(lo, hi), _V16I8)       # [sc0..3, mn0..3, sc4..7, mn4..7]
+    return (_shuf(builder, r, r, [0, 1, 2, 3, 8, 9, 10, 11]), _shuf(builder, r, r, [4, 5, 6, 7, 12, 13, 14, 15]))
 
 
 def _ksb_unpack(builder, kind, ld, h16, base):
@@ -1176,7 +1256,7 @@ def _ksb_unpack(builder, kind, ld, h16, base):
         """<32 x i16> of 16-group scales first..first+3 (8 i16 lanes = 16 bytes each)."""
         return _shuf(builder, sc, sc, [first + k // 8 for k in range(32)])
 
-    U = dict(pieces=[], d=None, dmin=None, mn=None, osc=None, osh=0, ls=None)
+    U = dict(pieces=[], pairs=[], d=None, dmin=None, mn=None, osc=None, osh=0, ls=None)
     if kind in (12, 13):                                  # Q4_K, Q5_K
         U["d"], U["dmin"] = h16(at(0)), h16(at(2))
         sc8, mn8 = _k4_scales(builder, ld(at(4), _V16I8))
@@ -1184,31 +1264,34 @@ def _ksb_unpack(builder, kind, ld, h16, base):
         qo = 16 if kind == 12 else 48
         if kind == 13:
             qh = ld(at(16), _V32I8)
-            hz = _cat(builder, qh, qh)
-        for h in range(2):                                # 64 bytes = sub-blocks 4h .. 4h+3
-            v = ld(at(qo + 64 * h), _V64I8)
-            lo = builder.and_(v, _cv([15] * 64))
-            hi = builder.lshr(v, _cv([4] * 64))
-            for c2 in range(2):                           # [low, high] nibbles of 32 bytes
-                c = 2 * h + c2
-                half = list(range(32 * c2, 32 * c2 + 32))
-                u = _shuf(builder, lo, hi, half + [64 + k for k in half])
+        # Half H (sub-blocks 4H..4H+3) as two registers whose 16-byte lane k holds 16 weights of
+        # sub-block 4H+k: A the first 16 (l < 16), B the last 16; their vpmaddubsw pair sums
+        # add in i16 (|sum| <= 4*31*127) before one vpdpwssd with the 4 scales (_ksb_dot).
+        nib = [(0, 15, 0), (4, 15, 0)] * 2
+        for H in range(2):
+            q = ld(at(qo + 64 * H), _V64I8)                # lanes: qs[64H:][16k:16k+16]
+            ab = []
+            for half in range(2):
+                l0 = 16 * half                            # [Q.l(half), Q.l(half), Q.l(half+2), Q.l(half+2)]
+                src = _shuf(builder, q, q, [l0 + b for b in range(16)] * 2 + [32 + l0 + b for b in range(16)] * 2)
+                u = _fields64(builder, src, None, None, nib)
                 if kind == 13:
-                    u = builder.or_(u, _bitset(builder, hz, [1 << 2 * c] * 32 + [2 << 2 * c] * 32, 16))
-                U["pieces"].append((u, _shuf(builder, sc16, sc16, [2 * c] * 16 + [2 * c + 1] * 16), c))
+                    h = _shuf(builder, qh, qh, [l0 + b for b in range(16)] * 4)
+                    u = builder.or_(u, _bitset(builder, h, [1 << (4 * H + b // 16) for b in range(64)], 16))
+                ab.append(u)
+            U["pairs"].append((ab[0], ab[1], _shuf(builder, sc16, sc16, [4 * H + k // 8 for k in range(32)]), H))
         U["mn"] = builder.zext(mn8, _V8I32)
         return U
     if kind == 14:                                        # Q6_K: (ql | qh << 4) - 32
         U["d"] = h16(at(208))
         s = ld(at(192), _V16I8)
         sc = builder.sext(s, _V16I16)
-        U["osc"], U["osh"] = builder.sext(s, _V16I32), 5
+        U["osc"], U["osh"] = sc, 5
         for h in range(2):
             ql = ld(at(64 * h), _V64I8)
-            q = ld(at(128 + 32 * h), _V32I8)
-            qh2 = _cat(builder, q, builder.lshr(q, _cv([2] * 32)))
-            ua = builder.or_(builder.and_(ql, _cv([15] * 64)), builder.shl(builder.and_(qh2, _cv([3] * 64)), _cv([4] * 64)))
-            ub = builder.or_(builder.lshr(ql, _cv([4] * 64)), builder.and_(qh2, _cv([0x30] * 64)))
+            qb = _bcast32(builder, ld, at(128 + 32 * h))   # 2-bit fields 0, 1 | 2, 3 -> bits 4-5
+            ua = builder.or_(builder.and_(ql, _cv([15] * 64)), _fields64(builder, qb, (0, 3, 4), (2, 3, 4)))
+            ub = builder.or_(builder.lshr(ql, _cv([4] * 64)), _fields64(builder, qb, (4, 3, 4), (6, 3, 4)))
             U["pieces"] += [(ua, sc_lanes(sc, 8 * h), 2 * h), (ub, sc_lanes(sc, 8 * h + 4), 2 * h + 1)]
         return U
     if kind in (10, 11):                                  # Q2_K, Q3_K: 2-bit fields (+ Q3_K's hmask bit)
@@ -1228,15 +1311,14 @@ def _ksb_unpack(builder, kind, ld, h16, base):
             hi = _cat(builder, _cat(builder, hs[0], hs[1]), _cat(builder, hs[2], hs[3]))
             s8 = builder.sub(builder.or_(lo, builder.shl(hi, _cv([4] * 16))), _cv([32] * 16))
             sc = builder.sext(s8, _V16I16)
-            U["osc"], U["osh"] = builder.sext(s8, _V16I32), 2
+            U["osc"], U["osh"] = sc, 2
             hm = ld(at(0), _V32I8)
             hz = _cat(builder, hm, hm)
             qo = 32
         for h in range(2):
-            q = ld(at(qo + 32 * h), _V32I8)
-            q2 = _cat(builder, q, builder.lshr(q, _cv([2] * 32)))
-            ua = builder.and_(q2, _cv([3] * 64))
-            ub = builder.and_(builder.lshr(q2, _cv([4] * 64)), _cv([3] * 64))
+            qb = _bcast32(builder, ld, at(qo + 32 * h))
+            ua = _fields64(builder, qb, (0, 3, 0), (2, 3, 0))
+            ub = _fields64(builder, qb, (4, 3, 0), (6, 3, 0))
             if kind == 11:
                 ua = builder.or_(ua, _bitset(builder, hz, [1 << 4 * h] * 32 + [2 << 4 * h] * 32, 4))
                 ub = builder.or_(ub, _bitset(builder, hz, [4 << 4 * h] * 32 + [8 << 4 * h] * 32, 4))
@@ -1263,13 +1345,24 @@ def _ksb_unpack(builder, kind, ld, h16, base):
     return U
 
 
-def _ksb_dot(builder, U, xv, bs, p8):
+def _pmaddwd16(builder, a, b):
+    """<16 x i16> . <16 x i16> -> <8 x i32>, lane k = a[2k]*b[2k] + a[2k+1]*b[2k+1] (vpmaddwd ymm)."""
+    if SIMD == "vnni":
+        f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V8I32, [_V16I16, _V16I16]),
+                                           "llvm.x86.avx2.pmadd.wd")
+        return builder.call(f, [a, b])
+    p = builder.mul(builder.sext(a, _V16I32), builder.sext(b, _V16I32))
+    return builder.add(_shuf(builder, p, p, list(range(0, 16, 2))), _shuf(builder, p, p, list(range(1, 16, 2))))
+
+
+def _ksb_dot(builder, U, xv, bs, p8, bs16):
     """The integer sums of an unpacked super-block (_ksb_unpack) with one activation row's
-    super-block (xv: its 4 zmm, bs <16 x i32> block sums, p8 <8 x i32> pair sums):
-    (isum <16 x i32>, msum <16 x i32> | None)."""
+    super-block (xv: its 4 zmm, bs <16 x i32> block sums, p8 <8 x i32> pair sums, bs16 the block
+    sums as <16 x i16>): (isum <16 x i32>, msum <8 x i32> | None)."""
     zero16 = ir.Constant(_V16I32, [0] * 16)
-    if U["osc"] is not None:          # the offset: acc starts at -off * sum(sc * bsum), lane-wise
-        acc = builder.sub(zero16, builder.shl(builder.mul(U["osc"], bs), _cv([U["osh"]] * 16, _I32T)))
+    if U["osc"] is not None:          # the offset: acc starts at -off * sum(sc * bsum) (lanes 0..7)
+        o8 = builder.shl(_pmaddwd16(builder, U["osc"], bs16), _cv([U["osh"]] * 8, _I32T))
+        acc = _cat(builder, builder.sub(ir.Constant(_V8I32, [0] * 8), o8), ir.Constant(_V8I32, [0] * 8))
     else:
         acc = zero16
     if U["ls"]:
@@ -1280,12 +1373,15 @@ def _ksb_dot(builder, U, xv, bs, p8):
     else:
         for u, sc16, p in U["pieces"]:
             acc = _mdot(builder, acc, u, xv[p], sc16)
+        for ua, ub, sc16, H in U["pairs"]:
+            acc = _mdot2(builder, acc, ua, xv.half(H, 0), ub, xv.half(H, 1), sc16)
     msum = None
     if U["mn"] is not None:
         if U["mn"].type.count == 8:
-            msum = _cat(builder, builder.mul(U["mn"], p8), ir.Constant(_V8I32, [0] * 8))
+            msum = builder.mul(U["mn"], p8)
         else:
-            msum = builder.mul(U["mn"], bs)
+            m16 = builder.mul(U["mn"], bs)
+            msum = builder.add(_shuf(builder, m16, m16, list(range(8))), _shuf(builder, m16, m16, list(range(8, 16))))
     return acc, msum
 
 
@@ -1309,20 +1405,35 @@ def _ksb_common(ctx, builder, raw_aty, raw_):
         return builder.fpext(h, _F32T)
     fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
 
-    def acc_into(accp, k, isum, scale):
-        """accp[k : k+16] = fma(f32(isum), scale, accp[k : k+16]) (the one float step per super-block)."""
-        e = builder.insert_element(ir.Constant(_V16F32, None), scale, ir.Constant(_I32T, 0))
+    def acc_into(accp, k, isum, msum, xdi, U):
+        """The one float step per super-block, accp[k : k+16] += f32(v) * sv: without mins
+        v = isum, sv = xd*d; with mins v = [isum lanes i + i+8 (8), msum (8)], sv = [xd*d (8),
+        xd*dmin (8)] (_kout takes sum(lanes 0..7) - sum(lanes 8..15))."""
+        if "dv" not in U:             # [d] * 16 or [d] * 8 + [dmin] * 8, once per unpacked super-block
+            e = builder.insert_element(ir.Constant(_V16F32, None), U["d"], ir.Constant(_I32T, 0))
+            if U["mn"] is None:
+                U["dv"] = _shuf(builder, e, e, [0] * 16)
+            else:
+                e = builder.insert_element(e, U["dmin"], ir.Constant(_I32T, 1))
+                U["dv"] = _shuf(builder, e, e, [0] * 8 + [1] * 8)
+        x1 = builder.insert_element(ir.Constant(_V16F32, None), xdi, ir.Constant(_I32T, 0))
+        sv = builder.fmul(_shuf(builder, x1, x1, [0] * 16), U["dv"])
+        if msum is None:
+            v = isum
+        else:
+            v = _cat(builder, builder.add(_shuf(builder, isum, isum, list(range(8))),
+                                          _shuf(builder, isum, isum, list(range(8, 16)))), msum)
         ap = builder.bitcast(builder.gep(accp, [ir.Constant(_I32T, k)]), _V16F32.as_pointer())
-        builder.store(builder.call(fma, [builder.sitofp(isum, _V16F32), _shuf(builder, e, e, [0] * 16),
-                                         builder.load(ap, align=4)]), ap, align=4)
+        builder.store(builder.call(fma, [builder.sitofp(v, _V16F32), sv, builder.load(ap, align=4)]), ap, align=4)
 
     def act(aty_q, xq_, aty_s, xs_, aty_d, xd_, xo, so, do):
         """One activation row's super-block: (4 zmm of xq from xo, bs, p8, xd)."""
-        xv = [builder.load(_elem_ptr(ctx, builder, aty_q, xq_, builder.add(xo, ir.Constant(_I64T, 64 * p)), _V64I8),
-                           align=1) for p in range(4)]
+        xv = _XV(builder, [builder.load(_elem_ptr(ctx, builder, aty_q, xq_, builder.add(xo, ir.Constant(_I64T, 64 * p)),
+                                                _V64I8), align=1) for p in range(4)])
         bs = builder.fptosi(builder.load(_elem_ptr(ctx, builder, aty_s, xs_, so, _V16F32), align=4), _V16I32)
         p8 = builder.add(_shuf(builder, bs, bs, list(range(0, 16, 2))), _shuf(builder, bs, bs, list(range(1, 16, 2))))
-        return xv, bs, p8, builder.load(_elem_ptr(ctx, builder, aty_d, xd_, do, _F32T), align=4)
+        return (xv, bs, p8, builder.trunc(bs, _V16I16),
+                builder.load(_elem_ptr(ctx, builder, aty_d, xd_, do, _F32T), align=4))
     return ld, h16, acc_into, act
 
 
@@ -1354,42 +1465,43 @@ def _ksb(typingctx, accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND):
         i64 = _as64(builder, i_)
         ld, h16, acc_into, act = _ksb_common(ctx, builder, sig.args[1], raw_)
         _prefetch_lines(builder, ld, pfo_, (nr * ts + 63) // 64)
-        xv, bs, p8, xdi = act(sig.args[4], xq_, sig.args[6], xs_, sig.args[5], xd_,
-                              builder.mul(i64, ir.Constant(_I64T, 256)), builder.mul(i64, ir.Constant(_I64T, 16)), i64)
+        xv, bs, p8, bs16, xdi = act(sig.args[4], xq_, sig.args[6], xs_, sig.args[5], xd_,
+                                    builder.mul(i64, ir.Constant(_I64T, 256)), builder.mul(i64, ir.Constant(_I64T, 16)), i64)
         for r in range(nr):
             base = builder.add(builder.add(qoff_, builder.mul(rb_, ir.Constant(_I64T, r))),
                                builder.mul(i64, ir.Constant(_I64T, ts)))
             U = _ksb_unpack(builder, kind, ld, h16, base)
-            isum, msum = _ksb_dot(builder, U, xv, bs, p8)
-            acc_into(accp_, 32 * r, isum, builder.fmul(xdi, U["d"]))
-            if msum is not None:
-                acc_into(accp_, 32 * r + 16, msum, builder.fmul(xdi, U["dmin"]))
+            isum, msum = _ksb_dot(builder, U, xv, bs, p8, bs16)
+            acc_into(accp_, 16 * r, isum, msum, xdi, U)
         return ir.Constant(_I8T, 0)
     return types.int8(accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND), codegen
 
 
 @intrinsic
-def _ksb_mt(typingctx, accp, raw, roff, XQ, XD, XS, t0, i, NT, KIND):
-    """GEMM: super-block i of one row (at byte roff of raw) against the activation rows
-    t0 .. t0+NT-1 of XQ/XD/XS (2-D): the row is unpacked once, then per token exactly the
-    integer sums and float step of _ksb (so decode and prefill agree bit for bit);
-    accp[32t : 32t+32] is token t0+t's (main, mins) pair."""
-    if not (isinstance(NT, types.IntegerLiteral) and isinstance(KIND, types.IntegerLiteral)):
+def _ksb_mt(typingctx, accp, raw, roff, rb, XQ, XD, XS, t0, i, NT, NR, KIND):
+    """GEMM: super-block i of NR rows (at bytes roff, roff + rb, ... of raw) against the
+    activation rows t0 .. t0+NT-1 of XQ/XD/XS (2-D): each row is unpacked once, then per token
+    the activation is loaded (and rearranged) once for the NR rows, and per (row, token) exactly
+    the integer sums and float step of _ksb (so decode and prefill agree bit for bit);
+    accp[16(NR t + r) :][:16] is the accumulator of row r and token t0+t."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (NT, NR, KIND)):
         return None
-    nt, kind = NT.literal_value, KIND.literal_value
+    nt, nr, kind = NT.literal_value, NR.literal_value, KIND.literal_value
     if kind not in _KTS or any(a.layout != "C" for a in (XQ, XD, XS)):
         return None
     ts = _KTS[kind]
 
     def codegen(ctx, builder, sig, args):
-        accp_, raw_, roff_, XQ_, XD_, XS_, t0_, i_ = args[:8]
+        accp_, raw_, roff_, rb_, XQ_, XD_, XS_, t0_, i_ = args[:9]
         i64 = _as64(builder, i_)
         t064 = _as64(builder, t0_)
         ld, h16, acc_into, act = _ksb_common(ctx, builder, sig.args[1], raw_)
-        U = _ksb_unpack(builder, kind, ld, h16, builder.add(roff_, builder.mul(i64, ir.Constant(_I64T, ts))))
-        aq = ctx.make_array(sig.args[3])(ctx, builder, XQ_)
-        ad = ctx.make_array(sig.args[4])(ctx, builder, XD_)
-        as_ = ctx.make_array(sig.args[5])(ctx, builder, XS_)
+        base = builder.add(roff_, builder.mul(i64, ir.Constant(_I64T, ts)))
+        Us = [_ksb_unpack(builder, kind, ld, h16, builder.add(base, builder.mul(rb_, ir.Constant(_I64T, r))))
+              for r in range(nr)]
+        aq = ctx.make_array(sig.args[4])(ctx, builder, XQ_)
+        ad = ctx.make_array(sig.args[5])(ctx, builder, XD_)
+        as_ = ctx.make_array(sig.args[6])(ctx, builder, XS_)
         kq = builder.extract_value(aq.shape, 1)            # row strides in elements (C-contiguous rows)
         kd = builder.extract_value(ad.shape, 1)
         ks = builder.extract_value(as_.shape, 1)
@@ -1398,13 +1510,38 @@ def _ksb_mt(typingctx, accp, raw, roff, XQ, XD, XS, t0, i, NT, KIND):
             xo = builder.add(builder.mul(tt, kq), builder.mul(i64, ir.Constant(_I64T, 256)))
             so = builder.add(builder.mul(tt, ks), builder.mul(i64, ir.Constant(_I64T, 16)))
             do = builder.add(builder.mul(tt, kd), i64)
-            xv, bs, p8, xdi = act(sig.args[3], XQ_, sig.args[5], XS_, sig.args[4], XD_, xo, so, do)
-            isum, msum = _ksb_dot(builder, U, xv, bs, p8)
-            acc_into(accp_, 32 * t, isum, builder.fmul(xdi, U["d"]))
-            if msum is not None:
-                acc_into(accp_, 32 * t + 16, msum, builder.fmul(xdi, U["dmin"]))
+            xv, bs, p8, bs16, xdi = act(sig.args[4], XQ_, sig.args[6], XS_, sig.args[5], XD_, xo, so, do)
+            for r, U in enumerate(Us):
+                isum, msum = _ksb_dot(builder, U, xv, bs, p8, bs16)
+                acc_into(accp_, 16 * (nr * t + r), isum, msum, xdi, U)
         return ir.Constant(_I8T, 0)
-    return types.int8(accp, raw, roff, XQ, XD, XS, t0, i, NT, KIND), codegen
+    return types.int8(accp, raw, roff, rb, XQ, XD, XS, t0, i, NT, NR, KIND), codegen
+
+
+@intrinsic
+def _kout(typingctx, accp, off, KIND):
+    """A row's result from its 16 f32 accumulator lanes at accp[off:]: sum(lanes 0..7) -
+    sum(lanes 8..15) for the formats with mins (Q2_K, Q4_K, Q5_K), else the sum of all 16
+    (shuffle trees, no fast-math flags: the same tree in the GEMV and the GEMM)."""
+    if not isinstance(KIND, types.IntegerLiteral):
+        return None
+    mins = KIND.literal_value in (10, 12, 13)
+
+    def tree(builder, v, n):
+        while n > 1:
+            h = n // 2
+            v = builder.fadd(_shuf(builder, v, v, list(range(h))), _shuf(builder, v, v, list(range(h, n))))
+            n = h
+        return builder.extract_element(v, ir.Constant(_I32T, 0))
+
+    def codegen(ctx, builder, sig, args):
+        p = builder.bitcast(builder.gep(args[0], [args[1]]), _V16F32.as_pointer())
+        v = builder.load(p, align=4)
+        if not mins:
+            return tree(builder, v, 16)
+        return builder.fsub(tree(builder, _shuf(builder, v, v, list(range(8))), 8),
+                            tree(builder, _shuf(builder, v, v, list(range(8, 16))), 8))
+    return types.float32(accp, off, KIND), codegen
 
 
 @njit(**dict(_JIT, inline="always"))
@@ -1415,11 +1552,11 @@ def _k_groups(xq, xd, xs, raw, out, g0, g1, KIND, TS):
     rb = raw.shape[1]
     nsb = rb // TS
     PF = 16 * rb
-    accp = _stack_f32(128)                # 4 rows x (16 main + 16 min) f32 lanes
-    acc = numba.carray(accp, 128)
+    accp = _stack_f32(64)                 # 4 rows x 16 f32 lanes
+    acc = numba.carray(accp, 64)
     for g in range(g0, g1):
         r0 = 4 * g
-        for k in range(128):
+        for k in range(64):
             acc[k] = 0.0
         q0 = r0 * rb
         if r0 + 4 <= N:
@@ -1430,42 +1567,55 @@ def _k_groups(xq, xd, xs, raw, out, g0, g1, KIND, TS):
             nr = N - r0
             for rr in range(nr):
                 for i in range(nsb):
-                    _ksb(_ptr_add(accp, 32 * rr), raw, q0 + rr * rb, rb, xq, xd, xs, i, q0 + PF + TS * i, 1, KIND)
+                    _ksb(_ptr_add(accp, 16 * rr), raw, q0 + rr * rb, rb, xq, xd, xs, i, q0 + PF + TS * i, 1, KIND)
         for rr in range(nr):
-            out[r0 + rr] = _hsum16(accp, 32 * rr) - _hsum16(accp, 32 * rr + 16)
+            out[r0 + rr] = _kout(accp, 16 * rr, KIND)
 
 
-_MT = 4       # tokens per pass of the K-quant GEMM (one unpacked super-block serves them all)
+_MT = 8       # tokens per pass of the K-quant GEMM (one unpacked super-block serves them all)
 
 
 @njit(**dict(_JIT, inline="always"))
-def _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, KIND, TS):
-    """Row groups g0..g1-1 of out[:M] = X[:M] @ W.T (K-quants): per row and block of _MT tokens
-    one pass over the row's super-blocks, each unpacked once for the _MT tokens (_ksb_mt); the
-    group's rows stay in L1 across the token blocks. Per (row, token) the same arithmetic as
+def _k_gemm_pass(XQ, XD, XS, raw, out, t0, r, rb, nsb, accp, acc, NT, NR, KIND):
+    """out[t0 : t0+NT, r : r+NR] by one pass over the rows' super-blocks (_ksb_mt)."""
+    for k in range(16 * NT * NR):
+        acc[k] = 0.0
+    for i in range(nsb):
+        _ksb_mt(accp, raw, r * rb, rb, XQ, XD, XS, t0, i, NT, NR, KIND)
+    for t in range(NT):
+        for rr in range(NR):
+            out[t0 + t, r + rr] = _kout(accp, 16 * (NR * t + rr), KIND)
+
+
+@njit(**dict(_JIT, inline="always"))
+def _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, KIND, TS, NR):
+    """Row groups g0..g1-1 of out[:M] = X[:M] @ W.T (K-quants): per NR rows (4: Q4_K/Q5_K, whose
+    paired activation layout is then built once per token for the 4 rows; 1: the others) and
+    block of _MT tokens one pass over the rows' super-blocks, each unpacked once for the _MT
+    tokens (_ksb_mt); then a block of 4 tokens and single tokens for the rest; a last group of
+    fewer than 4 rows one row and token at a time. Per (row, token) the same arithmetic as
     _k_groups."""
     N = raw.shape[0]
     rb = raw.shape[1]
     nsb = rb // TS
-    accp = _stack_f32(128)                # _MT (4) tokens x (16 main + 16 min) f32 lanes
-    acc = numba.carray(accp, 32 * _MT)
+    accp = _stack_f32(512)                # _MT (8) tokens x up to 4 rows x 16 f32 lanes
+    acc = numba.carray(accp, 512)
     for g in range(g0, g1):
-        r1 = min(4 * g + 4, N)
-        for t0 in range(0, M - _MT + 1, _MT):
-            for r in range(4 * g, r1):
-                for k in range(32 * _MT):
-                    acc[k] = 0.0
-                for i in range(nsb):
-                    _ksb_mt(accp, raw, r * rb, XQ, XD, XS, t0, i, _MT, KIND)
-                for t in range(_MT):
-                    out[t0 + t, r] = _hsum16(accp, 32 * t) - _hsum16(accp, 32 * t + 16)
-        for t0 in range(M - M % _MT, M):                   # the last M % _MT tokens one by one
-            for r in range(4 * g, r1):
-                for k in range(32):
-                    acc[k] = 0.0
-                for i in range(nsb):
-                    _ksb_mt(accp, raw, r * rb, XQ, XD, XS, t0, i, 1, KIND)
-                out[t0, r] = _hsum16(accp, 0) - _hsum16(accp, 16)
+        if 4 * g + 4 <= N:
+            for r in range(4 * g, 4 * g + 4, NR):
+                m4 = 0
+                for t0 in range(0, M - _MT + 1, _MT):
+                    _k_gemm_pass(XQ, XD, XS, raw, out, t0, r, rb, nsb, accp, acc, _MT, NR, KIND)
+                    m4 = t0 + _MT
+                if M - m4 >= 4:
+                    _k_gemm_pass(XQ, XD, XS, raw, out, m4, r, rb, nsb, accp, acc, 4, NR, KIND)
+                    m4 += 4
+                for t0 in range(m4, M):
+                    _k_gemm_pass(XQ, XD, XS, raw, out, t0, r, rb, nsb, accp, acc, 1, NR, KIND)
+        else:
+            for rr in range(4 * g, N):
+                for t0 in range(M):
+                    _k_gemm_pass(XQ, XD, XS, raw, out, t0, rr, rb, nsb, accp, acc, 1, 1, KIND)
 
 
 # ---- row dot products: row uint8[row_bytes], activation slots -> f32 ------------------------
@@ -1733,7 +1883,7 @@ def _gemv_par_q2_k(x, raw, out, xq, xd, xs):
 @njit(**_JIT)
 def gemm_q2_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q2_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 10, 84)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 10, 84, 1)
 
 
 @njit(**_PJIT)
@@ -1765,7 +1915,7 @@ def _gemv_par_q3_k(x, raw, out, xq, xd, xs):
 @njit(**_JIT)
 def gemm_q3_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q3_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 11, 110)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 11, 110, 1)
 
 
 @njit(**_PJIT)
@@ -1797,7 +1947,7 @@ def _gemv_par_q4_k(x, raw, out, xq, xd, xs):
 @njit(**_JIT)
 def gemm_q4_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q4_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 12, 144)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 12, 144, 4)
 
 
 @njit(**_PJIT)
@@ -1829,7 +1979,7 @@ def _gemv_par_q5_k(x, raw, out, xq, xd, xs):
 @njit(**_JIT)
 def gemm_q5_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q5_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 13, 176)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 13, 176, 4)
 
 
 @njit(**_PJIT)
@@ -1861,7 +2011,7 @@ def _gemv_par_q6_k(x, raw, out, xq, xd, xs):
 @njit(**_JIT)
 def gemm_q6_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q6_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 14, 210)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 14, 210, 1)
 
 
 @njit(**_PJIT)
@@ -1893,7 +2043,7 @@ def _gemv_par_iq4_xs(x, raw, out, xq, xd, xs):
 @njit(**_JIT)
 def gemm_iq4_xs_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """IQ4_XS: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 23, 136)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 23, 136, 1)
 
 
 @njit(**_PJIT)

@@ -235,7 +235,7 @@ import numpy as np
 from minilm.kernels import ggml_quants as GQ
 mode = sys.argv[1]
 assert GQ.SIMD == ("generic" if mode == "generic" else "vnni"), GQ.SIMD
-names = ["Q5_0", "Q3_K", "Q6_K", "IQ4_XS"] if mode == "generic" else ["Q4_K"]   # one type per intrinsic
+names = ["Q5_0", "Q3_K", "Q4_K", "Q6_K", "IQ4_XS"] if mode == "generic" else ["Q4_K"]   # one type per code path
 rng = np.random.default_rng(7)
 N, K = 9, 512
 worst = 0.0
