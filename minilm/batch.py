@@ -69,6 +69,26 @@ def check_parallel(model, n, available: int | None = None) -> int:
     return n
 
 
+def start_thread(target, name: str) -> threading.Thread:
+    """Start a daemon thread running target() with the calling thread's Numba thread count:
+    Numba's setting is per thread, so a new thread would otherwise run the kernels with the
+    default count whatever `load(threads=...)` / `--threads` set."""
+    try:
+        import numba
+        n = numba.get_num_threads()
+    except Exception:                    # numba unusable here: the kernels will say so themselves
+        n = None
+
+    def run():
+        if n:
+            import numba
+            numba.set_num_threads(n)
+        target()
+    t = threading.Thread(target=run, name=name, daemon=True)
+    t.start()
+    return t
+
+
 class Seq:
     """One request's sequence: prompt, chooser, slot, next token, and the queue its reader reads."""
 
@@ -102,13 +122,7 @@ class Scheduler:
         self.steps = self.decoded = 0                 # passes run, tokens decoded in batches
         self.reused = 0                               # prompt tokens found in a slot's cache
         self._stop = False
-        try:                 # Numba's thread count is per thread: carry the loader's setting over
-            import numba
-            self.threads = numba.get_num_threads()
-        except Exception:
-            self.threads = None
-        self.t = threading.Thread(target=self._loop, name="minilm-scheduler", daemon=True)
-        self.t.start()
+        self.t = start_thread(self._loop, "minilm-scheduler")
 
     # ---- the readers' side ---------------------------------------------------------------
     def tokens(self, model, prompt_ids, max_new_tokens, sampler, eos_ids=(), ignore_eos=False, constraint=None,
@@ -156,9 +170,6 @@ class Scheduler:
 
     # ---- the scheduler thread ------------------------------------------------------------
     def _loop(self):
-        if self.threads:
-            import numba
-            numba.set_num_threads(self.threads)
         while True:
             with self.cv:
                 while not self._stop and not self.active and not any(not q.gone() for q in self.waiting):

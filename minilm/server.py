@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 
+from .batch import start_thread
 from .chat import RequestError, chat_completion_from, completion_from, model_id, prepare_chat, prepare_completion
 from .errors import MinilmError
 
@@ -75,18 +76,9 @@ class Worker:
         self.cancelled = 0
         self.running = 0            # jobs on threads of their own
         self._count = threading.Lock()
-        try:                 # Numba's thread count is per thread: carry the loader's setting over
-            import numba
-            self.threads = numba.get_num_threads()
-        except Exception:
-            self.threads = None
-        self.t = threading.Thread(target=self._loop, name="minilm-worker", daemon=True)
-        self.t.start()
+        self.t = start_thread(self._loop, "minilm-worker")
 
     def _loop(self):
-        if self.threads:
-            import numba
-            numba.set_num_threads(self.threads)
         while True:
             job = self.q.get()
             if job is None:
