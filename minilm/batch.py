@@ -13,11 +13,14 @@ output constraint, EOS, budget) and an output queue that its request thread read
    longest prefix of the prompt (a returning conversation lands where its previous turn is
    cached), else the one free the longest; the cached prefix is kept (`reuse_prefix`);
 2. one step, holding `net.busy` (library calls on the same model take turns with steps): one
-   pass over the weights (`Transformer.forward_rows`) with one token of every decoding sequence
-   and, in the rows left (`state.rows` in all), the next prompt chunks of the sequences still
-   reading theirs, oldest first, so a new request starts while the others decode. (Models whose
-   RoPE depends on the sequence length run a prompt chunk with `prefill_chunks`, then the
-   decode rows with `decode_batch`.)
+   pass over the weights (`Transformer.decode_rows`) with one token of every decoding sequence
+   and the next prompt chunks of the sequences still reading theirs, oldest first (at most
+   PROMPT_CHUNK rows while others decode, so their inter-token latency stays bounded), so a new
+   request starts while the others decode. The pass that ends a prompt runs without the decode
+   rows (they run in the next pass; never two passes in a row): each extra row costs a new
+   request's first token time (TTFT), and the decode rows would only have saved their own wait.
+   (Models whose RoPE depends on the sequence length run a prompt chunk with `prefill_chunks`,
+   then the decode rows.)
 3. sequences that finished (EOS, budget, constraint, stop string seen by the reader) or were
    cancelled (client gone) leave and free their slot; the others are not disturbed.
 
@@ -30,12 +33,11 @@ import collections
 import queue
 import threading
 
-import numpy as np
-
 from .generate import TokenChooser, check_room, reuse_prefix
 
 _END = object()
 DEFAULT_MAX_PARALLEL = 8       # default --parallel: at most this many, fewer if memory is short
+PROMPT_CHUNK = 64              # prompt rows per pass while other sequences decode (their latency bound)
 
 
 def default_parallel(model, available: int | None = None) -> tuple[int, str]:
@@ -110,7 +112,11 @@ class Seq:
 class Scheduler:
     """The thread that runs every sequence of a model (see the module docstring)."""
 
-    def __init__(self, model, parallel: int):
+    def __init__(self, model, parallel: int, chunk: int = PROMPT_CHUNK, first_alone: bool = True):
+        """chunk: prompt rows per pass while other sequences decode; first_alone: a pass that
+        ends a prompt runs without the decode rows (see _mixed_step)."""
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk={chunk!r}: must be an integer >= 1")
         self.model, self.net = model, model.net
         self.parallel = parallel
         with self.net.busy:
@@ -120,7 +126,10 @@ class Scheduler:
         self.active: list[Seq] = []
         self.cv = threading.Condition()
         self.steps = self.decoded = 0                 # passes run, tokens decoded in batches
+        self.mixed = 0                                # passes with prompt rows beside decode rows
         self.reused = 0                               # prompt tokens found in a slot's cache
+        self.chunk, self.first_alone = chunk, first_alone
+        self.held = False                             # the decoding sequences sat out the last pass
         self._stop = False
         self.t = start_thread(self._loop, "minilm-scheduler")
 
@@ -269,7 +278,7 @@ class Scheduler:
         for q in batch:
             q.next_tok = None
         try:
-            out = self.net.decode_batch(toks, slots)   # [B, V]
+            out = self.net.decode_rows(toks, slots)    # [B, V]
         except Exception as e:                         # nothing sensible to continue: all fail
             for q in batch:
                 self._fail(q, e)
@@ -280,40 +289,53 @@ class Scheduler:
             self._emit(q, out[b])
 
     def _mixed_step(self):
-        """One pass: one token of every decoding sequence, then prompt chunks of the sequences
-        still reading theirs (oldest first) in the rows left (state.rows in all). Every row is
-        bit-identical to decoding it alone, so how prompts are cut does not change any answer."""
+        """One pass (`Transformer.decode_rows`): the next prompt chunks of the sequences still
+        reading theirs (oldest first; at most `chunk` rows while others decode, so their
+        inter-token latency stays bounded) and one token of every decoding sequence. A pass that
+        ends a prompt (gives a new request its first token) runs without the decode rows, so
+        they do not delay that token, unless the decoding sequences sat out the previous pass
+        too (they never wait two passes in a row). Every row is bit-identical to decoding it
+        alone, so how prompts are cut and rows grouped does not change any answer."""
         net = self.net
         decode = [q for q in self.active if q.todo is None and q.next_tok is not None]
         budget = net.state.rows - len(decode)
-        toks, slots, outs, fed = [], [], [], []       # outs: (sequence, its logits row)
+        if decode:
+            budget = min(budget, self.chunk)
+        feed = []                                     # (sequence, prompt rows it runs now)
         for q in self.active:
-            if q.todo is None or budget <= 0:
-                continue
-            take = q.todo[:budget]
-            q.todo = q.todo[len(take):]
-            budget -= len(take)
-            toks += take
-            slots += [q.slot] * len(take)
-            fed.append(q)
+            if q.todo is not None and budget > 0:
+                k = min(len(q.todo), budget)
+                feed.append((q, k))
+                budget -= k
+        held = bool(decode) and self.first_alone and not self.held and any(k == len(q.todo) for q, k in feed)
+        if held:
+            decode = []                               # they run in the next pass
+        self.held = held
+        toks, slots, rows, outs = [], [], [], []      # rows: which rows' logits; outs: whose
+        for q, k in feed:
+            toks += q.todo[:k]
+            slots += [q.slot] * k
+            q.todo = q.todo[k:]
             if not q.todo:
                 q.todo = None
-                outs.append((q, len(toks) - 1))
+                rows.append(len(toks) - 1)
+                outs.append(q)
         for q in decode:
             toks.append(q.next_tok)
             slots.append(q.slot)
-            outs.append((q, len(toks) - 1))
+            rows.append(len(toks) - 1)
+            outs.append(q)
             q.next_tok = None
         if not toks:
             return
         try:
-            h = net.forward_rows(np.array(toks, np.int64), np.array(slots, np.int64))   # [M, D]
-            logits = net.logits_of(h, [r for _, r in outs])                             # [n, V]
+            logits = net.decode_rows(toks, slots, rows)   # [len(rows), V]
         except Exception as e:                         # nothing sensible to continue: all fail
-            for q in set(fed) | {q for q, _ in outs}:
+            for q in {q for q, _ in feed} | set(outs):
                 self._fail(q, e)
             return
         self.steps += 1
         self.decoded += len(decode)
-        for i, (q, _) in enumerate(outs):
+        self.mixed += bool(decode) and bool(feed)
+        for i, q in enumerate(outs):
             self._emit(q, logits[i])
