@@ -425,30 +425,41 @@ class Transformer:
         those rows on their own (`all_logits`): with one row, that is exactly decode()."""
         tokens = np.asarray(tokens)
         M = len(tokens) if tokens.ndim == 1 else 0
-        slots = np.full(M, slots, np.int64) if isinstance(slots, (int, np.integer)) and \
-            not isinstance(slots, bool) else np.asarray(slots)
-        if tokens.ndim != 1 or slots.shape != tokens.shape or M == 0 or \
-                not np.issubdtype(tokens.dtype, np.integer) or not np.issubdtype(slots.dtype, np.integer):
+        one = isinstance(slots, (int, np.integer)) and not isinstance(slots, bool)   # all rows on one slot
+        if not one:
+            slots = np.asarray(slots)
+        if tokens.ndim != 1 or M == 0 or not np.issubdtype(tokens.dtype, np.integer) or not one and (
+                slots.shape != tokens.shape or not np.issubdtype(slots.dtype, np.integer)):
             raise ValueError(f"decode_rows: tokens and slots must be 1-D integer arrays of one length >= 1 "
-                             f"(or slots one integer), got {tokens.dtype}{tokens.shape} and {slots.dtype}{slots.shape}")
+                             f"(or slots one integer), got {tokens.dtype}{tokens.shape} and "
+                             f"{np.asarray(slots).dtype}{np.asarray(slots).shape}")
         n_slots, V = self.cache.n_slots, self.cfg.vocab_size
-        if slots.min() < 0 or slots.max() >= n_slots:
-            raise ValueError(f"decode_rows: slots {sorted(set(slots.tolist()))} must be in [0, {n_slots})")
+        if (not 0 <= slots < n_slots) if one else (slots.min() < 0 or slots.max() >= n_slots):
+            raise ValueError(f"decode_rows: slots {sorted(set(np.atleast_1d(slots).tolist()))} must be in [0, {n_slots})")
         if tokens.min() < 0 or tokens.max() >= V:
             raise ValueError(f"decode_rows: token ids must be in [0, {V}) (vocab_size)")
-        rows = list(range(M)) if rows is None else [int(r) for r in rows]
-        if any(r < 0 or r >= M for r in rows) or any(a >= b for a, b in zip(rows, rows[1:])):
-            raise ValueError(f"decode_rows: rows {rows} must be increasing indices into the {M} tokens")
-        count = collections.Counter(slots.tolist())                    # slot -> its rows in this pass
+        if rows is not None:
+            rows = [int(r) for r in rows]
+            if any(r < 0 or r >= M for r in rows) or any(a >= b for a, b in zip(rows, rows[1:])):
+                raise ValueError(f"decode_rows: rows {rows} must be increasing indices into the {M} tokens")
+        count = {int(slots): M} if one else collections.Counter(slots.tolist())   # slot -> its rows
         for sl, k in count.items():
             self.cache.slots[sl].check_room(k)
         s = self.state
-        n = len(rows)
+        n = M if rows is None else len(rows)
         if s.batch_logits.shape[0] < n:
             s.batch_logits = np.zeros((n, V), np.float32)
         out = s.batch_logits[:n]                                        # [n, V]
         alone = {sl for sl in count if self._needs_restart(self.cache.slots[sl]) or
                  self.rope_depends_on_length(self.cache.slots[sl].pos + count[sl])}
+        if not alone and M <= s.rows:                                   # one pass, the plain RoPE table
+            h = self._rows(tokens, int(slots) if one else slots, self.cos, self.sin)   # [M, D]
+            h = h if rows is None else h[rows]                          # [n, D]
+            self._head(h if h.flags.c_contiguous else np.ascontiguousarray(h), out)   # -> [n, V]
+            return out
+        if one:
+            slots = np.full(M, slots, np.int64)
+        rows = list(range(M)) if rows is None else rows
         plain = [m for m in range(M) if slots[m] not in alone] if alone else list(range(M))
         want = {r: j for j, r in enumerate(rows)}                       # row -> its place in out
         for a in range(0, len(plain), s.rows):                          # pieces of state.rows rows
@@ -496,10 +507,10 @@ class Transformer:
         self.tok_embd.rows(s.ids[:M], s.buf["x"][:M])                   # [M] -> [M, D]
         self._run(M, cos, sin)
         if len(nxt) == 1:
-            caches[next(iter(nxt))].tokens.extend(int(t) for t in s.ids[:M])
+            caches[next(iter(nxt))].tokens.extend(s.ids[:M].tolist())
         else:
-            for m in range(M):
-                caches[int(s.slot[m])].tokens.append(int(s.ids[m]))
+            for sl, t in zip(s.slot[:M].tolist(), s.ids[:M].tolist()):
+                caches[sl].tokens.append(t)
         for sl, p in nxt.items():
             caches[sl].pos = p
         return s.buf["xn"][:M, :self.cfg.hidden_size]                   # [M, D], final-normed

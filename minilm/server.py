@@ -301,7 +301,8 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
     async def health():
         return {"status": "ok", "model": name, "queued": worker.pending(), "served": worker.served,
                 "cancelled": worker.cancelled, "parallel": sched.parallel, "active": sched.pending(),
-                "decode_steps": sched.steps, "decoded_tokens": sched.decoded, "reused_prompt_tokens": sched.reused}
+                "decode_steps": sched.steps, "decoded_tokens": sched.decoded, "reused_prompt_tokens": sched.reused,
+                "drafted_tokens": sched.drafted, "accepted_draft_tokens": sched.accepted}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -310,9 +311,9 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
                                             "owned_by": "minilm"}]}
 
-    def source(cancel):
+    def source(cancel, speculative):
         """The token source of one request: the scheduler, which stops it once `cancel` is set."""
-        return lambda *a, **kw: sched.tokens(*a, cancel=cancel, **kw)
+        return lambda *a, **kw: sched.tokens(*a, cancel=cancel, speculative=speculative, **kw)
 
     async def run(request: Request, kind: str):
         body, err = await authed_json(request)
@@ -325,14 +326,14 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
                 kw, stream, usage = _gen_args(body, None)
                 kw.update(_constraint_args(body, "chat"))
                 p = prepare_chat(model, body["messages"], **kw)
-                make = lambda cancel: chat_completion_from(p, name, stream, usage, cancel, source(cancel))
+                make = lambda cancel: chat_completion_from(p, name, stream, usage, cancel, source(cancel, p.speculative))
             else:
                 if "prompt" not in body:
                     raise RequestError("prompt: required", "prompt")
                 kw, stream, usage = _gen_args(body, 16)
                 kw.update(_constraint_args(body, "completion"))
                 p = prepare_completion(model, body["prompt"], **kw)
-                make = lambda cancel: completion_from(p, name, stream, usage, cancel, source(cancel))
+                make = lambda cancel: completion_from(p, name, stream, usage, cancel, source(cancel, p.speculative))
         except RequestError as e:            # includes chat template errors
             return _error(400, str(e), e.param, e.code)
         except (ValueError, TypeError, MinilmError) as e:   # anything else the engine refuses

@@ -239,3 +239,41 @@ def test_request_joining_while_others_decode_gets_its_lone_answer(name, quant):
                        text=True, timeout=900, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OK" in r.stdout, r.stdout[-3000:]
+
+
+def test_scheduler_speculates_while_one_sequence_decodes(shared_model):
+    """A sequence decoding alone drafts by prompt lookup and verifies the drafts in its pass:
+    its greedy tokens are those of plain decoding (some drafts accepted, some rolled back);
+    with two sequences decoding, they still get their lone answers; speculative=False and
+    sampled requests draft nothing (a seeded request's text stays its text)."""
+    from minilm.batch import Scheduler
+    from minilm.sampling import Sampler
+    m = shared_model("stories260K", n_ctx=256)
+    V = m.config.vocab_size
+    p1 = m.tokenizer.encode("Once upon a time, there was a little girl named Lily. She liked to play. "
+                            "Once upon a time, there was")
+    p2 = m.tokenizer.encode("Tom had a big red ball")
+    want1 = m.generate_ids(p1, 80, ignore_eos=True, speculative=False)
+    want2 = m.generate_ids(p2, 30, ignore_eos=True, speculative=False)
+    sched = Scheduler(m, 2)
+    try:
+        assert list(sched.tokens(m, p1, 80, Sampler(V), ignore_eos=True)) == want1
+        assert sched.accepted > 0 and sched.drafted > sched.accepted     # accepted and rejected drafts
+        a, b = sched.tokens(m, p1, 80, Sampler(V), ignore_eos=True), sched.tokens(m, p2, 30, Sampler(V), ignore_eos=True)
+        got1, got2 = [next(a)], [next(b)]
+        for x in a:
+            got1.append(x)
+            got2 += [y for y in [next(b, None)] if y is not None]
+        got2 += list(b)
+        assert got1 == want1 and got2 == want2
+        before = sched.drafted
+        assert list(sched.tokens(m, p1, 80, Sampler(V), ignore_eos=True, speculative=False)) == want1
+        sampled = m.generate_ids(p1, 40, ignore_eos=True, speculative=False, temperature=0.9, seed=5)
+        assert list(sched.tokens(m, p1, 40, Sampler(V, temperature=0.9, seed=5), ignore_eos=True)) == sampled
+        assert sched.drafted == before                  # sampled requests do not speculate (seeded text)
+        with pytest.raises(ValueError, match="speculative"):
+            list(sched.tokens(m, p1, 8, Sampler(V), speculative=1))
+    finally:
+        sched.stop()
+        with m.net.busy:
+            m.net.set_slots(1)
