@@ -1,7 +1,7 @@
 """Batched serving benchmark: `minilm serve` under 1, 2, 4, 8 concurrent clients.
 
     python benchmarks/bench_serving.py -m MODEL [--parallel 8] [--rounds 3] [--max-tokens 64]
-                                       [--requests 2] [--out results.json]
+                                       [--requests 2] [--out results.json] [--baseline CHECKOUT]
 
 Starts `python -m minilm.server -m MODEL --parallel N` on a free loopback port and, per round
 (rounds interleave every configuration, so machine noise hits all alike):
@@ -10,10 +10,15 @@ Starts `python -m minilm.server -m MODEL --parallel N` on a free loopback port a
   ignored through a long budget on a random-weight checkpoint; the counts come from `usage`)
   one after another; reported: aggregate generated tokens/s (all clients' completion tokens /
   wall time), per-request latency and time to first token (TTFT);
-- TTFT of a new request idle vs. while 3 other requests are decoding.
+- TTFT of a new request idle vs. while 3 other requests are decoding, with a prompt the server
+  has cached (a returning prompt: one row to run) and with a new one (its whole prompt).
 Prints medians over the rounds with min-max, and the issue's two ratios (4 clients vs 1
 aggregate tok/s; TTFT with 3 decoding / idle). Figures depend on the machine and its load: say
 both when quoting them (benchmarks/README.md).
+
+--baseline CHECKOUT also starts the server of another checkout of minilm (e.g. a worktree of
+main) beside this one and runs every configuration on both, one after the other in each round,
+so before/after figures share the machine's noise.
 """
 from __future__ import annotations
 
@@ -48,12 +53,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, parallel: int, threads: int | None):
+def start_server(model: str, parallel: int, threads: int | None, repo: Path = REPO):
+    """The server of the minilm checkout `repo` (python -m from there imports its package)."""
     port = free_port()
     cmd = [sys.executable, "-m", "minilm.server", "-m", model, "--port", str(port), "--parallel", str(parallel),
            "--log-level", "warning"] + (["--threads", str(threads)] if threads else [])
     log = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ, PYTHONPATH=str(repo))
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while True:
@@ -114,7 +121,7 @@ def clients_run(url: str, n: int, same: bool, requests: int, max_tokens: int) ->
             "ttft": statistics.median(r["ttft"] for r in results)}
 
 
-def ttft_busy(url: str, max_tokens: int) -> float:
+def ttft_busy(url: str, max_tokens: int, prompt: str = PROMPTS[0]) -> float:
     """TTFT of a new request while 3 others decode (they run long enough to outlast it)."""
     done = []
     bg = [threading.Thread(target=lambda i=i: done.append(one_request(url, PROMPTS[i + 1], max_tokens * 4)))
@@ -125,7 +132,7 @@ def ttft_busy(url: str, max_tokens: int) -> float:
     while httpx.get(url + "/health", timeout=10).json().get("active", 0) < 3 and time.time() < deadline:
         time.sleep(0.01)
     time.sleep(0.5)                                   # the three are decoding now
-    r = one_request(url, PROMPTS[0], 1)
+    r = one_request(url, prompt, 1)
     for t in bg:
         t.join()
     return r["ttft"]
@@ -134,6 +141,27 @@ def ttft_busy(url: str, max_tokens: int) -> float:
 def fmt(xs, unit="", scale=1.0, nd=1):
     xs = [x * scale for x in xs]
     return f"{statistics.median(xs):.{nd}f}{unit} ({min(xs):.{nd}f}-{max(xs):.{nd}f})"
+
+
+def report(label: str, raw: dict, ttft: dict, counts) -> None:
+    print(f"\n{label}")
+    print("| clients | prompts | aggregate tok/s | per-request latency s | TTFT ms |")
+    print("|---|---|---|---|---|")
+    for c in counts:
+        for same in (True, False):
+            rs = raw[f"{c}{'s' if same else 'd'}"]
+            print(f"| {c} | {'same' if same else 'different'} | {fmt([r['tok_s'] for r in rs])} | "
+                  f"{fmt([r['latency'] for r in rs], nd=2)} | {fmt([r['ttft'] for r in rs], scale=1000, nd=0)} |")
+    for kind in ("cached", "new"):
+        idle, busy = ttft[kind + " idle"], ttft[kind + " busy"]
+        print(f"TTFT ({kind} prompt) idle {fmt(idle, ' ms', 1000, 0)}; with 3 decoding {fmt(busy, ' ms', 1000, 0)}; "
+              f"ratio (medians) {statistics.median(busy) / statistics.median(idle):.2f}")
+    if 1 in counts and 4 in counts:
+        for same in (True, False):
+            k = "s" if same else "d"
+            r1 = statistics.median(r["tok_s"] for r in raw[f"1{k}"])
+            r4 = statistics.median(r["tok_s"] for r in raw[f"4{k}"])
+            print(f"4 clients / 1 client aggregate tok/s ({'same' if same else 'different'} prompts): {r4 / r1:.2f}x")
 
 
 def main(argv=None) -> int:
@@ -145,45 +173,50 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--requests", type=int, default=2, help="requests per client per configuration")
     ap.add_argument("--clients", default="1,2,4,8")
+    ap.add_argument("--ttft-rounds", type=int, default=1, help="TTFT measurements of each kind per round")
+    ap.add_argument("--baseline", default=None, help="another minilm checkout to run beside this one")
     ap.add_argument("--out", default=None, help="write the raw figures as JSON here")
     a = ap.parse_args(argv)
-    counts = [int(c) for c in a.clients.split(",")]
-    proc, url, log = start_server(a.model, a.parallel, a.threads)
+    counts = [int(c) for c in a.clients.split(",") if c]
+    repos = {"this checkout": REPO}
+    if a.baseline:
+        base = Path(a.baseline).resolve()
+        if not (base / "minilm" / "server.py").is_file():
+            raise SystemExit(f"--baseline {a.baseline}: not a minilm checkout (no minilm/server.py)")
+        repos = {f"this checkout ({REPO})": REPO, f"baseline ({base})": base}
+    servers = {}
     try:
-        one_request(url, PROMPTS[0], 8)                                # warm up (compiles on a cold cache)
-        raw: dict = {f"{c}{'s' if same else 'd'}": [] for c in counts for same in (True, False)}
-        idle, busy = [], []
+        for label, repo in repos.items():
+            servers[label] = start_server(a.model, a.parallel, a.threads, repo)
+            one_request(servers[label][1], PROMPTS[0], 8)              # warm up (compiles on a cold cache)
+        raw = {lb: {f"{c}{'s' if same else 'd'}": [] for c in counts for same in (True, False)} for lb in servers}
+        ttft = {lb: {k: [] for k in ("cached idle", "cached busy", "new idle", "new busy")} for lb in servers}
+        n = 0
         for rnd in range(a.rounds):
             for c in counts:
                 for same in (True, False):
-                    raw[f"{c}{'s' if same else 'd'}"].append(clients_run(url, c, same, a.requests, a.max_tokens))
-            idle.append(one_request(url, PROMPTS[0], 1)["ttft"])
-            busy.append(ttft_busy(url, a.max_tokens))
+                    for lb, (_, url, _) in servers.items():
+                        raw[lb][f"{c}{'s' if same else 'd'}"].append(clients_run(url, c, same, a.requests, a.max_tokens))
+            for _ in range(a.ttft_rounds):
+                for lb, (_, url, _) in servers.items():
+                    t = ttft[lb]
+                    t["cached idle"].append(one_request(url, PROMPTS[0], 1)["ttft"])
+                    t["cached busy"].append(ttft_busy(url, a.max_tokens))
+                    n += 1                                             # prompts no server has seen
+                    t["new idle"].append(one_request(url, f"Take {n}, idle. " + PROMPTS[0], 1)["ttft"])
+                    t["new busy"].append(ttft_busy(url, a.max_tokens, f"Take {n}, busy. " + PROMPTS[0]))
             print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr, flush=True)
     finally:
-        proc.terminate()
-        proc.wait(10)
+        for proc, _, _ in servers.values():
+            proc.terminate()
+            proc.wait(10)
     load = os.getloadavg()
     print(f"model {a.model}, --parallel {a.parallel}, {a.rounds} rounds, {a.requests} x {a.max_tokens} tokens "
           f"per client; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("| clients | prompts | aggregate tok/s | per-request latency s | TTFT ms |")
-    print("|---|---|---|---|---|")
-    for c in counts:
-        for same in (True, False):
-            rs = raw[f"{c}{'s' if same else 'd'}"]
-            print(f"| {c} | {'same' if same else 'different'} | {fmt([r['tok_s'] for r in rs])} | "
-                  f"{fmt([r['latency'] for r in rs], nd=2)} | {fmt([r['ttft'] for r in rs], scale=1000, nd=0)} |")
-    print(f"TTFT idle {fmt(idle, ' ms', 1000, 0)}; with 3 decoding {fmt(busy, ' ms', 1000, 0)}; "
-          f"ratio (medians) {statistics.median(busy) / statistics.median(idle):.2f}")
-    if 1 in counts and 4 in counts:
-        for same in (True, False):
-            k = "s" if same else "d"
-            r1 = statistics.median(r["tok_s"] for r in raw[f"1{k}"])
-            r4 = statistics.median(r["tok_s"] for r in raw[f"4{k}"])
-            print(f"4 clients / 1 client aggregate tok/s ({'same' if same else 'different'} prompts): {r4 / r1:.2f}x")
+    for lb in servers:
+        report(lb, raw[lb], ttft[lb], counts)
     if a.out:
-        Path(a.out).write_text(json.dumps({"raw": raw, "ttft_idle": idle, "ttft_busy": busy, "load": load,
-                                           "args": vars(a)}, indent=1))
+        Path(a.out).write_text(json.dumps({"raw": raw, "ttft": ttft, "load": load, "args": vars(a)}, indent=1))
     return 0
 
 

@@ -13,11 +13,18 @@ output constraint, EOS, budget) and an output queue that its request thread read
    longest prefix of the prompt (a returning conversation lands where its previous turn is
    cached), else the one free the longest; the cached prefix is kept (`reuse_prefix`);
 2. one step, holding `net.busy` (library calls on the same model take turns with steps): one
-   pass over the weights (`Transformer.forward_rows`) with one token of every decoding sequence
-   and, in the rows left (`state.rows` in all), the next prompt chunks of the sequences still
-   reading theirs, oldest first, so a new request starts while the others decode. (Models whose
-   RoPE depends on the sequence length run a prompt chunk with `prefill_chunks`, then the
-   decode rows with `decode_batch`.)
+   pass over the weights (`Transformer.decode_rows`) with one token of every decoding sequence
+   and the next prompt chunks of the sequences still reading theirs, oldest first (at most
+   PROMPT_CHUNK rows while others decode, so their inter-token latency stays bounded), so a new
+   request starts while the others decode. The pass that ends a prompt runs without the decode
+   rows (they run in the next pass; never two passes in a row): each extra row costs a new
+   request's first token time (TTFT), and the decode rows would only have saved their own wait.
+   (Models whose RoPE depends on the sequence length run a prompt chunk with `prefill_chunks`,
+   then the decode rows.) A greedy sequence that decodes on its own speculates as
+   `generate_tokens` does: its prompt-lookup draft rides in its pass and is verified there
+   (sampled ones do not: their seeded text would depend on when they ran alone). Not beside other
+   rows: today each extra row of a pass costs ~0.45 of a one-row step, so draft rows beside
+   others' decode rows cost about what they could save (benchmarks/README.md);
 3. sequences that finished (EOS, budget, constraint, stop string seen by the reader) or were
    cancelled (client gone) leave and free their slot; the others are not disturbed.
 
@@ -29,13 +36,13 @@ from __future__ import annotations
 import collections
 import queue
 import threading
+import time
 
-import numpy as np
-
-from .generate import TokenChooser, check_room, reuse_prefix
+from .generate import PromptLookup, TokenChooser, check_room, check_speculative, reuse_prefix
 
 _END = object()
 DEFAULT_MAX_PARALLEL = 8       # default --parallel: at most this many, fewer if memory is short
+PROMPT_CHUNK = 64              # prompt rows per pass while other sequences decode (their latency bound)
 
 
 def default_parallel(model, available: int | None = None) -> tuple[int, str]:
@@ -69,12 +76,33 @@ def check_parallel(model, n, available: int | None = None) -> int:
     return n
 
 
+def start_thread(target, name: str) -> threading.Thread:
+    """Start a daemon thread running target() with the calling thread's Numba thread count:
+    Numba's setting is per thread, so a new thread would otherwise run the kernels with the
+    default count whatever `load(threads=...)` / `--threads` set."""
+    try:
+        import numba
+        n = numba.get_num_threads()
+    except Exception:                    # numba unusable here: the kernels will say so themselves
+        n = None
+
+    def run():
+        if n:
+            import numba
+            numba.set_num_threads(n)
+        target()
+    t = threading.Thread(target=run, name=name, daemon=True)
+    t.start()
+    return t
+
+
 class Seq:
     """One request's sequence: prompt, chooser, slot, next token, and the queue its reader reads."""
 
-    def __init__(self, ids, chooser: TokenChooser, cancel):
+    def __init__(self, ids, chooser: TokenChooser, cancel, spec: PromptLookup | None = None):
         self.ids = ids
         self.chooser = chooser
+        self.spec = spec                     # prompt-lookup drafts (speculative decoding) or None
         self.cancel = cancel                 # threading.Event or None: the client went away
         self.out: queue.SimpleQueue = queue.SimpleQueue()   # token ids, then _END or an exception
         self.slot = -1
@@ -90,7 +118,11 @@ class Seq:
 class Scheduler:
     """The thread that runs every sequence of a model (see the module docstring)."""
 
-    def __init__(self, model, parallel: int):
+    def __init__(self, model, parallel: int, chunk: int = PROMPT_CHUNK, first_alone: bool = True):
+        """chunk: prompt rows per pass while other sequences decode; first_alone: a pass that
+        ends a prompt runs without the decode rows (see _mixed_step)."""
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk={chunk!r}: must be an integer >= 1")
         self.model, self.net = model, model.net
         self.parallel = parallel
         with self.net.busy:
@@ -100,26 +132,31 @@ class Scheduler:
         self.active: list[Seq] = []
         self.cv = threading.Condition()
         self.steps = self.decoded = 0                 # passes run, tokens decoded in batches
+        self.mixed = 0                                # passes with prompt rows beside decode rows
+        self.drafted = self.accepted = 0              # speculative draft tokens: verified, accepted
         self.reused = 0                               # prompt tokens found in a slot's cache
+        self.chunk, self.first_alone = chunk, first_alone
+        self.held = False                             # the decoding sequences sat out the last pass
         self._stop = False
-        try:                 # Numba's thread count is per thread: carry the loader's setting over
-            import numba
-            self.threads = numba.get_num_threads()
-        except Exception:
-            self.threads = None
-        self.t = threading.Thread(target=self._loop, name="minilm-scheduler", daemon=True)
-        self.t.start()
+        self.t = start_thread(self._loop, "minilm-scheduler")
 
     # ---- the readers' side ---------------------------------------------------------------
     def tokens(self, model, prompt_ids, max_new_tokens, sampler, eos_ids=(), ignore_eos=False, constraint=None,
-               cancel=None):
+               cancel=None, speculative=True):
         """generate_tokens' arguments and results, generated by the scheduler: yields the new token
-        ids; closing the iterator (or setting `cancel`) takes the sequence out at the next step."""
+        ids; closing the iterator (or setting `cancel`) takes the sequence out at the next step.
+        speculative: draft by prompt lookup while this is the only sequence decoding, greedy
+        requests only (off under a constraint and with a length-dependent RoPE): the tokens are
+        those of plain decoding. A sampled request would draw other (equally distributed) tokens
+        whenever it happened to decode alone, so its seed would no longer fix its text."""
         if model is not self.model:
             raise ValueError("Scheduler.tokens: this scheduler runs another model")
+        check_speculative(speculative)
         check_room(model, prompt_ids, max_new_tokens)
         ch = TokenChooser(prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint, model.n_ctx)
-        seq = Seq(list(prompt_ids), ch, cancel)
+        spec = PromptLookup(ch.history) if speculative and constraint is None and sampler.temperature == 0.0 \
+            and not self.net.length_dependent_rope else None
+        seq = Seq(list(prompt_ids), ch, cancel, spec)
         return self._read(seq)
 
     def _read(self, seq: Seq):
@@ -156,9 +193,6 @@ class Scheduler:
 
     # ---- the scheduler thread ------------------------------------------------------------
     def _loop(self):
-        if self.threads:
-            import numba
-            numba.set_num_threads(self.threads)
         while True:
             with self.cv:
                 while not self._stop and not self.active and not any(not q.gone() for q in self.waiting):
@@ -258,7 +292,7 @@ class Scheduler:
         for q in batch:
             q.next_tok = None
         try:
-            out = self.net.decode_batch(toks, slots)   # [B, V]
+            out = self.net.decode_rows(toks, slots)    # [B, V]
         except Exception as e:                         # nothing sensible to continue: all fail
             for q in batch:
                 self._fail(q, e)
@@ -269,40 +303,103 @@ class Scheduler:
             self._emit(q, out[b])
 
     def _mixed_step(self):
-        """One pass: one token of every decoding sequence, then prompt chunks of the sequences
-        still reading theirs (oldest first) in the rows left (state.rows in all). Every row is
-        bit-identical to decoding it alone, so how prompts are cut does not change any answer."""
+        """One pass (`Transformer.decode_rows`): the next prompt chunks of the sequences still
+        reading theirs (oldest first; at most `chunk` rows while others decode, so their
+        inter-token latency stays bounded) and one token of every decoding sequence. A pass that
+        ends a prompt (gives a new request its first token) runs without the decode rows, so
+        they do not delay that token, unless the decoding sequences sat out the previous pass
+        too (they never wait two passes in a row). A sequence decoding on its own (no other row
+        in the pass) speculates: its prompt-lookup draft rides in the pass (`_emit_verified`).
+        Every row is bit-identical to decoding it alone, so how prompts are cut and rows grouped
+        does not change any answer."""
         net = self.net
         decode = [q for q in self.active if q.todo is None and q.next_tok is not None]
         budget = net.state.rows - len(decode)
-        toks, slots, outs, fed = [], [], [], []       # outs: (sequence, its logits row)
+        if decode:
+            budget = min(budget, self.chunk)
+        feed = []                                     # (sequence, prompt rows it runs now)
         for q in self.active:
-            if q.todo is None or budget <= 0:
-                continue
-            take = q.todo[:budget]
-            q.todo = q.todo[len(take):]
-            budget -= len(take)
-            toks += take
-            slots += [q.slot] * len(take)
-            fed.append(q)
+            if q.todo is not None and budget > 0:
+                k = min(len(q.todo), budget)
+                feed.append((q, k))
+                budget -= k
+        held = bool(decode) and self.first_alone and not self.held and any(k == len(q.todo) for q, k in feed)
+        if held:
+            decode = []                               # they run in the next pass
+        self.held = held
+        toks, slots, rows, outs = [], [], [], []      # rows: which rows' logits; outs: whose
+        for q, k in feed:
+            toks += q.todo[:k]
+            slots += [q.slot] * k
+            q.todo = q.todo[k:]
             if not q.todo:
                 q.todo = None
-                outs.append((q, len(toks) - 1))
+                rows.append(len(toks) - 1)
+                outs.append(q)
         for q in decode:
             toks.append(q.next_tok)
             slots.append(q.slot)
-            outs.append((q, len(toks) - 1))
+            rows.append(len(toks) - 1)
+            outs.append(q)
             q.next_tok = None
+        draft = []
+        solo = decode[0] if len(decode) == 1 and not feed and decode[0].spec is not None else None
+        if solo is not None:                          # the only row: speculate as generate_tokens does
+            ch = solo.chooser
+            draft = solo.spec.draft(min(ch.left - 1, net.cache.n_ctx - len(ch.history), net.state.rows - 1))
+            toks += draft
+            slots += [solo.slot] * len(draft)
+            rows += list(range(len(toks) - len(draft), len(toks)))
         if not toks:
             return
+        t0 = time.perf_counter()
         try:
-            h = net.forward_rows(np.array(toks, np.int64), np.array(slots, np.int64))   # [M, D]
-            logits = net.logits_of(h, [r for _, r in outs])                             # [n, V]
+            logits = net.decode_rows(toks, slots, rows)   # [len(rows), V]
         except Exception as e:                         # nothing sensible to continue: all fail
-            for q in set(fed) | {q for q, _ in outs}:
+            for q in {q for q, _ in feed} | set(outs):
                 self._fail(q, e)
             return
+        seconds = time.perf_counter() - t0
         self.steps += 1
         self.decoded += len(decode)
-        for i, (q, _) in enumerate(outs):
+        self.mixed += bool(decode) and bool(feed)
+        if draft:
+            self._emit_verified(solo, logits, draft, seconds)
+            return
+        if solo is not None:
+            solo.spec.timed_step(seconds)
+        for i, q in enumerate(outs):
             self._emit(q, logits[i])
+
+    def _emit_verified(self, q: Seq, logits, draft, seconds: float):
+        """A verify pass of q's next token and `draft` (logits [1 + k, V], row j after draft[j - 1]):
+        choose tokens while they agree with the draft (greedy: identical to decoding one by one),
+        hand them to the reader, and roll q's KV cache back past the rejected draft tokens."""
+        ch, cache = q.chooser, self.net.cache.slots[q.slot]
+        accepted, tok, end = 0, None, None
+        for j in range(len(draft) + 1):
+            try:
+                tok = ch.choose(logits[j], draft[j] if j < len(draft) else None)
+            except Exception as e:                    # that request fails; the others go on
+                end = e
+                break
+            if tok is None:                           # EOS, or nothing left
+                end = _END
+                break
+            q.out.put(tok)
+            self.decoded += j > 0
+            if ch.left == 0:
+                end = _END
+                break
+            if j == len(draft) or tok != draft[j]:
+                break
+            accepted += 1
+        q.spec.passes += 1
+        q.spec.result(len(draft), accepted, seconds)
+        self.drafted += len(draft)
+        self.accepted += accepted
+        cache.truncate(min(cache.common_prefix(ch.history), len(ch.history) - 1))   # past the rejected draft
+        if end is not None:
+            self._finish(q, end)
+        else:
+            q.next_tok = tok                          # all but this one are in the cache

@@ -27,6 +27,7 @@ buffer as wide as the vocabulary in the run state, and cost nothing for the othe
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import threading
@@ -169,7 +170,7 @@ class RunState:
         self.pos = np.zeros(rows, np.int64)                     # each row's position
         self.row = np.arange(rows, dtype=np.int64)              # 0..rows-1
         self.slot = np.zeros(rows, np.int64)                    # each row's KV-cache slot
-        self.batch_logits = np.zeros((0, c.vocab_size), np.float32)  # decode_batch: [n_slots, V]
+        self.batch_logits = np.zeros((0, c.vocab_size), np.float32)  # decode_rows: [rows wanted, V]
 
 
 _SERIAL_REGIONS = threading.RLock()
@@ -356,21 +357,14 @@ class Transformer:
         `slot`, write their k/v into the cache, advance it, and return the final-normed hidden
         states f32[M, D]. rope_end: the length of the whole sequence this call belongs to (a
         prompt prefilled in chunks), which dynamic NTK RoPE scales by."""
-        s, cache = self.state, self.cache.slots[slot]
+        cache = self.cache.slots[slot]
         M = len(ids)
-        p0 = cache.pos
         cache.check_room(M)
-        self.tok_embd.rows(ids, s.buf["x"][:M])                        # [M] -> [M, D]
-        end = max(rope_end, p0 + M)
+        end = max(rope_end, cache.pos + M)
         cos, sin = self._rope(end)
         if self._long_from:
             cache.kv_long = end > self._long_from
-        np.add(s.row, p0, out=s.pos)                                    # positions p0.. (rows past M unused)
-        s.slot[:M] = slot
-        self._run(M, cos, sin)
-        cache.pos += M
-        cache.tokens.extend(int(t) for t in ids)
-        return s.buf["xn"][:M, :self.cfg.hidden_size]                   # [M, D], final-normed
+        return self._rows(ids, int(slot), cos, sin)                     # [M, D], final-normed
 
     def _run(self, M: int, cos, sin) -> None:
         """The plan over the M rows whose embeddings, positions and slots are in the run state."""
@@ -433,123 +427,128 @@ class Transformer:
         self._head(h, s.logits)                                         # [1, D] -> [1, V]
         return s.logits[0]
 
-    def decode_batch(self, tokens, slots) -> np.ndarray:
-        """One token for each of B sequences: tokens[b] at the next position of slot slots[b]
-        (distinct slots) -> logits f32[B, V] (a buffer reused by the next call). One weight pass
-        for all B rows (up to state.rows a pass); row b's logits are bit-identical to
-        decode(tokens[b], slots[b]). A row whose RoPE depends on the sequence length (dynamic
-        NTK past max_position_embeddings, LongRoPE crossing its original context) runs alone."""
+    def decode_rows(self, tokens, slots=0, rows=None) -> np.ndarray:
+        """The one multi-row pass: row m is tokens[m] at the next position of KV-cache slot
+        slots[m] (an int: every row on that slot). A slot's rows are consecutive tokens of its
+        sequence in order, so one pass can hold a speculative verify pass (k + 1 tokens of one
+        sequence), one token of each of several sequences (batched decode) and a prompt chunk of
+        another, all beside each other. Writes their k/v, advances each slot, and returns the
+        logits f32[n, V] of rows `rows` (indices into tokens; None: all M rows), a buffer reused
+        by the next call. Row m's logits are, bit for bit, what decode() of tokens[m] would
+        return after that slot's earlier rows (kernels/executor.py; tests/test_decode_exact.py).
+
+        Passes of more than state.rows rows run in pieces of state.rows (rows in order). The
+        rows of a slot whose RoPE depends on the sequence length (dynamic NTK past
+        max_position_embeddings, LongRoPE crossing its original context) run as one prefill of
+        those rows on their own (`all_logits`): with one row, that is exactly decode()."""
         tokens = np.asarray(tokens)
-        slots = np.asarray(slots)
-        B = len(tokens)
-        n_slots = self.cache.n_slots
-        if tokens.ndim != 1 or slots.shape != tokens.shape or B == 0 or \
-                not np.issubdtype(tokens.dtype, np.integer) or not np.issubdtype(slots.dtype, np.integer):
-            raise ValueError(f"decode_batch: tokens and slots must be 1-D integer arrays of one length >= 1, "
-                             f"got {tokens.dtype}{tokens.shape} and {slots.dtype}{slots.shape}")
-        if slots.min() < 0 or slots.max() >= n_slots or len(set(slots.tolist())) != B:
-            raise ValueError(f"decode_batch: slots {slots.tolist()} must be distinct, in [0, {n_slots})")
-        V = self.cfg.vocab_size
+        M = len(tokens) if tokens.ndim == 1 else 0
+        one = isinstance(slots, (int, np.integer)) and not isinstance(slots, bool)   # all rows on one slot
+        if not one:
+            slots = np.asarray(slots)
+        if tokens.ndim != 1 or M == 0 or not np.issubdtype(tokens.dtype, np.integer) or not one and (
+                slots.shape != tokens.shape or not np.issubdtype(slots.dtype, np.integer)):
+            raise ValueError(f"decode_rows: tokens and slots must be 1-D integer arrays of one length >= 1 "
+                             f"(or slots one integer), got {tokens.dtype}{tokens.shape} and "
+                             f"{np.asarray(slots).dtype}{np.asarray(slots).shape}")
+        n_slots, V = self.cache.n_slots, self.cfg.vocab_size
+        if (not 0 <= slots < n_slots) if one else (slots.min() < 0 or slots.max() >= n_slots):
+            raise ValueError(f"decode_rows: slots {sorted(set(np.atleast_1d(slots).tolist()))} must be in [0, {n_slots})")
         if tokens.min() < 0 or tokens.max() >= V:
-            raise ValueError(f"decode_batch: token ids must be in [0, {V}) (vocab_size)")
-        seqs = [self.cache.slots[int(i)] for i in slots]
-        for q in seqs:
-            q.check_room(1)
+            raise ValueError(f"decode_rows: token ids must be in [0, {V}) (vocab_size)")
+        if rows is not None:
+            rows = [int(r) for r in rows]
+            if any(r < 0 or r >= M for r in rows) or any(a >= b for a, b in zip(rows, rows[1:])):
+                raise ValueError(f"decode_rows: rows {rows} must be increasing indices into the {M} tokens")
+        count = {int(slots): M} if one else collections.Counter(slots.tolist())   # slot -> its rows
+        for sl, k in count.items():
+            self.cache.slots[sl].check_room(k)
         s = self.state
-        if s.batch_logits.shape[0] < B:
-            s.batch_logits = np.zeros((B, V), np.float32)
-        out = s.batch_logits[:B]                                        # [B, V]
-        alone = [b for b, q in enumerate(seqs) if self._needs_restart(q) or self.rope_depends_on_length(q.pos + 1)]
-        rows = [b for b in range(B) if b not in alone] if alone else range(B)
-        step = s.rows
-        for a in range(0, len(rows), step):
-            part = rows[a:a + step]
-            M = len(part)
-            h = self.forward_rows(tokens[part], slots[part])            # [M, D]
-            if not alone:                                               # rows a..a+M-1 in order
-                self._head(h, out[a:a + M])                             # [M, D] -> [M, V]
-            else:
-                for m, b in enumerate(part):
-                    self._head(np.ascontiguousarray(h[m:m + 1]), s.logits)
-                    out[b] = s.logits[0]
-        for b in alone:
-            out[b] = self.decode(int(tokens[b]), int(slots[b]))
+        n = M if rows is None else len(rows)
+        if s.batch_logits.shape[0] < n:
+            s.batch_logits = np.zeros((n, V), np.float32)
+        out = s.batch_logits[:n]                                        # [n, V]
+        alone = {sl for sl in count if self._needs_restart(self.cache.slots[sl]) or
+                 self.rope_depends_on_length(self.cache.slots[sl].pos + count[sl])}
+        if not alone and M <= s.rows:                                   # one pass, the plain RoPE table
+            h = self._rows(tokens, int(slots) if one else slots, self.cos, self.sin)   # [M, D]
+            h = h if rows is None else h[rows]                          # [n, D]
+            self._head(h if h.flags.c_contiguous else np.ascontiguousarray(h), out)   # -> [n, V]
+            return out
+        if one:
+            slots = np.full(M, slots, np.int64)
+        rows = list(range(M)) if rows is None else rows
+        plain = [m for m in range(M) if slots[m] not in alone] if alone else list(range(M))
+        want = {r: j for j, r in enumerate(rows)}                       # row -> its place in out
+        for a in range(0, len(plain), s.rows):                          # pieces of state.rows rows
+            part = plain[a:a + s.rows]
+            h = self._rows(tokens[part], slots[part], self.cos, self.sin)   # [len(part), D]
+            got = [i for i, m in enumerate(part) if m in want]          # rows of h wanted, in order
+            if not got:
+                continue
+            j0 = want[part[got[0]]]
+            if want[part[got[-1]]] - j0 == len(got) - 1:                # they fill out[j0:j0 + len(got)]
+                x = h if len(got) == len(part) else h[got]
+                self._head(x if x.flags.c_contiguous else np.ascontiguousarray(x), out[j0:j0 + len(got)])
+            else:                                                       # interleaved with `alone` rows
+                for i in got:
+                    self._head(np.ascontiguousarray(h[i:i + 1]), s.logits)
+                    out[want[part[i]]] = s.logits[0]
+        for sl in alone:                                                # length-dependent RoPE
+            ms = [m for m in range(M) if slots[m] == sl]
+            lg = self.all_logits(tokens[ms], sl)                        # [len(ms), V]
+            for i, m in enumerate(ms):
+                if m in want:
+                    out[want[m]] = lg[i]
         return out
 
-    def forward_rows(self, tokens: np.ndarray, slots: np.ndarray) -> np.ndarray:
-        """One pass over rows of several sequences: row m is tokens[m] at the next position of
-        slot slots[m] (int64[M] each, M <= state.rows; a slot's rows in position order, e.g. a
-        prompt chunk of one sequence beside one token of each of others). Writes their k/v,
-        advances each slot and returns the final-normed hidden states f32[M, D]; every row is
-        bit-identical to that token decoded alone. RoPE is the plain table: rows whose RoPE
-        depends on the sequence length (rope_depends_on_length, LongRoPE) go through
-        prefill / decode instead (decode_batch does that)."""
+    def _rows(self, tokens: np.ndarray, slots, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """The plan over M = len(tokens) <= state.rows rows (forward, decode_rows): row m is
+        tokens[m] at the next position of slot slots[m] (int64[M], or one int for all rows),
+        with RoPE tables cos/sin. Writes their k/v, advances each slot, returns the final-normed
+        hidden states f32[M, D]. Room in the cache is the caller's to check."""
         s, caches = self.state, self.cache.slots
         M = len(tokens)
-        nxt: dict = {}                                                  # slot -> its next position
-        for m in range(M):
-            sl = int(slots[m])
-            p = nxt.get(sl, caches[sl].pos)
-            s.pos[m] = p
-            nxt[sl] = p + 1
-        for sl, p in nxt.items():
-            caches[sl].check_room(p - caches[sl].pos)
+        if isinstance(slots, int):                                      # one sequence: positions p0..
+            nxt = {slots: caches[slots].pos + M}
+            np.add(s.row, caches[slots].pos, out=s.pos)                 # (rows past M unused)
+            s.slot[:M] = slots
+        else:
+            nxt = {}                                                    # slot -> its next position
+            for m in range(M):
+                sl = int(slots[m])
+                p = nxt.get(sl, caches[sl].pos)
+                s.pos[m] = p
+                nxt[sl] = p + 1
+            s.slot[:M] = slots
         s.ids[:M] = tokens
-        s.slot[:M] = slots
         self.tok_embd.rows(s.ids[:M], s.buf["x"][:M])                   # [M] -> [M, D]
-        self._run(M, self.cos, self.sin)
-        for m in range(M):
-            caches[int(slots[m])].tokens.append(int(tokens[m]))
+        self._run(M, cos, sin)
+        if len(nxt) == 1:
+            caches[next(iter(nxt))].tokens.extend(s.ids[:M].tolist())
+        else:
+            for sl, t in zip(s.slot[:M].tolist(), s.ids[:M].tolist()):
+                caches[sl].tokens.append(t)
         for sl, p in nxt.items():
             caches[sl].pos = p
         return s.buf["xn"][:M, :self.cfg.hidden_size]                   # [M, D], final-normed
-
-    def logits_of(self, h: np.ndarray, rows) -> np.ndarray:
-        """Logits f32[len(rows), V] of rows `rows` of h f32[M, D] (a buffer reused by the next
-        call; each row as decode computes it)."""
-        n = len(rows)
-        s = self.state
-        if s.batch_logits.shape[0] < n:
-            s.batch_logits = np.zeros((n, self.cfg.vocab_size), np.float32)
-        out = s.batch_logits[:n]
-        self._head(np.ascontiguousarray(h[rows]), out)                  # [n, D] -> [n, V]
-        return out
 
     @property
     def length_dependent_rope(self) -> bool:
         """RoPE tables that change with the sequence length (dynamic NTK, LongRoPE)."""
         return bool(self._long_from or self._dynamic)
 
-    def decode_rows(self, ids, slot: int = 0) -> np.ndarray:
-        """Logits f32[M, V] of M = len(ids) new tokens at positions cache.pos.. of slot `slot` in one pass (a
-        speculative decoding verify pass): row m is, bit for bit, what decode() of ids[m] would
-        return after ids[:m] (kernels/executor.py; tests/test_decode_exact.py). A buffer reused
-        by the next call (nothing allocated per pass once it is big enough)."""
-        M = len(ids)
-        s = self.state
-        cache = self.cache.slots[slot]
-        if M > s.rows or self.rope_depends_on_length(cache.pos + M) or self._needs_restart(cache):
-            if slot != 0:
-                raise ValueError("decode_rows: a pass longer than state.rows, or a length-dependent RoPE, "
-                                 "runs on slot 0 only")
-            return self.all_logits(ids)                                 # (callers avoid both)
-        if s.batch_logits.shape[0] < M:
-            s.batch_logits = np.zeros((M, self.cfg.vocab_size), np.float32)
-        s.ids[:M] = ids
-        h = self.forward(s.ids[:M], 0, slot)                            # [M, D]
-        out = s.batch_logits[:M]
-        self._head(h if h.flags.c_contiguous else np.ascontiguousarray(h), out)   # [M, D] -> [M, V]
-        return out
-
-    def all_logits(self, ids) -> np.ndarray:
-        """Logits f32[len(ids), V] for every position of ids, on top of the current cache."""
+    def all_logits(self, ids, slot: int = 0) -> np.ndarray:
+        """Logits f32[len(ids), V] (a new array) for every position of ids, on top of what slot
+        `slot` holds (one prefill: the whole sequence's length sets a length-dependent RoPE)."""
         ids = np.asarray(ids, dtype=np.int64)
-        self.cache.check_room(len(ids))
+        cache = self.cache.slots[slot]
+        cache.check_room(len(ids))
         n = len(ids)
-        end = self.cache.pos + n
-        ids = self._restart(ids, end)                                   # LongRoPE may re-run the cache
+        end = cache.pos + n
+        ids = self._restart(ids, end, slot)                             # LongRoPE may re-run the cache
         out = np.empty((len(ids), self.cfg.vocab_size), np.float32)
         for a in range(0, len(ids), self.state.rows):
-            h = self.forward(ids[a:a + self.state.rows], end)
+            h = self.forward(ids[a:a + self.state.rows], end, slot)
             self._head(np.ascontiguousarray(h), out[a:a + len(h)])
         return out[len(ids) - n:]

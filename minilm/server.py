@@ -22,6 +22,7 @@ import queue
 import threading
 import time
 
+from .batch import start_thread
 from .chat import RequestError, chat_completion_from, completion_from, model_id, prepare_chat, prepare_completion
 from .errors import MinilmError
 
@@ -75,18 +76,9 @@ class Worker:
         self.cancelled = 0
         self.running = 0            # jobs on threads of their own
         self._count = threading.Lock()
-        try:                 # Numba's thread count is per thread: carry the loader's setting over
-            import numba
-            self.threads = numba.get_num_threads()
-        except Exception:
-            self.threads = None
-        self.t = threading.Thread(target=self._loop, name="minilm-worker", daemon=True)
-        self.t.start()
+        self.t = start_thread(self._loop, "minilm-worker")
 
     def _loop(self):
-        if self.threads:
-            import numba
-            numba.set_num_threads(self.threads)
         while True:
             job = self.q.get()
             if job is None:
@@ -309,7 +301,8 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
     async def health():
         return {"status": "ok", "model": name, "queued": worker.pending(), "served": worker.served,
                 "cancelled": worker.cancelled, "parallel": sched.parallel, "active": sched.pending(),
-                "decode_steps": sched.steps, "decoded_tokens": sched.decoded, "reused_prompt_tokens": sched.reused}
+                "decode_steps": sched.steps, "decoded_tokens": sched.decoded, "reused_prompt_tokens": sched.reused,
+                "drafted_tokens": sched.drafted, "accepted_draft_tokens": sched.accepted}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -318,9 +311,9 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
                                             "owned_by": "minilm"}]}
 
-    def source(cancel):
+    def source(cancel, speculative):
         """The token source of one request: the scheduler, which stops it once `cancel` is set."""
-        return lambda *a, **kw: sched.tokens(*a, cancel=cancel, **kw)
+        return lambda *a, **kw: sched.tokens(*a, cancel=cancel, speculative=speculative, **kw)
 
     async def run(request: Request, kind: str):
         body, err = await authed_json(request)
@@ -333,14 +326,14 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
                 kw, stream, usage = _gen_args(body, None)
                 kw.update(_constraint_args(body, "chat"))
                 p = prepare_chat(model, body["messages"], **kw)
-                make = lambda cancel: chat_completion_from(p, name, stream, usage, cancel, source(cancel))
+                make = lambda cancel: chat_completion_from(p, name, stream, usage, cancel, source(cancel, p.speculative))
             else:
                 if "prompt" not in body:
                     raise RequestError("prompt: required", "prompt")
                 kw, stream, usage = _gen_args(body, 16)
                 kw.update(_constraint_args(body, "completion"))
                 p = prepare_completion(model, body["prompt"], **kw)
-                make = lambda cancel: completion_from(p, name, stream, usage, cancel, source(cancel))
+                make = lambda cancel: completion_from(p, name, stream, usage, cancel, source(cancel, p.speculative))
         except RequestError as e:            # includes chat template errors
             return _error(400, str(e), e.param, e.code)
         except (ValueError, TypeError, MinilmError) as e:   # anything else the engine refuses

@@ -147,7 +147,7 @@ def test_seeded_sampling_in_a_batch_is_reproducible(srv):
     answer with the same seed while others decode beside it."""
     bodies = [{"prompt": PROMPTS[i], "max_tokens": 20, "temperature": 0.9, "seed": 100 + i} for i in range(4)]
     want = [srv.model.create_completion(b["prompt"], max_tokens=20, temperature=0.9, seed=b["seed"],
-                                        speculative=False)["choices"][0]["text"]     # the server does not speculate
+                                        speculative=False)["choices"][0]["text"]     # the server speculates greedy requests only
             for b in bodies]
     with cf.ThreadPoolExecutor(4) as ex:
         assert list(ex.map(lambda b: _complete(srv, b), bodies)) == want
