@@ -1,6 +1,7 @@
 """Shared fixtures of the minilm test suite.
 
     SHARED           Path of the shared read-only data (../shared from the repo root)
+    SHARED_MODELS, ARCH_PROXIES, GOLDEN_MODELS   names of the shared models (../shared/models)
     shared_path(...) a path under SHARED, or pytest.skip with a clear message when it is absent
     shared_model     session-scoped cache: shared_model("stories260K", n_ctx=512) -> loaded LM
     make_checkpoint  factory writing a small random HF checkpoint folder into tmp_path
@@ -30,6 +31,11 @@ SHARED = (REPO / ".." / "shared").resolve()
 
 SHARED_MODELS = ["stories260K", "proxy-gpt2-shakespeare", "proxy-neox-shakespeare",
                  "proxy-qwen2-shakespeare", "proxy-qwen3-shakespeare"]
+# the architectures whose differences are plan steps (Granite, OLMo 2, SmolLM3, Gemma 3/2, Phi-3, LFM2)
+ARCH_PROXIES = ["proxy-granite-shakespeare", "proxy-olmo2-shakespeare", "proxy-smollm3-shakespeare",
+                "proxy-gemma3-shakespeare", "proxy-gemma2-shakespeare", "proxy-phi3-shakespeare",
+                "proxy-lfm2-shakespeare"]
+GOLDEN_MODELS = SHARED_MODELS + ARCH_PROXIES     # every shared model with transformers goldens
 
 
 def shared_path(*parts: str) -> Path:
