@@ -404,3 +404,44 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
 
+
+class LiveServer(ServerProcess):
+    """`python -m minilm.server -m ../shared/models/NAME [--ctx CTX]` with an openai client."""
+
+    def __init__(self, name, ctx=None):
+        import openai
+        path = shared_path("models", name)
+        super().__init__(path, ["--ctx", str(ctx)] if ctx else [], wait_s=90)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def post(self, path, body):
+        import httpx
+        return httpx.post(self.url + path, json=body, timeout=120)
+
+    def healthy(self) -> bool:
+        import httpx
+        return httpx.get(self.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def live_server(name, ctx=None) -> LiveServer:
+    """A LiveServer (the caller stops it), or skip the test when the server extra is missing."""
+    for mod in ("fastapi", "uvicorn", "openai", "httpx"):
+        pytest.importorskip(mod, reason=f"{mod} not installed (pip install 'minilm[test]')")
+    return LiveServer(name, ctx)
+
+
+@pytest.fixture(scope="session")
+def live_servers():
+    """live_servers(name, ctx=None) -> a LiveServer started once per session per (name, ctx) and
+    stopped at its end (test_constrain and test_embed share one). Tests that use it leave the
+    server as they found it (requests only; nothing that stops or reconfigures it)."""
+    servers = {}
+
+    def get(name, ctx=None):
+        if (name, ctx) not in servers:
+            servers[name, ctx] = live_server(name, ctx)
+        return servers[name, ctx]
+
+    yield get
+    for s in servers.values():
+        s.stop()
