@@ -1,10 +1,15 @@
 """Shared fixtures of the minilm test suite.
 
     SHARED           Path of the shared read-only data (../shared from the repo root)
+    SHARED_MODELS, ARCH_PROXIES, GOLDEN_MODELS   names of the shared models (../shared/models)
     shared_path(...) a path under SHARED, or pytest.skip with a clear message when it is absent
     shared_model     session-scoped cache: shared_model("stories260K", n_ctx=512) -> loaded LM
     make_checkpoint  factory writing a small random HF checkpoint folder into tmp_path
     hf_tensor_shapes HF tensor names -> shapes for a config dict (used by make_checkpoint)
+    check_against_reference / check_greedy / check_reference_against_transformers /
+    check_decode_equals_prefill
+                     the cross-checks of random checkpoints that test_random_models (llama, GPT-2,
+                     NeoX families) and test_archs (Granite ... LFM2) both run
 
 This is the one place that locates ../shared: test modules import SHARED / shared_path from here
 (`from conftest import SHARED`) instead of computing the path. Nothing from ../shared is ever
@@ -13,6 +18,7 @@ pytest's tmp_path only.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -25,6 +31,11 @@ SHARED = (REPO / ".." / "shared").resolve()
 
 SHARED_MODELS = ["stories260K", "proxy-gpt2-shakespeare", "proxy-neox-shakespeare",
                  "proxy-qwen2-shakespeare", "proxy-qwen3-shakespeare"]
+# the architectures whose differences are plan steps (Granite, OLMo 2, SmolLM3, Gemma 3/2, Phi-3, LFM2)
+ARCH_PROXIES = ["proxy-granite-shakespeare", "proxy-olmo2-shakespeare", "proxy-smollm3-shakespeare",
+                "proxy-gemma3-shakespeare", "proxy-gemma2-shakespeare", "proxy-phi3-shakespeare",
+                "proxy-lfm2-shakespeare"]
+GOLDEN_MODELS = SHARED_MODELS + ARCH_PROXIES     # every shared model with transformers goldens
 
 
 def shared_path(*parts: str) -> Path:
@@ -255,6 +266,93 @@ def make_checkpoint(tmp_path):
     return make
 
 
+# ---- random checkpoints against the float64 reference, and the reference against transformers ---
+HAVE_HF = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+needs_hf = pytest.mark.skipif(not HAVE_HF, reason="transformers + torch not installed (the cross-check of the "
+                                                  "numpy reference on random checkpoints runs on dev machines)")
+
+
+def check_greedy(tokens, ref, prompt, rel: float = 1e-3) -> None:
+    """Each of `tokens` is the reference's greedy choice after `prompt`, teacher forced through
+    the reference's incremental cache (which follows transformers' generate); a near tie (gap <=
+    rel * logit range) is accepted."""
+    cache = ref.new_cache()
+    lg = ref.forward(prompt, cache)[-1]
+    for i, t in enumerate(tokens):
+        best = int(np.argmax(lg))
+        rng = float(lg.max() - lg.min())
+        assert t == best or lg[best] - lg[t] <= rel * rng, (
+            f"step {i}: got token {t}, reference argmax {best} (gap {lg[best] - lg[t]:.3g}, "
+            f"logit range {rng:.3g}); tokens {tokens}")
+        lg = ref.forward([t], cache)[-1]
+
+
+def check_against_reference(folder, ids, n_ctx: int, n_new: int = 16, **load_kw) -> None:
+    """minilm.load(folder, n_ctx, **load_kw): logits of `ids` within 1e-3 of the logit range of
+    the float64 reference (tests/reference_model.py), and `n_new` greedy tokens that are the
+    reference's greedy choices (check_greedy)."""
+    import minilm
+
+    from reference_model import RefModel
+
+    model = minilm.load(str(folder), n_ctx=n_ctx, **load_kw)
+    ref = RefModel(folder)
+    got, want = model.logits(ids), ref.logits(ids)
+    V = json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+    assert got.shape == want.shape == (len(ids), V)
+    rng = float(want.max() - want.min())
+    assert rng > 1.0, "random model too flat to be a useful test"
+    err = float(np.abs(got - want).max())
+    assert err <= 1e-3 * rng, f"{folder}: max |logits - reference| = {err:.3g}, logit range {rng:.3g}"
+    toks = model.generate_ids(ids, n_new, ignore_eos=True)
+    assert len(toks) == n_new
+    check_greedy(toks, ref, ids)
+
+
+def check_reference_against_transformers(folder, ids, n_new: int = 16) -> None:
+    """The reference's logits of `ids` within 1e-4 of the range of transformers' (eager
+    attention, float32), and transformers' greedy generate (its own KV cache: what dynamic RoPE
+    and LongRoPE depend on) the reference's greedy choices. Needs torch + transformers (needs_hf)."""
+    import torch
+    import transformers
+
+    from reference_model import RefModel
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)           # torch's threads and Numba's would fight over 2 cores
+    ref = RefModel(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                           attn_implementation="eager")
+    hf.eval()
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0].double().numpy()
+    got = ref.logits(ids)
+    rng = float(want.max() - want.min())
+    err = float(np.abs(got - want).max())
+    assert err <= 1e-4 * rng, f"{folder}: reference vs transformers max err {err:.3g}, range {rng:.3g}"
+    hf.generation_config.eos_token_id = None      # ignore_eos (min_new_tokens would mask EOS)
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n_new, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == len(ids) + n_new
+    check_greedy([int(t) for t in out[0, len(ids):]], ref, ids)
+
+
+def check_decode_equals_prefill(m) -> None:
+    """Eight tokens decoded one at a time (the executor with M = 1) after a 9-token prefill get
+    the final hidden states they get inside one 17-token prefill (M > 1), bit for bit: every
+    format's prefill runs each token with its decode arithmetic (the row kernels of the quantized
+    formats, the gemv's order of sums for the float ones)."""
+    net = m.net
+    prompt, toks = [3, 17, 29, 5, 88, 41, 7, 12, 60], [9, 100, 4, 31, 2, 77, 15, 8]
+    net.cache.reset()
+    net.forward(np.array(prompt))
+    dec = np.concatenate([net.forward(np.array([t])).copy() for t in toks])     # [8, D]
+    assert net.cache.pos == 17 and net.cache.tokens[-1] == 8
+    net.cache.reset()
+    full = net.forward(np.array(prompt + toks))[len(prompt):].copy()            # [8, D]
+    np.testing.assert_array_equal(dec, full)
+
+
 # ---- a live `minilm serve` for the server tests ------------------------------------------------
 def free_port() -> int:
     import socket
@@ -305,3 +403,45 @@ class ServerProcess:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+class LiveServer(ServerProcess):
+    """`python -m minilm.server -m ../shared/models/NAME [--ctx CTX]` with an openai client."""
+
+    def __init__(self, name, ctx=None):
+        import openai
+        path = shared_path("models", name)
+        super().__init__(path, ["--ctx", str(ctx)] if ctx else [], wait_s=90)
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def post(self, path, body):
+        import httpx
+        return httpx.post(self.url + path, json=body, timeout=120)
+
+    def healthy(self) -> bool:
+        import httpx
+        return httpx.get(self.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def live_server(name, ctx=None) -> LiveServer:
+    """A LiveServer (the caller stops it), or skip the test when the server extra is missing."""
+    for mod in ("fastapi", "uvicorn", "openai", "httpx"):
+        pytest.importorskip(mod, reason=f"{mod} not installed (pip install 'minilm[test]')")
+    return LiveServer(name, ctx)
+
+
+@pytest.fixture(scope="session")
+def live_servers():
+    """live_servers(name, ctx=None) -> a LiveServer started once per session per (name, ctx) and
+    stopped at its end (test_constrain and test_embed share one). Tests that use it leave the
+    server as they found it (requests only; nothing that stops or reconfigures it)."""
+    servers = {}
+
+    def get(name, ctx=None):
+        if (name, ctx) not in servers:
+            servers[name, ctx] = live_server(name, ctx)
+        return servers[name, ctx]
+
+    yield get
+    for s in servers.values():
+        s.stop()

@@ -9,7 +9,6 @@ prefix reuse, decode == prefill for the new step kinds), and the config errors.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
@@ -19,7 +18,15 @@ import minilm
 from minilm.config import Config
 from minilm.errors import ModelLoadError, UnsupportedModelError
 
-from conftest import random_tensors, shared_path
+from conftest import (
+    check_against_reference,
+    check_decode_equals_prefill,
+    check_greedy,
+    check_reference_against_transformers,
+    needs_hf,
+    random_tensors,
+    shared_path,
+)
 from reference_model import RefModel
 
 PROXIES = ["granite", "olmo2", "smollm3", "gemma3", "gemma2", "phi3", "lfm2"]
@@ -156,31 +163,10 @@ def built(make_checkpoint):
     return build
 
 
-def check_greedy(tokens, ref: RefModel, prompt, rel=1e-3):
-    """Each token is the reference's greedy choice, teacher forced through its incremental cache
-    (which follows transformers' generate); a near tie (gap <= rel * logit range) is accepted."""
-    cache = ref.new_cache()
-    lg = ref.forward(prompt, cache)[-1]
-    for i, t in enumerate(tokens):
-        best = int(np.argmax(lg))
-        rng = float(lg.max() - lg.min())
-        assert t == best or lg[best] - lg[t] <= rel * rng, f"step {i}: got {t}, reference {best}: {tokens}"
-        lg = ref.forward([t], cache)[-1]
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_logits_and_greedy_match_reference(name, built):
     folder, ids, n_ctx = built(name)
-    model = minilm.load(str(folder), n_ctx=n_ctx, kv_quant="f32")     # the f32 path against the f32 reference
-    ref = RefModel(folder)
-    got, want = model.logits(ids), ref.logits(ids)
-    assert got.shape == want.shape == (len(ids), 512)
-    rng = float(want.max() - want.min())
-    assert rng > 1.0, "random model too flat to be a useful test"
-    err = float(np.abs(got - want).max())
-    assert err <= 1e-3 * rng, f"{name}: max |logits - reference| = {err:.3g}, logit range {rng:.3g}"
-    toks = model.generate_ids(ids, N_NEW, ignore_eos=True)
-    check_greedy(toks, ref, ids)
+    check_against_reference(folder, ids, n_ctx, N_NEW, kv_quant="f32")   # the f32 path against the f32 reference
 
 
 def test_longrope_switch_keeps_prefix_reuse_exact(built):
@@ -219,29 +205,22 @@ def test_lfm2_conv_state_follows_prefix_reuse(built):
     check_greedy(reused, RefModel(folder), second_prompt)
 
 
-@pytest.mark.parametrize("quant", ["f32", "int8", "int4"])
-@pytest.mark.parametrize("case", ["gemma2_old_keys", "gemma3_old_keys", "olmo2_untied", "granite", "lfm2",
-                                  "smollm3_interval"])
+# f32 on every case, int8 / int4 on three or four each (LFM2's conv, whose history table keeps f32
+# beside the quantized matrices, on both); every format on one model: test_decode_exact.py.
+ARCH_DECODE_CASES = [(c, "f32") for c in ("gemma2_old_keys", "gemma3_old_keys", "olmo2_untied", "granite", "lfm2",
+                                          "smollm3_interval")]
+ARCH_DECODE_CASES += [(c, "int8") for c in ("gemma2_old_keys", "granite", "lfm2")]
+ARCH_DECODE_CASES += [(c, "int4") for c in ("gemma3_old_keys", "olmo2_untied", "smollm3_interval", "lfm2")]
+
+
+@pytest.mark.parametrize("case,quant", ARCH_DECODE_CASES)
 def test_decode_equals_prefill(make_checkpoint, case, quant):
     """The new step kinds (scale, qk_norm, gelu_mul, conv, soft-capped attention, per-layer RoPE
-    tables) give the same hidden state decoded one token at a time (M = 1) as inside a prefill:
-    bit-identical for the quantized formats."""
+    tables) give the same hidden state decoded one token at a time (M = 1) as inside a prefill,
+    bit for bit."""
     cfg, _, _ = CASES[case]
-    m = minilm.load(make_checkpoint(cfg, tensors=random_tensors(hf_shapes(cfg), seed=3)), quant=quant, n_ctx=48,
-                    kv_quant=None if quant in ("int8", "int4") else "f32")
-    net = m.net
-    prompt, toks = [3, 17, 29, 5, 88, 41, 7, 12, 60], [9, 100, 4, 31, 2, 77, 15, 8]
-    net.cache.reset()
-    net.forward(np.array(prompt))
-    dec = np.concatenate([net.forward(np.array([t])).copy() for t in toks])     # [8, D]
-    net.cache.reset()
-    full = net.forward(np.array(prompt + toks))[len(prompt):].copy()            # [8, D]
-    if quant in ("int8", "int4"):
-        np.testing.assert_array_equal(dec, full)
-    else:
-        # float formats: GEMM and GEMV round differently in float32, and an f16 KV cache would
-        # round those k/v differences up to an fp16 step: compared with an f32 cache
-        np.testing.assert_allclose(dec, full, rtol=0, atol=1e-5 * float(np.abs(full).max()))
+    m = minilm.load(make_checkpoint(cfg, tensors=random_tensors(hf_shapes(cfg), seed=3)), quant=quant, n_ctx=48)
+    check_decode_equals_prefill(m)
 
 
 # ---- the reference itself against transformers (the shared goldens) ---------------------------
@@ -259,32 +238,11 @@ def test_reference_matches_transformers_goldens(arch):
         assert err <= 1e-4, f"{name} case {i}: reference vs transformers {err:.2e} of the range"
 
 
-HAVE_HF = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
-
-
-@pytest.mark.skipif(not HAVE_HF, reason="transformers + torch not installed (the cross-check of the "
-                                        "numpy reference on these random checkpoints runs on dev machines)")
+@needs_hf
 @pytest.mark.parametrize("name", list(CASES))
 def test_reference_matches_transformers(name, built):
-    import torch
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(1)
     folder, ids, _ = built(name)
-    ref = RefModel(folder)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
-                                                           attn_implementation="eager")
-    hf.eval()
-    with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits[0].double().numpy()
-    got = ref.logits(ids)
-    err = float(np.abs(got - want).max())
-    assert err <= 1e-4 * float(want.max() - want.min()), f"{name}: reference vs transformers {err:.3g}"
-    hf.generation_config.eos_token_id = None
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=N_NEW, do_sample=False, pad_token_id=0)
-    check_greedy([int(t) for t in out[0, len(ids):]], ref, ids)
+    check_reference_against_transformers(folder, ids, N_NEW)
 
 
 @pytest.mark.parametrize("arch", ["phi3", "gemma2"])

@@ -4,20 +4,14 @@ validated with `jsonschema` against the schema the caller gave."""
 import json
 import re
 import warnings
-from pathlib import Path
 
 import pytest
 
 jsonschema = pytest.importorskip("jsonschema", reason="pip install 'minilm[test]' (jsonschema)")
 pytest.importorskip("llguidance", reason="llguidance not installed")
 
-import minilm  # noqa: E402
 from minilm.constrain import ConstraintError, IncompleteOutputWarning, bound_schema  # noqa: E402
 
-from conftest import SHARED, ServerProcess  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-MODELS = SHARED / "models"
 PROXY = "proxy-qwen3-shakespeare"
 
 # several shapes of schema: nested objects, arrays, enums, numbers with bounds, required fields
@@ -52,11 +46,8 @@ SCHEMAS = [
 
 
 @pytest.fixture(scope="module")
-def model():
-    path = MODELS / PROXY
-    if not (path / "config.json").exists():
-        pytest.skip(f"test model {PROXY} not found in {MODELS}")
-    return minilm.load(str(path))
+def model(shared_model):
+    return shared_model(PROXY)          # one load per session (test_constrain and test_embed share it)
 
 
 # ---- in-process --------------------------------------------------------------------------------
@@ -178,37 +169,9 @@ def test_bad_constraints_name_the_field(model, kw, param, what):
 
 
 # ---- through the server, with the openai client ----------------------------------------------------
-class LiveServer(ServerProcess):
-    """`python -m minilm.server` on a free loopback port (as tests/test_server.py runs it)."""
-
-    def __init__(self, name=PROXY, ctx=None):
-        import openai
-        path = MODELS / name
-        if not (path / "config.json").exists():
-            pytest.skip(f"test model {name} not found in {MODELS}")
-        super().__init__(path, ["--ctx", str(ctx)] if ctx else [], wait_s=90)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
-
-    def post(self, path, body):
-        import httpx
-        return httpx.post(self.url + path, json=body, timeout=120)
-
-    def healthy(self) -> bool:
-        import httpx
-        return httpx.get(self.url + "/health", timeout=10).json()["status"] == "ok"
-
-
-def live_server(name=PROXY, ctx=None):
-    for mod in ("fastapi", "uvicorn", "openai", "httpx"):
-        pytest.importorskip(mod, reason=f"{mod} not installed (pip install 'minilm[test]')")
-    return LiveServer(name, ctx)
-
-
 @pytest.fixture(scope="module")
-def server():
-    s = live_server()
-    yield s
-    s.stop()
+def server(live_servers):
+    return live_servers(PROXY)          # the session's server of this proxy (test_embed uses it too)
 
 
 MSGS = [{"role": "system", "content": "Answer in JSON."}, {"role": "user", "content": "Describe a knight."}]

@@ -5,20 +5,16 @@ import base64
 
 import numpy as np
 import pytest
-from test_constrain import MODELS, PROXY, live_server
+from test_constrain import PROXY
 
-import minilm
 from minilm.embed import EmbeddingError
 
 TEXTS = ["To be, or not to be, that is the question.", "My kingdom for a horse!", "a"]
 
 
 @pytest.fixture(scope="module")
-def model():
-    path = MODELS / PROXY
-    if not (path / "config.json").exists():
-        pytest.skip(f"test model {PROXY} not found in {MODELS}")
-    return minilm.load(str(path))
+def model(shared_model):
+    return shared_model(PROXY)          # one load per session (test_constrain and test_embed share it)
 
 
 def _reference(model, text, pooling):
@@ -86,10 +82,8 @@ def test_bad_input_names_the_index(model, inp, param, what):
 
 
 @pytest.fixture(scope="module")
-def server():
-    s = live_server()
-    yield s
-    s.stop()
+def server(live_servers):
+    return live_servers(PROXY)          # the one test_constrain uses
 
 
 def test_server_embeddings_equal_in_process(server, model):

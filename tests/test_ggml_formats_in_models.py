@@ -7,7 +7,7 @@ import pytest
 
 import minilm
 
-from conftest import shared_path
+from conftest import check_decode_equals_prefill, shared_path
 from test_random_models import llama_cfg
 
 WIDE = llama_cfg(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
@@ -21,14 +21,7 @@ def test_decode_equals_prefill(make_checkpoint, quant):
     # (q2_k is llama.cpp's Q2_K mix: its gate/up matrices are Q2_K, attention and down Q3_K)
     assert m.tensors["l0.w_gate_up"].fmt == quant
     assert quant == "q2_k" or (m.tensors["l0.wqkv"].fmt == quant and m.tensors["l0.w_down"].fmt == quant)
-    net = m.net
-    prompt, toks = [3, 17, 29, 5, 88, 41, 7, 12, 60], [9, 100, 4, 31, 2, 77, 15, 8]
-    net.cache.reset()
-    net.forward(np.array(prompt))
-    dec = np.concatenate([net.forward(np.array([t])).copy() for t in toks])
-    net.cache.reset()
-    full = net.forward(np.array(prompt + toks))[len(prompt):]
-    np.testing.assert_array_equal(dec, full)
+    check_decode_equals_prefill(m)
 
 
 def test_256_block_formats_fall_back_as_llama_cpp(make_checkpoint):
@@ -79,10 +72,12 @@ def test_gguf_round_trip_runs_the_raw_bytes(tmp_path, quant):
     np.testing.assert_array_equal(gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape), ours)
 
 
-@pytest.mark.parametrize("quant", ["q4_k", "iq4_nl"])
+@pytest.mark.parametrize("quant", ["q4_k", "q5_1"])
 def test_prequantized_folder_round_trip(tmp_path, quant):
     """model.save of a ggml-format model maps back (its raw arrays checked against the traits
-    table's stored shapes) with identical logits."""
+    table's stored shapes) with identical logits: a 256-block and a 32-block format, each one the
+    GGUF round trip above compiles the executor for (IQ4_NL's kernel: test_decode_exact.py,
+    its bytes: test_ggml_quants.py)."""
     m = minilm.load(shared_path("models", "proxy-llama256-shakespeare"), quant=quant)
     m.save(tmp_path / "pq")
     back = minilm.load(str(tmp_path / "pq"))

@@ -4,27 +4,12 @@ import json
 import numpy as np
 import pytest
 
-import minilm
+from conftest import GOLDEN_MODELS, SHARED
 
-from conftest import SHARED
-
-MODELS = ["stories260K", "proxy-gpt2-shakespeare", "proxy-neox-shakespeare",
-          "proxy-qwen2-shakespeare", "proxy-qwen3-shakespeare"]
-NEW_ARCHS = ["proxy-granite-shakespeare", "proxy-olmo2-shakespeare", "proxy-smollm3-shakespeare",
-             "proxy-gemma3-shakespeare", "proxy-gemma2-shakespeare", "proxy-phi3-shakespeare",
-             "proxy-lfm2-shakespeare"]
-MODELS += NEW_ARCHS
+MODELS = GOLDEN_MODELS
 
 pytestmark = pytest.mark.skipif(not (SHARED / "models").is_dir(),
                                 reason=f"shared models not found at {SHARED} (tests need ../shared)")
-
-_models = {}
-
-
-def get(name):
-    if name not in _models:
-        _models[name] = minilm.load(SHARED / "models" / name)
-    return _models[name]
 
 
 def golden(name):
@@ -32,8 +17,8 @@ def golden(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_logits_match_reference(name):
-    model = get(name)
+def test_logits_match_reference(shared_model, name):
+    model = shared_model(name)
     g, z = golden(name)
     for i, case in enumerate(g["cases"]):
         ref = z[f"prompt{i}_logits"]
@@ -44,8 +29,8 @@ def test_logits_match_reference(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_greedy_tokens_match_reference(name):
-    model = get(name)
+def test_greedy_tokens_match_reference(shared_model, name):
+    model = shared_model(name)
     g, _ = golden(name)
     for case in g["cases"]:
         new = model.generate_ids(case["input_ids"], max_new_tokens=len(case["greedy_new_ids"]), ignore_eos=True)
@@ -53,16 +38,16 @@ def test_greedy_tokens_match_reference(name):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_tokenizer_matches_reference(name):
-    model = get(name)
+def test_tokenizer_matches_reference(shared_model, name):
+    model = shared_model(name)
     g, _ = golden(name)
     for case in g["cases"]:
         assert model.tokenizer.encode(case["prompt"]) == case["input_ids"]
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_perplexity_matches_reference(name):
-    model = get(name)
+def test_perplexity_matches_reference(shared_model, name):
+    model = shared_model(name)
     spec = golden(name)[0]["perplexity"]
     text = (SHARED / "texts" / spec["text_file"]).read_text(encoding="utf-8")[:spec["chars"]]
     ids = model.tokenizer.encode(text, add_special_tokens=spec["add_special_tokens"])[:spec["max_tokens"]]
@@ -71,8 +56,8 @@ def test_perplexity_matches_reference(name):
     assert r["ppl"] == pytest.approx(spec["ppl"], rel=1e-3)
 
 
-def test_readme_example_generates_text():
-    model = get("stories260K")
+def test_readme_example_generates_text(shared_model):
+    model = shared_model("stories260K")
     text = model.generate("Once upon a time", max_new_tokens=64)
     assert isinstance(text, str) and len(text) > 20
     streamed = "".join(model.generate("Tom and his dog", max_new_tokens=64, stream=True))

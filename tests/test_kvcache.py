@@ -125,12 +125,14 @@ def test_kv_types_against_goldens(name):
 @pytest.mark.parametrize("kv", ["f32", "f16", "q8_0"])
 def test_decode_equals_prefill_per_kv_type(make_checkpoint, kv):
     """Decode (M = 1, split attention) and prefill (M > 1) write and read the same stored rows
-    through the same helpers: bit-identical hidden states (int8 weights: the same row kernels)."""
+    through the same helpers: bit-identical hidden states. (f32 weights: the executor compiles
+    for f32 with each KV type in test_kv_types_against_goldens too; every weight format's rows
+    equal its decode: test_decode_exact.py.)"""
     cfg = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=512, hidden_size=64,
                intermediate_size=192, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
                tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, torch_dtype="float32")
-    m = minilm.load(make_checkpoint(cfg), quant="int8", n_ctx=160, kv_quant=kv)
+    m = minilm.load(make_checkpoint(cfg), n_ctx=160, kv_quant=kv)
     assert m.kv_quant == kv and m.net.cache.k.dtype == DTYPES[kv]
     net = m.net
     rng = np.random.default_rng(5)

@@ -9,14 +9,9 @@ import minilm
 from minilm import prequant
 from minilm.errors import ModelLoadError
 
-from conftest import SHARED
+from conftest import GOLDEN_MODELS, SHARED
 
-MODELS = ["stories260K", "proxy-gpt2-shakespeare", "proxy-neox-shakespeare",
-          "proxy-qwen2-shakespeare", "proxy-qwen3-shakespeare"]
-NEW_ARCHS = ["proxy-granite-shakespeare", "proxy-olmo2-shakespeare", "proxy-smollm3-shakespeare",
-             "proxy-gemma3-shakespeare", "proxy-gemma2-shakespeare", "proxy-phi3-shakespeare",
-             "proxy-lfm2-shakespeare"]
-MODELS += NEW_ARCHS
+MODELS = GOLDEN_MODELS
 pytestmark = pytest.mark.skipif(not (SHARED / "models").is_dir(),
                                 reason=f"shared models not found at {SHARED} (tests need ../shared)")
 

@@ -3,13 +3,18 @@ every supported architecture and option; and, where transformers + torch are imp
 reference itself vs transformers on the same checkpoints."""
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 
 import minilm
 
+from conftest import (
+    check_against_reference,
+    check_decode_equals_prefill,
+    check_greedy,
+    check_reference_against_transformers,
+    needs_hf,
+)
 from reference_model import RefModel
 
 N_NEW = 16
@@ -120,70 +125,18 @@ def built(make_checkpoint, request):
     return build
 
 
-def check_greedy(tokens, ref: RefModel, prompt, rel=1e-3):
-    """tokens must be the reference's greedy choice at every step (teacher forced through the
-    reference's incremental cache); a near-tie (gap <= rel * logit range) is accepted."""
-    cache = ref.new_cache()
-    lg = ref.forward(prompt, cache)[-1]
-    for i, t in enumerate(tokens):
-        best = int(np.argmax(lg))
-        rng = float(lg.max() - lg.min())
-        assert t == best or lg[best] - lg[t] <= rel * rng, (
-            f"step {i}: got token {t}, reference argmax {best} (gap {lg[best] - lg[t]:.3g}, "
-            f"logit range {rng:.3g}); tokens {tokens}")
-        lg = ref.forward([t], cache)[-1]
-
-
 @pytest.mark.parametrize("name", _params())
 def test_logits_and_greedy_match_reference(name, built):
     folder, ids, n_ctx = built(name)
-    model = minilm.load(str(folder), n_ctx=n_ctx)
-    ref = RefModel(folder)
-
-    got = model.logits(ids)
-    want = ref.logits(ids)
-    assert got.shape == want.shape == (len(ids), CASES[name][0]["vocab_size"])
-    rng = float(want.max() - want.min())
-    assert rng > 1.0, "random model too flat to be a useful test"
-    err = float(np.abs(got - want).max())
-    assert err <= 1e-3 * rng, f"{name}: max |logits - reference| = {err:.3g}, logit range {rng:.3g}"
-
-    toks = model.generate_ids(ids, N_NEW, ignore_eos=True)
-    assert len(toks) == N_NEW
-    check_greedy(toks, ref, ids)       # the reference's greedy loop, teacher-forced on toks
+    check_against_reference(folder, ids, n_ctx, N_NEW)
 
 
 # ---- the reference vs transformers (dev machines only) -----------------------------------------
-HAVE_HF = importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
-
-
-@pytest.mark.skipif(not HAVE_HF, reason="transformers + torch not installed (cross-check of the "
-                                        "numpy reference runs on dev machines only)")
+@needs_hf
 @pytest.mark.parametrize("name", list(CASES))
 def test_reference_matches_transformers(name, built):
-    import torch
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(1)           # torch's threads and Numba's would fight over 2 cores
-    folder, ids, n_ctx = built(name)
-    ref = RefModel(folder)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
-                                                           attn_implementation="eager")
-    hf.eval()
-    with torch.no_grad():
-        want = hf(torch.tensor([ids])).logits[0].double().numpy()
-    got = ref.logits(ids)
-    rng = float(want.max() - want.min())
-    err = float(np.abs(got - want).max())
-    assert err <= 1e-4 * rng, f"{name}: reference vs transformers max err {err:.3g}, range {rng:.3g}"
-
-    # greedy with transformers' KV cache (this is what dynamic rope depends on)
-    hf.generation_config.eos_token_id = None      # ignore_eos (min_new_tokens would mask EOS)
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), max_new_tokens=N_NEW, do_sample=False, pad_token_id=0)
-    assert out.shape[1] == len(ids) + N_NEW
-    check_greedy([int(t) for t in out[0, len(ids):]], ref, ids)
+    folder, ids, _ = built(name)
+    check_reference_against_transformers(folder, ids, N_NEW)
 
 
 def test_dynamic_rope_prefix_reuse_matches_fresh(built):
@@ -203,33 +156,26 @@ def test_dynamic_rope_prefix_reuse_matches_fresh(built):
 
 
 # ---- one plan, one executor: decode (M = 1) == prefill (M > 1) ----------------------------------
-@pytest.mark.parametrize("quant", ["f32", "bf16", "f16", "int8", "int4"])
-@pytest.mark.parametrize("case", ["qwen3", "llama_bias", "qwen2_sliding_layers", "gpt2_prefix", "neox_parallel"])
+# f32 on every architecture; each other format on one or two of them: its row kernels do not depend
+# on the architecture, and test_decode_exact.py checks every format of quant.FORMATS (as layer
+# matrices and as the head) on one model. (These formats on these architectures share executor
+# compiles with test_quant / test_archs; the default f16 KV cache, as everywhere else.)
+DECODE_CASES = [(c, "f32") for c in ("qwen3", "llama_bias", "qwen2_sliding_layers", "gpt2_prefix", "neox_parallel")]
+DECODE_CASES += [("qwen3", "int4"), ("llama_bias", "int8"), ("llama_bias", "f16"), ("qwen2_sliding_layers", "bf16"),
+                 ("gpt2_prefix", "int8"), ("neox_parallel", "int4")]
+
+
+@pytest.mark.parametrize("case,quant", DECODE_CASES)
 def test_decode_equals_prefill(make_checkpoint, case, quant):
     """A token decoded alone (the executor with M = 1) gets the same final hidden state as inside a
-    prefill of the whole sequence (M > 1): bit-identical for the quantized formats (the same row
-    kernels run per token), within float32 rounding for the float formats (prefill runs their
-    register-blocked GEMM). Covers qk-norm, biases, sliding windows, learned positions, GELU and
-    parallel-residual MLPs: every architecture runs the one plan."""
+    prefill of the whole sequence (M > 1), bit for bit, in every format (the float formats' prefill
+    runs each token with the gemv's arithmetic). Covers qk-norm, biases, sliding windows, learned
+    positions, GELU and parallel-residual MLPs: every architecture runs the one plan."""
     cfg, opts, _, _, _ = CASES[case]
     if quant in ("int8", "int4"):                # K a multiple of 32 (172 would be zero-padded)
         cfg = dict(cfg, intermediate_size=192)
-    m = minilm.load(make_checkpoint(cfg, **opts), quant=quant, n_ctx=48,
-                    kv_quant=None if quant in ("int8", "int4") else "f32")
-    net = m.net
-    prompt, toks = [3, 17, 29, 5, 88, 41, 7, 12, 60], [9, 100, 4, 31, 2, 77, 15, 8]
-    net.cache.reset()
-    net.forward(np.array(prompt))
-    dec = np.concatenate([net.forward(np.array([t])).copy() for t in toks])     # [8, D]
-    assert net.cache.pos == 17 and net.cache.tokens[-1] == 8
-    net.cache.reset()
-    full = net.forward(np.array(prompt + toks))[len(prompt):].copy()            # [8, D]
-    if quant in ("int8", "int4"):
-        np.testing.assert_array_equal(dec, full)
-    else:
-        # float formats: GEMM and GEMV round differently in float32, and an f16 KV cache would
-        # round those k/v differences up to an fp16 step: compared with an f32 cache
-        np.testing.assert_allclose(dec, full, rtol=0, atol=1e-5 * float(np.abs(full).max()))
+    m = minilm.load(make_checkpoint(cfg, **opts), quant=quant, n_ctx=48)
+    check_decode_equals_prefill(m)
 
 
 def test_zero_padded_matrices_run_in_the_plan(make_checkpoint):

@@ -11,7 +11,7 @@ import pytest
 jsonschema = pytest.importorskip("jsonschema", reason="pip install 'minilm[test]' (jsonschema)")
 pytest.importorskip("llguidance", reason="llguidance not installed")
 
-from test_constrain import live_server  # noqa: E402
+from test_constrain import PROXY  # noqa: E402
 
 from minilm.tools import FORMATS, CallStream, ToolError, check_tool_choice, check_tools, format_for, tool_signature  # noqa: E402
 
@@ -130,10 +130,8 @@ def test_named_choice_shows_only_that_tool():
 
 # ---- through the server ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server():
-    s = live_server(ctx=1024)
-    yield s
-    s.stop()
+def server(live_servers):
+    return live_servers(PROXY, ctx=1024)
 
 
 def _check_call(tc, names=("get_weather", "add")):
