@@ -12,7 +12,9 @@
                                    (gptq_linear), each block still the format's own quantizer
 `load(..., calibration=)` collects covariances when they fit in GPTQ_MAX_BYTES (small models),
 else the imatrix alone.
-    save_imatrix / load_imatrix    a safetensors file of the vectors (canonical matrix names)
+    save_imatrix / load_imatrix    the vectors as a file: llama.cpp's GGUF imatrix (llama-imatrix's
+                                   default, what llama-quantize --imatrix reads), its legacy .dat, or
+                                   minilm's safetensors (canonical names); minilm/imatrix_io.py
 
 A tied embedding takes the lm head's statistics (the matrix is the head's); an untied token
 embedding is a lookup table (no matmul input) and is quantized unweighted, as llama.cpp does.
@@ -30,6 +32,15 @@ from .errors import ModelLoadError
 CHUNK = 512           # tokens per calibration chunk (llama-imatrix's default context)
 MAX_TOKENS = 8192     # tokens read from the text at most
 GPTQ_MAX_BYTES = 1 << 29   # collect full input covariances (GPTQ) when they take at most this much
+
+
+class Imatrix(dict):
+    """{canonical matrix name: f32[K] mean x^2 (or f32[K, K] covariance)} with the token count and
+    chunk length they came from (what llama.cpp's imatrix files record)."""
+
+    def __init__(self, vectors: dict, n_tokens: int, chunk: int = CHUNK):
+        super().__init__(vectors)
+        self.n_tokens, self.chunk = int(n_tokens), int(chunk)
 
 
 def calibration_text(text_or_path) -> str:
@@ -82,7 +93,7 @@ def collect_imatrix(model, text: str, max_tokens: int = MAX_TOKENS, chunk: int =
         out[name] = (v / n).astype(np.float32).reshape((K, K) if full else (K,))
     head_name = "output" if "output" in model.tensors else "tok_embd"
     out[head_name] = (head / n).astype(np.float32)
-    return out
+    return Imatrix(out, len(ids), chunk)
 
 
 def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = "", damp: float = 0.01):
@@ -158,26 +169,49 @@ def quantize_tensors(model, quant: str | None, imatrix: dict | None, group_size:
     return tensors, target
 
 
-def save_imatrix(imatrix: dict, path, n_tokens: int | None = None) -> Path:
-    """Write the vectors as a safetensors file (metadata: minilm.imatrix, tokens); of full
-    covariances, their diagonals (the imatrix: a file read back quantizes without GPTQ)."""
+def save_imatrix(imatrix: dict, path, n_tokens: int | None = None, cfg=None, dataset: str = "") -> Path:
+    """Write the vectors (of full covariances, their diagonals: a file read back quantizes without
+    GPTQ). The layout follows the suffix: .safetensors: minilm's (canonical names; metadata
+    minilm.imatrix); .dat: llama.cpp's legacy binary; anything else (.gguf): llama.cpp's GGUF
+    imatrix, which llama-quantize --imatrix reads. The llama.cpp layouts need the model's config
+    `cfg` (tensor names) and record n_tokens (default: imatrix.n_tokens, else 1) and dataset."""
+    from . import imatrix_io
     from .safetensors_io import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"minilm.imatrix": json.dumps({"version": 1, "tokens": n_tokens})}
-    save_file({k: np.ascontiguousarray(np.diagonal(v) if v.ndim == 2 else v, np.float32) for k, v in imatrix.items()},
-              path, metadata=meta)
-    return path
+    n_tokens = n_tokens if n_tokens is not None else getattr(imatrix, "n_tokens", 1)
+    if path.suffix == ".safetensors":
+        meta = {"minilm.imatrix": json.dumps({"version": 1, "tokens": n_tokens})}
+        save_file({k: np.ascontiguousarray(np.diagonal(v) if v.ndim == 2 else v, np.float32)
+                   for k, v in imatrix.items()}, path, metadata=meta)
+        return path
+    if cfg is None:
+        raise ValueError(f"imatrix file {path}: llama.cpp's layouts need the model's config (tensor names)")
+    chunk = getattr(imatrix, "chunk", CHUNK)
+    if path.suffix == ".dat":
+        return imatrix_io.write_legacy(path, imatrix, cfg, n_tokens, chunk, dataset)
+    return imatrix_io.write_gguf(path, imatrix, cfg, n_tokens, chunk, [dataset] if dataset else [])
 
 
 def load_imatrix(path, cfg) -> dict:
-    """Read an imatrix file written by `save_imatrix`, checked against the model `cfg`: every
-    vector names a matrix of the model, has its input width, finite values >= 0."""
-    from .safetensors_io import SafetensorsFile
-    from .weights import canonical_shapes, is_matrix
+    """Read an imatrix file, checked against the model `cfg`: llama.cpp's GGUF imatrix or legacy
+    .dat (by content: llama-imatrix's files, llama.cpp tensor names) or minilm's safetensors file
+    (`save_imatrix`). Every vector names a matrix of the model, has its input width, finite values
+    >= 0; errors name the file and the entry."""
+    from . import imatrix_io
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"imatrix file {path}: not found")
+    if imatrix_io.is_gguf(path):
+        return imatrix_io.read_gguf(path, cfg)
+    if not imatrix_io.is_safetensors(path):
+        return imatrix_io.read_legacy(path, cfg)
+    return _load_safetensors_imatrix(path, cfg)
+
+
+def _load_safetensors_imatrix(path: Path, cfg) -> dict:
+    from .safetensors_io import SafetensorsFile
+    from .weights import canonical_shapes, is_matrix
     try:
         f = SafetensorsFile(path)
     except ModelLoadError:
