@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -143,11 +144,43 @@ def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = 
     return Linear(fmt, N, K, arrays, sum(p.Kp for p in parts))
 
 
+# the matrices that read the residual stream, each after its norm (pre-norm architectures):
+# (norm weight, matrix) per layer, and the final norm before the lm head
+_RESIDUAL_READERS = (("attn_norm.w", "wqkv"), ("ffn_norm.w", "w_gate_up"), ("ffn_norm.w", "w_up"))
+
+
+def embedding_hessian(model) -> np.ndarray | None:
+    """f64[D, D]: how the network sees an error e in a row of an untied token embedding, for
+    GPTQ on the embedding (a lookup table: no matmul input, so no imatrix). The row enters the
+    residual stream, which every layer reads through a norm (x = g * h / rms(h)) and a matrix W;
+    e costs ||W diag(g) e||^2 / rms^2 there. Summed over the readers (each scaled to unit trace,
+    so that no one layer's scale dominates) that is e^T H e; the per-token 1 / rms^2 is one
+    factor per row and does not change the row's best quantization. None when the model has
+    no such readers (post-norm layouts)."""
+    from .quant import FORMATS, Linear
+    cfg, T = model.config, model.tensors
+    pairs = [(f"l{i}.{n}", f"l{i}.{w}") for i in range(cfg.n_layers) for n, w in _RESIDUAL_READERS]
+    pairs.append(("out_norm.w", "output"))
+    H, n = np.zeros((cfg.hidden_size, cfg.hidden_size)), 0
+    for norm, mat in pairs:
+        g, lin = T.get(norm), T.get(mat)
+        if g is None or not isinstance(lin, Linear) or lin.K != cfg.hidden_size:
+            continue
+        A = FORMATS[lin.fmt].unpack(lin.arrays)[:, :lin.K].astype(np.float64) * np.asarray(g, np.float64)[None, :]
+        M = A.T @ A                                                    # [D, D]
+        tr = float(np.trace(M))
+        if tr > 0 and np.isfinite(tr):
+            H += M / tr
+            n += 1
+    return H / n if n else None
+
+
 def quantize_tensors(model, quant: str | None, imatrix: dict | None, group_size: int | None = None,
-                     embed_quant: str | None = None):
+                     embed_quant: str | None = None, formats: dict | None = None):
     """The float `model`'s tensors in the formats of `quant`, each matrix quantized with its
     imatrix vector as importance weights (None: unweighted) -> (tensors, sources.Target).
-    `loader.quantize_loaded` makes the `LM` of them."""
+    formats: {canonical matrix: format} that win over the level's (e.g. the types of a llama.cpp
+    file, to compare at the same bits). `loader.quantize_loaded` makes the `LM` of them."""
     from .quant import FORMATS, Linear
     from .sources import convert, level_target
     cfg = model.config
@@ -156,10 +189,15 @@ def quantize_tensors(model, quant: str | None, imatrix: dict | None, group_size:
             raise ValueError(f"calibration needs a float model: tensor {name} is {t.fmt}; "
                              "calibrate the original checkpoint")
     target = level_target(cfg, quant, group_size, embed_quant)
+    if formats:
+        target = replace(target, formats={**(target.formats or {}), **formats})
     imatrix = imatrix or {}
+    full = any(v.ndim == 2 for v in imatrix.values())
     tensors = {}
     for name, t in model.tensors.items():
         st, fmt = imatrix.get(name), target.fmt(name)
+        if full and st is None and name == "tok_embd":          # untied embedding: see embedding_hessian
+            st = embedding_hessian(model)
         if st is not None and st.ndim == 2 and isinstance(t, Linear) and fmt not in (None, "f32", "f16", "bf16"):
             w = FORMATS[t.fmt].unpack(t.arrays)[:, :t.K].astype(np.float32)
             tensors[name] = gptq_linear(w, fmt, target.group, st, name)        # covariance: GPTQ
