@@ -210,3 +210,43 @@ def test_bad_arguments():
     assert main(["bench", "-m", str(MODEL), "--quant", "int8@q3"]) == 1
     assert main(["bench", "-m", str(MODEL), "--runs", "0"]) == 1
     assert main(["bench", "-m", str(MODEL), "--peers", "llama.cpp", "--llama-bench", "/nonexistent/llama-bench"]) == 1
+    assert main(["bench", "-m", str(MODEL), "--quant", "q4_0:kv=q4"]) == 1
+    assert main(["bench", "-m", str(MODEL), "--quant", "q4_0+imatrix:kv=q8_0"]) == 1      # no --calibration
+
+
+def test_every_level_in_one_table(tmp_path):
+    """`--quant all --calibration F`: one table and one plot with every level of the issue (f32 ...
+    q2_k), each quantized one again calibrated, and the KV q8_0 rows; every row measured (tiny
+    counts: this checks the rows, not the figures)."""
+    from minilm.bench.common import ALL_KV, ALL_LEVELS, split_kv
+    from minilm.cli import main
+    calib = tmp_path / "calib.txt"
+    text = TEXT.read_text() if TEXT.exists() else ""
+    if len(text) < 3000:
+        pytest.skip(f"{TEXT} not present (shared texts)")
+    calib.write_text(text[:len(text) // 2])           # two halves: calibration, evaluation
+    ev = tmp_path / "eval.txt"
+    ev.write_text(text[len(text) // 2:])
+    argv = ["bench", "-m", str(MODEL), "--quant", "all", "--calibration", str(calib), "--text", str(ev),
+            "--prompt-tokens", "8", "--new-tokens", "4", "--runs", "1", "--quality-tokens", "128",
+            "--bw-size-mb", "16", "-t", "2", "--out", str(tmp_path / "b")]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    rows = {(r["quant"], r["kv_quant"]): r for r in res["rows"]}
+    want = [(q, "f16") for q in ALL_LEVELS] + [(q + "+imatrix", "f16") for q in ALL_LEVELS[2:]]
+    want += [split_kv(q) for q in ALL_KV]
+    assert sorted(rows) == sorted(want) and res["meta"]["complete"]
+    for key, r in rows.items():
+        assert not r.get("note"), (key, r.get("note"))
+        for k in ("file_mb", "bits_per_weight", "peak_rss_mb", "decode_tok_s", "ppl", "top1_agree_pct"):
+            assert isinstance(r[k], (int, float)) and math.isfinite(r[k]) and r[k] > 0, (key, k, r[k])
+        assert math.isfinite(r["kl_mean"]) and r["kl_mean"] >= 0, key
+    assert rows[("f32", "f16")]["kl_mean"] < 1e-4 and rows[("f32", "q8_0")]["kl_mean"] > rows[("f32", "f16")]["kl_mean"]
+    assert rows[("q4_k_m", "q8_0")]["kv_cache_mb"] < rows[("q4_k_m", "f16")]["kv_cache_mb"]
+    for q in ALL_LEVELS[2:]:           # calibration changes the values, not the formats
+        assert rows[(q + "+imatrix", "f16")]["bits_per_weight"] == rows[(q, "f16")]["bits_per_weight"], q
+    bits = [rows[(q, "f16")]["bits_per_weight"] for q in ("f32", "f16", "q8_0", "q4_0")]
+    assert bits == sorted(bits, reverse=True)
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "| minilm | q2_k+imatrix | f16 |" in md and "| minilm | q4_k_m | q8_0 |" in md
+    assert (tmp_path / "b" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
