@@ -14,7 +14,11 @@ def cmd_quantize(args) -> int:
             raise ValueError("--save-imatrix needs --calibration FILE (the text to collect the statistics from)")
         model = load(args.model, quant=args.quant, group_size=args.group_size, embed_quant=args.embed_quant, n_ctx=16)
     else:
-        model, imat = load_calibrated(open_source(args.model), args.quant, 16, args.group_size, args.embed_quant,
+        src = open_source(args.model)
+        if args.save_imatrix and not str(args.save_imatrix).endswith(".safetensors"):
+            from .imatrix_io import gguf_names
+            gguf_names(src.config)          # llama.cpp's names exist for this model: fails before any work
+        model, imat = load_calibrated(src, args.quant, 16, args.group_size, args.embed_quant,
                                       args.calibration, args.imatrix)
         if args.save_imatrix:
             from .calibrate import save_imatrix
