@@ -12,7 +12,9 @@
                                    (gptq_linear), each block still the format's own quantizer
 `load(..., calibration=)` collects covariances when they fit in GPTQ_MAX_BYTES (small models),
 else the imatrix alone.
-    save_imatrix / load_imatrix    a safetensors file of the vectors (canonical matrix names)
+    save_imatrix / load_imatrix    the vectors as a file: llama.cpp's GGUF imatrix (llama-imatrix's
+                                   default, what llama-quantize --imatrix reads), its legacy .dat, or
+                                   minilm's safetensors (canonical names); minilm/imatrix_io.py
 
 A tied embedding takes the lm head's statistics (the matrix is the head's); an untied token
 embedding is a lookup table (no matmul input) and is quantized unweighted, as llama.cpp does.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,15 @@ from .errors import ModelLoadError
 CHUNK = 512           # tokens per calibration chunk (llama-imatrix's default context)
 MAX_TOKENS = 8192     # tokens read from the text at most
 GPTQ_MAX_BYTES = 1 << 29   # collect full input covariances (GPTQ) when they take at most this much
+
+
+class Imatrix(dict):
+    """{canonical matrix name: f32[K] mean x^2 (or f32[K, K] covariance)} with the token count and
+    chunk length they came from (what llama.cpp's imatrix files record)."""
+
+    def __init__(self, vectors: dict, n_tokens: int, chunk: int = CHUNK):
+        super().__init__(vectors)
+        self.n_tokens, self.chunk = int(n_tokens), int(chunk)
 
 
 def calibration_text(text_or_path) -> str:
@@ -82,7 +94,7 @@ def collect_imatrix(model, text: str, max_tokens: int = MAX_TOKENS, chunk: int =
         out[name] = (v / n).astype(np.float32).reshape((K, K) if full else (K,))
     head_name = "output" if "output" in model.tensors else "tok_embd"
     out[head_name] = (head / n).astype(np.float32)
-    return out
+    return Imatrix(out, len(ids), chunk)
 
 
 def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = "", damp: float = 0.01):
@@ -132,11 +144,43 @@ def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = 
     return Linear(fmt, N, K, arrays, sum(p.Kp for p in parts))
 
 
+# the matrices that read the residual stream, each after its norm (pre-norm architectures):
+# (norm weight, matrix) per layer, and the final norm before the lm head
+_RESIDUAL_READERS = (("attn_norm.w", "wqkv"), ("ffn_norm.w", "w_gate_up"), ("ffn_norm.w", "w_up"))
+
+
+def embedding_hessian(model) -> np.ndarray | None:
+    """f64[D, D]: how the network sees an error e in a row of an untied token embedding, for
+    GPTQ on the embedding (a lookup table: no matmul input, so no imatrix). The row enters the
+    residual stream, which every layer reads through a norm (x = g * h / rms(h)) and a matrix W;
+    e costs ||W diag(g) e||^2 / rms^2 there. Summed over the readers (each scaled to unit trace,
+    so that no one layer's scale dominates) that is e^T H e; the per-token 1 / rms^2 is one
+    factor per row and does not change the row's best quantization. None when the model has
+    no such readers (post-norm layouts)."""
+    from .quant import FORMATS, Linear
+    cfg, T = model.config, model.tensors
+    pairs = [(f"l{i}.{n}", f"l{i}.{w}") for i in range(cfg.n_layers) for n, w in _RESIDUAL_READERS]
+    pairs.append(("out_norm.w", "output"))
+    H, n = np.zeros((cfg.hidden_size, cfg.hidden_size)), 0
+    for norm, mat in pairs:
+        g, lin = T.get(norm), T.get(mat)
+        if g is None or not isinstance(lin, Linear) or lin.K != cfg.hidden_size:
+            continue
+        A = FORMATS[lin.fmt].unpack(lin.arrays)[:, :lin.K].astype(np.float64) * np.asarray(g, np.float64)[None, :]
+        M = A.T @ A                                                    # [D, D]
+        tr = float(np.trace(M))
+        if tr > 0 and np.isfinite(tr):
+            H += M / tr
+            n += 1
+    return H / n if n else None
+
+
 def quantize_tensors(model, quant: str | None, imatrix: dict | None, group_size: int | None = None,
-                     embed_quant: str | None = None):
+                     embed_quant: str | None = None, formats: dict | None = None):
     """The float `model`'s tensors in the formats of `quant`, each matrix quantized with its
     imatrix vector as importance weights (None: unweighted) -> (tensors, sources.Target).
-    `loader.quantize_loaded` makes the `LM` of them."""
+    formats: {canonical matrix: format} that win over the level's (e.g. the types of a llama.cpp
+    file, to compare at the same bits). `loader.quantize_loaded` makes the `LM` of them."""
     from .quant import FORMATS, Linear
     from .sources import convert, level_target
     cfg = model.config
@@ -145,10 +189,15 @@ def quantize_tensors(model, quant: str | None, imatrix: dict | None, group_size:
             raise ValueError(f"calibration needs a float model: tensor {name} is {t.fmt}; "
                              "calibrate the original checkpoint")
     target = level_target(cfg, quant, group_size, embed_quant)
+    if formats:
+        target = replace(target, formats={**(target.formats or {}), **formats})
     imatrix = imatrix or {}
+    full = any(v.ndim == 2 for v in imatrix.values())
     tensors = {}
     for name, t in model.tensors.items():
         st, fmt = imatrix.get(name), target.fmt(name)
+        if full and st is None and name == "tok_embd":          # untied embedding: see embedding_hessian
+            st = embedding_hessian(model)
         if st is not None and st.ndim == 2 and isinstance(t, Linear) and fmt not in (None, "f32", "f16", "bf16"):
             w = FORMATS[t.fmt].unpack(t.arrays)[:, :t.K].astype(np.float32)
             tensors[name] = gptq_linear(w, fmt, target.group, st, name)        # covariance: GPTQ
@@ -158,26 +207,49 @@ def quantize_tensors(model, quant: str | None, imatrix: dict | None, group_size:
     return tensors, target
 
 
-def save_imatrix(imatrix: dict, path, n_tokens: int | None = None) -> Path:
-    """Write the vectors as a safetensors file (metadata: minilm.imatrix, tokens); of full
-    covariances, their diagonals (the imatrix: a file read back quantizes without GPTQ)."""
+def save_imatrix(imatrix: dict, path, n_tokens: int | None = None, cfg=None, dataset: str = "") -> Path:
+    """Write the vectors (of full covariances, their diagonals: a file read back quantizes without
+    GPTQ). The layout follows the suffix: .safetensors: minilm's (canonical names; metadata
+    minilm.imatrix); .dat: llama.cpp's legacy binary; anything else (.gguf): llama.cpp's GGUF
+    imatrix, which llama-quantize --imatrix reads. The llama.cpp layouts need the model's config
+    `cfg` (tensor names) and record n_tokens (default: imatrix.n_tokens, else 1) and dataset."""
+    from . import imatrix_io
     from .safetensors_io import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"minilm.imatrix": json.dumps({"version": 1, "tokens": n_tokens})}
-    save_file({k: np.ascontiguousarray(np.diagonal(v) if v.ndim == 2 else v, np.float32) for k, v in imatrix.items()},
-              path, metadata=meta)
-    return path
+    n_tokens = n_tokens if n_tokens is not None else getattr(imatrix, "n_tokens", 1)
+    if path.suffix == ".safetensors":
+        meta = {"minilm.imatrix": json.dumps({"version": 1, "tokens": n_tokens})}
+        save_file({k: np.ascontiguousarray(np.diagonal(v) if v.ndim == 2 else v, np.float32)
+                   for k, v in imatrix.items()}, path, metadata=meta)
+        return path
+    if cfg is None:
+        raise ValueError(f"imatrix file {path}: llama.cpp's layouts need the model's config (tensor names)")
+    chunk = getattr(imatrix, "chunk", CHUNK)
+    if path.suffix == ".dat":
+        return imatrix_io.write_legacy(path, imatrix, cfg, n_tokens, chunk, dataset)
+    return imatrix_io.write_gguf(path, imatrix, cfg, n_tokens, chunk, [dataset] if dataset else [])
 
 
 def load_imatrix(path, cfg) -> dict:
-    """Read an imatrix file written by `save_imatrix`, checked against the model `cfg`: every
-    vector names a matrix of the model, has its input width, finite values >= 0."""
-    from .safetensors_io import SafetensorsFile
-    from .weights import canonical_shapes, is_matrix
+    """Read an imatrix file, checked against the model `cfg`: llama.cpp's GGUF imatrix or legacy
+    .dat (by content: llama-imatrix's files, llama.cpp tensor names) or minilm's safetensors file
+    (`save_imatrix`). Every vector names a matrix of the model, has its input width, finite values
+    >= 0; errors name the file and the entry."""
+    from . import imatrix_io
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"imatrix file {path}: not found")
+    if imatrix_io.is_gguf(path):
+        return imatrix_io.read_gguf(path, cfg)
+    if not imatrix_io.is_safetensors(path):
+        return imatrix_io.read_legacy(path, cfg)
+    return _load_safetensors_imatrix(path, cfg)
+
+
+def _load_safetensors_imatrix(path: Path, cfg) -> dict:
+    from .safetensors_io import SafetensorsFile
+    from .weights import canonical_shapes, is_matrix
     try:
         f = SafetensorsFile(path)
     except ModelLoadError:

@@ -20,10 +20,11 @@ def add_subcommands(sub) -> None:
                     "where no llama-bench is found; the row names the configuration that ran.")
     b.add_argument("-m", "--model", required=True, help="model folder or hub id")
     b.add_argument("--quant", default="f32,f16,int8,int4,int4-g128",
-                   help="comma-separated levels (default: f32,f16,int8,int4,int4-g128), also ggml's formats and "
+                   help="comma-separated levels (default: f32,f16,int8,int4,int4-g128; all: every level below, each also +imatrix with --calibration, and KV q8_0 rows), also ggml's formats and "
                         "llama.cpp's mixes (q8_0,q6_k,q5_k_m,q4_k_m,iq4_nl,iq4_xs,q4_0,q3_k_m,q2_k); LEVEL@EMBED "
                         "sets the embedding / lm-head format, e.g. int8@int8 = llama.cpp's Q8_0 layout byte for "
-                        "byte; LEVEL+imatrix quantizes with importance weights from --calibration")
+                        "byte; LEVEL+imatrix quantizes with importance weights from --calibration; LEVEL:kv=q8_0 runs that "
+                        "row with that KV cache type")
     b.add_argument("--calibration", default=None, metavar="FILE",
                    help="calibration text for LEVEL+imatrix levels (e.g. q4_k_m+imatrix): importance-weighted "
                         "quantization; use a text distinct from --text")

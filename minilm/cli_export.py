@@ -29,6 +29,6 @@ def add_subcommands(sub) -> None:
                         "(q6_k, iq4_nl, ...) or llama.cpp's mixes (q4_k_m, q3_k_m, q2_k, ...); "
                         "default: as loaded (a pre-quantized folder keeps its types)")
     e.add_argument("--calibration", default=None, metavar="FILE", help="text for importance weights (imatrix)")
-    e.add_argument("--imatrix", default=None, metavar="FILE", help="importance weights from quantize --save-imatrix")
+    e.add_argument("--imatrix", default=None, metavar="FILE", help="importance weights: llama-imatrix's file (GGUF or .dat) or quantize --save-imatrix's")
     e.add_argument("-t", "--threads", type=int, default=None, help="kernel threads (default: all cores)")
     e.set_defaults(func=cmd_export)

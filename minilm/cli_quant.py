@@ -14,11 +14,16 @@ def cmd_quantize(args) -> int:
             raise ValueError("--save-imatrix needs --calibration FILE (the text to collect the statistics from)")
         model = load(args.model, quant=args.quant, group_size=args.group_size, embed_quant=args.embed_quant, n_ctx=16)
     else:
-        model, imat = load_calibrated(open_source(args.model), args.quant, 16, args.group_size, args.embed_quant,
+        src = open_source(args.model)
+        if args.save_imatrix and not str(args.save_imatrix).endswith(".safetensors"):
+            from .imatrix_io import gguf_names
+            gguf_names(src.config)          # llama.cpp's names exist for this model: fails before any work
+        model, imat = load_calibrated(src, args.quant, 16, args.group_size, args.embed_quant,
                                       args.calibration, args.imatrix)
         if args.save_imatrix:
             from .calibrate import save_imatrix
-            print(f"wrote the imatrix to {save_imatrix(imat, args.save_imatrix)}")
+            out = save_imatrix(imat, args.save_imatrix, cfg=model.config, dataset=str(args.calibration))
+            print(f"wrote the imatrix to {out}")
     model.save(args.output)
     print(model.summary())
     print(f"wrote {args.output} in {time.perf_counter() - t:.1f} s")
@@ -41,9 +46,13 @@ def add_subcommands(sub) -> None:
     q.add_argument("--calibration", default=None, metavar="FILE",
                    help="UTF-8 text to collect importance weights from (imatrix): every matrix is "
                         "quantized weighting its input columns by their mean squared activation")
-    q.add_argument("--imatrix", default=None, metavar="FILE", help="importance weights saved by --save-imatrix")
+    q.add_argument("--imatrix", default=None, metavar="FILE",
+                   help="importance weights: a file of llama.cpp's llama-imatrix (GGUF or legacy .dat) or of "
+                        "--save-imatrix")
     q.add_argument("--save-imatrix", default=None, metavar="FILE",
-                   help="write the statistics --calibration collected (safetensors)")
+                   help="write the statistics --calibration collected: FILE.gguf (or any other suffix) as "
+                        "llama.cpp's GGUF imatrix (llama-quantize --imatrix reads it), FILE.dat as its legacy "
+                        "format, FILE.safetensors as minilm's")
     q.add_argument("--group-size", type=int, default=None, choices=[32, 64, 128], help="int4 group size")
     q.add_argument("--embed-quant", default=None, help="format of embedding/lm head (default: int8 for int4)")
     q.add_argument("-o", "--output", required=True, help="output folder")

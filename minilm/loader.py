@@ -312,14 +312,16 @@ def load_calibrated(src: Source, quant, n_ctx, group_size, embed_quant, calibrat
 
 
 def quantize_loaded(model, quant: str | None, imatrix: dict | None = None, n_ctx: int | None = None,
-                    group_size: int | None = None, embed_quant: str | None = None, kv_quant: str | None = None):
+                    group_size: int | None = None, embed_quant: str | None = None, kv_quant: str | None = None,
+                    formats: dict | None = None):
     """A new `LM` of a loaded float `model` quantized to `quant` with importance weights
     (calibrate.quantize_tensors; imatrix None: unweighted). n_ctx None: `default_n_ctx` for the
-    quantized weights and the memory available now."""
+    quantized weights and the memory available now. formats: per-matrix formats that win over the
+    level's (calibrate.quantize_tensors)."""
     from . import calibrate
     from .cache import check_kv_quant
     kv_quant = check_kv_quant(kv_quant)
-    tensors, target = calibrate.quantize_tensors(model, quant, imatrix, group_size, embed_quant)
+    tensors, target = calibrate.quantize_tensors(model, quant, imatrix, group_size, embed_quant, formats)
     note = f"n_ctx {n_ctx} (as given)"
     if n_ctx is None:
         weights = sum({id(t): t.nbytes for t in tensors.values()}.values())

@@ -210,3 +210,52 @@ def test_bad_arguments():
     assert main(["bench", "-m", str(MODEL), "--quant", "int8@q3"]) == 1
     assert main(["bench", "-m", str(MODEL), "--runs", "0"]) == 1
     assert main(["bench", "-m", str(MODEL), "--peers", "llama.cpp", "--llama-bench", "/nonexistent/llama-bench"]) == 1
+    assert main(["bench", "-m", str(MODEL), "--quant", "q4_0:kv=q4"]) == 1
+    assert main(["bench", "-m", str(MODEL), "--quant", "q4_0+imatrix:kv=q8_0"]) == 1      # no --calibration
+
+
+def test_all_is_every_level_calibrated_and_the_kv_axis():
+    """`--quant all`: every level of llama.cpp's presets and the float references, each quantized
+    one again calibrated (with --calibration), and f32 / q4_k_m with a q8_0 KV cache; the f32 row
+    first, a LEVEL:kv=TYPE row once with its own KV type."""
+    from minilm.bench.cli import _jobs
+    from minilm.bench.common import expand_levels
+    every = ["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_nl", "iq4_xs", "q4_0", "q3_k_m", "q2_k"]
+    levels = expand_levels(["all"], "calib.txt")
+    assert levels == every + [q + "+imatrix" for q in every[2:]] + ["f32:kv=q8_0", "q4_k_m:kv=q8_0"]
+    assert expand_levels(["all", "q4_0"], None) == every + ["f32:kv=q8_0", "q4_k_m:kv=q8_0"]
+    jobs = _jobs(levels, [], False, ("f16",))
+    assert jobs[0] == ("minilm", "f32", "f16") and len(jobs) == len(levels)
+    assert [(q, kv) for _, q, kv in jobs if kv == "q8_0"] == [("f32", "q8_0"), ("q4_k_m", "q8_0")]
+    assert ("minilm", "q2_k+imatrix", "f16") in jobs
+
+
+def test_calibrated_and_kv_rows_in_one_table(tmp_path):
+    """A calibrated row beside its plain level and a row with its own KV type, end to end on the
+    tiny model (tiny counts: this checks the rows, not the figures): same formats (bits), other
+    values; the q8_0 KV row has the smaller cache; one table, one plot."""
+    from minilm.cli import main
+    text = TEXT.read_text() if TEXT.exists() else ""
+    if len(text) < 3000:
+        pytest.skip(f"{TEXT} not present (shared texts)")
+    calib, ev = tmp_path / "calib.txt", tmp_path / "eval.txt"
+    calib.write_text(text[:len(text) // 2])           # two halves: calibration, evaluation
+    ev.write_text(text[len(text) // 2:])
+    argv = ["bench", "-m", str(MODEL), "--quant", "q4_0,q4_0+imatrix,q4_0:kv=q8_0", "--calibration", str(calib),
+            "--text", str(ev), "--prompt-tokens", "8", "--new-tokens", "4", "--runs", "1", "--quality-tokens", "128",
+            "--bw-size-mb", "16", "-t", "2", "--out", str(tmp_path / "b")]
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "b" / "results.json").read_text())
+    rows = {(r["quant"], r["kv_quant"]): r for r in res["rows"]}
+    assert sorted(rows) == [("q4_0", "f16"), ("q4_0", "q8_0"), ("q4_0+imatrix", "f16")] and res["meta"]["complete"]
+    for key, r in rows.items():
+        assert not r.get("note"), (key, r.get("note"))
+        for k in ("file_mb", "bits_per_weight", "peak_rss_mb", "decode_tok_s", "ppl", "top1_agree_pct"):
+            assert isinstance(r[k], (int, float)) and math.isfinite(r[k]) and r[k] > 0, (key, k, r[k])
+        assert math.isfinite(r["kl_mean"]) and r["kl_mean"] > 0, key
+    plain, cal, kv8 = rows[("q4_0", "f16")], rows[("q4_0+imatrix", "f16")], rows[("q4_0", "q8_0")]
+    assert cal["bits_per_weight"] == plain["bits_per_weight"] and cal["kl_mean"] != plain["kl_mean"]
+    assert kv8["kv_cache_mb"] < plain["kv_cache_mb"] and kv8["bits_per_weight"] == plain["bits_per_weight"]
+    md = (tmp_path / "b" / "results.md").read_text()
+    assert "| minilm | q4_0+imatrix | f16 |" in md and "| minilm | q4_0 | q8_0 |" in md
+    assert (tmp_path / "b" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -288,3 +288,24 @@ def test_mixed_fused_parts_take_the_widest_format_not_f32():
     assert both.fmt == "q6_k"                                                   # not onto Q3_K's coarse grid
     exact = np.concatenate([dequant(x) for x in low])
     assert np.abs(dequant(both) - exact).max() <= 0.03 * np.abs(exact).max()
+
+
+def test_untied_embedding_takes_gptq_with_the_readers_hessian(llama256):
+    """An untied token embedding has no matmul input (no imatrix); with covariances it is quantized
+    by GPTQ with embedding_hessian: how the residual stream's readers (norm, then matrix) see a
+    row error. H is symmetric, positive semidefinite, of unit trace, and the quantized rows have
+    a lower error e^T H e than the unweighted quantizer's."""
+    from minilm.calibrate import embedding_hessian, gptq_linear, quantize_tensors
+    m = minilm.load(llama256, n_ctx=64)
+    H = embedding_hessian(m)
+    D = m.config.hidden_size
+    assert H.shape == (D, D) and np.allclose(H, H.T) and abs(np.trace(H) - 1) < 1e-9
+    assert np.linalg.eigvalsh(H).min() > -1e-12
+    w = m.tensors["tok_embd"].arrays["w"][:256].astype(np.float32)
+    cost = lambda lin: float(np.einsum("ij,jk,ik->", e := w - FORMATS[lin.fmt].unpack(lin.arrays)[:, :D], H, e))
+    assert cost(gptq_linear(w, "q4_k", 32, H)) < 0.9 * cost(Linear.quantize(w, "q4_k"))
+    cov = {"l0.wqkv": np.eye(D, dtype=np.float32)}               # covariances given: the embedding too
+    cal, _ = quantize_tensors(m, "q4_0", cov)
+    plain, _ = quantize_tensors(m, "q4_0", None)
+    assert cal["tok_embd"].fmt == plain["tok_embd"].fmt == "q8_0"
+    assert not np.array_equal(cal["tok_embd"].arrays["qs"], plain["tok_embd"].arrays["qs"])

@@ -21,11 +21,13 @@ from .common import (
     PEERS,
     calibrated,
     cpu_name,
+    expand_levels,
     gguf_type,
     measure_bandwidth,
     parse_level,
     progress,
     speed_prompt,
+    split_kv,
 )
 
 BUILTIN_TEXT = (
@@ -119,16 +121,20 @@ def _run_child(spec: dict, work: Path, name: str) -> dict:
 def _jobs(levels: list[str], peers: list[str], from_saved: bool,
           kvs: tuple[str, ...] = ("f16",)) -> list[tuple[str, str, str | None]]:
     """(engine, level, KV storage type of a minilm row) in run order: f32 weights with an f32 KV
-    cache first when asked for (that row writes the quality reference)."""
+    cache first when asked for (that row writes the quality reference). A level written
+    LEVEL:kv=TYPE runs once, with that KV type; the others once per type of `kvs`."""
     order = (["f32"] if "f32" in levels else []) + [q for q in levels if q != "f32"]
     kvs = (["f32"] if "f32" in kvs else []) + [k for k in kvs if k != "f32"]
-    jobs = []
-    for q in order:
-        if from_saved and q != "f32":
+    jobs, saving = [], set()
+    for spec in order:
+        q, own_kv = split_kv(spec)
+        if from_saved and q != "f32" and q not in saving:
             jobs.append(("save", q, None))
-        jobs += [("minilm", q, kv) for kv in kvs]
+            saving.add(q)
+        jobs += [("minilm", q, kv) for kv in ([own_kv] if own_kv else kvs)]
     if "llama.cpp" in peers:
-        gg = [q for q in order if parse_level(q)[0] in GGUF_TYPES and not calibrated(q)]
+        gg = list(dict.fromkeys(q for q, _ in map(split_kv, order)
+                                if parse_level(q)[0] in GGUF_TYPES and not calibrated(q)))
         jobs += [("llama.cpp", q, None) for q in (gg or ["f32"])]
     if "transformers" in peers:
         jobs.append(("transformers", "fp32", None))
@@ -145,24 +151,29 @@ def run(args) -> int:
     from ..loader import resolve
     from ..tokenizer import Tokenizer
 
-    levels = [q.strip() for q in args.quant.split(",") if q.strip()]
+    calibration = getattr(args, "calibration", None)
+    levels = expand_levels([q.strip() for q in args.quant.split(",") if q.strip()], calibration)
     if not levels:
         raise ValueError("--quant: no level given")
+
+    def kv_type(k: str, where: str) -> str:
+        try:
+            return check_kv_quant(k)
+        except ValueError:
+            raise ValueError(f"{where}: not a KV cache type (choose from f16, q8_0, f32)") from None
+
     for q in levels:
-        parse_level(q)                                 # raises, naming the bad level
-    kvs = []
-    for k in (getattr(args, "kv_quant", None) or "f16").split(","):
-        if k.strip():
-            try:
-                kvs.append(check_kv_quant(k.strip()))
-            except ValueError:
-                raise ValueError(f"--kv-quant {k.strip()}: not a KV cache type (choose from f16, q8_0, f32)") from None
+        level, kv = split_kv(q)
+        parse_level(level)                             # raises, naming the bad level
+        if kv is not None:
+            kv_type(kv, f"--quant {q}")
+    kvs = [kv_type(k.strip(), f"--kv-quant {k.strip()}")
+           for k in (getattr(args, "kv_quant", None) or "f16").split(",") if k.strip()]
     if not kvs:
         raise ValueError("--kv-quant: no KV cache type given")
-    calibration = getattr(args, "calibration", None)
-    if any(calibrated(q) for q in levels):
+    if any(calibrated(split_kv(q)[0]) for q in levels):
         if not calibration:
-            raise ValueError(f"--quant {','.join(q for q in levels if calibrated(q))}: calibrated levels need "
+            raise ValueError(f"--quant {','.join(q for q in levels if calibrated(split_kv(q)[0]))}: calibrated levels need "
                              "--calibration FILE (a text distinct from --text)")
         if not Path(calibration).is_file():
             raise ValueError(f"--calibration {calibration}: file not found")
@@ -196,6 +207,8 @@ def run(args) -> int:
 
     # quality text -> windows
     notes = []
+    if "all" in args.quant.split(",") and not calibration:
+        notes.append("--quant all without --calibration: no LEVEL+imatrix rows")
     if args.text:
         text, text_name = Path(args.text).read_text(encoding="utf-8", errors="replace"), str(args.text)
     else:
@@ -254,7 +267,8 @@ def run(args) -> int:
     jobs = _jobs(levels, peers, meta["from_saved"], tuple(kvs))
     interrupted = False
     try:
-        if qual and not ("f32" in levels and "f32" in kvs):      # the reference alone (not a row)
+        if qual and not any(e == "minilm" and q == "f32" and kv == "f32" for e, q, kv in jobs):
+            # the reference alone (not a row)
             print("computing the f32 reference for the quality columns", file=sys.stderr)
             r = _run_child(dict(base, engine="minilm", quant="f32", kv_quant="f32", ref_only=True), tmp, "ref")
             if r.get("note"):

@@ -25,6 +25,33 @@ GGUF_TYPES = {lv: _quant.FORMATS[m].ggml_name for lv, (m, _, g) in _quant.LEVELS
 GGUF_TYPES.update({"int8": "Q8_0", "int4": "Q4_0"})       # embedding spellings after '@'
 
 PEERS = ("llama.cpp", "transformers")
+# `--quant all`: every level users meet in GGUF files on the hub (llama.cpp's presets) and the
+# float references, each quantized one also calibrated (LEVEL+imatrix) when --calibration is given,
+# and the KV cache axis: f32 and q4_k_m weights with a q8_0 KV cache (LEVEL:kv=TYPE)
+ALL_LEVELS = ("f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_nl", "iq4_xs", "q4_0", "q3_k_m", "q2_k")
+ALL_KV = ("f32:kv=q8_0", "q4_k_m:kv=q8_0")
+KV_SUFFIX = ":kv="          # LEVEL:kv=TYPE: this row's KV cache type (instead of --kv-quant's)
+
+
+def split_kv(spec: str) -> tuple[str, str | None]:
+    """'q4_k_m:kv=q8_0' -> ('q4_k_m', 'q8_0'); 'q4_k_m' -> ('q4_k_m', None)."""
+    level, sep, kv = spec.partition(KV_SUFFIX)
+    return level, (kv if sep else None)
+
+
+def expand_levels(specs: list[str], calibration) -> list[str]:
+    """--quant's list with 'all' replaced by ALL_LEVELS (+ their LEVEL+imatrix rows when a
+    calibration text is given) and ALL_KV; duplicates dropped, order kept."""
+    out = []
+    for q in specs:
+        if q == "all":
+            out += list(ALL_LEVELS)
+            if calibration:
+                out += [lv + CALIBRATED for lv in ALL_LEVELS if lv not in ("f32", "f16")]
+            out += list(ALL_KV)
+        else:
+            out.append(q)
+    return list(dict.fromkeys(out))
 
 
 def parse_level(spec: str) -> tuple[str, str | None]:
