@@ -174,6 +174,31 @@ def _mm_rows(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
     activations XQ/XD/XS that OP_QUANT wrote)."""
 
 
+def _named(fn, tag):
+    """fn, renamed after what it computes (tag). Numba names compiled code after the function's
+    qualified name plus a per-process counter, so closures generated for different formats in two
+    processes can get the same symbol in the on-disk cache; a process that then loads both runs
+    one in place of the other (garbage logits from the second model). A name that says what the
+    closure computes makes equal symbols mean equal code."""
+    fn.__qualname__ = f"{fn.__qualname__}[{tag}]"
+    return fn
+
+
+def _mangle_records_by_content():
+    """Numba mangles a record type by a per-process serial number, not by its fields, so the
+    executor compiled for one format set (fs: record tags) in one process and for another set in
+    a second process can carry the same symbol names in the cache, and a third process that loads
+    both links the second to the first's code. Mangle records by their full name (fields, types,
+    offsets) instead; this only renames symbols."""
+    from numba.core.types import npytypes
+    if not getattr(npytypes.Record, "_minilm_by_content", False):
+        npytypes.Record.mangling_args = property(lambda self: (type(self).__name__, (self.name,)))
+        npytypes.Record._minilm_by_content = True
+
+
+_mangle_records_by_content()
+
+
 def _tags(fs):
     """The format tags of fs: numpy dtypes as Numba types; raw ggml formats are record dtypes
     named after the format (quant.FORMATS[...].tag)."""
@@ -202,6 +227,7 @@ def _raw_chain(specs, kind):
             return njit(lambda fid, raw, XQ, XD, XS, M, out, g0, g1: None)
         return njit(lambda fid, x, xq, xd, xs: None)
     (fid, spec), rest = specs[0], _raw_chain(specs[1:], kind)
+    tag = "-".join(str(f) for f, _ in specs)        # the formats this link and the rest dispatch
     if kind == "rows":
         rows, mrows = spec.gemv_groups, spec.gemm_groups
 
@@ -213,7 +239,7 @@ def _raw_chain(specs, kind):
                     mrows(XQ, XD, XS, raw, out, M, g0, g1)
             else:
                 rest(f, raw, XQ, XD, XS, M, out, g0, g1)
-        return njit(one)
+        return njit(_named(one, tag))
     act = spec.act_quant
 
     def one_act(f, x, xq, xd, xs):
@@ -221,7 +247,7 @@ def _raw_chain(specs, kind):
             act(x, xq, xd, xs)
         else:
             rest(f, x, xq, xd, xs)
-    return njit(one_act)
+    return njit(_named(one_act, tag))
 
 
 @overload(_mm_rows, jit_options=dict(fastmath=True))
@@ -401,7 +427,7 @@ def _ext_chain(items):
             fn(s, k, M, pos, steps, fpar, btab, mtab, vtab)
         else:
             rest(op, s, k, M, pos, steps, fpar, btab, mtab, vtab)
-    return njit(one)
+    return njit(_named(one, "-".join(str(o) for o, _ in items)))
 
 
 @overload(_ext_task)

@@ -149,18 +149,22 @@ class PromptLookup:
     of verify passes (a pass's time over the tokens it produced: those accepted + 1), as moving
     averages; while the passes cost more per token than plain steps (a tiny model whose step is
     mostly fixed overhead, a pass that is not much cheaper per row than single steps), a draft
-    is followed by the same doubling pause as a draft with nothing accepted."""
+    is followed by the same doubling pause as a draft with nothing accepted. Only for greedy
+    decoding (`timed`): with sampling, whether a draft is made changes which random draws are
+    taken, so it must depend on the text alone, or a seed would give different text on a busy
+    machine."""
     N = 3
     K_MAX = 12
     BACKOFF_MAX = 64
 
-    def __init__(self, ids: list[int]):
+    def __init__(self, ids: list[int], timed: bool = True):
         self.ids = ids                      # the text so far (the caller appends to it)
         self.index: list[dict] = [{} for _ in range(self.N)]   # n-gram (n = 1..N) -> follower position
         self.done = 0                       # followers ids[:done] are indexed
         self.k, self.pause, self.backoff = 4, 0, 1
         self.proposed = self.accepted = self.passes = 0
         self.t_plain = self.t_pass = 0.0    # moving averages: s per plain step, s per token of a pass
+        self.timed = timed                  # may the timings pause drafting (greedy only)
 
     @staticmethod
     def _avg(old: float, new: float) -> float:
@@ -196,7 +200,7 @@ class PromptLookup:
         self.accepted += accepted
         if seconds > 0.0:
             self.t_pass = self._avg(self.t_pass, seconds / (accepted + 1))
-        if self.t_plain > 0.0 and self.t_pass > self.t_plain:    # passes cost more per token: pause
+        if self.timed and 0.0 < self.t_plain < self.t_pass:    # passes cost more per token: pause
             accepted = 0
         if accepted == drafted:
             self.k = min(self.K_MAX, self.k + 2)
@@ -215,7 +219,7 @@ def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, con
     logits = net.prefill(prompt_ids[keep:])
     ch = TokenChooser(prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint, cache.n_ctx)
     history = ch.history                    # the text so far (the chooser appends each token)
-    spec = PromptLookup(history) if speculative else None
+    spec = PromptLookup(history, timed=sampler.temperature == 0.0) if speculative else None
     net.last_lookup = spec                  # its counts, for `minilm bench` and the tests
     pending: list = []      # [(drafted token, logits after it)] of the last verify pass, in order
     drafted = 0             # tokens in that pass's draft

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from minilm.quant import FORMATS
+
 from conftest import SHARED
 
 PROBE = r"""
@@ -49,3 +51,36 @@ def test_second_process_does_not_recompile(quant):
     assert not many, f"kernels with more than one compiled signature: {many}"
     # prefill and decode both run the plan through the one executor
     assert "executor.run_plan_jit" in r["sigs"], r["sigs"]
+
+
+MANGLE = r"""
+import json, sys
+import numpy as np
+import numba
+from numba.core import itanium_mangler
+import minilm.kernels.executor as ex
+from minilm.quant import FORMATS
+for i in range(int(sys.argv[1])):                 # other record types first: other serial numbers
+    numba.typeof(np.zeros(0, np.dtype([("pad%d" % i, np.uint8)])))
+names = {f: itanium_mangler.mangle_type_or_value(numba.typeof(np.zeros(0, FORMATS[f].tag)))
+         for f in ("q4_1", "q5_0", "q4_k")}
+specs = ex._raw_formats(numba.typeof((np.zeros(0, FORMATS["q4_1"].tag), np.zeros(0, FORMATS["q5_0"].tag))))
+chain = ex._raw_chain(specs, "rows").py_func.__qualname__
+print("RESULT" + json.dumps({"names": names, "chain": chain}))
+"""
+
+
+def test_cached_symbols_name_what_they_compute():
+    """Two processes that compiled executors for different formats must not leave equal symbol
+    names in the shared cache (a third process loading both would link one to the other's code
+    and compute garbage): record types and generated closures are named by content, not by a
+    per-process counter."""
+    res = []
+    for pad in (0, 7):
+        out = subprocess.run([sys.executable, "-c", MANGLE, str(pad)], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        res.append(json.loads([l for l in out.stdout.splitlines() if l.startswith("RESULT")][-1][6:]))
+    assert res[0] == res[1]                       # the same names whatever came before
+    assert len(set(res[0]["names"].values())) == 3
+    fids = "-".join(str(FORMATS[f].fid) for f in ("q4_1", "q5_0"))
+    assert res[0]["chain"].endswith(f"[{fids}]")  # the dispatch chain names its formats

@@ -164,6 +164,22 @@ def test_prompt_lookup_pauses_while_passes_cost_more_per_token():
     assert (pl.proposed, pl.accepted) == (8, 5)  # the counts stay what was accepted
 
 
+def test_sampled_drafting_does_not_depend_on_timings():
+    """With sampling, drafting decides which random draws are taken: it must follow the text
+    alone (a seed gives the same text on a busy machine), so the timing pause is greedy-only."""
+    ids = [1, 2, 3, 4, 9, 1, 2, 3]
+    pl = PromptLookup(ids, timed=False)
+    pl.timed_step(0.001)
+    assert pl.draft(10) == [4, 9, 1, 2]
+    pl.result(4, 4, seconds=10.0)                # far slower than a plain step: no pause
+    assert pl.k == 6 and pl.draft(10) != []
+    m = _load("proxy-llama256-shakespeare", "int4")
+    m.generate_ids(_grounded(m), max_new_tokens=4, temperature=0.7, seed=1)
+    assert m.net.last_lookup.timed is False
+    m.generate_ids(_grounded(m), max_new_tokens=4)
+    assert m.net.last_lookup.timed is True
+
+
 def test_speculative_argument_checked():
     m = _load("stories260K")
     with pytest.raises(ValueError, match="speculative"):
