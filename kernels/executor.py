@@ -169,6 +169,25 @@ def _q4_groups(xq, xd, xs, qs, d, out, g0, g1):
     gemv_q4_0_groups(xq, xd, xs, qs, d, out, g0, g1)
 
 
+@njit(**_J)
+def _q8_groups_rows(XQ, XD, XS, qs, d, out, M, g0, g1):
+    """Row groups g0..g1-1 of M tokens, each token as decode computes it; the 4 rows of a group
+    stay in L1 across the tokens. The loops and the inlined kernel are one function, so LLVM
+    keeps the kernel's setup out of the per-token loop (a call per group and token made a
+    13-row verify pass cost 10.5 decode steps instead of 7)."""
+    for g in range(g0, g1):
+        for m in range(M):
+            gemv_q8_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], g, g + 1)
+
+
+@njit(**_J)
+def _q4_groups_rows(XQ, XD, XS, qs, d, out, M, g0, g1):
+    """As _q8_groups_rows, for Q4_0."""
+    for g in range(g0, g1):
+        for m in range(M):
+            gemv_q4_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], g, g + 1)
+
+
 def _mm_rows(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
     """Row groups g0..g1-1 (4 rows each) of out[:M] = x[:M] @ W_j.T (quantized formats read the
     activations XQ/XD/XS that OP_QUANT wrote)."""
@@ -305,9 +324,7 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                 if M == 1:                           # one stream of rows (prefetch runs ahead)
                     _q8_groups(XQ[0], XD[0], XS[0], qs, d, out[0], g0, g1)
                 else:
-                    for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
-                        for m in range(M):
-                            _q8_groups(XQ[m], XD[m], XS[m], qs, d, out[m], g, g + 1)
+                    _q8_groups_rows(XQ, XD, XS, qs, d, out, M, g0, g1)
                 return
         if has_q4:
             if fmt == F_Q4_0:
@@ -316,9 +333,7 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                 if M == 1:
                     _q4_groups(XQ[0], XD[0], XS[0], q4, d4, out[0], g0, g1)
                 else:
-                    for g in range(g0, g1):
-                        for m in range(M):
-                            _q4_groups(XQ[m], XD[m], XS[m], q4, d4, out[m], g, g + 1)
+                    _q4_groups_rows(XQ, XD, XS, q4, d4, out, M, g0, g1)
                 return
         if has_raw:
             if fmt >= F_RAW:
