@@ -132,25 +132,31 @@ def read_gguf(path: Path, cfg) -> dict:
     return _to_canonical(path, entries, cfg)
 
 
-def write_gguf(path: Path, imatrix: dict, cfg, n_tokens: int, chunk: int, datasets: list[str]) -> Path:
-    """Write `imatrix` ({canonical name: f32[K] mean x^2, or f32[K, K] covariance: its diagonal})
-    as llama-imatrix's GGUF: sums = mean * n_tokens, counts = n_tokens."""
-    from .sources import gguf_module
-    gguf = gguf_module()
+def _llama_rows(imatrix: dict, cfg) -> list:
+    """[(llama.cpp tensor name, f32[K] mean x^2)] of `imatrix` in llama-imatrix's order (sorted
+    names); a fused matrix gives one row per llama.cpp tensor, a covariance its diagonal."""
     names = gguf_names(cfg)
-    w = gguf.GGUFWriter(str(path), "")
-    w.kv_data[0].pop("general.architecture", None)      # an imatrix file has none (as llama-imatrix's)
-    w.add_string("general.type", "imatrix")
-    w.add_array("imatrix.datasets", list(datasets))
-    w.add_uint32("imatrix.chunk_count", max(1, -(-n_tokens // chunk)))
-    w.add_uint32("imatrix.chunk_size", chunk)
     rows = []
     for canon, v in imatrix.items():
         if canon not in names:
             raise ValueError(f"imatrix {canon!r}: no matrix of this model has that name")
         v = np.diagonal(v) if v.ndim == 2 else v
         rows += [(g, v) for g in names[canon]]
-    for g, v in sorted(rows):                       # llama-imatrix's order: sorted names
+    return sorted(rows, key=lambda r: r[0])
+
+
+def write_gguf(path: Path, imatrix: dict, cfg, n_tokens: int, chunk: int, datasets: list[str]) -> Path:
+    """Write `imatrix` ({canonical name: f32[K] mean x^2, or f32[K, K] covariance: its diagonal})
+    as llama-imatrix's GGUF: sums = mean * n_tokens, counts = n_tokens."""
+    from .sources import gguf_module
+    gguf = gguf_module()
+    w = gguf.GGUFWriter(str(path), "")
+    w.kv_data[0].pop("general.architecture", None)      # an imatrix file has none (as llama-imatrix's)
+    w.add_string("general.type", "imatrix")
+    w.add_array("imatrix.datasets", list(datasets))
+    w.add_uint32("imatrix.chunk_count", max(1, -(-n_tokens // chunk)))
+    w.add_uint32("imatrix.chunk_size", chunk)
+    for g, v in _llama_rows(imatrix, cfg):
         w.add_tensor(g + COUNTS, np.full((1, 1), n_tokens, np.float32))
         w.add_tensor(g + SUM2, (np.asarray(v, np.float64) * n_tokens).astype(np.float32).reshape(1, -1))
     w.write_header_to_file()
@@ -217,16 +223,10 @@ def read_legacy(path: Path, cfg) -> dict:
 def write_legacy(path: Path, imatrix: dict, cfg, n_tokens: int, chunk: int, dataset: str) -> Path:
     """Write `imatrix` as llama-imatrix's legacy .dat file (values = mean * ncall, ncall = the
     chunks the statistics came from)."""
-    names = gguf_names(cfg)
     ncall = max(1, -(-n_tokens // chunk))
-    rows = []
-    for canon, v in imatrix.items():
-        if canon not in names:
-            raise ValueError(f"imatrix {canon!r}: no matrix of this model has that name")
-        v = np.diagonal(v) if v.ndim == 2 else v
-        rows += [(g, v) for g in names[canon]]
+    rows = _llama_rows(imatrix, cfg)
     out = [struct.pack("<i", len(rows))]
-    for g, v in sorted(rows):
+    for g, v in rows:
         b = g.encode()
         out += [struct.pack("<i", len(b)), b, struct.pack("<ii", ncall, v.size),
                 (np.asarray(v, np.float64) * ncall).astype("<f4").tobytes()]

@@ -70,17 +70,21 @@ CASES = [("proxy-qwen3-shakespeare", "int4"), ("proxy-qwen3-shakespeare", "f32")
          ("proxy-gemma2-shakespeare", "f32")]
 
 
+def _run(script, name, quant):
+    """stdout of `script` run in a fresh process on shared model `name` at `quant` (it must exit 0)."""
+    r = subprocess.run([sys.executable, "-c", script, str(shared_path("models", name)), quant],
+                       capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
 @pytest.mark.parametrize("name,quant", CASES)
 def test_decode_rows_equal_lone_decodes(name, quant):
     """Four sequences of different lengths (one past the 64 positions where decode attention
     splits in two) decoded together on slots 1-4, one of them two tokens a pass on every other
     step, some passes returning the logits of a subset of rows: every row's logits equal that
     sequence's lone prefill + decode on slot 0, bit for bit."""
-    path = shared_path("models", name)
-    r = subprocess.run([sys.executable, "-c", CHECK, str(path), quant], capture_output=True,
-                       text=True, timeout=900, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "BAD 0" in r.stdout, r.stdout[-3000:]
+    assert "BAD 0" in _run(CHECK, name, quant)
 
 
 def test_decode_rows_refuses_bad_arguments(shared_model):
@@ -234,11 +238,7 @@ def test_request_joining_while_others_decode_gets_its_lone_answer(name, quant):
     """A request whose prompt (several chunks of 8 rows) runs in the passes of two decoding
     sequences, its last chunk alone or beside them (both policies): all three get their lone
     greedy tokens; LFM2's convolution state stays per sequence."""
-    path = shared_path("models", name)
-    r = subprocess.run([sys.executable, "-c", JOIN, str(path), quant], capture_output=True,
-                       text=True, timeout=900, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "OK" in r.stdout, r.stdout[-3000:]
+    assert "OK" in _run(JOIN, name, quant)
 
 
 def test_scheduler_speculates_while_one_sequence_decodes(shared_model):
