@@ -13,6 +13,7 @@ from .sampling import Sampler, check_params
 # How many prompt tokens are decoded together with the continuation so that its first piece
 # keeps its leading space (sentencepiece decoders strip the space of a text's first token).
 _CTX_TOKENS = 4
+_TAIL_TOKENS = 16     # TextStream: tokens decoded again on every push (at most twice this)
 
 
 def check_seed(seed) -> int | None:
@@ -269,22 +270,47 @@ class TextStream:
 
     def __init__(self, tokenizer, prompt_ids, stop):
         self.tok = tokenizer
-        self.ctx = list(prompt_ids[-_CTX_TOKENS:])
+        self.ctx = list(prompt_ids[-_CTX_TOKENS:])   # left context of the undecided tail
         self.ctx_text = tokenizer.decode(self.ctx)
         self.ids: list[int] = []
+        self.tail: list[int] = []    # ids after the settled text (decoded again each token)
+        self.settled = ""             # text of the continuation up to the tail
         self.stop = stop
         self.sent = 0          # chars of the continuation already emitted
         self.done = False
 
+    def _decode_after(self, ctx, ctx_text, ids) -> str:
+        full = self.tok.decode(ctx + ids)
+        if full.startswith(ctx_text):
+            return full[len(ctx_text):]
+        return self.tok.decode(ids)
+
     def text(self) -> str:
-        full = self.tok.decode(self.ctx + self.ids)
-        if full.startswith(self.ctx_text):
-            return full[len(self.ctx_text):]
-        return self.tok.decode(self.ids)
+        """The continuation's text so far. Only the last tokens (the tail) are decoded again per
+        token: once the tail is long, its head is settled when decoding it with its left
+        context gives the same text as decoding everything (so a long stream costs O(1) per
+        token instead of decoding the whole continuation each time)."""
+        t = self._decode_after(self.ctx, self.ctx_text, self.tail)
+        whole = self.settled + t
+        if len(self.tail) >= 2 * _TAIL_TOKENS:
+            self._settle(t)
+        return whole
+
+    def _settle(self, t):
+        head, rest = self.tail[:-_TAIL_TOKENS], self.tail[-_TAIL_TOKENS:]
+        h = self._decode_after(self.ctx, self.ctx_text, head)
+        ctx = (self.ctx + head)[-_CTX_TOKENS:]
+        ctx_text = self.tok.decode(ctx)
+        if (h.endswith("\ufffd") or not t.startswith(h)
+                or self._decode_after(ctx, ctx_text, rest) != t[len(h):]):
+            return                   # not separable here (a character or word still open): later
+        self.settled += h
+        self.ctx, self.ctx_text, self.tail = ctx, ctx_text, rest
 
     def push(self, tok: int) -> str:
         """Add a token; return the new safe-to-show text (may be ''). Sets done on a stop string."""
         self.ids.append(tok)
+        self.tail.append(tok)
         t = self.text()
         for s in self.stop:
             i = t.find(s, max(0, self.sent - len(s) + 1))

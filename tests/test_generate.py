@@ -210,6 +210,26 @@ def test_textstream_holds_split_characters(shared_model, name, text):
     assert "".join(pieces).strip() == text
 
 
+@pytest.mark.parametrize("name", [STORIES, GPT2, "proxy-qwen3-shakespeare"])
+def test_textstream_long_stream_equals_whole_decode(shared_model, name):
+    """A long stream settles its text as it goes (it does not decode the whole continuation per
+    token); what it emits must still be exactly the continuation decoded in one piece after the
+    prompt, for generated text and for random ids (byte tokens that split characters)."""
+    tok = shared_model(name).tokenizer
+    prompt = tok.encode("Hello", add_special_tokens=True)
+    rng = np.random.default_rng(0)
+    text_ids = tok.encode(" Café – “né” €5 ☃ the end. " * 12, add_special_tokens=False)
+    # random whole-character tokens (a random run of byte tokens is not valid UTF-8, and its
+    # decoded text changes as bytes arrive: no stream can emit that early)
+    whole_chars = [i for i in rng.integers(0, tok.vocab_size, 1200) if "\ufffd" not in tok.decode([int(i)])]
+    for ids in (text_ids, [int(i) for i in whole_chars[:400]]):
+        ts = TextStream(tok, prompt, [])
+        pieces = [ts.push(i) for i in ids] + [ts.finish()]
+        whole = tok.decode(prompt[-4:] + ids)[len(tok.decode(prompt[-4:])):]
+        assert "".join(pieces) == whole
+        assert len(ts.tail) < 40          # the settled part is not decoded again
+
+
 def test_textstream_stop_across_split_character(gpt2):
     tok = gpt2.tokenizer
     ids = tok.encode("the café is open", add_special_tokens=False)
