@@ -88,10 +88,11 @@ esac
 [ "$BUILD_ONLY" = 1 ] && finish PASSED "rootfs ready in $ROOTFS; --build-only" 0
 
 # ---- mounts: the repo and ../shared read-only, /proc /dev /sys ---------------------------------
-MOUNTS=()
+# cleanup unmounts what is mounted below the rootfs, by the mount table's real paths (never by
+# a path that a link could redirect), once (it runs from the signal trap and again at exit).
+MOUNTED=0
 cleanup() {
-    local i
-    for (( i=${#MOUNTS[@]}-1; i>=0; i-- )); do umount -l "${MOUNTS[$i]}" 2>/dev/null || true; done
+    if [ "$MOUNTED" = 1 ]; then MOUNTED=0; umount_under "$ROOTFS"; fi
 }
 trap cleanup EXIT
 trap 'cleanup; finish FAILED "interrupted" 1' INT TERM
@@ -100,8 +101,8 @@ mnt() {  # mnt TARGET mount-args...
     # never through a link: a mount point must be inside the rootfs, not on the host
     [ -L "$target" ] && { say "mount point $target is a symbolic link"; return 1; }
     mkdir -p "$target"
+    MOUNTED=1
     mount "$@" "$target" || { say "mount $* $target failed"; return 1; }
-    MOUNTS+=("$target")
 }
 ro_bind() {
     mnt "$2" --bind "$1" && mount -o remount,bind,ro "$2" || return 1
