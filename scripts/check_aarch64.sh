@@ -8,12 +8,13 @@
 #
 # Usage: scripts/check_aarch64.sh [--build-only] [--cpus "cortex-a76 cortex-a72"]
 #        (MINILM_AARCH64_TESTS="pytest ids" runs those instead of the subset, for debugging;
-#        MINILM_AARCH64_NO_BINFMT=1 runs a cached rootfs through qemu-aarch64-static -L)
-# Needs root, debootstrap, qemu-user-static (installed with apt-get when missing) and binfmt_misc
-# (without it, a cached rootfs still runs, through qemu-aarch64-static -L); network only for the
-# first build (Debian packages, PyPI aarch64 wheels), the emulated run is offline. Everything is
-# cached under ${MINILM_AARCH64_CACHE:-~/.cache/minilm} (arm64-rootfs, arm64-wheels, and the
-# Numba cache inside the rootfs); a cold build takes ~10 min on 2 cores.
+#        MINILM_AARCH64_NO_BINFMT=1 runs the rootfs's python through qemu-aarch64-static -L;
+#        MINILM_AARCH64_JOBS=N runs N jobs of the subset at a time, default nproc)
+# Needs root, debootstrap and qemu-user-static (installed with apt-get when missing); binfmt_misc
+# when it can be mounted (without it the python runs through qemu-aarch64-static -L); network
+# only for the first build (Debian packages, PyPI aarch64 wheels), the emulated run is offline.
+# Everything is cached under ${MINILM_AARCH64_CACHE:-~/.cache/minilm} (arm64-rootfs, arm64-wheels,
+# and the Numba cache inside the rootfs); the rootfs builds in ~2 min (scripts/aarch64_rootfs.sh).
 # Exit status: 0 passed, 1 failed, 77 skipped (the reason is printed).
 # Prints one line at the end: "check_aarch64: PASSED|FAILED|SKIPPED ... in N s".
 set -uo pipefail
@@ -28,7 +29,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --build-only) BUILD_ONLY=1 ;;
         --cpus) shift; CPUS="${1:-}" ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "check_aarch64: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
