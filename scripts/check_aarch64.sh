@@ -8,12 +8,13 @@
 #
 # Usage: scripts/check_aarch64.sh [--build-only] [--cpus "cortex-a76 cortex-a72"]
 #        (MINILM_AARCH64_TESTS="pytest ids" runs those instead of the subset, for debugging;
-#        MINILM_AARCH64_NO_BINFMT=1 runs a cached rootfs through qemu-aarch64-static -L)
-# Needs root, debootstrap, qemu-user-static (installed with apt-get when missing) and binfmt_misc
-# (without it, a cached rootfs still runs, through qemu-aarch64-static -L); network only for the
-# first build (Debian packages, PyPI aarch64 wheels), the emulated run is offline. Everything is
-# cached under ${MINILM_AARCH64_CACHE:-~/.cache/minilm} (arm64-rootfs, arm64-wheels, and the
-# Numba cache inside the rootfs); a cold build takes ~10 min on 2 cores.
+#        MINILM_AARCH64_NO_BINFMT=1 runs the rootfs's python through qemu-aarch64-static -L;
+#        MINILM_AARCH64_JOBS=N runs N jobs of the subset at a time, default nproc)
+# Needs root, debootstrap and qemu-user-static (installed with apt-get when missing); binfmt_misc
+# when it can be mounted (without it the python runs through qemu-aarch64-static -L); network
+# only for the first build (Debian packages, PyPI aarch64 wheels), the emulated run is offline.
+# Everything is cached under ${MINILM_AARCH64_CACHE:-~/.cache/minilm} (arm64-rootfs, arm64-wheels,
+# and the Numba cache inside the rootfs); the rootfs builds in ~2 min (scripts/aarch64_rootfs.sh).
 # Exit status: 0 passed, 1 failed, 77 skipped (the reason is printed).
 # Prints one line at the end: "check_aarch64: PASSED|FAILED|SKIPPED ... in N s".
 set -uo pipefail
@@ -28,7 +29,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --build-only) BUILD_ONLY=1 ;;
         --cpus) shift; CPUS="${1:-}" ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "check_aarch64: unknown argument '$1' (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -40,62 +41,74 @@ finish() {  # finish STATUS(PASSED|FAILED|SKIPPED) DETAIL EXIT
 }
 
 # ---- preflight -------------------------------------------------------------------------------
-[ "$(id -u)" = 0 ] || finish SKIPPED "needs root: debootstrap, chroot, binfmt_misc" 77
+[ "$(id -u)" = 0 ] || finish SKIPPED "needs root: debootstrap, chroot, mounts" 77
 [ "$(uname -m)" = x86_64 ] || [ "$(uname -m)" = aarch64 ] || \
     finish SKIPPED "host $(uname -m) not supported (x86_64 with qemu, or aarch64 natively)" 77
 SHARED="$(cd "$REPO/../shared" 2>/dev/null && pwd)" || \
     finish SKIPPED "../shared (test models and golden outputs) not found beside $REPO" 77
-if [ "$(uname -m)" = x86_64 ]; then
-    if ! command -v debootstrap >/dev/null || ! [ -x /usr/bin/qemu-aarch64-static ]; then
-        command -v apt-get >/dev/null || finish SKIPPED "debootstrap / qemu-user-static missing and no apt-get" 77
-        say "installing debootstrap qemu-user-static binfmt-support with apt-get"
-        { apt-get install -y -q debootstrap qemu-user-static binfmt-support >/dev/null 2>&1 ||
-          { apt-get update -q >/dev/null 2>&1 &&
-            apt-get install -y -q debootstrap qemu-user-static binfmt-support >/dev/null 2>&1; }; } ||
-            finish SKIPPED "apt-get could not install debootstrap qemu-user-static binfmt-support" 77
-    fi
+# Tools: debootstrap (only to build the rootfs) and qemu-user-static (x86_64), from apt-get when
+# missing. Every network step has a time limit; a failed one is environmental: SKIPPED.
+need=()
+command -v debootstrap >/dev/null || need+=(debootstrap)
+[ "$(uname -m)" = aarch64 ] || [ -x /usr/bin/qemu-aarch64-static ] || need+=(qemu-user-static binfmt-support)
+if [ ${#need[@]} -gt 0 ]; then
+    command -v apt-get >/dev/null || finish SKIPPED "${need[*]} missing and no apt-get" 77
+    say "installing ${need[*]} with apt-get"
+    apt_get() {
+        DEBIAN_FRONTEND=noninteractive timeout -k 10 300 apt-get -q -o Acquire::http::Timeout=30 \
+            -o Acquire::Retries=2 -o DPkg::Lock::Timeout=60 "$@" >/dev/null 2>&1
+    }
+    step_start
+    { apt_get install -y "${need[@]}" || { apt_get update && apt_get install -y "${need[@]}"; }; } ||
+        finish SKIPPED "apt-get could not install ${need[*]} (no network, no mirror, or apt locked)" 77
+    step_done "apt-get install ${need[*]}"
 fi
-# binfmt: aarch64 programs run transparently (a chroot; needed to build the rootfs, whose
-# debootstrap second stage runs arm64 maintainer scripts). Without it a cached rootfs is still
-# usable: its python runs explicitly through qemu-aarch64-static -L ROOTFS (no chroot).
+# binfmt_misc makes aarch64 programs run transparently in a chroot (the check's python and the
+# processes it starts). Without it the rootfs still builds (its two emulated commands run
+# through the static qemu) and its python runs explicitly through qemu-aarch64-static -L ROOTFS.
 RUN_MODE=native
 if [ "$(uname -m)" = x86_64 ]; then
     RUN_MODE=binfmt
     if [ "${MINILM_AARCH64_NO_BINFMT:-0}" = 1 ] || ! ensure_binfmt; then
-        [ -e "$ROOTFS/.minilm-rootfs-ok" ] || finish SKIPPED "binfmt_misc is not usable here (see \
-above) and there is no cached rootfs to run through qemu-aarch64-static -L" 77
-        [ "$BUILD_ONLY" = 1 ] && finish SKIPPED "--build-only needs binfmt_misc" 77
-        say "binfmt_misc is not usable: running the cached rootfs's python through qemu-aarch64-static -L"
+        say "binfmt_misc is not usable: running the rootfs's python through qemu-aarch64-static -L"
         RUN_MODE=explicit
     fi
 fi
-command -v debootstrap >/dev/null || finish SKIPPED "debootstrap missing" 77
 
 # ---- cached rootfs + wheels ------------------------------------------------------------------
 mkdir -p "$AARCH64_CACHE"
-if ! [ -e "$ROOTFS/.minilm-rootfs-ok" ]; then
-    ensure_wheels || finish FAILED "downloading aarch64 wheels" 1
-fi
-ensure_rootfs || finish FAILED "building the arm64 rootfs" 1
+# One check at a time per cache: a second would rebuild or unmount what the first one uses.
+exec 9> "$AARCH64_CACHE/check_aarch64.lock"
+flock -n 9 || finish SKIPPED "another check_aarch64 is running on $AARCH64_CACHE" 77
+ensure_rootfs; rc=$?
+case $rc in
+    0) ;;
+    2) finish SKIPPED "a download for the arm64 rootfs failed (network or mirror; see above)" 77 ;;
+    *) finish FAILED "building the arm64 rootfs (see above)" 1 ;;
+esac
 [ "$BUILD_ONLY" = 1 ] && finish PASSED "rootfs ready in $ROOTFS; --build-only" 0
 
 # ---- mounts: the repo and ../shared read-only, /proc /dev /sys ---------------------------------
-MOUNTS=()
+# cleanup unmounts what is mounted below the rootfs, by the mount table's real paths (never by
+# a path that a link could redirect), once (it runs from the signal trap and again at exit).
+MOUNTED=0
 cleanup() {
-    local i
-    for (( i=${#MOUNTS[@]}-1; i>=0; i-- )); do umount -l "${MOUNTS[$i]}" 2>/dev/null || true; done
+    if [ "$MOUNTED" = 1 ]; then MOUNTED=0; umount_under "$ROOTFS"; fi
 }
 trap cleanup EXIT
 trap 'cleanup; finish FAILED "interrupted" 1' INT TERM
 mnt() {  # mnt TARGET mount-args...
     local target="$1"; shift
+    # never through a link: a mount point must be inside the rootfs, not on the host
+    [ -L "$target" ] && { say "mount point $target is a symbolic link"; return 1; }
     mkdir -p "$target"
+    MOUNTED=1
     mount "$@" "$target" || { say "mount $* $target failed"; return 1; }
-    MOUNTS+=("$target")
 }
 ro_bind() {
     mnt "$2" --bind "$1" && mount -o remount,bind,ro "$2" || return 1
 }
+umount_under "$ROOTFS"
 { mnt "$ROOTFS/proc" -t proc proc &&
   mnt "$ROOTFS/sys" -t sysfs sys &&
   mnt "$ROOTFS/dev" --bind /dev &&
@@ -130,24 +143,39 @@ printf '#!/opt/minilm-venv/bin/python\nimport sys\nfrom minilm.cli import main\n
 chmod +x "$ROOTFS/opt/minilm-venv/bin/minilm"
 
 # ---- the subset --------------------------------------------------------------------------------
-# Numba compiles ~15x slower emulated; the persistent cache (per CPU model, in the rootfs) makes
-# repeated runs cheap. Kernel tests run on both CPU models; the model-level tests on cortex-a76.
+# Under qemu a cold Numba compile costs ~15x its native time, and the compiles are most of the
+# run: the executor once per weight-format set (f32, Q8_0, Q4_0: ~70% of the CPU time, whatever
+# the shapes), the stand-alone GEMV/GEMM kernels and quantizers the rest; the parametrized
+# shapes reuse those compiles. The subset is what the check must cover and no more, split in
+# jobs that run side by side (one core each; JOBS at a time, longest first):
+#   a76-models  cortex-a76: golden f32 logits and greedy tokens of a Llama and a Qwen3, int4
+#               accuracy and the int4 pre-quantized folder round trip, the README's command
+#   a76-kernels cortex-a76: the quantized kernels (sdot) and quantizers against their references,
+#               the sdot probe
+#   a72         cortex-a72: the fallback path (no dot product) of the quantized GEMV/GEMM against
+#               their references and of a whole int8 model (its accuracy), the probe (no sdot
+#               may run)
+# Each CPU model has its own Numba cache (in the rootfs); warm, the whole check takes ~2-3 min.
 KERNEL_TESTS=(
-    "tests/test_qmatmul.py::test_q8_fast_equals_ref"
-    "tests/test_qmatmul.py::test_q4_fast_equals_ref"
     "tests/test_qmatmul.py::test_gemv_q8_0"
     "tests/test_qmatmul.py::test_gemv_q4_0"
     "tests/test_qmatmul.py::test_gemv_q4_0_chunk_tails"
     "tests/test_qmatmul.py::test_gemm_all_formats"
+)
+QUANTIZER_TESTS=(
+    "tests/test_qmatmul.py::test_q8_fast_equals_ref"
+    "tests/test_qmatmul.py::test_q4_fast_equals_ref"
 )
 MODEL_TESTS=(
     "tests/test_golden.py::test_logits_match_reference[stories260K]"
     "tests/test_golden.py::test_logits_match_reference[proxy-qwen3-shakespeare]"
     "tests/test_golden.py::test_greedy_tokens_match_reference[stories260K]"
     "tests/test_golden.py::test_greedy_tokens_match_reference[proxy-qwen3-shakespeare]"
-    "tests/test_quant.py::test_int8_keeps_greedy_tokens_and_perplexity[proxy-qwen3-shakespeare]"
     "tests/test_quant.py::test_int4_perplexity_within_12_percent[stories260K]"
     "tests/test_quant.py::test_save_load_round_trip_is_exact[stories260K-int4]"
+)
+INT8_TESTS=(
+    "tests/test_quant.py::test_int8_keeps_greedy_tokens_and_perplexity[proxy-qwen3-shakespeare]"
 )
 
 in_arm() {  # in_arm CPU ARGS...: the rootfs's python with ARGS, in the repo, as that CPU model
@@ -195,50 +223,102 @@ print(len(seen))
 PY
 }
 
-EXTRA_ENV=()
-FAILED=()
-for cpu in $CPUS; do
-    case "$cpu" in cortex-a76|cortex-a72|cortex-a55|cortex-a53|neoverse-n1) ;;
-        *) finish FAILED "unknown CPU model '$cpu'" 1 ;; esac
-    mkdir -p "$ROOTFS/var/cache/minilm-numba/$cpu"
-    t=$(date +%s)
-    machine=$(in_arm "$cpu" -c "import platform, minilm.kernels.qmatmul as Q; print(platform.machine(), Q.SIMD)")
-    say "$cpu: $machine"
-    [ "$machine" = "aarch64 generic" ] || { FAILED+=("$cpu:setup"); continue; }
-    tests=("${KERNEL_TESTS[@]}")
-    [ "$cpu" = cortex-a76 ] && tests+=("${MODEL_TESTS[@]}")
-    if [ -n "${MINILM_AARCH64_TESTS:-}" ]; then   # debugging: these pytest ids instead, every CPU
+# check_job JOB: one job of the subset (see above) in its own emulated processes; each failure is a
+# line in $RESULTS/JOB.failed, pytest's output goes to $RESULTS/JOB.log and is printed whole when
+# pytest ends (jobs run side by side).
+check_job() {
+    local job="$1" cpu t failed=() machine tests=() probe=0 generate=0 qlog host_qlog ndot gen out
+    local EXTRA_ENV=()
+    case "$job" in
+        a76-models) cpu=cortex-a76; tests=("${MODEL_TESTS[@]}"); generate=1 ;;
+        a76-kernels) cpu=cortex-a76; tests=("${KERNEL_TESTS[@]}" "${QUANTIZER_TESTS[@]}"); probe=1 ;;
+        a72) cpu=cortex-a72; tests=("${KERNEL_TESTS[@]}" "${INT8_TESTS[@]}"); probe=1 ;;
+        *) cpu="$job"; tests=("${KERNEL_TESTS[@]}"); probe=1 ;;   # another CPU model (--cpus)
+    esac
+    if [ -n "${MINILM_AARCH64_TESTS:-}" ]; then   # debugging: these pytest ids instead
         read -r -a tests <<< "$MINILM_AARCH64_TESTS"
     fi
-    say "$cpu: pytest (${#tests[@]} test groups)"
-    in_arm "$cpu" -m pytest -q -p no:cacheprovider "${tests[@]}" || FAILED+=("$cpu:pytest")
-    if [ "$RUN_MODE" != native ]; then
-        qlog="/tmp/minilm-qemu-$cpu.log"; host_qlog="$ROOTFS$qlog"
+    [ "$RUN_MODE" = native ] && probe=0
+    t=$(date +%s)
+    mkdir -p "$ROOTFS/var/cache/minilm-numba/$cpu"
+    step_start
+    machine=$(in_arm "$cpu" -c "import platform, minilm.kernels.qmatmul as Q; print(platform.machine(), Q.SIMD)")
+    step_done "$job: import minilm as $cpu ($machine)"
+    if [ "$machine" != "aarch64 generic" ]; then
+        echo "$job:setup" > "$RESULTS/$job.failed"; return
+    fi
+    say "$job: pytest (${#tests[@]} test groups)"
+    step_start
+    in_arm "$cpu" -m pytest -q -p no:cacheprovider --durations=5 "${tests[@]}" > "$RESULTS/$job.log" 2>&1 ||
+        failed+=("$job:pytest")
+    flock "$RESULTS" sh -c 'echo "---- pytest, $1:"; cat "$2"' sh "$job ($cpu)" "$RESULTS/$job.log" >&2
+    step_done "$job: pytest"
+    if [ "$probe" = 1 ]; then
+        qlog="/tmp/minilm-qemu-$job.log"; host_qlog="$ROOTFS$qlog"
         [ "$RUN_MODE" = explicit ] && qlog="$host_qlog"
         rm -f "$host_qlog"
         EXTRA_ENV=(QEMU_LOG=in_asm QEMU_LOG_FILENAME="$qlog")
-        in_arm "$cpu" -c "$PROBE" || FAILED+=("$cpu:probe")
+        step_start
+        in_arm "$cpu" -c "$PROBE" || failed+=("$job:probe")
         EXTRA_ENV=()
         ndot=$(count_dot "$host_qlog"); rm -f "$host_qlog"
-        say "$cpu: GEMV probe executed $ndot distinct sdot/udot instructions"
+        step_done "$job: sdot probe (the $cpu GEMVs executed $ndot distinct sdot/udot instructions)"
         case "$cpu" in
-            cortex-a76) [ "$ndot" -gt 0 ] || FAILED+=("$cpu:no-sdot-executed") ;;
-            cortex-a72) [ "$ndot" = 0 ] || FAILED+=("$cpu:sdot-on-a-cpu-without-it") ;;
+            cortex-a76) [ "$ndot" -gt 0 ] || failed+=("$job:no-sdot-executed") ;;
+            cortex-a72) [ "$ndot" = 0 ] || failed+=("$job:sdot-on-a-cpu-without-it") ;;
         esac
     fi
-    if [ "$cpu" = cortex-a76 ]; then
+    if [ "$generate" = 1 ]; then
         # the README's command, from the repo root as the README runs it
-        say "$cpu: minilm generate -m ../shared/models/stories260K -p 'Once upon a time' -n 64"
         gen=(generate -m ../shared/models/stories260K -p "Once upon a time" -n 64)
+        step_start
         if [ "$RUN_MODE" = explicit ]; then   # the `minilm` script's code, without its #! line
             out=$(in_arm "$cpu" -m minilm.cli "${gen[@]}")
         else
             out=$(in_arm "$cpu" -c 'import os, sys; os.execv("/opt/minilm-venv/bin/minilm", ["minilm"] + sys.argv[1:])' "${gen[@]}")
         fi &&
-            [ "${#out}" -gt 20 ] && printf '%s\n' "$out" | head -3 || FAILED+=("$cpu:minilm-generate")
+            [ "${#out}" -gt 20 ] && printf '%s\n' "$out" | head -3 >&2 || failed+=("$job:minilm-generate")
+        step_done "$job: minilm generate -m ../shared/models/stories260K -p 'Once upon a time' -n 64"
     fi
-    say "$cpu: done in $(( $(date +%s) - t )) s"
+    say "$job: done in $(( $(date +%s) - t )) s"
+    printf '%s\n' "${failed[@]}" > "$RESULTS/$job.failed"
+}
+
+JOBS_LIST=()
+for cpu in $CPUS; do
+    case "$cpu" in cortex-a76|cortex-a72|cortex-a55|cortex-a53|neoverse-n1) ;;
+        *) finish FAILED "unknown CPU model '$cpu'" 1 ;; esac
 done
+job_cpu() { case "$1" in a76-*) echo cortex-a76 ;; a72) echo cortex-a72 ;; *) echo "$1" ;; esac; }
+for job in a76-models a72 a76-kernels cortex-a55 cortex-a53 neoverse-n1; do   # longest first
+    case " $CPUS " in *" $(job_cpu "$job") "*) JOBS_LIST+=("$job") ;; esac
+done
+if [ -n "${MINILM_AARCH64_TESTS:-}" ]; then   # debugging: one job per CPU model
+    JOBS_LIST=(); for cpu in $CPUS; do JOBS_LIST+=("$cpu"); done
+fi
+RESULTS=$(mktemp -d /tmp/check_aarch64.XXXXXX)
+# Side by side, as many as there are cores (each emulated process compiles on one core).
+JOBS=${MINILM_AARCH64_JOBS:-$(nproc)}
+say "jobs: ${JOBS_LIST[*]} ($JOBS at a time)"
+running=0
+for job in "${JOBS_LIST[@]}"; do
+    if [ "$JOBS" -gt 1 ]; then
+        if [ "$running" -ge "$JOBS" ]; then wait -n; running=$(( running - 1 )); fi
+        check_job "$job" & running=$(( running + 1 ))
+    else
+        check_job "$job"
+    fi
+done
+wait
+FAILED=()
+for job in "${JOBS_LIST[@]}"; do
+    if [ -e "$RESULTS/$job.failed" ]; then
+        while read -r f; do [ -n "$f" ] && FAILED+=("$f"); done < "$RESULTS/$job.failed"
+    else
+        FAILED+=("$job:no-result")
+    fi
+done
+rm -rf "$RESULTS"
 
 if [ ${#FAILED[@]} -eq 0 ]; then
     finish PASSED "aarch64 under qemu: $CPUS" 0
