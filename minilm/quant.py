@@ -22,6 +22,8 @@ levels (`minilm.load(..., quant=...)`) map to per-tensor formats in `LEVELS` / `
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,7 +78,7 @@ class Format:
         float formats have none)."""
         a = lin.arrays
         if self.arrays == ("raw",):
-            return a["raw"], np.zeros((1, 1), np.uint16)
+            return lin.exec_raw(), np.zeros((1, 1), np.uint16)
         if self.act == "f32":
             w = a["w"].view(np.uint16) if self.name == "f16" else a["w"]
             return w, np.zeros((1, 1), np.uint16)
@@ -257,7 +259,7 @@ def _raw_format(fid, name, gname, gtype, block, nbytes, act) -> Format:
                   lambda a, x: float(spec().dot_ref(a["raw"].reshape(-1), x)),
                   lambda x, raw, out: spec().gemv(x, raw, out),
                   lambda x, raw, out: spec().gemm(x, raw, out),
-                  None)                       # the executor takes SPECS[ggml_name].gemv_groups
+                  None)                       # the executor takes SPECS[ggml_name].exec_gemv_groups
 
 
 for _i, _r in enumerate([("q4_1", "Q4_1", 3, 32, 20, "q8_1"), ("q5_0", "Q5_0", 6, 32, 22, "q8_0"),
@@ -333,10 +335,30 @@ def parse_level(quant: str | None, group_size: int | None = None, embed: str | N
     return mat, emb, g
 
 
+def _release_mapped(a: np.ndarray) -> None:
+    """Drop the pages of `a` from this process when it is a read-only view of a file mapping
+    (madvise MADV_DONTNEED on the whole pages inside it; later reads fault them back in from the
+    file). Anything else, or a platform without madvise, is left as it is."""
+    b = a
+    while isinstance(b, np.ndarray):
+        b = b.base
+    if not isinstance(b, mmap.mmap) or a.flags.writeable or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    lo = -(-a.ctypes.data // page) * page
+    hi = (a.ctypes.data + a.nbytes) // page * page
+    if hi > lo:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass
+
+
 class Linear:
     """W [N, K] stored in `fmt` (arrays C-contiguous, possibly memory-mapped)."""
 
-    __slots__ = ("fmt", "N", "K", "Kp", "arrays", "_args", "_gemv", "_gemm", "_xpad", "_gemv_pre")
+    __slots__ = ("fmt", "N", "K", "Kp", "arrays", "_args", "_gemv", "_gemm", "_xpad", "_gemv_pre", "_exec")
 
     def __init__(self, fmt: str, N: int, K: int, arrays: dict, Kp: int | None = None):
         self.fmt, self.N, self.K, self.Kp, self.arrays = fmt, N, K, Kp or K, arrays
@@ -347,6 +369,21 @@ class Linear:
         if fmt != "f32" and f.arrays != ("raw",):   # the Numba kernel itself, views and scratch bound once
             self._gemv, self._gemv_pre = _qm.gemv_bound(fmt, self._args)
         self._xpad = np.zeros((1, self.Kp), np.float32) if self.Kp != K else None
+        self._exec = None
+
+    def exec_raw(self) -> np.ndarray:
+        """A raw ggml format's matrix as the executor runs it: the format's repacked layout where
+        it has one (ggml_quants TypeSpec.repack, e.g. Q4_K's row-group chunks), built here once per
+        Linear, else the ggml bytes themselves. `arrays["raw"]` keeps ggml's bytes for everything
+        else (export, save, embedding rows); when they are a read-only file mapping (a GGUF), its
+        pages are handed back after the repack (the file still backs them)."""
+        if self._exec is None:
+            raw = self.arrays["raw"]
+            rp = _gq().SPECS[FORMATS[self.fmt].ggml_name].repack
+            self._exec = raw if rp is None else rp(raw)
+            if rp is not None:
+                _release_mapped(raw)
+        return self._exec
 
     @classmethod
     def quantize(cls, w: np.ndarray, fmt: str = "f32", group: int = 32, name: str = "",
