@@ -1431,15 +1431,18 @@ def _ksb_common(ctx, builder, raw_aty, raw_):
         """The one float step per super-block, accp[k : k+16] += f32(v) * sv: without mins
         v = isum, sv = xd*d; with mins v = [isum lanes i + i+8 (8), msum (8)], sv = [xd*d (8),
         xd*dmin (8)] (_kout takes sum(lanes 0..7) - sum(lanes 8..15))."""
-        if "dv" not in U:             # [d] * 16 or [d] * 8 + [dmin] * 8, once per unpacked super-block
-            e = builder.insert_element(ir.Constant(_V16F32, None), U["d"], ir.Constant(_I32T, 0))
-            if U["mn"] is None:
-                U["dv"] = _shuf(builder, e, e, [0] * 16)
-            else:
-                e = builder.insert_element(e, U["dmin"], ir.Constant(_I32T, 1))
-                U["dv"] = _shuf(builder, e, e, [0] * 8 + [1] * 8)
-        x1 = builder.insert_element(ir.Constant(_V16F32, None), xdi, ir.Constant(_I32T, 0))
-        sv = builder.fmul(_shuf(builder, x1, x1, [0] * 16), U["dv"])
+        if "sv" in U:                 # the caller's xd * dv (the same products, taken for NR rows at once)
+            sv = U["sv"]
+        else:
+            if "dv" not in U:         # [d] * 16 or [d] * 8 + [dmin] * 8, once per unpacked super-block
+                e = builder.insert_element(ir.Constant(_V16F32, None), U["d"], ir.Constant(_I32T, 0))
+                if U["mn"] is None:
+                    U["dv"] = _shuf(builder, e, e, [0] * 16)
+                else:
+                    e = builder.insert_element(e, U["dmin"], ir.Constant(_I32T, 1))
+                    U["dv"] = _shuf(builder, e, e, [0] * 8 + [1] * 8)
+            x1 = builder.insert_element(ir.Constant(_V16F32, None), xdi, ir.Constant(_I32T, 0))
+            sv = builder.fmul(_shuf(builder, x1, x1, [0] * 16), U["dv"])
         if msum is None:
             v = isum
         else:
@@ -1490,9 +1493,15 @@ def _ksb(typingctx, accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND):
         xv, bs, p8, bs16, xdi = act(sig.args[4], xq_, sig.args[6], xs_, sig.args[5], xd_,
                                     builder.mul(i64, ir.Constant(_I64T, 256)), builder.mul(i64, ir.Constant(_I64T, 16)), i64)
         chunk = builder.add(qoff_, builder.mul(i64, ir.Constant(_I64T, nr * ts)))   # repacked: NR rows' chunk
+        if kind in _RP_KINDS:         # the NR rows' [d, dmin] as one load and convert, times xd once
+            hv = builder.fpext(ld(builder.add(chunk, ir.Constant(_I64T, 144 * nr)), ir.VectorType(ir.HalfType(), 2 * nr)),
+                               ir.VectorType(_F32T, 2 * nr))
+            x1 = builder.insert_element(ir.Constant(ir.VectorType(_F32T, 2 * nr), None), xdi, ir.Constant(_I32T, 0))
+            svv = builder.fmul(_shuf(builder, x1, x1, [0] * (2 * nr)), hv)
         for r in range(nr):
             if kind in _RP_KINDS:
                 U = _ksb_unpack_rp(builder, kind, ld, chunk, r, nr)
+                U["sv"] = _shuf(builder, svv, svv, [2 * r] * 8 + [2 * r + 1] * 8)   # = xd * [d]*8 + [dmin]*8
             else:
                 base = builder.add(builder.add(qoff_, builder.mul(rb_, ir.Constant(_I64T, r))),
                                    builder.mul(i64, ir.Constant(_I64T, ts)))
