@@ -2058,8 +2058,22 @@ def repack_q4_k(raw, out=None):
     return out
 
 
-def unrepack_q4_k(rp):
-    """Inverse of repack_q4_k: uint8[N, nsb*148] -> ggml's Q4_K bytes uint8[N, nsb*144]."""
+def unrepack_q4_k(rp, rows=None):
+    """Inverse of repack_q4_k: uint8[N, nsb*148] -> ggml's Q4_K bytes uint8[N, nsb*144], or only
+    those of `rows` (int[n], 0 <= row < N) as uint8[n, nsb*144] (what an embedding lookup needs)."""
+    if rows is not None:
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        N, rb = rp.shape
+        n4 = N // _RP_ROWS * _RP_ROWS
+        out = np.empty((rows.shape[0], rb // 148 * 144), np.uint8)
+        full = rows < n4
+        if full.any():                        # the rows' whole groups, then the rows among them
+            g = rows[full] // _RP_ROWS
+            grp = rp[:n4].reshape(n4 // _RP_ROWS, _RP_ROWS * rb)[g].reshape(-1, rb)
+            out[full] = unrepack_q4_k(grp)[_RP_ROWS * np.arange(g.shape[0]) + rows[full] % _RP_ROWS]
+        for j in np.nonzero(~full)[0]:        # past the last full group: single-row chunks
+            out[j] = unrepack_q4_k(rp[rows[j]:rows[j] + 1])[0]
+        return out
     N, rb = rp.shape
     nsb = rb // 148
     n4 = N // _RP_ROWS * _RP_ROWS
@@ -2230,6 +2244,7 @@ class TypeSpec:
     # builds it once per matrix at load (None: the executor runs the ggml bytes as they are), and
     # exec_gemv_groups / exec_gemm_groups (signatures of gemv_groups / gemm_groups) run it.
     repack: Callable | None = None
+    unrepack: Callable | None = None   # (repacked uint8[N, ..], rows=None) -> ggml's bytes (of those rows)
     exec_gemv_groups: Callable | None = None
     exec_gemm_groups: Callable | None = None
 
@@ -2303,13 +2318,13 @@ def _make_spec(name, ggml_type, block, type_size, act, act_quant, groups, ggroup
     rp = _REPACKED.get(name)
     spec = TypeSpec(name, ggml_type, block, type_size, 8.0 * type_size / block, act, quantize_ref,
                     dequantize_ref, _ACT_REF[act], dot_ref, act_quant, groups, ggroups, gemv, gemm,
-                    *(rp or (None, groups, ggroups)))
+                    *(rp or (None, None, groups, ggroups)))
     return spec
 
 
 _ACT_KERNEL = {"q8_0": act_quant_q8_0, "q8_1": act_quant_q8_1, "q8_K": act_quant_q8_k}
-# formats the executor runs in a repacked layout: name -> (repack, exec_gemv_groups, exec_gemm_groups)
-_REPACKED = {"Q4_K": (repack_q4_k, gemv_q4_k_rp_groups, gemm_q4_k_rp_groups)}
+# formats the executor runs in a repacked layout: name -> (repack, unrepack, exec_gemv_groups, exec_gemm_groups)
+_REPACKED = {"Q4_K": (repack_q4_k, unrepack_q4_k, gemv_q4_k_rp_groups, gemm_q4_k_rp_groups)}
 
 # name, ggml enum, block, type_size, act
 _TABLE = [

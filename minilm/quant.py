@@ -335,30 +335,31 @@ def parse_level(quant: str | None, group_size: int | None = None, embed: str | N
     return mat, emb, g
 
 
-def _release_mapped(a: np.ndarray) -> None:
+def _release_mapped(a: np.ndarray) -> bool:
     """Drop the pages of `a` from this process when it is a read-only view of a file mapping
     (madvise MADV_DONTNEED on the whole pages inside it; later reads fault them back in from the
-    file). Anything else, or a platform without madvise, is left as it is."""
+    file) and say True; False for anything else. A platform without madvise keeps the pages."""
     b = a
     while isinstance(b, np.ndarray):
         b = b.base
-    if not isinstance(b, mmap.mmap) or a.flags.writeable or not hasattr(mmap, "MADV_DONTNEED"):
-        return
+    if not isinstance(b, mmap.mmap) or a.flags.writeable:
+        return False
     page = mmap.PAGESIZE
     lo = -(-a.ctypes.data // page) * page
     hi = (a.ctypes.data + a.nbytes) // page * page
-    if hi > lo:
+    if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
         try:
             libc = ctypes.CDLL(None, use_errno=True)
             libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
         except (OSError, AttributeError):
             pass
+    return True
 
 
 class Linear:
     """W [N, K] stored in `fmt` (arrays C-contiguous, possibly memory-mapped)."""
 
-    __slots__ = ("fmt", "N", "K", "Kp", "arrays", "_args", "_gemv", "_gemm", "_xpad", "_gemv_pre", "_exec")
+    __slots__ = ("fmt", "N", "K", "Kp", "_arrays", "_args", "_gemv", "_gemm", "_xpad", "_gemv_pre", "_exec")
 
     def __init__(self, fmt: str, N: int, K: int, arrays: dict, Kp: int | None = None):
         self.fmt, self.N, self.K, self.Kp, self.arrays = fmt, N, K, Kp or K, arrays
@@ -381,9 +382,25 @@ class Linear:
             raw = self.arrays["raw"]
             rp = _gq().SPECS[FORMATS[self.fmt].ggml_name].repack
             self._exec = raw if rp is None else rp(raw)
-            if rp is not None:
-                _release_mapped(raw)
+            if rp is not None and not _release_mapped(raw):
+                self._arrays = self._args = self._gemv_pre = None     # an in-memory copy: not kept twice
         return self._exec
+
+    @property
+    def arrays(self) -> dict:
+        """Name -> stored array (see FORMATS). A raw ggml format whose in-memory bytes exec_raw
+        dropped after repacking them gives ggml's bytes rebuilt from the repacked copy (a new
+        array on each access: export, save; the embedding lookup rebuilds only its rows)."""
+        if self._arrays is None:
+            return {"raw": self._spec().unrepack(self._exec)}
+        return self._arrays
+
+    @arrays.setter
+    def arrays(self, v: dict) -> None:
+        self._arrays = v
+
+    def _spec(self):
+        return _gq().SPECS[FORMATS[self.fmt].ggml_name]
 
     @classmethod
     def quantize(cls, w: np.ndarray, fmt: str = "f32", group: int = 32, name: str = "",
@@ -424,21 +441,28 @@ class Linear:
                 xp = np.zeros((x.shape[0], self.Kp), np.float32)
                 xp[:, :self.K] = x
                 x = xp
+        args = self._args if self._args is not None else tuple(self.arrays.values())
         if x.shape[0] == 1:
-            self._gemv(x[0], *self._gemv_pre, out[0])
+            self._gemv(x[0], *(self._gemv_pre if self._gemv_pre is not None else args), out[0])
         else:
-            self._gemm(x, *self._args, out)
+            self._gemm(x, *args, out)
 
     def rows(self, ids: np.ndarray, out: np.ndarray) -> None:
         """out: f32[len(ids), K] <- rows `ids` of W as float32 (embedding lookup)."""
         if self.fmt == "f32" and self.Kp == self.K:
             np.take(self.arrays["w"], ids, axis=0, out=out)
+        elif self._arrays is None:                      # repacked only: rebuild just these rows
+            out[:] = FORMATS[self.fmt].unpack({"raw": self._spec().unrepack(self._exec, ids)})[:, :self.K]
         else:
             sub = {k: a[ids] for k, a in self.arrays.items()}
             out[:] = FORMATS[self.fmt].unpack(sub)[:, :self.K]
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the stored arrays (ggml's bytes for the raw formats, also when repacked)."""
+        if self._arrays is None:
+            f = FORMATS[self.fmt]
+            return self.N * (self.Kp // f.block * f.block_bytes)
         return sum(a.nbytes for a in self.arrays.values())
 
     @property

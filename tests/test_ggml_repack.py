@@ -192,3 +192,31 @@ print("vpmaddubsw" in ins, "vpdpwssd" in ins, "%zmm" in asm, "prefetcht0" in ins
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split() == ["True", "True", "True", "True", "False", "False"], r.stdout
+
+
+def test_linear_in_memory_bytes_kept_once():
+    """An in-memory Q4_K matrix (a fused q/k/v or gate/up, or quantized at load) is held once
+    after the repack: arrays["raw"], nbytes, the embedding rows and Linear.__call__ give what
+    they gave before, from the repacked copy."""
+    rng = np.random.default_rng(9)
+    N, K = 13, 512
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    lin = Linear.quantize(w, "q4_k")
+    raw = lin.arrays["raw"].copy()
+    nb = lin.nbytes
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    before1, beforeM = np.zeros((1, N), np.float32), np.zeros((3, N), np.float32)
+    lin(x[:1], before1)
+    lin(x, beforeM)
+    e = lin.exec_raw()
+    assert lin._arrays is None and lin._args is None            # the ggml copy is not kept
+    assert np.array_equal(lin.arrays["raw"], raw) and lin.nbytes == nb
+    ids = np.array([12, 0, 5, 12, 3, 11])
+    rows = np.zeros((ids.shape[0], K), np.float32)
+    lin.rows(ids, rows)
+    assert np.array_equal(rows, S.dequantize_ref(raw, K)[ids])
+    assert np.array_equal(GQ.unrepack_q4_k(e, ids), raw[ids])
+    after1, afterM = np.zeros((1, N), np.float32), np.zeros((3, N), np.float32)
+    lin(x[:1], after1)
+    lin(x, afterM)
+    assert np.array_equal(after1, before1) and np.array_equal(afterM, beforeM)
