@@ -335,15 +335,16 @@ def parse_level(quant: str | None, group_size: int | None = None, embed: str | N
     return mat, emb, g
 
 
-def _release_mapped(a: np.ndarray) -> bool:
-    """Drop the pages of `a` from this process when it is a read-only view of a file mapping
-    (madvise MADV_DONTNEED on the whole pages inside it; later reads fault them back in from the
-    file) and say True; False for anything else. A platform without madvise keeps the pages."""
+def _release_mapped(a: np.ndarray) -> None:
+    """Drop the pages of `a` from this process when it is a view of a file mapping (a GGUF, mapped
+    copy-on-write): madvise MADV_DONTNEED on the whole pages inside it, so they leave the resident
+    set (reads would fault the file's bytes back in). Only for bytes the caller no longer reads
+    through `a`. Anything else, or a platform without madvise, is left as it is."""
     b = a
     while isinstance(b, np.ndarray):
         b = b.base
-    if not isinstance(b, mmap.mmap) or a.flags.writeable:
-        return False
+    if not isinstance(b, mmap.mmap):
+        return
     page = mmap.PAGESIZE
     lo = -(-a.ctypes.data // page) * page
     hi = (a.ctypes.data + a.nbytes) // page * page
@@ -353,7 +354,6 @@ def _release_mapped(a: np.ndarray) -> bool:
             libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
         except (OSError, AttributeError):
             pass
-    return True
 
 
 class Linear:
@@ -375,15 +375,16 @@ class Linear:
     def exec_raw(self) -> np.ndarray:
         """A raw ggml format's matrix as the executor runs it: the format's repacked layout where
         it has one (ggml_quants TypeSpec.repack, e.g. Q4_K's row-group chunks), built here once per
-        Linear, else the ggml bytes themselves. `arrays["raw"]` keeps ggml's bytes for everything
-        else (export, save, embedding rows); when they are a read-only file mapping (a GGUF), its
-        pages are handed back after the repack (the file still backs them)."""
+        Linear, else the ggml bytes themselves. A repacked matrix is held once: the ggml bytes are
+        let go (an in-memory copy freed, a GGUF mapping's pages handed back) and `arrays` rebuilds
+        them from the repacked copy where they are still needed (export, save, embedding rows)."""
         if self._exec is None:
             raw = self.arrays["raw"]
             rp = _gq().SPECS[FORMATS[self.fmt].ggml_name].repack
             self._exec = raw if rp is None else rp(raw)
-            if rp is not None and not _release_mapped(raw):
-                self._arrays = self._args = self._gemv_pre = None     # an in-memory copy: not kept twice
+            if rp is not None:
+                self._arrays = self._args = self._gemv_pre = None
+                _release_mapped(raw)
         return self._exec
 
     @property

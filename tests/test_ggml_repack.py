@@ -116,21 +116,24 @@ def test_repack_bad_input():
         GQ.repack_q4_k(np.zeros((4, 144), np.float32))
 
 
-def test_linear_exec_raw_from_a_read_only_map(tmp_path):
-    """Linear.exec_raw builds the repack once; the GGUF-like read-only mapping it came from is
-    handed back to the file (MADV_DONTNEED) and still reads the same bytes afterwards."""
+@pytest.mark.parametrize("mode", ["r", "c"])
+def test_linear_exec_raw_from_a_map(tmp_path, mode):
+    """Linear.exec_raw builds the repack once; the GGUF-like mapping (read-only, or copy-on-write
+    as minilm maps GGUF files) it came from is handed back to the file (MADV_DONTNEED), and the
+    Linear's ggml bytes and the mapping still read the same afterwards."""
     rng = np.random.default_rng(5)
     N, K = 9, 512
     raw = S.quantize_ref(rng.standard_normal((N, K)).astype(np.float32))
     pad = np.zeros(8192, np.uint8)                      # the tensor starts mid-page, as in a GGUF
     with open(tmp_path / "w.bin", "wb") as f:
         f.write(pad[:5000].tobytes() + raw.tobytes() + pad.tobytes())
-    mm = np.memmap(tmp_path / "w.bin", dtype=np.uint8, mode="r")
+    mm = np.memmap(tmp_path / "w.bin", dtype=np.uint8, mode=mode)
     view = mm[5000:5000 + raw.size].reshape(raw.shape)
     lin = Linear("q4_k", N, K, {"raw": view})
     e = lin.exec_raw()
     assert e is lin.exec_raw() and np.array_equal(e, GQ.repack_q4_k(raw))
-    assert np.array_equal(np.asarray(lin.arrays["raw"]), raw)
+    assert np.array_equal(np.asarray(lin.arrays["raw"]), raw) and lin._arrays is None
+    assert np.array_equal(view, raw)
     w, _ = FORMATS["q4_k"].row_arrays(lin)
     assert w is e
     q6 = Linear("q6_k", 4, 256, {"raw": GQ.SPECS["Q6_K"].quantize_ref(np.ones((4, 256), np.float32))})
