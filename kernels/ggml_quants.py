@@ -2022,44 +2022,51 @@ def _gemm_par_q4_k(x, raw, out, xq, xd, xs):
 _RP_ROWS = 4
 
 
-def _rp_place(out, parts, nr):
-    """out uint8[R, nsb * sum(widths) * ...]: write per-row parts [(uint8[R, nsb, w]), ...] chunk by
-    chunk, nr rows per chunk (R a multiple of nr)."""
-    R, nsb = parts[0].shape[:2]
-    ts = sum(p.shape[2] for p in parts)
-    ch = out.reshape(R // nr, nsb, nr * ts)
-    o = 0
-    for p in parts:
-        w = p.shape[2]
-        ch[:, :, o:o + nr * w] = p.reshape(R // nr, nr, nsb, w).transpose(0, 2, 1, 3).reshape(R // nr, nsb, nr * w)
-        o += nr * w
+@njit(**_JIT)
+def _repack_q4_k_rows(raw, out, n4):
+    """raw uint8[N, nsb*144] (ggml) -> out uint8[N, nsb*148] (the layout above): rows < n4 in
+    chunks of 4 rows, the rest one row per chunk. Byte loops: one pass, no temporaries."""
+    N = raw.shape[0]
+    nsb = raw.shape[1] // 144
+    rbo = nsb * 148
+    flat = out.reshape(-1)
+    for r in range(N):
+        if r < n4:
+            nr, rr = 4, r % 4
+        else:
+            nr, rr = 1, 0
+        g0 = r - rr
+        for i in range(nsb):
+            s = i * 144
+            o = g0 * rbo + i * nr * 148
+            for k in range(4):                                    # d, dmin
+                flat[o + nr * 144 + 4 * rr + k] = raw[r, s + k]
+            q = o + nr * 128 + 16 * rr                            # 8 scales, 8 mins (6 bits each)
+            for j in range(4):
+                flat[q + j] = raw[r, s + 4 + j] & 63
+                flat[q + 8 + j] = raw[r, s + 8 + j] & 63
+                flat[q + 4 + j] = (raw[r, s + 12 + j] & 15) | ((raw[r, s + 4 + j] >> 6) << 4)
+                flat[q + 12 + j] = (raw[r, s + 12 + j] >> 4) | ((raw[r, s + 8 + j] >> 6) << 4)
+            qo = o + 128 * rr
+            for sb in range(8):                                   # sub-block sb: nibble sb & 1 of qs[32 (sb >> 1):]
+                c = 16 + 32 * (sb >> 1)
+                sh = 4 * (sb & 1)
+                for b in range(16):
+                    lo = (raw[r, s + c + b] >> sh) & 15
+                    hi = (raw[r, s + c + 16 + b] >> sh) & 15
+                    flat[qo + 16 * sb + b] = lo | (hi << 4)
 
 
 def repack_q4_k(raw, out=None):
-    """ggml Q4_K rows uint8[N, nsb*144] -> the repacked layout uint8[N, nsb*148] (above). Works
-    through 1024 rows at a time (a few MB of temporaries); out: optional destination."""
+    """ggml Q4_K rows uint8[N, nsb*144] -> the repacked layout uint8[N, nsb*148] (above);
+    out: optional destination. unrepack_q4_k (numpy) is its inverse and its test reference."""
     raw = np.asarray(raw)
     if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] == 0 or raw.shape[1] % 144:
         raise ValueError(f"Q4_K: raw must be uint8[N, K/256 * 144], got {raw.dtype}{list(raw.shape)}")
     N, rb = raw.shape
-    nsb = rb // 144
     if out is None:
-        out = np.empty((N, nsb * 148), np.uint8)
-    n4 = N // _RP_ROWS * _RP_ROWS
-    for a in range(0, N, 1024):
-        b = min(N, a + 1024)
-        bl = np.asarray(raw[a:b]).reshape(b - a, nsb, 144)
-        qs = bl[:, :, 16:].reshape(b - a, nsb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 1, 2, 1)
-        w = (qs & 15).reshape(b - a, nsb, 8, 32)                          # [row, sb, sub-block, l]
-        q = (w[..., :16] | (w[..., 16:] << 4)).reshape(b - a, nsb, 128)
-        sc, mn = _k4_scale_min(bl[:, :, 4:16].reshape(-1, 12))
-        sm = np.concatenate([sc, mn], axis=1).astype(np.uint8).reshape(b - a, nsb, 16)
-        parts = [q, sm, np.ascontiguousarray(bl[:, :, 0:4])]
-        e = min(b, n4)                                                    # a, 1024 multiples of 4
-        if e > a:
-            _rp_place(out[a:e], [p[:e - a] for p in parts], _RP_ROWS)
-        if b > e:
-            _rp_place(out[e:b], [p[e - a:] for p in parts], 1)
+        out = np.empty((N, rb // 144 * 148), np.uint8)
+    _repack_q4_k_rows(np.ascontiguousarray(raw), out, N // _RP_ROWS * _RP_ROWS)
     return out
 
 
