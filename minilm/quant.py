@@ -380,7 +380,7 @@ class Linear:
         them from the repacked copy where they are still needed (export, save, embedding rows)."""
         if self._exec is None:
             raw = self.arrays["raw"]
-            rp = _gq().SPECS[FORMATS[self.fmt].ggml_name].repack
+            rp = self._spec().repack
             self._exec = raw if rp is None else rp(raw)
             if rp is not None:
                 self._arrays = self._args = self._gemv_pre = None
