@@ -233,7 +233,7 @@ def _raw_formats(fs):
     from . import ggml_quants
     specs = sorted((FORMATS[n].fid, ggml_quants.SPECS[FORMATS[n].ggml_name]) for n in names)
     for _, spec in specs:                    # only the formats this model uses compile
-        ggml_quants.compile_format(spec)
+        ggml_quants.compile_format(spec, executor=True)
     return specs
 
 
@@ -248,7 +248,7 @@ def _raw_chain(specs, kind):
     (fid, spec), rest = specs[0], _raw_chain(specs[1:], kind)
     tag = "-".join(str(f) for f, _ in specs)        # the formats this link and the rest dispatch
     if kind == "rows":
-        rows, mrows = spec.gemv_groups, spec.gemm_groups
+        rows, mrows = spec.exec_gemv_groups, spec.exec_gemm_groups    # on Linear.exec_raw's layout
 
         def one(f, raw, XQ, XD, XS, M, out, g0, g1):
             if f == fid:

@@ -81,6 +81,11 @@ Kernel design and what inspect_asm showed (2-vCPU Xeon with AVX-512 VNNI, numba 
     row (Q4_K/Q5_K: x 4 rows, the rearranged activation shared by them), each super-block
     unpacked once for the tokens; the per-(row, token) integer sums and float step are the
     GEMV's code, so prefill is bit-identical to decode.
+  * Q4_K runs in the executor from a repacked copy built at load (repack_q4_k, section "Repacked
+    Q4_K"; Linear.exec_raw): 4 rows' super-blocks side by side as one linear stream, nibbles
+    stored in the paired order, scales and mins as bytes, the 4 rows' d/dmin converted and
+    multiplied by xd once; same integer lanes and float steps, so the bits of the ggml-layout
+    kernels. The file keeps ggml's layout; TypeSpec.repack / exec_*_groups name the layout.
   * inspect_asm of gemv_q4_k_groups: vpmaddubsw + vpdpwssd on zmm, prefetcht0, no vpmovsxbq
     (asserted by tests/test_ggml_quants.py::test_vnni_asm).
   * Cost: see benchmarks/README.md ("ggml K-quant kernels") for the before/after figures.
@@ -1099,7 +1104,9 @@ _V8I16 = ir.VectorType(_I16T, 8)
 _V16I32 = ir.VectorType(_I32T, 16)
 _V64I32 = ir.VectorType(_I32T, 64)
 _V16F32 = ir.VectorType(_F32T, 16)
-_KTS = {10: 84, 11: 110, 12: 144, 13: 176, 14: 210, 23: 136}    # ggml type -> bytes per super-block
+_KTS = {10: 84, 11: 110, 12: 144, 13: 176, 14: 210, 23: 136,   # ggml type -> bytes per super-block
+        112: 148}                                                # Q4_K repacked (see "Repacked Q4_K")
+_RP_KINDS = (112,)
 
 
 def _cv(vals, ty=_I8T):
@@ -1345,6 +1352,26 @@ def _ksb_unpack(builder, kind, ld, h16, base):
     return U
 
 
+def _ksb_unpack_rp(builder, kind, ld, cbase, r, nr):
+    """Row r of a repacked chunk (super-block i of nr rows at byte cbase; layout: "Repacked Q4_K"),
+    unpacked as _ksb_unpack unpacks ggml's bytes, into the same lanes: no byte shuffles (the
+    nibbles are stored in the paired order), no 6-bit scale unpacking (stored as bytes), d and
+    dmin of the row as one <2 x half> load."""
+    def at(k):
+        return builder.add(cbase, ir.Constant(_I64T, k))
+    U = dict(pieces=[], pairs=[], d=None, dmin=None, mn=None, osc=None, osh=0, ls=None)
+    hv = builder.fpext(ld(at(144 * nr + 4 * r), ir.VectorType(ir.HalfType(), 2)), ir.VectorType(_F32T, 2))
+    U["dv"] = _shuf(builder, hv, hv, [0] * 8 + [1] * 8)          # [d] * 8 + [dmin] * 8
+    sc16 = builder.zext(ld(at(128 * nr + 16 * r), _V8I8), _V8I16)
+    U["mn"] = builder.zext(ld(at(128 * nr + 16 * r + 8), _V8I8), _V8I32)
+    for H in range(2):
+        v = ld(at(128 * r + 64 * H), _V64I8)                     # lane k: sub-block 4H+k, l | l+16 << 4
+        ua = builder.and_(v, _cv([15] * 64))
+        ub = _fields64(builder, v, (4, 15, 0), (4, 15, 0))
+        U["pairs"].append((ua, ub, _shuf(builder, sc16, sc16, [4 * H + k // 8 for k in range(32)]), H))
+    return U
+
+
 def _pmaddwd16(builder, a, b):
     """<16 x i16> . <16 x i16> -> <8 x i32>, lane k = a[2k]*b[2k] + a[2k+1]*b[2k+1] (vpmaddwd ymm)."""
     if SIMD == "vnni":
@@ -1409,15 +1436,18 @@ def _ksb_common(ctx, builder, raw_aty, raw_):
         """The one float step per super-block, accp[k : k+16] += f32(v) * sv: without mins
         v = isum, sv = xd*d; with mins v = [isum lanes i + i+8 (8), msum (8)], sv = [xd*d (8),
         xd*dmin (8)] (_kout takes sum(lanes 0..7) - sum(lanes 8..15))."""
-        if "dv" not in U:             # [d] * 16 or [d] * 8 + [dmin] * 8, once per unpacked super-block
-            e = builder.insert_element(ir.Constant(_V16F32, None), U["d"], ir.Constant(_I32T, 0))
-            if U["mn"] is None:
-                U["dv"] = _shuf(builder, e, e, [0] * 16)
-            else:
-                e = builder.insert_element(e, U["dmin"], ir.Constant(_I32T, 1))
-                U["dv"] = _shuf(builder, e, e, [0] * 8 + [1] * 8)
-        x1 = builder.insert_element(ir.Constant(_V16F32, None), xdi, ir.Constant(_I32T, 0))
-        sv = builder.fmul(_shuf(builder, x1, x1, [0] * 16), U["dv"])
+        if "sv" in U:                 # the caller's xd * dv (the same products, taken for NR rows at once)
+            sv = U["sv"]
+        else:
+            if "dv" not in U:         # [d] * 16 or [d] * 8 + [dmin] * 8, once per unpacked super-block
+                e = builder.insert_element(ir.Constant(_V16F32, None), U["d"], ir.Constant(_I32T, 0))
+                if U["mn"] is None:
+                    U["dv"] = _shuf(builder, e, e, [0] * 16)
+                else:
+                    e = builder.insert_element(e, U["dmin"], ir.Constant(_I32T, 1))
+                    U["dv"] = _shuf(builder, e, e, [0] * 8 + [1] * 8)
+            x1 = builder.insert_element(ir.Constant(_V16F32, None), xdi, ir.Constant(_I32T, 0))
+            sv = builder.fmul(_shuf(builder, x1, x1, [0] * 16), U["dv"])
         if msum is None:
             v = isum
         else:
@@ -1467,10 +1497,20 @@ def _ksb(typingctx, accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND):
         _prefetch_lines(builder, ld, pfo_, (nr * ts + 63) // 64)
         xv, bs, p8, bs16, xdi = act(sig.args[4], xq_, sig.args[6], xs_, sig.args[5], xd_,
                                     builder.mul(i64, ir.Constant(_I64T, 256)), builder.mul(i64, ir.Constant(_I64T, 16)), i64)
+        chunk = builder.add(qoff_, builder.mul(i64, ir.Constant(_I64T, nr * ts)))   # repacked: NR rows' chunk
+        if kind in _RP_KINDS:         # the NR rows' [d, dmin] as one load and convert, times xd once
+            hv = builder.fpext(ld(builder.add(chunk, ir.Constant(_I64T, 144 * nr)), ir.VectorType(ir.HalfType(), 2 * nr)),
+                               ir.VectorType(_F32T, 2 * nr))
+            x1 = builder.insert_element(ir.Constant(ir.VectorType(_F32T, 2 * nr), None), xdi, ir.Constant(_I32T, 0))
+            svv = builder.fmul(_shuf(builder, x1, x1, [0] * (2 * nr)), hv)
         for r in range(nr):
-            base = builder.add(builder.add(qoff_, builder.mul(rb_, ir.Constant(_I64T, r))),
-                               builder.mul(i64, ir.Constant(_I64T, ts)))
-            U = _ksb_unpack(builder, kind, ld, h16, base)
+            if kind in _RP_KINDS:
+                U = _ksb_unpack_rp(builder, kind, ld, chunk, r, nr)
+                U["sv"] = _shuf(builder, svv, svv, [2 * r] * 8 + [2 * r + 1] * 8)   # = xd * [d]*8 + [dmin]*8
+            else:
+                base = builder.add(builder.add(qoff_, builder.mul(rb_, ir.Constant(_I64T, r))),
+                                   builder.mul(i64, ir.Constant(_I64T, ts)))
+                U = _ksb_unpack(builder, kind, ld, h16, base)
             isum, msum = _ksb_dot(builder, U, xv, bs, p8, bs16)
             acc_into(accp_, 16 * r, isum, msum, xdi, U)
         return ir.Constant(_I8T, 0)
@@ -1496,9 +1536,13 @@ def _ksb_mt(typingctx, accp, raw, roff, rb, XQ, XD, XS, t0, i, NT, NR, KIND):
         i64 = _as64(builder, i_)
         t064 = _as64(builder, t0_)
         ld, h16, acc_into, act = _ksb_common(ctx, builder, sig.args[1], raw_)
-        base = builder.add(roff_, builder.mul(i64, ir.Constant(_I64T, ts)))
-        Us = [_ksb_unpack(builder, kind, ld, h16, builder.add(base, builder.mul(rb_, ir.Constant(_I64T, r))))
-              for r in range(nr)]
+        if kind in _RP_KINDS:
+            chunk = builder.add(roff_, builder.mul(i64, ir.Constant(_I64T, nr * ts)))
+            Us = [_ksb_unpack_rp(builder, kind, ld, chunk, r, nr) for r in range(nr)]
+        else:
+            base = builder.add(roff_, builder.mul(i64, ir.Constant(_I64T, ts)))
+            Us = [_ksb_unpack(builder, kind, ld, h16, builder.add(base, builder.mul(rb_, ir.Constant(_I64T, r))))
+                  for r in range(nr)]
         aq = ctx.make_array(sig.args[4])(ctx, builder, XQ_)
         ad = ctx.make_array(sig.args[5])(ctx, builder, XD_)
         as_ = ctx.make_array(sig.args[6])(ctx, builder, XS_)
@@ -1525,7 +1569,7 @@ def _kout(typingctx, accp, off, KIND):
     (shuffle trees, no fast-math flags: the same tree in the GEMV and the GEMM)."""
     if not isinstance(KIND, types.IntegerLiteral):
         return None
-    mins = KIND.literal_value in (10, 12, 13)
+    mins = KIND.literal_value in (10, 12, 13, 112)
 
     def tree(builder, v, n):
         while n > 1:
@@ -1962,6 +2006,123 @@ def _gemm_par_q4_k(x, raw, out, xq, xd, xs):
         gemm_q4_k_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
+# ---- Repacked Q4_K (the executor's in-memory layout, built at load from ggml's bytes) ---------
+# raw uint8[N, nsb * 148] (nsb = K / 256). Each full group of 4 rows (rows 4g .. 4g+3, the rows a
+# GEMV pass and a GEMM pass take together) is stored chunk by chunk: bytes 4g*rb' + 592 i ... hold
+# super-block i of the 4 rows side by side, so the group is one linear stream:
+#     [0, 512)    qs of row r at 128 r: byte 64H + 16k + b = weight b of sub-block 4H+k (low
+#                 nibble) | weight 16+b of the same sub-block << 4 (high nibble): one zmm load per
+#                 half gives _ksb_unpack's two paired registers by a mask and a shift
+#     [512, 576)  row r at 16 r: its 8 sub-block scales then its 8 mins, one byte each (6-bit values)
+#     [576, 592)  row r at 4 r: d, dmin (fp16, as ggml)
+# Rows past the last full group are stored one by one in the same layout with 1 row per chunk
+# (148 bytes per super-block). The integer lanes and the float step are exactly _ksb's on ggml's
+# bytes, so results are bit-identical to gemv_q4_k_groups / gemm_q4_k_groups.
+
+_RP_ROWS = 4
+
+
+@njit(**_JIT)
+def _repack_q4_k_rows(raw, out, n4):
+    """raw uint8[N, nsb*144] (ggml) -> out uint8[N, nsb*148] (the layout above): rows < n4 in
+    chunks of 4 rows, the rest one row per chunk. Byte loops: one pass, no temporaries."""
+    N = raw.shape[0]
+    nsb = raw.shape[1] // 144
+    rbo = nsb * 148
+    flat = out.reshape(-1)
+    for r in range(N):
+        if r < n4:
+            nr, rr = 4, r % 4
+        else:
+            nr, rr = 1, 0
+        g0 = r - rr
+        for i in range(nsb):
+            s = i * 144
+            o = g0 * rbo + i * nr * 148
+            for k in range(4):                                    # d, dmin
+                flat[o + nr * 144 + 4 * rr + k] = raw[r, s + k]
+            q = o + nr * 128 + 16 * rr                            # 8 scales, 8 mins (6 bits each)
+            for j in range(4):
+                flat[q + j] = raw[r, s + 4 + j] & 63
+                flat[q + 8 + j] = raw[r, s + 8 + j] & 63
+                flat[q + 4 + j] = (raw[r, s + 12 + j] & 15) | ((raw[r, s + 4 + j] >> 6) << 4)
+                flat[q + 12 + j] = (raw[r, s + 12 + j] >> 4) | ((raw[r, s + 8 + j] >> 6) << 4)
+            qo = o + 128 * rr
+            for sb in range(8):                                   # sub-block sb: nibble sb & 1 of qs[32 (sb >> 1):]
+                c = 16 + 32 * (sb >> 1)
+                sh = 4 * (sb & 1)
+                for b in range(16):
+                    lo = (raw[r, s + c + b] >> sh) & 15
+                    hi = (raw[r, s + c + 16 + b] >> sh) & 15
+                    flat[qo + 16 * sb + b] = lo | (hi << 4)
+
+
+def repack_q4_k(raw, out=None):
+    """ggml Q4_K rows uint8[N, nsb*144] -> the repacked layout uint8[N, nsb*148] (above);
+    out: optional destination. unrepack_q4_k (numpy) is its inverse and its test reference."""
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8 or raw.ndim != 2 or raw.shape[1] == 0 or raw.shape[1] % 144:
+        raise ValueError(f"Q4_K: raw must be uint8[N, K/256 * 144], got {raw.dtype}{list(raw.shape)}")
+    N, rb = raw.shape
+    if out is None:
+        out = np.empty((N, rb // 144 * 148), np.uint8)
+    _repack_q4_k_rows(np.ascontiguousarray(raw), out, N // _RP_ROWS * _RP_ROWS)
+    return out
+
+
+def unrepack_q4_k(rp, rows=None):
+    """Inverse of repack_q4_k: uint8[N, nsb*148] -> ggml's Q4_K bytes uint8[N, nsb*144], or only
+    those of `rows` (int[n], 0 <= row < N) as uint8[n, nsb*144] (what an embedding lookup needs)."""
+    if rows is not None:
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        N, rb = rp.shape
+        n4 = N // _RP_ROWS * _RP_ROWS
+        out = np.empty((rows.shape[0], rb // 148 * 144), np.uint8)
+        full = rows < n4
+        if full.any():                        # the rows' whole groups, then the rows among them
+            g = rows[full] // _RP_ROWS
+            grp = rp[:n4].reshape(n4 // _RP_ROWS, _RP_ROWS * rb)[g].reshape(-1, rb)
+            out[full] = unrepack_q4_k(grp)[_RP_ROWS * np.arange(g.shape[0]) + rows[full] % _RP_ROWS]
+        for j in np.nonzero(~full)[0]:        # past the last full group: single-row chunks
+            out[j] = unrepack_q4_k(rp[rows[j]:rows[j] + 1])[0]
+        return out
+    N, rb = rp.shape
+    nsb = rb // 148
+    n4 = N // _RP_ROWS * _RP_ROWS
+    q = np.empty((N, nsb, 128), np.uint8)
+    sm = np.empty((N, nsb, 16), np.uint8)
+    dd = np.empty((N, nsb, 4), np.uint8)
+    for a, b, nr in ((0, n4, _RP_ROWS), (n4, N, 1)):
+        if b > a:
+            ch = rp[a:b].reshape((b - a) // nr, nsb, nr * 148)
+            for o, w, dst in ((0, 128, q), (128, 16, sm), (144, 4, dd)):
+                dst[a:b] = ch[:, :, o * nr:(o + w) * nr].reshape((b - a) // nr, nsb, nr, w).transpose(0, 2, 1, 3) \
+                    .reshape(b - a, nsb, w)
+    q = q.reshape(N, nsb, 8, 16)
+    w = np.concatenate([q & 15, q >> 4], axis=3)                         # [.., sub-block, l]
+    L = w.reshape(N * nsb, 256)
+    out = np.empty((N, nsb, 144), np.uint8)
+    out[:, :, 0:4] = dd
+    out[:, :, 4:16] = _pack_k4_scales(sm[:, :, :8].reshape(-1, 8).astype(np.int32),
+                                      sm[:, :, 8:].reshape(-1, 8).astype(np.int32)).reshape(N, nsb, 12)
+    out[:, :, 16:] = _pack_nib256(L).reshape(N, nsb, 128)
+    return out.reshape(N, nsb * 144)
+
+
+@njit(**_JIT)
+def gemv_q4_k_rp_groups(xq, xd, xs, raw, out, g0, g1):
+    """Q4_K, repacked layout (repack_q4_k): rows 4*g0 .. min(4*g1, N)-1 of W @ x, q8_K slots;
+    bit-identical to gemv_q4_k_groups on the ggml bytes."""
+    _k_groups(xq, xd, xs, raw, out, g0, g1, 112, 148)
+
+
+@njit(**_JIT)
+def gemm_q4_k_rp_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """Q4_K, repacked layout: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T (2-D q8_K slots);
+    per (row, token) the bits of gemv_q4_k_rp_groups."""
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 112, 148, 4)
+
+
 @njit(**_JIT)
 def gemv_q5_k_groups(xq, xd, xs, raw, out, g0, g1):
     """Q5_K: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_K slots."""
@@ -2091,6 +2252,13 @@ class TypeSpec:
     gemm_groups: Callable      # Numba (XQ[M, K], XD, XS, raw, out[M, N], M, g0, g1): M tokens at once
     gemv: Callable             # (x f32[K], raw, out f32[N]) -> out
     gemm: Callable             # (x f32[M, K], raw, out f32[M, N]) -> out
+    # The executor's in-memory layout: repack (raw ggml bytes uint8[N, row_bytes] -> uint8[N, ..])
+    # builds it once per matrix at load (None: the executor runs the ggml bytes as they are), and
+    # exec_gemv_groups / exec_gemm_groups (signatures of gemv_groups / gemm_groups) run it.
+    repack: Callable | None = None
+    unrepack: Callable | None = None   # (repacked uint8[N, ..], rows=None) -> ggml's bytes (of those rows)
+    exec_gemv_groups: Callable | None = None
+    exec_gemm_groups: Callable | None = None
 
     def row_bytes(self, K):
         if K <= 0 or K % self.block != 0:
@@ -2098,11 +2266,13 @@ class TypeSpec:
         return K // self.block * self.type_size
 
 
-def compile_format(spec) -> None:
+def compile_format(spec, executor=False) -> None:
     """Compile (or load from Numba's cache) the format's activation quantizer and row kernels for
     their one signature each (read-only x / raw; writable arrays convert), then stop them compiling
-    for other types. Called on a format's first use (the executor, gemv / gemm below)."""
-    for f, sig in ((spec.act_quant, _AQ_SIG), (spec.gemv_groups, _GSIG), (spec.gemm_groups, _GGSIG)):
+    for other types. Called on a format's first use (the executor with executor=True: the kernels
+    of its in-memory layout; gemv / gemm below: those of ggml's bytes)."""
+    g, gg = (spec.exec_gemv_groups, spec.exec_gemm_groups) if executor else (spec.gemv_groups, spec.gemm_groups)
+    for f, sig in ((spec.act_quant, _AQ_SIG), (g, _GSIG), (gg, _GGSIG)):
         if f._can_compile:
             f.compile(sig)
             f.disable_compile()
@@ -2157,12 +2327,16 @@ def _make_spec(name, ggml_type, block, type_size, act, act_quant, groups, ggroup
         gemm_par(x, raw, out, *act_scratch(K, x.shape[0]))
         return out
 
+    rp = _REPACKED.get(name)
     spec = TypeSpec(name, ggml_type, block, type_size, 8.0 * type_size / block, act, quantize_ref,
-                    dequantize_ref, _ACT_REF[act], dot_ref, act_quant, groups, ggroups, gemv, gemm)
+                    dequantize_ref, _ACT_REF[act], dot_ref, act_quant, groups, ggroups, gemv, gemm,
+                    *(rp or (None, None, groups, ggroups)))
     return spec
 
 
 _ACT_KERNEL = {"q8_0": act_quant_q8_0, "q8_1": act_quant_q8_1, "q8_K": act_quant_q8_k}
+# formats the executor runs in a repacked layout: name -> (repack, unrepack, exec_gemv_groups, exec_gemm_groups)
+_REPACKED = {"Q4_K": (repack_q4_k, unrepack_q4_k, gemv_q4_k_rp_groups, gemm_q4_k_rp_groups)}
 
 # name, ggml enum, block, type_size, act
 _TABLE = [

@@ -22,6 +22,8 @@ levels (`minilm.load(..., quant=...)`) map to per-tensor formats in `LEVELS` / `
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
 from dataclasses import dataclass
 from typing import Callable
 
@@ -76,7 +78,7 @@ class Format:
         float formats have none)."""
         a = lin.arrays
         if self.arrays == ("raw",):
-            return a["raw"], np.zeros((1, 1), np.uint16)
+            return lin.exec_raw(), np.zeros((1, 1), np.uint16)
         if self.act == "f32":
             w = a["w"].view(np.uint16) if self.name == "f16" else a["w"]
             return w, np.zeros((1, 1), np.uint16)
@@ -257,7 +259,7 @@ def _raw_format(fid, name, gname, gtype, block, nbytes, act) -> Format:
                   lambda a, x: float(spec().dot_ref(a["raw"].reshape(-1), x)),
                   lambda x, raw, out: spec().gemv(x, raw, out),
                   lambda x, raw, out: spec().gemm(x, raw, out),
-                  None)                       # the executor takes SPECS[ggml_name].gemv_groups
+                  None)                       # the executor takes SPECS[ggml_name].exec_gemv_groups
 
 
 for _i, _r in enumerate([("q4_1", "Q4_1", 3, 32, 20, "q8_1"), ("q5_0", "Q5_0", 6, 32, 22, "q8_0"),
@@ -333,10 +335,31 @@ def parse_level(quant: str | None, group_size: int | None = None, embed: str | N
     return mat, emb, g
 
 
+def _release_mapped(a: np.ndarray) -> None:
+    """Drop the pages of `a` from this process when it is a view of a file mapping (a GGUF, mapped
+    copy-on-write): madvise MADV_DONTNEED on the whole pages inside it, so they leave the resident
+    set (reads would fault the file's bytes back in). Only for bytes the caller no longer reads
+    through `a`. Anything else, or a platform without madvise, is left as it is."""
+    b = a
+    while isinstance(b, np.ndarray):
+        b = b.base
+    if not isinstance(b, mmap.mmap):
+        return
+    page = mmap.PAGESIZE
+    lo = -(-a.ctypes.data // page) * page
+    hi = (a.ctypes.data + a.nbytes) // page * page
+    if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
+        except (OSError, AttributeError):
+            pass
+
+
 class Linear:
     """W [N, K] stored in `fmt` (arrays C-contiguous, possibly memory-mapped)."""
 
-    __slots__ = ("fmt", "N", "K", "Kp", "arrays", "_args", "_gemv", "_gemm", "_xpad", "_gemv_pre")
+    __slots__ = ("fmt", "N", "K", "Kp", "_arrays", "_args", "_gemv", "_gemm", "_xpad", "_gemv_pre", "_exec")
 
     def __init__(self, fmt: str, N: int, K: int, arrays: dict, Kp: int | None = None):
         self.fmt, self.N, self.K, self.Kp, self.arrays = fmt, N, K, Kp or K, arrays
@@ -347,6 +370,38 @@ class Linear:
         if fmt != "f32" and f.arrays != ("raw",):   # the Numba kernel itself, views and scratch bound once
             self._gemv, self._gemv_pre = _qm.gemv_bound(fmt, self._args)
         self._xpad = np.zeros((1, self.Kp), np.float32) if self.Kp != K else None
+        self._exec = None
+
+    def exec_raw(self) -> np.ndarray:
+        """A raw ggml format's matrix as the executor runs it: the format's repacked layout where
+        it has one (ggml_quants TypeSpec.repack, e.g. Q4_K's row-group chunks), built here once per
+        Linear, else the ggml bytes themselves. A repacked matrix is held once: the ggml bytes are
+        let go (an in-memory copy freed, a GGUF mapping's pages handed back) and `arrays` rebuilds
+        them from the repacked copy where they are still needed (export, save, embedding rows)."""
+        if self._exec is None:
+            raw = self.arrays["raw"]
+            rp = self._spec().repack
+            self._exec = raw if rp is None else rp(raw)
+            if rp is not None:
+                self._arrays = self._args = self._gemv_pre = None
+                _release_mapped(raw)
+        return self._exec
+
+    @property
+    def arrays(self) -> dict:
+        """Name -> stored array (see FORMATS). A raw ggml format whose in-memory bytes exec_raw
+        dropped after repacking them gives ggml's bytes rebuilt from the repacked copy (a new
+        array on each access: export, save; the embedding lookup rebuilds only its rows)."""
+        if self._arrays is None:
+            return {"raw": self._spec().unrepack(self._exec)}
+        return self._arrays
+
+    @arrays.setter
+    def arrays(self, v: dict) -> None:
+        self._arrays = v
+
+    def _spec(self):
+        return _gq().SPECS[FORMATS[self.fmt].ggml_name]
 
     @classmethod
     def quantize(cls, w: np.ndarray, fmt: str = "f32", group: int = 32, name: str = "",
@@ -387,21 +442,28 @@ class Linear:
                 xp = np.zeros((x.shape[0], self.Kp), np.float32)
                 xp[:, :self.K] = x
                 x = xp
+        args = self._args if self._args is not None else tuple(self.arrays.values())
         if x.shape[0] == 1:
-            self._gemv(x[0], *self._gemv_pre, out[0])
+            self._gemv(x[0], *(self._gemv_pre if self._gemv_pre is not None else args), out[0])
         else:
-            self._gemm(x, *self._args, out)
+            self._gemm(x, *args, out)
 
     def rows(self, ids: np.ndarray, out: np.ndarray) -> None:
         """out: f32[len(ids), K] <- rows `ids` of W as float32 (embedding lookup)."""
         if self.fmt == "f32" and self.Kp == self.K:
             np.take(self.arrays["w"], ids, axis=0, out=out)
+        elif self._arrays is None:                      # repacked only: rebuild just these rows
+            out[:] = FORMATS[self.fmt].unpack({"raw": self._spec().unrepack(self._exec, ids)})[:, :self.K]
         else:
             sub = {k: a[ids] for k, a in self.arrays.items()}
             out[:] = FORMATS[self.fmt].unpack(sub)[:, :self.K]
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the stored arrays (ggml's bytes for the raw formats, also when repacked)."""
+        if self._arrays is None:
+            f = FORMATS[self.fmt]
+            return self.N * (self.Kp // f.block * f.block_bytes)
         return sum(a.nbytes for a in self.arrays.values())
 
     @property
