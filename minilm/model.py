@@ -38,8 +38,9 @@ import numpy as np
 from .cache import KVCache
 from .config import Config, rope_inv_freq
 from .errors import MinilmError
+from .kernels import compile_ahead
+from .kernels.executor import ahead_jobs, run_plan
 from .kernels.executor import compiled as executor_compiled
-from .kernels.executor import run_plan
 from .kernels.rope import rope_tables
 from .plan import Step, lower, matmul, with_stats
 from .quant import FORMATS, Linear
@@ -271,6 +272,7 @@ class Transformer:
         self._matrices = [tensors[s.mat] for s in self.plan if s.op == "matmul"]
         self.busy = Exclusive()
         self._ran = False
+        self._ahead = None                  # a first run's compile helper (kernels/compile_ahead.py)
         self.last_lookup = None        # the last generation's generate.PromptLookup (its counts)
 
     def _lower(self):
@@ -337,7 +339,9 @@ class Transformer:
     def _head(self, h: np.ndarray, out: np.ndarray) -> None:
         """out f32[M, V] <- logits of the final-normed h f32[M, D]: the lm head, then Granite's
         logits_scaling and Gemma 2's final soft-cap (numpy on the logits; nothing for others)."""
-        self.lm_head(h, out)
+        ahead, self._ahead = self._ahead, None      # a first run: the helper compiles the head's kernel
+        with ahead.serving() if ahead is not None else contextlib.nullcontext():
+            self.lm_head(h, out)
         c = self.cfg
         if c.logits_scaling != 1.0:
             out /= np.float32(c.logits_scaling)
@@ -372,16 +376,19 @@ class Transformer:
         args = (low.fs, low.steps, low.fpar, s.btab, low.mtab, low.vtab, M, s.pos[:M], s.slot[:M], cos, sin,
                 cache.k_all, cache.v_all, s.XQ, s.XD, s.XS, s.tiles, s.scores, s.attn_part, c.n_heads,
                 c.n_kv_heads, c.head_dim, c.rotary_dim, s.ctr)
-        notice = None
+        notice = helper = None
         if not self._ran:                   # the first call may compile the executor for this model
             if not executor_compiled(*args):
-                _compile_notice(low.fs)
+                _compile_notice(low.fs)     # a helper process compiles the matrix kernels, the
+                head = self.lm_head.gemv_job("head")   # parallel region and the lm head meanwhile
+                helper = self._ahead = compile_ahead.start(ahead_jobs(*args) + ([head] if head else []))
             else:                           # other kernels (the lm head's) may still compile
                 notice = threading.Timer(3.0, _compile_notice)
                 notice.daemon = True
                 notice.start()
         try:
-            run_plan(*args)
+            with helper.serving() if helper is not None else contextlib.nullcontext():
+                run_plan(*args)             # compiles what the helper does not; loads what it did
         finally:
             if notice is not None:
                 notice.cancel()
