@@ -108,6 +108,7 @@ _I8 = np.zeros(0, np.int8)
 _U8 = np.zeros(0, np.uint8)
 
 _J = dict(cache=True, nogil=True, error_model="numpy")
+_JC = dict(_J, no_cpython_wrapper=True, no_cfunc_wrapper=True)   # called from compiled code only
 
 
 @njit(**_J)
@@ -362,7 +363,7 @@ def _quant_row_impl(fs, mtab, j, x, xq, xd, xs):
     return impl
 
 
-@njit(**_J)
+@njit(**_JC)
 def _mm_task(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
     """_mm_rows as a cached function of its own: the matrix kernels compile apart from the other
     step kernels, so a helper process can compile them while this one compiles the rest
@@ -370,7 +371,7 @@ def _mm_task(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
     _mm_rows(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1)
 
 
-@njit(**_J)
+@njit(**_JC)
 def _quant_task(fs, mtab, j, x, xq, xd, xs):
     """_quant_row as a cached function of its own (as _mm_task)."""
     _quant_row(fs, mtab, j, x, xq, xd, xs)
@@ -682,7 +683,7 @@ def _task_impl(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, c
     return impl
 
 
-@njit(**_J)
+@njit(**_JC)
 def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
           XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
     """Task k of step s, run by thread tid."""
