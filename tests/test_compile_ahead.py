@@ -41,8 +41,7 @@ print("RESULT" + json.dumps({"started": started, "text": text, "stats": stats,
 
 
 def _probe(model, quant, mode, cache):
-    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache))
-    env.pop("MINILM_COMPILE_HELPER", None)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache), MINILM_COMPILE_HELPER="1")   # whatever the load
     out = subprocess.run([sys.executable, "-c", PROBE, str(model), quant, mode], capture_output=True, text=True,
                          timeout=900, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -73,10 +72,16 @@ def test_wait_ends_when_the_helper_dies():
     assert time.monotonic() - t0 < 60
 
 
-def test_no_helper_when_switched_off(monkeypatch):
+def test_no_helper_when_switched_off_or_no_core_is_idle(monkeypatch):
     from minilm.kernels import executor as ex
     monkeypatch.setenv("MINILM_COMPILE_HELPER", "0")
     assert compile_ahead.start([("region", ex.run_plan_jit, ())]) is None
+    monkeypatch.delenv("MINILM_COMPILE_HELPER")
+    monkeypatch.setattr(compile_ahead, "_cpus", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 1.0, 1.0))   # busy: it would only compete
+    assert compile_ahead._busy() and compile_ahead.start([("region", ex.run_plan_jit, ())]) is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 1.0, 1.0))
+    assert not compile_ahead._busy()
 
 
 @pytest.mark.skipif(compile_ahead.fcntl is None, reason="no file locks here")
