@@ -272,7 +272,6 @@ class Transformer:
         self._matrices = [tensors[s.mat] for s in self.plan if s.op == "matmul"]
         self.busy = Exclusive()
         self._ran = False
-        self._ahead = None                  # a first run's compile helper (kernels/compile_ahead.py)
         self.last_lookup = None        # the last generation's generate.PromptLookup (its counts)
 
     def _lower(self):
@@ -339,9 +338,7 @@ class Transformer:
     def _head(self, h: np.ndarray, out: np.ndarray) -> None:
         """out f32[M, V] <- logits of the final-normed h f32[M, D]: the lm head, then Granite's
         logits_scaling and Gemma 2's final soft-cap (numpy on the logits; nothing for others)."""
-        ahead, self._ahead = self._ahead, None      # a first run: the helper compiles the head's kernel
-        with ahead.serving() if ahead is not None else contextlib.nullcontext():
-            self.lm_head(h, out)
+        self.lm_head(h, out)
         c = self.cfg
         if c.logits_scaling != 1.0:
             out /= np.float32(c.logits_scaling)
@@ -379,9 +376,8 @@ class Transformer:
         notice = helper = None
         if not self._ran:                   # the first call may compile the executor for this model
             if not executor_compiled(*args):
-                _compile_notice(low.fs)     # a helper process compiles the matrix kernels, the
-                head = self.lm_head.gemv_job("head")   # parallel region and the lm head meanwhile
-                helper = self._ahead = compile_ahead.start(ahead_jobs(*args) + ([head] if head else []))
+                _compile_notice(low.fs)     # a helper process compiles the matrix kernels and
+                helper = compile_ahead.start(ahead_jobs(*args))   # the parallel region meanwhile
             else:                           # other kernels (the lm head's) may still compile
                 notice = threading.Timer(3.0, _compile_notice)
                 notice.daemon = True

@@ -25,9 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numba
 import numpy as np
-from numba.core.dispatcher import Dispatcher
 
 from .kernels import matmul as _mm
 from .kernels import qmatmul as _qm
@@ -393,15 +391,6 @@ class Linear:
             self._gemv(x[0], *self._gemv_pre, out[0])
         else:
             self._gemm(x, *self._args, out)
-
-    def gemv_job(self, name: str):
-        """(name, Numba kernel, signature) of this matrix's one-row product (x f32[K] -> out
-        f32[N], as __call__ runs it) for a helper process to compile (kernels/compile_ahead.py),
-        or None where that is not one Numba kernel."""
-        if not isinstance(self._gemv, Dispatcher) or self._xpad is not None:
-            return None
-        vec = numba.types.Array(numba.types.float32, 1, "C")
-        return name, self._gemv, (vec, *(numba.typeof(a) for a in self._gemv_pre), vec)
 
     def rows(self, ids: np.ndarray, out: np.ndarray) -> None:
         """out: f32[len(ids), K] <- rows `ids` of W as float32 (embedding lookup)."""

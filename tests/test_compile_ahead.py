@@ -1,6 +1,6 @@
 """A first run's compile helper (kernels/compile_ahead.py): with an empty Numba cache, a helper
-process compiles the executor's matrix kernels, its parallel region and the lm head while the
-model's process compiles the rest and loads those; a dead helper changes nothing but the time."""
+process compiles the executor's matrix kernels and its parallel region while the model's process
+compiles the rest and loads those; a dead helper changes nothing but the time."""
 import json
 import os
 import subprocess
@@ -32,8 +32,7 @@ m = minilm.load(sys.argv[1], quant=sys.argv[2])
 ids = m.tokenizer.encode("Once upon a time")
 text = m.generate(ids, max_new_tokens=8, ignore_eos=True, speculative=False)
 lg = m.logits(ids)
-head = m.net.lm_head.gemv_job("head")
-disps = {"matmul": ex._mm_task, "quant": ex._quant_task, "region": ex.run_plan_jit, "head": head[1]}
+disps = {"matmul": ex._mm_task, "quant": ex._quant_task, "region": ex.run_plan_jit}
 stats = {k: [sum(d.stats.cache_misses.values()), sum(d.stats.cache_hits.values())] for k, d in disps.items()}
 print("RESULT" + json.dumps({"started": started, "text": text, "stats": stats,
                              "logits": hashlib.sha256(lg.tobytes()).hexdigest()}))
