@@ -832,7 +832,7 @@ def ahead_jobs(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc
     compiles _task (kernels/compile_ahead.py): [(name, dispatcher, signature)], in the order this
     process needs them: the matrix kernels and activation quantizers (_task's last callees), then
     the parallel region. The signatures are the types _task_impl calls them with
-    (tests/test_numba_cache.py checks that they are)."""
+    (tests/test_compile_ahead.py checks that they are)."""
     ty, i64 = numba.typeof, types.int64
     f32_2d = types.Array(types.float32, 2, "C")          # _buf(...): a C-contiguous f32 carray
     row = lambda t: t.copy(ndim=t.ndim - 1)              # a[k] of a C-contiguous array a
