@@ -12,6 +12,10 @@ of its own compilation (typing + lowering + LLVM, its callees' compilations excl
 of it spent holding the LLVM lock (LLVM optimisation and code generation), and per compiler pass
 the time summed over all dispatchers.
 
+"process" is the child process as its parent sees it: wall time, and CPU seconds of it and of
+the processes it reaped (on a first run, the compile helper of kernels/compile_ahead.py, which
+compiles part of the kernels beside it), the figure `/usr/bin/time` gives.
+
 Prints a table and writes JSON (--json). Timings on a shared machine are noisy: compare variants
 in one run, interleaved.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -113,15 +118,18 @@ print("COLDJSON" + json.dumps({"phases": ph, "prof": prof}))
 def run_child(model, quant, cache_dir, profile, extra_env=None, tokens=16):
     env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir, COLD_PROFILE="1" if profile else "0")
     env.update(extra_env or {})
-    t0 = time.perf_counter()
+    t0, r0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run([sys.executable, "-c", _CHILD, model, quant or "", str(tokens)], env=env, capture_output=True,
                        text=True, cwd=tempfile.gettempdir())   # not the repo: import the installed minilm
     wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)      # the process and what it reaped (a compile helper)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("COLDJSON")), None)
     if p.returncode != 0 or line is None:
         raise SystemExit(f"cold_start: the child process failed (rc {p.returncode}):\n{p.stderr[-4000:]}")
     out = json.loads(line[8:])
     out["process_wall"] = wall
+    out["process_cpu"] = cpu
     out["stderr"] = [ln for ln in p.stderr.splitlines() if ln.startswith("minilm:")]
     return out
 
@@ -148,8 +156,8 @@ def main(argv=None):
         with tempfile.TemporaryDirectory(prefix="minilm-numba-") as cache:
             cold = run_child(args.model, args.quant, cache, args.profile, tokens=args.tokens)
             warm = run_child(args.model, args.quant, cache, False, tokens=args.tokens)
-        print(f"round {i + 1} cold: {_fmt_phases(cold)}  process {cold['process_wall']:.2f}s", flush=True)
-        print(f"round {i + 1} warm: {_fmt_phases(warm)}  process {warm['process_wall']:.2f}s", flush=True)
+        print(f"round {i + 1} cold: {_fmt_phases(cold)}  process {cold['process_wall']:.2f}s ({cold['process_cpu']:.2f} cpu)", flush=True)
+        print(f"round {i + 1} warm: {_fmt_phases(warm)}  process {warm['process_wall']:.2f}s ({warm['process_cpu']:.2f} cpu)", flush=True)
         for ln in cold["stderr"]:
             print(f"  cold stderr: {ln}")
         if args.profile:

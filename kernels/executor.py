@@ -33,7 +33,10 @@ a model compiles (and caches) only the kernels it needs.
 
 Compiling: `_task` (every step kernel) is compiled once per signature and called through its
 entry point from the parallel region `run_plan_jit` (see "the run" below), so no wrapper level of
-the parallel region carries a copy of the kernels (benchmarks/README.md, "Cold start"). Adding a step kind means: an OP_ constant, its
+the parallel region carries a copy of the kernels (benchmarks/README.md, "Cold start"). The matrix and
+activation-quantizer dispatch are cached functions of their own (`_mm_task`, `_quant_task`) so that on a first
+run a helper process can compile them and the region while this one compiles the rest (`ahead_jobs`,
+kernels/compile_ahead.py). Adding a step kind means: an OP_ constant, its
 task count in `_ntasks`, its body in `_task`, and the plan rows that use it; nothing else changes
 (tests/test_plan.py adds one outside this module to show it).
 """
@@ -108,6 +111,7 @@ _I8 = np.zeros(0, np.int8)
 _U8 = np.zeros(0, np.uint8)
 
 _J = dict(cache=True, nogil=True, error_model="numpy")
+_JC = dict(_J, no_cpython_wrapper=True, no_cfunc_wrapper=True)   # called from compiled code only
 
 
 @njit(**_J)
@@ -362,6 +366,20 @@ def _quant_row_impl(fs, mtab, j, x, xq, xd, xs):
     return impl
 
 
+@njit(**_JC)
+def _mm_task(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
+    """_mm_rows as a cached function of its own: the matrix kernels compile apart from the other
+    step kernels, so a helper process can compile them while this one compiles the rest
+    (ahead_jobs); _task links the compiled code as it linked the overload before."""
+    _mm_rows(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1)
+
+
+@njit(**_JC)
+def _quant_task(fs, mtab, j, x, xq, xd, xs):
+    """_quant_row as a cached function of its own (as _mm_task)."""
+    _quant_row(fs, mtab, j, x, xq, xd, xs)
+
+
 @njit(**_J)
 def _is_quantized(fmt):
     return fmt >= F_Q8_0
@@ -523,28 +541,6 @@ def _task_impl(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, c
     def impl(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
              XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
         op = steps[s, S_OP]
-        if has_matmul:
-            if op == OP_MATMUL:
-                j = steps[s, S_MAT]
-                ng = (mtab[j, M_N] + 3) // 4
-                n = nt if M == 1 else min(ng, 4 * nt)
-                g0 = k * ng // n
-                g1 = (k + 1) * ng // n
-                out = _buf(btab, steps[s, S_DST], M)
-                _mm_rows(fs, mtab, j, _buf(btab, steps[s, S_SRC], M), XQ, XD, XS, tiles[tid], M, out, g0, g1)
-                b = _vec(vtab, steps[s, S_B])
-                if b.shape[0] > 0:                       # bias on this task's rows
-                    r1 = min(4 * g1, mtab[j, M_N])
-                    for m in range(M):
-                        o = out[m]
-                        for r in range(4 * g0, r1):
-                            o[r] += b[r]
-                return
-        if has_quant:
-            if op == OP_QUANT:
-                x = _buf(btab, steps[s, S_SRC], M)
-                _quant_row(fs, mtab, steps[s, S_MAT], x[k], XQ[k], XD[k], XS[k])
-                return
         if has_norm:
             if op == OP_NORM:
                 norm_row(_buf(btab, steps[s, S_SRC], M)[k], _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
@@ -661,12 +657,36 @@ def _task_impl(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, c
                                 acc += x[m, i] * x[m, j]
                             v[i * K + j] += acc
                 return
+        # The matrix kinds come last: Numba types (and compiles) the callees in this order, and on a
+        # first run a helper process compiles _mm_task and _quant_task meanwhile (ahead_jobs).
+        if has_matmul:
+            if op == OP_MATMUL:
+                j = steps[s, S_MAT]
+                ng = (mtab[j, M_N] + 3) // 4
+                n = nt if M == 1 else min(ng, 4 * nt)
+                g0 = k * ng // n
+                g1 = (k + 1) * ng // n
+                out = _buf(btab, steps[s, S_DST], M)
+                _mm_task(fs, mtab, j, _buf(btab, steps[s, S_SRC], M), XQ, XD, XS, tiles[tid], M, out, g0, g1)
+                b = _vec(vtab, steps[s, S_B])
+                if b.shape[0] > 0:                       # bias on this task's rows
+                    r1 = min(4 * g1, mtab[j, M_N])
+                    for m in range(M):
+                        o = out[m]
+                        for r in range(4 * g0, r1):
+                            o[r] += b[r]
+                return
+        if has_quant:
+            if op == OP_QUANT:
+                x = _buf(btab, steps[s, S_SRC], M)
+                _quant_task(fs, mtab, steps[s, S_MAT], x[k], XQ[k], XD[k], XS[k])
+                return
         if has_ext:
             _ext_task(op, s, k, M, pos, steps, fpar, btab, mtab, vtab)
     return impl
 
 
-@njit(**_J)
+@njit(**_JC)
 def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
           XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
     """Task k of step s, run by thread tid."""
@@ -804,6 +824,23 @@ def _compiled(disp, sig) -> bool:
         return bool(c._enabled) and c._index_key(tuple(sig), disp.targetctx.codegen()) in c._cache_file._load_index()
     except Exception:                   # another Numba's cache internals: say "not known to be cached"
         return False
+
+
+def ahead_jobs(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,
+               H, Hkv, hd, rot, ctr) -> list:
+    """What a helper process can compile for run_plan on these arguments while this process
+    compiles _task (kernels/compile_ahead.py): [(name, dispatcher, signature)], in the order this
+    process needs them: the matrix kernels and activation quantizers (_task's last callees), then
+    the parallel region. The signatures are the types _task_impl calls them with
+    (tests/test_compile_ahead.py checks that they are)."""
+    ty, i64 = numba.typeof, types.int64
+    f32_2d = types.Array(types.float32, 2, "C")          # _buf(...): a C-contiguous f32 carray
+    row = lambda t: t.copy(ndim=t.ndim - 1)              # a[k] of a C-contiguous array a
+    quant = (ty(fs), ty(mtab), i64, row(f32_2d), row(ty(XQ)), row(ty(XD)), row(ty(XS)))
+    mm = (ty(fs), ty(mtab), i64, f32_2d, ty(XQ), ty(XD), ty(XS), row(ty(tiles)), i64, f32_2d, i64, i64)
+    region = tuple(ty(a) for a in (0, 0, fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD,
+                                   XS, tiles, sc, part, H, Hkv, hd, rot, ctr))
+    return [("matmul", _mm_task, mm), ("quant", _quant_task, quant), ("region", run_plan_jit, region)]
 
 
 def compiled(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,

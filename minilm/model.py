@@ -38,8 +38,9 @@ import numpy as np
 from .cache import KVCache
 from .config import Config, rope_inv_freq
 from .errors import MinilmError
+from .kernels import compile_ahead
+from .kernels.executor import ahead_jobs, run_plan
 from .kernels.executor import compiled as executor_compiled
-from .kernels.executor import run_plan
 from .kernels.rope import rope_tables
 from .plan import Step, lower, matmul, with_stats
 from .quant import FORMATS, Linear
@@ -372,16 +373,18 @@ class Transformer:
         args = (low.fs, low.steps, low.fpar, s.btab, low.mtab, low.vtab, M, s.pos[:M], s.slot[:M], cos, sin,
                 cache.k_all, cache.v_all, s.XQ, s.XD, s.XS, s.tiles, s.scores, s.attn_part, c.n_heads,
                 c.n_kv_heads, c.head_dim, c.rotary_dim, s.ctr)
-        notice = None
+        notice = helper = None
         if not self._ran:                   # the first call may compile the executor for this model
             if not executor_compiled(*args):
-                _compile_notice(low.fs)
+                _compile_notice(low.fs)     # a helper process compiles the matrix kernels and
+                helper = compile_ahead.start(ahead_jobs(*args))   # the parallel region meanwhile
             else:                           # other kernels (the lm head's) may still compile
                 notice = threading.Timer(3.0, _compile_notice)
                 notice.daemon = True
                 notice.start()
         try:
-            run_plan(*args)
+            with helper.serving() if helper is not None else contextlib.nullcontext():
+                run_plan(*args)             # compiles what the helper does not; loads what it did
         finally:
             if notice is not None:
                 notice.cancel()
