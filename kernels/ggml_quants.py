@@ -943,7 +943,7 @@ import os as _os  # noqa: E402
 import llvmlite.binding as _llvm  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 
-from .simd import _elem_ptr, _prefetch, _ptr_add, _stack_f32  # noqa: E402
+from .simd import EXACT, _elem_ptr, _prefetch, _ptr_add, _stack_f32  # noqa: E402
 
 try:
     _FEAT = _llvm.get_host_cpu_features()
@@ -1068,7 +1068,7 @@ def _hsum8f(typingctx, accp):
         n = 8
         while n > 1:
             h = n // 2
-            v = builder.fadd(_shuf(builder, v, v, list(range(h))), _shuf(builder, v, v, list(range(h, n))))
+            v = builder.fadd(_shuf(builder, v, v, list(range(h))), _shuf(builder, v, v, list(range(h, n))), flags=EXACT)
             n = h
         return builder.extract_element(v, ir.Constant(_I32T, 0))
     return types.float32(accp), codegen
@@ -1447,7 +1447,7 @@ def _ksb_common(ctx, builder, raw_aty, raw_):
                     e = builder.insert_element(e, U["dmin"], ir.Constant(_I32T, 1))
                     U["dv"] = _shuf(builder, e, e, [0] * 8 + [1] * 8)
             x1 = builder.insert_element(ir.Constant(_V16F32, None), xdi, ir.Constant(_I32T, 0))
-            sv = builder.fmul(_shuf(builder, x1, x1, [0] * 16), U["dv"])
+            sv = builder.fmul(_shuf(builder, x1, x1, [0] * 16), U["dv"], flags=EXACT)
         if msum is None:
             v = isum
         else:
@@ -1502,7 +1502,7 @@ def _ksb(typingctx, accp, raw, qoff, rb, xq, xd, xs, i, pfo, NR, KIND):
             hv = builder.fpext(ld(builder.add(chunk, ir.Constant(_I64T, 144 * nr)), ir.VectorType(ir.HalfType(), 2 * nr)),
                                ir.VectorType(_F32T, 2 * nr))
             x1 = builder.insert_element(ir.Constant(ir.VectorType(_F32T, 2 * nr), None), xdi, ir.Constant(_I32T, 0))
-            svv = builder.fmul(_shuf(builder, x1, x1, [0] * (2 * nr)), hv)
+            svv = builder.fmul(_shuf(builder, x1, x1, [0] * (2 * nr)), hv, flags=EXACT)
         for r in range(nr):
             if kind in _RP_KINDS:
                 U = _ksb_unpack_rp(builder, kind, ld, chunk, r, nr)
@@ -1566,7 +1566,7 @@ def _ksb_mt(typingctx, accp, raw, roff, rb, XQ, XD, XS, t0, i, NT, NR, KIND):
 def _kout(typingctx, accp, off, KIND):
     """A row's result from its 16 f32 accumulator lanes at accp[off:]: sum(lanes 0..7) -
     sum(lanes 8..15) for the formats with mins (Q2_K, Q4_K, Q5_K), else the sum of all 16
-    (shuffle trees, no fast-math flags: the same tree in the GEMV and the GEMM)."""
+    (shuffle trees flagged simd.EXACT: the same tree in the GEMV and the GEMM, wherever inlined)."""
     if not isinstance(KIND, types.IntegerLiteral):
         return None
     mins = KIND.literal_value in (10, 12, 13, 112)
@@ -1574,7 +1574,7 @@ def _kout(typingctx, accp, off, KIND):
     def tree(builder, v, n):
         while n > 1:
             h = n // 2
-            v = builder.fadd(_shuf(builder, v, v, list(range(h))), _shuf(builder, v, v, list(range(h, n))))
+            v = builder.fadd(_shuf(builder, v, v, list(range(h))), _shuf(builder, v, v, list(range(h, n))), flags=EXACT)
             n = h
         return builder.extract_element(v, ir.Constant(_I32T, 0))
 
@@ -1584,7 +1584,7 @@ def _kout(typingctx, accp, off, KIND):
         if not mins:
             return tree(builder, v, 16)
         return builder.fsub(tree(builder, _shuf(builder, v, v, list(range(8))), 8),
-                            tree(builder, _shuf(builder, v, v, list(range(8, 16))), 8))
+                            tree(builder, _shuf(builder, v, v, list(range(8, 16))), 8), flags=EXACT)
     return types.float32(accp, off, KIND), codegen
 
 

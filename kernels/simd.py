@@ -78,6 +78,15 @@ def _elem_ptr(ctx, builder, aty, arr, off, elty):
     return builder.bitcast(p, elty.as_pointer())
 
 
+# Flags for float operations an intrinsic emits whose order of rounding is part of a kernel's result
+# (horizontal sums, scale products). Numba's fastmath pass gives every float operation that has no
+# flags the function's fast-math flags, reassociation included, so an unflagged tree could be
+# reordered differently by LLVM where the kernel is inlined into another function than where it is
+# compiled alone: the executor's copy and the standalone copy then differ in the last bits, and a
+# process that compiled the executor computes other logits than one that loaded it from the cache.
+# "nsz" (signed zeros do not matter) marks the operation as flagged and allows no reordering.
+EXACT = ("nsz",)
+
 @intrinsic
 def _hsum16(typingctx, accp, off):
     """sum(accp[off:off+16]) as a shuffle tree (the Numba loop compiles to 15 dependent adds)."""
@@ -89,7 +98,7 @@ def _hsum16(typingctx, accp, off):
             h = n // 2
             a = _splat_idx(builder, v, list(range(h)))
             b = _splat_idx(builder, v, list(range(h, n)))
-            v = builder.fadd(a, b)      # no fast-math flags: the same tree wherever it is inlined
+            v = builder.fadd(a, b, flags=EXACT)   # see EXACT: the same tree wherever it is inlined
             n = h
         return builder.extract_element(v, ir.Constant(_I32, 0))
     return types.float32(accp, off), codegen

@@ -1,9 +1,11 @@
 """cache=True on every kernel: a second process loads compiled code instead of recompiling,
 and each kernel keeps one compiled signature."""
 import json
+import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from minilm.quant import FORMATS
@@ -84,3 +86,38 @@ def test_cached_symbols_name_what_they_compute():
     assert len(set(res[0]["names"].values())) == 3
     fids = "-".join(str(FORMATS[f].fid) for f in ("q4_1", "q5_0"))
     assert res[0]["chain"].endswith(f"[{fids}]")  # the dispatch chain names its formats
+
+
+SAME = r"""
+import sys
+import numpy as np
+import minilm
+m = minilm.load(sys.argv[1], quant=sys.argv[2], n_ctx=64)
+ids = m.tokenizer.encode("ROMEO: But soft, what light through yonder window", add_special_tokens=True)
+lg = [np.asarray(m.net.prefill(ids), np.float32)]
+tok = int(np.argmax(lg[0]))
+for _ in range(3):
+    lg.append(np.asarray(m.net.decode(tok), np.float32))
+    tok = int(np.argmax(lg[-1]))
+np.save(sys.argv[3], np.stack(lg))
+"""
+
+
+@pytest.mark.skipif(not (SHARED / "models").is_dir(), reason=f"shared models not found at {SHARED}")
+@pytest.mark.parametrize("quant", ["q4_k", "int4"])
+def test_compiling_and_cached_processes_compute_the_same_logits(tmp_path, quant):
+    """The executor's copy of a kernel is optimised inside the executor, the kernel's own cached
+    copy alone; a process that compiles the executor links one, a process that loads it from the
+    cache the other. Their float operations whose order is part of the result must not get
+    reassociated differently in the two (simd.EXACT): before, a Q4_K model's logits differed
+    between the first (compiling) run and every later run (TinyLlama Q4_K_M: by up to 0.16)."""
+    model = SHARED / "models" / "proxy-llama256-shakespeare"
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"), MINILM_COMPILE_HELPER="0")
+    runs = []
+    for name in ("compiling", "cached"):
+        out = tmp_path / f"{name}.npy"
+        r = subprocess.run([sys.executable, "-c", SAME, str(model), quant, str(out)], env=env,
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append(np.load(out))
+    assert (runs[0] == runs[1]).all(), f"{quant}: max diff {abs(runs[0] - runs[1]).max()}"
