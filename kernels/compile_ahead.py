@@ -160,7 +160,10 @@ def start(jobs, timeout: float = 300.0) -> Helper | None:
     """Compile jobs [(name, dispatcher, signature: tuple of Numba types)] in a helper process, in
     this order, into Numba's on-disk cache; None where no helper is started (see the module
     docstring). The dispatchers must be module-level functions of minilm.kernels."""
-    mode = os.environ.get("MINILM_COMPILE_HELPER", "")
+    mode = os.environ.get("MINILM_COMPILE_HELPER", "").strip()
+    if mode not in ("", "0", "1"):
+        raise ValueError(f"MINILM_COMPILE_HELPER must be 0 (no helper process) or 1 (one whatever the "
+                         f"load), or unset (one when a core is idle); got {mode!r}")
     if mode == "0" or fcntl is None or _cpus() < 2 or mode != "1" and _busy():
         return None
     jobs = [(n, d, tuple(s)) for n, d, s in jobs if _cached(d)]

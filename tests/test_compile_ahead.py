@@ -83,6 +83,13 @@ def test_no_helper_when_switched_off_or_no_core_is_idle(monkeypatch):
     assert not compile_ahead._busy()
 
 
+def test_helper_switch_with_a_bad_value_is_an_error(monkeypatch):
+    from minilm.kernels import executor as ex
+    monkeypatch.setenv("MINILM_COMPILE_HELPER", "off")
+    with pytest.raises(ValueError, match="MINILM_COMPILE_HELPER must be 0 .* got 'off'"):
+        compile_ahead.start([("region", ex.run_plan_jit, ())])
+
+
 @pytest.mark.skipif(compile_ahead.fcntl is None, reason="no file locks here")
 def test_cache_saves_wait_for_the_lock(tmp_path):
     """A save of Numba's cache index waits while another process (here: another open file) holds
