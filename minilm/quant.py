@@ -22,7 +22,6 @@ levels (`minilm.load(..., quant=...)`) map to per-tensor formats in `LEVELS` / `
 """
 from __future__ import annotations
 
-import ctypes
 import mmap
 from dataclasses import dataclass
 from typing import Callable
@@ -345,15 +344,17 @@ def _release_mapped(a: np.ndarray) -> None:
         b = b.base
     if not isinstance(b, mmap.mmap):
         return
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
     page = mmap.PAGESIZE
-    lo = -(-a.ctypes.data // page) * page
-    hi = (a.ctypes.data + a.nbytes) // page * page
-    if hi > lo and hasattr(mmap, "MADV_DONTNEED"):
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), mmap.MADV_DONTNEED)
-        except (OSError, AttributeError):
-            pass
+    try:
+        base = np.frombuffer(b, dtype=np.uint8).ctypes.data  # the mapping's first byte (page-aligned)
+        lo = -(-(a.ctypes.data - base) // page) * page        # the whole pages inside `a`, as offsets
+        hi = (a.ctypes.data + a.nbytes - base) // page * page
+        if hi > lo:
+            b.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+    except (OSError, ValueError):                             # a closed mapping, or madvise refused
+        pass
 
 
 class Linear:

@@ -141,6 +141,30 @@ def test_linear_exec_raw_from_a_map(tmp_path, mode):
         assert q6.exec_raw() is q6.arrays["raw"]
 
 
+def test_release_mapped_drops_exactly_the_whole_pages(tmp_path):
+    """_release_mapped hands the whole pages inside a view of a copy-on-write mapping back to the
+    file (MADV_DONTNEED): private writes there are dropped and the file's bytes read back, while
+    the partial pages at the view's edges, and arrays that are not mappings, are left alone."""
+    import mmap
+
+    from minilm.quant import _release_mapped
+    page = mmap.PAGESIZE
+    data = np.arange(5 * page, dtype=np.uint32).astype(np.uint8)
+    (tmp_path / "f.bin").write_bytes(data.tobytes())
+    mm = np.memmap(tmp_path / "f.bin", dtype=np.uint8, mode="c")
+    lo, hi = 100, 3 * page + 7                       # whole pages inside: [page, 3 * page)
+    view = mm[lo:hi]
+    view[:] = 0                                      # private copies of pages 0..3
+    _release_mapped(view)
+    expect = data[lo:hi].copy()
+    expect[:page - lo] = 0                           # first partial page keeps the write
+    expect[3 * page - lo:] = 0                       # so does the last partial page
+    assert np.array_equal(np.asarray(view), expect)
+    plain = np.zeros(3 * page, np.uint8)
+    _release_mapped(plain)                           # not a mapping: untouched, no error
+    assert not plain.any()
+
+
 def test_generic_path_repacked(tmp_path):
     """The repacked kernels built as generic LLVM IR (no AVX512 intrinsics) give the same bits as
     the generic ggml-layout kernels."""
