@@ -201,8 +201,8 @@ printf '#!/opt/minilm-venv/bin/python\nimport sys\nfrom minilm.cli import main\n
 #   int4 accuracy, the int4 pre-quantized folder round trip and the Q8_0/Q4_0 quantizers;
 #   cortex-a72: int8 accuracy (a whole model on the fallback path).
 # The executor compiles once per weight-format set (f32, Q4_0, Q8_0), a job each. Jobs run side by
-# side, one core each, longest first (MINILM_AARCH64_JOBS at a time); each CPU model has its own
-# Numba cache (this tree's, in the rootfs), so a76-int4 reuses what a76-kernels compiled.
+# side, one core each (MINILM_AARCH64_JOBS at a time, in the order below); each CPU model has its own
+# Numba cache (this tree's, in the rootfs).
 KERNEL_TESTS=("tests/test_row_kernels.py")
 F32_TESTS=(
     "tests/test_golden.py::test_logits_match_reference[stories260K]"
@@ -347,7 +347,10 @@ for cpu in $CPUS; do
         *) finish FAILED "unknown CPU model '$cpu'" 1 ;; esac
 done
 job_cpu() { case "$1" in a76-*) echo cortex-a76 ;; a72-*) echo cortex-a72 ;; *) echo "$1" ;; esac; }
-for job in a76-kernels a72-kernels a76-f32 a76-int4 a72-int8 cortex-a55 cortex-a53 neoverse-n1; do   # longest first
+# Order: the two kernel jobs side by side first; then a76-int4 (~330 s CPU cold, reusing the Q4_0 row
+# kernels a76-kernels compiled) and a72-int8 (~200 s), and a76-f32 (~150 s) in whichever slot frees
+# first: both cores stay busy to near the end.
+for job in a76-kernels a72-kernels a76-int4 a72-int8 a76-f32 cortex-a55 cortex-a53 neoverse-n1; do
     case " $CPUS " in *" $(job_cpu "$job") "*) JOBS_LIST+=("$job") ;; esac
 done
 if [ -n "${MINILM_AARCH64_TESTS:-}" ]; then   # debugging: one job per CPU model
