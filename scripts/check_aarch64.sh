@@ -347,9 +347,9 @@ for cpu in $CPUS; do
         *) finish FAILED "unknown CPU model '$cpu'" 1 ;; esac
 done
 job_cpu() { case "$1" in a76-*) echo cortex-a76 ;; a72-*) echo cortex-a72 ;; *) echo "$1" ;; esac; }
-# Order: the two kernel jobs side by side first; then a76-int4 (~330 s CPU cold, reusing the Q4_0 row
-# kernels a76-kernels compiled) and a72-int8 (~200 s), and a76-f32 (~150 s) in whichever slot frees
-# first: both cores stay busy to near the end.
+# Order (cold CPU seconds, benchmarks/README.md): the two kernel jobs side by side first (~295 s
+# each); then a76-int4 (~345 s, reusing the Q4_0 row kernels a76-kernels compiled) and a72-int8
+# (~200 s), and a76-f32 (~120 s) in whichever slot frees first: both cores busy to near the end.
 for job in a76-kernels a72-kernels a76-int4 a72-int8 a76-f32 cortex-a55 cortex-a53 neoverse-n1; do
     case " $CPUS " in *" $(job_cpu "$job") "*) JOBS_LIST+=("$job") ;; esac
 done
