@@ -1679,9 +1679,13 @@ def _facc_zero(fp):
 
 
 # 32-block rows: even and odd blocks go to two f32 accumulators (two fma chains: one chain is
-# latency-bound at ~4 cycles per block)
+# latency-bound at ~4 cycles per block). Their scalar float chains (the offset's `corr`, the final
+# sums) are compiled without reassociation or contraction (_AJIT's flags, see simd.EXACT): LLVM
+# inlines a row into the GEMV and into the GEMM, and with fast-math it ordered them differently
+# there on the generic path (IQ4_NL prefill rows one ulp off decode's; tests/test_row_kernels.py).
+_RJIT = _AJIT
 
-@njit(**_JIT)
+@njit(**_RJIT)
 def _row_q4_1(row, xq, xd, xs, pfd):
     nb = row.shape[0] // 20
     fp = _stack_f32(16)
@@ -1696,7 +1700,7 @@ def _row_q4_1(row, xq, xd, xs, pfd):
     return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + corr
 
 
-@njit(**_JIT)
+@njit(**_RJIT)
 def _row_q5_1(row, xq, xd, xs, pfd):
     nb = row.shape[0] // 24
     fp = _stack_f32(16)
@@ -1711,7 +1715,7 @@ def _row_q5_1(row, xq, xd, xs, pfd):
     return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + corr
 
 
-@njit(**_JIT)
+@njit(**_RJIT)
 def _row_q5_0(row, xq, xd, xs, pfd):
     nb = row.shape[0] // 22
     fp = _stack_f32(16)
@@ -1727,7 +1731,7 @@ def _row_q5_0(row, xq, xd, xs, pfd):
     return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + np.float32(-16.0) * corr
 
 
-@njit(**_JIT)
+@njit(**_RJIT)
 def _row_iq4_nl(row, xq, xd, xs, pfd):
     nb = row.shape[0] // 18
     fp = _stack_f32(16)

@@ -186,3 +186,9 @@ ensure_rootfs() {
     echo "$key" > "$part/.minilm-rootfs-ok"
     mv "$part" "$ROOTFS"
 }
+
+# rootfs_ready: 0 when the rootfs is built and stamped with this recipe's key (ensure_rootfs
+# would only say so), else 1.
+rootfs_ready() {
+    [ -e "$ROOTFS/.minilm-rootfs-ok" ] && [ "$(cat "$ROOTFS/.minilm-rootfs-ok")" = "$(rootfs_key)" ]
+}

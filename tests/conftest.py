@@ -10,6 +10,9 @@
     check_decode_equals_prefill
                      the cross-checks of random checkpoints that test_random_models (llama, GPT-2,
                      NeoX families) and test_archs (Granite ... LFM2) both run
+    random_raw / dot_tol  random ggml block bytes with sane fp16 scales, and the float32 bound of a
+                     ggml kernel against its numpy dot_ref (test_ggml_quants, test_ggml_repack,
+                     test_row_kernels)
 
 This is the one place that locates ../shared: test modules import SHARED / shared_path from here
 (`from conftest import SHARED`) instead of computing the path. Nothing from ../shared is ever
@@ -354,6 +357,30 @@ def check_decode_equals_prefill(m) -> None:
 
 
 # ---- a live `minilm serve` for the server tests ------------------------------------------------
+# ---- ggml blocks (kernels/ggml_quants.py) ------------------------------------------------------
+# byte offsets of the fp16 scale fields in each block (random bytes get sane values there)
+FP16_FIELDS = {"Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "IQ4_NL": [0], "Q2_K": [80, 82],
+               "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0]}
+
+
+def random_raw(spec, N, K, rng):
+    """Random block bytes of a ggml format (spec: ggml_quants.TypeSpec) with finite, moderate
+    fp16 scales."""
+    raw = rng.integers(0, 256, (N, spec.row_bytes(K)), dtype=np.uint8)
+    bl = raw.reshape(-1, spec.type_size)
+    for o in FP16_FIELDS[spec.name]:
+        v = rng.uniform(-0.05, 0.05, bl.shape[0]).astype(np.float16)
+        bl[:, o:o + 2] = np.ascontiguousarray(v).view(np.uint8).reshape(-1, 2)
+    return raw
+
+
+def dot_tol(spec, raw, x):
+    """Float32 rounding bound for a ggml kernel vs spec.dot_ref (same integer sums, other float
+    order)."""
+    K = x.shape[0]
+    return 1e-5 * (np.abs(spec.dequantize_ref(raw, K)) @ np.abs(x)) + 1e-6
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -8,7 +8,9 @@ first build); what is checked here is the contract `.ci/run` relies on:
   * the check skips (exit 77, one "check_aarch64: SKIPPED (reason)" line) when not root, and
     refuses an unknown argument;
   * the rootfs cache key (scripts/aarch64_rootfs.sh) changes when the recipe's code or its
-    requirements change, and the wheel key does not depend on the rootfs recipe.
+    requirements change, and the wheel key does not depend on the rootfs recipe;
+  * (as root, with the tools installed) checks share a built rootfs and a rebuild of one that
+    another check is using is refused (SKIPPED), leaving it as it was.
 """
 import os
 import shutil
@@ -116,3 +118,48 @@ def test_cache_keys_follow_the_recipe():
     assert w2 == w0 and r2 != r0                                      # rootfs recipe: rootfs only
     w3, r3 = _keys('DEBIAN_MIRROR=http://example.invalid/debian')
     assert w3 == w0 and r3 != r0
+
+
+def _can_run_check_here():
+    """Root, with the check's tools installed (so its preflight installs nothing), unshare and
+    ../shared: what running the script's --build-only path needs without any network."""
+    if os.geteuid() != 0:
+        return "needs root"
+    tools = ["debootstrap", "unshare", "flock"] + ([] if os.uname().machine == "aarch64" else ["qemu-aarch64-static"])
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        return f"{', '.join(missing)} not installed"
+    if subprocess.run(["unshare", "--mount", "--propagation", "private", "true"]).returncode != 0:
+        return "unshare --mount is not permitted here"
+    if not (REPO.parent / "shared").is_dir():
+        return "../shared not found"
+    return None
+
+
+def test_checks_share_a_built_rootfs_and_never_rebuild_one_in_use(tmp_path):
+    """Checks of several trees use one rootfs side by side (each in its own mount namespace,
+    under a shared lock), and none rebuilds a rootfs another check is using. Run against a stand-in
+    rootfs stamped with this recipe's key, with the lock held shared as a running check holds it."""
+    import fcntl
+    why = _can_run_check_here()
+    if why:
+        pytest.skip(why)
+    cache = tmp_path / "cache"
+    stamp = cache / "arm64-rootfs" / ".minilm-rootfs-ok"
+    stamp.parent.mkdir(parents=True)
+    stamp.write_text(_keys()[1] + "\n")
+    env = dict(os.environ, MINILM_AARCH64_CACHE=str(cache))
+
+    def build_only():
+        return subprocess.run([BASH, str(REPO / "scripts" / "check_aarch64.sh"), "--build-only"],
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    with open(cache / "check_aarch64.lock", "w") as running:
+        fcntl.flock(running, fcntl.LOCK_SH)                   # another check uses the rootfs
+        r = build_only()
+        assert r.returncode == 0 and "check_aarch64: PASSED (rootfs ready" in r.stdout, (r.stdout, r.stderr)
+        stamp.write_text("another-recipe\n")                  # this recipe would rebuild it
+        r = build_only()
+        assert r.returncode == 77, (r.stdout, r.stderr)
+        assert "which this recipe would (re)build" in r.stdout
+        assert stamp.read_text() == "another-recipe\n"        # left as it was

@@ -14,6 +14,8 @@ from gguf.quants import quantize as gguf_quantize  # noqa: E402
 
 from minilm.kernels import ggml_quants as GQ  # noqa: E402
 
+from conftest import dot_tol, random_raw  # noqa: E402
+
 NAMES = list(GQ.SPECS)
 EXPECTED = ["Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"]
 
@@ -29,30 +31,9 @@ DOT_ERR = {"Q2_K": MAX_DOT_PRODUCT_ERROR_LOWBIT, "Q3_K": MAX_DOT_PRODUCT_ERROR_L
 # scale search that ggml's loose total-error thresholds would let through
 GAUSS_RMSE = {"Q4_1": 0.085, "Q5_0": 0.048, "Q5_1": 0.041, "Q2_K": 0.32, "Q3_K": 0.175,
               "Q4_K": 0.081, "Q5_K": 0.040, "Q6_K": 0.020, "IQ4_NL": 0.084, "IQ4_XS": 0.085}
-# byte offsets of the fp16 scale fields in each block (random bytes get sane values there)
-FP16_FIELDS = {"Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "IQ4_NL": [0], "Q2_K": [80, 82],
-               "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208], "IQ4_XS": [0]}
-
-
 def ggml_data(n, offset):
     i = np.arange(n, dtype=np.float32)
     return (np.float32(0.1) + np.float32(2) * np.cos(i + np.float32(offset))).astype(np.float32)
-
-
-def random_raw(spec, N, K, rng):
-    """Random block bytes with finite, moderate fp16 scales."""
-    raw = rng.integers(0, 256, (N, spec.row_bytes(K)), dtype=np.uint8)
-    bl = raw.reshape(-1, spec.type_size)
-    for o in FP16_FIELDS[spec.name]:
-        v = rng.uniform(-0.05, 0.05, bl.shape[0]).astype(np.float16)
-        bl[:, o:o + 2] = np.ascontiguousarray(v).view(np.uint8).reshape(-1, 2)
-    return raw
-
-
-def dot_tol(spec, raw, x):
-    """Float32 rounding bound for kernel vs dot_ref (same integer sums, other float order)."""
-    K = x.shape[0]
-    return 1e-5 * (np.abs(spec.dequantize_ref(raw, K)) @ np.abs(x)) + 1e-6
 
 
 def test_specs_table():

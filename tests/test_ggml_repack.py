@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_ggml_quants import dot_tol, random_raw
 
 from minilm.kernels import ggml_quants as GQ
 from minilm.quant import FORMATS, Linear
+
+from conftest import dot_tol, random_raw
 
 S = GQ.SPECS["Q4_K"]
 
