@@ -28,6 +28,7 @@ included)."""
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import tempfile
 import time
@@ -37,6 +38,7 @@ import numpy as np
 
 import minilm
 from minilm.calibrate import collect_imatrix, save_imatrix
+from minilm.config import Config
 from minilm.gguf_io import export_gguf
 from minilm.loader import quantize_loaded
 
@@ -121,7 +123,8 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="calkl-"))
     for name in a.models.split(","):
         folder = SHARED / "models" / name
-        f32 = minilm.load(folder, n_ctx=512)
+        nctx = min(512, Config.from_hf(json.loads((folder / "config.json").read_text())).max_position_embeddings)
+        f32 = minilm.load(folder, n_ctx=nctx)       # learned positions (GPT-2): at most the model's
         cal, ev = calib, evtxt
         if name == "stories260K":      # its own tokenizer and domain: TinyStories text
             t = (SHARED / "texts" / "tinystories_sample_cs336.txt").read_text()
@@ -144,12 +147,12 @@ def main():
                 llama_quantize(exe, src, dst, FTYPE[q], imat)
                 if imat is None:
                     fmts = gguf_formats(dst, f32.config)
-                res.append((gguf_bits(dst),) + score(refs, minilm.load(dst, n_ctx=512), wins))
+                res.append((gguf_bits(dst),) + score(refs, minilm.load(dst, n_ctx=nctx), wins))
                 dst.unlink()
             tq = []
             for imat in (None, cov):       # the llama.cpp file's types (fused q/k/v, gate/up: the widest)
                 t1 = time.process_time()
-                m = quantize_loaded(f32, q, imat, n_ctx=512, formats=fmts)
+                m = quantize_loaded(f32, q, imat, n_ctx=nctx, formats=fmts)
                 tq.append(time.process_time() - t1)
                 res.append((model_bits(m),) + score(refs, m, wins))
             (b0, k0, a0, w0), (_, k1, a1, _), (b2, k2, a2, _), (_, k3, a3, w3) = res
