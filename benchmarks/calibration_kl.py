@@ -18,11 +18,17 @@ comparison is at the same bits; a fused q/k/v or gate/up matrix takes its widest
 The GGUF files are run by minilm (its GGUF path agrees with llama.cpp on the same file:
 tests/test_llamacpp_agree.py). Bits per weight: every matrix's bytes (embedding and head included)
 over its weights, of each file. Calibration: Pride and Prejudice (chars 0-40000, up to 4096
-tokens); evaluation: tinyshakespeare chars 500000-502500 (up to 512 tokens), scored per position
-(stories260K: the two halves of its TinyStories sample)."""
+tokens); evaluation: tinyshakespeare from char 500000, --eval-tokens tokens (default 2048) in
+windows of the model's trained context (at most 512), each run from position 0 and scored per position
+(stories260K: the second half of its TinyStories sample, calibration on the first). The KL
+estimate's own noise: "ratio by quarter" is the calibrated / llama.cpp ratio on each of 4
+interleaved quarters of the evaluation windows (min-max). Quantize s: CPU seconds of minilm's
+quantization of the model, unweighted / calibrated (statistics collected once per model, not
+included)."""
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import tempfile
 import time
@@ -32,6 +38,7 @@ import numpy as np
 
 import minilm
 from minilm.calibrate import collect_imatrix, save_imatrix
+from minilm.config import Config
 from minilm.gguf_io import export_gguf
 from minilm.loader import quantize_loaded
 
@@ -42,12 +49,21 @@ FTYPE = {"q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q8_0":
          "q6_k": "Q6_K"}
 
 
-def kl_top1(ref, lg):
-    p = np.exp(ref - ref.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
+def kl_rows(ref, lg):
+    """Per position: KL(softmax(ref) || softmax(lg)) and whether the top-1 tokens agree."""
+    ref = np.asarray(ref, np.float64)
+    lg = np.asarray(lg, np.float64)
+    lp = ref - ref.max(1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(1, keepdims=True))
     lq = lg - lg.max(1, keepdims=True)
     lq -= np.log(np.exp(lq).sum(1, keepdims=True))
-    return float((p * (np.log(p) - lq)).sum(1).mean()), float((lg.argmax(1) == ref.argmax(1)).mean())
+    return (np.exp(lp) * (lp - lq)).sum(1), lg.argmax(1) == ref.argmax(1)
+
+
+def score(refs, model, windows):
+    """(mean KL, top-1 agreement, KL per window) of `model` over the evaluation windows."""
+    kl, top = zip(*(kl_rows(r, model.logits(w)) for r, w in zip(refs, windows)))
+    return float(np.concatenate(kl).mean()), float(np.concatenate(top).mean()), np.array([k.mean() for k in kl])
 
 
 def model_bits(m) -> float:
@@ -89,15 +105,17 @@ def main():
     ap.add_argument("--quants", default=",".join(FTYPE))
     ap.add_argument("--llama-quantize", default=str(QUANTIZE))
     ap.add_argument("--out", default=None, help="also append the table rows to this file")
+    ap.add_argument("--eval-tokens", type=int, default=2048, help="evaluation tokens (windows of the context)")
     a = ap.parse_args()
     exe = Path(a.llama_quantize)
     if not exe.is_file():
         raise SystemExit(f"{exe}: no llama-quantize (build it with benchmarks/build_llama_bench.sh)")
     calib = (SHARED / "texts" / "pride_and_prejudice_pg1342.txt").read_text()[:40000]
-    evtxt = (SHARED / "texts" / "tinyshakespeare_input.txt").read_text()[500000:502500]
+    evtxt = (SHARED / "texts" / "tinyshakespeare_input.txt").read_text()[500000:500000 + 8 * a.eval_tokens]
     head = ("| model | quant | bpw llama.cpp / minilm | KL llama.cpp | KL llama.cpp+imatrix | KL minilm | "
-            "KL minilm calibrated | ratio calibrated / llama.cpp | top-1 % llama.cpp / +imatrix / minilm / calibrated |\n"
-            "|---|---|---|---|---|---|---|---|---|")
+            "KL minilm calibrated | ratio calibrated / llama.cpp | ratio by quarter | "
+            "top-1 % llama.cpp / +imatrix / minilm / calibrated | quantize s plain / calibrated |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
     print(head, flush=True)
     out = open(a.out, "a") if a.out else None
     if out:
@@ -105,13 +123,17 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="calkl-"))
     for name in a.models.split(","):
         folder = SHARED / "models" / name
-        f32 = minilm.load(folder, n_ctx=512)
+        nctx = min(512, Config.from_hf(json.loads((folder / "config.json").read_text())).max_position_embeddings)
+        f32 = minilm.load(folder, n_ctx=nctx)       # learned positions (GPT-2): at most the model's
         cal, ev = calib, evtxt
         if name == "stories260K":      # its own tokenizer and domain: TinyStories text
             t = (SHARED / "texts" / "tinystories_sample_cs336.txt").read_text()
             cal, ev = t[:len(t) // 2], t[len(t) // 2:]
-        ids = f32.tokenizer.encode(ev)[:min(512, f32.n_ctx)]
-        ref = f32.logits(ids)
+        ids = f32.tokenizer.encode(ev)[:a.eval_tokens]
+        T = min(512, f32.n_ctx, f32.config.max_position_embeddings)   # within the trained context
+        wins = [ids[i:i + T] for i in range(0, len(ids) - 1, T)]
+        refs = [f32.logits(w) for w in wins]
+        print(f"({name}: {len(ids)} evaluation tokens in {len(wins)} windows of up to {T})", flush=True)
         t0 = time.time()
         im = collect_imatrix(f32, cal, max_tokens=4096)
         cov = collect_imatrix(f32, cal, max_tokens=4096, full=True)
@@ -125,14 +147,19 @@ def main():
                 llama_quantize(exe, src, dst, FTYPE[q], imat)
                 if imat is None:
                     fmts = gguf_formats(dst, f32.config)
-                res.append((gguf_bits(dst),) + kl_top1(ref, minilm.load(dst, n_ctx=512).logits(ids)))
+                res.append((gguf_bits(dst),) + score(refs, minilm.load(dst, n_ctx=nctx), wins))
                 dst.unlink()
+            tq = []
             for imat in (None, cov):       # the llama.cpp file's types (fused q/k/v, gate/up: the widest)
-                m = quantize_loaded(f32, q, imat, n_ctx=512, formats=fmts)
-                res.append((model_bits(m),) + kl_top1(ref, m.logits(ids)))
-            (b0, k0, a0), (_, k1, a1), (b2, k2, a2), (_, k3, a3) = res
+                t1 = time.process_time()
+                m = quantize_loaded(f32, q, imat, n_ctx=nctx, formats=fmts)
+                tq.append(time.process_time() - t1)
+                res.append((model_bits(m),) + score(refs, m, wins))
+            (b0, k0, a0, w0), (_, k1, a1, _), (b2, k2, a2, _), (_, k3, a3, w3) = res
+            qr = [w3[i::4].mean() / w0[i::4].mean() for i in range(min(4, len(wins)))]   # every 4th window
             row = (f"| {name} | {q} | {b0:.2f} / {b2:.2f} | {k0:.2e} | {k1:.2e} | {k2:.2e} | {k3:.2e} | "
-                   f"{k3 / k0:.2f} | {100 * a0:.1f} / {100 * a1:.1f} / {100 * a2:.1f} / {100 * a3:.1f} |")
+                   f"**{k3 / k0:.2f}** | {min(qr):.2f}-{max(qr):.2f} | "
+                   f"{100 * a0:.1f} / {100 * a1:.1f} / {100 * a2:.1f} / {100 * a3:.1f} | {tq[0]:.1f} / {tq[1]:.1f} |")
             print(row, flush=True)
             if out:
                 print(row, file=out, flush=True)

@@ -655,10 +655,15 @@ def _quant_q3_k(x, qwb):
     with np.errstate(divide="ignore", invalid="ignore"):
         L = np.clip(_nearest_int(x.reshape(nb, 16, 16) / dl[:, :, None]), -4, 3) + 4
     L = np.where(dl[:, :, None] != 0, L, 4).reshape(nb, 256)   # ggml leaves those L at their first-pass value; 4 = 0
+    return np.concatenate([*_codes_q3_k(L), s, _f16b(d)], axis=1)
+
+
+def _codes_q3_k(L):
+    """Q3_K codes int[nb, 256] in 0..7 -> (hmask uint8[nb, 32], qs uint8[nb, 64])."""
+    nb = L.shape[0]
     hm = (L > 3).reshape(nb, 8, 32).astype(np.uint8)
     hmask = (hm << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1).astype(np.uint8)
-    L = np.where(L > 3, L - 4, L)
-    return np.concatenate([hmask, _pack_crumbs(L), s, _f16b(d)], axis=1)
+    return hmask, _pack_crumbs(np.where(L > 3, L - 4, L))
 
 
 def _pack_k4_scales(ls, lm):
@@ -708,10 +713,14 @@ def _quant_q4_k(x, qwb):
 
 def _quant_q5_k(x, qwb):
     d, dmin, s, L = _quant_k45(x, qwb, 31, -0.5, 15)
-    nb = x.shape[0]
-    hb = (L >> 4).reshape(nb, 8, 32).astype(np.uint8)
+    return np.concatenate([_f16b(d), _f16b(dmin), s, *_codes_q5_k(L)], axis=1)
+
+
+def _codes_q5_k(L):
+    """Q5_K codes int[nb, 256] in 0..31 -> (qh uint8[nb, 32], qs uint8[nb, 128])."""
+    hb = (L >> 4).reshape(L.shape[0], 8, 32).astype(np.uint8)
     qh = (hb << np.arange(8, dtype=np.uint8)[None, :, None]).sum(axis=1).astype(np.uint8)
-    return np.concatenate([_f16b(d), _f16b(dmin), s, qh, _pack_nib256(L & 0x0F)], axis=1)
+    return qh, _pack_nib256(L & 0x0F)
 
 
 def _quant_q6_k(x, qwb):
@@ -728,14 +737,20 @@ def _quant_q6_k(x, qwb):
     dl = d[:, None] * ls.astype(np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
         L = np.clip(_nearest_int(x.reshape(nb, 16, 16) / dl[:, :, None]), -32, 31) + 32
-    L = np.where(dl[:, :, None] != 0, L, 32).reshape(nb, 2, 4, 32)
+    L = np.where(dl[:, :, None] != 0, L, 32).reshape(nb, 256)
+    return np.concatenate([*_codes_q6_k(L), ls.astype(np.int8).view(np.uint8), _f16b(d)], axis=1)
+
+
+def _codes_q6_k(L):
+    """Q6_K codes int[nb, 256] in 0..63 -> (ql uint8[nb, 128], qh uint8[nb, 64])."""
+    nb = L.shape[0]
+    L = L.reshape(nb, 2, 4, 32)
     ql = np.empty((nb, 2, 64), np.uint8)
     ql[:, :, :32] = (L[:, :, 0] & 0x0F) | ((L[:, :, 2] & 0x0F) << 4)
     ql[:, :, 32:] = (L[:, :, 1] & 0x0F) | ((L[:, :, 3] & 0x0F) << 4)
     qh = ((L[:, :, 0] >> 4) | ((L[:, :, 1] >> 4) << 2) | ((L[:, :, 2] >> 4) << 4)
           | ((L[:, :, 3] >> 4) << 6)).astype(np.uint8)
-    return np.concatenate([ql.reshape(nb, 128), qh.reshape(nb, 64), ls.astype(np.int8).view(np.uint8),
-                           _f16b(d)], axis=1)
+    return ql.reshape(nb, 128), qh.reshape(nb, 64)
 
 
 _DEC = {"Q4_1": _dec_q4_1, "Q5_0": _dec_q5_0, "Q5_1": _dec_q5_1, "IQ4_NL": _dec_iq4_nl,
@@ -744,6 +759,49 @@ _DEC = {"Q4_1": _dec_q4_1, "Q5_0": _dec_q5_0, "Q5_1": _dec_q5_1, "IQ4_NL": _dec_
 _QUANT = {"Q4_1": _quant_q4_1, "Q5_0": _quant_q5_0, "Q5_1": _quant_q5_1, "IQ4_NL": _quant_iq4_nl,
           "Q2_K": _quant_q2_k, "Q3_K": _quant_q3_k, "Q4_K": _quant_q4_k, "Q5_K": _quant_q5_k,
           "Q6_K": _quant_q6_k, "IQ4_XS": _quant_iq4_xs}
+
+# The formats whose values are an affine grid, value = s * q + o with integer q in [lo, hi] (s, o
+# per sub-block: what _dequant_blocks computes), and where their codes sit in a block:
+# name -> (lo, hi, (byte offset, packer of the stored codes q - lo ...)). A quantizer that chooses
+# the codes itself (GPTQ, calibrate.gptq_linear) keeps a block's scales and writes its codes.
+_CODES = {"Q4_1": (0, 15, (4, _pack_nib32)),
+          "Q5_0": (-16, 15, (2, _qh32, lambda u: _pack_nib32(u & 0x0F))),
+          "Q5_1": (0, 31, (4, _qh32, lambda u: _pack_nib32(u & 0x0F))),
+          "Q2_K": (0, 3, (16, _pack_crumbs)),
+          "Q3_K": (-4, 3, (0, lambda u: _codes_q3_k(u)[0], lambda u: _codes_q3_k(u)[1])),
+          "Q4_K": (0, 15, (16, _pack_nib256)),
+          "Q5_K": (0, 31, (16, lambda u: _codes_q5_k(u)[0], lambda u: _codes_q5_k(u)[1])),
+          "Q6_K": (-32, 31, (0, lambda u: _codes_q6_k(u)[0], lambda u: _codes_q6_k(u)[1]))}
+
+
+def _grid_blocks(name, bl):
+    """The affine grid of blocks bl uint8[nb, type_size] of a _CODES format: (s, o f32[nb, block],
+    q int32[nb, block] the stored codes), value = s * q + o as _dequant_blocks computes it."""
+    t = _DEC[name](bl)
+    nb = bl.shape[0]
+    q = t["q"]
+    if "sc" not in t:                                          # 32-blocks: one d (and m)
+        s = np.repeat(t["d"][:, None], q.shape[1], axis=1)
+        o = np.repeat(t["m"][:, None], q.shape[1], axis=1) if "m" in t else np.zeros_like(s)
+        return s, o, q
+    sub = 256 // t["sc"].shape[1]
+    s = np.repeat(t["d"][:, None] * t["sc"].astype(np.float32), sub, axis=1)
+    o = (-np.repeat(t["dmin"][:, None] * t["mn"].astype(np.float32), sub, axis=1) if "mn" in t
+         else np.zeros_like(s))
+    return s.reshape(nb, 256), o.reshape(nb, 256), q
+
+
+def _set_codes(name, bl, q):
+    """Blocks bl with their codes replaced by q int[nb, block] (in [lo, hi]); scales kept."""
+    lo, hi, (off, *packers) = _CODES[name]
+    q = np.asarray(q)
+    if q.min(initial=lo) < lo or q.max(initial=hi) > hi:
+        raise ValueError(f"{name}: codes outside [{lo}, {hi}]")
+    out = np.array(bl, np.uint8)
+    for part in (p(q - lo) for p in packers):
+        out[:, off:off + part.shape[1]] = part
+        off += part.shape[1]
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -2263,6 +2321,12 @@ class TypeSpec:
     unrepack: Callable | None = None   # (repacked uint8[N, ..], rows=None) -> ggml's bytes (of those rows)
     exec_gemv_groups: Callable | None = None
     exec_gemm_groups: Callable | None = None
+    # Formats with an affine grid (_CODES; not the IQ4 ones): grid (raw, K) -> (s, o f32[N, K],
+    # q int32[N, K]) with value = s * q + o, and codes (raw, q int[N, K]) -> raw with those codes
+    # and its scales kept; limits (lo, hi) of q. For quantizers that choose the codes (GPTQ).
+    grid: Callable | None = None
+    codes: Callable | None = None
+    limits: tuple | None = None
 
     def row_bytes(self, K):
         if K <= 0 or K % self.block != 0:
@@ -2331,10 +2395,25 @@ def _make_spec(name, ggml_type, block, type_size, act, act_quant, groups, ggroup
         gemm_par(x, raw, out, *act_scratch(K, x.shape[0]))
         return out
 
+    def grid(raw, K):
+        raw = _check_raw(raw, K, spec)
+        N = raw.shape[0]
+        return tuple(a.reshape(N, K) for a in _grid_blocks(name, np.ascontiguousarray(raw).reshape(-1, type_size)))
+
+    def codes(raw, q):
+        raw = np.asarray(raw)
+        N = raw.shape[0]
+        K = raw.shape[1] // type_size * block
+        q = np.asarray(q).reshape(-1, block)
+        bl = _set_codes(name, np.ascontiguousarray(raw).reshape(-1, type_size), q)
+        return np.ascontiguousarray(bl).reshape(N, K // block * type_size)
+
     rp = _REPACKED.get(name)
+    affine = name in _CODES
     spec = TypeSpec(name, ggml_type, block, type_size, 8.0 * type_size / block, act, quantize_ref,
                     dequantize_ref, _ACT_REF[act], dot_ref, act_quant, groups, ggroups, gemv, gemm,
-                    *(rp or (None, None, groups, ggroups)))
+                    *(rp or (None, None, groups, ggroups)), grid=grid if affine else None,
+                    codes=codes if affine else None, limits=_CODES[name][:2] if affine else None)
     return spec
 
 

@@ -37,11 +37,14 @@ GPTQ_MAX_BYTES = 1 << 29   # collect full input covariances (GPTQ) when they tak
 
 class Imatrix(dict):
     """{canonical matrix name: f32[K] mean x^2 (or f32[K, K] covariance)} with the token count and
-    chunk length they came from (what llama.cpp's imatrix files record)."""
+    chunk length they came from (what llama.cpp's imatrix files record), and `residual`: the
+    residual stream's mean square x^2 where each norm reads it (for embedding_hessian; not saved
+    to imatrix files)."""
 
-    def __init__(self, vectors: dict, n_tokens: int, chunk: int = CHUNK):
+    def __init__(self, vectors: dict, n_tokens: int, chunk: int = CHUNK, residual: dict | None = None):
         super().__init__(vectors)
         self.n_tokens, self.chunk = int(n_tokens), int(chunk)
+        self.residual = dict(residual or {})   # norm weight -> mean square of the residual stream it reads
 
 
 def calibration_text(text_or_path) -> str:
@@ -74,6 +77,7 @@ def collect_imatrix(model, text: str, max_tokens: int = MAX_TOKENS, chunk: int =
     input covariance f32[K, K] (mean of x x^T; its diagonal is the imatrix) for GPTQ-style
     quantization (`quantize_tensors`)."""
     from .model import Transformer
+    from .plan import RESIDUAL
     ids = model.tokenizer.encode(text)[:max_tokens]
     chunk = min(chunk, model.config.max_position_embeddings)
     if len(ids) < 2:
@@ -88,29 +92,38 @@ def collect_imatrix(model, text: str, max_tokens: int = MAX_TOKENS, chunk: int =
             h = net.forward(part[b:b + net.state.rows], len(part)).astype(np.float64)  # [rows, D], final-normed
             head += h.T @ h if full else (h ** 2).sum(0)                # the lm head's input
     n = float(len(ids))
-    out = {}
+    out, residual = {}, {}
     for name, v in net.stats.items():
+        if name.startswith(RESIDUAL):
+            residual[name[len(RESIDUAL):]] = float(np.sum(v, dtype=np.float64)) / (n * v.shape[0])
+            continue
         K = model.tensors[name].K
         out[name] = (v / n).astype(np.float32).reshape((K, K) if full else (K,))
     head_name = "output" if "output" in model.tensors else "tok_embd"
     out[head_name] = (head / n).astype(np.float32)
-    return Imatrix(out, len(ids), chunk)
+    return Imatrix(out, len(ids), chunk, residual)
 
 
 def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = "", damp: float = 0.01):
     """Quantize w f32[N, K] to `fmt` with GPTQ's error feedback (Frantar et al. 2022) around the
     format's own quantizer (weighted by diag(H)), so the ggml block layouts and their scale
-    searches stay as they are. Columns are fixed in steps of 32 (a 32-block format: one block);
-    after each step its rounding error E is spread over the columns not yet fixed so that the
-    layer's output error on inputs of covariance H (f32[K, K]) is least: W_R -= E U_GG^-1 U_GR,
-    U the upper Cholesky factor of H^-1. In a 256-block (K-quants) each step takes its columns
-    from the whole block quantized anew (the block's scales are shared), and the block is then
-    stored as the quantization of the values fixed in it. -> `Linear`."""
+    searches stay as they are; the layer's output error on inputs of covariance H (f32[K, K]) is
+    what the feedback lowers: after a column's rounding error E, W_R -= E U_GG^-1 U_GR, U the
+    upper Cholesky factor of H^-1. -> `Linear`.
+
+    Formats with an affine grid (Format.grid: every quantized format but IQ4_NL / IQ4_XS): block by
+    block, the format's quantizer chooses the block's scales from the block's values as the
+    feedback left them, then the codes are chosen column by column on that grid, each column's
+    rounding error spread over the columns after it (inside the block and, once the block is
+    done, beyond it), and the block is stored with exactly those codes. The IQ4 formats (a
+    non-uniform grid): columns fixed 32 at a time, each step taking its columns from the block
+    quantized anew, the block stored as the quantization of the values fixed in it."""
     from .quant import FALLBACK, FORMATS, Linear
     N, K = w.shape
     if K % FORMATS[fmt].block and fmt in FALLBACK:                   # as Linear.quantize
         fmt = FALLBACK[fmt]
-    blk = group if fmt == "q4_0" else FORMATS[fmt].block
+    f = FORMATS[fmt]
+    blk = group if fmt == "q4_0" else f.block
     Hd = np.array(H, np.float64)
     dead = np.diag(Hd) <= 0
     Hd[dead, dead] = 1.0
@@ -122,23 +135,41 @@ def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = 
     W = np.array(w, np.float64)
     W[:, dead] = 0.0
     qw = np.diag(Hd).astype(np.float32)
-    step = min(32, blk)          # K-quants: columns fixed 32 at a time inside a 256-block
     parts = []
     quant = lambda a, b: Linear.quantize(np.ascontiguousarray(W[:, a:b], np.float32), fmt, group,
                                          name=name, qw=qw[a:b])
     for s0 in range(0, K, blk):
         s1 = min(s0 + blk, K)
-        T = np.zeros((N, s1 - s0), np.float64)        # the block's values as fixed step by step
-        for a in range(s0, s1, step):
-            b = min(a + step, s1)
-            lin = quant(s0, s1)                       # the whole block, as the format blocks it
-            Q = FORMATS[fmt].unpack(lin.arrays)[:, a - s0:b - s0].astype(np.float64)
-            T[:, a - s0:b - s0] = Q
-            if b < K:
-                W[:, b:] -= (W[:, a:b] - Q) @ np.linalg.solve(U[a:b, a:b], U[a:b, b:])
-        if s1 - s0 > step:                            # one block from the values fixed in it
-            W[:, s0:s1] = T
-            lin = quant(s0, s1)
+        lin = quant(s0, s1)                           # the block's scales, from its values now
+        if f.grid is not None and lin.Kp == s1 - s0:
+            s, o, q, (lo, hi) = f.grid(lin.arrays)
+            s, o = s.astype(np.float64), o.astype(np.float64)
+            q = np.array(q, np.int32)
+            E = np.zeros((N, s1 - s0))
+            for j in range(s1 - s0):                  # column by column on the block's grid
+                c = s0 + j
+                live = s[:, j] != 0
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    qj = np.clip(np.rint((W[:, c] - o[:, j]) / np.where(live, s[:, j], 1.0)), lo, hi)
+                q[:, j] = np.where(live, qj, q[:, j])
+                E[:, j] = (W[:, c] - (s[:, j] * q[:, j] + o[:, j])) / U[c, c]
+                W[:, c + 1:s1] -= np.outer(E[:, j], U[c, c + 1:s1])
+            if s1 < K:
+                W[:, s1:] -= E @ U[s0:s1, s1:]
+            lin = Linear(fmt, N, s1 - s0, f.codes(lin.arrays, q))
+        else:                                         # IQ4 / a padded block: 32-column steps
+            step = min(32, blk)
+            T = np.zeros((N, s1 - s0), np.float64)    # the block's values as fixed step by step
+            for a in range(s0, s1, step):
+                b = min(a + step, s1)
+                lin = quant(s0, s1)                   # the whole block, as the format blocks it
+                Q = f.unpack(lin.arrays)[:, a - s0:b - s0].astype(np.float64)
+                T[:, a - s0:b - s0] = Q
+                if b < K:
+                    W[:, b:] -= (W[:, a:b] - Q) @ np.linalg.solve(U[a:b, a:b], U[a:b, b:])
+            if s1 - s0 > step:                        # one block from the values fixed in it
+                W[:, s0:s1] = T
+                lin = quant(s0, s1)
         parts.append(lin)
     arrays = {k: np.ascontiguousarray(np.concatenate([p.arrays[k] for p in parts], axis=1)) for k in parts[0].arrays}
     return Linear(fmt, N, K, arrays, sum(p.Kp for p in parts))
@@ -149,30 +180,36 @@ def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = 
 _RESIDUAL_READERS = (("attn_norm.w", "wqkv"), ("ffn_norm.w", "w_gate_up"), ("ffn_norm.w", "w_up"))
 
 
-def embedding_hessian(model) -> np.ndarray | None:
-    """f64[D, D]: how the network sees an error e in a row of an untied token embedding, for
-    GPTQ on the embedding (a lookup table: no matmul input, so no imatrix). The row enters the
-    residual stream, which every layer reads through a norm (x = g * h / rms(h)) and a matrix W;
-    e costs ||W diag(g) e||^2 / rms^2 there. Summed over the readers (each scaled to unit trace,
-    so that no one layer's scale dominates) that is e^T H e; the per-token 1 / rms^2 is one
-    factor per row and does not change the row's best quantization. None when the model has
-    no such readers (post-norm layouts)."""
+def embedding_hessian(model, residual: dict | None = None) -> np.ndarray | None:
+    """f64[D, D] of unit trace: how the network sees an error e in a row of an untied token
+    embedding, for GPTQ on the embedding (a lookup table: no matmul input, so no imatrix). The
+    row enters the residual stream, which every layer reads through a norm (x = g * h / rms(h))
+    and a matrix W; e costs ||W diag(g) e||^2 / rms(h)^2 there. Summed over the readers that is
+    e^T H e. residual {norm weight: mean of h^2 where that norm reads the stream}
+    (Imatrix.residual, from the calibration run): each reader weighted by 1 / that mean square,
+    so the first layers, which read the embedding rows while the stream is still small, count as
+    much as they do in the network (on the 256-wide proxy the first attention's 1/rms^2 is ~40x
+    the later readers'). Without it (or a reader missing from it) each reader is scaled to unit
+    trace instead. None when the model has no such readers (post-norm layouts)."""
     from .quant import FORMATS, Linear
     cfg, T = model.config, model.tensors
+    residual = residual or {}
     pairs = [(f"l{i}.{n}", f"l{i}.{w}") for i in range(cfg.n_layers) for n, w in _RESIDUAL_READERS]
     pairs.append(("out_norm.w", "output"))
+    pairs = [(g, m) for g, m in pairs if T.get(g) is not None and isinstance(T.get(m), Linear)
+             and T[m].K == cfg.hidden_size]
+    by_rms = bool(pairs) and all(residual.get(g, 0) > 0 for g, _ in pairs)
     H, n = np.zeros((cfg.hidden_size, cfg.hidden_size)), 0
     for norm, mat in pairs:
-        g, lin = T.get(norm), T.get(mat)
-        if g is None or not isinstance(lin, Linear) or lin.K != cfg.hidden_size:
-            continue
-        A = FORMATS[lin.fmt].unpack(lin.arrays)[:, :lin.K].astype(np.float64) * np.asarray(g, np.float64)[None, :]
+        lin = T[mat]
+        A = FORMATS[lin.fmt].unpack(lin.arrays)[:, :lin.K].astype(np.float64) * np.asarray(T[norm], np.float64)[None, :]
         M = A.T @ A                                                    # [D, D]
         tr = float(np.trace(M))
         if tr > 0 and np.isfinite(tr):
-            H += M / tr
+            H += M / residual[norm] if by_rms else M / tr
             n += 1
-    return H / n if n else None
+    tr = float(np.trace(H))
+    return H / tr if n and tr > 0 and np.isfinite(tr) else None
 
 
 def quantize_tensors(model, quant: str | None, imatrix: dict | None, group_size: int | None = None,
@@ -197,7 +234,7 @@ def quantize_tensors(model, quant: str | None, imatrix: dict | None, group_size:
     for name, t in model.tensors.items():
         st, fmt = imatrix.get(name), target.fmt(name)
         if full and st is None and name == "tok_embd":          # untied embedding: see embedding_hessian
-            st = embedding_hessian(model)
+            st = embedding_hessian(model, getattr(imatrix, "residual", None))
         if st is not None and st.ndim == 2 and isinstance(t, Linear) and fmt not in (None, "f32", "f16", "bf16"):
             w = FORMATS[t.fmt].unpack(t.arrays)[:, :t.K].astype(np.float32)
             tensors[name] = gptq_linear(w, fmt, target.group, st, name)        # covariance: GPTQ

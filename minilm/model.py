@@ -42,7 +42,7 @@ from .kernels import compile_ahead
 from .kernels.executor import ahead_jobs, run_plan
 from .kernels.executor import compiled as executor_compiled
 from .kernels.rope import rope_tables
-from .plan import Step, lower, matmul, with_stats
+from .plan import RESIDUAL, Step, lower, matmul, with_stats
 from .quant import FORMATS, Linear
 
 PREFILL_CHUNK = 256   # prompt rows per forward call: bounds the scratch buffers
@@ -240,7 +240,8 @@ class Transformer:
     def __init__(self, cfg: Config, tensors: dict, n_ctx: int, kv_quant: str | None = None, stats: bool = False,
                  full: bool = False):
         """stats: calibration: every matmul's input rows add their squares into `self.stats`
-        (matrix name -> f32[K] column sums of x^2; full: f32[K * K] sums of x x^T; plan.with_stats)."""
+        (matrix name -> f32[K] column sums of x^2; full: f32[K * K] sums of x x^T; and the residual
+        stream's column sums of x^2 at each norm, "residual:<norm weight>"; plan.with_stats)."""
         c = self.cfg = cfg
         self.tok_embd: Linear = tensors["tok_embd"]                # [V, D]
         self.lm_head: Linear = tensors.get("output", self.tok_embd)  # [V, D]
@@ -252,6 +253,8 @@ class Transformer:
             ks = {s.mat: tensors[s.mat].K for s in self.plan if s.op == "quant"}
             self.plan = with_stats(self.plan, ks if full else None)
             self.stats = {m: np.zeros(K * K if full else K, np.float32) for m, K in ks.items()}
+            self.stats.update({s.w[len("imatrix:"):]: np.zeros(c.hidden_size, np.float32)
+                               for s in self.plan if s.op == "stats" and s.w.startswith(f"imatrix:{RESIDUAL}")})
             tensors = dict(tensors, **{f"imatrix:{k}": v for k, v in self.stats.items()})
         convs = [i for i in range(c.n_layers) if c.is_conv(i)]
         self.cache = KVCache(c.n_kv_layers, c.n_kv_heads, n_ctx, c.head_dim, len(convs), c.hidden_size,

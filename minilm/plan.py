@@ -66,17 +66,24 @@ def matmul(dst: str, src: str, mat: str, bias: str | None = None) -> list[Step]:
     return [Step("quant", src=src, mat=mat), Step("matmul", dst=dst, src=src, mat=mat, b=bias)]
 
 
+RESIDUAL = "residual:"      # stats vectors of the residual stream (with_stats), by norm weight
+
+
 def with_stats(steps: list[Step], full: dict | None = None) -> list[Step]:
     """The plan with a `stats` step before every matmul's input quantization: it adds the column
     sums of squares of the matmul's input rows into the vector "imatrix:<matrix>" (calibration,
     the statistics of llama.cpp's imatrix). full: {matrix: K} of the matrices that collect the
-    whole K x K X^T X instead (a vector of K * K)."""
+    whole K x K X^T X instead (a vector of K * K). After every norm of the residual stream x, its
+    column sums of squares go into "imatrix:residual:<norm weight>" (the stream's mean square
+    where each reader reads it: calibrate.embedding_hessian)."""
     full = full or {}
     out = []
     for st in steps:
         if st.op == "quant":
             out.append(Step("stats", src=st.src, w=f"imatrix:{st.mat}", i0=full.get(st.mat, 0)))
         out.append(st)
+        if st.op in ("norm", "add_norm") and st.src == "x" and st.w:   # the residual stream a norm reads
+            out.append(Step("stats", src="x", w=f"imatrix:{RESIDUAL}{st.w}"))
     return out
 
 

@@ -55,6 +55,11 @@ class Format:
     gemv: Callable               # (x f32[Kp], *arrays, out f32[N]) for a Linear (parallel)
     gemm: Callable               # (x f32[M, Kp], *arrays, out f32[M, N])
     row_kernel: Callable         # the executor's row-group kernel (kernels/*_groups)
+    # Formats whose values are an affine grid (all quantized ones but IQ4_NL / IQ4_XS), for
+    # quantizers that choose the integer codes themselves (GPTQ, calibrate.gptq_linear):
+    grid: Callable | None = None     # arrays -> (s, o f32[N, Kp], q int32[N, Kp], (lo, hi)):
+                                     # value = s * q + o, lo <= q <= hi
+    codes: Callable | None = None    # (arrays, q int[N, Kp]) -> arrays with those codes, scales kept
 
     def bits(self, group: int = 32) -> float:
         """Bits per weight (q4_0: 4 + 16 / group)."""
@@ -160,9 +165,35 @@ def quantize_q4_0_weighted(w, group, qw):
     sgn = np.where(mx < 0, np.float32(1), np.float32(-1))       # flip so the extreme is negative
     d, L = _sym_search(x * sgn[:, None], wt, -8, 7, 8.0, 9)
     d = (d * sgn).astype(np.float32)
-    q = (L + 8).astype(np.uint8).reshape(N, K // G, G)
-    qs = (q[:, :, :G // 2] | (q[:, :, G // 2:] << 4)).astype(np.uint8).reshape(N, K // 2)
-    return qs, d.reshape(N, K // G).astype(np.float16)
+    return _q4_nibbles(L.reshape(N, K), G), d.reshape(N, K // G).astype(np.float16)
+
+
+def _q4_nibbles(q, G):
+    """Q4_0 codes int[N, K] in -8..7 -> qs uint8[N, K/2]: per group of G, byte l = q[l] + 8 | (q[G/2 + l] + 8) << 4."""
+    N, K = q.shape
+    u = (q + 8).astype(np.uint8).reshape(N, K // G, G)
+    return (u[:, :, :G // 2] | (u[:, :, G // 2:] << 4)).astype(np.uint8).reshape(N, K // 2)
+
+
+def _checked_codes(q, lo, hi):
+    q = np.asarray(q)
+    if q.min(initial=lo) < lo or q.max(initial=hi) > hi:
+        raise ValueError(f"codes outside [{lo}, {hi}]")
+    return q
+
+
+def _q8_grid(a):
+    s = np.repeat(a["d"].astype(np.float32), 32, axis=1)
+    return s, np.zeros_like(s), a["qs"].astype(np.int32), (-127, 127)
+
+
+def _q4_grid(a):
+    qs, d = a["qs"], a["d"]
+    G = 2 * qs.shape[1] // d.shape[1]
+    b = qs.reshape(qs.shape[0], -1, G // 2)
+    q = np.concatenate([(b & 0x0F).astype(np.int32), (b >> 4).astype(np.int32)], axis=2).reshape(qs.shape[0], -1) - 8
+    s = np.repeat(d.astype(np.float32), G, axis=1)
+    return s, np.zeros_like(s), q, (-8, 7)
 
 
 def quantize_q8_0_weighted(w, qw):
@@ -232,10 +263,13 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
            _float_dot, _qm.gemv_bf16, _qm.gemm_bf16, _mm.gemv_float_groups),
     Format("q8_0", 3, np.int8, 32, 34, 8, "Q8_0", "q8_0", ("qs", "d"),
            _q8_pack, lambda a: _qm.dequantize_q8_0_ref(a["qs"], a["d"]),
-           _q8_dot, _qm.gemv_q8_0, _qm.gemm_q8_0, _qm.gemv_q8_0_groups),
+           _q8_dot, _qm.gemv_q8_0, _qm.gemm_q8_0, _qm.gemv_q8_0_groups, _q8_grid,
+           lambda a, q: {"qs": _checked_codes(q, -127, 127).astype(np.int8), "d": a["d"]}),
     Format("q4_0", 4, np.uint8, 32, 18, 2, "Q4_0", "q8_0", ("qs", "d"),
            _q4_pack, lambda a: _qm.dequantize_q4_0_ref(a["qs"], a["d"]),
-           _q4_dot, _qm.gemv_q4_0, _qm.gemm_q4_0, _qm.gemv_q4_0_groups),
+           _q4_dot, _qm.gemv_q4_0, _qm.gemm_q4_0, _qm.gemv_q4_0_groups, _q4_grid,
+           lambda a, q: {"qs": _q4_nibbles(_checked_codes(q, -8, 7), 2 * a["qs"].shape[1] // a["d"].shape[1]),
+                         "d": a["d"]}),
 ]}
 
 
@@ -253,12 +287,16 @@ def _raw_format(fid, name, gname, gtype, block, nbytes, act) -> Format:
     def unpack(a):
         raw = a["raw"]
         return spec().dequantize_ref(raw, raw.shape[1] // nbytes * block)
+    affine = not gname.startswith("IQ")          # ggml_quants TypeSpec.grid / codes / limits
     return Format(name, fid, np.dtype([(name, np.uint8)]), block, nbytes, gtype, gname, act, ("raw",),
                   lambda w, g, qw=None: {"raw": spec().quantize_ref(w, qw)}, unpack,
                   lambda a, x: float(spec().dot_ref(a["raw"].reshape(-1), x)),
                   lambda x, raw, out: spec().gemv(x, raw, out),
                   lambda x, raw, out: spec().gemm(x, raw, out),
-                  None)                       # the executor takes SPECS[ggml_name].exec_gemv_groups
+                  None,                       # the executor takes SPECS[ggml_name].exec_gemv_groups
+                  (lambda a: spec().grid(a["raw"], a["raw"].shape[1] // nbytes * block) + (spec().limits,))
+                  if affine else None,
+                  (lambda a, q: {"raw": spec().codes(a["raw"], q)}) if affine else None)
 
 
 for _i, _r in enumerate([("q4_1", "Q4_1", 3, 32, 20, "q8_1"), ("q5_0", "Q5_0", 6, 32, 22, "q8_0"),

@@ -313,8 +313,9 @@ class RefModel:
             u = self._lin(h, p + "mlp.up_proj")
             x = x + self._lin(act(g) * u, p + "mlp.down_proj")
         x = rms_norm(x, w["model.norm.weight"], eps)
-        head = w.get("lm_head.weight") if not c.get("tie_word_embeddings", False) else None
-        return x @ (head if head is not None else w["model.embed_tokens.weight"]).T
+        if not c.get("tie_word_embeddings", False) and "lm_head.weight" in w:
+            return self._lin(x, "lm_head", bias=False)
+        return x @ w["model.embed_tokens.weight"].T
 
     # -- gpt2
     def _gpt2(self, ids, cache):

@@ -125,3 +125,28 @@ def test_bad_quant_arguments():
         minilm.load(SHARED / "models" / "stories260K", quant="int3")
     with pytest.raises(ValueError, match="group_size"):
         minilm.load(SHARED / "models" / "stories260K", quant="int4", group_size=48)
+
+
+def test_affine_grid_and_codes_round_trip():
+    """Every quantized format but the IQ4 ones describes its values as an affine grid
+    (Format.grid: value = s * q + o, lo <= q <= hi), exactly what its dequantizer gives; codes()
+    writes chosen codes into the stored bytes and keeps the scales (GPTQ picks the codes), and
+    codes outside the range are refused."""
+    from minilm.quant import FORMATS, Linear
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((6, 512)) * 0.1).astype(np.float32)
+    w[0, :256] = 0.0                                                  # a zero block
+    affine = [f for f in FORMATS.values() if f.grid is not None]
+    assert {f.name for f in affine} == {"q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}
+    for f in affine:
+        lin = Linear.quantize(w, f.name)
+        s, o, q, (lo, hi) = f.grid(lin.arrays)
+        assert s.shape == o.shape == q.shape == (6, 512) and lo <= q.min() and q.max() <= hi, f.name
+        assert np.array_equal((s * q + o).astype(np.float32), f.unpack(lin.arrays)), f.name
+        same = f.codes(lin.arrays, q)
+        assert all(np.array_equal(same[k], lin.arrays[k]) for k in lin.arrays), f.name
+        q2 = rng.integers(lo, hi + 1, q.shape)
+        s2, o2, back, _ = f.grid(f.codes(lin.arrays, q2))
+        assert np.array_equal(back, q2) and np.array_equal(s2, s) and np.array_equal(o2, o), f.name
+        with pytest.raises(ValueError, match="codes outside"):
+            f.codes(lin.arrays, np.full(q.shape, hi + 1))
