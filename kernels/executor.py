@@ -51,7 +51,14 @@ from .activations import gelu_mul_row, gelu_row, gelu_tanh_row, silu_mul_row
 from .attention import attend_task, decode_splits, merge_parts, prep_decode
 from .matmul import gemm_float_groups, gemv_float_groups
 from .norm import add_norm_row, head_rmsnorm, norm_row
-from .qmatmul import _quantize_act_q4, _quantize_act_q8v, gemv_q4_0_groups, gemv_q8_0_groups
+from .qmatmul import (
+    _quantize_act_q4,
+    _quantize_act_q8v,
+    gemm_q4_0_groups,
+    gemm_q8_0_groups,
+    gemv_q4_0_groups,
+    gemv_q8_0_groups,
+)
 from .simd import _bf2f, _h2f, atomic_add, atomic_load, cpu_yield, sleep_us, spin_pause
 
 # ---- step kinds --------------------------------------------------------------------------------
@@ -175,21 +182,17 @@ def _q4_groups(xq, xd, xs, qs, d, out, g0, g1):
 
 @njit(**_J)
 def _q8_groups_rows(XQ, XD, XS, qs, d, out, M, g0, g1):
-    """Row groups g0..g1-1 of M tokens, each token as decode computes it; the 4 rows of a group
-    stay in L1 across the tokens. The loops and the inlined kernel are one function, so LLVM
-    keeps the kernel's setup out of the per-token loop (a call per group and token made a
-    13-row verify pass cost 10.5 decode steps instead of 7)."""
-    for g in range(g0, g1):
-        for m in range(M):
-            gemv_q8_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], g, g + 1)
+    """Row groups g0..g1-1 of M tokens: tiles of 4 rows x 4 tokens that unpack each weight chunk
+    once (gemm_q8_0_groups), every token's row as decode computes it; the 4 rows of a group stay
+    in L1 across the tiles. The loops and the inlined kernel are one function, so LLVM keeps the
+    kernel's setup out of the per-tile loop."""
+    gemm_q8_0_groups(XQ, XD, XS, qs, d, out, M, g0, g1)
 
 
 @njit(**_J)
 def _q4_groups_rows(XQ, XD, XS, qs, d, out, M, g0, g1):
-    """As _q8_groups_rows, for Q4_0."""
-    for g in range(g0, g1):
-        for m in range(M):
-            gemv_q4_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], g, g + 1)
+    """As _q8_groups_rows, for Q4_0 (gemm_q4_0_groups)."""
+    gemm_q4_0_groups(XQ, XD, XS, qs, d, out, M, g0, g1)
 
 
 def _mm_rows(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
