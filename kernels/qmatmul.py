@@ -770,44 +770,72 @@ def _quantize_act_q8v(x, xq, xd, xs):
         xs[b] = np.float32(-128.0) * np.float32(s)
 
 
+def _groups(full, part):
+    """Row groups g0..g1-1 (rows 4g..4g+3) of a GEMV from its full- and partial-group steps: per
+    row 16 f32 lanes on the stack, one horizontal sum."""
+
+    @njit(**dict(_JIT, inline="always"))
+    def groups(xq, xd, xs, qs, d, out, g0, g1):
+        N = qs.shape[0]
+        for gr in range(g0, g1):
+            r0 = gr * 4
+            accp = _stack_f32(64)           # 4 rows x 16 f32 lanes
+            acc = numba.carray(accp, 64)
+            for i in range(64):
+                acc[i] = 0.0
+            nr = min(4, N - r0)
+            if nr == 4:
+                full(xq, xd, xs, qs, d, accp, r0)
+            else:
+                part(xq, xd, xs, qs, d, accp, r0, nr)
+            for rr in range(nr):
+                out[r0 + rr] = _hsum16(accp, rr * 16)
+    return groups
+
+
 @njit(**dict(_JIT, inline="always"))
-def gemv_q8_0_groups(xq, xd, xs, qs, d, out, g0, g1):
-    """Row groups g0..g1-1 (rows 4g..4g+3) of the Q8_0 gemv, on activations already quantized by _quantize_act_q8v.
-    Per row: 16 f32 lanes accumulated over 64-byte chunks (see _q8_rows), one horizontal sum."""
-    N, K = qs.shape
+def _q8_gemv_full(xq, xd, xs, qs, d, accp, r0):
+    """The Q8_0 GEMV's 4 rows at r0 into 16 f32 lanes per row at accp (see _q8_emit)."""
+    K = qs.shape[1]
     nb = K // 32
     nc = nb // 2                # full 64-byte chunks
     tb = nb - 2 * nc            # blocks in the last, partial chunk (0 or 1)
-    for gr in range(g0, g1):
-        r0 = gr * 4
-        accp = _stack_f32(64)           # 4 rows x 16 f32 lanes
-        acc = numba.carray(accp, 64)
-        for i in range(64):
-            acc[i] = 0.0
-        nr = min(4, N - r0)
-        q0 = r0 * K
-        d0 = r0 * nb
-        if nr == 4:
-            PF = q0 + 8 * K             # prefetch 2 groups (8 rows) ahead, 512 bytes per step
-            for c2 in range(nc // 2):
-                c = 2 * c2
-                for i in range(8):
-                    _prefetch(qs, PF + 256 * c + 64 * i)
-                _q8_rows(accp, qs, q0 + 64 * c, K, xq, xd, xs, c, d, d0 + 2 * c, 4, 4, 2)
-            if nc % 2:
-                c = nc - 1
-                _q8_rows(accp, qs, q0 + 64 * c, K, xq, xd, xs, c, d, d0 + 2 * c, 2, 4, 1)
-            if tb:
-                _q8_rows(accp, qs, q0 + 64 * nc, K, xq, xd, xs, nc, d, d0 + 2 * nc, tb, 4, 1)
-        else:
-            for rr in range(nr):
-                ap = _ptr_add(accp, rr * 16)
-                for c in range(nc):
-                    _q8_rows(ap, qs, q0 + rr * K + 64 * c, K, xq, xd, xs, c, d, d0 + rr * nb + 2 * c, 2, 1, 1)
-                if tb:
-                    _q8_rows(ap, qs, q0 + rr * K + 64 * nc, K, xq, xd, xs, nc, d, d0 + rr * nb + 2 * nc, tb, 1, 1)
-        for rr in range(nr):
-            out[r0 + rr] = _hsum16(accp, rr * 16)
+    q0 = r0 * K
+    d0 = r0 * nb
+    PF = q0 + 8 * K             # prefetch 2 groups (8 rows) ahead, 512 bytes per step
+    for c2 in range(nc // 2):
+        c = 2 * c2
+        for i in range(8):
+            _prefetch(qs, PF + 256 * c + 64 * i)
+        _q8_rows(accp, qs, q0 + 64 * c, K, xq, xd, xs, c, d, d0 + 2 * c, 4, 4, 2)
+    if nc % 2:
+        c = nc - 1
+        _q8_rows(accp, qs, q0 + 64 * c, K, xq, xd, xs, c, d, d0 + 2 * c, 2, 4, 1)
+    if tb:
+        _q8_rows(accp, qs, q0 + 64 * nc, K, xq, xd, xs, nc, d, d0 + 2 * nc, tb, 4, 1)
+
+
+@njit(**dict(_JIT, inline="always"))
+def _q8_gemv_part(xq, xd, xs, qs, d, accp, r0, nr):
+    """The Q8_0 GEMV's last nr < 4 rows, from r0."""
+    K = qs.shape[1]
+    nb = K // 32
+    nc = nb // 2
+    tb = nb - 2 * nc
+    q0 = r0 * K
+    d0 = r0 * nb
+    for rr in range(nr):
+        ap = _ptr_add(accp, rr * 16)
+        for c in range(nc):
+            _q8_rows(ap, qs, q0 + rr * K + 64 * c, K, xq, xd, xs, c, d, d0 + rr * nb + 2 * c, 2, 1, 1)
+        if tb:
+            _q8_rows(ap, qs, q0 + rr * K + 64 * nc, K, xq, xd, xs, nc, d, d0 + rr * nb + 2 * nc, tb, 1, 1)
+
+
+gemv_q8_0_groups = _groups(_q8_gemv_full, _q8_gemv_part)
+gemv_q8_0_groups.__doc__ = """Row groups g0..g1-1 (rows 4g..4g+3) of the Q8_0 gemv, on activations already quantized
+    by _quantize_act_q8v. Per row: 16 f32 lanes accumulated over 64-byte chunks (see _q8_emit),
+    one horizontal sum."""
 
 
 @njit(**_PJIT)
@@ -853,71 +881,68 @@ def _quantize_act_q4(x, G, xq, xd, xs):
         xs[b] = np.float32(-8 * s)
 
 
+def _q4_gemv_for(G):
+    """The Q4_0 GEMV's row groups for group size G (a constant of the compiled code):
+    (full(xq, xd, xs, qs, d, accp, r0): the 4 rows at r0; part(xq, xd, xs, qs, d, accp, r0, nr):
+    the last nr < 4 rows), each into 16 f32 lanes per row at accp."""
+    GPC = 128 // G                  # groups per full chunk
+
+    @njit(**dict(_JIT, inline="always"))
+    def full(xq, xd, xs, qs, d, accp, r0):
+        KB = qs.shape[1]            # bytes per row = K//2
+        ng = d.shape[1]
+        nb = KB // 16
+        nc = nb // 4                # full chunks
+        tb = nb - 4 * nc            # blocks in the last, partial chunk (0..3; 0 for G=128)
+        q0 = r0 * KB
+        d0 = r0 * ng
+        PF = 16 * KB                # prefetch 4 groups (16 rows) ahead
+        for c2 in range(nc // 2):
+            c = 2 * c2
+            for i in range(8):          # 512 bytes of the rows PF ahead per step
+                _prefetch(qs, q0 + PF + 256 * c + 64 * i)
+            _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + GPC * c, ng, 4, 4, G, 2)
+        if nc % 2:
+            c = nc - 1
+            _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + GPC * c, ng, 4, 4, G, 1)
+        if tb > 0:              # partial last chunk (G = 32 or 64 only: 128 | K for G = 128)
+            _q4_rows(accp, qs, q0 + 64 * nc, KB, xq, xd, xs, nc, d, d0 + GPC * nc, ng, tb, 4, G, 1)
+
+    @njit(**dict(_JIT, inline="always"))
+    def part(xq, xd, xs, qs, d, accp, r0, nr):
+        KB = qs.shape[1]
+        ng = d.shape[1]
+        nb = KB // 16
+        nc = nb // 4
+        tb = nb - 4 * nc
+        for rr in range(nr):
+            ap = _ptr_add(accp, rr * 16)
+            q0 = (r0 + rr) * KB
+            d0 = (r0 + rr) * ng
+            for c in range(nc + (1 if tb > 0 else 0)):
+                t = 4 if c < nc else tb
+                _q4_rows(ap, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + GPC * c, ng, t, 1, G, 1)
+    return full, part
+
+
+_Q4_GEMV_STEPS = {G: _q4_gemv_for(G) for G in (32, 64, 128)}
+_Q4_GEMV = {G: _groups(*_Q4_GEMV_STEPS[G]) for G in (32, 64, 128)}
+_q4_gemv_32, _q4_gemv_64, _q4_gemv_128 = _Q4_GEMV[32], _Q4_GEMV[64], _Q4_GEMV[128]
+
+
 @njit(**dict(_JIT, inline="always"))
 def gemv_q4_0_groups(xq, xd, xs, qs, d, out, g0, g1):
-    """Row groups g0..g1-1 (rows 4g..4g+3) of the Q4_0 gemv, on activations already quantized by _quantize_act_q4.
-    Per row: 16 f32 lanes accumulated over 128-element chunks (see _q4_rows), one horizontal
+    """Row groups g0..g1-1 (rows 4g..4g+3) of the Q4_0 gemv, on activations already quantized by
+    _quantize_act_q4, for any group size (the executor compiles only its model's: q4_0_rows_for).
+    Per row: 16 f32 lanes accumulated over 128-element chunks (see _q4_emit), one horizontal
     sum; the -8 offset is exact integer work (bias in the vpdpbusd accumulator)."""
-    N = qs.shape[0]
-    KB = qs.shape[1]           # bytes per row = K//2
-    K = KB * 2
-    ng = d.shape[1]
-    G = K // ng
-    nb = K // 32
-    nc = nb // 4               # full chunks
-    tb = nb - 4 * nc           # blocks in the last, partial chunk (0..3; 0 for G=128)
-    gpc = 128 // G             # groups per full chunk
-    for gr in range(g0, g1):
-        r0 = gr * 4
-        accp = _stack_f32(64)           # 4 rows x 16 f32 lanes
-        acc = numba.carray(accp, 64)
-        for i in range(64):
-            acc[i] = 0.0
-        if r0 + 4 <= N:
-            q0 = r0 * KB
-            d0 = r0 * ng
-            PF = 16 * KB                # prefetch 4 groups (16 rows) ahead
-            for c2 in range(nc // 2):
-                c = 2 * c2
-                for i in range(8):          # 512 bytes of the rows PF ahead per step
-                    _prefetch(qs, q0 + PF + 256 * c + 64 * i)
-                # G must be a literal for _q4_rows; the branch is loop-invariant (unswitched)
-                if G == 32:
-                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 32, 2)
-                elif G == 64:
-                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 64, 2)
-                else:
-                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 128, 2)
-            if nc % 2:
-                c = nc - 1
-                if G == 32:
-                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 32, 1)
-                elif G == 64:
-                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 64, 1)
-                else:
-                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 128, 1)
-            if tb > 0:              # partial last chunk (G = 32 or 64 only: 128 | K for G = 128)
-                if G == 32:
-                    _q4_rows(accp, qs, q0 + 64 * nc, KB, xq, xd, xs, nc, d, d0 + gpc * nc, ng, tb, 4, 32, 1)
-                else:
-                    _q4_rows(accp, qs, q0 + 64 * nc, KB, xq, xd, xs, nc, d, d0 + gpc * nc, ng, tb, 4, 64, 1)
-            nr = 4
-        else:
-            nr = N - r0
-            for rr in range(nr):
-                ap = _ptr_add(accp, rr * 16)
-                q0 = (r0 + rr) * KB
-                d0 = (r0 + rr) * ng
-                for c in range(nc + (1 if tb > 0 else 0)):
-                    t = 4 if c < nc else tb
-                    if G == 32:
-                        _q4_rows(ap, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, t, 1, 32, 1)
-                    elif G == 64:
-                        _q4_rows(ap, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, t, 1, 64, 1)
-                    else:
-                        _q4_rows(ap, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, t, 1, 128, 1)
-        for rr in range(nr):
-            out[r0 + rr] = _hsum16(accp, rr * 16)
+    G = 2 * qs.shape[1] // d.shape[1]
+    if G == 32:
+        _q4_gemv_32(xq, xd, xs, qs, d, out, g0, g1)
+    elif G == 64:
+        _q4_gemv_64(xq, xd, xs, qs, d, out, g0, g1)
+    else:
+        _q4_gemv_128(xq, xd, xs, qs, d, out, g0, g1)
 
 
 @njit(**_PJIT)
@@ -1066,9 +1091,9 @@ def _q8_pass(T):
     return run
 
 
-def _tiled(pt, p2, p1, tail, T):
+def _tiled(pt, p2, p1, part, T):
     """Row groups g0..g1-1 of M tokens: tiles of T tokens (pt), then 2 (p2) and 1 (p1) for the
-    rest; tail, the GEMV of one token, for a group past the last whole one."""
+    rest; a group past the last whole one takes the GEMV's partial-group step (part) per token."""
 
     @njit(**dict(_JIT, inline="always"))
     def groups(XQ, XD, XS, qs, d, out, M, g0, g1):
@@ -1086,21 +1111,29 @@ def _tiled(pt, p2, p1, tail, T):
                 if m < M:
                     p1(XQ, XD, XS, qs, d, out, m, r0, m == 0)
             else:
+                nr = N - r0
                 for m in range(M):
-                    tail(XQ[m], XD[m], XS[m], qs, d, out[m], gr, gr + 1)
+                    accp = _stack_f32(64)
+                    acc = numba.carray(accp, 64)
+                    for i in range(64):
+                        acc[i] = 0.0
+                    part(XQ[m], XD[m], XS[m], qs, d, accp, r0, nr)
+                    for rr in range(nr):
+                        out[m, r0 + rr] = _hsum16(accp, rr * 16)
     return groups
 
 
-_q4_gemm_g = {G: _tiled(_q4_pass(G, Q4_T), _q4_pass(G, 2), _q4_pass(G, 1), gemv_q4_0_groups, Q4_T)
-              for G in (32, 64, 128)}
-_q4_gemm_32, _q4_gemm_64, _q4_gemm_128 = _q4_gemm_g[32], _q4_gemm_g[64], _q4_gemm_g[128]
+_Q4_GEMM = {G: _tiled(_q4_pass(G, Q4_T), _q4_pass(G, 2), _q4_pass(G, 1), _Q4_GEMV_STEPS[G][1], Q4_T)
+            for G in (32, 64, 128)}
+_q4_gemm_32, _q4_gemm_64, _q4_gemm_128 = _Q4_GEMM[32], _Q4_GEMM[64], _Q4_GEMM[128]
 
 
 @njit(**dict(_JIT, inline="always"))
 def gemm_q4_0_groups(XQ, XD, XS, qs, d, out, M, g0, g1):
     """Row groups g0..g1-1 (rows 4g..4g+3) of out[:M] = x[:M] @ W.T, W Q4_0, on activations
-    quantized per token by _quantize_act_q4 (XQ/XD/XS rows); every out[m] equals
-    gemv_q4_0_groups of token m bit for bit."""
+    quantized per token by _quantize_act_q4 (XQ/XD/XS rows), for any group size (the executor
+    compiles only its model's: q4_0_rows_for); every out[m] equals gemv_q4_0_groups of token m
+    bit for bit."""
     G = 2 * qs.shape[1] // d.shape[1]
     if G == 32:
         _q4_gemm_32(XQ, XD, XS, qs, d, out, M, g0, g1)
@@ -1110,7 +1143,37 @@ def gemm_q4_0_groups(XQ, XD, XS, qs, d, out, M, g0, g1):
         _q4_gemm_128(XQ, XD, XS, qs, d, out, M, g0, g1)
 
 
-gemm_q8_0_groups = _tiled(_q8_pass(Q8_T), _q8_pass(2), _q8_pass(1), gemv_q8_0_groups, Q8_T)
+def q4_0_rows_for(groups):
+    """(gemv, gemm): gemv_q4_0_groups and gemm_q4_0_groups compiled only for the Q4_0 group sizes
+    in `groups` (a matrix of another group size must not reach them): the executor builds these
+    from the group sizes its plan uses, so a model compiles one tile set, not three."""
+    gs = sorted(set(groups))
+    if not gs or any(g not in (32, 64, 128) for g in gs):
+        raise ValueError(f"Q4_0 group sizes must be among 32, 64, 128, got {groups!r}")
+    gemv, gemm = _Q4_GEMV[gs[0]], _Q4_GEMM[gs[0]]
+    for g in gs[1:]:
+        gemv, gemm = _q4_either(g, _Q4_GEMV[g], gemv, _Q4_GEMM[g], gemm)
+    return gemv, gemm
+
+
+def _q4_either(G, gemv_g, gemv_rest, gemm_g, gemm_rest):
+    @njit(**dict(_JIT, inline="always"))
+    def gemv(xq, xd, xs, qs, d, out, g0, g1):
+        if 2 * qs.shape[1] // d.shape[1] == G:
+            gemv_g(xq, xd, xs, qs, d, out, g0, g1)
+        else:
+            gemv_rest(xq, xd, xs, qs, d, out, g0, g1)
+
+    @njit(**dict(_JIT, inline="always"))
+    def gemm(XQ, XD, XS, qs, d, out, M, g0, g1):
+        if 2 * qs.shape[1] // d.shape[1] == G:
+            gemm_g(XQ, XD, XS, qs, d, out, M, g0, g1)
+        else:
+            gemm_rest(XQ, XD, XS, qs, d, out, M, g0, g1)
+    return gemv, gemm
+
+
+gemm_q8_0_groups = _tiled(_q8_pass(Q8_T), _q8_pass(2), _q8_pass(1), _q8_gemv_part, Q8_T)
 gemm_q8_0_groups.__doc__ = """Row groups g0..g1-1 of out[:M] = x[:M] @ W.T, W Q8_0, on activations quantized per token
     by _quantize_act_q8v; every out[m] equals gemv_q8_0_groups of token m bit for bit."""
 
