@@ -474,6 +474,10 @@ def _q4_emit(builder, accp, qp, qoff, KB, toks, c, dp, doff, ng, t, nr, g, nch):
                            ir.VectorType(_F32, ngrp))
         aps = [builder.bitcast(builder.gep(accp, [ir.Constant(_I32, 16 * (j * nr + r))]),
                                _V16F32.as_pointer()) for j in range(len(toks))]
+        # d_w * d_x per block: the GEMV multiplies the nbl blocks' scales once per row and expands
+        # the products to lanes per chunk; a tile multiplies lanes (the d_x lanes of a token are
+        # shared by the rows): the same products, so the same bits, with fewer operations in each
+        sv = builder.fmul(dw, tokd[0][0], flags=EXACT) if hi_map is None and len(toks) == 1 else None
         for ch in range(nch):
             qo = builder.add(qoff, builder.add(builder.mul(lit64(r), KB), lit64(64 * ch)))
             v = _masked_load(builder, builder.gep(qp, [qo]), _V64I8, nbytes, 1)
@@ -487,7 +491,10 @@ def _q4_emit(builder, accp, qp, qoff, KB, toks, c, dp, doff, ng, t, nr, g, nch):
                     # G == 32: lo and hi of a block share lanes; one scale per block
                     p = _udot512(builder, bias_lo, lo, xlo)
                     p = _udot512(builder, p, hi, xhi)
-                    sc = builder.fmul(dwl, xd_lanes[ch][0], flags=EXACT)    # d_w * d_x per lane
+                    if sv is not None:
+                        sc = _splat_idx(builder, sv, [m + 4 * ch for m in lo_map])
+                    else:
+                        sc = builder.fmul(dwl, xd_lanes[ch][0], flags=EXACT)
                     a = _fma(builder, builder.sitofp(p, _V16F32), sc, a)
                 else:
                     # G >= 64: lane L of lo and of hi lie in the same weight group, so
@@ -598,6 +605,7 @@ def _q8_emit(builder, accp, qp, qoff, K, toks, c, dp, doff, nbv, nr, nch):
         aps = [builder.bitcast(builder.gep(accp, [ir.Constant(_I32, 16 * (j * nr + r))]),
                                _V16F32.as_pointer()) for j in range(len(toks))]
         accs = [builder.load(ap, align=4) for ap in aps]
+        sv = builder.fmul(dw, tokd[0][0], flags=EXACT) if len(toks) == 1 else None   # as in _q4_emit
         for ch in range(nch):
             nbytes = builder.mul(builder.sub(nbv64, lit64(2 * ch)), lit64(32))
             qo = builder.add(qoff, builder.add(builder.mul(lit64(r), K64), lit64(64 * ch)))
@@ -607,7 +615,10 @@ def _q8_emit(builder, accp, qp, qoff, K, toks, c, dp, doff, nbv, nr, nch):
             for j, (_, chunks) in enumerate(tokd):
                 xv, seed, xdl = chunks[ch]
                 p = _udot512(builder, seed, u, xv, wide=True)
-                sc = builder.fmul(dwl, xdl, flags=EXACT)                        # d_w * d_x per lane
+                if sv is not None:
+                    sc = _splat_idx(builder, sv, [2 * ch] * 8 + [2 * ch + 1] * 8)
+                else:
+                    sc = builder.fmul(dwl, xdl, flags=EXACT)                    # d_w * d_x per lane
                 accs[j] = _fma(builder, builder.sitofp(p, _V16F32), sc, accs[j])
         for ap, a in zip(aps, accs):
             builder.store(a, ap, align=4)
