@@ -40,6 +40,8 @@ kernels/compile_ahead.py). Adding a step kind means: an OP_ constant, its
 task count in `_ntasks`, its body in `_task`, and the plan rows that use it; nothing else changes
 (tests/test_plan.py adds one outside this module to show it).
 """
+import functools
+
 import llvmlite.ir as ir
 import numba
 import numpy as np
@@ -51,7 +53,15 @@ from .activations import gelu_mul_row, gelu_row, gelu_tanh_row, silu_mul_row
 from .attention import attend_task, decode_splits, merge_parts, prep_decode
 from .matmul import gemm_float_groups, gemv_float_groups
 from .norm import add_norm_row, head_rmsnorm, norm_row
-from .qmatmul import _quantize_act_q4, _quantize_act_q8v, gemv_q4_0_groups, gemv_q8_0_groups
+from .qmatmul import (
+    _quantize_act_q4,
+    _quantize_act_q8v,
+    gemm_q4_0_groups,
+    gemm_q8_0_groups,
+    gemv_q4_0_groups,
+    gemv_q8_0_groups,
+    q4_0_rows_for,
+)
 from .simd import _bf2f, _h2f, atomic_add, atomic_load, cpu_yield, sleep_us, spin_pause
 
 # ---- step kinds --------------------------------------------------------------------------------
@@ -168,28 +178,39 @@ def _q8_groups(xq, xd, xs, qs, d, out, g0, g1):
 
 
 @njit(**_J)
-def _q4_groups(xq, xd, xs, qs, d, out, g0, g1):
-    """gemv_q4_0_groups compiled once (as _q8_groups)."""
-    gemv_q4_0_groups(xq, xd, xs, qs, d, out, g0, g1)
-
-
-@njit(**_J)
 def _q8_groups_rows(XQ, XD, XS, qs, d, out, M, g0, g1):
-    """Row groups g0..g1-1 of M tokens, each token as decode computes it; the 4 rows of a group
-    stay in L1 across the tokens. The loops and the inlined kernel are one function, so LLVM
-    keeps the kernel's setup out of the per-token loop (a call per group and token made a
-    13-row verify pass cost 10.5 decode steps instead of 7)."""
-    for g in range(g0, g1):
-        for m in range(M):
-            gemv_q8_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], g, g + 1)
+    """Row groups g0..g1-1 of M tokens: tiles of 4 rows x 4 tokens that unpack each weight chunk
+    once (gemm_q8_0_groups), every token's row as decode computes it; the 4 rows of a group stay
+    in L1 across the tiles. The loops and the inlined kernel are one function, so LLVM keeps the
+    kernel's setup out of the per-tile loop."""
+    gemm_q8_0_groups(XQ, XD, XS, qs, d, out, M, g0, g1)
 
 
-@njit(**_J)
-def _q4_groups_rows(XQ, XD, XS, qs, d, out, M, g0, g1):
-    """As _q8_groups_rows, for Q4_0."""
-    for g in range(g0, g1):
-        for m in range(M):
-            gemv_q4_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], g, g + 1)
+def _q4_groups_of(fs):
+    """The Q4_0 group sizes fs names (plan.lower's record fields "q4_0_g<G>"); () when it names
+    none (then every group size compiles)."""
+    for t in _tags(fs):
+        if isinstance(t, types.Record):
+            gs = tuple(sorted(int(n[6:]) for n in t.fields if n.startswith("q4_0_g")))
+            if gs:
+                return gs
+    return ()
+
+
+@functools.lru_cache(maxsize=None)
+def _q4_kernels(gs):
+    """(rows, rows_m): the Q4_0 GEMV and GEMM row groups compiled once each as functions of their
+    own (as _q8_groups), only for the group sizes gs (all three when gs is empty)."""
+    gemv, gemm = q4_0_rows_for(gs) if gs else (gemv_q4_0_groups, gemm_q4_0_groups)
+    tag = "q4_0-g" + "-".join(map(str, gs or (32, 64, 128)))
+
+    def rows(xq, xd, xs, qs, d, out, g0, g1):
+        gemv(xq, xd, xs, qs, d, out, g0, g1)
+
+    def rows_m(XQ, XD, XS, qs, d, out, M, g0, g1):
+        gemm(XQ, XD, XS, qs, d, out, M, g0, g1)
+    return njit(nogil=True, error_model="numpy")(_named(rows, tag)), \
+        njit(nogil=True, error_model="numpy")(_named(rows_m, tag))
 
 
 def _mm_rows(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
@@ -284,6 +305,7 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
     has_bf16 = types.int16 in tags
     has_q8 = types.int8 in tags
     has_q4 = types.uint8 in tags
+    _q4_groups, _q4_groups_rows = _q4_kernels(_q4_groups_of(fs))
 
     def impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
         fmt = mtab[j, M_FMT]
@@ -510,7 +532,7 @@ def _step_kinds(fs):
     its plan uses), or every kind when it names none."""
     for t in _tags(fs):
         if isinstance(t, types.Record) and any(n.startswith("op_") for n in t.fields):
-            return {int(n[3:]) for n in t.fields}
+            return {int(n[3:]) for n in t.fields if n.startswith("op_")}
     return set(range(N_OPS)) | set(EXTENSIONS)
 
 

@@ -64,8 +64,13 @@ DESIGN NOTES (measured on the 2-vCPU Xeon, AVX-512 + VNNI; DRAM read ~29 GB/s id
   * fp16 scales: Numba has no float16 type on CPU, so the thin Python wrappers pass
     d.view(np.uint16) and the kernels convert with an fpext-half intrinsic. Scales are
     applied per block in float32.
-  * Prefill GEMM, Q8_0/Q4_0: every token's activations quantized like the gemv's, then the gemv's
-    row-group kernels per (group of 4 weight rows, token), the rows reused from L1 across tokens.
+  * Prefill GEMM, Q8_0/Q4_0 (also verify passes and batched decode): every token's activations
+    quantized like the gemv's, then tiles of 4 weight rows x T tokens (T = 3 for Q4_0, 4 for
+    Q8_0: see "GEMM kernels" below) that load and unpack each 64-byte chunk once for the T tokens,
+    the rows reused from L1 across tiles. The GEMV and the tiles are emitted by one function per
+    format (_q4_emit, _q8_emit) with explicit FMAs and EXACT-flagged scale products, so every
+    (row, token) has the same operations in the same order whatever the tile: each row of a
+    GEMM equals the GEMV of that token bit for bit (a multi-token pass gives decode's logits).
     F16/BF16 (and f32): matmul.gemm_float, the gemv's row groups per token, so every row equals
     the gemv of it bit for bit (a multi-token pass gives decode's logits); a Numba kernel, since
     numpy's OpenBLAS threads and Numba's OpenMP threads spin against each other on 2 cores.
@@ -95,6 +100,7 @@ from .simd import (  # noqa: E402,F401
     _I32,
     _V16F32,
     _V16I32,
+    EXACT,
     _bf2f,
     _elem_ptr,
     _h2f,
@@ -233,7 +239,7 @@ def _udot512(builder, acc, u, s, wide=False):
     sums fit int16 (Q4_0: |nib * x| pairs <= 2*15*127); wide=True (Q8_0: u up to 255) and
     other CPUs (e.g. aarch64): plain widening integer IR, which LLVM lowers to the target's
     own instructions (with LLVM >= 22 a partial reduce-add, see _dot4_partial: sdot on ARM CPUs
-    with the dot product; then the 4 lanes of each 16-byte group may split their sum differently)."""
+    with the dot product; each 16-byte group's sum then lies in the group's first lane)."""
     m = builder.module
     if SIMD == "vnni":
         f = cgutils.get_or_insert_function(
@@ -270,8 +276,11 @@ def _dot4_partial(builder, acc, u, s):
     """acc <16 x i32> + u <64 x i8> (unsigned) . s <64 x i8> (signed) per 16-byte group: lanes
     4g..4g+3 together gain sum(u[16g:16g+16] * s[16g:16g+16]); how that sum is split over the 4
     lanes is the target's choice (sdot: 4 adjacent bytes per lane as vpdpbusd; the NEON fallback:
-    bytes i, i+4, i+8, i+12). Every caller gives the 4 lanes of a group one scale (a group lies in
-    one 32-byte block), so only the group sums matter, and they are exact.
+    bytes i, i+4, i+8, i+12), and LLVM chose differently in the GEMV's and the GEMM's inlined
+    copies (cortex-a76: GEMM rows off the GEMV's in the last bits). So each group's exact integer
+    sum is moved into lane 4g and lanes 4g+1..4g+3 are 0 before any float work: every caller gives
+    the 4 lanes of a group one scale (a group lies in one 32-byte block), and the float step then
+    sees the same lanes at every call site.
     sdot multiplies signed bytes, so u goes in as w = u ^ 0x80 = u - 128 (signed) and
     128 * sum(s) is added back: exact for every u in 0..255. For Q8_0 (u = q ^ 0x80) the two xors
     cancel and w is the weight itself; sum(s) depends only on the activations, so LLVM computes it
@@ -280,6 +289,7 @@ def _dot4_partial(builder, acc, u, s):
     v16 = ir.VectorType(_I32, 16)
     pr = cgutils.get_or_insert_function(m, ir.FunctionType(_V4I32, [_V4I32, v16]),
                                         "llvm.vector.partial.reduce.add.v4i32.v16i32")
+    red = cgutils.get_or_insert_function(m, ir.FunctionType(_I32, [_V4I32]), "llvm.vector.reduce.add.v4i32")
     w = builder.xor(u, ir.Constant(_V64I8, [-128] * 64))
     zero4 = ir.Constant(_V4I32, [0] * 4)
     seven = ir.Constant(_V4I32, [7] * 4)
@@ -291,6 +301,11 @@ def _dot4_partial(builder, acc, u, s):
         a = _splat_idx(builder, acc, list(range(4 * g, 4 * g + 4)))
         a = builder.call(pr, [a, builder.mul(wg, sg)])
         a = builder.add(a, builder.shl(builder.call(pr, [zero4, sg]), seven))
+        # the group's sum into its first lane, 0 in the other three (exact integer work): how
+        # LLVM split it over the 4 lanes may differ between two inlined copies of this kernel
+        # (the GEMV's and the GEMM's), and the float step after it (convert, scale, add per
+        # lane) would round the two splits differently
+        a = builder.insert_element(zero4, builder.call(red, [a]), ir.Constant(_I32, 0))
         parts.append(a)
     lo = builder.shuffle_vector(parts[0], parts[1], ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
     hi = builder.shuffle_vector(parts[2], parts[3], ir.Constant(ir.VectorType(_I32, 8), list(range(8))))
@@ -360,43 +375,72 @@ def _bias_idx(blk_map):
     return idx
 
 
-@intrinsic
-def _q4_rows(typingctx, accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G, NCH):
-    """Q4_0 chunks c .. c+NCH-1 (64 bytes per row each; t blocks valid, t == 4 if NCH > 1) for
-    NR rows starting at byte qoff of qs (row stride KB) and half doff of d (row stride ng):
-      G == 32: acc[16r:16r+16] += d_w*d_x(lane) * f32(vpdpbusd(vpdpbusd(bias, lo, x_lo), hi, x_hi))
-      G >= 64: acc[16r:16r+16] += d_w(lane) * (d_x,lo(lane) * f32(vpdpbusd(bias_lo, lo, x_lo))
-                                              + d_x,hi(lane) * f32(vpdpbusd(bias_hi, hi, x_hi)))
-    (lo/hi = low/high nibbles of the 64 bytes), with bias = -8 * sum(xq of the block) in one lane per block (from xs), so the int lanes are
-    exactly sum((nib - 8) * xq); scale = d_w * d_x per lane. For G == 32 lo and hi share lanes.
-    NCH = 2 converts the fp16 scales of both chunks with one vcvtph2ps."""
-    if not all(isinstance(a, types.IntegerLiteral) for a in (NR, G, NCH)):
-        return None
-    nr, g, nch = NR.literal_value, G.literal_value, NCH.literal_value
-    if g not in (32, 64, 128) or nch not in (1, 2):
-        return None
+def _fma(builder, a, b, c):
+    """a * b + c with one rounding (llvm.fma): an explicit FMA, so the result does not depend on
+    whether LLVM contracts an fmul + fadd where the kernel is inlined (GEMV and GEMM call sites
+    must give the same bits)."""
+    f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(a.type, [a.type] * 3),
+                                       f"llvm.fma.v{a.type.count}f32")
+    return builder.call(f, [a, b, c])
+
+
+def _row_base(ctx, builder, aty, arr, m, elty):
+    """Pointer (elty*) to the start of row m of a 2-D array, or to the data of a 1-D array (m None):
+    the activations of token m of a GEMM tile, or the GEMV's one token."""
+    a = ctx.make_array(aty)(ctx, builder, arr)
+    p = a.data
+    if m is not None:
+        stride = cgutils.unpack_tuple(builder, a.strides, 2)[0]
+        m = builder.sext(m, stride.type) if m.type.width < stride.type.width else m
+        p = builder.gep(builder.bitcast(p, _I8.as_pointer()), [builder.mul(m, stride)])
+    return builder.bitcast(p, elty.as_pointer())
+
+
+def _tokens(ctx, builder, sig, args, ixq, m0, ntok):
+    """(xq i8*, xd f32*, xs f32*) of each token of a tile: args ixq, ixq+1, ixq+2 are the
+    activation arrays (1-D for the GEMV: ntok == 1, m0 None; 2-D [M, K] for the GEMM: rows
+    m0 .. m0+ntok-1)."""
+    toks = []
+    for j in range(ntok):
+        m = None if m0 is None else builder.add(m0, ir.Constant(m0.type, j))
+        toks.append(tuple(_row_base(ctx, builder, sig.args[ixq + i], args[ixq + i], m, ty)
+                          for i, ty in enumerate((_I8, _F32, _F32))))
+    return toks
+
+
+def _q4_emit(builder, accp, qp, qoff, KB, toks, c, dp, doff, ng, t, nr, g, nch):
+    """Q4_0 chunks c .. c+nch-1 (64 bytes per row each; t blocks valid, t == 4 if nch > 1) of nr
+    weight rows (bytes from qp + qoff, row stride KB; fp16 scales from dp + doff, row stride ng)
+    against each token of toks (its xq/xd/xs pointers); the f32 lanes of token j, row r are
+    accp[16 (j nr + r) : +16]:
+      G == 32: acc += d_w*d_x(lane) * f32(vpdpbusd(vpdpbusd(bias, lo, x_lo), hi, x_hi))
+      G >= 64: acc += d_w(lane) * (d_x,lo(lane) * f32(vpdpbusd(bias_lo, lo, x_lo))
+                                   + d_x,hi(lane) * f32(vpdpbusd(bias_hi, hi, x_hi)))
+    (lo/hi = low/high nibbles of the 64 bytes), with bias = -8 * sum(xq of the block) in one lane
+    per block (from xs), so the int lanes are exactly sum((nib - 8) * xq). For G == 32 lo and hi
+    share lanes. Each weight chunk is loaded and unpacked once for all tokens; each (row, token)
+    gets the same operations whatever the number of tokens (explicit FMAs, products flagged
+    EXACT), so a GEMM tile gives the GEMV's bits. nch = 2 converts the fp16 scales of both chunks
+    with one vcvtph2ps."""
     cpg = g // 32
     lo_map, hi_map = _Q4_LANE_BLK[g]
+    i64 = qoff.type
 
-    def codegen(ctx, builder, sig, args):
-        accp_, qs_, qoff_, KB_, xq_, xd_, xs_, c_, d_, doff_, ng_, t_ = args[:12]
-        i64 = qoff_.type
-
-        def lit64(v):
-            return ir.Constant(i64, v)
-        t64 = builder.sext(t_, i64) if t_.type.width < 64 else t_
-        c64 = builder.sext(c_, i64) if c_.type.width < 64 else c_
-        if nch > 1:
-            t64 = lit64(4)
-        nbytes = builder.mul(t64, lit64(16))
-        nbl = 4 * nch                                         # blocks covered
-        vnb = ir.VectorType(_F32, nbl)
-        boff = builder.mul(c64, lit64(4))
-        nvalid = t64 if nch == 1 else lit64(nbl)
-        xdv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[5], xd_, boff, _F32), vnb,
-                           nvalid, 4)
-        xsv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[6], xs_, boff, _F32), vnb,
-                           nvalid, 4)
+    def lit64(v):
+        return ir.Constant(i64, v)
+    t64 = builder.sext(t, i64) if t.type.width < 64 else t
+    c64 = builder.sext(c, i64) if c.type.width < 64 else c
+    if nch > 1:
+        t64 = lit64(4)
+    nbytes = builder.mul(t64, lit64(16))
+    nbl = 4 * nch                                         # blocks covered
+    vnb = ir.VectorType(_F32, nbl)
+    boff = builder.mul(c64, lit64(4))
+    nvalid = t64 if nch == 1 else lit64(nbl)
+    tokd = []                                             # per token: xdv, chunks, xd lanes
+    for xqp, xdp, xsp in toks:
+        xdv = _masked_load(builder, builder.gep(xdp, [boff]), vnb, nvalid, 4)
+        xsv = _masked_load(builder, builder.gep(xsp, [boff]), vnb, nvalid, 4)
         bv = builder.fptosi(xsv, ir.VectorType(_I32, nbl))   # exact: |bias| <= 8*32*127
         bz = builder.shuffle_vector(bv, ir.Constant(bv.type, None),
                                     ir.Constant(ir.VectorType(_I32, nbl + 1), list(range(nbl + 1))))
@@ -404,97 +448,139 @@ def _q4_rows(typingctx, accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G
         chunks = []
         for ch in range(nch):
             xoff = builder.mul(builder.add(c64, lit64(ch)), lit64(128))
-            xlo = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[4], xq_, xoff, _I8),
-                               _V64I8, nbytes, 1)
-            xhi = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[4], xq_,
-                                                  builder.add(xoff, nbytes), _I8), _V64I8, nbytes, 1)
-            bl = [i + 4 * ch if i < 4 else nbl for i in _bias_idx(lo_map)]
-            bias_lo = _splat_idx(builder, bz, bl)
+            xlo = _masked_load(builder, builder.gep(xqp, [xoff]), _V64I8, nbytes, 1)
+            xhi = _masked_load(builder, builder.gep(xqp, [builder.add(xoff, nbytes)]), _V64I8, nbytes, 1)
+            bias_lo = _splat_idx(builder, bz, [i + 4 * ch if i < 4 else nbl for i in _bias_idx(lo_map)])
             bias_hi = None
             if hi_map:
                 bias_hi = _splat_idx(builder, bz, [i + 4 * ch if i < 4 else nbl for i in _bias_idx(hi_map)])
             chunks.append((xlo, xhi, bias_lo, bias_hi))
-        ngrp = nbl // cpg
-        ng_valid = builder.udiv(t64, lit64(cpg)) if cpg > 1 else t64
-        if nch > 1:
-            ng_valid = lit64(ngrp)
-        m15 = ir.Constant(_V64I8, [15] * 64)
-        m4 = ir.Constant(_V64I8, [4] * 64)
-        vh = ir.VectorType(_I16, ngrp)
-        xd_lanes = []
-        if hi_map:      # activation scales per lane, shared by the rows
-            for ch in range(nch):
-                xd_lanes.append((_splat_idx(builder, xdv, [m + 4 * ch for m in lo_map]),
-                                 _splat_idx(builder, xdv, [m + 4 * ch for m in hi_map])))
-        for r in range(nr):
-            do = builder.add(doff_, builder.mul(lit64(r), ng_))
-            dh = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[8], d_, do, _I16), vh,
-                              ng_valid, 2)
-            dw = builder.fpext(builder.bitcast(dh, ir.VectorType(ir.HalfType(), ngrp)),
-                               ir.VectorType(_F32, ngrp))
-            if hi_map is None:
-                sv = builder.fmul(dw, xdv, flags=["fast"])    # scale per block
-            ap = builder.bitcast(builder.gep(accp_, [ir.Constant(_I32, 16 * r)]), _V16F32.as_pointer())
-            for ch, (xlo, xhi, bias_lo, bias_hi) in enumerate(chunks):
-                qo = builder.add(qoff_, builder.add(builder.mul(lit64(r), KB_), lit64(64 * ch)))
-                v = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[1], qs_, qo, _I8),
-                                 _V64I8, nbytes, 1)
-                lo = builder.and_(v, m15)
-                hi = builder.and_(builder.lshr(v, m4), m15)
-                a = builder.load(ap, align=4)
+        xd_lanes = []   # activation scales per lane, shared by the rows
+        for ch in range(nch):
+            xd_lanes.append((_splat_idx(builder, xdv, [m + 4 * ch for m in lo_map]),
+                             _splat_idx(builder, xdv, [m + 4 * ch for m in hi_map]) if hi_map else None))
+        tokd.append((xdv, chunks, xd_lanes))
+    ngrp = nbl // cpg
+    ng_valid = builder.udiv(t64, lit64(cpg)) if cpg > 1 else t64
+    if nch > 1:
+        ng_valid = lit64(ngrp)
+    m15 = ir.Constant(_V64I8, [15] * 64)
+    m4 = ir.Constant(_V64I8, [4] * 64)
+    vh = ir.VectorType(_I16, ngrp)
+    for r in range(nr):
+        do = builder.add(doff, builder.mul(lit64(r), ng))
+        dh = _masked_load(builder, builder.gep(dp, [do]), vh, ng_valid, 2)
+        dw = builder.fpext(builder.bitcast(dh, ir.VectorType(ir.HalfType(), ngrp)),
+                           ir.VectorType(_F32, ngrp))
+        aps = [builder.bitcast(builder.gep(accp, [ir.Constant(_I32, 16 * (j * nr + r))]),
+                               _V16F32.as_pointer()) for j in range(len(toks))]
+        # d_w * d_x per block: the GEMV multiplies the nbl blocks' scales once per row and expands
+        # the products to lanes per chunk; a tile multiplies lanes (the d_x lanes of a token are
+        # shared by the rows): the same products, so the same bits, with fewer operations in each
+        sv = builder.fmul(dw, tokd[0][0], flags=EXACT) if hi_map is None and len(toks) == 1 else None
+        for ch in range(nch):
+            qo = builder.add(qoff, builder.add(builder.mul(lit64(r), KB), lit64(64 * ch)))
+            v = _masked_load(builder, builder.gep(qp, [qo]), _V64I8, nbytes, 1)
+            lo = builder.and_(v, m15)
+            hi = builder.and_(builder.lshr(v, m4), m15)
+            dwl = _splat_idx(builder, dw, [ch * (4 // cpg) + m // cpg for m in lo_map])   # d_w per lane
+            for j, (_, chunks, xd_lanes) in enumerate(tokd):
+                xlo, xhi, bias_lo, bias_hi = chunks[ch]
+                a = builder.load(aps[j], align=4)
                 if hi_map is None:
                     # G == 32: lo and hi of a block share lanes; one scale per block
                     p = _udot512(builder, bias_lo, lo, xlo)
                     p = _udot512(builder, p, hi, xhi)
-                    sc = _splat_idx(builder, sv, [m + 4 * ch for m in lo_map])
-                    a = builder.fadd(a, builder.fmul(builder.sitofp(p, _V16F32), sc, flags=["fast"]),
-                                     flags=["fast"])
+                    if sv is not None:
+                        sc = _splat_idx(builder, sv, [m + 4 * ch for m in lo_map])
+                    else:
+                        sc = builder.fmul(dwl, xd_lanes[ch][0], flags=EXACT)
+                    a = _fma(builder, builder.sitofp(p, _V16F32), sc, a)
                 else:
                     # G >= 64: lane L of lo and of hi lie in the same weight group, so
                     # acc += d_w(lane) * (f32(p_lo) * d_x,lo(lane) + f32(p_hi) * d_x,hi(lane))
                     plo = builder.sitofp(_udot512(builder, bias_lo, lo, xlo), _V16F32)
                     phi = builder.sitofp(_udot512(builder, bias_hi, hi, xhi), _V16F32)
                     xdlo, xdhi = xd_lanes[ch]
-                    tt = builder.fadd(builder.fmul(plo, xdlo, flags=["fast"]),
-                                      builder.fmul(phi, xdhi, flags=["fast"]), flags=["fast"])
-                    dwl = _splat_idx(builder, dw, [ch * (4 // cpg) + m // cpg for m in lo_map])
-                    a = builder.fadd(a, builder.fmul(tt, dwl, flags=["fast"]), flags=["fast"])
-                builder.store(a, ap, align=4)
+                    tt = _fma(builder, plo, xdlo, builder.fmul(phi, xdhi, flags=EXACT))
+                    a = _fma(builder, tt, dwl, a)
+                builder.store(a, aps[j], align=4)
+
+
+def _q4_check(NR, G, NCH, T=None):
+    lits = (NR, G, NCH) + (() if T is None else (T,))
+    if not all(isinstance(a, types.IntegerLiteral) for a in lits):
+        return None
+    vals = tuple(a.literal_value for a in lits)
+    if vals[1] not in (32, 64, 128) or vals[2] not in (1, 2):
+        return None
+    return vals
+
+
+@intrinsic
+def _q4_rows(typingctx, accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G, NCH):
+    """The Q4_0 GEMV's step (see _q4_emit): chunks c .. c+NCH-1 of NR rows starting at byte qoff
+    of qs (row stride KB) and half doff of d (row stride ng), one token (xq/xd/xs 1-D);
+    acc[16r:16r+16] for row r."""
+    vals = _q4_check(NR, G, NCH)
+    if vals is None:
+        return None
+    nr, g, nch = vals
+
+    def codegen(ctx, builder, sig, args):
+        accp_, qs_, qoff_, KB_, _, _, _, c_, d_, doff_, ng_, t_ = args[:12]
+        toks = _tokens(ctx, builder, sig, args, 4, None, 1)
+        _q4_emit(builder, accp_, _row_base(ctx, builder, sig.args[1], qs_, None, _I8), qoff_, KB_, toks,
+                 c_, _row_base(ctx, builder, sig.args[8], d_, None, _I16), doff_, ng_, t_, nr, g, nch)
         return ir.Constant(_I8, 0)
     return types.int8(accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G, NCH), codegen
 
 
 @intrinsic
-def _q8_rows(typingctx, accp, qs, qoff, K, xq, xd, xs, c, d, doff, nbv, NR, NCH):
-    """Q8_0 chunks c .. c+NCH-1 (64 bytes = 2 blocks of a row each; nbv valid blocks in all,
-    nbv == 2*NCH unless it is the row's last, partial chunk) for NR rows starting at byte qoff
-    of qs (row stride K) and element doff of d (row stride K//32):
-        acc[16r:16r+16] += d_w*d_x(lane) * f32(vpdpbusd(bias, w ^ 0x80, xq))
-    w ^ 0x80 = w + 128 as an unsigned byte, so the i32 lanes hold sum(w*xq) + 128*sum(xq); the
-    accumulator starts at bias = -128 * sum(xq of the block) (xs, one lane per block), so they
-    are exactly sum(w*xq). Per row and 64 bytes: load, vpxor, vpdpbusd, vcvtdq2ps, vfmadd (and
-    one fp16 scale convert per NCH chunks). Lanes 0-7 belong to the chunk's first block, 8-15
-    to its second. Loads past nbv blocks are masked (nothing read past a row)."""
-    if not all(isinstance(a, types.IntegerLiteral) for a in (NR, NCH)):
+def _q4_tile(typingctx, accp, qs, qoff, KB, XQ, XD, XS, m0, c, d, doff, ng, t, G, T):
+    """The Q4_0 GEMM's step: chunk c of 4 rows (as _q4_rows with NR = 4, NCH = 1) for the T tokens
+    m0 .. m0+T-1 of XQ/XD/XS [M, ...]; acc[16 (4j + r) : +16] for token m0 + j, row r. The weight
+    chunk is loaded and unpacked once for the T tokens."""
+    vals = _q4_check(types.literal(4), G, types.literal(1), T)
+    if vals is None:
         return None
-    nr, nch = NR.literal_value, NCH.literal_value
+    g, ntok = vals[1], vals[3]
 
     def codegen(ctx, builder, sig, args):
-        accp_, qs_, qoff_, K_, xq_, xd_, xs_, c_, d_, doff_, nbv_ = args[:11]
-        i64 = qoff_.type
+        accp_, qs_, qoff_, KB_, _, _, _, m0_, c_, d_, doff_, ng_, t_ = args[:13]
+        toks = _tokens(ctx, builder, sig, args, 4, m0_, ntok)
+        _q4_emit(builder, accp_, _row_base(ctx, builder, sig.args[1], qs_, None, _I8), qoff_, KB_, toks,
+                 c_, _row_base(ctx, builder, sig.args[9], d_, None, _I16), doff_, ng_, t_, 4, g, 1)
+        return ir.Constant(_I8, 0)
+    return types.int8(accp, qs, qoff, KB, XQ, XD, XS, m0, c, d, doff, ng, t, G, T), codegen
 
-        def lit64(v):
-            return ir.Constant(i64, v)
 
-        def as64(v):
-            return builder.sext(v, i64) if v.type.width < 64 else v
-        c64, nbv64, K64 = as64(c_), as64(nbv_), as64(K_)
-        nbl = 2 * nch
-        boff = builder.mul(c64, lit64(2))
-        xdv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[5], xd_, boff, _F32),
-                           ir.VectorType(_F32, nbl), nbv64, 4)
-        xsv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[6], xs_, boff, _F32),
-                           ir.VectorType(_F32, nbl), nbv64, 4)
+def _q8_emit(builder, accp, qp, qoff, K, toks, c, dp, doff, nbv, nr, nch):
+    """Q8_0 chunks c .. c+nch-1 (64 bytes = 2 blocks of a row each; nbv valid blocks in all,
+    nbv == 2*nch unless it is the row's last, partial chunk) of nr rows (bytes from qp + qoff, row
+    stride K; fp16 scales from dp + doff, row stride K/32) against each token of toks; lanes of
+    token j, row r at accp[16 (j nr + r) : +16]:
+        acc += d_w*d_x(lane) * f32(vpdpbusd(bias, w ^ 0x80, xq))
+    w ^ 0x80 = w + 128 as an unsigned byte, so the i32 lanes hold sum(w*xq) + 128*sum(xq); the
+    accumulator starts at bias = -128 * sum(xq of the block) (xs, one lane per block), so they
+    are exactly sum(w*xq). Per row and 64 bytes: load, vpxor, then per token vpdpbusd,
+    vcvtdq2ps, vfmadd (and one fp16 scale convert per nch chunks). Lanes 0-7 belong to the
+    chunk's first block, 8-15 to its second. Loads past nbv blocks are masked (nothing read past
+    a row). As in _q4_emit, each (row, token) gets the same operations for any number of tokens."""
+    i64 = qoff.type
+
+    def lit64(v):
+        return ir.Constant(i64, v)
+
+    def as64(v):
+        return builder.sext(v, i64) if v.type.width < 64 else v
+    c64, nbv64, K64 = as64(c), as64(nbv), as64(K)
+    nbl = 2 * nch
+    boff = builder.mul(c64, lit64(2))
+    tokd = []
+    for xqp, xdp, xsp in toks:
+        xdv = _masked_load(builder, builder.gep(xdp, [boff]), ir.VectorType(_F32, nbl), nbv64, 4)
+        xsv = _masked_load(builder, builder.gep(xsp, [boff]), ir.VectorType(_F32, nbl), nbv64, 4)
         bv = builder.fptosi(xsv, ir.VectorType(_I32, nbl))    # exact: |bias| <= 128*32*127
         bz = builder.shuffle_vector(bv, ir.Constant(bv.type, None),
                                     ir.Constant(ir.VectorType(_I32, nbl + 1), list(range(nbl + 1))))
@@ -503,34 +589,74 @@ def _q8_rows(typingctx, accp, qs, qoff, K, xq, xd, xs, c, d, doff, nbv, NR, NCH)
         for ch in range(nch):
             nbytes = builder.mul(builder.sub(nbv64, lit64(2 * ch)), lit64(32))     # 32 or 64 (or more)
             xo = builder.mul(builder.add(c64, lit64(ch)), lit64(64))
-            xv = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[4], xq_, xo, _I8), _V64I8,
-                              nbytes, 1)
+            xv = _masked_load(builder, builder.gep(xqp, [xo]), _V64I8, nbytes, 1)
             seed = _splat_idx(builder, bz, [2 * ch if L == 0 else (2 * ch + 1 if L == 8 else nbl)
                                             for L in range(16)])
-            chunks.append((nbytes, xv, seed))
-        flip = ir.Constant(_V64I8, [-128] * 64)
-        nbr = builder.udiv(K64, lit64(32))
-        for r in range(nr):
-            do = builder.add(as64(doff_), builder.mul(lit64(r), nbr))
-            dh = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[8], d_, do, _I16),
-                              ir.VectorType(_I16, nbl), nbv64, 2)
-            dw = builder.fpext(builder.bitcast(dh, ir.VectorType(ir.HalfType(), nbl)),
-                               ir.VectorType(_F32, nbl))
-            sv = builder.fmul(dw, xdv, flags=["fast"])            # scale per block
-            ap = builder.bitcast(builder.gep(accp_, [ir.Constant(_I32, 16 * r)]), _V16F32.as_pointer())
-            a = builder.load(ap, align=4)
-            for ch, (nbytes, xv, seed) in enumerate(chunks):
-                qo = builder.add(qoff_, builder.add(builder.mul(lit64(r), K64), lit64(64 * ch)))
-                v = _masked_load(builder, _elem_ptr(ctx, builder, sig.args[1], qs_, qo, _I8),
-                                 _V64I8, nbytes, 1)
-                p = _udot512(builder, seed, builder.xor(v, flip), xv, wide=True)
-                sc = _splat_idx(builder, sv, [2 * ch] * 8 + [2 * ch + 1] * 8)
-                a = builder.fadd(a, builder.fmul(builder.sitofp(p, _V16F32), sc, flags=["fast"]),
-                                 flags=["fast"])
+            xdl = _splat_idx(builder, xdv, [2 * ch] * 8 + [2 * ch + 1] * 8)     # d_x per lane
+            chunks.append((xv, seed, xdl))
+        tokd.append((xdv, chunks))
+    flip = ir.Constant(_V64I8, [-128] * 64)
+    nbr = builder.udiv(K64, lit64(32))
+    for r in range(nr):
+        do = builder.add(as64(doff), builder.mul(lit64(r), nbr))
+        dh = _masked_load(builder, builder.gep(dp, [do]), ir.VectorType(_I16, nbl), nbv64, 2)
+        dw = builder.fpext(builder.bitcast(dh, ir.VectorType(ir.HalfType(), nbl)),
+                           ir.VectorType(_F32, nbl))
+        aps = [builder.bitcast(builder.gep(accp, [ir.Constant(_I32, 16 * (j * nr + r))]),
+                               _V16F32.as_pointer()) for j in range(len(toks))]
+        accs = [builder.load(ap, align=4) for ap in aps]
+        sv = builder.fmul(dw, tokd[0][0], flags=EXACT) if len(toks) == 1 else None   # as in _q4_emit
+        for ch in range(nch):
+            nbytes = builder.mul(builder.sub(nbv64, lit64(2 * ch)), lit64(32))
+            qo = builder.add(qoff, builder.add(builder.mul(lit64(r), K64), lit64(64 * ch)))
+            v = _masked_load(builder, builder.gep(qp, [qo]), _V64I8, nbytes, 1)
+            u = builder.xor(v, flip)
+            dwl = _splat_idx(builder, dw, [2 * ch] * 8 + [2 * ch + 1] * 8)          # d_w per lane
+            for j, (_, chunks) in enumerate(tokd):
+                xv, seed, xdl = chunks[ch]
+                p = _udot512(builder, seed, u, xv, wide=True)
+                if sv is not None:
+                    sc = _splat_idx(builder, sv, [2 * ch] * 8 + [2 * ch + 1] * 8)
+                else:
+                    sc = builder.fmul(dwl, xdl, flags=EXACT)                    # d_w * d_x per lane
+                accs[j] = _fma(builder, builder.sitofp(p, _V16F32), sc, accs[j])
+        for ap, a in zip(aps, accs):
             builder.store(a, ap, align=4)
+
+
+@intrinsic
+def _q8_rows(typingctx, accp, qs, qoff, K, xq, xd, xs, c, d, doff, nbv, NR, NCH):
+    """The Q8_0 GEMV's step (see _q8_emit): chunks c .. c+NCH-1 of NR rows starting at byte qoff
+    of qs (row stride K) and element doff of d (row stride K//32), one token (xq/xd/xs 1-D);
+    acc[16r:16r+16] for row r."""
+    if not all(isinstance(a, types.IntegerLiteral) for a in (NR, NCH)):
+        return None
+    nr, nch = NR.literal_value, NCH.literal_value
+
+    def codegen(ctx, builder, sig, args):
+        accp_, qs_, qoff_, K_, _, _, _, c_, d_, doff_, nbv_ = args[:11]
+        toks = _tokens(ctx, builder, sig, args, 4, None, 1)
+        _q8_emit(builder, accp_, _row_base(ctx, builder, sig.args[1], qs_, None, _I8), qoff_, K_, toks,
+                 c_, _row_base(ctx, builder, sig.args[8], d_, None, _I16), doff_, nbv_, nr, nch)
         return ir.Constant(_I8, 0)
     return types.int8(accp, qs, qoff, K, xq, xd, xs, c, d, doff, nbv, NR, NCH), codegen
 
+
+@intrinsic
+def _q8_tile(typingctx, accp, qs, qoff, K, XQ, XD, XS, m0, c, d, doff, nbv, T):
+    """The Q8_0 GEMM's step: chunk c of 4 rows (as _q8_rows with NR = 4, NCH = 1) for the T tokens
+    m0 .. m0+T-1 of XQ/XD/XS [M, ...]; acc[16 (4j + r) : +16] for token m0 + j, row r."""
+    if not isinstance(T, types.IntegerLiteral):
+        return None
+    ntok = T.literal_value
+
+    def codegen(ctx, builder, sig, args):
+        accp_, qs_, qoff_, K_, _, _, _, m0_, c_, d_, doff_, nbv_ = args[:12]
+        toks = _tokens(ctx, builder, sig, args, 4, m0_, ntok)
+        _q8_emit(builder, accp_, _row_base(ctx, builder, sig.args[1], qs_, None, _I8), qoff_, K_, toks,
+                 c_, _row_base(ctx, builder, sig.args[9], d_, None, _I16), doff_, nbv_, 4, 1)
+        return ir.Constant(_I8, 0)
+    return types.int8(accp, qs, qoff, K, XQ, XD, XS, m0, c, d, doff, nbv, T), codegen
 
 # --------------------------------------------------------------------------------------------
 # Fast (Numba) quantizers, bit-identical to the references
@@ -655,44 +781,72 @@ def _quantize_act_q8v(x, xq, xd, xs):
         xs[b] = np.float32(-128.0) * np.float32(s)
 
 
+def _groups(full, part):
+    """Row groups g0..g1-1 (rows 4g..4g+3) of a GEMV from its full- and partial-group steps: per
+    row 16 f32 lanes on the stack, one horizontal sum."""
+
+    @njit(**dict(_JIT, inline="always"))
+    def groups(xq, xd, xs, qs, d, out, g0, g1):
+        N = qs.shape[0]
+        for gr in range(g0, g1):
+            r0 = gr * 4
+            accp = _stack_f32(64)           # 4 rows x 16 f32 lanes
+            acc = numba.carray(accp, 64)
+            for i in range(64):
+                acc[i] = 0.0
+            nr = min(4, N - r0)
+            if nr == 4:
+                full(xq, xd, xs, qs, d, accp, r0)
+            else:
+                part(xq, xd, xs, qs, d, accp, r0, nr)
+            for rr in range(nr):
+                out[r0 + rr] = _hsum16(accp, rr * 16)
+    return groups
+
+
 @njit(**dict(_JIT, inline="always"))
-def gemv_q8_0_groups(xq, xd, xs, qs, d, out, g0, g1):
-    """Row groups g0..g1-1 (rows 4g..4g+3) of the Q8_0 gemv, on activations already quantized by _quantize_act_q8v.
-    Per row: 16 f32 lanes accumulated over 64-byte chunks (see _q8_rows), one horizontal sum."""
-    N, K = qs.shape
+def _q8_gemv_full(xq, xd, xs, qs, d, accp, r0):
+    """The Q8_0 GEMV's 4 rows at r0 into 16 f32 lanes per row at accp (see _q8_emit)."""
+    K = qs.shape[1]
     nb = K // 32
     nc = nb // 2                # full 64-byte chunks
     tb = nb - 2 * nc            # blocks in the last, partial chunk (0 or 1)
-    for gr in range(g0, g1):
-        r0 = gr * 4
-        accp = _stack_f32(64)           # 4 rows x 16 f32 lanes
-        acc = numba.carray(accp, 64)
-        for i in range(64):
-            acc[i] = 0.0
-        nr = min(4, N - r0)
-        q0 = r0 * K
-        d0 = r0 * nb
-        if nr == 4:
-            PF = q0 + 8 * K             # prefetch 2 groups (8 rows) ahead, 512 bytes per step
-            for c2 in range(nc // 2):
-                c = 2 * c2
-                for i in range(8):
-                    _prefetch(qs, PF + 256 * c + 64 * i)
-                _q8_rows(accp, qs, q0 + 64 * c, K, xq, xd, xs, c, d, d0 + 2 * c, 4, 4, 2)
-            if nc % 2:
-                c = nc - 1
-                _q8_rows(accp, qs, q0 + 64 * c, K, xq, xd, xs, c, d, d0 + 2 * c, 2, 4, 1)
-            if tb:
-                _q8_rows(accp, qs, q0 + 64 * nc, K, xq, xd, xs, nc, d, d0 + 2 * nc, tb, 4, 1)
-        else:
-            for rr in range(nr):
-                ap = _ptr_add(accp, rr * 16)
-                for c in range(nc):
-                    _q8_rows(ap, qs, q0 + rr * K + 64 * c, K, xq, xd, xs, c, d, d0 + rr * nb + 2 * c, 2, 1, 1)
-                if tb:
-                    _q8_rows(ap, qs, q0 + rr * K + 64 * nc, K, xq, xd, xs, nc, d, d0 + rr * nb + 2 * nc, tb, 1, 1)
-        for rr in range(nr):
-            out[r0 + rr] = _hsum16(accp, rr * 16)
+    q0 = r0 * K
+    d0 = r0 * nb
+    PF = q0 + 8 * K             # prefetch 2 groups (8 rows) ahead, 512 bytes per step
+    for c2 in range(nc // 2):
+        c = 2 * c2
+        for i in range(8):
+            _prefetch(qs, PF + 256 * c + 64 * i)
+        _q8_rows(accp, qs, q0 + 64 * c, K, xq, xd, xs, c, d, d0 + 2 * c, 4, 4, 2)
+    if nc % 2:
+        c = nc - 1
+        _q8_rows(accp, qs, q0 + 64 * c, K, xq, xd, xs, c, d, d0 + 2 * c, 2, 4, 1)
+    if tb:
+        _q8_rows(accp, qs, q0 + 64 * nc, K, xq, xd, xs, nc, d, d0 + 2 * nc, tb, 4, 1)
+
+
+@njit(**dict(_JIT, inline="always"))
+def _q8_gemv_part(xq, xd, xs, qs, d, accp, r0, nr):
+    """The Q8_0 GEMV's last nr < 4 rows, from r0."""
+    K = qs.shape[1]
+    nb = K // 32
+    nc = nb // 2
+    tb = nb - 2 * nc
+    q0 = r0 * K
+    d0 = r0 * nb
+    for rr in range(nr):
+        ap = _ptr_add(accp, rr * 16)
+        for c in range(nc):
+            _q8_rows(ap, qs, q0 + rr * K + 64 * c, K, xq, xd, xs, c, d, d0 + rr * nb + 2 * c, 2, 1, 1)
+        if tb:
+            _q8_rows(ap, qs, q0 + rr * K + 64 * nc, K, xq, xd, xs, nc, d, d0 + rr * nb + 2 * nc, tb, 1, 1)
+
+
+gemv_q8_0_groups = _groups(_q8_gemv_full, _q8_gemv_part)
+gemv_q8_0_groups.__doc__ = """Row groups g0..g1-1 (rows 4g..4g+3) of the Q8_0 gemv, on activations already quantized
+    by _quantize_act_q8v. Per row: 16 f32 lanes accumulated over 64-byte chunks (see _q8_emit),
+    one horizontal sum."""
 
 
 @njit(**_PJIT)
@@ -738,71 +892,68 @@ def _quantize_act_q4(x, G, xq, xd, xs):
         xs[b] = np.float32(-8 * s)
 
 
+def _q4_gemv_for(G):
+    """The Q4_0 GEMV's row groups for group size G (a constant of the compiled code):
+    (full(xq, xd, xs, qs, d, accp, r0): the 4 rows at r0; part(xq, xd, xs, qs, d, accp, r0, nr):
+    the last nr < 4 rows), each into 16 f32 lanes per row at accp."""
+    GPC = 128 // G                  # groups per full chunk
+
+    @njit(**dict(_JIT, inline="always"))
+    def full(xq, xd, xs, qs, d, accp, r0):
+        KB = qs.shape[1]            # bytes per row = K//2
+        ng = d.shape[1]
+        nb = KB // 16
+        nc = nb // 4                # full chunks
+        tb = nb - 4 * nc            # blocks in the last, partial chunk (0..3; 0 for G=128)
+        q0 = r0 * KB
+        d0 = r0 * ng
+        PF = 16 * KB                # prefetch 4 groups (16 rows) ahead
+        for c2 in range(nc // 2):
+            c = 2 * c2
+            for i in range(8):          # 512 bytes of the rows PF ahead per step
+                _prefetch(qs, q0 + PF + 256 * c + 64 * i)
+            _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + GPC * c, ng, 4, 4, G, 2)
+        if nc % 2:
+            c = nc - 1
+            _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + GPC * c, ng, 4, 4, G, 1)
+        if tb > 0:              # partial last chunk (G = 32 or 64 only: 128 | K for G = 128)
+            _q4_rows(accp, qs, q0 + 64 * nc, KB, xq, xd, xs, nc, d, d0 + GPC * nc, ng, tb, 4, G, 1)
+
+    @njit(**dict(_JIT, inline="always"))
+    def part(xq, xd, xs, qs, d, accp, r0, nr):
+        KB = qs.shape[1]
+        ng = d.shape[1]
+        nb = KB // 16
+        nc = nb // 4
+        tb = nb - 4 * nc
+        for rr in range(nr):
+            ap = _ptr_add(accp, rr * 16)
+            q0 = (r0 + rr) * KB
+            d0 = (r0 + rr) * ng
+            for c in range(nc + (1 if tb > 0 else 0)):
+                t = 4 if c < nc else tb
+                _q4_rows(ap, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + GPC * c, ng, t, 1, G, 1)
+    return full, part
+
+
+_Q4_GEMV_STEPS = {G: _q4_gemv_for(G) for G in (32, 64, 128)}
+_Q4_GEMV = {G: _groups(*_Q4_GEMV_STEPS[G]) for G in (32, 64, 128)}
+_q4_gemv_32, _q4_gemv_64, _q4_gemv_128 = _Q4_GEMV[32], _Q4_GEMV[64], _Q4_GEMV[128]
+
+
 @njit(**dict(_JIT, inline="always"))
 def gemv_q4_0_groups(xq, xd, xs, qs, d, out, g0, g1):
-    """Row groups g0..g1-1 (rows 4g..4g+3) of the Q4_0 gemv, on activations already quantized by _quantize_act_q4.
-    Per row: 16 f32 lanes accumulated over 128-element chunks (see _q4_rows), one horizontal
+    """Row groups g0..g1-1 (rows 4g..4g+3) of the Q4_0 gemv, on activations already quantized by
+    _quantize_act_q4, for any group size (the executor compiles only its model's: q4_0_rows_for).
+    Per row: 16 f32 lanes accumulated over 128-element chunks (see _q4_emit), one horizontal
     sum; the -8 offset is exact integer work (bias in the vpdpbusd accumulator)."""
-    N = qs.shape[0]
-    KB = qs.shape[1]           # bytes per row = K//2
-    K = KB * 2
-    ng = d.shape[1]
-    G = K // ng
-    nb = K // 32
-    nc = nb // 4               # full chunks
-    tb = nb - 4 * nc           # blocks in the last, partial chunk (0..3; 0 for G=128)
-    gpc = 128 // G             # groups per full chunk
-    for gr in range(g0, g1):
-        r0 = gr * 4
-        accp = _stack_f32(64)           # 4 rows x 16 f32 lanes
-        acc = numba.carray(accp, 64)
-        for i in range(64):
-            acc[i] = 0.0
-        if r0 + 4 <= N:
-            q0 = r0 * KB
-            d0 = r0 * ng
-            PF = 16 * KB                # prefetch 4 groups (16 rows) ahead
-            for c2 in range(nc // 2):
-                c = 2 * c2
-                for i in range(8):          # 512 bytes of the rows PF ahead per step
-                    _prefetch(qs, q0 + PF + 256 * c + 64 * i)
-                # G must be a literal for _q4_rows; the branch is loop-invariant (unswitched)
-                if G == 32:
-                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 32, 2)
-                elif G == 64:
-                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 64, 2)
-                else:
-                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 128, 2)
-            if nc % 2:
-                c = nc - 1
-                if G == 32:
-                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 32, 1)
-                elif G == 64:
-                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 64, 1)
-                else:
-                    _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, 4, 4, 128, 1)
-            if tb > 0:              # partial last chunk (G = 32 or 64 only: 128 | K for G = 128)
-                if G == 32:
-                    _q4_rows(accp, qs, q0 + 64 * nc, KB, xq, xd, xs, nc, d, d0 + gpc * nc, ng, tb, 4, 32, 1)
-                else:
-                    _q4_rows(accp, qs, q0 + 64 * nc, KB, xq, xd, xs, nc, d, d0 + gpc * nc, ng, tb, 4, 64, 1)
-            nr = 4
-        else:
-            nr = N - r0
-            for rr in range(nr):
-                ap = _ptr_add(accp, rr * 16)
-                q0 = (r0 + rr) * KB
-                d0 = (r0 + rr) * ng
-                for c in range(nc + (1 if tb > 0 else 0)):
-                    t = 4 if c < nc else tb
-                    if G == 32:
-                        _q4_rows(ap, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, t, 1, 32, 1)
-                    elif G == 64:
-                        _q4_rows(ap, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, t, 1, 64, 1)
-                    else:
-                        _q4_rows(ap, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + gpc * c, ng, t, 1, 128, 1)
-        for rr in range(nr):
-            out[r0 + rr] = _hsum16(accp, rr * 16)
+    G = 2 * qs.shape[1] // d.shape[1]
+    if G == 32:
+        _q4_gemv_32(xq, xd, xs, qs, d, out, g0, g1)
+    elif G == 64:
+        _q4_gemv_64(xq, xd, xs, qs, d, out, g0, g1)
+    else:
+        _q4_gemv_128(xq, xd, xs, qs, d, out, g0, g1)
 
 
 @njit(**_PJIT)
@@ -871,25 +1022,192 @@ gemv_q4_0.kernel = gemv_q4_0_kernel = _gemv_q4_0_kernel   # (x, xq, xd, xs, qs, 
 gemv_f16.kernel = _gemv_f16_kernel
 
 
+# --------------------------------------------------------------------------------------------
+# GEMM kernels (prefill, verify passes, batched decode): 4 weight rows x T tokens per pass
+# --------------------------------------------------------------------------------------------
+# A tile of T tokens loads and unpacks each 64-byte weight chunk of a group of 4 rows once for
+# all T tokens (_q4_tile / _q8_tile); every (row, token) gets the GEMV's operations in the GEMV's
+# order (same emitter, explicit FMAs), so each output equals the GEMV of that token bit for bit.
+# Tile sizes (measured, 1 thread, 2026-11-29, 2-core Zen 4 under load 4; CPU time per call
+# against the same kernel on one token, SmolLM2 1536x576 / TinyLlama 5632x2048, M = 128):
+# Q4_0 (2 vpdpbusd per row and token, 2 activation vectors per token) T = 3: 12 accumulators,
+# 63-66 / 82 (T = 4 spills to the stack: 76-89 / 81-104; the per-token GEMV: 90 / 92);
+# Q8_0 T = 4: 16 accumulators, 65-66 / 67-68 (T = 3: 69-75 / 71-72; per-token GEMV: 84 / 85).
+# The M % T tail tokens take the same code with T = 2 and T = 1.
+# The 4 rows of a group stay in L1 across its tiles; the rows a few groups ahead are prefetched
+# during the group's first tile. Rows past the last whole group (N % 4) take the GEMV per token.
+Q4_T = 3
+Q8_T = 4
+
+
+def _q4_pass(G, T):
+    """One tile: tokens m0..m0+T-1 of the group of 4 rows at r0, Q4_0 with group size G."""
+    NACC = 64 * T
+    GPC = 128 // G
+
+    @njit(**dict(_JIT, inline="always"))
+    def run(XQ, XD, XS, qs, d, out, m0, r0, pf):
+        KB = qs.shape[1]
+        ng = d.shape[1]
+        nb = KB // 16
+        nc = nb // 4               # full chunks
+        tb = nb - 4 * nc           # blocks in the last, partial chunk (0..3; 0 for G = 128)
+        accp = _stack_f32(NACC)
+        acc = numba.carray(accp, NACC)
+        for i in range(NACC):
+            acc[i] = 0.0
+        q0 = r0 * KB
+        d0 = r0 * ng
+        PF = q0 + 16 * KB                  # 4 groups (16 rows) ahead
+        for c in range(nc):
+            if pf:
+                for i in range(4):
+                    _prefetch(qs, PF + i * KB + 64 * c)
+            _q4_tile(accp, qs, q0 + 64 * c, KB, XQ, XD, XS, m0, c, d, d0 + GPC * c, ng, 4, G, T)
+        if tb > 0:
+            _q4_tile(accp, qs, q0 + 64 * nc, KB, XQ, XD, XS, m0, nc, d, d0 + GPC * nc, ng, tb, G, T)
+        for j in range(T):
+            for r in range(4):
+                out[m0 + j, r0 + r] = _hsum16(accp, 16 * (4 * j + r))
+    return run
+
+
+def _q8_pass(T):
+    """One tile: tokens m0..m0+T-1 of the group of 4 rows at r0, Q8_0."""
+    NACC = 64 * T
+
+    @njit(**dict(_JIT, inline="always"))
+    def run(XQ, XD, XS, qs, d, out, m0, r0, pf):
+        K = qs.shape[1]
+        nb = K // 32
+        nc = nb // 2                # full 64-byte chunks
+        tb = nb - 2 * nc            # blocks in the last, partial chunk (0 or 1)
+        accp = _stack_f32(NACC)
+        acc = numba.carray(accp, NACC)
+        for i in range(NACC):
+            acc[i] = 0.0
+        q0 = r0 * K
+        d0 = r0 * nb
+        PF = q0 + 8 * K                    # 2 groups (8 rows) ahead
+        for c in range(nc):
+            if pf:
+                for i in range(4):
+                    _prefetch(qs, PF + i * K + 64 * c)
+            _q8_tile(accp, qs, q0 + 64 * c, K, XQ, XD, XS, m0, c, d, d0 + 2 * c, 2, T)
+        if tb:
+            _q8_tile(accp, qs, q0 + 64 * nc, K, XQ, XD, XS, m0, nc, d, d0 + 2 * nc, tb, T)
+        for j in range(T):
+            for r in range(4):
+                out[m0 + j, r0 + r] = _hsum16(accp, 16 * (4 * j + r))
+    return run
+
+
+def _tiled(pt, p2, p1, part, T):
+    """Row groups g0..g1-1 of M tokens: tiles of T tokens (pt), then 2 (p2) and 1 (p1) for the
+    rest; a group past the last whole one takes the GEMV's partial-group step (part) per token."""
+
+    @njit(**dict(_JIT, inline="always"))
+    def groups(XQ, XD, XS, qs, d, out, M, g0, g1):
+        N = qs.shape[0]
+        for gr in range(g0, g1):
+            r0 = 4 * gr
+            if r0 + 4 <= N:
+                m = 0
+                while m + T <= M:
+                    pt(XQ, XD, XS, qs, d, out, m, r0, m == 0)
+                    m += T
+                if m + 2 <= M:
+                    p2(XQ, XD, XS, qs, d, out, m, r0, m == 0)
+                    m += 2
+                if m < M:
+                    p1(XQ, XD, XS, qs, d, out, m, r0, m == 0)
+            else:
+                nr = N - r0
+                for m in range(M):
+                    accp = _stack_f32(64)
+                    acc = numba.carray(accp, 64)
+                    for i in range(64):
+                        acc[i] = 0.0
+                    part(XQ[m], XD[m], XS[m], qs, d, accp, r0, nr)
+                    for rr in range(nr):
+                        out[m, r0 + rr] = _hsum16(accp, rr * 16)
+    return groups
+
+
+_Q4_GEMM = {G: _tiled(_q4_pass(G, Q4_T), _q4_pass(G, 2), _q4_pass(G, 1), _Q4_GEMV_STEPS[G][1], Q4_T)
+            for G in (32, 64, 128)}
+_q4_gemm_32, _q4_gemm_64, _q4_gemm_128 = _Q4_GEMM[32], _Q4_GEMM[64], _Q4_GEMM[128]
+
+
+@njit(**dict(_JIT, inline="always"))
+def gemm_q4_0_groups(XQ, XD, XS, qs, d, out, M, g0, g1):
+    """Row groups g0..g1-1 (rows 4g..4g+3) of out[:M] = x[:M] @ W.T, W Q4_0, on activations
+    quantized per token by _quantize_act_q4 (XQ/XD/XS rows), for any group size (the executor
+    compiles only its model's: q4_0_rows_for); every out[m] equals gemv_q4_0_groups of token m
+    bit for bit."""
+    G = 2 * qs.shape[1] // d.shape[1]
+    if G == 32:
+        _q4_gemm_32(XQ, XD, XS, qs, d, out, M, g0, g1)
+    elif G == 64:
+        _q4_gemm_64(XQ, XD, XS, qs, d, out, M, g0, g1)
+    else:
+        _q4_gemm_128(XQ, XD, XS, qs, d, out, M, g0, g1)
+
+
+def q4_0_rows_for(groups):
+    """(gemv, gemm): gemv_q4_0_groups and gemm_q4_0_groups compiled only for the Q4_0 group sizes
+    in `groups` (a matrix of another group size must not reach them): the executor builds these
+    from the group sizes its plan uses, so a model compiles one tile set, not three."""
+    gs = sorted(set(groups))
+    if not gs or any(g not in (32, 64, 128) for g in gs):
+        raise ValueError(f"Q4_0 group sizes must be among 32, 64, 128, got {groups!r}")
+    gemv, gemm = _Q4_GEMV[gs[0]], _Q4_GEMM[gs[0]]
+    for g in gs[1:]:
+        gemv, gemm = _q4_either(g, _Q4_GEMV[g], gemv, _Q4_GEMM[g], gemm)
+    return gemv, gemm
+
+
+def _q4_either(G, gemv_g, gemv_rest, gemm_g, gemm_rest):
+    @njit(**dict(_JIT, inline="always"))
+    def gemv(xq, xd, xs, qs, d, out, g0, g1):
+        if 2 * qs.shape[1] // d.shape[1] == G:
+            gemv_g(xq, xd, xs, qs, d, out, g0, g1)
+        else:
+            gemv_rest(xq, xd, xs, qs, d, out, g0, g1)
+
+    @njit(**dict(_JIT, inline="always"))
+    def gemm(XQ, XD, XS, qs, d, out, M, g0, g1):
+        if 2 * qs.shape[1] // d.shape[1] == G:
+            gemm_g(XQ, XD, XS, qs, d, out, M, g0, g1)
+        else:
+            gemm_rest(XQ, XD, XS, qs, d, out, M, g0, g1)
+    return gemv, gemm
+
+
+gemm_q8_0_groups = _tiled(_q8_pass(Q8_T), _q8_pass(2), _q8_pass(1), _q8_gemv_part, Q8_T)
+gemm_q8_0_groups.__doc__ = """Row groups g0..g1-1 of out[:M] = x[:M] @ W.T, W Q8_0, on activations quantized per token
+    by _quantize_act_q8v; every out[m] equals gemv_q8_0_groups of token m bit for bit."""
+
+
 @njit(**_PJIT)
 def _gemm_q8_0_kernel(x, XQ, XD, XS, qs, d, out):
     # x f32[M,K]; scratch XQ int8[>=M,K], XD/XS f32[>=M,K//32]; qs int8[N,K]; d u16[N,K//32]
-    for m in range(x.shape[0]):
+    M = x.shape[0]
+    for m in range(M):
         _quantize_act_q8v(x[m], XQ[m], XD[m], XS[m])
-    for gr in prange((qs.shape[0] + 3) // 4):      # 4 weight rows stay in L1 across the tokens
-        for m in range(x.shape[0]):
-            gemv_q8_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], gr, gr + 1)
+    for gr in prange((qs.shape[0] + 3) // 4):
+        gemm_q8_0_groups(XQ, XD, XS, qs, d, out, M, gr, gr + 1)
 
 
 @njit(**_PJIT)
 def _gemm_q4_0_kernel(x, XQ, XD, XS, qs, d, out):
     # x f32[M,K]; scratch XQ int8[>=M,K], XD/XS f32[>=M,K//32]; qs u8[N,K//2]; d u16[N,K//G]
+    M = x.shape[0]
     G = 2 * qs.shape[1] // d.shape[1]
-    for m in range(x.shape[0]):
+    for m in range(M):
         _quantize_act_q4(x[m], G, XQ[m], XD[m], XS[m])
     for gr in prange((qs.shape[0] + 3) // 4):
-        for m in range(x.shape[0]):
-            gemv_q4_0_groups(XQ[m], XD[m], XS[m], qs, d, out[m], gr, gr + 1)
+        gemm_q4_0_groups(XQ, XD, XS, qs, d, out, M, gr, gr + 1)
 
 
 def _gemm_act(M, K):
@@ -899,9 +1217,8 @@ def _gemm_act(M, K):
 
 def gemm_q8_0(x, qs, d, out):
     """out[M,N] = x[M,K] @ W.T, W Q8_0: each token's activations quantized to int8 per block
-    (as in the gemv and in ggml), then the gemv's VNNI row kernels per group of 4 weight rows and
-    token (the rows are reused from L1 across tokens). 1.2-1.8x the dequantize + f32 GEMM it
-    replaced, and prefill and decode now compute the same numbers."""
+    (as in the gemv and in ggml), then tiles of 4 weight rows x 4 tokens that unpack each weight
+    chunk once (gemm_q8_0_groups); every row equals the gemv of that token bit for bit."""
     _gemm_q8_0_kernel(x, *_gemm_act(x.shape[0], qs.shape[1]), qs, d.view(np.uint16), out)
 
 

@@ -265,6 +265,39 @@ def test_gemm_all_formats(M, N, K):
             np.testing.assert_array_equal(out[m], row)
 
 
+def test_q4_0_rows_for_group_sizes():
+    """The executor's Q4_0 kernels compiled for a set of group sizes (q4_0_rows_for) pick each
+    matrix's own: GEMV and GEMM rows equal gemv_q4_0 for G = 64 and 128 through one pair, and a
+    group size outside 32/64/128 is refused."""
+    import numba
+    gemv_g, gemm_g = Q.q4_0_rows_for((128, 64))
+
+    @numba.njit
+    def run(XQ, XD, XS, qs, d, out, M):
+        for g in range((qs.shape[0] + 3) // 4):
+            gemm_g(XQ, XD, XS, qs, d, out, M, g, g + 1)
+        for g in range((qs.shape[0] + 3) // 4):
+            gemv_g(XQ[M], XD[M], XS[M], qs, d, out[M], g, g + 1)
+
+    N, K, M = 10, 256, 4
+    w = _w(N, K, 0.1, seed=3)
+    X = RNG.standard_normal((M + 1, K)).astype(np.float32)
+    X[M] = X[1]
+    for G in (64, 128):
+        qs, d = Q.quantize_q4_0(w, G)
+        XQ, XD, XS = Q._gemm_act(M + 1, K)
+        for m in range(M + 1):
+            Q._quantize_act_q4(X[m], G, XQ[m], XD[m], XS[m])
+        out = np.full((M + 1, N), np.nan, np.float32)
+        run(XQ, XD, XS, qs, d.view(np.uint16), out, M)
+        row = np.empty(N, np.float32)
+        for m in range(M + 1):
+            Q.gemv_q4_0(X[m], qs, d, row)
+            np.testing.assert_array_equal(out[m], row)
+    with pytest.raises(ValueError, match="group sizes"):
+        Q.q4_0_rows_for((48,))
+
+
 def test_single_signature():
     K, N = 128, 9
     w = _w(N, K)
@@ -382,6 +415,13 @@ for N, K in [(13, 96), (8, 576), (5, 160)]:
         (Q.gemv_q8_0 if fmt == "q8" else Q.gemv_q4_0)(x, qs, d, out)
         ref = wd @ xdeq
         worst = max(worst, float(np.abs(out - ref).max() / np.abs(ref).max()))
+        # the GEMM (tiles of several tokens) gives every token the GEMV's bits on this path too
+        X = np.stack([x, x[::-1].copy(), x * 3, -x, x + 1])
+        OUT = np.full((5, N), np.nan, np.float32)
+        (Q.gemm_q8_0 if fmt == "q8" else Q.gemm_q4_0)(X, qs, d, OUT)
+        for m in range(5):
+            (Q.gemv_q8_0 if fmt == "q8" else Q.gemv_q4_0)(X[m], qs, d, out)
+            assert np.array_equal(OUT[m], out), (fmt, N, K, m)
 print(worst)
 """
 
@@ -391,7 +431,8 @@ def test_gemv_fallback_paths(simd, tmp_path):
     """The quantized GEMVs built without AVX512-VNNI (MINILM_SIMD=avx2: vpmaddubsw, which
     saturates, so Q8_0 takes the widening path) and without any x86 instruction (generic IR: what
     a Raspberry Pi or any non-x86 CPU compiles) give the same results as the kernel model. Run
-    in a fresh process with an empty Numba cache (the cache does not know about the switch)."""
+    in a fresh process with an empty Numba cache (the cache does not know about the switch), and
+    their GEMMs equal their GEMVs bit for bit."""
     import os
     import subprocess
     import sys
