@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serving.py -m MODEL [--parallel 8] [--rounds 3] [--max-tokens 64]
                                        [--requests 2] [--out results.json] [--baseline CHECKOUT]
+                                       [--no-speculative]
 
 Starts `python -m minilm.server -m MODEL --parallel N` on a free loopback port and, per round
 (rounds interleave every configuration, so machine noise hits all alike):
@@ -13,8 +14,13 @@ Starts `python -m minilm.server -m MODEL --parallel N` on a free loopback port a
 - TTFT of a new request idle vs. while 3 other requests are decoding, with a prompt the server
   has cached (a returning prompt: one row to run) and with a new one (its whole prompt).
 Prints medians over the rounds with min-max, and the issue's two ratios (4 clients vs 1
-aggregate tok/s; TTFT with 3 decoding / idle). Figures depend on the machine and its load: say
-both when quoting them (benchmarks/README.md).
+aggregate tok/s; TTFT with 3 decoding / idle). A lone greedy request speculates (prompt lookup),
+which raises the 1-client figure (on random weights every draft is accepted); --no-speculative
+starts the servers with speculation off, for the ratio of batching alone. Figures depend on the
+machine and its load: say both when quoting them (benchmarks/README.md). On Linux the report
+also gives the server threads' time on a CPU and waiting for one (run queue, from
+/proc/PID/task/*/schedstat): a wait near or above the time on a CPU means other processes set
+the pace, not the server.
 
 --baseline CHECKOUT also starts the server of another checkout of minilm (e.g. a worktree of
 main) beside this one and runs every configuration on both, one after the other in each round,
@@ -53,11 +59,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, parallel: int, threads: int | None, repo: Path = REPO):
+def start_server(model: str, parallel: int, threads: int | None, repo: Path = REPO, speculative: bool = True):
     """The server of the minilm checkout `repo` (python -m from there imports its package)."""
     port = free_port()
     cmd = [sys.executable, "-m", "minilm.server", "-m", model, "--port", str(port), "--parallel", str(parallel),
-           "--log-level", "warning"] + (["--threads", str(threads)] if threads else [])
+           "--log-level", "warning"] + (["--threads", str(threads)] if threads else []) + \
+        ([] if speculative else ["--no-speculative"])
     log = tempfile.TemporaryFile("w+")
     env = dict(os.environ, PYTHONPATH=str(repo))
     proc = subprocess.Popen(cmd, cwd=repo, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -76,6 +83,24 @@ def start_server(model: str, parallel: int, threads: int | None, repo: Path = RE
             proc.kill()
             raise SystemExit("server did not start in 600 s")
         time.sleep(0.2)
+
+
+def sched_seconds(pid: int) -> tuple[float, float] | None:
+    """(seconds on a CPU, seconds runnable but waiting for a CPU) of all live threads of process
+    pid, from /proc/PID/task/*/schedstat (Linux); None where that is not readable."""
+    run = wait = 0.0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for t in tasks:
+        try:
+            f = open(f"/proc/{pid}/task/{t}/schedstat").read().split()
+        except OSError:                                   # the thread ended meanwhile
+            continue
+        run += int(f[0]) / 1e9
+        wait += int(f[1]) / 1e9
+    return run, wait
 
 
 def one_request(url: str, prompt: str, max_tokens: int) -> dict:
@@ -176,6 +201,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ttft-rounds", type=int, default=1, help="TTFT measurements of each kind per round")
     ap.add_argument("--baseline", default=None, help="another minilm checkout to run beside this one")
     ap.add_argument("--out", default=None, help="write the raw figures as JSON here")
+    ap.add_argument("--no-speculative", action="store_true",
+                    help="start the servers with --no-speculative (every checkout must have the option)")
     a = ap.parse_args(argv)
     counts = [int(c) for c in a.clients.split(",") if c]
     repos = {"this checkout": REPO}
@@ -187,8 +214,9 @@ def main(argv=None) -> int:
     servers = {}
     try:
         for label, repo in repos.items():
-            servers[label] = start_server(a.model, a.parallel, a.threads, repo)
+            servers[label] = start_server(a.model, a.parallel, a.threads, repo, not a.no_speculative)
             one_request(servers[label][1], PROMPTS[0], 8)              # warm up (compiles on a cold cache)
+        sched0 = {lb: sched_seconds(proc.pid) for lb, (proc, _, _) in servers.items()}
         raw = {lb: {f"{c}{'s' if same else 'd'}": [] for c in counts for same in (True, False)} for lb in servers}
         ttft = {lb: {k: [] for k in ("cached idle", "cached busy", "new idle", "new busy")} for lb in servers}
         n = 0
@@ -206,17 +234,24 @@ def main(argv=None) -> int:
                     t["new idle"].append(one_request(url, f"Take {n}, idle. " + PROMPTS[0], 1)["ttft"])
                     t["new busy"].append(ttft_busy(url, a.max_tokens, f"Take {n}, busy. " + PROMPTS[0]))
             print(f"round {rnd + 1}/{a.rounds} done", file=sys.stderr, flush=True)
+        sched1 = {lb: sched_seconds(proc.pid) for lb, (proc, _, _) in servers.items()}
     finally:
         for proc, _, _ in servers.values():
             proc.terminate()
             proc.wait(10)
     load = os.getloadavg()
     print(f"model {a.model}, --parallel {a.parallel}, {a.rounds} rounds, {a.requests} x {a.max_tokens} tokens "
-          f"per client; load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"per client, speculation {'off' if a.no_speculative else 'on'}; load average {load[0]:.1f} {load[1]:.1f} "
+          f"{load[2]:.1f}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for lb in servers:
         report(lb, raw[lb], ttft[lb], counts)
+        s0, s1 = sched0[lb], sched1[lb]
+        if s0 is not None and s1 is not None:
+            run, wait = s1[0] - s0[0], s1[1] - s0[1]
+            print(f"server threads (those alive at the end): {run:.1f} s on a CPU, {wait:.1f} s waiting for one")
     if a.out:
-        Path(a.out).write_text(json.dumps({"raw": raw, "ttft": ttft, "load": load, "args": vars(a)}, indent=1))
+        Path(a.out).write_text(json.dumps({"raw": raw, "ttft": ttft, "load": load, "args": vars(a),
+                                               "sched": {"start": sched0, "end": sched1}}, indent=1))
     return 0
 
 

@@ -47,6 +47,7 @@ def add_subcommands(subparsers) -> None:
     s.add_argument("--parallel", type=positive_int, default=None,
                    help="requests generated together, each with its own KV cache (default: what fits in half "
                         "the available memory, at most 8; more wait in a queue)")
+    add_speculative_arg(s)
     s.set_defaults(func=cmd_serve)
 
 
@@ -166,7 +167,7 @@ def cmd_serve(args) -> int:
     from .errors import MinilmError
     try:
         serve(model, host=args.host, port=args.port, api_key=args.api_key, name=args.name,
-              log_level=args.log_level, parallel=args.parallel)
+              log_level=args.log_level, parallel=args.parallel, speculative=not args.no_speculative)
     except (MinilmError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

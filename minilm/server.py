@@ -1,6 +1,6 @@
 """An OpenAI-compatible local HTTP server for one model (FastAPI + uvicorn: `pip install minilm[server]`).
 
-    minilm serve -m PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--parallel N]
+    minilm serve -m PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--parallel N] [--no-speculative]
 
 Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
 (`"stream": true` -> server-sent events `data: {...}\\n\\n` ending with `data: [DONE]\\n\\n`;
@@ -11,8 +11,9 @@ Requests are validated before they are queued; a bad one gets a 4xx with an Open
 (minilm/batch.py): one scheduler thread advances up to `parallel` requests together, one token
 each per pass over the weights, each in its own KV-cache slot; new requests join between steps
 (first-in first-out; beyond `parallel` they wait), finished ones leave. Each answer is the one the
-request gets alone (greedy), never mixed with another's. A client that disconnects stops its
-generation at the next step. Embeddings run one at a time on a worker thread.
+request gets alone (greedy), never mixed with another's. A greedy request decoding alone
+speculates by prompt lookup (same text; off with `--no-speculative`, or per request with minilm's
+field `"speculative": false`). A client that disconnects stops its generation at the next step. Embeddings run one at a time on a worker thread.
 """
 import asyncio
 import contextlib
@@ -120,6 +121,7 @@ class Worker:
 
 
 _SAMPLING = {"top_k", "min_p", "repetition_penalty"}
+_EXTRAS = _SAMPLING | {"speculative"}     # minilm's request fields beyond OpenAI's (checked in chat.prepare)
 
 
 def find_surrogate(x, where: str = "", depth: int = 0):
@@ -160,7 +162,7 @@ def _gen_args(body: dict, default_max):
             kw[k] = body[k]
     kw["stop"] = body.get("stop")
     kw["seed"] = body.get("seed")
-    for k in _SAMPLING:
+    for k in _EXTRAS:
         if body.get(k) is not None:
             kw[k] = body[k]
     n = body.get("n", 1)
@@ -212,19 +214,24 @@ class _HeaderLimit:
 
 
 def create_app(model, api_key: str | None = None, name: str | None = None, max_body: int = MAX_BODY,
-               max_headers: int = MAX_HEADERS, parallel: int | None = None):
+               max_headers: int = MAX_HEADERS, parallel: int | None = None, speculative: bool = True):
     """The FastAPI app serving `model` (an `LM`). parallel: how many requests are generated
-    together (None: what fits the machine, `batch.default_parallel`)."""
+    together (None: what fits the machine, `batch.default_parallel`); speculative: False turns
+    prompt-lookup speculation off for every request (`--no-speculative`), else a request may turn
+    it off for itself (`"speculative": false`)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .batch import Scheduler, check_parallel, default_parallel
+    from .generate import check_speculative
+    check_speculative(speculative)
     name = name or model_id(model)
     parallel = default_parallel(model)[0] if parallel is None else check_parallel(model, parallel)
     worker = Worker()
     sched = Scheduler(model, parallel)
+    spec_on = speculative
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -302,7 +309,7 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
         return {"status": "ok", "model": name, "queued": worker.pending(), "served": worker.served,
                 "cancelled": worker.cancelled, "parallel": sched.parallel, "active": sched.pending(),
                 "decode_steps": sched.steps, "decoded_tokens": sched.decoded, "reused_prompt_tokens": sched.reused,
-                "drafted_tokens": sched.drafted, "accepted_draft_tokens": sched.accepted}
+                "drafted_tokens": sched.drafted, "accepted_draft_tokens": sched.accepted, "speculative": spec_on}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -313,7 +320,7 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
 
     def source(cancel, speculative):
         """The token source of one request: the scheduler, which stops it once `cancel` is set."""
-        return lambda *a, **kw: sched.tokens(*a, cancel=cancel, speculative=speculative, **kw)
+        return lambda *a, **kw: sched.tokens(*a, cancel=cancel, speculative=spec_on and speculative, **kw)
 
     async def run(request: Request, kind: str):
         body, err = await authed_json(request)
@@ -451,8 +458,9 @@ def create_app(model, api_key: str | None = None, name: str | None = None, max_b
 
 def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           name: str | None = None, log_level: str = "info", max_body: int = MAX_BODY,
-          parallel: int | None = None) -> None:
-    """Run the server until interrupted. parallel: requests generated together (None: what fits)."""
+          parallel: int | None = None, speculative: bool = True) -> None:
+    """Run the server until interrupted. parallel: requests generated together (None: what fits);
+    speculative: False turns prompt-lookup speculation off (create_app)."""
     try:
         import uvicorn
     except ImportError:
@@ -467,7 +475,7 @@ def serve(model, host: str = "127.0.0.1", port: int = 8000, api_key: str | None 
         check_parallel(model, parallel)
         print(f"minilm serve: {parallel} requests at a time (--parallel {parallel}; "
               f"{model.net.cache.slot_nbytes / 2**20:.0f} MiB of KV cache each)", file=sys.stderr, flush=True)
-    app = create_app(model, api_key=api_key, name=name, max_body=max_body, parallel=parallel)
+    app = create_app(model, api_key=api_key, name=name, max_body=max_body, parallel=parallel, speculative=speculative)
     # h11 (pure Python, always installed with uvicorn) enforces a limit on the request line and
     # headers; the app's middleware checks them again.
     uvicorn.run(app, host=host, port=port, log_level=log_level, http="h11",

@@ -153,6 +153,46 @@ def test_seeded_sampling_in_a_batch_is_reproducible(srv):
         assert list(ex.map(lambda b: _complete(srv, b), bodies)) == want
 
 
+SPEC_PROMPT = "Once upon a time, there was a little girl named Lily. She liked to play. Once upon a time, there was"
+
+
+def _text(s, body):
+    """A plain-HTTP completion's text (the openai client refuses minilm's extra fields)."""
+    r = httpx.post(s.url + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+
+def test_speculation_can_be_turned_off_per_request(srv):
+    """A lone greedy request speculates (prompt lookup) unless it sends "speculative": false; the
+    text is the same either way; a speculative that is not a boolean is a 400 naming it."""
+    body = {"prompt": SPEC_PROMPT, "max_tokens": 60, "temperature": 0}
+    want = srv.model.create_completion(SPEC_PROMPT, max_tokens=60, temperature=0, speculative=False)["choices"][0]["text"]
+    d0 = _health(srv)["drafted_tokens"]
+    assert _text(srv, {**body, "speculative": False}) == want
+    d1 = _health(srv)["drafted_tokens"]
+    assert d1 == d0
+    assert _text(srv, body) == want
+    assert _health(srv)["drafted_tokens"] > d1
+    r = httpx.post(srv.url + "/v1/completions", json={**body, "speculative": "no"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "speculative", r.text
+
+
+def test_no_speculative_server():
+    """`--no-speculative`: no request drafts, and a request cannot turn it back on."""
+    path = shared_path("models", "stories260K")
+    s = ServerProcess(path, ["--parallel", "2", "--no-speculative"], wait_s=120)
+    try:
+        model = minilm.load(str(path))
+        want = model.create_completion(SPEC_PROMPT, max_tokens=60, temperature=0, speculative=False)["choices"][0]["text"]
+        body = {"prompt": SPEC_PROMPT, "max_tokens": 60, "temperature": 0}
+        assert _text(s, body) == want
+        assert _text(s, {**body, "speculative": True}) == want
+        assert _health(s)["drafted_tokens"] == 0
+    finally:
+        s.stop()
+
+
 def test_parallel_is_checked():
     """--parallel 0 is refused by the command line; an impossible one names the memory."""
     import subprocess
