@@ -95,7 +95,8 @@ def sched_seconds(pid: int) -> tuple[float, float] | None:
         return None
     for t in tasks:
         try:
-            f = open(f"/proc/{pid}/task/{t}/schedstat").read().split()
+            with open(f"/proc/{pid}/task/{t}/schedstat") as fh:
+                f = fh.read().split()
         except OSError:                                   # the thread ended meanwhile
             continue
         run += int(f[0]) / 1e9
