@@ -44,8 +44,7 @@ from numba.extending import intrinsic
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minilm.kernels import executor as E  # noqa: E402
 from minilm.kernels import qmatmul as Q  # noqa: E402
-from minilm.kernels.simd import (  # noqa: E402
-    _F32, _I8, _I16, _I32, _V16F32, _V16I32, EXACT, _prefetch, _splat_idx, _stack_f32)
+from minilm.kernels.simd import _I8, _I16, _I32, _V16F32, _V16I32, EXACT, _prefetch, _splat_idx, _stack_f32  # noqa: E402
 
 R = 16                      # rows interleaved (one zmm of i32 lanes)
 _JIT = dict(cache=True, fastmath=True, nogil=True, error_model="numpy", boundscheck=False)
@@ -340,10 +339,12 @@ def _run_ab(N, K, reps, threads, label):
     print(f"  il16/cur GEMV time (min): {r:.2f}x;  T=4: {np.min(res['il16', 4]) / np.min(res['cur', 4]):.2f}x")
 
 
-def asm_report():
-    sig = il_gemv_groups.signatures[0]
-    asm = il_gemv_groups.inspect_asm(sig)
-    lines = [ln.strip() for ln in asm.splitlines()]
+def _hot_loop(fn, *args):
+    """Instructions of the basic block of fn (a cached function compiled afresh without the cache:
+    Numba has no asm of cached code) that holds the most vpdpbusd: the hot loop."""
+    f = fn if type(fn._cache).__name__ == "NullCache" else njit(**dict(_JIT, cache=False))(fn.py_func)
+    f.compile(tuple(numba.typeof(a) for a in args))
+    lines = [ln.strip() for ln in f.inspect_asm(f.signatures[0]).splitlines()]
     # the hot loop: the basic block (label to backward jump) holding the most vpdpbusd
     blocks, cur = [], []
     for ln in lines:
@@ -354,12 +355,26 @@ def asm_report():
             cur.append(ln)
     blocks.append(cur)
     hot = max(blocks, key=lambda b: sum("vpdpbusd" in x for x in b))
-    ins = [x for x in hot if x and not x.startswith((".", "#"))]
-    count = lambda s: sum(s in x for x in ins)  # noqa: E731
-    print(f"asm of il_gemv_groups' hot loop ({hot[0]}): {len(ins)} instructions, {count('vpdpbusd')} vpdpbusd, "
-          f"{count('zmm')} with zmm, {count('vcvtph2ps')} vcvtph2ps, {count('vfmadd')} vfmadd, "
-          f"{count('prefetch')} prefetch, {count('rsp')} touching the stack (spills), {count('{1to16}')} embedded broadcasts")
-    return ins
+    back = [i for i, x in enumerate(hot) if x.startswith("j") and x.split()[-1] + ":" == hot[0]]
+    hot = hot[: back[0] + 1] if back else hot             # up to the jump back to the loop's label
+    return [x for x in hot if x and not x.startswith((".", "#"))]
+
+
+def asm_report():
+    qs, du, qi, di, A4, A8 = _data(32, 2048, 1, np.random.default_rng(0))
+    out = np.zeros(32, np.float32)
+    res = {}
+    for name, fn, args in (("il16 GEMV (il_gemv_groups)", il_gemv_groups, (A8[0][0], A8[1][0], A8[2][0], qi, di, out, 0, 2)),
+                           ("current GEMV (executor _q4_kernels rows)", CUR_GEMV,
+                            (A4[0][0], A4[1][0], A4[2][0], qs, du, out, 0, 8))):
+        ins = _hot_loop(fn, *args)
+        count = lambda s: sum(s in x for x in ins)  # noqa: E731
+        print(f"asm, hot loop of {name}: {len(ins)} instructions, {count('vpdpbusd')} vpdpbusd, "
+              f"{count('zmm')} with zmm, {count('vcvtph2ps')} vcvtph2ps, {count('vcvtdq2ps')} vcvtdq2ps, "
+              f"{count('vfmadd')} vfmadd, {count('prefetch')} prefetch, {count('rsp')} touching the stack "
+              f"(spills), {count('{1to16}')} embedded broadcasts")
+        res[name] = ins
+    return res
 
 
 def main(argv=None):
@@ -370,9 +385,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     print(f"load average {os.getloadavg()[0]:.1f}, numba threads {numba.config.NUMBA_NUM_THREADS}")
     check()
-    ins = asm_report()
-    if a.asm:
-        print("\n".join("    " + x for x in ins))
+    for name, ins in asm_report().items():
+        if a.asm:
+            print(name + ":\n" + "\n".join("    " + x for x in ins))
     _run_ab(256, 2048, 200, 1, "in cache")
     for K in (5632, 2048):
         N = int(a.stream_mb * 1e6 / (K * 0.5625)) // 256 * 256
