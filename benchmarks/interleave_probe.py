@@ -368,10 +368,13 @@ def _hot_loop(fn, *args):
 
 
 def asm_report():
-    qs, du, qi, di, A4, A8 = _data(32, 2048, 1, np.random.default_rng(0))
+    qs, du, qi, di, A4, A8 = _data(32, 2048, 4, np.random.default_rng(0))
     out = np.zeros(32, np.float32)
+    out4 = np.zeros((4, 32), np.float32)
     res = {}
     for name, fn, args in (("il16 GEMV (il_gemv_groups)", il_gemv_groups, (A8[0][0], A8[1][0], A8[2][0], qi, di, out, 0, 2)),
+                           ("il16 4-token tile (il_gemm_groups)", il_gemm_groups,
+                            (A8[0], A8[1], A8[2], qi, di, out4, 4, 0, 2)),
                            ("current GEMV (executor _q4_kernels rows)", CUR_GEMV,
                             (A4[0][0], A4[1][0], A4[2][0], qs, du, out, 0, 8))):
         ins = _hot_loop(fn, *args)
