@@ -309,7 +309,8 @@ def check(N=64, K=2048 + 32 * 5):
 
 def _time(f, args):
     """(wall, CPU) seconds of one call; CPU time (all threads of the process) is what a loaded machine
-    disturbs least: time spent descheduled is not counted, memory stalls are."""
+    disturbs least: time spent descheduled is not counted, memory stalls are. With 2 threads the
+    worker thread's time reaches the process clock at timer ticks: read the 1-thread CPU figures."""
     t, c = time.perf_counter(), time.process_time()
     f(*args)
     return time.perf_counter() - t, time.process_time() - c
