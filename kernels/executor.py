@@ -455,15 +455,12 @@ EXTENSIONS: dict = {}
 
 def register_step_kind(op_id: int, task) -> None:
     """Add a per-token step kind to the executor (tests/test_plan.py adds one this way). Call it
-    before the model that uses it is built: it turns off the on-disk cache of _task (so a cached
-    _task without the new kind is never loaded) and recompiles what was compiled."""
-    from numba.core.caching import NullCache
+    before the model that uses it is built: a _task whose plan uses an added kind compiles anew
+    and is not cached (so a cached _task without the new kind is never loaded)."""
     if op_id < N_OPS or op_id in EXTENSIONS:
         raise ValueError(f"step kind id {op_id} is taken (built-in kinds are 0..{N_OPS - 1})")
     EXTENSIONS[op_id] = task
-    _task._cache = NullCache()
-    if _task.signatures:
-        _task.recompile()
+    _task_for.cache_clear()         # a kind set with extensions compiles anew, uncached (_task_for)
     _ENTRIES.clear()                # addresses of the old compilation
     _BY_CALL.clear()
 
@@ -522,11 +519,6 @@ def _task_rows(steps, s, M):
     return 1 if op == OP_MATMUL or op == OP_ATTEND or op == OP_CONV or op == OP_STATS else M
 
 
-def _task_body(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
-               XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
-    """Task k of step s, run by thread tid (_task)."""
-
-
 def _step_kinds(fs):
     """The step kinds fs names (plan.lower adds a record whose fields are "op_<id>" for the kinds
     its plan uses), or every kind when it names none."""
@@ -536,12 +528,9 @@ def _step_kinds(fs):
     return set(range(N_OPS)) | set(EXTENSIONS)
 
 
-@overload(_task_body, jit_options=dict(nogil=True, error_model="numpy"))
-def _task_impl(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
-               XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
-    """Compiled once per fs: only the step kinds the plan uses (the others' kernels are not
-    compiled at all: LFM2's conv, GELU, calibration statistics ... for a Llama)."""
-    ops = _step_kinds(fs)
+def _task_impl(ops):
+    """The body of _task for the step kinds ops: only those kinds' kernels compile (not LFM2's
+    conv, GELU, calibration statistics ... for a Llama)."""
     has_matmul = OP_MATMUL in ops
     has_quant = OP_QUANT in ops
     has_norm = OP_NORM in ops
@@ -708,12 +697,23 @@ def _task_impl(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, c
     return impl
 
 
-@njit(**_JC)
-def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
-          XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
-    """Task k of step s, run by thread tid."""
-    _task_body(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
-               XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
+@functools.lru_cache(maxsize=None)
+def _task_for(ops: frozenset):
+    """_task for the step kinds ops: `_task_impl(ops)` compiled as a cached function of its own,
+    one per set of kinds (its closure's flags are part of Numba's cache key, its name says which
+    kinds). Not a wrapper calling a per-fs overload: Numba would link the overload's code into the
+    wrapper's module and LLVM would optimise it and emit its machine code twice (~1 s of a first
+    start). Kinds added from outside (EXTENSIONS) are not in the cache key, so a _task that
+    runs one is not cached."""
+    cache = not any(o >= N_OPS for o in ops)
+    tag = "ops" + "-".join(str(o) for o in sorted(ops))
+    return njit(**dict(_JC, cache=cache))(_named(_task_impl(ops), tag))
+
+
+def _task(fs_type):
+    """The _task dispatcher for a format set's Numba type (task k of step s, run by thread tid:
+    _task_impl's arguments)."""
+    return _task_for(frozenset(_step_kinds(fs_type)))
 
 
 # ---- the run: one parallel region calling the compiled _task through its address -------------
@@ -830,8 +830,9 @@ def _task_entry(fs, steps, fpar, btab, mtab, vtab, pos, slot, cos, sin, kc, vc, 
     sig = _task_sig(fs, steps, fpar, btab, mtab, vtab, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part)
     e = _ENTRIES.get(sig)
     if e is None:
-        _task.compile(sig)
-        cres = _task.overloads[sig]
+        task = _task(sig[0])
+        task.compile(sig)
+        cres = task.overloads[sig]
         e = _ENTRIES[sig] = (cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name), _sig_key(sig))
     return e
 
@@ -865,6 +866,18 @@ def ahead_jobs(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc
     return [("matmul", _mm_task, mm), ("quant", _quant_task, quant), ("region", run_plan_jit, region)]
 
 
+def never_ran() -> bool:
+    """Whether no model has run on this Numba on-disk cache (its index of the parallel region is
+    absent): a first start, known before a model's argument types are. False when the cache is
+    off or unreadable."""
+    import os
+    try:
+        c = run_plan_jit._cache
+        return bool(c._enabled) and not os.path.exists(c._cache_file._index_path)
+    except Exception:                   # another Numba's cache internals: not known
+        return False
+
+
 def compiled(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,
              H, Hkv, hd, rot, ctr) -> bool:
     """Whether run_plan on these arguments finds the executor compiled (in this process or in
@@ -872,7 +885,7 @@ def compiled(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, 
     tsig = _task_sig(fs, steps, fpar, btab, mtab, vtab, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part)
     args = (0, 0, fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,
             H, Hkv, hd, rot, ctr)
-    return _compiled(_task, tsig) and _compiled(run_plan_jit, tuple(numba.typeof(a) for a in args))
+    return _compiled(_task(tsig[0]), tsig) and _compiled(run_plan_jit, tuple(numba.typeof(a) for a in args))
 
 
 def run_plan(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,

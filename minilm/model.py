@@ -275,7 +275,17 @@ class Transformer:
         self._matrices = [tensors[s.mat] for s in self.plan if s.op == "matmul"]
         self.busy = Exclusive()
         self._ran = False
+        self._helper = None            # a compile helper started at load (adopt_helper)
         self.last_lookup = None        # the last generation's generate.PromptLookup (its counts)
+
+    def adopt_helper(self, helper) -> None:
+        """A compile helper process (kernels/compile_ahead.py `spawn`) started before this model was
+        built: the first forward gives it its jobs if the executor needs compiling, else closes it."""
+        if self._ran:
+            if helper is not None:
+                helper.close()
+        else:
+            self._helper = helper
 
     def _lower(self):
         """The plan's tables; LFM2's conv histories point into the cache (all slots' rows)."""
@@ -378,13 +388,22 @@ class Transformer:
                 c.n_kv_heads, c.head_dim, c.rotary_dim, s.ctr)
         notice = helper = None
         if not self._ran:                   # the first call may compile the executor for this model
+            early, self._helper = self._helper, None
             if not executor_compiled(*args):
                 _compile_notice(low.fs)     # a helper process compiles the matrix kernels and
-                helper = compile_ahead.start(ahead_jobs(*args))   # the parallel region meanwhile
+                jobs = ahead_jobs(*args)    # the parallel region meanwhile (started at load or now)
+                if early is not None and early.submit(jobs):
+                    helper, early = early, None
+                else:
+                    helper = compile_ahead.start(jobs)
+                if helper is not None:      # the lm head first: compiling _task waits for the
+                    self._head(np.zeros((1, c.hidden_size), np.float32), s.logits)   # helper at its end
             else:                           # other kernels (the lm head's) may still compile
                 notice = threading.Timer(3.0, _compile_notice)
                 notice.daemon = True
                 notice.start()
+            if early is not None:           # a helper started at load, not needed: it exits
+                early.close()
         try:
             with helper.serving() if helper is not None else contextlib.nullcontext():
                 run_plan(*args)             # compiles what the helper does not; loads what it did
