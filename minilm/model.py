@@ -188,24 +188,27 @@ def _region_guard():
     return _SERIAL_REGIONS if layer == "workqueue" else contextlib.nullcontext()
 
 
-def _compile_notice(fs=None):
+def _compile_notice(fs=None, helper: bool = False):
     """Said once when a model's first forward compiles kernels (first run only; Numba caches them):
     at once when the executor is known not to be cached, with an estimate from fs (the formats:
-    each of ggml's block formats adds its kernels), else after a few seconds of a first forward."""
+    each of ggml's block formats adds its kernels) and whether a helper process compiles beside
+    this one, else after a few seconds of a first forward."""
     import sys
     est = ""
     if fs is not None:
         from .quant import RAW_FIRST_FID
         n_raw = sum(1 for a in fs for n in (a.dtype.names or ()) if n in FORMATS and FORMATS[n].fid >= RAW_FIRST_FID)
-        est = f", ~{COMPILE_SECONDS[0] + COMPILE_SECONDS[1] * n_raw:.0f} s"
+        base, per = COMPILE_SECONDS[bool(helper)]
+        est = f", ~{base + per * n_raw:.0f} s"
     print(f"minilm: compiling kernels for this CPU (first run only{est}; cached afterwards) ...",
           file=sys.stderr, flush=True)
 
 
-# A first start's compile on a 2-core x86 (AMD EPYC Zen 4; benchmarks/README.md "Cold start": 15 s CPU
-# for SmolLM2 int4, 20.6 s for a Q4_K_M GGUF, measured under load):
-# seconds for minilm's own formats, and per ggml block format the model adds.
-COMPILE_SECONDS = (12, 4)
+# A first start's compile on an idle 2-core x86 (AMD EPYC Zen 4; benchmarks/README.md "First start
+# in under 8 s"): (seconds for minilm's own formats, per ggml block format the model adds), in
+# one process and with the compile helper beside it. SmolLM2-135M int4: 11.4 s / 6.8 s to the
+# first token; a Q4_K_M GGUF (2 ggml formats): about 20 s / 10 s (the helper's earlier figures).
+COMPILE_SECONDS = ((12, 4), (7, 2))
 
 
 class Exclusive:
@@ -390,12 +393,12 @@ class Transformer:
         if not self._ran:                   # the first call may compile the executor for this model
             early, self._helper = self._helper, None
             if not executor_compiled(*args):
-                _compile_notice(low.fs)     # a helper process compiles the matrix kernels and
-                jobs = ahead_jobs(*args)    # the parallel region meanwhile (started at load or now)
-                if early is not None and early.submit(jobs):
-                    helper, early = early, None
+                jobs = ahead_jobs(*args)    # a helper process compiles the matrix kernels and the
+                if early is not None and early.submit(jobs):   # parallel region meanwhile
+                    helper, early = early, None                # (started at load, or now)
                 else:
                     helper = compile_ahead.start(jobs)
+                _compile_notice(low.fs, helper is not None)
                 if helper is not None:      # the lm head first: compiling _task waits for the
                     self._head(np.zeros((1, c.hidden_size), np.float32), s.logits)   # helper at its end
             else:                           # other kernels (the lm head's) may still compile
