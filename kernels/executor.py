@@ -130,21 +130,21 @@ def _buf(btab, b, M):
     return numba.carray(_ptr_as(btab[b, 0], _F32), (btab[b, 1], btab[b, 2]))[:M]
 
 
-@njit(**_J)
+@njit(**_JC)
 def _vec(vtab, k):
     """Vector k as f32[len] (len 0: absent)."""
     return numba.carray(_ptr_as(vtab[k, 0], _F32), vtab[k, 1])
 
 
 # ---- the phase protocol ------------------------------------------------------------------------
-@njit(**_J)
+@njit(**_JC)
 def _take(ctr, ph, n):
     """The next task of phase ph (0..n-1), or -1 when all have been taken."""
     k = atomic_add(ctr, 2 * ph, 1)
     return k if k < n else -1
 
 
-@njit(**_J)
+@njit(**_JC)
 def _finish(ctr, ph):
     atomic_add(ctr, 2 * ph + 1, 1)
 
@@ -152,7 +152,7 @@ def _finish(ctr, ph):
 SPIN, YIELD = 2000, 4000    # pause-spins, then sched_yield, before a waiting thread sleeps
 
 
-@njit(**_J)
+@njit(**_JC)
 def _wait(ctr, ph, n):
     """Until the n tasks of phase ph are done (their writes are visible after this). Spins with
     the PAUSE hint for the usual microsecond waits; past SPIN rounds (a thread of ours was
@@ -402,7 +402,7 @@ def _quant_task(fs, mtab, j, x, xq, xd, xs):
     _quant_row(fs, mtab, j, x, xq, xd, xs)
 
 
-@njit(**_J)
+@njit(**_JC)
 def _is_quantized(fmt):
     return fmt >= F_Q8_0
 
@@ -489,7 +489,7 @@ def _ext_task_impl(op, s, k, M, pos, steps, fpar, btab, mtab, vtab):
 
 
 # ---- steps -------------------------------------------------------------------------------------
-@njit(**_J)
+@njit(**_JC)
 def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
     op = steps[s, S_OP]
     if op == OP_MATMUL:
@@ -510,7 +510,7 @@ def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
     return 1 if M <= ONE_TASK_ROWS else M      # per-row steps
 
 
-@njit(**_J)
+@njit(**_JC)
 def _task_rows(steps, s, M):
     """How many rows one task of a one-task step covers: its M rows for per-row steps (M <=
     ONE_TASK_ROWS), 1 for the steps whose tasks are cut otherwise (a matrix's row groups, the
