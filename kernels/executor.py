@@ -31,13 +31,15 @@ Weight formats: `fs` is a tuple of empty arrays whose dtypes name the formats th
 uses; the matrix dispatch is compiled only for those formats and `_task` only for those kinds, so
 a model compiles (and caches) only the kernels it needs.
 
-Compiling: `_task` (every step kernel) is compiled once per signature and called through its
-entry point from the parallel region `run_plan_jit` (see "the run" below), so no wrapper level of
-the parallel region carries a copy of the kernels (benchmarks/README.md, "Cold start"). The matrix and
+Compiling: `_task` (every step kernel; `_task_impl` generates its body for the plan's step kinds
+and `_task_for` compiles that body itself, one cached function per set of kinds) is compiled once
+per signature and called through its entry point from the parallel region `run_plan_jit` (see "the
+run" below), so no wrapper level of the parallel region carries a copy of the kernels
+(benchmarks/README.md, "Cold start", "First start in under 8 s"). The matrix and
 activation-quantizer dispatch are cached functions of their own (`_mm_task`, `_quant_task`) so that on a first
 run a helper process can compile them and the region while this one compiles the rest (`ahead_jobs`,
 kernels/compile_ahead.py). Adding a step kind means: an OP_ constant, its
-task count in `_ntasks`, its body in `_task`, and the plan rows that use it; nothing else changes
+task count in `_ntasks`, its body in `_task_impl`, and the plan rows that use it; nothing else changes
 (tests/test_plan.py adds one outside this module to show it).
 """
 import functools
