@@ -22,6 +22,7 @@ from .norm import head_rmsnorm
 from .rope import rope_head
 
 _J = dict(cache=True, fastmath=True, nogil=True, error_model="numpy")  # numpy: no zero-division checks, which block vectorisation
+_JC = dict(_J, no_cpython_wrapper=True, no_cfunc_wrapper=True)   # called from compiled code only: no wrappers to compile
 
 
 @njit(**_J)
@@ -120,7 +121,7 @@ def prep_decode(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, rot, 
         kv_put(vc[g, p], qkv[vo + g * hd:vo + (g + 1) * hd])
 
 
-@njit(**_J)
+@njit(**_JC)
 def attend_part(q, qo, kc, vc, g, j0, j1, hd, scale, sc, part, cap):
     """A flash-decoding split of one query head over rows j0..j1-1: part[:hd] <- sum_j e_j v_j,
     part[hd] <- max_j s_j, part[hd+1] <- sum_j e_j (see _attend)."""
@@ -144,7 +145,7 @@ def decode_attention(qkv, kc, vc, p, cos, sin, qn, kn, n_heads, n_kv_heads, hd, 
     merge_parts(part, ns, n_heads, hd, out)
 
 
-@njit(**_J)
+@njit(**_JC)
 def decode_splits(p, window, S):
     """(start, ns, chunk): the token at p attends rows start..p, cut into ns <= S splits of
     chunk rows (>= 32 rows each). Every pass (decode, prefill, a verify pass of several tokens)
@@ -155,7 +156,7 @@ def decode_splits(p, window, S):
     return start, ns, (T + ns - 1) // ns
 
 
-@njit(**_J)
+@njit(**_JC)
 def attend_task(q, kc, vc, p, window, n_heads, n_kv_heads, hd, scale, sc, part, t, cap=np.float32(0.0)):
     """Task t of S * H for the token at position p (query q: f32[>= H hd]): split t // H of
     query head t % H (attend_part into part[split, head]; part: f32[S, H, hd + 2]), nothing for
@@ -170,7 +171,7 @@ def attend_task(q, kc, vc, p, window, n_heads, n_kv_heads, hd, scale, sc, part, 
     attend_part(q, h * hd, kc, vc, h // (n_heads // n_kv_heads), j0, j1, hd, scale, sc, part[sp, h], cap)
 
 
-@njit(**_J)
+@njit(**_JC)
 def merge_parts(part, ns, n_heads, hd, out):
     """out: f32[H hd] <- the softmax-weighted sums of ns flash-decoding splits part[:ns]
     (each: sum of e*v, max, sum of e), rescaled to the common max."""

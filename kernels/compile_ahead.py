@@ -91,12 +91,46 @@ class Helper:
 
     def __init__(self, proc: subprocess.Popen, jobs: list, timeout: float):
         self._proc = proc
-        self._jobs = jobs                 # [(name, dispatcher)]
+        self._jobs = jobs                 # [(name, dispatcher)]; more come with submit
         self._names = [n for n, _ in jobs]
         self._timeout = timeout
         self._done = {n: threading.Event() for n in self._names}
         self._over = threading.Event()    # the helper exited (or its output ended)
-        threading.Thread(target=self._read, daemon=True, name="minilm-compile-helper").start()
+        self._reader = None
+        if jobs:
+            self._start_reading()
+
+    def _start_reading(self) -> None:
+        self._reader = threading.Thread(target=self._read, daemon=True, name="minilm-compile-helper")
+        self._reader.start()
+
+    def submit(self, jobs) -> bool:
+        """Give a spawned helper its jobs [(name, dispatcher, signature)] (as `start`); False when
+        none of them can go to it (then `close` it)."""
+        jobs = [(n, d, tuple(s)) for n, d, s in jobs if _cached(d)]
+        if not jobs or self._reader is not None:
+            return False
+        try:
+            payload = pickle.dumps([(d.py_func.__module__, d.py_func.__qualname__, s) for _, d, s in jobs])
+        except Exception:                 # a type that does not pickle: compile here, as before
+            return False
+        self._jobs = [(n, d) for n, d, _ in jobs]
+        self._names = [n for n, _ in self._jobs]
+        self._done = {n: threading.Event() for n in self._names}
+        try:
+            self._proc.stdin.write(payload)
+            self._proc.stdin.close()
+        except OSError:                   # it died: wait() will not wait for it
+            pass
+        self._start_reading()
+        return True
+
+    def close(self) -> None:
+        """Let a spawned helper without jobs exit (it reads no jobs and ends)."""
+        if self._reader is None:
+            with contextlib.suppress(OSError):
+                self._proc.stdin.close()
+            threading.Thread(target=self._proc.wait, daemon=True).start()   # reap it
 
     def _read(self) -> None:
         try:
@@ -156,22 +190,16 @@ class _Waiting:
         return getattr(self._inner, attr)
 
 
-def start(jobs, timeout: float = 300.0) -> Helper | None:
-    """Compile jobs [(name, dispatcher, signature: tuple of Numba types)] in a helper process, in
-    this order, into Numba's on-disk cache; None where no helper is started (see the module
-    docstring). The dispatchers must be module-level functions of minilm.kernels."""
+def spawn(timeout: float = 300.0) -> Helper | None:
+    """Start a helper process before its jobs are known (`Helper.submit` gives them; `close` lets
+    it go unused): it imports minilm and readies Numba's compiler meanwhile, which is about a
+    second of its side of a first start. None where no helper is started (see the module
+    docstring)."""
     mode = os.environ.get("MINILM_COMPILE_HELPER", "").strip()
     if mode not in ("", "0", "1"):
         raise ValueError(f"MINILM_COMPILE_HELPER must be 0 (no helper process) or 1 (one whatever the "
                          f"load), or unset (one when a core is idle); got {mode!r}")
     if mode == "0" or fcntl is None or _cpus() < 2 or mode != "1" and _busy():
-        return None
-    jobs = [(n, d, tuple(s)) for n, d, s in jobs if _cached(d)]
-    if not jobs:
-        return None
-    try:
-        payload = pickle.dumps([(d.py_func.__module__, d.py_func.__qualname__, s) for _, d, s in jobs])
-    except Exception:                     # a type that does not pickle: compile here, as before
         return None
     # the helper imports the minilm this process runs (the cache is keyed by source file)
     env = dict(os.environ, MINILM_COMPILE_HELPER="0", PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -180,17 +208,30 @@ def start(jobs, timeout: float = 300.0) -> Helper | None:
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     except OSError:
         return None
-    try:
-        proc.stdin.write(payload)
-        proc.stdin.close()
-    except OSError:                       # it died at once: wait() will not wait for it
-        pass
-    return Helper(proc, [(n, d) for n, d, _ in jobs], timeout)
+    return Helper(proc, [], timeout)
+
+
+def start(jobs, timeout: float = 300.0) -> Helper | None:
+    """Compile jobs [(name, dispatcher, signature: tuple of Numba types)] in a helper process, in
+    this order, into Numba's on-disk cache; None where no helper is started (see the module
+    docstring). The dispatchers must be module-level functions of minilm.kernels."""
+    h = spawn(timeout)
+    if h is not None and not h.submit(jobs):
+        h.close()
+        return None
+    return h
 
 
 def _main() -> None:
     """The helper: compile each job in order, reporting "ok i" / "fail i" on stdout."""
-    jobs = pickle.loads(sys.stdin.buffer.read())
+    from numba.core.registry import cpu_target
+    cpu_target.typing_context.refresh()      # what a first compile sets up, while the jobs are
+    cpu_target.target_context.refresh()      # not yet known (spawn)
+    cpu_target.target_context.codegen()
+    data = sys.stdin.buffer.read()
+    if not data:                             # closed unused
+        return
+    jobs = pickle.loads(data)
     out = sys.stdout.buffer
     for i, (mod, qualname, sig) in enumerate(jobs):
         ok = b"ok"

@@ -31,13 +31,15 @@ Weight formats: `fs` is a tuple of empty arrays whose dtypes name the formats th
 uses; the matrix dispatch is compiled only for those formats and `_task` only for those kinds, so
 a model compiles (and caches) only the kernels it needs.
 
-Compiling: `_task` (every step kernel) is compiled once per signature and called through its
-entry point from the parallel region `run_plan_jit` (see "the run" below), so no wrapper level of
-the parallel region carries a copy of the kernels (benchmarks/README.md, "Cold start"). The matrix and
+Compiling: `_task` (every step kernel; `_task_impl` generates its body for the plan's step kinds
+and `_task_for` compiles that body itself, one cached function per set of kinds) is compiled once
+per signature and called through its entry point from the parallel region `run_plan_jit` (see "the
+run" below), so no wrapper level of the parallel region carries a copy of the kernels
+(benchmarks/README.md, "Cold start", "First start in under 8 s"). The matrix and
 activation-quantizer dispatch are cached functions of their own (`_mm_task`, `_quant_task`) so that on a first
 run a helper process can compile them and the region while this one compiles the rest (`ahead_jobs`,
 kernels/compile_ahead.py). Adding a step kind means: an OP_ constant, its
-task count in `_ntasks`, its body in `_task`, and the plan rows that use it; nothing else changes
+task count in `_ntasks`, its body in `_task_impl`, and the plan rows that use it; nothing else changes
 (tests/test_plan.py adds one outside this module to show it).
 """
 import functools
@@ -130,21 +132,21 @@ def _buf(btab, b, M):
     return numba.carray(_ptr_as(btab[b, 0], _F32), (btab[b, 1], btab[b, 2]))[:M]
 
 
-@njit(**_J)
+@njit(**_JC)
 def _vec(vtab, k):
     """Vector k as f32[len] (len 0: absent)."""
     return numba.carray(_ptr_as(vtab[k, 0], _F32), vtab[k, 1])
 
 
 # ---- the phase protocol ------------------------------------------------------------------------
-@njit(**_J)
+@njit(**_JC)
 def _take(ctr, ph, n):
     """The next task of phase ph (0..n-1), or -1 when all have been taken."""
     k = atomic_add(ctr, 2 * ph, 1)
     return k if k < n else -1
 
 
-@njit(**_J)
+@njit(**_JC)
 def _finish(ctr, ph):
     atomic_add(ctr, 2 * ph + 1, 1)
 
@@ -152,7 +154,7 @@ def _finish(ctr, ph):
 SPIN, YIELD = 2000, 4000    # pause-spins, then sched_yield, before a waiting thread sleeps
 
 
-@njit(**_J)
+@njit(**_JC)
 def _wait(ctr, ph, n):
     """Until the n tasks of phase ph are done (their writes are visible after this). Spins with
     the PAUSE hint for the usual microsecond waits; past SPIN rounds (a thread of ours was
@@ -402,7 +404,7 @@ def _quant_task(fs, mtab, j, x, xq, xd, xs):
     _quant_row(fs, mtab, j, x, xq, xd, xs)
 
 
-@njit(**_J)
+@njit(**_JC)
 def _is_quantized(fmt):
     return fmt >= F_Q8_0
 
@@ -455,15 +457,12 @@ EXTENSIONS: dict = {}
 
 def register_step_kind(op_id: int, task) -> None:
     """Add a per-token step kind to the executor (tests/test_plan.py adds one this way). Call it
-    before the model that uses it is built: it turns off the on-disk cache of _task (so a cached
-    _task without the new kind is never loaded) and recompiles what was compiled."""
-    from numba.core.caching import NullCache
+    before the model that uses it is built: a _task whose plan uses an added kind compiles anew
+    and is not cached (so a cached _task without the new kind is never loaded)."""
     if op_id < N_OPS or op_id in EXTENSIONS:
         raise ValueError(f"step kind id {op_id} is taken (built-in kinds are 0..{N_OPS - 1})")
     EXTENSIONS[op_id] = task
-    _task._cache = NullCache()
-    if _task.signatures:
-        _task.recompile()
+    _task_for.cache_clear()         # a kind set with extensions compiles anew, uncached (_task_for)
     _ENTRIES.clear()                # addresses of the old compilation
     _BY_CALL.clear()
 
@@ -492,7 +491,7 @@ def _ext_task_impl(op, s, k, M, pos, steps, fpar, btab, mtab, vtab):
 
 
 # ---- steps -------------------------------------------------------------------------------------
-@njit(**_J)
+@njit(**_JC)
 def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
     op = steps[s, S_OP]
     if op == OP_MATMUL:
@@ -513,18 +512,13 @@ def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
     return 1 if M <= ONE_TASK_ROWS else M      # per-row steps
 
 
-@njit(**_J)
+@njit(**_JC)
 def _task_rows(steps, s, M):
     """How many rows one task of a one-task step covers: its M rows for per-row steps (M <=
     ONE_TASK_ROWS), 1 for the steps whose tasks are cut otherwise (a matrix's row groups, the
     attention's splits, LFM2's channels, calibration sums over all rows), whose one task is the whole step."""
     op = steps[s, S_OP]
     return 1 if op == OP_MATMUL or op == OP_ATTEND or op == OP_CONV or op == OP_STATS else M
-
-
-def _task_body(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
-               XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
-    """Task k of step s, run by thread tid (_task)."""
 
 
 def _step_kinds(fs):
@@ -536,12 +530,9 @@ def _step_kinds(fs):
     return set(range(N_OPS)) | set(EXTENSIONS)
 
 
-@overload(_task_body, jit_options=dict(nogil=True, error_model="numpy"))
-def _task_impl(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
-               XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
-    """Compiled once per fs: only the step kinds the plan uses (the others' kernels are not
-    compiled at all: LFM2's conv, GELU, calibration statistics ... for a Llama)."""
-    ops = _step_kinds(fs)
+def _task_impl(ops):
+    """The body of _task for the step kinds ops: only those kinds' kernels compile (not LFM2's
+    conv, GELU, calibration statistics ... for a Llama)."""
     has_matmul = OP_MATMUL in ops
     has_quant = OP_QUANT in ops
     has_norm = OP_NORM in ops
@@ -708,12 +699,23 @@ def _task_impl(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, c
     return impl
 
 
-@njit(**_JC)
-def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
-          XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
-    """Task k of step s, run by thread tid."""
-    _task_body(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
-               XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
+@functools.lru_cache(maxsize=None)
+def _task_for(ops: frozenset):
+    """_task for the step kinds ops: `_task_impl(ops)` compiled as a cached function of its own,
+    one per set of kinds (its closure's flags are part of Numba's cache key, its name says which
+    kinds). Not a wrapper calling a per-fs overload: Numba would link the overload's code into the
+    wrapper's module and LLVM would optimise it and emit its machine code twice (~1 s of a first
+    start). Kinds added from outside (EXTENSIONS) are not in the cache key, so a _task that
+    runs one is not cached."""
+    cache = not any(o >= N_OPS for o in ops)
+    tag = "ops" + "-".join(str(o) for o in sorted(ops))
+    return njit(**dict(_JC, cache=cache))(_named(_task_impl(ops), tag))
+
+
+def _task(fs_type):
+    """The _task dispatcher for a format set's Numba type (task k of step s, run by thread tid:
+    _task_impl's arguments)."""
+    return _task_for(frozenset(_step_kinds(fs_type)))
 
 
 # ---- the run: one parallel region calling the compiled _task through its address -------------
@@ -830,8 +832,9 @@ def _task_entry(fs, steps, fpar, btab, mtab, vtab, pos, slot, cos, sin, kc, vc, 
     sig = _task_sig(fs, steps, fpar, btab, mtab, vtab, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part)
     e = _ENTRIES.get(sig)
     if e is None:
-        _task.compile(sig)
-        cres = _task.overloads[sig]
+        task = _task(sig[0])
+        task.compile(sig)
+        cres = task.overloads[sig]
         e = _ENTRIES[sig] = (cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name), _sig_key(sig))
     return e
 
@@ -865,6 +868,18 @@ def ahead_jobs(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc
     return [("matmul", _mm_task, mm), ("quant", _quant_task, quant), ("region", run_plan_jit, region)]
 
 
+def never_ran() -> bool:
+    """Whether no model has run on this Numba on-disk cache (its index of the parallel region is
+    absent): a first start, known before a model's argument types are. False when the cache is
+    off or unreadable."""
+    import os
+    try:
+        c = run_plan_jit._cache
+        return bool(c._enabled) and not os.path.exists(c._cache_file._index_path)
+    except Exception:                   # another Numba's cache internals: not known
+        return False
+
+
 def compiled(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,
              H, Hkv, hd, rot, ctr) -> bool:
     """Whether run_plan on these arguments finds the executor compiled (in this process or in
@@ -872,7 +887,7 @@ def compiled(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, 
     tsig = _task_sig(fs, steps, fpar, btab, mtab, vtab, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part)
     args = (0, 0, fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,
             H, Hkv, hd, rot, ctr)
-    return _compiled(_task, tsig) and _compiled(run_plan_jit, tuple(numba.typeof(a) for a in args))
+    return _compiled(_task(tsig[0]), tsig) and _compiled(run_plan_jit, tuple(numba.typeof(a) for a in args))
 
 
 def run_plan(fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc, XQ, XD, XS, tiles, sc, part,

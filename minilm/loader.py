@@ -13,6 +13,8 @@ import numpy as np
 
 from .config import MAX_POSITIONS, Config
 from .errors import ModelLoadError, ResourceLimitError
+from .kernels import compile_ahead
+from .kernels.executor import never_ran as executor_never_ran
 from .sources import GGUFSource, HFSource, PrequantSource, Source, convert
 
 DEFAULT_CTX = 4096       # the default n_ctx when the machine's free memory is unknown
@@ -281,10 +283,22 @@ def load(path_or_id, quant: str | None = None, n_ctx: int | None = None, threads
         --save-imatrix`) or a dict {matrix name: f32[K]}.
     """
     check = check_load_args(quant, threads, group_size, embed_quant, check_weights)
-    if calibration is None and imatrix is None:
-        return load_source(open_source(path_or_id, check), quant, n_ctx, group_size, embed_quant, kv_quant)
-    return load_calibrated(open_source(path_or_id, check), quant, n_ctx, group_size, embed_quant,
-                           calibration, imatrix, kv_quant)[0]
+    # A first start (no model ever ran on this Numba cache): the compile helper process starts
+    # now and imports while the weights load (kernels/compile_ahead.py); the model's first forward
+    # gives it its jobs, or lets it go when there is nothing to compile.
+    helper = compile_ahead.spawn() if executor_never_ran() else None
+    try:
+        if calibration is None and imatrix is None:
+            lm = load_source(open_source(path_or_id, check), quant, n_ctx, group_size, embed_quant, kv_quant)
+        else:
+            lm = load_calibrated(open_source(path_or_id, check), quant, n_ctx, group_size, embed_quant,
+                                 calibration, imatrix, kv_quant)[0]
+    except BaseException:
+        if helper is not None:
+            helper.close()
+        raise
+    lm.net.adopt_helper(helper)
+    return lm
 
 
 def load_calibrated(src: Source, quant, n_ctx, group_size, embed_quant, calibration, imatrix,

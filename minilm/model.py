@@ -188,24 +188,27 @@ def _region_guard():
     return _SERIAL_REGIONS if layer == "workqueue" else contextlib.nullcontext()
 
 
-def _compile_notice(fs=None):
+def _compile_notice(fs=None, helper: bool = False):
     """Said once when a model's first forward compiles kernels (first run only; Numba caches them):
     at once when the executor is known not to be cached, with an estimate from fs (the formats:
-    each of ggml's block formats adds its kernels), else after a few seconds of a first forward."""
+    each of ggml's block formats adds its kernels) and whether a helper process compiles beside
+    this one, else after a few seconds of a first forward."""
     import sys
     est = ""
     if fs is not None:
         from .quant import RAW_FIRST_FID
         n_raw = sum(1 for a in fs for n in (a.dtype.names or ()) if n in FORMATS and FORMATS[n].fid >= RAW_FIRST_FID)
-        est = f", ~{COMPILE_SECONDS[0] + COMPILE_SECONDS[1] * n_raw:.0f} s"
+        base, per = COMPILE_SECONDS[bool(helper)]
+        est = f", ~{base + per * n_raw:.0f} s"
     print(f"minilm: compiling kernels for this CPU (first run only{est}; cached afterwards) ...",
           file=sys.stderr, flush=True)
 
 
-# A first start's compile on a 2-core x86 (AMD EPYC Zen 4; benchmarks/README.md "Cold start": 15 s CPU
-# for SmolLM2 int4, 20.6 s for a Q4_K_M GGUF, measured under load):
-# seconds for minilm's own formats, and per ggml block format the model adds.
-COMPILE_SECONDS = (12, 4)
+# A first start's compile on an idle 2-core x86 (AMD EPYC Zen 4; benchmarks/README.md "First start
+# in under 8 s"): (seconds for minilm's own formats, per ggml block format the model adds), in
+# one process and with the compile helper beside it. SmolLM2-135M int4: 11.4 s / 6.8 s to the
+# first token; a Q4_K_M GGUF (2 ggml formats): about 20 s / 10 s (the helper's earlier figures).
+COMPILE_SECONDS = ((12, 4), (7, 2))
 
 
 class Exclusive:
@@ -275,7 +278,17 @@ class Transformer:
         self._matrices = [tensors[s.mat] for s in self.plan if s.op == "matmul"]
         self.busy = Exclusive()
         self._ran = False
+        self._helper = None            # a compile helper started at load (adopt_helper)
         self.last_lookup = None        # the last generation's generate.PromptLookup (its counts)
+
+    def adopt_helper(self, helper) -> None:
+        """A compile helper process (kernels/compile_ahead.py `spawn`) started before this model was
+        built: the first forward gives it its jobs if the executor needs compiling, else closes it."""
+        if self._ran:
+            if helper is not None:
+                helper.close()
+        else:
+            self._helper = helper
 
     def _lower(self):
         """The plan's tables; LFM2's conv histories point into the cache (all slots' rows)."""
@@ -378,13 +391,22 @@ class Transformer:
                 c.n_kv_heads, c.head_dim, c.rotary_dim, s.ctr)
         notice = helper = None
         if not self._ran:                   # the first call may compile the executor for this model
+            early, self._helper = self._helper, None
             if not executor_compiled(*args):
-                _compile_notice(low.fs)     # a helper process compiles the matrix kernels and
-                helper = compile_ahead.start(ahead_jobs(*args))   # the parallel region meanwhile
+                jobs = ahead_jobs(*args)    # a helper process compiles the matrix kernels and the
+                if early is not None and early.submit(jobs):   # parallel region meanwhile
+                    helper, early = early, None                # (started at load, or now)
+                else:
+                    helper = compile_ahead.start(jobs)
+                _compile_notice(low.fs, helper is not None)
+                if helper is not None:      # the lm head first: compiling _task waits for the
+                    self._head(np.zeros((1, c.hidden_size), np.float32), s.logits)   # helper at its end
             else:                           # other kernels (the lm head's) may still compile
                 notice = threading.Timer(3.0, _compile_notice)
                 notice.daemon = True
                 notice.start()
+            if early is not None:           # a helper started at load, not needed: it exits
+                early.close()
         try:
             with helper.serving() if helper is not None else contextlib.nullcontext():
                 run_plan(*args)             # compiles what the helper does not; loads what it did

@@ -20,14 +20,14 @@ import minilm
 import minilm.kernels.compile_ahead as ca
 from minilm.kernels import executor as ex
 mode = sys.argv[3]
-real, started = ca.start, []
-def start(jobs, timeout=300.0):
-    h = real(jobs, timeout)
+real, started = ca.spawn, []
+def spawn(timeout=300.0):                            # at load (an empty cache), or by start
+    h = real(timeout)
     started.append(h is not None)
     if h is not None and mode == "kill":
         h._proc.kill()                               # the helper dies before it compiles anything
     return h
-ca.start = start
+ca.spawn = spawn
 m = minilm.load(sys.argv[1], quant=sys.argv[2])
 ids = m.tokenizer.encode("Once upon a time")
 text = m.generate(ids, max_new_tokens=8, ignore_eos=True, speculative=False)
@@ -56,6 +56,8 @@ def test_cold_start_helper_compiles_and_a_dead_one_changes_nothing(tmp_path):
     # the model's process loaded the helper's functions (their signatures are the ones it calls)
     for name, (misses, hits) in ok["stats"].items():
         assert misses == 0 and hits >= 1, f"{name} compiled in the model's process: {ok['stats']}"
+    again = _probe(model, "int4", "helper", tmp_path / "a")   # a warm start: no helper at all
+    assert again["started"] == [] and (again["text"], again["logits"]) == (ok["text"], ok["logits"])
     dead = _probe(model, "int4", "kill", tmp_path / "b")
     assert dead["started"] == [True]
     assert dead["stats"]["matmul"][0] >= 1          # compiled here, as without a helper
@@ -69,6 +71,15 @@ def test_wait_ends_when_the_helper_dies():
     h.wait("x")
     h.wait("not a job")
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.skipif(compile_ahead.fcntl is None or compile_ahead._cpus() < 2, reason="no helper on this machine")
+def test_a_helper_started_early_and_not_needed_exits(monkeypatch):
+    monkeypatch.setenv("MINILM_COMPILE_HELPER", "1")
+    h = compile_ahead.spawn()
+    assert h is not None and h.submit([]) is False    # nothing it could compile: not given to it
+    h.close()
+    assert h._proc.wait(timeout=120) == 0
 
 
 def test_no_helper_when_switched_off_or_no_core_is_idle(monkeypatch):
