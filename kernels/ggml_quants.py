@@ -103,6 +103,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .qmatmul import _blk_amax
 from .simd import _h2f
 
 QK_K = 256
@@ -963,28 +964,41 @@ def act_quant_q8_k(x, xq, xd, xs):
     """q8_K activation blocks: xd[b] = d (f32) per 256, xs[j] = bsums per 16."""
     nb = x.shape[0] // 256
     for b in range(nb):
-        k0 = b * 256
+        xb = x[b * 256:(b + 1) * 256]
+        qb = xq[b * 256:(b + 1) * 256]
+        # mx = the element of largest |x|, the first one on ties (ggml's loop): +amax or -amax,
+        # whichever occurs, and only where both do a scalar scan finds which comes first (the
+        # scalar argmax loop and per-byte stores were most of the quantizer's time)
         amax = np.float32(0.0)
-        mx = np.float32(0.0)
+        for k in range(8):
+            amax = max(amax, _blk_amax(xb, 32 * k))
+        npos = 0
         for i in range(256):
-            a = abs(x[k0 + i])
-            if a > amax:
-                amax = a
-                mx = x[k0 + i]
+            npos += xb[i] == amax
+        mx = amax if npos > 0 else -amax
+        if npos > 0:
+            nneg = 0
+            for i in range(256):
+                nneg += xb[i] == -amax
+            if nneg > 0:
+                for i in range(256):
+                    if abs(xb[i]) == amax:
+                        mx = xb[i]
+                        break
         if amax == 0:
             xd[b] = 0.0
             for i in range(256):
-                xq[k0 + i] = 0
+                qb[i] = 0
             for j in range(16):
                 xs[b * 16 + j] = 0.0
             continue
         isc = np.float32(-127.0) / mx
+        for i in range(256):
+            qb[i] = np.int8(min(np.int32(127), np.int32(np.rint(isc * xb[i]))))
         for j in range(16):
             s = np.int32(0)
             for i in range(16):
-                q = min(np.int32(127), np.int32(np.rint(isc * x[k0 + 16 * j + i])))
-                xq[k0 + 16 * j + i] = np.int8(q)
-                s += q
+                s += np.int32(qb[16 * j + i])
             xs[b * 16 + j] = np.float32(s)
         xd[b] = np.float32(1.0) / isc
 
