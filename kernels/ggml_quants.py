@@ -77,8 +77,8 @@ Kernel design and what inspect_asm showed (2-vCPU Xeon with AVX-512 VNNI, numba 
     by the rows), and their 12 scale/min bytes unpack as <4 x i32> word ops. IQ4_XS (table + 128
     overflows the i16 pairs) keeps vpdpbusd with the -128 bias preloaded in the accumulator and a
     vpmulld by its scales. The 4 rows' bytes 16 rows ahead are prefetched as a linear stream (as
-    qmatmul's Q4_0). GEMM (prefill, gemm_<type>_groups): per pass 8 tokens (then 4, then 1) x 1
-    row (Q4_K/Q5_K: x 4 rows, the rearranged activation shared by them), each super-block
+    qmatmul's Q4_0). GEMM (prefill, gemm_<type>_groups): per pass 8 tokens (then 4, then 1) x 2
+    rows (Q4_K/Q5_K: x 4 rows, the rearranged activation shared by them), each super-block
     unpacked once for the tokens; the per-(row, token) integer sums and float step are the
     GEMV's code, so prefill is bit-identical to decode.
   * Q4_K runs in the executor from a repacked copy built at load (repack_q4_k, section "Repacked
