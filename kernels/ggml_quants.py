@@ -77,8 +77,8 @@ Kernel design and what inspect_asm showed (2-vCPU Xeon with AVX-512 VNNI, numba 
     by the rows), and their 12 scale/min bytes unpack as <4 x i32> word ops. IQ4_XS (table + 128
     overflows the i16 pairs) keeps vpdpbusd with the -128 bias preloaded in the accumulator and a
     vpmulld by its scales. The 4 rows' bytes 16 rows ahead are prefetched as a linear stream (as
-    qmatmul's Q4_0). GEMM (prefill, gemm_<type>_groups): per pass 8 tokens (then 4, then 1) x 1
-    row (Q4_K/Q5_K: x 4 rows, the rearranged activation shared by them), each super-block
+    qmatmul's Q4_0). GEMM (prefill, gemm_<type>_groups): per pass 8 tokens (then 4, then 1) x 2
+    rows (Q4_K/Q5_K: x 4 rows, the rearranged activation shared by them), each super-block
     unpacked once for the tokens; the per-(row, token) integer sums and float step are the
     GEMV's code, so prefill is bit-identical to decode.
   * Q4_K runs in the executor from a repacked copy built at load (repack_q4_k, section "Repacked
@@ -103,6 +103,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .qmatmul import _blk_amax
 from .simd import _h2f
 
 QK_K = 256
@@ -963,28 +964,41 @@ def act_quant_q8_k(x, xq, xd, xs):
     """q8_K activation blocks: xd[b] = d (f32) per 256, xs[j] = bsums per 16."""
     nb = x.shape[0] // 256
     for b in range(nb):
-        k0 = b * 256
+        xb = x[b * 256:(b + 1) * 256]
+        qb = xq[b * 256:(b + 1) * 256]
+        # mx = the element of largest |x|, the first one on ties (ggml's loop): +amax or -amax,
+        # whichever occurs, and only where both do a scalar scan finds which comes first (the
+        # scalar argmax loop and per-byte stores were most of the quantizer's time)
         amax = np.float32(0.0)
-        mx = np.float32(0.0)
+        for k in range(8):
+            amax = max(amax, _blk_amax(xb, 32 * k))
+        npos = 0
         for i in range(256):
-            a = abs(x[k0 + i])
-            if a > amax:
-                amax = a
-                mx = x[k0 + i]
+            npos += xb[i] == amax
+        mx = amax if npos > 0 else -amax
+        if npos > 0:
+            nneg = 0
+            for i in range(256):
+                nneg += xb[i] == -amax
+            if nneg > 0:
+                for i in range(256):
+                    if abs(xb[i]) == amax:
+                        mx = xb[i]
+                        break
         if amax == 0:
             xd[b] = 0.0
             for i in range(256):
-                xq[k0 + i] = 0
+                qb[i] = 0
             for j in range(16):
                 xs[b * 16 + j] = 0.0
             continue
         isc = np.float32(-127.0) / mx
+        for i in range(256):
+            qb[i] = np.int8(min(np.int32(127), np.int32(np.rint(isc * xb[i]))))
         for j in range(16):
             s = np.int32(0)
             for i in range(16):
-                q = min(np.int32(127), np.int32(np.rint(isc * x[k0 + 16 * j + i])))
-                xq[k0 + 16 * j + i] = np.int8(q)
-                s += q
+                s += np.int32(qb[16 * j + i])
             xs[b * 16 + j] = np.float32(s)
         xd[b] = np.float32(1.0) / isc
 
@@ -1692,7 +1706,9 @@ def _k_gemm_pass(XQ, XD, XS, raw, out, t0, r, rb, nsb, accp, acc, NT, NR, KIND):
 @njit(**dict(_JIT, inline="always"))
 def _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, KIND, TS, NR):
     """Row groups g0..g1-1 of out[:M] = X[:M] @ W.T (K-quants): per NR rows (4: Q4_K/Q5_K, whose
-    paired activation layout is then built once per token for the 4 rows; 1: the others) and
+    paired activation layout is then built once per token for the 4 rows; 2: the others: 2 rows
+    share each token's activation loads and offset sums, 1.2-1.4x the GEMM speed of 1 row; 4 rows
+    of these formats measured no faster than 1, their unpacked super-blocks spill) and
     block of _MT tokens one pass over the rows' super-blocks, each unpacked once for the _MT
     tokens (_ksb_mt); then a block of 4 tokens and single tokens for the rest; a last group of
     fewer than 4 rows one row and token at a time. Per (row, token) the same arithmetic as
@@ -1989,7 +2005,7 @@ def _gemv_par_q2_k(x, raw, out, xq, xd, xs):
 @njit(**_JIT)
 def gemm_q2_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q2_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 10, 84, 1)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 10, 84, 2)
 
 
 @njit(**_PJIT)
@@ -2021,7 +2037,7 @@ def _gemv_par_q3_k(x, raw, out, xq, xd, xs):
 @njit(**_JIT)
 def gemm_q3_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q3_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 11, 110, 1)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 11, 110, 2)
 
 
 @njit(**_PJIT)
@@ -2234,7 +2250,7 @@ def _gemv_par_q6_k(x, raw, out, xq, xd, xs):
 @njit(**_JIT)
 def gemm_q6_k_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """Q6_K: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 14, 210, 1)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 14, 210, 2)
 
 
 @njit(**_PJIT)
@@ -2266,7 +2282,7 @@ def _gemv_par_iq4_xs(x, raw, out, xq, xd, xs):
 @njit(**_JIT)
 def gemm_iq4_xs_groups(XQ, XD, XS, raw, out, M, g0, g1):
     """IQ4_XS: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, activations in q8_K slots (2-D)."""
-    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 23, 136, 1)
+    _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, 23, 136, 2)
 
 
 @njit(**_PJIT)

@@ -134,6 +134,25 @@ def test_act_quant_kernel_matches_ref(act):
         assert np.array_equal(rs, rq.astype(np.int32).reshape(-1, 16).sum(axis=1))
 
 
+def test_act_quant_q8_k_sign_of_the_largest():
+    """q8_K's scale takes the sign of the element of largest |x|, the first one where +m and -m
+    both occur (ggml's loop): the kernel finds it by a vector max and a scan only on such ties."""
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        x = rng.standard_normal(1024).astype(np.float32)
+        m = np.float32(8.0)
+        i, j = rng.choice(256, 2, replace=False)
+        x[i], x[j] = m, -m                                      # block 0: both signs, either order
+        x[256:512] = -np.abs(x[256:512])                        # block 1: all negative
+        x[512 + trial] = -m                                     # block 2: one negative max
+        x[768:] = np.round(x[768:])                             # block 3: many equal |x|
+        xq, xd, xs = GQ.act_scratch(1024)
+        GQ.act_quant_q8_k(x, xq, xd, xs)
+        rq, rd, rs = GQ.quantize_act_q8_k_ref(x)
+        assert np.array_equal(xq, rq) and np.array_equal(xd[:4], rd) and np.array_equal(xs[:64], rs)
+        assert (xd[0] > 0) == (i > j)                           # d = max / -127: the first of the pair decides
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_kernels_match_dot_ref(name):
     s = GQ.SPECS[name]
