@@ -9,7 +9,8 @@ columns P_*). Operands are rows of three tables built once per model from the pl
 so nobody counts offsets by hand: plan.py writes each row from a named step.
 
 `run_plan` runs the whole plan in ONE parallel region. Every step is cut into tasks (a block of
-matrix rows, a token, an attention head or split); the threads take tasks from an atomic counter
+matrix rows, a token, an attention head or split; past ONE_TASK_ROWS rows a run of tokens, or of
+the attention's (token, split, head) items: _grain); the threads take tasks from an atomic counter
 and wait at the end of the step until all its tasks are done. Consecutive steps that have one
 task each (the norms, activation quantizers and element-wise ops of one decode token, or of
 the few rows of a batched decode: ONE_TASK_ROWS) run as one phase on the thread that takes it,
@@ -513,6 +514,25 @@ def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
     return 1 if M <= ONE_TASK_ROWS else M      # per-row steps
 
 
+# Past ONE_TASK_ROWS rows (a prompt chunk), the per-row steps and the attention are cut into about
+# this many tasks per thread, each a run of rows (of (token, split, head) items for the attention)
+# rather than one item, so that a step costs a few atomic operations on the counters both threads
+# write and a few indirect calls instead of one per item (a 128-token SmolLM2 prefill has about
+# 2500 such items a layer). What an item computes does not depend on which task runs it, so
+# every row keeps decode's bits.
+TASKS_PER_THREAD = 8
+
+
+@njit(**_J)
+def _grain(steps, s, M, nt, n):
+    """How many of step s's n items one task runs (_task): 1 up to ONE_TASK_ROWS rows and for the
+    matrices (their items are already blocks of rows), LFM2's conv and the calibration sums."""
+    op = steps[s, S_OP]
+    if M <= ONE_TASK_ROWS or op == OP_MATMUL or op == OP_CONV or op == OP_STATS:
+        return 1
+    return max(1, n // (TASKS_PER_THREAD * nt))
+
+
 @njit(**_J)
 def _task_rows(steps, s, M):
     """How many rows one task of a one-task step covers: its M rows for per-row steps (M <=
@@ -711,9 +731,18 @@ def _task_impl(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, c
 @njit(**_JC)
 def _task(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
           XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
-    """Task k of step s, run by thread tid."""
-    _task_body(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
-               XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
+    """Task k of step s, run by thread tid: items k g .. k g + g - 1 of the step's n (_grain); the
+    attention's in reverse order (the last tokens, which attend to the most rows, first, so the
+    tasks left at the end of the step are the short ones)."""
+    n = _ntasks(steps, s, mtab, M, pos, nt, part.shape[1], H)
+    g = _grain(steps, s, M, nt, n)
+    i0, i1 = k, k + 1                    # g = 1: item k (a one-task step: row k of its rows)
+    if g > 1:
+        i0, i1 = k * g, min(n, k * g + g)
+    rev = g > 1 and steps[s, S_OP] == OP_ATTEND
+    for i in range(i0, i1):
+        _task_body(fs, steps, fpar, s, n - 1 - i if rev else i, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin,
+                   kc, vc, XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot)
 
 
 # ---- the run: one parallel region calling the compiled _task through its address -------------
@@ -801,6 +830,8 @@ def run_plan_jit(task, key, fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos
                 _wait(ctr, ph, np.int64(1))
                 s = e
             else:
+                g = _grain(steps, s, M, nt, n)
+                n = (n + g - 1) // g         # tasks of g items each (_task)
                 k = _take(ctr, ph, n)
                 while k >= 0:
                     _call_task(task, key, (fs, steps, fpar, s, np.int64(k), tid, nt, btab, mtab, vtab, M, pos, slot,
