@@ -2,7 +2,7 @@
 
 Cache layout (one layer): k, v: [Hkv, n_ctx, W], one stored row of hd values per kv head and
 position in the cache's storage type (kvrows.py: f32, f16 bits, or q8_0 blocks; the kernels
-read and write rows only through its kv_put / kv_dot / kv_axpy, and compute in float32).
+read and write rows only through its kv_put / kv_dot / kv_wsum, and compute in float32).
 Query head h reads kv head h // (H / Hkv).
 Scores go to a caller-provided scratch sc: f32[H, n_ctx] (one row per query head), so nothing is
 allocated per call and the loops are contiguous and vectorised.
@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from .activations import fexp
-from .kvrows import kv_axpy, kv_dot, kv_put
+from .kvrows import kv_dot, kv_put, kv_wsum
 from .norm import head_rmsnorm
 from .rope import rope_head
 
@@ -53,11 +53,7 @@ def _attend(q, qo, kc, vc, g, j0, j1, hd, scale, sc, oh, cap):
         e = fexp(s_[j] - mx)
         s_[j] = e
         l += e
-    for i in range(hd):
-        oh[i] = 0.0
-    ov = oh[:hd]
-    for j in range(n):
-        kv_axpy(s_[j], vg[j], ov)
+    kv_wsum(s_, vg, oh[:hd])
     return mx, l
 
 

@@ -9,7 +9,8 @@ columns P_*). Operands are rows of three tables built once per model from the pl
 so nobody counts offsets by hand: plan.py writes each row from a named step.
 
 `run_plan` runs the whole plan in ONE parallel region. Every step is cut into tasks (a block of
-matrix rows, a token, an attention head or split); the threads take tasks from an atomic counter
+matrix rows, a token, an attention head or split; past ONE_TASK_ROWS rows a run of tokens, or of
+the attention's (token, split, head) items: _grain); the threads take tasks from an atomic counter
 and wait at the end of the step until all its tasks are done. Consecutive steps that have one
 task each (the norms, activation quantizers and element-wise ops of one decode token, or of
 the few rows of a batched decode: ONE_TASK_ROWS) run as one phase on the thread that takes it,
@@ -512,6 +513,25 @@ def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
     return 1 if M <= ONE_TASK_ROWS else M      # per-row steps
 
 
+# Past ONE_TASK_ROWS rows (a prompt chunk), the per-row steps and the attention are cut into about
+# this many tasks per thread, each a run of rows (of (token, split, head) items for the attention)
+# rather than one item, so that a step costs a few atomic operations on the counters both threads
+# write and a few indirect calls instead of one per item (a 128-token SmolLM2 prefill has about
+# 2500 such items a layer). What an item computes does not depend on which task runs it, so
+# every row keeps decode's bits.
+TASKS_PER_THREAD = 8
+
+
+@njit(**_JC)
+def _grain(steps, s, M, nt, n):
+    """How many of step s's n items one task runs (_task): 1 up to ONE_TASK_ROWS rows and for the
+    matrices (their items are already blocks of rows), LFM2's conv and the calibration sums."""
+    op = steps[s, S_OP]
+    if M <= ONE_TASK_ROWS or op == OP_MATMUL or op == OP_CONV or op == OP_STATS:
+        return 1
+    return max(1, n // (TASKS_PER_THREAD * nt))
+
+
 @njit(**_JC)
 def _task_rows(steps, s, M):
     """How many rows one task of a one-task step covers: its M rows for per-row steps (M <=
@@ -551,151 +571,162 @@ def _task_impl(ops):
     has_stats = OP_STATS in ops
     has_ext = any(o >= N_OPS for o in ops)
 
-    def impl(fs, steps, fpar, s, k, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
+    def impl(fs, steps, fpar, s, kt, tid, nt, btab, mtab, vtab, M, pos, slot, cos, sin, kc, vc,
              XQ, XD, XS, tiles, sc, part, H, Hkv, hd, rot):
-        op = steps[s, S_OP]
-        if has_norm:
-            if op == OP_NORM:
-                norm_row(_buf(btab, steps[s, S_SRC], M)[k], _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
-                         fpar[s, P_EPS], _buf(btab, steps[s, S_DST], M)[k])
-                return
-        if has_add_norm:
-            if op == OP_ADD_NORM:
-                add_norm_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_SRC2], M)[k],
-                             _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]), fpar[s, P_EPS],
-                             _buf(btab, steps[s, S_DST], M)[k])
-                return
-        if has_add:
-            if op == OP_ADD:
-                d = _buf(btab, steps[s, S_DST], M)[k]
-                x = _buf(btab, steps[s, S_SRC], M)[k]
-                for i in range(d.shape[0]):
-                    d[i] += x[i]
-                return
-        if has_qkv:
-            if op == OP_QKV:
-                L = steps[s, S_LAYER]
-                t = steps[s, S_I0]                       # RoPE table (columns t*rot/2..) or -1: no RoPE
-                h2 = rot // 2
-                c0 = max(t, 0) * h2
-                sl = slot[k]
-                prep_decode(_buf(btab, steps[s, S_SRC], M)[k], kc[L, sl], vc[L, sl], pos[k], cos[:, c0:c0 + h2],
-                            sin[:, c0:c0 + h2], _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]), H, Hkv, hd,
-                            rot if t >= 0 else 0, fpar[s, P_EPS])
-                return
-        if has_attend:
-            if op == OP_ATTEND:
-                L = steps[s, S_LAYER]
-                window = steps[s, S_I0]
-                q = _buf(btab, steps[s, S_SRC], M)
-                scale = np.float32(fpar[s, P_SCALE])
-                cap = np.float32(fpar[s, P_CAP])
-                per = part.shape[1] * H                  # tasks per token: its splits x heads, as decode
-                m = k // per
-                attend_task(q[m], kc[L, slot[m]], vc[L, slot[m]], pos[m], window, H, Hkv, hd, scale, sc[tid], part[m],
-                            k - m * per, cap)
-                return
-        if has_merge:
-            if op == OP_MERGE:
-                _, ns, _ = decode_splits(pos[k], steps[s, S_I0], part.shape[1])
-                merge_parts(part[k], ns, H, hd, _buf(btab, steps[s, S_DST], M)[k])
-                return
-        if has_silu_mul:
-            if op == OP_SILU_MUL:
-                F = steps[s, S_I0]                       # the buffer may be wider (zero-padded K)
-                silu_mul_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_DST], M)[k][:F])
-                return
-        if has_gelu:
-            if op == OP_GELU:
-                d = _buf(btab, steps[s, S_DST], M)[k]
-                if steps[s, S_I0] == 1:
-                    gelu_tanh_row(d)
-                else:
-                    gelu_row(d)
-                return
-        if has_scale:
-            if op == OP_SCALE:
-                d = _buf(btab, steps[s, S_DST], M)[k]
-                f = np.float32(fpar[s, P_SCALE])
-                for i in range(d.shape[0]):
-                    d[i] *= f
-                return
-        if has_qk_norm:
-            if op == OP_QK_NORM:
-                x = _buf(btab, steps[s, S_SRC], M)[k]
-                e = fpar[s, P_EPS]
-                head_rmsnorm(x, 0, H * hd, _vec(vtab, steps[s, S_W]), e)
-                head_rmsnorm(x, H * hd, Hkv * hd, _vec(vtab, steps[s, S_B]), e)
-                return
-        if has_gelu_mul:
-            if op == OP_GELU_MUL:
-                F = steps[s, S_I0]
-                gelu_mul_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_DST], M)[k][:F])
-                return
-        if has_conv:
-            if op == OP_CONV:
-                j = steps[s, S_MAT]
-                D = mtab[j, M_COLS]
-                hist = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], D))
-                n = 1 if M <= ONE_TASK_ROWS else nt
-                _conv_rows(_buf(btab, steps[s, S_SRC], M), hist, _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
-                           steps[s, S_I0], pos, slot, kc.shape[3], M, _buf(btab, steps[s, S_DST], M), k * D // n,
-                           (k + 1) * D // n)
-                return
-        if has_add_rows:
-            if op == OP_ADD_ROWS:
-                j = steps[s, S_MAT]
-                t = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], mtab[j, M_COLS]))
-                d = _buf(btab, steps[s, S_DST], M)[k]
-                r = t[pos[k]]
-                for i in range(d.shape[0]):
-                    d[i] += r[i]
-                return
-        if has_stats:
-            if op == OP_STATS:
-                x = _buf(btab, steps[s, S_SRC], M)
-                v = _vec(vtab, steps[s, S_W])
-                K = steps[s, S_I0]
-                if K == 0:                               # one task: the vector is shared by all rows
-                    for i in range(v.shape[0]):
-                        acc = 0.0                        # float64 over the rows
-                        for m in range(M):
-                            acc += x[m, i] * x[m, i]
-                        v[i] += acc
-                else:                                    # rows 16k..16k+15 of X^T X (disjoint per task)
-                    for i in range(16 * k, min(16 * k + 16, K)):
-                        for j in range(K):
-                            acc = 0.0
+        # task kt runs items kt g .. kt g + g - 1 of the step's n (_grain): one item up to
+        # ONE_TASK_ROWS rows and for the matrices; the attention's in reverse order (the last tokens,
+        # which attend to the most rows, first, so the tasks left at the end of the step are short)
+        nitems = _ntasks(steps, s, mtab, M, pos, nt, part.shape[1], H)
+        gr = _grain(steps, s, M, nt, nitems)
+        i0, i1 = kt, kt + 1
+        if gr > 1:
+            i0, i1 = kt * gr, min(nitems, kt * gr + gr)
+        rev = gr > 1 and steps[s, S_OP] == OP_ATTEND
+        for it in range(i0, i1):
+            k = nitems - 1 - it if rev else it
+            op = steps[s, S_OP]
+            if has_norm:
+                if op == OP_NORM:
+                    norm_row(_buf(btab, steps[s, S_SRC], M)[k], _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
+                             fpar[s, P_EPS], _buf(btab, steps[s, S_DST], M)[k])
+                    continue
+            if has_add_norm:
+                if op == OP_ADD_NORM:
+                    add_norm_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_SRC2], M)[k],
+                                 _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]), fpar[s, P_EPS],
+                                 _buf(btab, steps[s, S_DST], M)[k])
+                    continue
+            if has_add:
+                if op == OP_ADD:
+                    d = _buf(btab, steps[s, S_DST], M)[k]
+                    x = _buf(btab, steps[s, S_SRC], M)[k]
+                    for i in range(d.shape[0]):
+                        d[i] += x[i]
+                    continue
+            if has_qkv:
+                if op == OP_QKV:
+                    L = steps[s, S_LAYER]
+                    t = steps[s, S_I0]                       # RoPE table (columns t*rot/2..) or -1: no RoPE
+                    h2 = rot // 2
+                    c0 = max(t, 0) * h2
+                    sl = slot[k]
+                    prep_decode(_buf(btab, steps[s, S_SRC], M)[k], kc[L, sl], vc[L, sl], pos[k], cos[:, c0:c0 + h2],
+                                sin[:, c0:c0 + h2], _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]), H, Hkv, hd,
+                                rot if t >= 0 else 0, fpar[s, P_EPS])
+                    continue
+            if has_attend:
+                if op == OP_ATTEND:
+                    L = steps[s, S_LAYER]
+                    window = steps[s, S_I0]
+                    q = _buf(btab, steps[s, S_SRC], M)
+                    scale = np.float32(fpar[s, P_SCALE])
+                    cap = np.float32(fpar[s, P_CAP])
+                    per = part.shape[1] * H                  # tasks per token: its splits x heads, as decode
+                    m = k // per
+                    attend_task(q[m], kc[L, slot[m]], vc[L, slot[m]], pos[m], window, H, Hkv, hd, scale, sc[tid], part[m],
+                                k - m * per, cap)
+                    continue
+            if has_merge:
+                if op == OP_MERGE:
+                    _, ns, _ = decode_splits(pos[k], steps[s, S_I0], part.shape[1])
+                    merge_parts(part[k], ns, H, hd, _buf(btab, steps[s, S_DST], M)[k])
+                    continue
+            if has_silu_mul:
+                if op == OP_SILU_MUL:
+                    F = steps[s, S_I0]                       # the buffer may be wider (zero-padded K)
+                    silu_mul_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_DST], M)[k][:F])
+                    continue
+            if has_gelu:
+                if op == OP_GELU:
+                    d = _buf(btab, steps[s, S_DST], M)[k]
+                    if steps[s, S_I0] == 1:
+                        gelu_tanh_row(d)
+                    else:
+                        gelu_row(d)
+                    continue
+            if has_scale:
+                if op == OP_SCALE:
+                    d = _buf(btab, steps[s, S_DST], M)[k]
+                    f = np.float32(fpar[s, P_SCALE])
+                    for i in range(d.shape[0]):
+                        d[i] *= f
+                    continue
+            if has_qk_norm:
+                if op == OP_QK_NORM:
+                    x = _buf(btab, steps[s, S_SRC], M)[k]
+                    e = fpar[s, P_EPS]
+                    head_rmsnorm(x, 0, H * hd, _vec(vtab, steps[s, S_W]), e)
+                    head_rmsnorm(x, H * hd, Hkv * hd, _vec(vtab, steps[s, S_B]), e)
+                    continue
+            if has_gelu_mul:
+                if op == OP_GELU_MUL:
+                    F = steps[s, S_I0]
+                    gelu_mul_row(_buf(btab, steps[s, S_SRC], M)[k], _buf(btab, steps[s, S_DST], M)[k][:F])
+                    continue
+            if has_conv:
+                if op == OP_CONV:
+                    j = steps[s, S_MAT]
+                    D = mtab[j, M_COLS]
+                    hist = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], D))
+                    n = 1 if M <= ONE_TASK_ROWS else nt
+                    _conv_rows(_buf(btab, steps[s, S_SRC], M), hist, _vec(vtab, steps[s, S_W]), _vec(vtab, steps[s, S_B]),
+                               steps[s, S_I0], pos, slot, kc.shape[3], M, _buf(btab, steps[s, S_DST], M), k * D // n,
+                               (k + 1) * D // n)
+                    continue
+            if has_add_rows:
+                if op == OP_ADD_ROWS:
+                    j = steps[s, S_MAT]
+                    t = numba.carray(_ptr_as(mtab[j, M_W], _F32), (mtab[j, M_N], mtab[j, M_COLS]))
+                    d = _buf(btab, steps[s, S_DST], M)[k]
+                    r = t[pos[k]]
+                    for i in range(d.shape[0]):
+                        d[i] += r[i]
+                    continue
+            if has_stats:
+                if op == OP_STATS:
+                    x = _buf(btab, steps[s, S_SRC], M)
+                    v = _vec(vtab, steps[s, S_W])
+                    K = steps[s, S_I0]
+                    if K == 0:                               # one task: the vector is shared by all rows
+                        for i in range(v.shape[0]):
+                            acc = 0.0                        # float64 over the rows
                             for m in range(M):
-                                acc += x[m, i] * x[m, j]
-                            v[i * K + j] += acc
-                return
-        # The matrix kinds come last: Numba types (and compiles) the callees in this order, and on a
-        # first run a helper process compiles _mm_task and _quant_task meanwhile (ahead_jobs).
-        if has_matmul:
-            if op == OP_MATMUL:
-                j = steps[s, S_MAT]
-                ng = (mtab[j, M_N] + 3) // 4
-                n = nt if M == 1 else min(ng, 4 * nt)
-                g0 = k * ng // n
-                g1 = (k + 1) * ng // n
-                out = _buf(btab, steps[s, S_DST], M)
-                _mm_task(fs, mtab, j, _buf(btab, steps[s, S_SRC], M), XQ, XD, XS, tiles[tid], M, out, g0, g1)
-                b = _vec(vtab, steps[s, S_B])
-                if b.shape[0] > 0:                       # bias on this task's rows
-                    r1 = min(4 * g1, mtab[j, M_N])
-                    for m in range(M):
-                        o = out[m]
-                        for r in range(4 * g0, r1):
-                            o[r] += b[r]
-                return
-        if has_quant:
-            if op == OP_QUANT:
-                x = _buf(btab, steps[s, S_SRC], M)
-                _quant_task(fs, mtab, steps[s, S_MAT], x[k], XQ[k], XD[k], XS[k])
-                return
-        if has_ext:
-            _ext_task(op, s, k, M, pos, steps, fpar, btab, mtab, vtab)
+                                acc += x[m, i] * x[m, i]
+                            v[i] += acc
+                    else:                                    # rows 16k..16k+15 of X^T X (disjoint per task)
+                        for i in range(16 * k, min(16 * k + 16, K)):
+                            for j in range(K):
+                                acc = 0.0
+                                for m in range(M):
+                                    acc += x[m, i] * x[m, j]
+                                v[i * K + j] += acc
+                    continue
+            # The matrix kinds come last: Numba types (and compiles) the callees in this order, and on a
+            # first run a helper process compiles _mm_task and _quant_task meanwhile (ahead_jobs).
+            if has_matmul:
+                if op == OP_MATMUL:
+                    j = steps[s, S_MAT]
+                    ng = (mtab[j, M_N] + 3) // 4
+                    n = nt if M == 1 else min(ng, 4 * nt)
+                    g0 = k * ng // n
+                    g1 = (k + 1) * ng // n
+                    out = _buf(btab, steps[s, S_DST], M)
+                    _mm_task(fs, mtab, j, _buf(btab, steps[s, S_SRC], M), XQ, XD, XS, tiles[tid], M, out, g0, g1)
+                    b = _vec(vtab, steps[s, S_B])
+                    if b.shape[0] > 0:                       # bias on this task's rows
+                        r1 = min(4 * g1, mtab[j, M_N])
+                        for m in range(M):
+                            o = out[m]
+                            for r in range(4 * g0, r1):
+                                o[r] += b[r]
+                    continue
+            if has_quant:
+                if op == OP_QUANT:
+                    x = _buf(btab, steps[s, S_SRC], M)
+                    _quant_task(fs, mtab, steps[s, S_MAT], x[k], XQ[k], XD[k], XS[k])
+                    continue
+            if has_ext:
+                _ext_task(op, s, k, M, pos, steps, fpar, btab, mtab, vtab)
     return impl
 
 
@@ -803,6 +834,8 @@ def run_plan_jit(task, key, fs, steps, fpar, btab, mtab, vtab, M, pos, slot, cos
                 _wait(ctr, ph, np.int64(1))
                 s = e
             else:
+                g = _grain(steps, s, M, nt, n)
+                n = (n + g - 1) // g         # tasks of g items each (_task)
                 k = _take(ctr, ph, n)
                 while k >= 0:
                     _call_task(task, key, (fs, steps, fpar, s, np.int64(k), tid, nt, btab, mtab, vtab, M, pos, slot,

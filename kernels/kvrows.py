@@ -11,6 +11,8 @@ kernel per storage dtype (float32 / uint16 / int8), and the maths around them st
     kv_put(row, src)        row <- src (f32[hd]) in the row's storage type
     kv_dot(q, row)          sum_i q[i] * value[i]    (q: f32[hd])
     kv_axpy(w, row, out)    out[i] += w * value[i]   (out: f32[hd])
+    kv_wsum(w, rows, out)   out[i] = sum_j w[j] * value_j[i], j in order (rows[j] one row each):
+                            out zeroed, then kv_axpy of each row in turn, with the same bits
 Each placeholder's Python body is the numpy reference of the same operation (the tests compare
 the kernels against them).
 """
@@ -18,7 +20,7 @@ import numpy as np
 from numba import types
 from numba.extending import overload, register_jitable
 
-from .simd import _f2h, _h2f
+from .simd import _blk_axpy16, _blk_store16, _f2h, _h2f, _stack_f32, _zero16
 
 QK = 32                                   # values per q8_0 block
 _OV = dict(fastmath=True, error_model="numpy")
@@ -79,6 +81,13 @@ def kv_dot(q, row):
 def kv_axpy(w, row, out):
     """out += w * value of a stored row (reference)."""
     out += np.float32(w) * decode_rows(row, out.shape[0])
+
+
+def kv_wsum(w, rows, out):
+    """out <- sum_j w[j] * value of rows[j], accumulated in the order j (reference)."""
+    out[...] = 0.0
+    for j in range(len(w)):
+        kv_axpy(w[j], rows[j], out)
 
 
 # ---- the compiled helpers ------------------------------------------------------------------------
@@ -185,4 +194,40 @@ def _kv_axpy(w, row, out):
                 for i in range(n):
                     ob[i] += wd * np.float32(rb[i])
         return axpy_q8
+    return None
+
+
+@overload(kv_wsum, jit_options=_OV)
+def _kv_wsum(w, rows, out):
+    """16 values of out at a time, their accumulators in a register over all the rows, each
+    value's sum in the order j with kv_axpy's multiply-add: out[i] += w * value[i] over a row at
+    a time keeps out in memory, and a 64-byte store each row that the next row's load waits for
+    cost as much as the rest of the attention (the vector is stored in two halves, which the
+    load cannot take from the store buffer)."""
+    dt = rows.dtype
+    if dt == types.float32 or dt == types.uint16:
+        def wsum(w, rows, out):
+            hd = out.shape[0]
+            rs = rows.strides[0] // rows.itemsize
+            accp = _stack_f32(16)
+            for i0 in range(0, hd, 16):
+                nv = min(16, hd - i0)
+                _zero16(accp)
+                for j in range(w.shape[0]):
+                    _blk_axpy16(accp, w[j], rows, j * rs + i0, nv)
+                _blk_store16(accp, out, i0, nv)
+        return wsum
+    if dt == types.int8:
+        def wsum_q8(w, rows, out):
+            hd = out.shape[0]
+            rs = rows.strides[0] // rows.itemsize
+            accp = _stack_f32(16)
+            for i0 in range(0, hd, 16):      # a 16-value chunk lies in one block of 32
+                nv = min(16, hd - i0)
+                b = i0 // 32
+                _zero16(accp)
+                for j in range(w.shape[0]):
+                    _blk_axpy16(accp, w[j] * _q8_scale(rows[j], hd, b), rows, j * rs + i0, nv)
+                _blk_store16(accp, out, i0, nv)
+        return wsum_q8
     return None

@@ -10,6 +10,8 @@ kernels in matmul.py and qmatmul.py what they need, and LLVM inlines them:
   _prefetch(arr, off)      prefetcht0 of the line holding arr[off] (never faults)
   _hsum16(p, off)          sum of p[off:off+16] as a shuffle tree
   _blk_fma16(acc, w, wo, x, xo, n, KIND)   acc[0:n] += f32(w[wo:wo+n]) * x[xo:xo+n] (masked tail)
+  _blk_axpy16(acc, w, x, xo, n)            acc[0:n] += w * f32(x[xo:xo+n]) (x f32, fp16 bits or int8)
+  _zero16(acc) / _blk_store16(acc, out, o, n)   acc[0:16] = 0 / out[o:o+n] = acc[0:n]
   _masked_load             a vector load whose lanes past n are zero and not read
 """
 import llvmlite.ir as ir
@@ -182,6 +184,77 @@ def _blk_fma16(typingctx, accp, w, woff, x, xoff, n, KIND):
         builder.store(builder.call(fma, [wv, xv, a]), ap, align=4)
         return ir.Constant(_I8, 0)
     return types.int8(accp, w, woff, x, xoff, n, KIND), codegen
+
+
+def _blk_vec(ctx, builder, aty, arr, off, n):
+    """x[off:off+16] (lanes >= n zero and not read) as 16 f32: x float32, fp16 bits (uint16) or
+    int8 values, converted as Numba converts one element (fpext half, sitofp)."""
+    dt = aty.dtype
+    if dt == types.float32:
+        return _masked_load(builder, _elem_ptr(ctx, builder, aty, arr, off, _F32), _V16F32, n, 4)
+    if dt == types.uint16:
+        h = _masked_load(builder, _elem_ptr(ctx, builder, aty, arr, off, _I16), ir.VectorType(_I16, 16), n, 2)
+        return builder.fpext(builder.bitcast(h, ir.VectorType(ir.HalfType(), 16)), _V16F32)
+    b = _masked_load(builder, _elem_ptr(ctx, builder, aty, arr, off, _I8), ir.VectorType(_I8, 16), n, 1)
+    return builder.sitofp(b, _V16F32)
+
+
+@intrinsic
+def _blk_axpy16(typingctx, accp, w, x, xoff, n):
+    """acc[0:16] += w * f32(x[xoff:xoff+16]) over the first n (<= 16) lanes (the rest are not
+    read), x float32, fp16 bits (uint16) or int8 values: the multiply and add carry "contract", so
+    each lane is what Numba's fastmath `out[i] += w * x[i]` computes (one FMA where the target has
+    it). The 16 accumulators on the stack stay in a register across a loop of these."""
+    if not (isinstance(x, types.Array) and x.dtype in (types.float32, types.uint16, types.int8)):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        accp_, w_, x_, xoff_, n_ = args
+        if n_.type.width != 64:
+            n_ = builder.sext(n_, ir.IntType(64))
+        xv = _blk_vec(ctx, builder, sig.args[2], x_, xoff_, n_)
+        wf = w_ if w_.type == _F32 else builder.fptrunc(w_, _F32)
+        wv = _splat_idx(builder, builder.insert_element(ir.Constant(_V16F32, None), wf, ir.Constant(_I32, 0)),
+                        [0] * 16)
+        ap = builder.bitcast(accp_, _V16F32.as_pointer())
+        a = builder.load(ap, align=4)
+        builder.store(builder.fadd(a, builder.fmul(wv, xv, flags=("contract",)), flags=("contract",)), ap, align=4)
+        return ir.Constant(_I8, 0)
+    return types.int8(accp, types.float32, x, xoff, n), codegen
+
+
+@intrinsic
+def _zero16(typingctx, accp):
+    """acc[0:16] = 0 (one vector store: the accumulators stay promotable to a register)."""
+    def codegen(ctx, builder, sig, args):
+        builder.store(ir.Constant(_V16F32, [0.0] * 16), builder.bitcast(args[0], _V16F32.as_pointer()), align=4)
+        return ir.Constant(_I8, 0)
+    return types.int8(accp), codegen
+
+
+@intrinsic
+def _blk_store16(typingctx, accp, out, off, n):
+    """out[off:off+n] = acc[0:n] (n <= 16; a masked store, lanes past n untouched), out float32."""
+    if not (isinstance(out, types.Array) and out.dtype == types.float32):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        accp_, out_, off_, n_ = args
+        if n_.type.width != 64:
+            n_ = builder.sext(n_, ir.IntType(64))
+        v = builder.load(builder.bitcast(accp_, _V16F32.as_pointer()), align=4)
+        lanes = ir.Constant(ir.VectorType(n_.type, 16), list(range(16)))
+        nv = builder.insert_element(ir.Constant(ir.VectorType(n_.type, 16), None), n_, ir.Constant(_I32, 0))
+        nv = _splat_idx(builder, nv, [0] * 16)
+        mask = builder.icmp_signed("<", lanes, nv)
+        f = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [_V16F32, _V16F32.as_pointer(), _I32,
+                                                            ir.VectorType(ir.IntType(1), 16)]),
+            "llvm.masked.store.v16f32.p0")
+        builder.call(f, [v, builder.bitcast(_elem_ptr(ctx, builder, sig.args[1], out_, off_, _F32),
+                                            _V16F32.as_pointer()), ir.Constant(_I32, 4), mask])
+        return ir.Constant(_I8, 0)
+    return types.int8(accp, out, off, n), codegen
 
 
 @intrinsic

@@ -13,6 +13,7 @@ import minilm
 from minilm.cache import KVCache, kv_row_bytes
 from minilm.config import Config
 from minilm.kernels import attention as att
+from minilm.kernels import kvrows
 from minilm.kernels.kvrows import decode_rows, encode_rows
 
 from conftest import SHARED, shared_path
@@ -82,6 +83,43 @@ def test_attention_over_stored_rows(kv, hd, p, start):
     s = kd.astype(np.float64) @ q[hd:].astype(np.float64) * float(scale)
     w = np.exp(s - s.max())
     np.testing.assert_allclose(out[hd:], (w / w.sum()) @ vd, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv", ["f32", "f16", "q8_0"])
+@pytest.mark.parametrize("hd", [8, 64, 80, 128])
+def test_weighted_sum_as_axpy(kv, hd):
+    """kv_wsum (the attention's weighted sum of value rows, 16 outputs at a time in a register)
+    has the bits of zeroing out and kv_axpy of each row in turn, writes out[:hd] only, and
+    matches its numpy reference."""
+    from numba import njit
+
+    from minilm.kernels.kvrows import kv_axpy, kv_wsum
+
+    @njit(fastmath=True, error_model="numpy")
+    def by_axpy(w, rows, out):
+        for i in range(out.shape[0]):
+            out[i] = 0.0
+        for j in range(w.shape[0]):
+            kv_axpy(w[j], rows[j], out)
+
+    @njit(fastmath=True, error_model="numpy")
+    def by_wsum(w, rows, out):
+        kv_wsum(w, rows, out)
+
+    rng = np.random.default_rng(hd)
+    for n in (0, 1, 33, 130):
+        x = (rng.standard_normal((2, n + 2, hd)) * 3).astype(np.float32)
+        rows = encode_rows(x, DTYPES[kv])[1, 1:n + 1]             # rows a stride apart, as a cache's
+        w = rng.random(n).astype(np.float32)
+        a = np.full(hd + 2, 7.0, np.float32)
+        b = a.copy()
+        by_axpy(w, rows, a[1:hd + 1])
+        by_wsum(w, rows, b[1:hd + 1])
+        assert np.array_equal(a.view(np.uint32), b.view(np.uint32)), (kv, hd, n)
+        assert b[0] == 7.0 and b[hd + 1] == 7.0
+        ref = np.zeros(hd, np.float32)
+        kvrows.kv_wsum(w, rows, ref)
+        np.testing.assert_allclose(b[1:hd + 1], ref, rtol=1e-5, atol=1e-5)
 
 
 def test_cache_sizes_and_summary():
