@@ -57,9 +57,13 @@ class Pty:
         self.master, slave = pty.openpty()
         def ctty():          # a new session with the pty as its controlling terminal: ^C -> SIGINT
             import fcntl
+            import signal
             import termios
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            # as in a terminal: a suite started in the background by a non-interactive shell
+            # ignores SIGINT, and the child would inherit that and never see the ^C
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
         self.p = subprocess.Popen(cmd, cwd=REPO, stdin=slave, stdout=slave, stderr=slave, preexec_fn=ctty,
                                   env={**os.environ, "TERM": "dumb"})
         os.close(slave)
