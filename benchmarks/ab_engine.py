@@ -34,7 +34,7 @@ for _ in range(reps):
     for tok in ids[P:P + N]:
         net.decode(int(tok))
     dec.append(N / (time.perf_counter() - t))
-print("RESULT" + json.dumps({"prefill": float(np.median(pre)), "decode": float(np.median(dec))}))
+print("RESULT" + json.dumps({"prefill": float(np.median(pre)), "decode": float(np.median(dec)), "decode_runs": dec}))
 """
 
 

@@ -25,23 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-CHILD = r"""
-import json, sys, time, numpy as np, minilm
-model, quant, threads, P, N, R = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-m = minilm.load(model, quant=None if quant == "f32" else quant, threads=threads, n_ctx=P + N + 8)
-net = m.net
-ids = np.random.default_rng(0).integers(3, min(m.config.vocab_size, 30000), P + N).astype(np.int64)
-net.cache.reset(); net.prefill(ids[:8]); [net.decode(int(t)) for t in ids[8:12]]   # warm up
-dec = []
-for _ in range(R):
-    net.cache.reset()
-    net.prefill(ids[:P])
-    t = time.perf_counter()
-    for tok in ids[P:P + N]:
-        net.decode(int(tok))
-    dec.append(N / (time.perf_counter() - t))
-print("RESULT" + json.dumps(dec))
-"""
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.ab_engine import run_child  # noqa: E402
 
 
 def _llama_bench() -> Path | None:
@@ -54,12 +39,12 @@ def _llama_bench() -> Path | None:
 
 
 def minilm_runs(python, model, quant, threads, prompt, new, runs) -> list:
-    out = subprocess.run([python, "-c", CHILD, model, quant, str(threads), str(prompt), str(new), str(runs)],
-                         capture_output=True, text=True, timeout=1800)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")), None)
-    if out.returncode != 0 or line is None:
-        raise SystemExit(f"stalls: the minilm process failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
-    return json.loads(line[6:])
+    """Decode tok/s of each of `runs` runs in one fresh process (benchmarks/ab_engine.py's child:
+    load, warm up, then per run a `prompt`-token prefill from an empty cache and `new` decode steps)."""
+    out = run_child(python, model, quant, threads, prompt, new, runs)
+    if "error" in out:
+        raise SystemExit(f"stalls: the minilm process failed: {out['error']}")
+    return out["decode_runs"]
 
 
 def llama_runs(bench, gguf, threads, prompt, new, runs) -> list:
