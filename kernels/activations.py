@@ -68,6 +68,35 @@ def fexp_array(x, out):
         out[i] = fexp(x[i])
 
 
+# erf for float32 as a rational function of x^2 (Eigen's / XLA's generic_fast_erf_float): x
+# clamped to [-4, 4] (erf is +-1 in float32 beyond), odd numerator over even denominator; max
+# absolute error 4.5e-7 against math.erf. Plain arithmetic, so LLVM inlines and vectorises it.
+_ERF_A = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_B = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)
+
+
+# No contraction or reciprocal flags: a value computes the same bits in the vector loop and its
+# scalar remainder, so any cut of a row into slices (decode's and prefill's matmul tasks apply
+# GELU to their own rows) gives the bits of the whole row. "nnan"/"ninf" let the clamp vectorise.
+_ELEMENTWISE = {"nnan", "ninf", "nsz"}
+
+
+@njit(cache=True, inline="always", fastmath=_ELEMENTWISE, nogil=True, error_model="numpy")
+def ferf(v):
+    """erf(v) for float32 v (see _ERF_A)."""
+    x = min(max(v, np.float32(-4.0)), np.float32(4.0))
+    x2 = x * x
+    p = np.float32(_ERF_A[0])
+    for a in _ERF_A[1:]:
+        p = p * x2 + np.float32(a)
+    q = np.float32(_ERF_B[0])
+    for b in _ERF_B[1:]:
+        q = q * x2 + np.float32(b)
+    return x * p / q
+
+
 @njit(cache=True, fastmath=True, nogil=True, error_model="numpy")
 def silu_mul_row(gu, out):
     """SwiGLU of one token. gu: f32[2F] (gate then up), out: f32[F] <- silu(gate) * up."""
@@ -94,15 +123,18 @@ def silu_mul(gu, out):
         silu_mul_row(gu[m], out[m])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, fastmath=_ELEMENTWISE, nogil=True, error_model="numpy")
 def gelu_row(x):
-    """Exact (erf) GELU, in place on f32[F]."""
+    """Exact (erf) GELU, in place on f32[F]: 0.5 v (1 + erf(v / sqrt 2)) in float32 with `ferf`,
+    which vectorises (math.erf is a scalar libm call, ~3.6 ns a value: 136 us of a Pythia-160M
+    decode token, 12 layers x 3072, on one thread). Within 1.4e-6 of the float64 formula."""
+    r = np.float32(1.0 / math.sqrt(2.0))
     for i in range(x.shape[0]):
         v = x[i]
-        x[i] = np.float32(0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))))
+        x[i] = np.float32(0.5) * v * (np.float32(1.0) + ferf(v * r))
 
 
-@njit(cache=True, nogil=True, fastmath=True, error_model="numpy")
+@njit(cache=True, nogil=True, fastmath=_ELEMENTWISE, error_model="numpy")
 def gelu_tanh_row(x):
     """tanh-approximated GELU (GPT-2's gelu_new), in place on f32[F]."""
     # 0.5 v (1 + tanh(u)) == v * sigmoid(2u) == v / (1 + exp(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3)

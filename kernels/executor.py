@@ -72,12 +72,13 @@ OP_NORM = 0        # dst = norm(src; w, b, eps)                               ta
 OP_ADD_NORM = 1    # src += src2; dst = norm(src; w, b, eps)                  tasks: M
 OP_ADD = 2         # dst += src                                               tasks: M
 OP_QUANT = 3       # quantize src rows for matrix mat (int8 blocks)           tasks: M (0 for float formats)
-OP_MATMUL = 4      # dst = src @ W[mat].T (+ b)                               tasks: row blocks
+OP_MATMUL = 4      # dst = act(src @ W[mat].T (+ b)), act: I0 (ACT_*)         tasks: row blocks
 OP_QKV = 5         # q/k norm (w, b = q/k norm weights), RoPE, k/v -> cache   tasks: M
 OP_ATTEND = 6      # attention of the q heads of src over the cache -> parts  tasks: M x splits x H
 OP_MERGE = 7       # merge each token's splits into dst                       tasks: M
 OP_SILU_MUL = 8    # dst[:F] = silu(src[:F]) * src[F:2F], F = I0              tasks: M
 OP_GELU = 9        # dst = gelu(dst) in place (I0: 0 erf, 1 tanh)             tasks: M
+                   #   (the plans fuse GELU into the matmul before it: ACT_GELU*)
 OP_ADD_ROWS = 10   # dst[m] += table mat (f32 [P, D]) row pos[m]               tasks: M
 OP_SCALE = 11      # dst *= scale (Granite multipliers, Gemma's sqrt(D))      tasks: M
 OP_QK_NORM = 12    # RMSNorm of the whole q (w) and whole k (b) of src (OLMo 2) tasks: M
@@ -86,6 +87,10 @@ OP_CONV = 14       # LFM2 gated short conv: src = [B | C | x] rows, hist = table
 OP_STATS = 15      # calibration, I0 = 0: w[i] += sum_m src[m, i]^2 (i < len(w))         tasks: 1
                    #   I0 = K: w[i K + j] += sum_m src[m, i] src[m, j] (X^T X, K x K)     tasks: row blocks of 16
 N_OPS = 16
+
+# a matmul step's I0: the activation applied to its output rows after the bias, by the task that
+# wrote them (both threads, no extra phase over memory; GPT-2's / NeoX's plain GELU MLP)
+ACT_NONE, ACT_GELU, ACT_GELU_TANH = 0, 1, 2
 
 # step table columns
 S_OP, S_DST, S_SRC, S_SRC2, S_MAT, S_W, S_B, S_LAYER, S_I0 = range(9)
@@ -713,12 +718,19 @@ def _task_impl(ops):
                     out = _buf(btab, steps[s, S_DST], M)
                     _mm_task(fs, mtab, j, _buf(btab, steps[s, S_SRC], M), XQ, XD, XS, tiles[tid], M, out, g0, g1)
                     b = _vec(vtab, steps[s, S_B])
-                    if b.shape[0] > 0:                       # bias on this task's rows
-                        r1 = min(4 * g1, mtab[j, M_N])
+                    act = steps[s, S_I0]
+                    if b.shape[0] > 0 or act != ACT_NONE:    # bias, activation on this task's rows
+                        r0, r1 = 4 * g0, min(4 * g1, mtab[j, M_N])
                         for m in range(M):
                             o = out[m]
-                            for r in range(4 * g0, r1):
-                                o[r] += b[r]
+                            if b.shape[0] > 0:
+                                for r in range(r0, r1):
+                                    o[r] += b[r]
+                            if has_gelu:
+                                if act == ACT_GELU_TANH:
+                                    gelu_tanh_row(o[r0:r1])
+                                elif act == ACT_GELU:
+                                    gelu_row(o[r0:r1])
                     continue
             if has_quant:
                 if op == OP_QUANT:

@@ -133,8 +133,8 @@ def _mlp(c: Config, p: str, out: str, inp: str = "xn") -> list[Step]:
         return [*matmul("ff", inp, p + "w_gate_up", p + "b_gate_up"),   # [M, D] -> [M, 2F]
                 Step(act, dst="act", src="ff", i0=c.intermediate_size),  # -> [M, F]
                 *matmul(out, "act", p + "w_down", p + "b_down")]        # [M, F] -> [M, D]
-    return [*matmul("ff", inp, p + "w_up", p + "b_up"),                 # [M, D] -> [M, F]
-            Step("gelu", dst="ff", i0=1 if c.act == "gelu_tanh" else 0),
+    return [*matmul("ff", inp, p + "w_up", p + "b_up",                 # [M, D] -> gelu -> [M, F]
+                    act="gelu_tanh" if c.act == "gelu_tanh" else "gelu"),
             *matmul(out, "ff", p + "w_down", p + "b_down")]             # [M, F] -> [M, D]
 
 

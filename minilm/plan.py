@@ -50,7 +50,8 @@ class Step:
     w: str | None = None
     b: str | None = None
     layer: int = 0
-    i0: int = 0              # op-specific integer: attention window, GELU kind, SwiGLU width, RoPE table
+    i0: int = 0              # op-specific integer: attention window, GELU kind, SwiGLU width, RoPE table,
+                             # a matmul's activation (ACTS)
     eps: float = 0.0
     scale: float = 0.0
     cap: float = 0.0         # attention score soft-cap (0: none)
@@ -61,9 +62,14 @@ class Step:
         return f"{self.op}({', '.join(parts)})"
 
 
-def matmul(dst: str, src: str, mat: str, bias: str | None = None) -> list[Step]:
-    """dst = src @ W.T (+ bias): quantize the input once for W's format, then the product."""
-    return [Step("quant", src=src, mat=mat), Step("matmul", dst=dst, src=src, mat=mat, b=bias)]
+ACTS = {None: X.ACT_NONE, "gelu": X.ACT_GELU, "gelu_tanh": X.ACT_GELU_TANH}
+
+
+def matmul(dst: str, src: str, mat: str, bias: str | None = None, act: str | None = None) -> list[Step]:
+    """dst = act(src @ W.T (+ bias)): quantize the input once for W's format, then the product;
+    act (None, "gelu", "gelu_tanh") is applied to each block of output rows by the thread that
+    computed it, right after its bias."""
+    return [Step("quant", src=src, mat=mat), Step("matmul", dst=dst, src=src, mat=mat, b=bias, i0=ACTS[act])]
 
 
 RESIDUAL = "residual:"      # stats vectors of the residual stream (with_stats), by norm weight
@@ -171,7 +177,8 @@ def lower(steps: list[Step], tensors: dict, base_widths: dict) -> Lowered:
                     raise KeyError(f"plan step {st} uses buffer {buf!r}, which has no width")
                 row[col] = names.index(buf)
     fs = tuple(np.zeros(0, FORMATS[f].tag) for f in sorted(fmts, key=lambda f: FORMATS[f].fid))
-    kinds = sorted({OPS[st.op] for st in steps})             # the executor compiles only these
+    kinds = sorted({OPS[st.op] for st in steps}              # the executor compiles only these
+                   | ({X.OP_GELU} if any(st.op == "matmul" and st.i0 for st in steps) else set()))  # a GELU epilogue
     fs += (np.zeros(0, np.dtype([(f"op_{o}", np.uint8) for o in kinds]
                                 + [(f"q4_0_g{g}", np.uint8) for g in sorted(q4_groups)])),)
     return Lowered(np.array(srows, np.int64).reshape(-1, X.S_COLS), np.array(frows, np.float64).reshape(-1, X.P_COLS),

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from minilm.config import Config
+from minilm.kernels.executor import ACT_GELU, ACT_GELU_TANH
 from minilm.model import build_plan
 
 from test_random_models import gpt2_cfg, llama_cfg, neox_cfg
@@ -26,11 +27,13 @@ def test_architecture_differences_are_data():
 
     gpt2 = build_plan(Config.from_hf(gpt2_cfg()))
     assert gpt2[0].op == "add_rows" and gpt2[0].mat == "pos_embd"          # learned positions
-    assert [s.i0 for s in ops(gpt2, op="gelu")] == [1] * L                 # gelu_new = tanh GELU
+    assert [s.i0 for s in ops(gpt2, op="matmul", dst="ff")] == [ACT_GELU_TANH] * L   # gelu_new, fused
+    assert not ops(gpt2, op="gelu")
 
     neox = build_plan(Config.from_hf(neox_cfg(use_parallel_residual=True)))
     assert len(ops(neox, op="add", dst="o", src="o2")) == L               # parallel residual
-    assert [s.i0 for s in ops(neox, op="gelu")] == [0] * L                 # exact GELU
+    assert [s.i0 for s in ops(neox, op="matmul", dst="o2")] == [0] * L     # down: no activation
+    assert [s.i0 for s in ops(neox, op="matmul", dst="ff")] == [ACT_GELU] * L        # exact GELU, fused
 
     mistral = build_plan(Config.from_hf(llama_cfg(model_type="mistral", sliding_window=16)))
     assert [s.i0 for s in ops(mistral, op="attend")] == [16] * L           # sliding windows
