@@ -355,6 +355,33 @@ def test_gelu(M, F):
     close(x, want, what="gelu")
 
 
+def test_gelu_row_against_float64_erf():
+    """gelu_row's float32 erf (ferf) against 0.5 v (1 + erf(v / sqrt 2)) in float64."""
+    import math
+    x = np.linspace(-9, 9, 20001).astype(np.float32)
+    y = x.copy()
+    act.gelu_row(y)
+    want = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2.0))) for v in x.astype(np.float64)])
+    assert np.abs(y - want).max() < 2e-6
+
+
+@pytest.mark.parametrize("row", [act.gelu_row, act.gelu_tanh_row])
+def test_gelu_rows_same_bits_however_sliced(row):
+    """The executor applies GELU to each matmul task's rows: decode and prefill cut a row at other
+    places, so a value must get the same bits in the vector loop and in its scalar remainder."""
+    rng = np.random.default_rng(43)
+    x = (rng.standard_normal(3001) * rng.choice([0.01, 1.0, 5.0, 100.0], 3001)).astype(np.float32)
+    whole = x.copy()
+    row(whole)
+    for _ in range(100):
+        a, b = sorted(rng.integers(0, x.shape[0] + 1, 2))
+        z = x.copy()
+        row(z[:a])
+        row(z[a:b])
+        row(z[b:])
+        assert np.array_equal(z.view(np.int32), whole.view(np.int32)), (a, b)
+
+
 @pytest.mark.parametrize("M,F", [(1, 172), (5, 7)])
 def test_gelu_tanh(M, F):
     x = rnd(M, F, seed=42, scale=3.0)
