@@ -153,9 +153,10 @@ class PromptLookup:
         costs most of a step, on a busy machine a step is mostly waiting and a row is nearly free.
     A draft of k tokens then yields 1 + p + ... + p^k tokens on average for 1 + c k steps; the k
     with the best ratio is drafted if that ratio beats plain decoding by MARGIN. When no draft
-    pays, drafting pauses for `backoff` tokens (doubling up to BACKOFF_MAX) and then probes with
-    a one-token draft, so a change in the text (a passage starts being copied) is noticed while
-    text that gives no drafts runs as plain decoding at almost no cost.
+    pays, drafting pauses for `backoff` tokens (doubling up to BACKOFF_MAX, back to 1 once a
+    draft pays) and then probes with a one-token draft, so a change in the text (a passage
+    starts being copied) is noticed while text whose drafts do not pay runs as plain decoding
+    at almost no cost.
 
     With sampling (`timed` False) c stays ROW_COST: whether a draft is made changes which random
     draws are taken, so it must depend on the text alone, or a seed would give different text on
@@ -206,8 +207,10 @@ class PromptLookup:
         return best, gain
 
     def timed_step(self, seconds: float) -> None:
-        """A plain decode step took `seconds`."""
-        self.t_plain = self._avg(self.t_plain, seconds)
+        """A plain decode step took `seconds` (one far off the average, a descheduled thread on a
+        busy machine, moves it at most 2x)."""
+        t = self.t_plain
+        self.t_plain = self._avg(t, min(max(seconds, 0.5 * t), 2.0 * t) if t else seconds)
         self.since_plain = 0
 
     def draft(self, limit: int) -> list[int]:
@@ -239,6 +242,8 @@ class PromptLookup:
                 return []
             k = 1
             self.probes += 1
+        else:
+            self.backoff = 1                 # it pays: the next pause starts short again
         self.probe = False
         self.k, self.n = k, n
         self.since_plain += 1
@@ -257,8 +262,6 @@ class PromptLookup:
             c = (seconds / self.t_plain - 1.0) / drafted
             c = min(max(c, 0.0), 2.0 * self.row_cost + 0.5)    # one descheduled pass is not the rule
             self.row_cost = 0.75 * self.row_cost + 0.25 * c
-        if accepted:
-            self.backoff = 1
 
 
 def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint=None, speculative=False):

@@ -165,7 +165,7 @@ def test_best_k_weighs_acceptance_against_row_cost():
 
 def test_prompt_lookup_pauses_and_probes_when_no_draft_pays():
     """A match whose drafts are not accepted often enough pauses drafting (doubling), then a
-    one-token probe checks whether that changed; an accepted probe resets the pause."""
+    one-token probe checks whether that changed; a draft that pays resets the pause."""
     ids = [5, 1, 6, 2, 7, 1]                     # only "1" (at 1) matches: a 1-token match
     pl = PromptLookup(ids, timed=False)
     assert pl.p(1) < pl.row_cost                 # the prior: 1-token matches do not pay
@@ -173,8 +173,11 @@ def test_prompt_lookup_pauses_and_probes_when_no_draft_pays():
     assert pl.probes == 1
     pl.result(1, 0)
     assert [pl.draft(10) for _ in range(4)] == [[], [], [], [6]]   # pause 2, then a probe
-    pl.result(1, 1)                              # accepted: the pause starts again at 1
-    assert pl.backoff == 1
+    pl.result(1, 1)                              # accepted, but one probe does not make it pay:
+    assert pl.backoff == 4 and pl.draft(10) == []    # the pauses keep doubling
+    pl.hits[0] = [9.0, 1.0]                      # 1-token matches accepted 90 %: a draft pays
+    pl.pause = 0
+    assert pl.draft(10) != [] and pl.backoff == 1    # and the pause starts again at 1
     assert (pl.proposed, pl.accepted, pl.probes) == (2, 1, 2)
 
 
