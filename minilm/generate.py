@@ -156,7 +156,9 @@ class PromptLookup:
     pays, drafting pauses for `backoff` tokens (doubling up to BACKOFF_MAX, back to 1 once a
     draft pays) and then probes with a one-token draft, so a change in the text (a passage
     starts being copied) is noticed while text whose drafts do not pay runs as plain decoding
-    at almost no cost.
+    at almost no cost. Where rows cost so much that not even a draft accepted whole would pay
+    (a tiny model on an idle core), the pause is BACKOFF_MAX at once: a probe then only
+    re-measures the row cost.
 
     With sampling (`timed` False) c stays ROW_COST: whether a draft is made changes which random
     draws are taken, so it must depend on the text alone, or a seed would give different text on
@@ -237,7 +239,9 @@ class PromptLookup:
         k, gain = self.best_k(self.p(n), min(limit, self.K_MAX, L - i))
         if gain < self.MARGIN:
             if not self.probe:               # no draft pays: pause, then probe
-                self.pause = self.backoff
+                if self.best_k(1.0, self.K_MAX)[1] < self.MARGIN:
+                    self.backoff = self.BACKOFF_MAX   # rows cost so much that not even drafts
+                self.pause = self.backoff             # accepted whole would pay: a long pause
                 self.backoff = min(self.BACKOFF_MAX, 2 * self.backoff)
                 return []
             k = 1

@@ -200,7 +200,8 @@ def test_prompt_lookup_measures_the_row_cost():
         pl.result(4, 0, seconds=0.010 * 10)      # a row costs more than a step
     assert pl.row_cost > 1.0
     pl.hits[2] = [9.0, 1.0]
-    assert pl.draft(12) == []                    # nothing pays now: pause
+    assert pl.draft(12) == []                    # not even a draft accepted whole pays now:
+    assert pl.pause == PromptLookup.BACKOFF_MAX  # a long pause (then a probe re-measures)
 
 
 def test_sampled_drafting_does_not_depend_on_timings():
