@@ -33,7 +33,7 @@ def _load(name, quant=None, n_ctx=256):
     ("proxy-gpt2-shakespeare", None), ("proxy-neox-shakespeare", "int4"),
     ("proxy-lfm2-shakespeare", None), ("proxy-lfm2-shakespeare", "int4"),
     ("stories260K", None)])
-def test_greedy_identical_with_and_without(name, quant):
+def test_greedy_identical_with_and_without(name, quant, untimed_drafts):
     """Greedy: token for token the same output, on a grounded prompt where drafts are proposed,
     accepted and rejected (the rejected ones roll the KV cache / LFM2 conv history back), then a
     free prompt; the counts show speculation really ran."""
