@@ -148,7 +148,8 @@ class PromptLookup:
         prose gives mostly 1-token matches that are not.
       - c, the cost of one extra row of a verify pass in plain decode steps: measured as it runs
         (greedy only, `timed`: a pass of k + 1 rows over the moving average of plain steps, with
-        a plain step first and again after every REPLAIN drafts) and ROW_COST until then. It
+        a plain step first and again after every REPLAIN drafts; the first pass replaces the
+        prior, later ones move a moving average) and ROW_COST until then. It
         varies widely between machines and loads: on an idle core an extra row of a tiny model
         costs most of a step, on a busy machine a step is mostly waiting and a row is nearly free.
     A draft of k tokens then yields 1 + p + ... + p^k tokens on average for 1 + c k steps; the k
@@ -181,6 +182,7 @@ class PromptLookup:
         # per match length n: decayed (accepted tokens, rejections) of its drafts, prior included
         self.hits = [[p * self.PRIOR_WEIGHT, (1.0 - p) * self.PRIOR_WEIGHT] for p in self.PRIOR]
         self.row_cost = self.ROW_COST       # c: an extra verify row in plain steps
+        self.measured = False               # c measured yet (the first measurement replaces ROW_COST)
         self.t_plain = 0.0                  # moving average: seconds per plain step
         self.k = self.n = 0                 # the last draft's length and match length
         self.pause, self.backoff, self.probe = 0, 1, False
@@ -265,7 +267,8 @@ class PromptLookup:
         if self.timed and seconds > 0.0 and self.t_plain > 0.0 and drafted > 0:
             c = (seconds / self.t_plain - 1.0) / drafted
             c = min(max(c, 0.0), 2.0 * self.row_cost + 0.5)    # one descheduled pass is not the rule
-            self.row_cost = 0.75 * self.row_cost + 0.25 * c
+            self.row_cost = 0.75 * self.row_cost + 0.25 * c if self.measured else c
+            self.measured = True
 
 
 def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint=None, speculative=False):

@@ -191,9 +191,11 @@ def test_prompt_lookup_measures_the_row_cost():
     pl.timed_step(0.010)                         # plain steps: 10 ms
     k = len(pl.draft(10))
     assert k == 4
+    pl.result(k, 0, seconds=0.010 * (1 + 0.1 * k))   # a row costs 0.1 of a step
+    assert pl.row_cost == pytest.approx(0.1)     # the first pass replaces the prior (0.4)
     for _ in range(8):
-        pl.result(k, 0, seconds=0.010 * (1 + 0.1 * k))   # a row costs 0.1 of a step
-    assert pl.row_cost == pytest.approx(0.1, abs=0.05)
+        pl.result(k, 0, seconds=0.010 * (1 + 0.2 * k))   # then a moving average
+    assert 0.15 < pl.row_cost < 0.2
     pl.hits[2] = [9.0, 1.0]
     assert len(pl.draft(12)) > k                 # cheaper rows: longer drafts
     for _ in range(20):
