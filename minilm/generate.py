@@ -2,7 +2,9 @@
 and UTF-8-safe streaming detokenization."""
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from typing import Iterator
 
 import numpy as np
@@ -147,9 +149,10 @@ class PromptLookup:
         prior until then). Grounded text gives long matches whose drafts are accepted; free
         prose gives mostly 1-token matches that are not.
       - c, the cost of one extra row of a verify pass in plain decode steps: measured as it runs
-        (greedy only, `timed`: a pass of k + 1 rows over the moving average of plain steps, with
-        a plain step first and again after every REPLAIN drafts; the first pass replaces the
-        prior, later ones move a moving average) and ROW_COST until then. It
+        (greedy only, `timed`: a pass of k + 1 rows over the median of the last plain steps, with
+        a plain step first and again after every REPLAIN drafts; c is the median of the last
+        passes' figures, robust to a descheduled thread on a busy machine) and ROW_COST until
+        then. It
         varies widely between machines and loads: on an idle core an extra row of a tiny model
         costs most of a step, on a busy machine a step is mostly waiting and a row is nearly free.
     A draft of k tokens then yields 1 + p + ... + p^k tokens on average for 1 + c k steps; the k
@@ -174,6 +177,8 @@ class PromptLookup:
     DECAY = 0.9                  # per draft: older drafts of that match length count less
     MARGIN = 1.05                # expected tokens per step a draft must reach (plain: 1)
     REPLAIN = 32                 # timed: a plain step after this many drafts (the step's time drifts)
+    RECENT = 7                   # timed: c is the median over this many passes, each over the median
+    C_MAX = 4.0                  #   of as many plain steps (one descheduled thread is not the rule)
 
     def __init__(self, ids: list[int], timed: bool = True):
         self.ids = ids                      # the text so far (the caller appends to it)
@@ -182,17 +187,13 @@ class PromptLookup:
         # per match length n: decayed (accepted tokens, rejections) of its drafts, prior included
         self.hits = [[p * self.PRIOR_WEIGHT, (1.0 - p) * self.PRIOR_WEIGHT] for p in self.PRIOR]
         self.row_cost = self.ROW_COST       # c: an extra verify row in plain steps
-        self.measured = False               # c measured yet (the first measurement replaces ROW_COST)
-        self.t_plain = 0.0                  # moving average: seconds per plain step
+        self.plain: deque = deque(maxlen=self.RECENT)   # seconds of the last plain steps
+        self.costs: deque = deque(maxlen=self.RECENT)   # c of the last verify passes
         self.k = self.n = 0                 # the last draft's length and match length
         self.pause, self.backoff, self.probe = 0, 1, False
         self.since_plain = 0                # drafts since the last timed plain step
         self.proposed = self.accepted = self.passes = self.probes = 0
         self.timed = timed                  # may the timings decide (greedy only)
-
-    @staticmethod
-    def _avg(old: float, new: float) -> float:
-        return new if old == 0.0 else 0.75 * old + 0.25 * new
 
     def p(self, n: int) -> float:
         """Estimated chance that a token drafted from an n-token match is accepted."""
@@ -211,10 +212,8 @@ class PromptLookup:
         return best, gain
 
     def timed_step(self, seconds: float) -> None:
-        """A plain decode step took `seconds` (one far off the average, a descheduled thread on a
-        busy machine, moves it at most 2x)."""
-        t = self.t_plain
-        self.t_plain = self._avg(t, min(max(seconds, 0.5 * t), 2.0 * t) if t else seconds)
+        """A plain decode step took `seconds`."""
+        self.plain.append(seconds)
         self.since_plain = 0
 
     def draft(self, limit: int) -> list[int]:
@@ -223,7 +222,7 @@ class PromptLookup:
             self.pause -= 1
             self.probe = self.pause == 0     # after the pause: a one-token probe if no draft pays
             return []
-        if self.timed and (self.t_plain == 0.0 or self.since_plain >= self.REPLAIN):
+        if self.timed and (not self.plain or self.since_plain >= self.REPLAIN):
             return []                        # a plain step to time (the caller reports it)
         ids, L = self.ids, len(self.ids)
         for i in range(max(self.done, 1), L):           # index the followers added since
@@ -264,11 +263,10 @@ class PromptLookup:
             h = self.hits[self.n - 1]
             h[0] = self.DECAY * h[0] + accepted
             h[1] = self.DECAY * h[1] + (accepted < drafted)
-        if self.timed and seconds > 0.0 and self.t_plain > 0.0 and drafted > 0:
-            c = (seconds / self.t_plain - 1.0) / drafted
-            c = min(max(c, 0.0), 2.0 * self.row_cost + 0.5)    # one descheduled pass is not the rule
-            self.row_cost = 0.75 * self.row_cost + 0.25 * c if self.measured else c
-            self.measured = True
+        if self.timed and seconds > 0.0 and self.plain and drafted > 0:
+            c = (seconds / statistics.median(self.plain) - 1.0) / drafted
+            self.costs.append(min(max(c, 0.0), self.C_MAX))
+            self.row_cost = statistics.median(self.costs)
 
 
 def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint=None, speculative=False):

@@ -193,12 +193,15 @@ def test_prompt_lookup_measures_the_row_cost():
     assert k == 4
     pl.result(k, 0, seconds=0.010 * (1 + 0.1 * k))   # a row costs 0.1 of a step
     assert pl.row_cost == pytest.approx(0.1)     # the first pass replaces the prior (0.4)
-    for _ in range(8):
-        pl.result(k, 0, seconds=0.010 * (1 + 0.2 * k))   # then a moving average
-    assert 0.15 < pl.row_cost < 0.2
+    for t in (0.010, 0.5, 0.010):                # plain steps: their median (10 ms), not a
+        pl.timed_step(t)                         # descheduled one's 500 ms
+    for _ in range(3):
+        pl.result(k, 0, seconds=0.010 * (1 + 0.2 * k))   # rows at 0.2 of a step
+    pl.result(k, 0, seconds=1.0)                 # one pass descheduled: the median holds
+    assert pl.row_cost == pytest.approx(0.2)
     pl.hits[2] = [9.0, 1.0]
     assert len(pl.draft(12)) > k                 # cheaper rows: longer drafts
-    for _ in range(20):
+    for _ in range(PromptLookup.RECENT):
         pl.result(4, 0, seconds=0.010 * 10)      # a row costs more than a step
     assert pl.row_cost > 1.0
     pl.hits[2] = [9.0, 1.0]
