@@ -180,7 +180,10 @@ class PromptLookup:
     RECENT = 7                   # timed: c is the median over this many passes, each over the median
     C_MAX = 4.0                  #   of as many plain steps (one descheduled thread is not the rule)
 
-    def __init__(self, ids: list[int], timed: bool = True):
+    def __init__(self, ids: list[int], timed: bool = True, before: "PromptLookup | None" = None):
+        """before: the model's previous generation's PromptLookup (or None): a timed one carries
+        its plain-step and row-cost figures over (properties of the model on this machine, not
+        of the text), so a generation does not start by re-measuring them with a probe."""
         self.ids = ids                      # the text so far (the caller appends to it)
         self.index: list[dict] = [{} for _ in range(self.N)]   # n-gram (n = 1..N) -> follower position
         self.done = 0                       # followers ids[:done] are indexed
@@ -194,6 +197,10 @@ class PromptLookup:
         self.since_plain = 0                # drafts since the last timed plain step
         self.proposed = self.accepted = self.passes = self.probes = 0
         self.timed = timed                  # may the timings decide (greedy only)
+        if timed and before is not None and before.timed and before.costs:
+            self.plain.extend(before.plain)
+            self.costs.extend(before.costs)
+            self.row_cost = statistics.median(self.costs)
 
     def p(self, n: int) -> float:
         """Estimated chance that a token drafted from an n-token match is accepted."""
@@ -275,8 +282,9 @@ def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, con
     logits = net.prefill(prompt_ids[keep:])
     ch = TokenChooser(prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint, cache.n_ctx)
     history = ch.history                    # the text so far (the chooser appends each token)
-    spec = PromptLookup(history, timed=sampler.temperature == 0.0) if speculative else None
-    net.last_lookup = spec                  # its counts, for `minilm bench` and the tests
+    spec = PromptLookup(history, timed=sampler.temperature == 0.0, before=net.last_lookup) if speculative else None
+    if spec is not None:
+        net.last_lookup = spec              # its counts (`minilm bench`, tests), its figures (the next one)
     pending: list = []      # [(drafted token, logits after it)] of the last verify pass, in order
     drafted = 0             # tokens in that pass's draft
     pass_s = 0.0            # seconds that pass took

@@ -61,8 +61,8 @@ def untimed_drafts(monkeypatch):
     from minilm.generate import PromptLookup
     init = PromptLookup.__init__
 
-    def untimed(self, ids, timed=True):
-        init(self, ids, timed=False)
+    def untimed(self, ids, timed=True, before=None):
+        init(self, ids, timed=False, before=before)
     monkeypatch.setattr(PromptLookup, "__init__", untimed)
 
 

@@ -209,6 +209,36 @@ def test_prompt_lookup_measures_the_row_cost():
     assert pl.pause == PromptLookup.BACKOFF_MAX  # a long pause (then a probe re-measures)
 
 
+def test_row_cost_carries_over_to_the_next_generation(monkeypatch):
+    """A timed PromptLookup starts from the previous one's figures (the model on this machine),
+    so where rows cost more than a step it pauses at once instead of probing first; an untimed
+    one (sampling) does not take them."""
+    ids = [1, 2, 3, 4, 9, 8, 7, 6, 5, 1, 2, 3]
+    a = PromptLookup(ids)
+    a.timed_step(0.010)
+    a.hits[2] = [9.0, 1.0]
+    a.draft(10)
+    a.result(4, 0, seconds=0.010 * 10)           # rows at 2.25 steps
+    b = PromptLookup(list(ids), before=a)
+    assert b.row_cost == a.row_cost > 1.0 and list(b.plain) == [0.010]
+    b.hits[2] = [9.0, 1.0]
+    assert b.draft(10) == [] and b.pause == PromptLookup.BACKOFF_MAX and b.passes == 0
+    c = PromptLookup(list(ids), timed=False, before=a)
+    assert c.row_cost == PromptLookup.ROW_COST and not c.plain
+    m = _load("proxy-llama256-shakespeare", "int4")
+    seen = []
+    init = PromptLookup.__init__
+
+    def spy(self, ids, timed=True, before=None):
+        seen.append(before)
+        init(self, ids, timed, before)
+    monkeypatch.setattr(PromptLookup, "__init__", spy)
+    m.generate_ids(_grounded(m), max_new_tokens=30)
+    first = m.net.last_lookup
+    m.generate_ids(_grounded(m), max_new_tokens=30)
+    assert seen[-1] is first and m.net.last_lookup is not first   # the model's previous one
+
+
 def test_sampled_drafting_does_not_depend_on_timings():
     """With sampling, drafting decides which random draws are taken: it must follow the text
     alone (a seed gives the same text on a busy machine), so the timings are greedy-only."""
