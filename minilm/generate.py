@@ -183,7 +183,8 @@ class PromptLookup:
     def __init__(self, ids: list[int], timed: bool = True, before: "PromptLookup | None" = None):
         """before: the model's previous generation's PromptLookup (or None): a timed one carries
         its plain-step and row-cost figures over (properties of the model on this machine, not
-        of the text), so a generation does not start by re-measuring them with a probe."""
+        of the text), so a generation does not start by re-measuring them with a probe; where
+        they say no draft can pay, its pause goes on too."""
         self.ids = ids                      # the text so far (the caller appends to it)
         self.index: list[dict] = [{} for _ in range(self.N)]   # n-gram (n = 1..N) -> follower position
         self.done = 0                       # followers ids[:done] are indexed
@@ -201,6 +202,9 @@ class PromptLookup:
             self.plain.extend(before.plain)
             self.costs.extend(before.costs)
             self.row_cost = statistics.median(self.costs)
+            if self.best_k(1.0, self.K_MAX)[1] < self.MARGIN:
+                self.pause, self.probe = before.pause, before.probe   # its long pause goes on: a
+                # probe every BACKOFF_MAX tokens across short generations, not none at all
 
     def p(self, n: int) -> float:
         """Estimated chance that a token drafted from an n-token match is accepted."""

@@ -223,6 +223,10 @@ def test_row_cost_carries_over_to_the_next_generation(monkeypatch):
     assert b.row_cost == a.row_cost > 1.0 and list(b.plain) == [0.010]
     b.hits[2] = [9.0, 1.0]
     assert b.draft(10) == [] and b.pause == PromptLookup.BACKOFF_MAX and b.passes == 0
+    for _ in range(10):
+        b.draft(10)
+    b2 = PromptLookup(list(ids), before=b)       # no draft can pay: b's pause goes on (a probe
+    assert b2.pause == b.pause == PromptLookup.BACKOFF_MAX - 10   # every 64 tokens, not never)
     c = PromptLookup(list(ids), timed=False, before=a)
     assert c.row_cost == PromptLookup.ROW_COST and not c.plain
     m = _load("proxy-llama256-shakespeare", "int4")
