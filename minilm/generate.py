@@ -2,7 +2,9 @@
 and UTF-8-safe streaming detokenization."""
 from __future__ import annotations
 
+import statistics
 import time
+from collections import deque
 from typing import Iterator
 
 import numpy as np
@@ -140,78 +142,142 @@ class PromptLookup:
     followed the most recent earlier occurrence of the text's last n tokens (n = 3, then 2, 1),
     in the prompt and the generated text, as an index of n-grams -> where their follower is.
 
-    How many to draft (k) adapts: +2 after a draft accepted whole (up to K_MAX), -1 after one
-    cut short. A draft of which nothing was accepted also pauses drafting for `backoff` tokens,
-    doubling each time (up to 64) until a draft is accepted again, so text the lookup does not
-    predict runs as plain decoding at (almost) no cost. `proposed` / `accepted` count drafted
-    tokens, `passes` the verify passes.
+    Whether to draft, and how many tokens (k), is an expected-value choice made per draft:
+      - p[n], the chance that a drafted token from an n-token match is accepted (given the ones
+        before it were), is estimated per match length n from the drafts so far (accepted
+        tokens / (accepted tokens + rejections), decayed so the estimate follows the text; a
+        prior until then). Grounded text gives long matches whose drafts are accepted; free
+        prose gives mostly 1-token matches that are not.
+      - c, the cost of one extra row of a verify pass in plain decode steps: measured as it runs
+        (greedy only, `timed`: a pass of k + 1 rows over the median of the last plain steps, with
+        a plain step first and again after every REPLAIN drafts; c is the median of the last
+        passes' figures, robust to a descheduled thread on a busy machine) and ROW_COST until
+        then. It
+        varies widely between machines and loads: on an idle core an extra row of a tiny model
+        costs most of a step, on a busy machine a step is mostly waiting and a row is nearly free.
+    A draft of k tokens then yields 1 + p + ... + p^k tokens on average for 1 + c k steps; the k
+    with the best ratio is drafted if that ratio beats plain decoding by MARGIN. When no draft
+    pays, drafting pauses for `backoff` tokens (doubling up to BACKOFF_MAX, back to 1 once a
+    draft pays) and then probes with a one-token draft, so a change in the text (a passage
+    starts being copied) is noticed while text whose drafts do not pay runs as plain decoding
+    at almost no cost. Where rows cost so much that not even a draft accepted whole would pay
+    (a tiny model on an idle core), the pause is BACKOFF_MAX at once: a probe then only
+    re-measures the row cost.
 
-    Whether it pays is also measured as it runs: the seconds per token of plain decode steps and
-    of verify passes (a pass's time over the tokens it produced: those accepted + 1), as moving
-    averages; while the passes cost more per token than plain steps (a tiny model whose step is
-    mostly fixed overhead, a pass that is not much cheaper per row than single steps), a draft
-    is followed by the same doubling pause as a draft with nothing accepted. Only for greedy
-    decoding (`timed`): with sampling, whether a draft is made changes which random draws are
-    taken, so it must depend on the text alone, or a seed would give different text on a busy
-    machine."""
+    With sampling (`timed` False) c stays ROW_COST: whether a draft is made changes which random
+    draws are taken, so it must depend on the text alone, or a seed would give different text on
+    a busy machine. `proposed` / `accepted` count drafted tokens, `passes` the verify passes,
+    `probes` the one-token probe drafts."""
     N = 3
     K_MAX = 12
     BACKOFF_MAX = 64
+    ROW_COST = 0.4               # an extra verify row in plain steps, until measured (SmolLM2 int4: 0.3-0.45)
+    PRIOR = (0.25, 0.45, 0.6)    # p for a 1-, 2-, 3-token match before any draft of it, ...
+    PRIOR_WEIGHT = 2.0           # ... worth this many drafted tokens
+    DECAY = 0.9                  # per draft: older drafts of that match length count less
+    MARGIN = 1.05                # expected tokens per step a draft must reach (plain: 1)
+    REPLAIN = 32                 # timed: a plain step after this many drafts (the step's time drifts)
+    RECENT = 7                   # timed: c is the median over this many passes, each over the median
+    C_MAX = 4.0                  #   of as many plain steps (one descheduled thread is not the rule)
 
-    def __init__(self, ids: list[int], timed: bool = True):
+    def __init__(self, ids: list[int], timed: bool = True, before: "PromptLookup | None" = None):
+        """before: the model's previous generation's PromptLookup (or None): a timed one carries
+        its plain-step and row-cost figures over (properties of the model on this machine, not
+        of the text), so a generation does not start by re-measuring them with a probe; where
+        they say no draft can pay, its pause goes on too."""
         self.ids = ids                      # the text so far (the caller appends to it)
         self.index: list[dict] = [{} for _ in range(self.N)]   # n-gram (n = 1..N) -> follower position
         self.done = 0                       # followers ids[:done] are indexed
-        self.k, self.pause, self.backoff = 4, 0, 1
-        self.proposed = self.accepted = self.passes = 0
-        self.t_plain = self.t_pass = 0.0    # moving averages: s per plain step, s per token of a pass
-        self.timed = timed                  # may the timings pause drafting (greedy only)
+        # per match length n: decayed (accepted tokens, rejections) of its drafts, prior included
+        self.hits = [[p * self.PRIOR_WEIGHT, (1.0 - p) * self.PRIOR_WEIGHT] for p in self.PRIOR]
+        self.row_cost = self.ROW_COST       # c: an extra verify row in plain steps
+        self.plain: deque = deque(maxlen=self.RECENT)   # seconds of the last plain steps
+        self.costs: deque = deque(maxlen=self.RECENT)   # c of the last verify passes
+        self.k = self.n = 0                 # the last draft's length and match length
+        self.pause, self.backoff, self.probe = 0, 1, False
+        self.since_plain = 0                # drafts since the last timed plain step
+        self.proposed = self.accepted = self.passes = self.probes = 0
+        self.timed = timed                  # may the timings decide (greedy only)
+        if timed and before is not None and before.timed and before.costs:
+            self.plain.extend(before.plain)
+            self.costs.extend(before.costs)
+            self.row_cost = statistics.median(self.costs)
+            if self.best_k(1.0, self.K_MAX)[1] < self.MARGIN:
+                self.pause, self.probe = before.pause, before.probe   # its long pause goes on: a
+                # probe every BACKOFF_MAX tokens across short generations, not none at all
 
-    @staticmethod
-    def _avg(old: float, new: float) -> float:
-        return new if old == 0.0 else 0.75 * old + 0.25 * new
+    def p(self, n: int) -> float:
+        """Estimated chance that a token drafted from an n-token match is accepted."""
+        a, r = self.hits[n - 1]
+        return a / (a + r)
+
+    def best_k(self, p: float, limit: int) -> tuple[int, float]:
+        """(k, expected tokens per plain step) of the best draft of 1..limit tokens."""
+        best, gain, e, pj = 0, 1.0, 1.0, 1.0
+        for k in range(1, limit + 1):
+            pj *= p
+            e += pj                          # 1 + p + ... + p^k tokens ...
+            g = e / (1.0 + self.row_cost * k)   # ... for 1 + c k steps
+            if g > gain:
+                best, gain = k, g
+        return best, gain
 
     def timed_step(self, seconds: float) -> None:
         """A plain decode step took `seconds`."""
-        self.t_plain = self._avg(self.t_plain, seconds)
+        self.plain.append(seconds)
+        self.since_plain = 0
 
     def draft(self, limit: int) -> list[int]:
-        """Up to min(k, limit) tokens that may follow the text (empty: decode plainly)."""
+        """Up to `limit` tokens that may follow the text (empty: decode plainly)."""
         if self.pause > 0:
             self.pause -= 1
+            self.probe = self.pause == 0     # after the pause: a one-token probe if no draft pays
             return []
+        if self.timed and (not self.plain or self.since_plain >= self.REPLAIN):
+            return []                        # a plain step to time (the caller reports it)
         ids, L = self.ids, len(self.ids)
         for i in range(max(self.done, 1), L):           # index the followers added since
             for n in range(1, min(self.N, i) + 1):
                 self.index[n - 1][tuple(ids[i - n:i])] = i
         self.done = L
-        k = min(self.k, limit)
-        if k <= 0:
+        if limit <= 0:
             return []
         for n in range(min(self.N, L - 1), 0, -1):
             i = self.index[n - 1].get(tuple(ids[L - n:]))
             if i is not None:
-                return ids[i:i + k]
-        return []
+                break
+        else:
+            return []
+        k, gain = self.best_k(self.p(n), min(limit, self.K_MAX, L - i))
+        if gain < self.MARGIN:
+            if not self.probe:               # no draft pays: pause, then probe
+                if self.best_k(1.0, self.K_MAX)[1] < self.MARGIN:
+                    self.backoff = self.BACKOFF_MAX   # rows cost so much that not even drafts
+                self.pause = self.backoff             # accepted whole would pay: a long pause
+                self.backoff = min(self.BACKOFF_MAX, 2 * self.backoff)
+                return []
+            k = 1
+            self.probes += 1
+        else:
+            self.backoff = 1                 # it pays: the next pause starts short again
+        self.probe = False
+        self.k, self.n = k, n
+        self.since_plain += 1
+        return ids[i:i + k]
 
     def result(self, drafted: int, accepted: int, seconds: float = 0.0) -> None:
-        """Adapt k and the pause to how many of `drafted` tokens were accepted by a verify pass
-        that took `seconds`."""
+        """Learn from a verify pass of `drafted` tokens (the last draft) of which `accepted` were
+        accepted, which took `seconds`."""
         self.proposed += drafted
         self.accepted += accepted
-        if seconds > 0.0:
-            self.t_pass = self._avg(self.t_pass, seconds / (accepted + 1))
-        if self.timed and 0.0 < self.t_plain < self.t_pass:    # passes cost more per token: pause
-            accepted = 0
-        if accepted == drafted:
-            self.k = min(self.K_MAX, self.k + 2)
-        else:
-            self.k = max(1, self.k - 1)
-        if accepted == 0:
-            self.pause = self.backoff
-            self.backoff = min(self.BACKOFF_MAX, 2 * self.backoff)
-        else:
-            self.backoff = 1
+        if self.n:
+            h = self.hits[self.n - 1]
+            h[0] = self.DECAY * h[0] + accepted
+            h[1] = self.DECAY * h[1] + (accepted < drafted)
+        if self.timed and seconds > 0.0 and self.plain and drafted > 0:
+            c = (seconds / statistics.median(self.plain) - 1.0) / drafted
+            self.costs.append(min(max(c, 0.0), self.C_MAX))
+            self.row_cost = statistics.median(self.costs)
 
 
 def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint=None, speculative=False):
@@ -220,8 +286,9 @@ def _generate(net, prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, con
     logits = net.prefill(prompt_ids[keep:])
     ch = TokenChooser(prompt_ids, max_new_tokens, sampler, eos_ids, ignore_eos, constraint, cache.n_ctx)
     history = ch.history                    # the text so far (the chooser appends each token)
-    spec = PromptLookup(history, timed=sampler.temperature == 0.0) if speculative else None
-    net.last_lookup = spec                  # its counts, for `minilm bench` and the tests
+    spec = PromptLookup(history, timed=sampler.temperature == 0.0, before=net.last_lookup) if speculative else None
+    if spec is not None:
+        net.last_lookup = spec              # its counts (`minilm bench`, tests), its figures (the next one)
     pending: list = []      # [(drafted token, logits after it)] of the last verify pass, in order
     drafted = 0             # tokens in that pass's draft
     pass_s = 0.0            # seconds that pass took

@@ -279,7 +279,7 @@ class Transformer:
         self.busy = Exclusive()
         self._ran = False
         self._helper = None            # a compile helper started at load (adopt_helper)
-        self.last_lookup = None        # the last generation's generate.PromptLookup (its counts)
+        self.last_lookup = None        # the last speculative generation's generate.PromptLookup
 
     def adopt_helper(self, helper) -> None:
         """A compile helper process (kernels/compile_ahead.py `spawn`) started before this model was

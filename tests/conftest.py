@@ -4,6 +4,8 @@
     SHARED_MODELS, ARCH_PROXIES, GOLDEN_MODELS   names of the shared models (../shared/models)
     shared_path(...) a path under SHARED, or pytest.skip with a clear message when it is absent
     shared_model     session-scoped cache: shared_model("stories260K", n_ctx=512) -> loaded LM
+    untimed_drafts   greedy prompt-lookup drafting decided by the text alone (no timings), for
+                     tests that count drafts (test_speculative, test_batch)
     make_checkpoint  factory writing a small random HF checkpoint folder into tmp_path
     hf_tensor_shapes HF tensor names -> shapes for a config dict (used by make_checkpoint)
     check_against_reference / check_greedy / check_reference_against_transformers /
@@ -48,6 +50,20 @@ def shared_path(*parts: str) -> Path:
         pytest.skip(f"shared test data not found: {p} (the ../shared folder beside the repo is "
                     f"needed for this test)")
     return p
+
+
+@pytest.fixture
+def untimed_drafts(monkeypatch):
+    """Greedy speculative decoding drafts as sampling does, from the text alone: whether a
+    draft pays is otherwise measured as it runs (minilm.generate.PromptLookup), so on an idle
+    core a tiny model may draft almost nothing and a test that counts drafts would depend on
+    the machine's load. The tokens never depend on it."""
+    from minilm.generate import PromptLookup
+    init = PromptLookup.__init__
+
+    def untimed(self, ids, timed=True, before=None):
+        init(self, ids, timed=False, before=before)
+    monkeypatch.setattr(PromptLookup, "__init__", untimed)
 
 
 # ---- loaded shared models, once per session --------------------------------------------------

@@ -241,7 +241,7 @@ def test_request_joining_while_others_decode_gets_its_lone_answer(name, quant):
     assert "OK" in _run(JOIN, name, quant)
 
 
-def test_scheduler_speculates_while_one_sequence_decodes(shared_model):
+def test_scheduler_speculates_while_one_sequence_decodes(shared_model, untimed_drafts):
     """A sequence decoding alone drafts by prompt lookup and verifies the drafts in its pass:
     its greedy tokens are those of plain decoding (some drafts accepted, some rolled back);
     with two sequences decoding, they still get their lone answers; speculative=False and

@@ -33,7 +33,7 @@ def _load(name, quant=None, n_ctx=256):
     ("proxy-gpt2-shakespeare", None), ("proxy-neox-shakespeare", "int4"),
     ("proxy-lfm2-shakespeare", None), ("proxy-lfm2-shakespeare", "int4"),
     ("stories260K", None)])
-def test_greedy_identical_with_and_without(name, quant):
+def test_greedy_identical_with_and_without(name, quant, untimed_drafts):
     """Greedy: token for token the same output, on a grounded prompt where drafts are proposed,
     accepted and rejected (the rejected ones roll the KV cache / LFM2 conv history back), then a
     free prompt; the counts show speculation really ran."""
@@ -131,48 +131,128 @@ def test_verify_keeps_the_distribution(params):
     assert all(g.verify(logits, history, d) == 0 for d in range(6))
 
 
-def test_prompt_lookup_drafts_and_backs_off():
+def test_prompt_lookup_drafts_the_longest_match():
     """The most recent earlier occurrence of the longest suffix (3, 2, 1 tokens) gives the
-    draft; k grows on full accepts and shrinks on rejects; nothing accepted pauses drafting."""
+    draft, as long as the expected-value rule picks, within the caller's limit."""
     ids = [1, 2, 3, 4, 9, 2, 3, 5, 6, 7, 1, 2, 3]
-    pl = PromptLookup(ids)
+    pl = PromptLookup(ids, timed=False)
+    pl.hits[2] = [9.0, 1.0]                      # 3-token matches: 90 % of drafted tokens accepted
+    assert pl.p(3) == pytest.approx(0.9) and pl.best_k(0.9, 12)[0] == 4
     assert pl.draft(10) == [4, 9, 2, 3]          # "1 2 3" at 0: followed by 4 9 2 3 (k = 4)
     pl.result(4, 4)
-    assert pl.k == 6
+    assert pl.p(3) > 0.9 and (pl.proposed, pl.accepted) == (4, 4)
     ids += [8]                                   # "2 3 8", "3 8", "8": never seen before
     assert pl.draft(10) == []
-    ids += [5]                                   # "8 5" unseen, "5" at 7: 6 7 1 2 3 8
-    assert pl.draft(3) == [6, 7, 1]              # limited by the caller
-    pl.result(3, 0)                              # nothing accepted: pause 1 token, then 2 ...
-    assert pl.k == 5 and pl.draft(10) == [] and pl.draft(10) != []
-    pl.result(5, 0)
-    assert pl.draft(10) == [] and pl.draft(10) == [] and pl.draft(10) != []
-    assert (pl.proposed, pl.accepted) == (12, 4)
+    ids += [7, 1, 2]                             # "7 1 2" at 9: followed by 3 8 7 1 2
+    assert pl.draft(2) == [3, 8]                 # limited by the caller
+    assert pl.draft(0) == []
 
 
-def test_prompt_lookup_pauses_while_passes_cost_more_per_token():
-    """Measured as it runs: a verify pass whose seconds per produced token (accepted + 1) exceed
-    a plain step's pauses drafting like a draft with nothing accepted; a cheaper one does not."""
-    ids = [1, 2, 3, 4, 9, 1, 2, 3]
+def test_best_k_weighs_acceptance_against_row_cost():
+    """A draft of k yields 1 + p + ... + p^k tokens for 1 + c k steps: none while p <= c, longer
+    drafts as p grows or rows get cheaper."""
+    pl = PromptLookup([1, 2, 3], timed=False)
+    assert pl.row_cost == PromptLookup.ROW_COST == 0.4
+    assert pl.best_k(0.4, 12) == (0, 1.0) and pl.best_k(0.3, 12)[0] == 0
+    ks = [pl.best_k(p, 12)[0] for p in (0.5, 0.7, 0.9, 0.97)]
+    assert ks == sorted(ks) and ks[0] >= 1 and ks[-1] > ks[0]
+    k, gain = pl.best_k(0.9, 12)
+    assert gain == pytest.approx(sum(0.9 ** j for j in range(k + 1)) / (1 + 0.4 * k))
+    assert pl.best_k(0.9, 2)[0] == 2             # the limit
+    pl.row_cost = 0.05                           # a busy machine: a row is almost free
+    assert pl.best_k(0.9, 12)[0] > k
+
+
+def test_prompt_lookup_pauses_and_probes_when_no_draft_pays():
+    """A match whose drafts are not accepted often enough pauses drafting (doubling), then a
+    one-token probe checks whether that changed; a draft that pays resets the pause."""
+    ids = [5, 1, 6, 2, 7, 1]                     # only "1" (at 1) matches: a 1-token match
+    pl = PromptLookup(ids, timed=False)
+    assert pl.p(1) < pl.row_cost                 # the prior: 1-token matches do not pay
+    assert [pl.draft(10) for _ in range(3)] == [[], [], [6]]   # no pay: pause 1, then a probe
+    assert pl.probes == 1
+    pl.result(1, 0)
+    assert [pl.draft(10) for _ in range(4)] == [[], [], [], [6]]   # pause 2, then a probe
+    pl.result(1, 1)                              # accepted, but one probe does not make it pay:
+    assert pl.backoff == 4 and pl.draft(10) == []    # the pauses keep doubling
+    pl.hits[0] = [9.0, 1.0]                      # 1-token matches accepted 90 %: a draft pays
+    pl.pause = 0
+    assert pl.draft(10) != [] and pl.backoff == 1    # and the pause starts again at 1
+    assert (pl.proposed, pl.accepted, pl.probes) == (2, 1, 2)
+
+
+def test_prompt_lookup_measures_the_row_cost():
+    """Greedy (timed): a plain step is timed first; a verify pass of k + 1 rows over the plain
+    steps' time gives the cost of a row, which sets how long drafts are (or stops them)."""
+    ids = [1, 2, 3, 4, 9, 8, 7, 6, 5, 1, 2, 3]
     pl = PromptLookup(ids)
+    pl.hits[2] = [9.0, 1.0]
+    assert pl.draft(10) == []                    # no plain step timed yet: decode plainly
     pl.timed_step(0.010)                         # plain steps: 10 ms
-    assert pl.draft(10) == [4, 9, 1, 2]
-    pl.result(4, 4, seconds=0.020)               # 20 ms for 5 tokens: 4 ms per token, it pays
-    assert pl.k == 6 and pl.draft(10) != []
-    pl.result(4, 1, seconds=0.100)               # 50 ms per token: the average passes 10 ms: pause
-    assert pl.draft(10) == [] and pl.draft(10) != []
-    assert (pl.proposed, pl.accepted) == (8, 5)  # the counts stay what was accepted
+    k = len(pl.draft(10))
+    assert k == 4
+    pl.result(k, 0, seconds=0.010 * (1 + 0.1 * k))   # a row costs 0.1 of a step
+    assert pl.row_cost == pytest.approx(0.1)     # the first pass replaces the prior (0.4)
+    for t in (0.010, 0.5, 0.010):                # plain steps: their median (10 ms), not a
+        pl.timed_step(t)                         # descheduled one's 500 ms
+    for _ in range(3):
+        pl.result(k, 0, seconds=0.010 * (1 + 0.2 * k))   # rows at 0.2 of a step
+    pl.result(k, 0, seconds=1.0)                 # one pass descheduled: the median holds
+    assert pl.row_cost == pytest.approx(0.2)
+    pl.hits[2] = [9.0, 1.0]
+    assert len(pl.draft(12)) > k                 # cheaper rows: longer drafts
+    for _ in range(PromptLookup.RECENT):
+        pl.result(4, 0, seconds=0.010 * 10)      # a row costs more than a step
+    assert pl.row_cost > 1.0
+    pl.hits[2] = [9.0, 1.0]
+    assert pl.draft(12) == []                    # not even a draft accepted whole pays now:
+    assert pl.pause == PromptLookup.BACKOFF_MAX  # a long pause (then a probe re-measures)
+
+
+def test_row_cost_carries_over_to_the_next_generation(monkeypatch):
+    """A timed PromptLookup starts from the previous one's figures (the model on this machine),
+    so where rows cost more than a step it pauses at once instead of probing first; an untimed
+    one (sampling) does not take them."""
+    ids = [1, 2, 3, 4, 9, 8, 7, 6, 5, 1, 2, 3]
+    a = PromptLookup(ids)
+    a.timed_step(0.010)
+    a.hits[2] = [9.0, 1.0]
+    a.draft(10)
+    a.result(4, 0, seconds=0.010 * 10)           # rows at 2.25 steps
+    b = PromptLookup(list(ids), before=a)
+    assert b.row_cost == a.row_cost > 1.0 and list(b.plain) == [0.010]
+    b.hits[2] = [9.0, 1.0]
+    assert b.draft(10) == [] and b.pause == PromptLookup.BACKOFF_MAX and b.passes == 0
+    for _ in range(10):
+        b.draft(10)
+    b2 = PromptLookup(list(ids), before=b)       # no draft can pay: b's pause goes on (a probe
+    assert b2.pause == b.pause == PromptLookup.BACKOFF_MAX - 10   # every 64 tokens, not never)
+    c = PromptLookup(list(ids), timed=False, before=a)
+    assert c.row_cost == PromptLookup.ROW_COST and not c.plain
+    m = _load("proxy-llama256-shakespeare", "int4")
+    seen = []
+    init = PromptLookup.__init__
+
+    def spy(self, ids, timed=True, before=None):
+        seen.append(before)
+        init(self, ids, timed, before)
+    monkeypatch.setattr(PromptLookup, "__init__", spy)
+    m.generate_ids(_grounded(m), max_new_tokens=30)
+    first = m.net.last_lookup
+    m.generate_ids(_grounded(m), max_new_tokens=30)
+    assert seen[-1] is first and m.net.last_lookup is not first   # the model's previous one
 
 
 def test_sampled_drafting_does_not_depend_on_timings():
     """With sampling, drafting decides which random draws are taken: it must follow the text
-    alone (a seed gives the same text on a busy machine), so the timing pause is greedy-only."""
+    alone (a seed gives the same text on a busy machine), so the timings are greedy-only."""
     ids = [1, 2, 3, 4, 9, 1, 2, 3]
     pl = PromptLookup(ids, timed=False)
     pl.timed_step(0.001)
+    pl.hits[2] = [9.0, 1.0]
     assert pl.draft(10) == [4, 9, 1, 2]
-    pl.result(4, 4, seconds=10.0)                # far slower than a plain step: no pause
-    assert pl.k == 6 and pl.draft(10) != []
+    pl.result(4, 4, seconds=10.0)                # far slower than a plain step: ignored
+    assert pl.row_cost == PromptLookup.ROW_COST and pl.draft(10) != []
     m = _load("proxy-llama256-shakespeare", "int4")
     m.generate_ids(_grounded(m), max_new_tokens=4, temperature=0.7, seed=1)
     assert m.net.last_lookup.timed is False

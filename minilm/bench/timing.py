@@ -71,7 +71,8 @@ def speculation(model, prompts: dict, new_tokens: int, runs: int) -> dict:
     decode tok/s with and without it, the two interleaved in every run (the machine's drift hits
     both alike); medians. Columns: spec_accept_pct (drafted tokens accepted, grounded),
     spec_x_<name> (median speculative / median plain decode tok/s), spec_<name>_tok_s /
-    plain_<name>_tok_s."""
+    plain_<name>_tok_s, spec_<name>_cpu_ms / plain_<name>_cpu_ms (median CPU time of the
+    process per token: on a shared machine, wall time also counts the waits for the cores)."""
     from ..generate import generate_tokens
     from ..sampling import Sampler
 
@@ -80,18 +81,21 @@ def speculation(model, prompts: dict, new_tokens: int, runs: int) -> dict:
         it = generate_tokens(model, ids, new_tokens + 1, Sampler(model.config.vocab_size),
                              model.eos_token_ids, ignore_eos=True, speculative=speculative)
         next(it)                                       # the prompt's token: prefill, not timed
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         n = sum(1 for _ in it)
-        return n / (time.perf_counter() - t), model.net.last_lookup
+        return n / (time.perf_counter() - t), 1000.0 * (time.process_time() - c) / max(n, 1), model.net.last_lookup
 
     out: dict = {}
     bar = progress(total=runs * len(prompts), desc="speculative", unit="run")
     for name, ids in prompts.items():
-        plain, spec, prop, acc = [], [], 0, 0
+        plain, spec, plain_cpu, spec_cpu, prop, acc = [], [], [], [], 0, 0
         for _ in range(runs):
-            plain.append(one(ids, False)[0])
-            s, lk = one(ids, True)
+            p, pc, _lk = one(ids, False)
+            s, sc, lk = one(ids, True)
+            plain.append(p)
             spec.append(s)
+            plain_cpu.append(pc)
+            spec_cpu.append(sc)
             prop, acc = prop + lk.proposed, acc + lk.accepted
             bar.update(1)
         out[f"plain_{name}_tok_s"] = float(statistics.median(plain))
@@ -100,6 +104,8 @@ def speculation(model, prompts: dict, new_tokens: int, runs: int) -> dict:
         out[f"spec_{name}_samples"] = [float(x) for x in spec]
         out[f"plain_{name}_samples"] = [float(x) for x in plain]
         out[f"spec_{name}_accept_pct"] = 100.0 * acc / prop if prop else 0.0
+        out[f"plain_{name}_cpu_ms"] = float(statistics.median(plain_cpu))
+        out[f"spec_{name}_cpu_ms"] = float(statistics.median(spec_cpu))
     bar.close()
     model.reset()
     if "grounded" in prompts:
