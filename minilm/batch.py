@@ -241,13 +241,15 @@ class Scheduler:
         self.active.append(q)
 
     def _finish(self, q: Seq, item=_END):
-        q.out.put(item)
+        # the slot is free (and q no longer active) before the reader sees the end: a follow-up
+        # request sent the moment an answer ends finds its prefix in that slot
         if q in self.active:
             self.active.remove(q)
         if q.slot >= 0:
             with self.cv:
                 self.free.append(q.slot)
             q.slot = -1
+        q.out.put(item)
 
     def _fail(self, q: Seq, e: BaseException):
         self._finish(q, e)
