@@ -54,12 +54,18 @@ Kernel design and what inspect_asm showed (2-vCPU Xeon with AVX-512 VNNI, numba 
     accumulator it widens to vpmovsxbq/vpmuldq; table lookups (IQ4) and per-lane shifts (the
     Q5 high bits) stayed scalar; byte-unpacking loops into a stack buffer cost ~30 ns per 256
     weights on their own (Q6_K 57, Q5_0/Q5_1 106 ns per 256 weights in cache).
-  * 32-block types (Q4_1, Q5_0, Q5_1, IQ4_NL): each 32-weight block is unpacked in LLVM IR
-    (intrinsic _dpnf: byte shift + mask; the qh bits by a byte shuffle and a mask test; IQ4's
-    table by vpshufb) straight into vpdpbusd ymm (u8 weights x s8 activations), converted per
+  * 32-block types (Q4_1, Q5_0, Q5_1): each 32-weight block is unpacked in LLVM IR
+    (intrinsic _dpnf: byte shift + mask; the qh bits by a byte shuffle and a mask test)
+    straight into vpdpbusd ymm (u8 weights x s8 activations), converted per
     block and fma'd into two f32 accumulators (even / odd blocks: one chain is latency-bound),
     one row at a time, the row 2 rows ahead prefetched. Unsigned weights need an offset for the
-    signed formats: Q5_0 -16 and the IQ4 table's +128 come off through the block sums (xs).
+    signed formats: Q5_0's -16 comes off through the block sums (xs).
+  * IQ4_NL (_nl_tile, section "IQ4_NL: tiles"): tiles of 4 rows x 4 tokens (the GEMV: x 1
+    token), a pair of 32-blocks per zmm: each row's pair unpacked once (vpshufb of the table
+    + 128), each token's 64 activation bytes and scales loaded once for the 4 rows; per (row,
+    token) one vpdpbusd from the offset -128 * sum(xq) (exact int32 lanes), one d * xd product
+    and one fma. In cache, 1 thread, M = 128 (ns per row, token and 256 weights): GEMM 8.5 ->
+    2.7-3.4 (the 32-block row per token before), GEMV 7.4 -> 4.8.
   * K-quants and IQ4_XS (_ksb / _ksb_mt, section "K-quant super-blocks" below): a whole
     256-super-block per step. GEMV: 4 rows per pass (the 4 activation zmm and the Q8_K block
     sums loaded once for the 4 rows); each row's weights unpacked with zmm vector ops in the
@@ -74,9 +80,13 @@ Kernel design and what inspect_asm showed (2-vCPU Xeon with AVX-512 VNNI, numba 
     register holds the first 16 weights of 4 sub-blocks, a second the last 16, so the two
     vpmaddubsw results add in i16 before one vpdpwssd with the 4 scales (3 multiplies per 128
     weights instead of 4; the activation is rearranged to match once per super-block and shared
-    by the rows), and their 12 scale/min bytes unpack as <4 x i32> word ops. IQ4_XS (table + 128
-    overflows the i16 pairs) keeps vpdpbusd with the -128 bias preloaded in the accumulator and a
-    vpmulld by its scales. The 4 rows' bytes 16 rows ahead are prefetched as a linear stream (as
+    by the rows), and their 12 scale/min bytes unpack as <4 x i32> word ops. IQ4_XS unpacks
+    |table value| (<= 127) and moves the sign onto the activation (one byte blend per piece and
+    (row, token) from x and -x, -x built once per token), so its pairs fit i16 and it takes the
+    K-quants' vpmaddubsw + vpdpwssd with its scales as i16 lanes (was vpdpbusd of table + 128, a
+    -128 bias and a vpmulld by the scales: GEMM 2.9 -> 2.0 ns per row, token and 256 weights).
+    Q3_K / Q6_K keep -offset * scale as i16 lanes (|.| <= 4096), so their offset term is one
+    vpmaddwd per (row, token). The 4 rows' bytes 16 rows ahead are prefetched as a linear stream (as
     qmatmul's Q4_0). GEMM (prefill, gemm_<type>_groups): per pass 8 tokens (then 4, then 1) x 2
     rows (Q4_K/Q5_K: x 4 rows, the rearranged activation shared by them), each super-block
     unpacked once for the tokens; the per-(row, token) integer sums and float step are the
@@ -1005,7 +1015,7 @@ def act_quant_q8_k(x, xq, xd, xs):
 
 # ---- SIMD building blocks (LLVM IR) --------------------------------------------------------
 # _dpnf(facc, scale, row, ro, qho, KIND, x, xo)   32-blocks from 16 nibble bytes (KIND 0 plain,
-#     1 with the Q5 qh bits, 2 IQ4 table + 128): facc[0:8] (f32) += f32(dot4(...)) * scale
+#     1 with the Q5 qh bits): facc[0:8] (f32) += f32(dot4(...)) * scale
 # "vnni": vpdpbusd ymm and pshufb; "generic": widening IR any LLVM target lowers (zext/sext, mul,
 # adds; a select chain for the table), chosen when the CPU lacks AVX512-VNNI/VL or with
 # MINILM_SIMD=generic|avx2 (as kernels/qmatmul.py; use a fresh NUMBA_CACHE_DIR with it).
@@ -1075,29 +1085,12 @@ def _splat8(builder, v, n=32):
 
 def _nib32(ctx, builder, sig, args, i, kind):
     """32 weights of a 32-block from its 16 nibble bytes at row[ro:] (args i, i+1; i+2 = qho):
-    kind 0: [lo nibbles, hi nibbles]; 1: | bit l of the little-endian u32 at row[qho:] << 4 (Q5);
-    2: KV128[...] (IQ4's table + 128)."""
+    kind 0: [lo nibbles, hi nibbles]; 1: | bit l of the little-endian u32 at row[qho:] << 4 (Q5)."""
     row, ro, qho = args[i:i + 3]
     p = _elem_ptr(ctx, builder, sig.args[i], row, ro, _I8T)
     v = builder.load(builder.bitcast(p, _V16I8.as_pointer()), align=1)
     lo = builder.and_(v, ir.Constant(_V16I8, [15] * 16))
     hi = builder.lshr(v, ir.Constant(_V16I8, [4] * 16))
-    if kind == 2:
-        tab = ir.Constant(_V16I8, [t & 0xFF for t in _KV128])
-        if SIMD == "vnni":
-            f = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16I8, [_V16I8] * 2),
-                                               "llvm.x86.ssse3.pshuf.b.128")
-            lo = builder.call(f, [tab, lo])
-            hi = builder.call(f, [tab, hi])
-        else:
-            a = ir.Constant(_V16I8, [0] * 16)
-            b = ir.Constant(_V16I8, [0] * 16)
-            for t in range(16):
-                tv = ir.Constant(_V16I8, [t] * 16)
-                kv = ir.Constant(_V16I8, [_KV128[t] & 0xFF] * 16)
-                a = builder.select(builder.icmp_unsigned("==", lo, tv), kv, a)
-                b = builder.select(builder.icmp_unsigned("==", hi, tv), kv, b)
-            lo, hi = a, b
     u = _shuf(builder, lo, hi, list(range(32)))
     if kind == 1:
         v4t = ir.VectorType(_I8T, 4)
@@ -1160,9 +1153,10 @@ def _hsum8f(typingctx, accp):
 #   * the sub-block scales (unpacked as vectors, not per element) multiply the integer sums
 #     inside the dot product: vpmaddubsw (u8 x s8 -> pairs of i16; every format's
 #     |u0*x0 + u1*x1| <= 2*63*128 fits) then vpdpwssd with the scales as i16 lanes (i32 lanes
-#     += p16 * scale). IQ4_XS (table values + 128 up to 241: pairs would overflow i16) uses
-#     vpdpbusd with the -128 offset preloaded in the accumulator and a vpmulld by its scales;
-#   * offsets (Q3_K -4, Q6_K -32) come off lane-wise in int32: acc starts at -off * sc * bsum.
+#     += p16 * scale). IQ4_XS: |table value| (<= 127) against x with the table's sign
+#     (_XV.signed), so its pairs fit i16 as well;
+#   * offsets (Q3_K -4, Q6_K -32) come off lane-wise in int32: acc starts at sum(-off * sc * bsum)
+#     (one vpmaddwd of the i16 lanes -off * sc with the block sums).
 # "generic" (no AVX512-VNNI/BW): the same sums with widening integer IR any LLVM target compiles.
 
 _I16T = ir.IntType(16)
@@ -1249,6 +1243,13 @@ class _XV(list):
             self.cache[(H, j)] = _shuf(self.builder, a, b, idx + [64 + i for i in idx])
         return self.cache[(H, j)]
 
+    def signed(self, p, neg):
+        """xv[p] with the bytes where neg (<64 x i1>) is set negated (IQ4_XS); -xv[p] built once
+        and shared by the rows (q8_K values are in [-127, 127]: the negation is exact)."""
+        if ("neg", p) not in self.cache:
+            self.cache[("neg", p)] = self.builder.sub(_cv([0] * 64), self[p])
+        return self.builder.select(neg, self.cache[("neg", p)], self[p])
+
 
 def _pshufb64(builder, tab, idx):
     """tab[idx] per byte (idx 0..15, tab <16 x i8>): vpshufb zmm, or a select chain."""
@@ -1326,8 +1327,9 @@ def _k4_scales(builder, s):
 def _ksb_unpack(builder, kind, ld, h16, base):
     """One row's super-block at byte base, unpacked for any number of activation rows:
     dict(pieces=[(u <64 x u8>, scale lanes, p)] (x[64p : 64p+64] pairs with u), d, dmin | None,
-    mn (mins: <8 x i32> per 32-sub-block or <16 x i32> per 16-group) | None, osc (<16 x i32>
-    scales of the offset formats) | None, osh (the offset as a shift: 5 = 32, 2 = 4), ls (IQ4_XS))."""
+    mn (mins: <8 x i32> per 32-sub-block or <16 x i32> per 16-group) | None, osc (<16 x i16>
+    -offset * scale of the offset formats: Q6_K -32 sc, Q3_K -4 sc, |.| <= 4096) | None; IQ4_XS's
+    pieces carry a 4th item, the bytes whose activation is negated (_XV.signed)."""
     def at(k):
         return builder.add(base, ir.Constant(_I64T, k))
 
@@ -1335,7 +1337,7 @@ def _ksb_unpack(builder, kind, ld, h16, base):
         """<32 x i16> of 16-group scales first..first+3 (8 i16 lanes = 16 bytes each)."""
         return _shuf(builder, sc, sc, [first + k // 8 for k in range(32)])
 
-    U = dict(pieces=[], pairs=[], d=None, dmin=None, mn=None, osc=None, osh=0, ls=None)
+    U = dict(pieces=[], pairs=[], d=None, dmin=None, mn=None, osc=None)
     if kind in (12, 13):                                  # Q4_K, Q5_K
         U["d"], U["dmin"] = h16(at(0)), h16(at(2))
         sc8, mn8 = _k4_scales(builder, ld(at(4), _V16I8))
@@ -1365,7 +1367,7 @@ def _ksb_unpack(builder, kind, ld, h16, base):
         U["d"] = h16(at(208))
         s = ld(at(192), _V16I8)
         sc = builder.sext(s, _V16I16)
-        U["osc"], U["osh"] = sc, 5
+        U["osc"] = builder.sub(_cv([0] * 16, _I16T), builder.shl(sc, _cv([5] * 16, _I16T)))   # -32 sc
         for h in range(2):
             ql = ld(at(64 * h), _V64I8)
             qb = _bcast32(builder, ld, at(128 + 32 * h))   # 2-bit fields 0, 1 | 2, 3 -> bits 4-5
@@ -1390,7 +1392,7 @@ def _ksb_unpack(builder, kind, ld, h16, base):
             hi = _cat(builder, _cat(builder, hs[0], hs[1]), _cat(builder, hs[2], hs[3]))
             s8 = builder.sub(builder.or_(lo, builder.shl(hi, _cv([4] * 16))), _cv([32] * 16))
             sc = builder.sext(s8, _V16I16)
-            U["osc"], U["osh"] = sc, 2
+            U["osc"] = builder.sub(_cv([0] * 16, _I16T), builder.shl(sc, _cv([2] * 16, _I16T)))   # -4 sc
             hm = ld(at(0), _V32I8)
             hz = _cat(builder, hm, hm)
             qo = 32
@@ -1403,7 +1405,9 @@ def _ksb_unpack(builder, kind, ld, h16, base):
                 ub = builder.or_(ub, _bitset(builder, hz, [4 << 4 * h] * 32 + [8 << 4 * h] * 32, 4))
             U["pieces"] += [(ua, sc_lanes(sc, 8 * h), 2 * h), (ub, sc_lanes(sc, 8 * h + 4), 2 * h + 1)]
         return U
-    # IQ4_XS: table values + 128 (u8), scales as <16 x i32> lanes per piece (vpdpbusd, vpmulld)
+    # IQ4_XS: |table value| (u8, <= 127) with the sign moved onto the activation (_XV.signed: x or
+    # -x per byte, where the table index < 8 is a negative value), so the vpmaddubsw pairs fit i16
+    # (2 * 127 * 127) and the sub-block scales go in as i16 lanes (vpdpwssd), as the K-quants
     U["d"] = h16(at(0))
     sh = builder.zext(builder.load(builder.bitcast(ld.ptr(at(2)), _I16T.as_pointer()), align=1), _I32T)
     sl4 = ld(at(4), _V4I8)
@@ -1412,15 +1416,15 @@ def _ksb_unpack(builder, kind, ld, h16, base):
     shs = _shuf(builder, builder.insert_element(ir.Constant(_V8I32, None), sh, ir.Constant(_I32T, 0)),
                 ir.Constant(_V8I32, None), [0] * 8)
     shv = builder.and_(builder.lshr(shs, _cv([2 * j for j in range(8)], _I32T)), _cv([3] * 8, _I32T))
-    ls = builder.sub(builder.or_(slv, builder.shl(shv, _cv([4] * 8, _I32T))), _cv([32] * 8, _I32T))
-    tab = _cv(_KV128)
+    ls = builder.trunc(builder.sub(builder.or_(slv, builder.shl(shv, _cv([4] * 8, _I32T))), _cv([32] * 8, _I32T)), _V8I16)
+    tab = _cv([abs(int(v)) for v in KVALUES])
     for p in range(4):
         q = ld(at(8 + 32 * p), _V32I8)
         lo = builder.and_(q, _cv([15] * 32))
         hi = builder.lshr(q, _cv([4] * 32))
         idx = _shuf(builder, lo, hi, list(range(16)) + list(range(32, 48)) + list(range(16, 32)) + list(range(48, 64)))
-        U["pieces"].append((_pshufb64(builder, tab, idx), _shuf(builder, ls, ls, [2 * p] * 8 + [2 * p + 1] * 8), p))
-    U["ls"] = True
+        neg = builder.icmp_unsigned("<", idx, _cv([8] * 64))
+        U["pieces"].append((_pshufb64(builder, tab, idx), _shuf(builder, ls, ls, [2 * p] * 16 + [2 * p + 1] * 16), p, neg))
     return U
 
 
@@ -1431,7 +1435,7 @@ def _ksb_unpack_rp(builder, kind, ld, cbase, r, nr):
     dmin of the row as one <2 x half> load."""
     def at(k):
         return builder.add(cbase, ir.Constant(_I64T, k))
-    U = dict(pieces=[], pairs=[], d=None, dmin=None, mn=None, osc=None, osh=0, ls=None)
+    U = dict(pieces=[], pairs=[], d=None, dmin=None, mn=None, osc=None)
     hv = builder.fpext(ld(at(144 * nr + 4 * r), ir.VectorType(ir.HalfType(), 2)), ir.VectorType(_F32T, 2))
     U["dv"] = _shuf(builder, hv, hv, [0] * 8 + [1] * 8)          # [d] * 8 + [dmin] * 8
     sc16 = builder.zext(ld(at(128 * nr + 16 * r), _V8I8), _V8I16)
@@ -1459,21 +1463,14 @@ def _ksb_dot(builder, U, xv, bs, p8, bs16):
     super-block (xv: its 4 zmm, bs <16 x i32> block sums, p8 <8 x i32> pair sums, bs16 the block
     sums as <16 x i16>): (isum <16 x i32>, msum <8 x i32> | None)."""
     zero16 = ir.Constant(_V16I32, [0] * 16)
-    if U["osc"] is not None:          # the offset: acc starts at -off * sum(sc * bsum) (lanes 0..7)
-        o8 = builder.shl(_pmaddwd16(builder, U["osc"], bs16), _cv([U["osh"]] * 8, _I32T))
-        acc = _cat(builder, builder.sub(ir.Constant(_V8I32, [0] * 8), o8), ir.Constant(_V8I32, [0] * 8))
+    if U["osc"] is not None:          # the offset: acc starts at sum(-off * sc * bsum) (lanes 0..7)
+        acc = _cat(builder, _pmaddwd16(builder, U["osc"], bs16), ir.Constant(_V8I32, [0] * 8))
     else:
         acc = zero16
-    if U["ls"]:
-        bias = builder.mul(p8, _cv([-128] * 8, _I32T))   # the table's +128, per 32-sub-block
-        for u, lsv, p in U["pieces"]:
-            b0 = _shuf(builder, bias, ir.Constant(_V8I32, [0] * 8), [2 * p] + [8] * 7 + [2 * p + 1] + [8] * 7)
-            acc = builder.add(acc, builder.mul(_dot4_64(builder, b0, u, xv[p]), lsv))
-    else:
-        for u, sc16, p in U["pieces"]:
-            acc = _mdot(builder, acc, u, xv[p], sc16)
-        for ua, ub, sc16, H in U["pairs"]:
-            acc = _mdot2(builder, acc, ua, xv.half(H, 0), ub, xv.half(H, 1), sc16)
+    for u, sc16, p, *neg in U["pieces"]:
+        acc = _mdot(builder, acc, u, xv.signed(p, neg[0]) if neg else xv[p], sc16)
+    for ua, ub, sc16, H in U["pairs"]:
+        acc = _mdot2(builder, acc, ua, xv.half(H, 0), ub, xv.half(H, 1), sc16)
     msum = None
     if U["mn"] is not None:
         if U["mn"].type.count == 8:
@@ -1736,6 +1733,172 @@ def _k_gemm_groups(XQ, XD, XS, raw, out, M, g0, g1, KIND, TS, NR):
                     _k_gemm_pass(XQ, XD, XS, raw, out, t0, rr, rb, nsb, accp, acc, 1, 1, KIND)
 
 
+# ---- IQ4_NL: tiles of rows x tokens (LLVM IR) -----------------------------------------------
+# _nl_tile(accp, raw, roff, rb, XQ, XD, XS, t0, b, pfo, NT, NR, NB, PF): blocks b .. b+NB-1 (NB 2:
+# a pair of 32-blocks in one zmm; 1: a last odd block, lanes 0..7) of the NR rows at bytes roff,
+# roff + rb, .. of raw against the tokens t0 .. t0+NT-1 of the q8_0 slots (2-D; 1-D: one token).
+#   * per row, once for the NT tokens: the pair's 2 x 16 nibble bytes become 64 unsigned bytes of
+#     the table + 128 (one vpshufb zmm), its two fp16 scales [d0] * 8 + [d1] * 8;
+#   * per token, once for the NR rows: the 64 activation bytes, [xd_b] * 8 + [xd_b+1] * 8 and the
+#     offset -128 * sum(xq of the block) (xs: lane 0 of each block's 8 lanes);
+#   * per (row, token): one vpdpbusd from the offset (the int32 lanes sum to sum(kv * xq) exactly),
+#     one product d * xd (EXACT: IEEE, no reassociation) and one fma into 16 f32 lanes at
+#     accp[16 (NR t + r):] (lanes 0..7 even blocks, 8..15 odd blocks); out = _kout's 16-lane tree.
+# The GEMV is this tile with NT = 1, so every (row, token) of a GEMM has the GEMV's bits.
+
+@intrinsic
+def _nl_tile(typingctx, accp, raw, roff, rb, XQ, XD, XS, t0, b, pfo, NT, NR, NB, PF):
+    lits = (NT, NR, NB, PF)
+    if not all(isinstance(a, types.IntegerLiteral) for a in lits):
+        return None
+    nt, nr, nbk, npf = (a.literal_value for a in lits)
+    if nbk not in (1, 2) or any(a.layout != "C" or a.ndim != XQ.ndim for a in (XQ, XD, XS)):
+        return None
+
+    def codegen(ctx, builder, sig, args):
+        accp_, raw_, roff_, rb_, XQ_, XD_, XS_, t0_, b_, pfo_ = args[:10]
+        b64 = _as64(builder, b_)
+        ld = _RawLoader(ctx, builder, sig.args[1], raw_)
+        if npf:
+            _prefetch_lines(builder, ld, pfo_, npf)
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_V16F32, [_V16F32] * 3), "llvm.fma.v16f32")
+        tab = _cv(_KV128)
+        f2 = ir.VectorType(_F32T, 2)
+        lanes2 = [0] * 8 + [1] * 8
+        # rows: u (64 x u8) and d lanes
+        Us = []
+        for r in range(nr):
+            o = builder.add(builder.add(roff_, builder.mul(rb_, ir.Constant(_I64T, r))),
+                            builder.mul(b64, ir.Constant(_I64T, 18)))
+            q0 = ld(builder.add(o, ir.Constant(_I64T, 2)), _V16I8)
+            h0 = builder.load(builder.bitcast(ld.ptr(o), ir.HalfType().as_pointer()), align=1)
+            if nbk == 2:
+                q1 = ld(builder.add(o, ir.Constant(_I64T, 20)), _V16I8)
+                h1 = builder.load(builder.bitcast(ld.ptr(builder.add(o, ir.Constant(_I64T, 18))),
+                                                  ir.HalfType().as_pointer()), align=1)
+            else:
+                q1 = ir.Constant(_V16I8, [0] * 16)
+                h1 = ir.Constant(ir.HalfType(), 0.0)
+            v = _cat(builder, q0, q1)
+            lo = builder.and_(v, _cv([15] * 32))
+            hi = builder.lshr(v, _cv([4] * 32))
+            idx = _shuf(builder, lo, hi, list(range(16)) + list(range(32, 48)) + list(range(16, 32)) + list(range(48, 64)))
+            u = _pshufb64(builder, tab, idx)
+            hv = builder.insert_element(ir.Constant(ir.VectorType(ir.HalfType(), 2), None), h0, ir.Constant(_I32T, 0))
+            hv = builder.insert_element(hv, h1, ir.Constant(_I32T, 1))
+            dv = builder.fpext(hv, f2)
+            Us.append((u, _shuf(builder, dv, dv, lanes2)))
+
+        def stride(k):
+            if sig.args[4 + k].ndim == 1:
+                return ir.Constant(_I64T, 0)
+            a = ctx.make_array(sig.args[4 + k])(ctx, builder, args[4 + k])
+            return builder.extract_value(a.shape, 1)
+        kq, kd, ks = stride(0), stride(1), stride(2)
+        t064 = _as64(builder, t0_)
+        for t in range(nt):
+            tt = builder.add(t064, ir.Constant(_I64T, t))
+            xo = builder.add(builder.mul(tt, kq), builder.mul(b64, ir.Constant(_I64T, 32)))
+            if nbk == 2:
+                x = builder.load(_elem_ptr(ctx, builder, sig.args[4], XQ_, xo, _V64I8), align=1)
+            else:
+                x = _cat(builder, builder.load(_elem_ptr(ctx, builder, sig.args[4], XQ_, xo, _V32I8), align=1),
+                         ir.Constant(_V32I8, [0] * 32))
+
+            def two(k, kk):
+                p = builder.add(builder.mul(tt, kk), b64)
+                a0 = builder.load(_elem_ptr(ctx, builder, sig.args[4 + k], args[4 + k], p, _F32T), align=4)
+                e = builder.insert_element(ir.Constant(f2, None), a0, ir.Constant(_I32T, 0))
+                if nbk == 2:
+                    a1 = builder.load(_elem_ptr(ctx, builder, sig.args[4 + k], args[4 + k],
+                                                builder.add(p, ir.Constant(_I64T, 1)), _F32T), align=4)
+                else:
+                    a1 = ir.Constant(_F32T, 0.0)
+                return builder.insert_element(e, a1, ir.Constant(_I32T, 1))
+            xdv = two(1, kd)
+            xdv = _shuf(builder, xdv, xdv, lanes2)
+            sv = builder.mul(builder.fptosi(two(2, ks), ir.VectorType(_I32T, 2)), _cv([-128, -128], _I32T))
+            bias = _shuf(builder, sv, ir.Constant(ir.VectorType(_I32T, 2), [0, 0]), [0] + [2] * 7 + [1] + [2] * 7)
+            for r, (u, dv) in enumerate(Us):
+                isum = _dot4_64(builder, bias, u, x)
+                sc = builder.fmul(dv, xdv, flags=EXACT)
+                ap = builder.bitcast(builder.gep(accp_, [ir.Constant(_I32T, 16 * (nr * t + r))]), _V16F32.as_pointer())
+                builder.store(builder.call(fma, [builder.sitofp(isum, _V16F32), sc, builder.load(ap, align=4)]), ap, align=4)
+        return ir.Constant(_I8T, 0)
+    return types.int8(accp, raw, roff, rb, XQ, XD, XS, t0, b, pfo, NT, NR, NB, PF), codegen
+
+
+@njit(**dict(_JIT, inline="always"))
+def _nl_pass(XQ, XD, XS, raw, accp, acc, t0, q0, rb, nb, pf, NT, NR, PF):
+    """accp[: 16 NT NR] = the lanes of rows at bytes q0, q0 + rb, .. (NR) and tokens t0 .. t0+NT-1
+    over the row's nb blocks (pairs, then a last odd block); PF lines prefetched per pair from
+    byte pf on (a linear stream of 4 * 36 bytes per pair)."""
+    for k in range(16 * NT * NR):
+        acc[k] = 0.0
+    np2 = nb // 2 * 2
+    for b in range(0, np2, 2):
+        _nl_tile(accp, raw, q0, rb, XQ, XD, XS, t0, b, pf + 72 * b, NT, NR, 2, PF)
+    if nb > np2:
+        _nl_tile(accp, raw, q0, rb, XQ, XD, XS, t0, np2, 0, NT, NR, 1, 0)
+
+
+@njit(**_JIT)
+def gemv_iq4_nl_groups(xq, xd, xs, raw, out, g0, g1):
+    """IQ4_NL: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_0 slots (_nl_tile, 4 rows
+    per pass, the rows 16 ahead prefetched as a linear stream)."""
+    N = raw.shape[0]
+    rb = raw.shape[1]
+    nb = rb // 18
+    accp = _stack_f32(64)
+    acc = numba.carray(accp, 64)
+    for g in range(g0, g1):
+        r0 = 4 * g
+        q0 = r0 * rb
+        if r0 + 4 <= N:
+            _nl_pass(xq, xd, xs, raw, accp, acc, 0, q0, rb, nb, q0 + 16 * rb, 1, 4, 3)
+            for rr in range(4):
+                out[r0 + rr] = _kout(accp, 16 * rr, 20)
+        else:
+            for r in range(r0, N):
+                _nl_pass(xq, xd, xs, raw, accp, acc, 0, r * rb, rb, nb, 0, 1, 1, 0)
+                out[r] = _kout(accp, 0, 20)
+
+
+_NL_NT = 4    # tokens per IQ4_NL GEMM pass
+_NL_NR = 4    # rows per IQ4_NL GEMM pass
+
+
+@njit(**_JIT)
+def gemm_iq4_nl_groups(XQ, XD, XS, raw, out, M, g0, g1):
+    """IQ4_NL: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T: tiles of 4 rows x _NL_NT
+    tokens (then single tokens), each block pair unpacked once per tile; per (row, token) the
+    GEMV's arithmetic (_nl_tile)."""
+    N = raw.shape[0]
+    rb = raw.shape[1]
+    nb = rb // 18
+    accp = _stack_f32(256)                # up to 4 tokens x 4 rows x 16 f32 lanes
+    acc = numba.carray(accp, 256)
+    for g in range(g0, g1):
+        r0 = 4 * g
+        if r0 + 4 <= N:
+            m4 = 0
+            for t0 in range(0, M - _NL_NT + 1, _NL_NT):
+                _nl_pass(XQ, XD, XS, raw, accp, acc, t0, r0 * rb, rb, nb, 0, _NL_NT, _NL_NR, 0)
+                for t in range(_NL_NT):
+                    for rr in range(_NL_NR):
+                        out[t0 + t, r0 + rr] = _kout(accp, 16 * (_NL_NR * t + rr), 20)
+                m4 = t0 + _NL_NT
+            for t0 in range(m4, M):
+                _nl_pass(XQ, XD, XS, raw, accp, acc, t0, r0 * rb, rb, nb, 0, 1, 4, 0)
+                for rr in range(4):
+                    out[t0, r0 + rr] = _kout(accp, 16 * rr, 20)
+        else:
+            for r in range(r0, N):
+                for t0 in range(M):
+                    _nl_pass(XQ, XD, XS, raw, accp, acc, t0, r * rb, rb, nb, 0, 1, 1, 0)
+                    out[t0, r] = _kout(accp, 0, 20)
+
+
 # ---- row dot products: row uint8[row_bytes], activation slots -> f32 ------------------------
 # Weights are unpacked to unsigned bytes (u8 x s8 products for vpdpbusd); a format's offset
 # (Q5_0 -16, Q3_K -4, Q6_K -32, IQ4 table + 128) is taken off with the activation block sums.
@@ -1803,22 +1966,6 @@ def _row_q5_0(row, xq, xd, xs, pfd):
         _dpnf(_ptr_add(fp, 8 * (b & 1)), sc, row, o + 6, o + 2, 1, xq, 32 * b)
         corr += sc * xs[b]                  # the -16 offset: 16 * d * xd * sum(xq)
     return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + np.float32(-16.0) * corr
-
-
-@njit(**_RJIT)
-def _row_iq4_nl(row, xq, xd, xs, pfd):
-    nb = row.shape[0] // 18
-    fp = _stack_f32(16)
-    _facc_zero(fp)
-    _facc_zero(_ptr_add(fp, 8))
-    corr = np.float32(0.0)
-    for b in range(nb):
-        o = 18 * b
-        _prefetch(row, o + pfd)
-        sc = _h2f(_u16(row, o)) * xd[b]
-        _dpnf(_ptr_add(fp, 8 * (b & 1)), sc, row, o + 2, o, 2, xq, 32 * b)
-        corr += sc * xs[b]                  # the table's +128
-    return (_hsum8f(fp) + _hsum8f(_ptr_add(fp, 8))) + np.float32(-128.0) * corr
 
 
 # ---- row-group kernels (what the executor calls) and prange wrappers ------------------------
@@ -1950,30 +2097,12 @@ def _gemm_par_q5_1(x, raw, out, xq, xd, xs):
         gemm_q5_1_groups(xq, xd, xs, raw, out, M, g0, min(g0 + _GEMM_GROUPS, ng))
 
 
-@njit(**_JIT)
-def gemv_iq4_nl_groups(xq, xd, xs, raw, out, g0, g1):
-    """IQ4_NL: rows 4*g0 .. min(4*g1, N)-1 of W @ x, activation in q8_0 slots."""
-    N = raw.shape[0]
-    r1 = min(4 * g1, N)
-    for r in range(4 * g0, r1):
-        pfd = _PF_ROWS * raw.shape[1] if r + _PF_ROWS < N else 0
-        out[r] = _row_iq4_nl(raw[r], xq, xd, xs, pfd)
-
-
 @njit(**_PJIT)
 def _gemv_par_iq4_nl(x, raw, out, xq, xd, xs):
     act_quant_q8_0(x, xq, xd, xs)
     ng = (raw.shape[0] + 3) // 4
     for g in prange(ng):
         gemv_iq4_nl_groups(xq, xd, xs, raw, out, g, g + 1)
-
-
-@njit(**_JIT)
-def gemm_iq4_nl_groups(XQ, XD, XS, raw, out, M, g0, g1):
-    """IQ4_NL: rows 4*g0 .. min(4*g1, N)-1 of out[:M] = X[:M] @ W.T, one token at a time."""
-    for g in range(g0, g1):          # the 4 rows stay in L1 across the tokens
-        for m in range(M):
-            gemv_iq4_nl_groups(XQ[m], XD[m], XS[m], raw, out[m], g, g + 1)
 
 
 @njit(**_PJIT)
