@@ -227,13 +227,14 @@ def embedding_hessian(model, residual: dict | None = None) -> np.ndarray | None:
 
 def tied_embedding_hessians(model, head: np.ndarray, imatrix):
     """(rows, f64[D, D]) pairs, an iterator: the Hessians of a tied token embedding's rows, which
-    serve two roles. GPTQ lowers each matrix's squared output error per position on the calibration inputs; this
-    matrix has two outputs. As the lm head, row n's error e costs e^T C e at every position (C
-    the final-normed input's covariance, `head`). As the lookup, row t's error enters the
-    residual stream at the positions whose input is t (a share p_t of them, Imatrix.token_freq)
-    and costs there what its readers' outputs change, e^T R e (R: the readers' Hessian of
-    embedding_hessian before its trace scaling, each reader by 1 / the stream's mean square, the
-    head itself one of them through the final norm). Per position row t costs
+    serve two roles. GPTQ lowers each matrix's squared output error per position on the
+    calibration inputs; this matrix has two outputs. As the lm head, row n's error e costs
+    e^T C e at every position (C the final-normed input's covariance, `head`). As the lookup,
+    row t's error enters the residual stream (times embed_scale) at the positions whose input is
+    t (a share p_t of them, Imatrix.token_freq) and costs there what its readers' outputs
+    change, e^T R e (R: embed_scale^2 times the readers' Hessian of embedding_hessian before its
+    trace scaling, each reader by 1 / the stream's mean square, the head itself one of them
+    through the final norm). Per position row t costs
     e^T (C + p_t R) e: both roles in the same unit, no free constant. Rows with equal p_t share
     one Hessian. None (the head's C alone, as before) when the residual statistics or token
     frequencies are missing (e.g. an imatrix read from a file) or the model has no such readers."""
@@ -243,6 +244,7 @@ def tied_embedding_hessians(model, head: np.ndarray, imatrix):
     if freq is None or len(freq) < V or not n or not by_rms:
         return None
     C = np.asarray(head, np.float64)
+    R = R * model.config.embed_scale ** 2          # the row enters the stream scaled (Gemma: sqrt(D))
     freq = np.asarray(freq[:V], np.float64)
     return ((np.flatnonzero(freq == p), C + p * R) for p in np.unique(freq))   # one at a time: D x D each
 

@@ -373,7 +373,7 @@ def test_tied_embedding_is_weighted_for_both_roles():
     for norm, mat in [(f"l{i}.{n}_norm.w", f"l{i}.{w}") for i in range(L) for n, w in (("attn", "wqkv"), ("ffn", "w_gate_up"))] \
             + [("out_norm.w", "tok_embd")]:
         A = m.tensors[mat].arrays["w"].astype(np.float64) * m.tensors[norm].astype(np.float64)[None, :]
-        R = R + A.T @ A / cov.residual[norm]
+        R = R + A.T @ A / cov.residual[norm] * m.config.embed_scale ** 2
     groups = list(tied_embedding_hessians(m, C, cov))
     rows = np.concatenate([r for r, _ in groups])
     assert sorted(rows.tolist()) == list(range(V))
