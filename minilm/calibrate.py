@@ -16,8 +16,9 @@ else the imatrix alone.
                                    default, what llama-quantize --imatrix reads), its legacy .dat, or
                                    minilm's safetensors (canonical names); minilm/imatrix_io.py
 
-A tied embedding takes the lm head's statistics (the matrix is the head's); an untied token
-embedding is a lookup table (no matmul input) and is quantized unweighted, as llama.cpp does.
+A tied embedding takes the lm head's statistics (the matrix is the head's), and with covariances
+also its lookup role's (tied_embedding_hessians); an untied token embedding is a lookup table (no
+matmul input): unweighted as llama.cpp does, or with covariances GPTQ with embedding_hessian.
 """
 from __future__ import annotations
 
@@ -39,12 +40,15 @@ class Imatrix(dict):
     """{canonical matrix name: f32[K] mean x^2 (or f32[K, K] covariance)} with the token count and
     chunk length they came from (what llama.cpp's imatrix files record), and `residual`: the
     residual stream's mean square x^2 where each norm reads it (for embedding_hessian; not saved
-    to imatrix files)."""
+    to imatrix files), and `token_freq`: each token id's share of the calibration inputs (for a
+    tied embedding: tied_embedding_hessians; not saved either)."""
 
-    def __init__(self, vectors: dict, n_tokens: int, chunk: int = CHUNK, residual: dict | None = None):
+    def __init__(self, vectors: dict, n_tokens: int, chunk: int = CHUNK, residual: dict | None = None,
+                 token_freq: np.ndarray | None = None):
         super().__init__(vectors)
         self.n_tokens, self.chunk = int(n_tokens), int(chunk)
         self.residual = dict(residual or {})   # norm weight -> mean square of the residual stream it reads
+        self.token_freq = token_freq           # f64[V]: each token's share of the calibration tokens
 
 
 def calibration_text(text_or_path) -> str:
@@ -101,7 +105,8 @@ def collect_imatrix(model, text: str, max_tokens: int = MAX_TOKENS, chunk: int =
         out[name] = (v / n).astype(np.float32).reshape((K, K) if full else (K,))
     head_name = "output" if "output" in model.tensors else "tok_embd"
     out[head_name] = (head / n).astype(np.float32)
-    return Imatrix(out, len(ids), chunk, residual)
+    freq = np.bincount(np.asarray(ids, np.int64), minlength=model.config.vocab_size) / n
+    return Imatrix(out, len(ids), chunk, residual, freq)
 
 
 def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = "", damp: float = 0.01):
@@ -180,22 +185,15 @@ def gptq_linear(w: np.ndarray, fmt: str, group: int, H: np.ndarray, name: str = 
 _RESIDUAL_READERS = (("attn_norm.w", "wqkv"), ("ffn_norm.w", "w_gate_up"), ("ffn_norm.w", "w_up"))
 
 
-def embedding_hessian(model, residual: dict | None = None) -> np.ndarray | None:
-    """f64[D, D] of unit trace: how the network sees an error e in a row of an untied token
-    embedding, for GPTQ on the embedding (a lookup table: no matmul input, so no imatrix). The
-    row enters the residual stream, which every layer reads through a norm (x = g * h / rms(h))
-    and a matrix W; e costs ||W diag(g) e||^2 / rms(h)^2 there. Summed over the readers that is
-    e^T H e. residual {norm weight: mean of h^2 where that norm reads the stream}
-    (Imatrix.residual, from the calibration run): each reader weighted by 1 / that mean square,
-    so the first layers, which read the embedding rows while the stream is still small, count as
-    much as they do in the network (on the 256-wide proxy the first attention's 1/rms^2 is ~40x
-    the later readers'). Without it (or a reader missing from it) each reader is scaled to unit
-    trace instead. None when the model has no such readers (post-norm layouts)."""
+def _reader_hessian(model, residual: dict) -> tuple[np.ndarray, int, bool]:
+    """(H f64[D, D], readers summed, by_rms): sum over the residual stream's readers (norm g,
+    matrix W) of (W diag g)^T (W diag g) / (mean h^2 where the norm reads the stream), by_rms True;
+    when a reader's mean square is missing, each reader scaled to unit trace instead (by_rms
+    False). The lm head reads the stream through the final norm: `output`, or a tied `tok_embd`."""
     from .quant import FORMATS, Linear
     cfg, T = model.config, model.tensors
-    residual = residual or {}
     pairs = [(f"l{i}.{n}", f"l{i}.{w}") for i in range(cfg.n_layers) for n, w in _RESIDUAL_READERS]
-    pairs.append(("out_norm.w", "output"))
+    pairs.append(("out_norm.w", "output" if "output" in T else "tok_embd"))
     pairs = [(g, m) for g, m in pairs if T.get(g) is not None and isinstance(T.get(m), Linear)
              and T[m].K == cfg.hidden_size]
     by_rms = bool(pairs) and all(residual.get(g, 0) > 0 for g, _ in pairs)
@@ -208,8 +206,63 @@ def embedding_hessian(model, residual: dict | None = None) -> np.ndarray | None:
         if tr > 0 and np.isfinite(tr):
             H += M / residual[norm] if by_rms else M / tr
             n += 1
+    return H, n, by_rms
+
+
+def embedding_hessian(model, residual: dict | None = None) -> np.ndarray | None:
+    """f64[D, D] of unit trace: how the network sees an error e in a row of an untied token
+    embedding, for GPTQ on the embedding (a lookup table: no matmul input, so no imatrix). The
+    row enters the residual stream, which every layer reads through a norm (x = g * h / rms(h))
+    and a matrix W; e costs ||W diag(g) e||^2 / rms(h)^2 there. Summed over the readers that is
+    e^T H e. residual {norm weight: mean of h^2 where that norm reads the stream}
+    (Imatrix.residual, from the calibration run): each reader weighted by 1 / that mean square,
+    so the first layers, which read the embedding rows while the stream is still small, count as
+    much as they do in the network (on the 256-wide proxy the first attention's 1/rms^2 is ~40x
+    the later readers'). Without it (or a reader missing from it) each reader is scaled to unit
+    trace instead. None when the model has no such readers (post-norm layouts)."""
+    H, n, _ = _reader_hessian(model, residual or {})
     tr = float(np.trace(H))
     return H / tr if n and tr > 0 and np.isfinite(tr) else None
+
+
+def tied_embedding_hessians(model, head: np.ndarray, imatrix):
+    """(rows, f64[D, D]) pairs, an iterator: the Hessians of a tied token embedding's rows, which
+    serve two roles. GPTQ lowers each matrix's squared output error per position on the
+    calibration inputs; this matrix has two outputs. As the lm head, row n's error e costs
+    e^T C e at every position (C the final-normed input's covariance, `head`). As the lookup,
+    row t's error enters the residual stream (times embed_scale) at the positions whose input is
+    t (a share p_t of them, Imatrix.token_freq) and costs there what its readers' outputs
+    change, e^T R e (R: embed_scale^2 times the readers' Hessian of embedding_hessian before its
+    trace scaling, each reader by 1 / the stream's mean square, the head itself one of them
+    through the final norm). Per position row t costs
+    e^T (C + p_t R) e: both roles in the same unit, no free constant. Rows with equal p_t share
+    one Hessian. None (the head's C alone, as before) when the residual statistics or token
+    frequencies are missing (e.g. an imatrix read from a file) or the model has no such readers."""
+    freq = getattr(imatrix, "token_freq", None)
+    R, n, by_rms = _reader_hessian(model, getattr(imatrix, "residual", None) or {})
+    V = model.tensors["tok_embd"].N
+    if freq is None or len(freq) < V or not n or not by_rms:
+        return None
+    C = np.asarray(head, np.float64)
+    R = R * model.config.embed_scale ** 2          # the row enters the stream scaled (Gemma: sqrt(D))
+    freq = np.asarray(freq[:V], np.float64)
+    return ((np.flatnonzero(freq == p), C + p * R) for p in np.unique(freq))   # one at a time: D x D each
+
+
+def gptq_rows(w: np.ndarray, fmt: str, group: int, groups, name: str = ""):
+    """gptq_linear on row groups (rows, H) (an iterable), each with its own Hessian -> one `Linear`."""
+    from .quant import Linear
+    N, K = w.shape
+    parts = [(rows, gptq_linear(np.ascontiguousarray(w[rows]), fmt, group, H, name)) for rows, H in groups]
+    lin0 = parts[0][1]
+    if sorted(np.concatenate([r for r, _ in parts]).tolist()) != list(range(N)) or \
+            any(p.fmt != lin0.fmt or p.Kp != lin0.Kp for _, p in parts):
+        raise ValueError(f"{name}: row groups must cover every row once, in one format")
+    arrays = {k: np.empty((N,) + a.shape[1:], a.dtype) for k, a in lin0.arrays.items()}
+    for rows, p in parts:
+        for k in arrays:
+            arrays[k][rows] = p.arrays[k]
+    return Linear(lin0.fmt, N, K, arrays, lin0.Kp)
 
 
 def quantize_tensors(model, quant: str | None, imatrix: dict | None, group_size: int | None = None,
@@ -237,7 +290,9 @@ def quantize_tensors(model, quant: str | None, imatrix: dict | None, group_size:
             st = embedding_hessian(model, getattr(imatrix, "residual", None))
         if st is not None and st.ndim == 2 and isinstance(t, Linear) and fmt not in (None, "f32", "f16", "bf16"):
             w = FORMATS[t.fmt].unpack(t.arrays)[:, :t.K].astype(np.float32)
-            tensors[name] = gptq_linear(w, fmt, target.group, st, name)        # covariance: GPTQ
+            groups = tied_embedding_hessians(model, st, imatrix) if name == "tok_embd" and "output" not in model.tensors else None
+            tensors[name] = (gptq_rows(w, fmt, target.group, groups, name) if groups     # tied: both roles
+                             else gptq_linear(w, fmt, target.group, st, name))         # covariance: GPTQ
         else:
             qw = np.diagonal(st) if st is not None and st.ndim == 2 else st
             tensors[name] = convert(t, name, fmt, target.group, model.source, qw=qw)

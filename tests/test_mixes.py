@@ -349,3 +349,50 @@ def test_untied_embedding_takes_gptq_with_the_readers_hessian(llama256):
     plain, _ = quantize_tensors(m, "q4_0", None)
     assert cal["tok_embd"].fmt == plain["tok_embd"].fmt == "q8_0"
     assert not np.array_equal(cal["tok_embd"].arrays["qs"], plain["tok_embd"].arrays["qs"])
+
+
+def test_tied_embedding_is_weighted_for_both_roles():
+    """A tied embedding is the lm head and the token lookup. collect_imatrix records how often
+    each token is an input (token_freq); tied_embedding_hessians gives row t the Hessian
+    C + p_t R: C the head's input covariance, R the residual readers' Hessian (each reader
+    1 / the stream's mean square, the tied head through the final norm among them), p_t the
+    token's share of the inputs; rows of equal p_t share one. Quantized that way (Q4_0), the
+    tied matrix alone costs less mean KL than with the head's C for every row (the weighting used
+    before), and quantize_tensors does it for a tied model given covariances."""
+    from minilm.calibrate import collect_imatrix, gptq_linear, quantize_tensors, tied_embedding_hessians
+    from minilm.loader import build_lm
+    m = minilm.load(shared_path("models", "proxy-qwen2-shakespeare"), n_ctx=256)
+    assert m.config.tie_word_embeddings and "output" not in m.tensors
+    text = shared_path("texts", "pride_and_prejudice_pg1342.txt").read_text()[:20000]
+    ids = m.tokenizer.encode(text)[:2048]
+    cov = collect_imatrix(m, text, max_tokens=2048, chunk=256, full=True)
+    V, L = m.config.vocab_size, m.config.n_layers
+    np.testing.assert_allclose(cov.token_freq, np.bincount(ids, minlength=V) / len(ids))
+    C = cov["tok_embd"].astype(np.float64)
+    R = 0
+    for norm, mat in [(f"l{i}.{n}_norm.w", f"l{i}.{w}") for i in range(L) for n, w in (("attn", "wqkv"), ("ffn", "w_gate_up"))] \
+            + [("out_norm.w", "tok_embd")]:
+        A = m.tensors[mat].arrays["w"].astype(np.float64) * m.tensors[norm].astype(np.float64)[None, :]
+        R = R + A.T @ A / cov.residual[norm] * m.config.embed_scale ** 2
+    groups = list(tied_embedding_hessians(m, C, cov))
+    rows = np.concatenate([r for r, _ in groups])
+    assert sorted(rows.tolist()) == list(range(V))
+    for r, H in groups:
+        p = cov.token_freq[r[0]]
+        assert (cov.token_freq[r] == p).all()
+        np.testing.assert_allclose(H, C + p * R, rtol=1e-9, atol=1e-12)
+    assert tied_embedding_hessians(m, C, dict(cov)) is None          # no residual statistics: C alone
+    ev = m.tokenizer.encode(shared_path("texts", "tinyshakespeare_input.txt").read_text()[500000:505000])[:512]
+    wins = [ev[:256], ev[256:512]]
+    kl = []
+    for tensors in (quantize_tensors(m, "q4_0", cov, formats={"tok_embd": "q4_0"})[0],
+                    dict(m.tensors, tok_embd=gptq_linear(m.tensors["tok_embd"].arrays["w"], "q4_0", 32, C, "tok_embd"))):
+        lm = build_lm(m.config, dict(m.tensors, tok_embd=tensors["tok_embd"]), m.tokenizer, 256)
+        out = []
+        for w in wins:
+            ref, lg = m.logits(w).astype(np.float64), lm.logits(w).astype(np.float64)
+            lp, lq = (a - a.max(1, keepdims=True) for a in (ref, lg))
+            lp, lq = (a - np.log(np.exp(a).sum(1, keepdims=True)) for a in (lp, lq))
+            out.append((np.exp(lp) * (lp - lq)).sum(1))
+        kl.append(float(np.concatenate(out).mean()))
+    assert kl[0] < 0.95 * kl[1], kl
