@@ -34,23 +34,22 @@ DESIGN NOTES (measured on the 2-vCPU Xeon, AVX-512 + VNNI; DRAM read ~29 GB/s id
     f32 lanes that stay in a zmm register; one horizontal sum per row. (The first design, |w| and
     sign(w)*x per 32-byte block in ymm with scalar scale handling, ran ~14 instructions per row
     and block and stayed near 10 GB/s per core even from L2.)
-  * Q4_0 gemv (zmm; was 6-8 GB/s, arithmetic-bound on nibble unpacking + scalar per-block
-    corrections): 64-byte chunks of a row (128 weights, 4 activation blocks). Its own activation
-    quantizer (_quantize_act_q4: same int8 values/scales as quantize_act_q8, vectorised) stores
-    xq PERMUTED per chunk so that the low nibbles of the 64 bytes (one vpand) pair with
-    xq[128c:128c+64] and the high nibbles (one vgf2p8affineqb = shift+and) with the next 64
-    bytes, whatever G is: no byte shuffles of the weights. The -8 offset is exact integer work:
-    xs[b] = -8*sum(xq of block b) seeds the vpdpbusd accumulator (one lane per block), so the i32
-    lanes are sum((nib-8)*xq). Per chunk and row: 1 load, vpand, vgf2p8affineqb, 2 vpdpbusd,
-    vcvtdq2ps, vfmadd (G=32: lo and hi of a block share lanes) or 2 vcvtdq2ps + mul/fma/fma
-    (G>=64: lanes of lo and hi share the weight group, d_x per lane shared by the rows); fp16
-    scales of 2 chunks converted with one vcvtph2ps, expanded with vpermps. 4 rows x 16 f32
-    lanes stay in zmm registers; one shuffle-tree horizontal sum per row (a Numba loop there
-    compiled to 31 dependent vaddss, ~0.5 us per 4 rows). Last partial chunk (K % 128) and
-    its scales use masked loads (vmovdqu8 {k}{z}), so nothing is read past a row or array.
-    This matches ggml's numerics (activations rounded to int8 per block; relative dot error
-    ~1e-3); results are compared exactly against a numpy model of that in the tests.
-  * Software prefetch (prefetcht0, 8 rows ahead for Q8_0 and the float GEMV, 16 for Q4_0): the quantized loops do enough
+  * Q4_0 (zmm), the "il16" layout (repack_q4_0, built at load by Linear.exec_arrays; files keep
+    ggml's bytes): rows in groups of 16, per group and 32-weight block 256 bytes = 4 pieces of 64
+    bytes, piece p = bytes 4p..4p+3 of the block of each of the 16 rows side by side, then the 16
+    rows' fp16 scales of the block side by side (G = 64 / 128 stored as 32-blocks with repeated
+    scales). Per block and token: 8 vpdpbusd of an unpacked piece (vpand / vpsrlw+vpand) with a
+    broadcast 4-byte activation piece (embedded {1to16} broadcast), two chains, the first seeded
+    with the bias -8*sum(xq) (xs/16 of the Q8 activation quantizer, natural order), so the 16 i32
+    lanes are the 16 rows' exact sums of (nib-8)*xq; then one vcvtdq2ps, one d_w(16 rows)*d_x
+    product and one FMA for 16 rows; no horizontal sums. asm per 1024 weights x 1 token: 70
+    instructions against the former 4-row layout's 111 (16 vpdpbusd both); in cache the GEMV took
+    0.70-0.82x the former time, an extra token of a tile 0.30-0.38 of a one-token pass (was
+    0.53-0.63): benchmarks/README.md, "interleave probe" (the probe's script is in git history,
+    commit 6be54ac). The last group's rows past N are zeros at repack and never stored.
+    Integer sums equal the former kernel's; the float order differs (per row one sum per block,
+    scaled and accumulated in block order), ~2e-7 of |w|.|x|.
+  * Software prefetch (prefetcht0, 8 rows ahead for Q8_0 and the float GEMV, 4 KB of the group stream for Q4_0): the quantized loops do enough
     arithmetic per byte that, without it, the hardware prefetcher does not run far enough ahead
     and memory time adds to compute time: from DRAM on 2 threads Q8_0 went from 10.9 to ~18
     GB/s and Q4_0 from 12.6 to ~17-19 GB/s (the f32 GEMV gets ~20; the read probe ~20-22).
@@ -60,13 +59,14 @@ DESIGN NOTES (measured on the 2-vCPU Xeon, AVX-512 + VNNI; DRAM read ~29 GB/s id
     f32 by fpext half = vcvtph2ps, bf16 by a shift), with the same prefetch.
   * Without AVX512-VNNI: SIMD = "avx2" (vpmaddubsw + vpmaddwd for Q4_0, whose pair sums fit
     int16; Q8_0's u reaches 255, so it takes the widening path) or "generic" (plain widening
-    integer IR that any LLVM target lowers, e.g. aarch64). Both are tested (MINILM_SIMD).
+    integer IR that any LLVM target lowers, e.g. aarch64; Q4_0 there: _dot4_lanes, lane-exact,
+    NEON widening multiplies, not sdot, see _dot_bcast4). Both are tested (MINILM_SIMD).
   * fp16 scales: Numba has no float16 type on CPU, so the thin Python wrappers pass
     d.view(np.uint16) and the kernels convert with an fpext-half intrinsic. Scales are
     applied per block in float32.
   * Prefill GEMM, Q8_0/Q4_0 (also verify passes and batched decode): every token's activations
-    quantized like the gemv's, then tiles of 4 weight rows x T tokens (T = 3 for Q4_0, 4 for
-    Q8_0: see "GEMM kernels" below) that load and unpack each 64-byte chunk once for the T tokens,
+    quantized like the gemv's, then tiles of 4 weight rows (Q4_0: one 16-row group) x T tokens
+    (T = 4: see "GEMM kernels" below) that load and unpack each 64-byte chunk once for the T tokens,
     the rows reused from L1 across tiles. The GEMV and the tiles are emitted by one function per
     format (_q4_emit, _q8_emit) with explicit FMAs and EXACT-flagged scale products, so every
     (row, token) has the same operations in the same order whatever the tile: each row of a
@@ -956,7 +956,7 @@ gemv_f16.kernel = _gemv_f16_kernel
 # Tile sizes (measured, 1 thread, 2026-11-29, 2-core Zen 4 under load 4; CPU time per call
 # against the same kernel on one token, SmolLM2 1536x576 / TinyLlama 5632x2048, M = 128):
 # Q4_0 (il16 layout: 16 rows x 1 block per step, one zmm accumulator per token): T = 4, no
-# spills (benchmarks/interleave_probe.py: in cache 4 tokens cost 1.9-2.0 one-token passes);
+# spills (the interleave probe, benchmarks/README.md: in cache 4 tokens cost 1.9-2.0 one-token passes);
 # Q8_0 T = 4: 16 accumulators, 65-66 / 67-68 (T = 3: 69-75 / 71-72; per-token GEMV: 84 / 85).
 # The M % T tail tokens take the same code with T = 2 and T = 1.
 # The 4 rows of a group stay in L1 across its tiles; the rows a few groups ahead are prefetched
@@ -1121,6 +1121,21 @@ def gemm_q4_0(x, qs, d, out):
 
 
 gemm_q4_0.kernel = _gemm_q4_0_kernel
+
+
+def q4_0_bound(qs, d):
+    """(gemv(x, out, scratch=None), gemm(X, out)) on ggml's Q4_0 arrays repacked once here: what
+    gemv_q4_0 / gemm_q4_0 compute, without their per-call repack (benchmarks, a matrix used many
+    times outside a Linear)."""
+    qi, di = repack_q4_0(qs, d)
+    K = 2 * qs.shape[1]
+
+    def gemv(x, out, scratch=None):
+        _gemv_q4_0_kernel(x, *(scratch if scratch is not None else act_scratch(K)), qi, di, out)
+
+    def gemm(X, out):
+        _gemm_q4_0_kernel(X, *_gemm_act(X.shape[0], K), qi, di, out)
+    return gemv, gemm
 
 
 @njit(**_JIT)
