@@ -210,7 +210,7 @@ def _group_rows(fmt):
 
 
 def _mm_rows(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
-    """Row groups g0..g1-1 (4 rows each) of out[:M] = x[:M] @ W_j.T (quantized formats read the
+    """Row groups g0..g1-1 (_group_rows(fmt) rows each: 16 for Q4_0, 4 otherwise) of out[:M] = x[:M] @ W_j.T (quantized formats read the
     activations XQ/XD/XS that OP_QUANT wrote)."""
 
 
