@@ -825,9 +825,10 @@ def repack_q4_0(qs, d):
     qp[:N] = qs
     dp = np.zeros((NG * Q4_R, nb), np.uint16)
     dp[:N] = np.repeat(d.view(np.uint16), G // 32, axis=1)
-    qi = qp.reshape(NG, Q4_R, nb, 4, 4).transpose(0, 2, 3, 1, 4)      # [g, b, piece, row, byte]
+    qi = qp.view(np.uint32).reshape(NG, Q4_R, nb, 4).transpose(0, 2, 3, 1)   # [g, b, piece, row] of 4 bytes
     di = dp.reshape(NG, Q4_R, nb).transpose(0, 2, 1)                   # [g, b, row]
-    return np.ascontiguousarray(qi).reshape(NG, nb * 256), np.ascontiguousarray(di).reshape(NG, nb * Q4_R)
+    return (np.ascontiguousarray(qi).view(np.uint8).reshape(NG, nb * 256),
+            np.ascontiguousarray(di).reshape(NG, nb * Q4_R))
 
 
 def unrepack_q4_0(qi, di, N, G, rows=None):
@@ -838,8 +839,8 @@ def unrepack_q4_0(qi, di, N, G, rows=None):
     rows = np.arange(N) if rows is None else np.asarray(rows).reshape(-1)
     if rows.size and (rows.min() < 0 or rows.max() >= N):
         raise IndexError(f"row ids must lie in 0..{N - 1}")
-    q = qi.reshape(NG, nb, 4, Q4_R, 4)[rows // Q4_R, :, :, rows % Q4_R, :]   # [n, b, piece, byte]
-    qs = np.ascontiguousarray(q).reshape(rows.size, nb * 16)
+    q = qi.view(np.uint32).reshape(NG, nb, 4, Q4_R)[rows // Q4_R, :, :, rows % Q4_R]   # [n, b, piece] of 4 bytes
+    qs = np.ascontiguousarray(q).view(np.uint8).reshape(rows.size, nb * 16)
     dd = di.reshape(NG, nb, Q4_R)[rows // Q4_R, :, rows % Q4_R]               # [n, b]
     if G != 32:
         b = qs.reshape(rows.size, nb, 16)
