@@ -57,13 +57,12 @@ from .attention import attend_task, decode_splits, merge_parts, prep_decode
 from .matmul import gemm_float_groups, gemv_float_groups
 from .norm import add_norm_row, head_rmsnorm, norm_row
 from .qmatmul import (
-    _quantize_act_q4,
+    Q4_R,
     _quantize_act_q8v,
     gemm_q4_0_groups,
     gemm_q8_0_groups,
     gemv_q4_0_groups,
     gemv_q8_0_groups,
-    q4_0_rows_for,
 )
 from .simd import _bf2f, _h2f, atomic_add, atomic_load, cpu_yield, sleep_us, spin_pause
 
@@ -194,35 +193,29 @@ def _q8_groups_rows(XQ, XD, XS, qs, d, out, M, g0, g1):
     gemm_q8_0_groups(XQ, XD, XS, qs, d, out, M, g0, g1)
 
 
-def _q4_groups_of(fs):
-    """The Q4_0 group sizes fs names (plan.lower's record fields "q4_0_g<G>"); () when it names
-    none (then every group size compiles)."""
-    for t in _tags(fs):
-        if isinstance(t, types.Record):
-            gs = tuple(sorted(int(n[6:]) for n in t.fields if n.startswith("q4_0_g")))
-            if gs:
-                return gs
-    return ()
+@njit(**_J)
+def _q4_groups(xq, xd, xs, qs, d, out, g0, g1):
+    """gemv_q4_0_groups as a function of its own (as _q8_groups): 16-row groups of the il16
+    layout (qmatmul.repack_q4_0, any group size), rows < out.shape[0] stored."""
+    gemv_q4_0_groups(xq, xd, xs, qs, d, out, g0, g1)
 
 
-@functools.lru_cache(maxsize=None)
-def _q4_kernels(gs):
-    """(rows, rows_m): the Q4_0 GEMV and GEMM row groups compiled once each as functions of their
-    own (as _q8_groups), only for the group sizes gs (all three when gs is empty)."""
-    gemv, gemm = q4_0_rows_for(gs) if gs else (gemv_q4_0_groups, gemm_q4_0_groups)
-    tag = "q4_0-g" + "-".join(map(str, gs or (32, 64, 128)))
+@njit(**_J)
+def _q4_groups_rows(XQ, XD, XS, qs, d, out, M, g0, g1):
+    """16-row groups g0..g1-1 of M tokens (gemm_q4_0_groups: tiles of 4 tokens), every token's
+    row as decode computes it."""
+    gemm_q4_0_groups(XQ, XD, XS, qs, d, out, M, g0, g1)
 
-    def rows(xq, xd, xs, qs, d, out, g0, g1):
-        gemv(xq, xd, xs, qs, d, out, g0, g1)
 
-    def rows_m(XQ, XD, XS, qs, d, out, M, g0, g1):
-        gemm(XQ, XD, XS, qs, d, out, M, g0, g1)
-    return njit(nogil=True, error_model="numpy")(_named(rows, tag)), \
-        njit(nogil=True, error_model="numpy")(_named(rows_m, tag))
+@njit(**_JC)
+def _group_rows(fmt):
+    """Rows per row group of a matrix of format fmt, the unit its tasks are cut in: 16 for Q4_0
+    (the il16 layout), 4 for the others."""
+    return Q4_R if fmt == F_Q4_0 else 4
 
 
 def _mm_rows(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
-    """Row groups g0..g1-1 (4 rows each) of out[:M] = x[:M] @ W_j.T (quantized formats read the
+    """Row groups g0..g1-1 (_group_rows(fmt) rows each: 16 for Q4_0, 4 otherwise) of out[:M] = x[:M] @ W_j.T (quantized formats read the
     activations XQ/XD/XS that OP_QUANT wrote)."""
 
 
@@ -313,7 +306,6 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
     has_bf16 = types.int16 in tags
     has_q8 = types.int8 in tags
     has_q4 = types.uint8 in tags
-    _q4_groups, _q4_groups_rows = _q4_kernels(_q4_groups_of(fs))
 
     def impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
         fmt = mtab[j, M_FMT]
@@ -362,12 +354,13 @@ def _mm_rows_impl(fs, mtab, j, x, XQ, XD, XS, tile, M, out, g0, g1):
                 return
         if has_q4:
             if fmt == F_Q4_0:
-                q4 = numba.carray(_ptr_as(mtab[j, M_W], _U8), (N, mtab[j, M_COLS]))
-                d4 = numba.carray(_ptr_as(mtab[j, M_D], _U16), (N, mtab[j, M_DCOLS]))
+                ng = (N + Q4_R - 1) // Q4_R          # il16 groups (qmatmul.repack_q4_0)
+                q4 = numba.carray(_ptr_as(mtab[j, M_W], _U8), (ng, mtab[j, M_COLS]))
+                d4 = numba.carray(_ptr_as(mtab[j, M_D], _U16), (ng, mtab[j, M_DCOLS]))
                 if M == 1:
-                    _q4_groups(XQ[0], XD[0], XS[0], q4, d4, out[0], g0, g1)
+                    _q4_groups(XQ[0], XD[0], XS[0], q4, d4, out[0][:N], g0, g1)
                 else:
-                    _q4_groups_rows(XQ, XD, XS, q4, d4, out, M, g0, g1)
+                    _q4_groups_rows(XQ, XD, XS, q4, d4, out[:, :N], M, g0, g1)
                 return
         if has_raw:
             if fmt >= F_RAW:
@@ -389,8 +382,8 @@ def _quant_row_impl(fs, mtab, j, x, xq, xd, xs):
         Kp = mtab[j, M_KP]
         if fmt == F_Q8_0:
             _quantize_act_q8v(x[:Kp], xq[:Kp], xd, xs)
-        elif fmt == F_Q4_0:
-            _quantize_act_q4(x[:Kp], 2 * mtab[j, M_COLS] // mtab[j, M_DCOLS], xq[:Kp], xd, xs)
+        elif fmt == F_Q4_0:                  # the il16 kernels read natural-order Q8 blocks
+            _quantize_act_q8v(x[:Kp], xq[:Kp], xd, xs)
         elif fmt >= F_RAW:
             raw_act(fmt, x[:Kp], xq[:Kp], xd, xs)
     return impl
@@ -503,7 +496,9 @@ def _ntasks(steps, s, mtab, M, pos, nt, nparts, H):
     if op == OP_MATMUL:
         if M == 1:
             return nt
-        return min((mtab[steps[s, S_MAT], M_N] + 3) // 4, 4 * nt)
+        j = steps[s, S_MAT]
+        R = _group_rows(mtab[j, M_FMT])
+        return min((mtab[j, M_N] + R - 1) // R, 4 * nt)
     if op == OP_QUANT:
         if not _is_quantized(mtab[steps[s, S_MAT], M_FMT]):
             return 0
@@ -711,7 +706,8 @@ def _task_impl(ops):
             if has_matmul:
                 if op == OP_MATMUL:
                     j = steps[s, S_MAT]
-                    ng = (mtab[j, M_N] + 3) // 4
+                    R = _group_rows(mtab[j, M_FMT])
+                    ng = (mtab[j, M_N] + R - 1) // R
                     n = nt if M == 1 else min(ng, 4 * nt)
                     g0 = k * ng // n
                     g1 = (k + 1) * ng // n
@@ -720,7 +716,7 @@ def _task_impl(ops):
                     b = _vec(vtab, steps[s, S_B])
                     act = steps[s, S_I0]
                     if b.shape[0] > 0 or act != ACT_NONE:    # bias, activation on this task's rows
-                        r0, r1 = 4 * g0, min(4 * g1, mtab[j, M_N])
+                        r0, r1 = R * g0, min(R * g1, mtab[j, M_N])
                         for m in range(M):
                             o = out[m]
                             if b.shape[0] > 0:

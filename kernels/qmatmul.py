@@ -34,23 +34,22 @@ DESIGN NOTES (measured on the 2-vCPU Xeon, AVX-512 + VNNI; DRAM read ~29 GB/s id
     f32 lanes that stay in a zmm register; one horizontal sum per row. (The first design, |w| and
     sign(w)*x per 32-byte block in ymm with scalar scale handling, ran ~14 instructions per row
     and block and stayed near 10 GB/s per core even from L2.)
-  * Q4_0 gemv (zmm; was 6-8 GB/s, arithmetic-bound on nibble unpacking + scalar per-block
-    corrections): 64-byte chunks of a row (128 weights, 4 activation blocks). Its own activation
-    quantizer (_quantize_act_q4: same int8 values/scales as quantize_act_q8, vectorised) stores
-    xq PERMUTED per chunk so that the low nibbles of the 64 bytes (one vpand) pair with
-    xq[128c:128c+64] and the high nibbles (one vgf2p8affineqb = shift+and) with the next 64
-    bytes, whatever G is: no byte shuffles of the weights. The -8 offset is exact integer work:
-    xs[b] = -8*sum(xq of block b) seeds the vpdpbusd accumulator (one lane per block), so the i32
-    lanes are sum((nib-8)*xq). Per chunk and row: 1 load, vpand, vgf2p8affineqb, 2 vpdpbusd,
-    vcvtdq2ps, vfmadd (G=32: lo and hi of a block share lanes) or 2 vcvtdq2ps + mul/fma/fma
-    (G>=64: lanes of lo and hi share the weight group, d_x per lane shared by the rows); fp16
-    scales of 2 chunks converted with one vcvtph2ps, expanded with vpermps. 4 rows x 16 f32
-    lanes stay in zmm registers; one shuffle-tree horizontal sum per row (a Numba loop there
-    compiled to 31 dependent vaddss, ~0.5 us per 4 rows). Last partial chunk (K % 128) and
-    its scales use masked loads (vmovdqu8 {k}{z}), so nothing is read past a row or array.
-    This matches ggml's numerics (activations rounded to int8 per block; relative dot error
-    ~1e-3); results are compared exactly against a numpy model of that in the tests.
-  * Software prefetch (prefetcht0, 8 rows ahead for Q8_0 and the float GEMV, 16 for Q4_0): the quantized loops do enough
+  * Q4_0 (zmm), the "il16" layout (repack_q4_0, built at load by Linear.exec_arrays; files keep
+    ggml's bytes): rows in groups of 16, per group and 32-weight block 256 bytes = 4 pieces of 64
+    bytes, piece p = bytes 4p..4p+3 of the block of each of the 16 rows side by side, then the 16
+    rows' fp16 scales of the block side by side (G = 64 / 128 stored as 32-blocks with repeated
+    scales). Per block and token: 8 vpdpbusd of an unpacked piece (vpand / vpsrlw+vpand) with a
+    broadcast 4-byte activation piece (embedded {1to16} broadcast), two chains, the first seeded
+    with the bias -8*sum(xq) (xs/16 of the Q8 activation quantizer, natural order), so the 16 i32
+    lanes are the 16 rows' exact sums of (nib-8)*xq; then one vcvtdq2ps, one d_w(16 rows)*d_x
+    product and one FMA for 16 rows; no horizontal sums. asm per 1024 weights x 1 token: 70
+    instructions against the former 4-row layout's 111 (16 vpdpbusd both); in cache the GEMV took
+    0.70-0.82x the former time, an extra token of a tile 0.30-0.38 of a one-token pass (was
+    0.53-0.63): benchmarks/README.md, "interleave probe" (the probe's script is in git history,
+    commit 6be54ac). The last group's rows past N are zeros at repack and never stored.
+    Integer sums equal the former kernel's; the float order differs (per row one sum per block,
+    scaled and accumulated in block order), ~2e-7 of |w|.|x|.
+  * Software prefetch (prefetcht0, 8 rows ahead for Q8_0 and the float GEMV, 4 KB of the group stream for Q4_0): the quantized loops do enough
     arithmetic per byte that, without it, the hardware prefetcher does not run far enough ahead
     and memory time adds to compute time: from DRAM on 2 threads Q8_0 went from 10.9 to ~18
     GB/s and Q4_0 from 12.6 to ~17-19 GB/s (the f32 GEMV gets ~20; the read probe ~20-22).
@@ -60,13 +59,14 @@ DESIGN NOTES (measured on the 2-vCPU Xeon, AVX-512 + VNNI; DRAM read ~29 GB/s id
     f32 by fpext half = vcvtph2ps, bf16 by a shift), with the same prefetch.
   * Without AVX512-VNNI: SIMD = "avx2" (vpmaddubsw + vpmaddwd for Q4_0, whose pair sums fit
     int16; Q8_0's u reaches 255, so it takes the widening path) or "generic" (plain widening
-    integer IR that any LLVM target lowers, e.g. aarch64). Both are tested (MINILM_SIMD).
+    integer IR that any LLVM target lowers, e.g. aarch64; Q4_0 there: _dot4_lanes, lane-exact,
+    NEON widening multiplies, not sdot, see _dot_bcast4). Both are tested (MINILM_SIMD).
   * fp16 scales: Numba has no float16 type on CPU, so the thin Python wrappers pass
     d.view(np.uint16) and the kernels convert with an fpext-half intrinsic. Scales are
     applied per block in float32.
   * Prefill GEMM, Q8_0/Q4_0 (also verify passes and batched decode): every token's activations
-    quantized like the gemv's, then tiles of 4 weight rows x T tokens (T = 3 for Q4_0, 4 for
-    Q8_0: see "GEMM kernels" below) that load and unpack each 64-byte chunk once for the T tokens,
+    quantized like the gemv's, then tiles of 4 weight rows (Q4_0: one 16-row group) x T tokens
+    (T = 4: see "GEMM kernels" below) that load and unpack each 64-byte chunk once for the T tokens,
     the rows reused from L1 across tiles. The GEMV and the tiles are emitted by one function per
     format (_q4_emit, _q8_emit) with explicit FMAs and EXACT-flagged scale products, so every
     (row, token) has the same operations in the same order whatever the tile: each row of a
@@ -256,6 +256,13 @@ def _udot512(builder, acc, u, s, wide=False):
         return builder.add(acc, cat)
     if _PARTIAL_REDUCE:
         return _dot4_partial(builder, acc, u, s)
+    return _dot4_lanes(builder, acc, u, s)
+
+
+def _dot4_lanes(builder, acc, u, s):
+    """acc <16 x i32> + per lane L: sum_j u[4L+j] * s[4L+j] (u unsigned, s signed bytes), lane for
+    lane in plain widening IR (multiply, then add the 4 products of each lane): any LLVM target
+    lowers it (aarch64: smull/smlal widening NEON multiplies plus zip/uzp shuffles, never sdot)."""
     v64 = ir.VectorType(_I32, 64)
     prod = builder.mul(builder.zext(u, v64), builder.sext(s, v64))
     for j in range(4):
@@ -354,27 +361,6 @@ def _blk_quant_store(typingctx, x, k0, idd, xq, ba, bb):
     return types.int32(x, k0, idd, xq, ba, bb), codegen
 
 
-# Q4_0 chunk = 64 bytes of a row = 128 elements = 4 activation blocks. lo = low nibbles of the 64
-# bytes, hi = high nibbles. The activations are stored permuted per chunk (see
-# _quantize_act_q4) so that byte p of xq[128c:] pairs with lo byte p, and byte p of
-# xq[128c + 16t:] with hi byte p (t = blocks in the chunk, 4 except in the last chunk).
-# vpdpbusd i32 lane L covers bytes 4L..4L+3; the x block of each lane:
-_Q4_LANE_BLK = {
-    32: ([L // 4 for L in range(16)], None),                 # lo and hi of one block share lanes
-    64: ([0] * 8 + [2] * 8, [1] * 8 + [3] * 8),
-    128: ([0] * 8 + [1] * 8, [2] * 8 + [3] * 8),
-}
-
-
-def _bias_idx(blk_map):
-    # first lane of each block gets that block's bias (index j of a 4-vector), the rest 0 (index 4)
-    idx, seen = [], set()
-    for b in blk_map:
-        idx.append(b if b not in seen else 4)
-        seen.add(b)
-    return idx
-
-
 def _fma(builder, a, b, c):
     """a * b + c with one rounding (llvm.fma): an explicit FMA, so the result does not depend on
     whether LLVM contracts an fmul + fadd where the kernel is inlined (GEMV and GEMM call sites
@@ -408,151 +394,112 @@ def _tokens(ctx, builder, sig, args, ixq, m0, ntok):
     return toks
 
 
-def _q4_emit(builder, accp, qp, qoff, KB, toks, c, dp, doff, ng, t, nr, g, nch):
-    """Q4_0 chunks c .. c+nch-1 (64 bytes per row each; t blocks valid, t == 4 if nch > 1) of nr
-    weight rows (bytes from qp + qoff, row stride KB; fp16 scales from dp + doff, row stride ng)
-    against each token of toks (its xq/xd/xs pointers); the f32 lanes of token j, row r are
-    accp[16 (j nr + r) : +16]:
-      G == 32: acc += d_w*d_x(lane) * f32(vpdpbusd(vpdpbusd(bias, lo, x_lo), hi, x_hi))
-      G >= 64: acc += d_w(lane) * (d_x,lo(lane) * f32(vpdpbusd(bias_lo, lo, x_lo))
-                                   + d_x,hi(lane) * f32(vpdpbusd(bias_hi, hi, x_hi)))
-    (lo/hi = low/high nibbles of the 64 bytes), with bias = -8 * sum(xq of the block) in one lane
-    per block (from xs), so the int lanes are exactly sum((nib - 8) * xq). For G == 32 lo and hi
-    share lanes. Each weight chunk is loaded and unpacked once for all tokens; each (row, token)
-    gets the same operations whatever the number of tokens (explicit FMAs, products flagged
-    EXACT), so a GEMM tile gives the GEMV's bits. nch = 2 converts the fp16 scales of both chunks
-    with one vcvtph2ps."""
-    cpg = g // 32
-    lo_map, hi_map = _Q4_LANE_BLK[g]
-    i64 = qoff.type
+# Q4_0 in the executor's layout "il16" (repack_q4_0): rows in groups of Q4_R = 16; per group and
+# 32-weight block, 256 bytes = 4 pieces of 64 bytes, piece p = bytes 4p..4p+3 of the block's 16
+# bytes for each of the 16 rows side by side (row r at bytes 4r..4r+3); low nibbles of piece p are
+# elements 4p..4p+3 of each row, high nibbles 16+4p..16+4p+3 (ggml's G = 32 byte order inside a
+# block). Scales: the 16 rows' fp16 d of the block side by side (32 bytes). G = 64 / 128 matrices
+# are stored as G = 32 blocks (nibbles reordered, each group's scale repeated per block: the same
+# values, 4.5 instead of 4.25 / 4.125 bits per weight in memory); the file keeps ggml's bytes.
+# One vpdpbusd of an unpacked piece with a broadcast 4-byte activation piece gives the 16 rows'
+# partial sums in the 16 i32 lanes, so after 8 of them (two chains, the first seeded with the bias
+# -8 * sum(xq of the block)) the lanes are the 16 rows' exact sums of (nib - 8) * xq; then one
+# convert, one d_w(16 rows) * d_x product and one FMA serve 16 rows. No horizontal sums.
+Q4_R = 16
 
-    def lit64(v):
-        return ir.Constant(i64, v)
-    t64 = builder.sext(t, i64) if t.type.width < 64 else t
-    c64 = builder.sext(c, i64) if c.type.width < 64 else c
-    if nch > 1:
-        t64 = lit64(4)
-    nbytes = builder.mul(t64, lit64(16))
-    nbl = 4 * nch                                         # blocks covered
-    vnb = ir.VectorType(_F32, nbl)
-    boff = builder.mul(c64, lit64(4))
-    nvalid = t64 if nch == 1 else lit64(nbl)
-    tokd = []                                             # per token: xdv, chunks, xd lanes
-    for xqp, xdp, xsp in toks:
-        xdv = _masked_load(builder, builder.gep(xdp, [boff]), vnb, nvalid, 4)
-        xsv = _masked_load(builder, builder.gep(xsp, [boff]), vnb, nvalid, 4)
-        bv = builder.fptosi(xsv, ir.VectorType(_I32, nbl))   # exact: |bias| <= 8*32*127
-        bz = builder.shuffle_vector(bv, ir.Constant(bv.type, None),
-                                    ir.Constant(ir.VectorType(_I32, nbl + 1), list(range(nbl + 1))))
-        bz = builder.insert_element(bz, ir.Constant(_I32, 0), ir.Constant(_I32, nbl))
-        chunks = []
-        for ch in range(nch):
-            xoff = builder.mul(builder.add(c64, lit64(ch)), lit64(128))
-            xlo = _masked_load(builder, builder.gep(xqp, [xoff]), _V64I8, nbytes, 1)
-            xhi = _masked_load(builder, builder.gep(xqp, [builder.add(xoff, nbytes)]), _V64I8, nbytes, 1)
-            bias_lo = _splat_idx(builder, bz, [i + 4 * ch if i < 4 else nbl for i in _bias_idx(lo_map)])
-            bias_hi = None
-            if hi_map:
-                bias_hi = _splat_idx(builder, bz, [i + 4 * ch if i < 4 else nbl for i in _bias_idx(hi_map)])
-            chunks.append((xlo, xhi, bias_lo, bias_hi))
-        xd_lanes = []   # activation scales per lane, shared by the rows
-        for ch in range(nch):
-            xd_lanes.append((_splat_idx(builder, xdv, [m + 4 * ch for m in lo_map]),
-                             _splat_idx(builder, xdv, [m + 4 * ch for m in hi_map]) if hi_map else None))
-        tokd.append((xdv, chunks, xd_lanes))
-    ngrp = nbl // cpg
-    ng_valid = builder.udiv(t64, lit64(cpg)) if cpg > 1 else t64
-    if nch > 1:
-        ng_valid = lit64(ngrp)
+
+def _dot_bcast4(builder, acc, u, xw):
+    """acc <16 x i32> + per lane L: sum_j u[4L+j] * byte j of xw (u <64 x i8> unsigned nibbles,
+    xw i32: 4 signed activation bytes, the same for every lane). Lane-exact on every path (each
+    lane is one row of the il16 layout): vpdpbusd (VNNI); vpmaddubsw + vpmaddwd (AVX2: pairs of
+    nibble * int8 products fit int16); elsewhere (aarch64 ...) _dot4_lanes."""
+    s = builder.insert_element(ir.Constant(_V16I32, None), xw, ir.Constant(_I32, 0))
+    s = builder.bitcast(_splat_idx(builder, s, [0] * 16), _V64I8)
+    if SIMD == "vnni" or SIMD == "avx2":
+        return _udot512(builder, acc, u, s)
+    # not _udot512's partial reduce (sdot on ARM CPUs with the dot product): which products land
+    # in which lane is the target's choice there, and here every lane is a row
+    return _dot4_lanes(builder, acc, u, s)
+
+
+def _q4_emit(builder, accp, qp, qoff, dp, doff, toks, b, nblk):
+    """Blocks b .. b+nblk-1 of one 16-row il16 group (bytes from qp + qoff, scales from dp + doff,
+    both at block b) against each token of toks ((xq i8*, xd f32*, xs f32*) from _quantize_act_q8v,
+    xs = -128 * sum(xq)): acc[16j : 16j+16] of token j holds the 16 rows:
+      acc = fma(f32(bias + sum_p dot(lo_p, x[32b+4p:]) + sum_p dot(hi_p, x[32b+16+4p:])), d_w * d_x, acc)
+    Each block is loaded and unpacked once for all tokens; every (row, token) gets the same
+    operations in the same order whatever the number of tokens (explicit FMA, product flagged
+    EXACT), so a GEMM tile gives the GEMV's bits."""
+    i64 = qoff.type
+    b64 = builder.sext(b, i64) if b.type.width < 64 else b
     m15 = ir.Constant(_V64I8, [15] * 64)
     m4 = ir.Constant(_V64I8, [4] * 64)
-    vh = ir.VectorType(_I16, ngrp)
-    for r in range(nr):
-        do = builder.add(doff, builder.mul(lit64(r), ng))
-        dh = _masked_load(builder, builder.gep(dp, [do]), vh, ng_valid, 2)
-        dw = builder.fpext(builder.bitcast(dh, ir.VectorType(ir.HalfType(), ngrp)),
-                           ir.VectorType(_F32, ngrp))
-        aps = [builder.bitcast(builder.gep(accp, [ir.Constant(_I32, 16 * (j * nr + r))]),
-                               _V16F32.as_pointer()) for j in range(len(toks))]
-        # d_w * d_x per block: the GEMV multiplies the nbl blocks' scales once per row and expands
-        # the products to lanes per chunk; a tile multiplies lanes (the d_x lanes of a token are
-        # shared by the rows): the same products, so the same bits, with fewer operations in each
-        sv = builder.fmul(dw, tokd[0][0], flags=EXACT) if hi_map is None and len(toks) == 1 else None
-        for ch in range(nch):
-            qo = builder.add(qoff, builder.add(builder.mul(lit64(r), KB), lit64(64 * ch)))
-            v = _masked_load(builder, builder.gep(qp, [qo]), _V64I8, nbytes, 1)
-            lo = builder.and_(v, m15)
-            hi = builder.and_(builder.lshr(v, m4), m15)
-            dwl = _splat_idx(builder, dw, [ch * (4 // cpg) + m // cpg for m in lo_map])   # d_w per lane
-            for j, (_, chunks, xd_lanes) in enumerate(tokd):
-                xlo, xhi, bias_lo, bias_hi = chunks[ch]
-                a = builder.load(aps[j], align=4)
-                if hi_map is None:
-                    # G == 32: lo and hi of a block share lanes; one scale per block
-                    p = _udot512(builder, bias_lo, lo, xlo)
-                    p = _udot512(builder, p, hi, xhi)
-                    if sv is not None:
-                        sc = _splat_idx(builder, sv, [m + 4 * ch for m in lo_map])
-                    else:
-                        sc = builder.fmul(dwl, xd_lanes[ch][0], flags=EXACT)
-                    a = _fma(builder, builder.sitofp(p, _V16F32), sc, a)
-                else:
-                    # G >= 64: lane L of lo and of hi lie in the same weight group, so
-                    # acc += d_w(lane) * (f32(p_lo) * d_x,lo(lane) + f32(p_hi) * d_x,hi(lane))
-                    plo = builder.sitofp(_udot512(builder, bias_lo, lo, xlo), _V16F32)
-                    phi = builder.sitofp(_udot512(builder, bias_hi, hi, xhi), _V16F32)
-                    xdlo, xdhi = xd_lanes[ch]
-                    tt = _fma(builder, plo, xdlo, builder.fmul(phi, xdhi, flags=EXACT))
-                    a = _fma(builder, tt, dwl, a)
-                builder.store(a, aps[j], align=4)
+    aps = [builder.bitcast(builder.gep(accp, [ir.Constant(_I32, 16 * j)]), _V16F32.as_pointer())
+           for j in range(len(toks))]
+    for i in range(nblk):
+        bi = builder.add(b64, ir.Constant(i64, i))
+        dh = builder.load(builder.bitcast(builder.gep(dp, [builder.add(doff, ir.Constant(i64, 16 * i))]),
+                                          ir.VectorType(_I16, 16).as_pointer()), align=2)
+        dw = builder.fpext(builder.bitcast(dh, ir.VectorType(ir.HalfType(), 16)), _V16F32)
+        los, his = [], []
+        for p in range(4):
+            v = builder.load(builder.bitcast(builder.gep(qp, [builder.add(qoff, ir.Constant(i64, 256 * i + 64 * p))]),
+                                             _V64I8.as_pointer()), align=1)
+            los.append(builder.and_(v, m15))
+            his.append(builder.and_(builder.lshr(v, m4), m15))
+        for j, (xqp, xdp, xsp) in enumerate(toks):
+            xb = builder.bitcast(builder.gep(xqp, [builder.mul(bi, ir.Constant(i64, 32))]), _I32.as_pointer())
+            bias = builder.ashr(builder.fptosi(builder.load(builder.gep(xsp, [bi])), _I32), ir.Constant(_I32, 4))
+            bias = builder.insert_element(ir.Constant(_V16I32, None), bias, ir.Constant(_I32, 0))
+            ia = _splat_idx(builder, bias, [0] * 16)                 # -8 * sum(xq): exact
+            ib = ir.Constant(_V16I32, [0] * 16)
+            for p in range(4):                                       # two independent chains
+                ia = _dot_bcast4(builder, ia, los[p], builder.load(builder.gep(xb, [ir.Constant(i64, p)]), align=1))
+                ib = _dot_bcast4(builder, ib, his[p], builder.load(builder.gep(xb, [ir.Constant(i64, 4 + p)]), align=1))
+            xd = builder.insert_element(ir.Constant(_V16F32, None), builder.load(builder.gep(xdp, [bi])),
+                                        ir.Constant(_I32, 0))
+            sc = builder.fmul(dw, _splat_idx(builder, xd, [0] * 16), flags=EXACT)
+            a = builder.load(aps[j], align=4)
+            a = _fma(builder, builder.sitofp(builder.add(ia, ib), _V16F32), sc, a)
+            builder.store(a, aps[j], align=4)
 
 
-def _q4_check(NR, G, NCH, T=None):
-    lits = (NR, G, NCH) + (() if T is None else (T,))
-    if not all(isinstance(a, types.IntegerLiteral) for a in lits):
-        return None
-    vals = tuple(a.literal_value for a in lits)
-    if vals[1] not in (32, 64, 128) or vals[2] not in (1, 2):
-        return None
-    return vals
+def _lit(*a):
+    return all(isinstance(x, types.IntegerLiteral) for x in a)
 
 
 @intrinsic
-def _q4_rows(typingctx, accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G, NCH):
-    """The Q4_0 GEMV's step (see _q4_emit): chunks c .. c+NCH-1 of NR rows starting at byte qoff
-    of qs (row stride KB) and half doff of d (row stride ng), one token (xq/xd/xs 1-D);
-    acc[16r:16r+16] for row r."""
-    vals = _q4_check(NR, G, NCH)
-    if vals is None:
+def _q4_rows(typingctx, accp, qs, qoff, d, doff, xq, xd, xs, b, NB):
+    """The Q4_0 GEMV's step (see _q4_emit): blocks b .. b+NB-1 of a 16-row group whose bytes start
+    at qoff of qs and whose scales start at doff of d, one token (xq/xd/xs 1-D); acc[0:16]."""
+    if not _lit(NB):
         return None
-    nr, g, nch = vals
+    nblk = NB.literal_value
 
     def codegen(ctx, builder, sig, args):
-        accp_, qs_, qoff_, KB_, _, _, _, c_, d_, doff_, ng_, t_ = args[:12]
-        toks = _tokens(ctx, builder, sig, args, 4, None, 1)
-        _q4_emit(builder, accp_, _row_base(ctx, builder, sig.args[1], qs_, None, _I8), qoff_, KB_, toks,
-                 c_, _row_base(ctx, builder, sig.args[8], d_, None, _I16), doff_, ng_, t_, nr, g, nch)
+        toks = _tokens(ctx, builder, sig, args, 5, None, 1)
+        _q4_emit(builder, args[0], _row_base(ctx, builder, sig.args[1], args[1], None, _I8), args[2],
+                 _row_base(ctx, builder, sig.args[3], args[3], None, _I16), args[4], toks, args[8], nblk)
         return ir.Constant(_I8, 0)
-    return types.int8(accp, qs, qoff, KB, xq, xd, xs, c, d, doff, ng, t, NR, G, NCH), codegen
+    return types.int8(accp, qs, qoff, d, doff, xq, xd, xs, b, NB), codegen
 
 
 @intrinsic
-def _q4_tile(typingctx, accp, qs, qoff, KB, XQ, XD, XS, m0, c, d, doff, ng, t, G, T):
-    """The Q4_0 GEMM's step: chunk c of 4 rows (as _q4_rows with NR = 4, NCH = 1) for the T tokens
-    m0 .. m0+T-1 of XQ/XD/XS [M, ...]; acc[16 (4j + r) : +16] for token m0 + j, row r. The weight
-    chunk is loaded and unpacked once for the T tokens."""
-    vals = _q4_check(types.literal(4), G, types.literal(1), T)
-    if vals is None:
+def _q4_tile(typingctx, accp, qs, qoff, d, doff, XQ, XD, XS, m0, b, T):
+    """The Q4_0 GEMM's step: block b of a 16-row group (as _q4_rows) for the T tokens m0 .. m0+T-1
+    of XQ/XD/XS [M, ...]; acc[16j : 16j+16] for token m0 + j. The block is loaded and unpacked
+    once for the T tokens."""
+    if not _lit(T):
         return None
-    g, ntok = vals[1], vals[3]
+    ntok = T.literal_value
 
     def codegen(ctx, builder, sig, args):
-        accp_, qs_, qoff_, KB_, _, _, _, m0_, c_, d_, doff_, ng_, t_ = args[:13]
-        toks = _tokens(ctx, builder, sig, args, 4, m0_, ntok)
-        _q4_emit(builder, accp_, _row_base(ctx, builder, sig.args[1], qs_, None, _I8), qoff_, KB_, toks,
-                 c_, _row_base(ctx, builder, sig.args[9], d_, None, _I16), doff_, ng_, t_, 4, g, 1)
+        toks = _tokens(ctx, builder, sig, args, 5, args[8], ntok)
+        _q4_emit(builder, args[0], _row_base(ctx, builder, sig.args[1], args[1], None, _I8), args[2],
+                 _row_base(ctx, builder, sig.args[3], args[3], None, _I16), args[4], toks, args[9], 1)
         return ir.Constant(_I8, 0)
-    return types.int8(accp, qs, qoff, KB, XQ, XD, XS, m0, c, d, doff, ng, t, G, T), codegen
+    return types.int8(accp, qs, qoff, d, doff, XQ, XD, XS, m0, b, T), codegen
+
 
 
 def _q8_emit(builder, accp, qp, qoff, K, toks, c, dp, doff, nbv, nr, nch):
@@ -857,111 +804,87 @@ def _gemv_q8_0_kernel(x, xq, xd, xs, qs, d, out):
         gemv_q8_0_groups(xq, xd, xs, qs, d, out, gr, gr + 1)
 
 
-@njit(**_JIT)
-def _quantize_act_q4(x, G, xq, xd, xs):
-    """Activation quantization for the Q4_0 gemv: same int8 values and scales as
-    quantize_act_q8 (identical arithmetic), but xq stored permuted per 128-element chunk to
-    match the nibble layout of a G-group (see _q4_rows) and xs[b] = -8 * sum(xq of block b)
-    (an integer, exact in float32)."""
-    nb = x.shape[0] // 32
-    cpg = G // 32
-    hg = G // 2
-    for b in range(nb):
-        k0 = b * 32
-        amax = _blk_amax(x, k0)
-        dd = amax / np.float32(127.0)
-        idd = np.float32(1.0) / dd if dd != 0 else np.float32(0.0)
-        # destination of elements 0..15 (ba + i) and 16..31 (bb + i) of this block
-        c = b // 4
-        t = min(4, nb - 4 * c)
-        j = b - 4 * c
-        base = 128 * c
-        if cpg == 1:
-            ba = base + 16 * j
-            bb = base + 16 * t + 16 * j - 16
-        else:
-            gi = j // cpg
-            jj = j - gi * cpg
-            if jj < cpg // 2:
-                ba = base + gi * hg + jj * 32
-            else:
-                ba = base + 16 * t + gi * hg + (jj - cpg // 2) * 32
-            bb = ba
-        s = _blk_quant_store(x, k0, idd, xq, ba, bb)
-        xd[b] = dd
-        xs[b] = np.float32(-8 * s)
+def repack_q4_0(qs, d):
+    """ggml Q4_0 (qs uint8[N, K/2], d float16[N, K/G], G = 32/64/128) -> the kernels' il16 layout
+    (qi uint8[NG, nb*256], di uint16[NG, nb*16]; NG = ceil(N/16), nb = K/32; see Q4_R): rows past
+    N are zero (scale 0: their outputs are 0 and never stored). The same weights and scales."""
+    qs = np.asarray(qs)
+    d = np.asarray(d)
+    N, KB = qs.shape
+    K = 2 * KB
+    if d.ndim != 2 or d.shape[0] != N or d.shape[1] == 0 or K % d.shape[1] or K // d.shape[1] not in (32, 64, 128):
+        raise ValueError(f"Q4_0 arrays do not fit: qs {qs.shape}, d {d.shape} (group size must be 32, 64 or 128)")
+    G = K // d.shape[1]
+    nb = K // 32
+    NG = -(-N // Q4_R)
+    if G != 32:                                      # nibbles to G = 32 block order
+        b = qs.reshape(N, K // G, G // 2)
+        q = np.concatenate([b & 15, b >> 4], axis=2).reshape(N, nb, 32)
+        qs = (q[:, :, :16] | (q[:, :, 16:] << 4)).reshape(N, KB)
+    qp = np.zeros((NG * Q4_R, KB), np.uint8)
+    qp[:N] = qs
+    dp = np.zeros((NG * Q4_R, nb), np.uint16)
+    dp[:N] = np.repeat(d.view(np.uint16), G // 32, axis=1)
+    qi = qp.view(np.uint32).reshape(NG, Q4_R, nb, 4).transpose(0, 2, 3, 1)   # [g, b, piece, row] of 4 bytes
+    di = dp.reshape(NG, Q4_R, nb).transpose(0, 2, 1)                   # [g, b, row]
+    return (np.ascontiguousarray(qi).view(np.uint8).reshape(NG, nb * 256),
+            np.ascontiguousarray(di).reshape(NG, nb * Q4_R))
 
 
-def _q4_gemv_for(G):
-    """The Q4_0 GEMV's row groups for group size G (a constant of the compiled code):
-    (full(xq, xd, xs, qs, d, accp, r0): the 4 rows at r0; part(xq, xd, xs, qs, d, accp, r0, nr):
-    the last nr < 4 rows), each into 16 f32 lanes per row at accp."""
-    GPC = 128 // G                  # groups per full chunk
-
-    @njit(**dict(_JIT, inline="always"))
-    def full(xq, xd, xs, qs, d, accp, r0):
-        KB = qs.shape[1]            # bytes per row = K//2
-        ng = d.shape[1]
-        nb = KB // 16
-        nc = nb // 4                # full chunks
-        tb = nb - 4 * nc            # blocks in the last, partial chunk (0..3; 0 for G=128)
-        q0 = r0 * KB
-        d0 = r0 * ng
-        PF = 16 * KB                # prefetch 4 groups (16 rows) ahead
-        for c2 in range(nc // 2):
-            c = 2 * c2
-            for i in range(8):          # 512 bytes of the rows PF ahead per step
-                _prefetch(qs, q0 + PF + 256 * c + 64 * i)
-            _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + GPC * c, ng, 4, 4, G, 2)
-        if nc % 2:
-            c = nc - 1
-            _q4_rows(accp, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + GPC * c, ng, 4, 4, G, 1)
-        if tb > 0:              # partial last chunk (G = 32 or 64 only: 128 | K for G = 128)
-            _q4_rows(accp, qs, q0 + 64 * nc, KB, xq, xd, xs, nc, d, d0 + GPC * nc, ng, tb, 4, G, 1)
-
-    @njit(**dict(_JIT, inline="always"))
-    def part(xq, xd, xs, qs, d, accp, r0, nr):
-        KB = qs.shape[1]
-        ng = d.shape[1]
-        nb = KB // 16
-        nc = nb // 4
-        tb = nb - 4 * nc
-        for rr in range(nr):
-            ap = _ptr_add(accp, rr * 16)
-            q0 = (r0 + rr) * KB
-            d0 = (r0 + rr) * ng
-            for c in range(nc + (1 if tb > 0 else 0)):
-                t = 4 if c < nc else tb
-                _q4_rows(ap, qs, q0 + 64 * c, KB, xq, xd, xs, c, d, d0 + GPC * c, ng, t, 1, G, 1)
-    return full, part
+def unrepack_q4_0(qi, di, N, G, rows=None):
+    """repack_q4_0's inverse: ggml's (qs uint8[n, K/2], d float16[n, K/G]) of rows `rows` (all N
+    when None), from the il16 arrays."""
+    NG, nbb = qi.shape
+    nb = nbb // 256
+    rows = np.arange(N) if rows is None else np.asarray(rows).reshape(-1)
+    if rows.size and (rows.min() < 0 or rows.max() >= N):
+        raise IndexError(f"row ids must lie in 0..{N - 1}")
+    q = qi.view(np.uint32).reshape(NG, nb, 4, Q4_R)[rows // Q4_R, :, :, rows % Q4_R]   # [n, b, piece] of 4 bytes
+    qs = np.ascontiguousarray(q).view(np.uint8).reshape(rows.size, nb * 16)
+    dd = di.reshape(NG, nb, Q4_R)[rows // Q4_R, :, rows % Q4_R]               # [n, b]
+    if G != 32:
+        b = qs.reshape(rows.size, nb, 16)
+        v = np.concatenate([b & 15, b >> 4], axis=2).reshape(rows.size, nb * 32 // G, G)
+        qs = (v[:, :, :G // 2] | (v[:, :, G // 2:] << 4)).reshape(rows.size, nb * 16)
+        dd = dd[:, ::G // 32]
+    return np.ascontiguousarray(qs), np.ascontiguousarray(dd).view(np.float16)
 
 
-_Q4_GEMV_STEPS = {G: _q4_gemv_for(G) for G in (32, 64, 128)}
-_Q4_GEMV = {G: _groups(*_Q4_GEMV_STEPS[G]) for G in (32, 64, 128)}
-_q4_gemv_32, _q4_gemv_64, _q4_gemv_128 = _Q4_GEMV[32], _Q4_GEMV[64], _Q4_GEMV[128]
+Q4_PF = 4096                # software prefetch distance, bytes of the (one) stream of groups
 
 
 @njit(**dict(_JIT, inline="always"))
 def gemv_q4_0_groups(xq, xd, xs, qs, d, out, g0, g1):
-    """Row groups g0..g1-1 (rows 4g..4g+3) of the Q4_0 gemv, on activations already quantized by
-    _quantize_act_q4, for any group size (the executor compiles only its model's: q4_0_rows_for).
-    Per row: 16 f32 lanes accumulated over 128-element chunks (see _q4_emit), one horizontal
-    sum; the -8 offset is exact integer work (bias in the vpdpbusd accumulator)."""
-    G = 2 * qs.shape[1] // d.shape[1]
-    if G == 32:
-        _q4_gemv_32(xq, xd, xs, qs, d, out, g0, g1)
-    elif G == 64:
-        _q4_gemv_64(xq, xd, xs, qs, d, out, g0, g1)
-    else:
-        _q4_gemv_128(xq, xd, xs, qs, d, out, g0, g1)
+    """out[16g : 16g+16] (rows < out.shape[0]) for the il16 groups g0..g1-1 of a Q4_0 matrix
+    (repack_q4_0's qs, d), one token quantized by _quantize_act_q8v: 16 rows in the 16 f32 lanes
+    of one register, blocks in order (see _q4_emit)."""
+    nb = d.shape[1] // Q4_R
+    N = out.shape[0]
+    for g in range(g0, g1):
+        accp = _stack_f32(16)
+        acc = numba.carray(accp, 16)
+        for i in range(16):
+            acc[i] = 0.0
+        q0 = g * nb * 256
+        d0 = g * nb * Q4_R
+        for b2 in range(nb // 2):
+            for i in range(8):
+                _prefetch(qs, q0 + 512 * b2 + Q4_PF + 64 * i)
+            _q4_rows(accp, qs, q0 + 512 * b2, d, d0 + 32 * b2, xq, xd, xs, 2 * b2, 2)
+        if nb % 2:
+            _q4_rows(accp, qs, q0 + 256 * (nb - 1), d, d0 + Q4_R * (nb - 1), xq, xd, xs, nb - 1, 1)
+        for i in range(min(16, N - 16 * g)):
+            out[16 * g + i] = acc[i]
 
 
 @njit(**_PJIT)
 def _gemv_q4_0_kernel(x, xq, xd, xs, qs, d, out):
-    # x f32[K]; scratch xq int8[K], xd f32[K//32], xs f32[K//32]; qs u8[N,K//2]; d u16[N,K//G]
-    _quantize_act_q4(x, 2 * qs.shape[1] // d.shape[1], xq, xd, xs)
-    for gr in prange((qs.shape[0] + 3) // 4):
-        gemv_q4_0_groups(xq, xd, xs, qs, d, out, gr, gr + 1)
+    # x f32[K]; scratch xq int8[K], xd f32[K//32], xs f32[K//32]; qs u8[NG, K*8], d u16[NG, K/2]
+    # (repack_q4_0's layout); out f32[N]
+    _quantize_act_q8v(x, xq, xd, xs)
+    for g in prange(qs.shape[0]):
+        gemv_q4_0_groups(xq, xd, xs, qs, d, out, g, g + 1)
+
 
 
 @njit(**_JIT)
@@ -990,19 +913,22 @@ def gemv_q8_0(x, qs, d, out, scratch=None):
 
 
 def gemv_q4_0(x, qs, d, out, scratch=None):
-    """out[N] = W @ x, W Q4_0 (qs uint8[N,K//2], d float16[N,K//G], G=32/64/128)."""
+    """out[N] = W @ x, W Q4_0 in ggml's arrays (qs uint8[N,K//2], d float16[N,K//G], G=32/64/128),
+    repacked to the kernel's layout on every call (tests, one-off use): a Linear repacks once
+    (Linear.exec_arrays) and calls gemv_q4_0.kernel on repack_q4_0's arrays."""
     xq, xd, xs = scratch if scratch is not None else act_scratch(x.shape[0])
-    _gemv_q4_0_kernel(x, xq, xd, xs, qs, d.view(np.uint16), out)
+    _gemv_q4_0_kernel(x, xq, xd, xs, *repack_q4_0(qs, d), out)
 
 
 def gemv_bound(fmt, arrays):
     """(kernel, pre) such that kernel(x, *pre, out) == gemv_<fmt>(x, *arrays, out): the dtype
     views and the activation scratch resolved once (per matrix, at load), not on every token."""
-    if fmt in ("q8_0", "q4_0"):
+    if fmt == "q8_0":
         qs, d = arrays
-        K = qs.shape[1] * (2 if fmt == "q4_0" else 1)
-        kern = _gemv_q8_0_kernel if fmt == "q8_0" else _gemv_q4_0_kernel
-        return kern, (*act_scratch(K), qs, d.view(np.uint16))
+        return _gemv_q8_0_kernel, (*act_scratch(qs.shape[1]), qs, d.view(np.uint16))
+    if fmt == "q4_0":               # arrays: repack_q4_0's (qi, di)
+        qi, di = arrays
+        return _gemv_q4_0_kernel, (*act_scratch(qi.shape[1] // 8), qi, di)
     if fmt == "f16":
         return _gemv_f16_kernel, (arrays[0].view(np.uint16),)
     if fmt == "bf16":
@@ -1018,7 +944,7 @@ def gemv_f16(x, w, out):
 gemv_bf16 = _gemv_bf16_kernel   # (x f32[K], w uint16[N,K] bf16 bits, out f32[N]); no wrapper needed
 
 gemv_q8_0.kernel = gemv_q8_0_kernel = _gemv_q8_0_kernel   # the Numba kernels themselves:
-gemv_q4_0.kernel = gemv_q4_0_kernel = _gemv_q4_0_kernel   # (x, xq, xd, xs, qs, d as uint16, out)
+gemv_q4_0.kernel = gemv_q4_0_kernel = _gemv_q4_0_kernel   # (x, xq, xd, xs, qi, di, out): repack_q4_0's
 gemv_f16.kernel = _gemv_f16_kernel
 
 
@@ -1030,46 +956,15 @@ gemv_f16.kernel = _gemv_f16_kernel
 # order (same emitter, explicit FMAs), so each output equals the GEMV of that token bit for bit.
 # Tile sizes (measured, 1 thread, 2026-11-29, 2-core Zen 4 under load 4; CPU time per call
 # against the same kernel on one token, SmolLM2 1536x576 / TinyLlama 5632x2048, M = 128):
-# Q4_0 (2 vpdpbusd per row and token, 2 activation vectors per token) T = 3: 12 accumulators,
-# 63-66 / 82 (T = 4 spills to the stack: 76-89 / 81-104; the per-token GEMV: 90 / 92);
+# Q4_0 (il16 layout: 16 rows x 1 block per step, one zmm accumulator per token): T = 4, no
+# spills (the interleave probe, benchmarks/README.md: in cache 4 tokens cost 1.9-2.0 one-token passes);
 # Q8_0 T = 4: 16 accumulators, 65-66 / 67-68 (T = 3: 69-75 / 71-72; per-token GEMV: 84 / 85).
 # The M % T tail tokens take the same code with T = 2 and T = 1.
 # The 4 rows of a group stay in L1 across its tiles; the rows a few groups ahead are prefetched
-# during the group's first tile. Rows past the last whole group (N % 4) take the GEMV per token.
-Q4_T = 3
+# during the group's first tile. Rows past the last whole group (N % 4) take the GEMV per token
+# (Q8_0; Q4_0's groups of 16 are padded at repack_q4_0, only the rows < N are stored).
+Q4_T = 4
 Q8_T = 4
-
-
-def _q4_pass(G, T):
-    """One tile: tokens m0..m0+T-1 of the group of 4 rows at r0, Q4_0 with group size G."""
-    NACC = 64 * T
-    GPC = 128 // G
-
-    @njit(**dict(_JIT, inline="always"))
-    def run(XQ, XD, XS, qs, d, out, m0, r0, pf):
-        KB = qs.shape[1]
-        ng = d.shape[1]
-        nb = KB // 16
-        nc = nb // 4               # full chunks
-        tb = nb - 4 * nc           # blocks in the last, partial chunk (0..3; 0 for G = 128)
-        accp = _stack_f32(NACC)
-        acc = numba.carray(accp, NACC)
-        for i in range(NACC):
-            acc[i] = 0.0
-        q0 = r0 * KB
-        d0 = r0 * ng
-        PF = q0 + 16 * KB                  # 4 groups (16 rows) ahead
-        for c in range(nc):
-            if pf:
-                for i in range(4):
-                    _prefetch(qs, PF + i * KB + 64 * c)
-            _q4_tile(accp, qs, q0 + 64 * c, KB, XQ, XD, XS, m0, c, d, d0 + GPC * c, ng, 4, G, T)
-        if tb > 0:
-            _q4_tile(accp, qs, q0 + 64 * nc, KB, XQ, XD, XS, m0, nc, d, d0 + GPC * nc, ng, tb, G, T)
-        for j in range(T):
-            for r in range(4):
-                out[m0 + j, r0 + r] = _hsum16(accp, 16 * (4 * j + r))
-    return run
 
 
 def _q8_pass(T):
@@ -1134,54 +1029,53 @@ def _tiled(pt, p2, p1, part, T):
     return groups
 
 
-_Q4_GEMM = {G: _tiled(_q4_pass(G, Q4_T), _q4_pass(G, 2), _q4_pass(G, 1), _Q4_GEMV_STEPS[G][1], Q4_T)
-            for G in (32, 64, 128)}
-_q4_gemm_32, _q4_gemm_64, _q4_gemm_128 = _Q4_GEMM[32], _Q4_GEMM[64], _Q4_GEMM[128]
+def _q4_pass(T):
+    """One tile: tokens m0..m0+T-1 of the 16-row il16 group g (rows < out.shape[1] stored)."""
+    NACC = 16 * T
+
+    @njit(**dict(_JIT, inline="always"))
+    def run(XQ, XD, XS, qs, d, out, m0, g):
+        nb = d.shape[1] // Q4_R
+        N = out.shape[1]
+        accp = _stack_f32(NACC)
+        acc = numba.carray(accp, NACC)
+        for i in range(NACC):
+            acc[i] = 0.0
+        q0 = g * nb * 256
+        d0 = g * nb * Q4_R
+        for b in range(nb):
+            if m0 == 0:
+                for i in range(4):
+                    _prefetch(qs, q0 + 256 * b + Q4_PF + 64 * i)
+            _q4_tile(accp, qs, q0 + 256 * b, d, d0 + Q4_R * b, XQ, XD, XS, m0, b, T)
+        nr = min(16, N - 16 * g)
+        for j in range(T):
+            for i in range(nr):
+                out[m0 + j, 16 * g + i] = acc[16 * j + i]
+    return run
+
+
+_Q4P4, _Q4P3, _Q4P2, _Q4P1 = _q4_pass(4), _q4_pass(3), _q4_pass(2), _q4_pass(1)
 
 
 @njit(**dict(_JIT, inline="always"))
 def gemm_q4_0_groups(XQ, XD, XS, qs, d, out, M, g0, g1):
-    """Row groups g0..g1-1 (rows 4g..4g+3) of out[:M] = x[:M] @ W.T, W Q4_0, on activations
-    quantized per token by _quantize_act_q4 (XQ/XD/XS rows), for any group size (the executor
-    compiles only its model's: q4_0_rows_for); every out[m] equals gemv_q4_0_groups of token m
-    bit for bit."""
-    G = 2 * qs.shape[1] // d.shape[1]
-    if G == 32:
-        _q4_gemm_32(XQ, XD, XS, qs, d, out, M, g0, g1)
-    elif G == 64:
-        _q4_gemm_64(XQ, XD, XS, qs, d, out, M, g0, g1)
-    else:
-        _q4_gemm_128(XQ, XD, XS, qs, d, out, M, g0, g1)
+    """out[:M, 16g : 16g+16] (rows < out.shape[1]) for the il16 groups g0..g1-1 of a Q4_0 matrix,
+    tokens quantized by _quantize_act_q8v (XQ/XD/XS rows): tiles of Q4_T = 4 tokens, then one of
+    3, 2 or 1; every out[m] equals gemv_q4_0_groups of token m bit for bit."""
+    for g in range(g0, g1):
+        m = 0
+        while m + Q4_T <= M:
+            _Q4P4(XQ, XD, XS, qs, d, out, m, g)
+            m += Q4_T
+        r = M - m
+        if r == 3:
+            _Q4P3(XQ, XD, XS, qs, d, out, m, g)
+        elif r == 2:
+            _Q4P2(XQ, XD, XS, qs, d, out, m, g)
+        elif r == 1:
+            _Q4P1(XQ, XD, XS, qs, d, out, m, g)
 
-
-def q4_0_rows_for(groups):
-    """(gemv, gemm): gemv_q4_0_groups and gemm_q4_0_groups compiled only for the Q4_0 group sizes
-    in `groups` (a matrix of another group size must not reach them): the executor builds these
-    from the group sizes its plan uses, so a model compiles one tile set, not three."""
-    gs = sorted(set(groups))
-    if not gs or any(g not in (32, 64, 128) for g in gs):
-        raise ValueError(f"Q4_0 group sizes must be among 32, 64, 128, got {groups!r}")
-    gemv, gemm = _Q4_GEMV[gs[0]], _Q4_GEMM[gs[0]]
-    for g in gs[1:]:
-        gemv, gemm = _q4_either(g, _Q4_GEMV[g], gemv, _Q4_GEMM[g], gemm)
-    return gemv, gemm
-
-
-def _q4_either(G, gemv_g, gemv_rest, gemm_g, gemm_rest):
-    @njit(**dict(_JIT, inline="always"))
-    def gemv(xq, xd, xs, qs, d, out, g0, g1):
-        if 2 * qs.shape[1] // d.shape[1] == G:
-            gemv_g(xq, xd, xs, qs, d, out, g0, g1)
-        else:
-            gemv_rest(xq, xd, xs, qs, d, out, g0, g1)
-
-    @njit(**dict(_JIT, inline="always"))
-    def gemm(XQ, XD, XS, qs, d, out, M, g0, g1):
-        if 2 * qs.shape[1] // d.shape[1] == G:
-            gemm_g(XQ, XD, XS, qs, d, out, M, g0, g1)
-        else:
-            gemm_rest(XQ, XD, XS, qs, d, out, M, g0, g1)
-    return gemv, gemm
 
 
 gemm_q8_0_groups = _tiled(_q8_pass(Q8_T), _q8_pass(2), _q8_pass(1), _q8_gemv_part, Q8_T)
@@ -1201,13 +1095,12 @@ def _gemm_q8_0_kernel(x, XQ, XD, XS, qs, d, out):
 
 @njit(**_PJIT)
 def _gemm_q4_0_kernel(x, XQ, XD, XS, qs, d, out):
-    # x f32[M,K]; scratch XQ int8[>=M,K], XD/XS f32[>=M,K//32]; qs u8[N,K//2]; d u16[N,K//G]
+    # x f32[M,K]; scratch XQ int8[>=M,K], XD/XS f32[>=M,K//32]; qs, d: repack_q4_0's; out f32[M,N]
     M = x.shape[0]
-    G = 2 * qs.shape[1] // d.shape[1]
     for m in range(M):
-        _quantize_act_q4(x[m], G, XQ[m], XD[m], XS[m])
-    for gr in prange((qs.shape[0] + 3) // 4):
-        gemm_q4_0_groups(XQ, XD, XS, qs, d, out, M, gr, gr + 1)
+        _quantize_act_q8v(x[m], XQ[m], XD[m], XS[m])
+    for g in prange(qs.shape[0]):
+        gemm_q4_0_groups(XQ, XD, XS, qs, d, out, M, g, g + 1)
 
 
 def _gemm_act(M, K):
@@ -1223,8 +1116,27 @@ def gemm_q8_0(x, qs, d, out):
 
 
 def gemm_q4_0(x, qs, d, out):
-    """out[M,N] = x[M,K] @ W.T, W Q4_0 (G = K // d.shape[1]), as gemm_q8_0."""
-    _gemm_q4_0_kernel(x, *_gemm_act(x.shape[0], 2 * qs.shape[1]), qs, d.view(np.uint16), out)
+    """out[M,N] = x[M,K] @ W.T, W Q4_0 in ggml's arrays (G = K // d.shape[1]), repacked on every
+    call as gemv_q4_0; gemm_q4_0.kernel(x, XQ, XD, XS, qi, di, out) runs on repack_q4_0's arrays."""
+    _gemm_q4_0_kernel(x, *_gemm_act(x.shape[0], 2 * qs.shape[1]), *repack_q4_0(qs, d), out)
+
+
+gemm_q4_0.kernel = _gemm_q4_0_kernel
+
+
+def q4_0_bound(qs, d):
+    """(gemv(x, out, scratch=None), gemm(X, out)) on ggml's Q4_0 arrays repacked once here: what
+    gemv_q4_0 / gemm_q4_0 compute, without their per-call repack (benchmarks, a matrix used many
+    times outside a Linear)."""
+    qi, di = repack_q4_0(qs, d)
+    K = 2 * qs.shape[1]
+
+    def gemv(x, out, scratch=None):
+        _gemv_q4_0_kernel(x, *(scratch if scratch is not None else act_scratch(K)), qi, di, out)
+
+    def gemm(X, out):
+        _gemm_q4_0_kernel(X, *_gemm_act(X.shape[0], K), qi, di, out)
+    return gemv, gemm
 
 
 @njit(**_JIT)

@@ -103,8 +103,7 @@ class Lowered:
     widths: dict             # buffer name -> width
     buffer_names: list       # row order of btab
     fs: tuple                # one empty array per weight format used (its dtype tag), and one whose
-                             # record dtype names the step kinds used ("op_<id>" fields) and the
-                             # Q4_0 group sizes ("q4_0_g<G>")
+                             # record dtype names the step kinds used ("op_<id>" fields)
     kmax: int                # widest quantized-activation row
     keep: list               # arrays the tables point into (kept alive)
 
@@ -131,7 +130,6 @@ def lower(steps: list[Step], tensors: dict, base_widths: dict) -> Lowered:
     vrows = [[0, 0]]                                          # row 0: the empty vector
     widths = dict(base_widths)
     fmts = set()
-    q4_groups = set()                                        # Q4_0 group sizes (the executor compiles only these)
 
     def mat_index(name):
         if name not in mats:
@@ -143,8 +141,6 @@ def lower(steps: list[Step], tensors: dict, base_widths: dict) -> Lowered:
             mrows.append(row)
             keep.extend(arrs)
             fmts.add(t.fmt if isinstance(t, Linear) else "f32")
-            if isinstance(t, Linear) and t.fmt == "q4_0":
-                q4_groups.add(t.group)
         return mats[name]
 
     def vec_index(name):
@@ -179,8 +175,7 @@ def lower(steps: list[Step], tensors: dict, base_widths: dict) -> Lowered:
     fs = tuple(np.zeros(0, FORMATS[f].tag) for f in sorted(fmts, key=lambda f: FORMATS[f].fid))
     kinds = sorted({OPS[st.op] for st in steps}              # the executor compiles only these
                    | ({X.OP_GELU} if any(st.op == "matmul" and st.i0 for st in steps) else set()))  # a GELU epilogue
-    fs += (np.zeros(0, np.dtype([(f"op_{o}", np.uint8) for o in kinds]
-                                + [(f"q4_0_g{g}", np.uint8) for g in sorted(q4_groups)])),)
+    fs += (np.zeros(0, np.dtype([(f"op_{o}", np.uint8) for o in kinds])),)
     return Lowered(np.array(srows, np.int64).reshape(-1, X.S_COLS), np.array(frows, np.float64).reshape(-1, X.P_COLS),
                    np.array(mrows, np.int64).reshape(-1, X.M_COLS_N), np.array(vrows, np.int64),
                    widths, names, fs, kmax, keep)

@@ -80,9 +80,11 @@ class Format:
     def row_arrays(self, lin: "Linear"):
         """(weights, scales) as the executor's matrix table reads them (scales: u16 fp16 bits;
         float formats have none)."""
-        a = lin.arrays
         if self.arrays == ("raw",):
-            return lin.exec_raw(), np.zeros((1, 1), np.uint16)
+            return lin.exec_arrays(), np.zeros((1, 1), np.uint16)
+        if self.name == "q4_0":                     # qmatmul.repack_q4_0's 16-row groups
+            return lin.exec_arrays()
+        a = lin.arrays
         if self.act == "f32":
             w = a["w"].view(np.uint16) if self.name == "f16" else a["w"]
             return w, np.zeros((1, 1), np.uint16)
@@ -398,7 +400,7 @@ def _release_mapped(a: np.ndarray) -> None:
 class Linear:
     """W [N, K] stored in `fmt` (arrays C-contiguous, possibly memory-mapped)."""
 
-    __slots__ = ("fmt", "N", "K", "Kp", "_arrays", "_args", "_gemv", "_gemm", "_xpad", "_gemv_pre", "_exec")
+    __slots__ = ("fmt", "N", "K", "Kp", "_arrays", "_args", "_gemv", "_gemm", "_xpad", "_gemv_pre", "_exec", "_g")
 
     def __init__(self, fmt: str, N: int, K: int, arrays: dict, Kp: int | None = None):
         self.fmt, self.N, self.K, self.Kp, self.arrays = fmt, N, K, Kp or K, arrays
@@ -406,18 +408,27 @@ class Linear:
         self._args = tuple(arrays.values())
         self._gemv, self._gemm = f.gemv, f.gemm
         self._gemv_pre = self._args
-        if fmt != "f32" and f.arrays != ("raw",):   # the Numba kernel itself, views and scratch bound once
+        self._g = self.Kp // arrays["d"].shape[1] if fmt == "q4_0" else f.block
+        if fmt not in ("f32", "q4_0") and f.arrays != ("raw",):   # the Numba kernel itself, views and scratch bound once
             self._gemv, self._gemv_pre = _qm.gemv_bound(fmt, self._args)
         self._xpad = np.zeros((1, self.Kp), np.float32) if self.Kp != K else None
         self._exec = None
 
-    def exec_raw(self) -> np.ndarray:
-        """A raw ggml format's matrix as the executor runs it: the format's repacked layout where
-        it has one (ggml_quants TypeSpec.repack, e.g. Q4_K's row-group chunks), built here once per
-        Linear, else the ggml bytes themselves. A repacked matrix is held once: the ggml bytes are
-        let go (an in-memory copy freed, a GGUF mapping's pages handed back) and `arrays` rebuilds
-        them from the repacked copy where they are still needed (export, save, embedding rows)."""
+    def exec_arrays(self):
+        """The matrix as the executor runs it, built here once per Linear: Q4_0 as (qi, di) of
+        qmatmul.repack_q4_0 (16 rows interleaved per block); a raw ggml format in its repacked
+        layout where it has one (ggml_quants TypeSpec.repack, e.g. Q4_K's row-group chunks), else
+        the ggml bytes themselves. A repacked matrix is held once: the ggml bytes are let go (an
+        in-memory copy freed, a file mapping's pages handed back) and `arrays` rebuilds them from
+        the repacked copy where they are still needed (export, save, embedding rows)."""
         if self._exec is None:
+            if self.fmt == "q4_0":
+                qs, d = self._arrays["qs"], self._arrays["d"]
+                self._exec = _qm.repack_q4_0(qs, d)
+                self._arrays = self._args = self._gemv_pre = None
+                _release_mapped(qs)
+                _release_mapped(d)
+                return self._exec
             raw = self.arrays["raw"]
             rp = self._spec().repack
             self._exec = raw if rp is None else rp(raw)
@@ -426,12 +437,17 @@ class Linear:
                 _release_mapped(raw)
         return self._exec
 
+    exec_raw = exec_arrays
+
     @property
     def arrays(self) -> dict:
         """Name -> stored array (see FORMATS). A raw ggml format whose in-memory bytes exec_raw
         dropped after repacking them gives ggml's bytes rebuilt from the repacked copy (a new
         array on each access: export, save; the embedding lookup rebuilds only its rows)."""
         if self._arrays is None:
+            if self.fmt == "q4_0":
+                qs, d = _qm.unrepack_q4_0(*self._exec, self.N, self._g)
+                return {"qs": qs, "d": d}
             return {"raw": self._spec().unrepack(self._exec)}
         return self._arrays
 
@@ -481,6 +497,15 @@ class Linear:
                 xp = np.zeros((x.shape[0], self.Kp), np.float32)
                 xp[:, :self.K] = x
                 x = xp
+        if self.fmt == "q4_0":                          # on the repacked copy (exec_arrays)
+            e = self.exec_arrays()
+            if x.shape[0] == 1:
+                if self._gemv_pre is None:
+                    self._gemv, self._gemv_pre = _qm.gemv_bound("q4_0", e)
+                self._gemv(x[0], *self._gemv_pre, out[0])
+            else:
+                _qm.gemm_q4_0.kernel(x, *_qm._gemm_act(x.shape[0], self.Kp), *e, out)
+            return
         args = self._args if self._args is not None else tuple(self.arrays.values())
         if x.shape[0] == 1:
             self._gemv(x[0], *(self._gemv_pre if self._gemv_pre is not None else args), out[0])
@@ -491,7 +516,10 @@ class Linear:
         """out: f32[len(ids), K] <- rows `ids` of W as float32 (embedding lookup)."""
         if self.fmt == "f32" and self.Kp == self.K:
             np.take(self.arrays["w"], ids, axis=0, out=out)
-        elif self._arrays is None:                      # repacked only: rebuild just these rows
+        elif self._arrays is None and self.fmt == "q4_0":   # repacked only: rebuild just these rows
+            qs, d = _qm.unrepack_q4_0(*self._exec, self.N, self._g, ids)
+            out[:] = FORMATS["q4_0"].unpack({"qs": qs, "d": d})[:, :self.K]
+        elif self._arrays is None:
             out[:] = FORMATS[self.fmt].unpack({"raw": self._spec().unrepack(self._exec, ids)})[:, :self.K]
         else:
             sub = {k: a[ids] for k, a in self.arrays.items()}
@@ -502,14 +530,14 @@ class Linear:
         """Bytes of the stored arrays (ggml's bytes for the raw formats, also when repacked)."""
         if self._arrays is None:
             f = FORMATS[self.fmt]
+            if self.fmt == "q4_0":
+                return self.N * (self.Kp // 2 + 2 * (self.Kp // self._g))
             return self.N * (self.Kp // f.block * f.block_bytes)
         return sum(a.nbytes for a in self.arrays.values())
 
     @property
     def group(self) -> int:
-        if self.fmt == "q4_0":
-            return self.Kp // self.arrays["d"].shape[1]
-        return FORMATS[self.fmt].block
+        return self._g
 
     @property
     def type_name(self) -> str:

@@ -255,9 +255,10 @@ Q._quantize_act_q8v(x, xq, xd, xs)
 E._q8_groups(xq, xd, xs, qs, d.view(np.uint16), out, 0, 2)
 ref = Q.dequantize_q8_0_ref(qs, d) @ x
 assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max(), (out, ref)
-qs, d = Q.quantize_q4_0_ref(w, 32)
-Q._quantize_act_q4(x, 32, xq, xd, xs)
-E._q4_kernels(())[0](xq, xd, xs, qs, d.view(np.uint16), out, 0, 2)
+qs, d = Q.quantize_q4_0_ref(w, 32)                        # Q4_0 on its il16 layout: NEON, no sdot
+E._q4_groups(xq, xd, xs, *Q.repack_q4_0(qs, d), out, 0, 1)
+ref = Q.dequantize_q4_0_ref(qs, d) @ x
+assert np.abs(out - ref).max() < 0.05 * np.abs(ref).max(), (out, ref)
 s = GQ.SPECS["Q4_K"]
 raw = s.quantize_ref(w)
 xq, xd, xs = GQ.act_scratch(K)

@@ -5,7 +5,10 @@ generic); ARM gets the generic path, portable LLVM IR. This test builds that pat
 (MINILM_SIMD=generic, a fresh Numba cache, in a subprocess), takes the LLVM IR of the compiled
 Q8_0 / Q4_0 GEMV and GEMM kernels (Dispatcher.inspect_llvm), retargets it with llvmlite to
 aarch64-unknown-linux-gnu and checks the assembly:
-  * cortex-a76 +dotprod (Raspberry Pi 5): the int8 products are sdot/udot instructions;
+  * cortex-a76 +dotprod (Raspberry Pi 5): Q8_0's int8 products are sdot/udot instructions;
+    Q4_0's (the il16 layout, one row per i32 lane) are lane-exact widening NEON multiplies
+    (qmatmul._dot4_lanes): the IR that lowers to sdot (llvm.vector.partial.reduce.add) leaves
+    which products land in which lane to the target, and there every lane is a row;
   * cortex-a72 (Raspberry Pi 4, no dot product): LLVM compiles it without aborting, emits no
     dot-product instruction (that would be SIGILL there), and the products are NEON vector code
     (smull/smlal/umull on byte lanes), not a scalar loop.
@@ -134,11 +137,22 @@ def test_generic_ir_is_target_neutral(generic_ir):
         hot = re.findall(r"@llvm\.x86\.[a-z0-9_.]+", ir_text)
         # the only x86 intrinsic allowed is the host backend's atomic in Numba's refcounting
         assert set(hot) <= {"@llvm.x86.atomic.sub.cc.i64", "@llvm.x86.atomic.add.cc.i64"}, (name, set(hot))
-        assert "llvm.vector.partial.reduce.add" in ir_text, name
+        if "q8_0" in name:
+            assert "llvm.vector.partial.reduce.add" in ir_text, name
+
+
+def test_cortex_a76_q4_0_is_neon_lane_exact(generic_ir):
+    for name, ir_text in generic_ir.items():
+        if "q4_0" in name:
+            c = _mnemonics(retarget_asm(ir_text, "cortex-a76", "+dotprod"))
+            assert c["bytemul"] >= 32, (name, c["bytemul"])          # widening NEON multiplies
+            assert c["scalarmul"] < c["bytemul"] / 4, (name, c["scalarmul"], c["bytemul"])
 
 
 def test_cortex_a76_uses_dot_product(generic_ir):
     for name, ir_text in generic_ir.items():
+        if "q8_0" not in name:
+            continue
         c = _mnemonics(retarget_asm(ir_text, "cortex-a76", "+dotprod"))
         dots = c["sdot"] + c["udot"]
         assert dots >= 8, (name, dots)

@@ -84,11 +84,13 @@ def test_every_format_as_layer_matrix_and_head():
 
 
 # f32 on every model; int4 on Gemma 2 (soft-caps, window) and LFM2 (the conv, its f32 history table
-# beside Q4_0 matrices): Q4_0's rows, beside every other format, are checked above.
+# beside Q4_0 matrices): Q4_0's rows, beside every other format, are checked above; int4 on
+# stories260K: its FFN width 172 ends in a Q4_0 row group of 12 rows (16-row groups, the rest padding).
 @pytest.mark.parametrize("name,quant", [(n, None) for n in ("proxy-gemma3-shakespeare", "proxy-gemma2-shakespeare",
                                                            "proxy-lfm2-shakespeare", "proxy-gpt2-shakespeare",
                                                            "proxy-neox-shakespeare")]
-                         + [("proxy-gemma2-shakespeare", "int4"), ("proxy-lfm2-shakespeare", "int4")])
+                         + [("proxy-gemma2-shakespeare", "int4"), ("proxy-lfm2-shakespeare", "int4"),
+                            ("stories260K", "int4")])
 def test_prefill_equals_decode(name, quant):
     """Sliding windows (32) crossed many times, Gemma 2's soft-caps, LFM2's convolution,
     learned positions and parallel residuals: 180 tokens, prefill == decode."""

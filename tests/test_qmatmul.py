@@ -265,37 +265,39 @@ def test_gemm_all_formats(M, N, K):
             np.testing.assert_array_equal(out[m], row)
 
 
-def test_q4_0_rows_for_group_sizes():
-    """The executor's Q4_0 kernels compiled for a set of group sizes (q4_0_rows_for) pick each
-    matrix's own: GEMV and GEMM rows equal gemv_q4_0 for G = 64 and 128 through one pair, and a
-    group size outside 32/64/128 is refused."""
-    import numba
-    gemv_g, gemm_g = Q.q4_0_rows_for((128, 64))
-
-    @numba.njit
-    def run(XQ, XD, XS, qs, d, out, M):
-        for g in range((qs.shape[0] + 3) // 4):
-            gemm_g(XQ, XD, XS, qs, d, out, M, g, g + 1)
-        for g in range((qs.shape[0] + 3) // 4):
-            gemv_g(XQ[M], XD[M], XS[M], qs, d, out[M], g, g + 1)
-
-    N, K, M = 10, 256, 4
+def test_q4_0_repack_layout_and_group_sizes():
+    """repack_q4_0 (the executor's il16 layout, any group size: 16 rows side by side per 32-weight
+    block) and unrepack_q4_0 give back ggml's bytes exactly, all rows or some; the layout's bytes
+    are where the docs say; the il16 GEMM rows equal the GEMV bit for bit for G = 64 and 128 and
+    a row count that is not a multiple of 16; a group size outside 32/64/128 is refused."""
+    N, K, M = 21, 256, 6
     w = _w(N, K, 0.1, seed=3)
-    X = RNG.standard_normal((M + 1, K)).astype(np.float32)
-    X[M] = X[1]
-    for G in (64, 128):
+    X = RNG.standard_normal((M, K)).astype(np.float32)
+    for G in (32, 64, 128):
         qs, d = Q.quantize_q4_0(w, G)
-        XQ, XD, XS = Q._gemm_act(M + 1, K)
-        for m in range(M + 1):
-            Q._quantize_act_q4(X[m], G, XQ[m], XD[m], XS[m])
-        out = np.full((M + 1, N), np.nan, np.float32)
-        run(XQ, XD, XS, qs, d.view(np.uint16), out, M)
+        qi, di = Q.repack_q4_0(qs, d)
+        assert qi.shape == (2, K // 32 * 256) and di.shape == (2, K // 32 * 16)
+        q2, d2 = Q.unrepack_q4_0(qi, di, N, G)
+        assert np.array_equal(q2, qs) and np.array_equal(d2.view(np.uint16), d.view(np.uint16))
+        ids = np.array([20, 0, 17, 5])
+        q3, d3 = Q.unrepack_q4_0(qi, di, N, G, ids)
+        assert np.array_equal(q3, qs[ids]) and np.array_equal(d3.view(np.uint16), d.view(np.uint16)[ids])
+        codes = np.concatenate([qs.reshape(N, K // G, G // 2) & 15, qs.reshape(N, K // G, G // 2) >> 4],
+                               axis=2).reshape(N, K)
+        r, b, p, j = 17, 3, 2, 1                 # row 17 = row 1 of group 1; block 3, piece 2, byte 1
+        byte = qi[1, 256 * b + 64 * p + 4 * 1 + j]
+        assert byte & 15 == codes[r, 32 * b + 4 * p + j] and byte >> 4 == codes[r, 32 * b + 16 + 4 * p + j]
+        assert di[1, 16 * b + 1] == d.view(np.uint16)[r, 32 * b // G]
+        assert not qi[1, :].reshape(-1, 4, 16, 4)[:, :, 5:].any()     # rows 21..31: zero padding
+        out = np.full((M, N), np.nan, np.float32)
+        Q.gemm_q4_0(X, qs, d, out)
         row = np.empty(N, np.float32)
-        for m in range(M + 1):
+        for m in range(M):
             Q.gemv_q4_0(X[m], qs, d, row)
             np.testing.assert_array_equal(out[m], row)
-    with pytest.raises(ValueError, match="group sizes"):
-        Q.q4_0_rows_for((48,))
+    with pytest.raises(ValueError, match="group size"):
+        Q.repack_q4_0(np.zeros((4, 24), np.uint8), np.zeros((4, 1), np.float16))
+
 
 
 def test_single_signature():
@@ -325,52 +327,11 @@ def test_single_signature():
 # ---------------------------------------------------------------- Q4_0 gemv internals
 
 
-def _q4_act_positions(K, G):
-    """Model of the permuted activation layout of the Q4_0 gemv: pos[e] = index in xq of
-    element e. Per 128-element chunk with t blocks: the low nibbles of the chunk's 16*t bytes
-    pair with xq[128c : 128c+16t], the high nibbles with xq[128c+16t : 128c+32t]; qs byte p of
-    the chunk holds element g*G + i (low) and g*G + G/2 + i (high), g = p // (G/2), i = p % (G/2)."""
-    nb = K // 32
-    pos = np.empty(K, np.int64)
-    for c in range((nb + 3) // 4):
-        t = min(4, nb - 4 * c)
-        for p in range(16 * t):
-            g, i = divmod(p, G // 2)
-            e = 128 * c + g * G + i
-            pos[e] = 128 * c + p
-            pos[e + G // 2] = 128 * c + 16 * t + p
-    return pos
-
-
-@pytest.mark.parametrize("G", [32, 64, 128])
-@pytest.mark.parametrize("K", [32, 64, 96, 128, 576, 1536, 5632])
-def test_q4_activation_quant_matches_q8(K, G):
-    # the Q4 gemv's own activation quantizer must give exactly quantize_act_q8's int8 values
-    # and scales (the numpy models above rely on it), permuted, with xs = -8 * sum(xq)
-    if K % G:
-        pytest.skip("K not a multiple of G")
-    rng = np.random.default_rng(K + G)
-    for trial in range(4):
-        x = rng.standard_normal(K).astype(np.float32) * np.float32(10.0 ** (trial - 2))
-        if trial == 1:   # exact .5 ties after scaling (amax 127 -> scale 1): half-to-even
-            x = (rng.integers(-254, 255, K) / 2).astype(np.float32)
-            x[::32] = 127.0
-        if trial == 2:
-            x[:32] = 0.0   # all-zero block
-        xq, xd, _, _ = _act_deq(x)
-        q4 = np.empty(K, np.int8)
-        d4 = np.empty(K // 32, np.float32)
-        s4 = np.empty(K // 32, np.float32)
-        Q._quantize_act_q4(x, G, q4, d4, s4)
-        assert np.array_equal(q4[_q4_act_positions(K, G)], xq)
-        assert np.array_equal(d4.view(np.uint32), xd.view(np.uint32))
-        assert np.array_equal(s4, -8.0 * xq.reshape(-1, 32).astype(np.float32).sum(axis=1))
-
-
 @pytest.mark.parametrize("G", [32, 64, 128])
 @pytest.mark.parametrize("N,K", [(4, 128), (5, 160), (8, 192), (3, 224), (6, 2048), (13, 5632)])
 def test_gemv_q4_0_chunk_tails(N, K, G):
-    # every partial last chunk (1..3 blocks), row tails (N % 4), and extreme nibbles / scales
+    # odd block counts (the GEMV's single last block), row tails (N % 16: padded groups), and extreme
+    # nibbles / scales
     if K % G:
         pytest.skip("K not a multiple of G")
     w = _w(N, K, 1.0, seed=N + K + G)

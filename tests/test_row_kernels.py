@@ -78,21 +78,19 @@ def test_float_rows(fmt):
 
 # ---- Q8_0 / Q4_0: qmatmul's row kernels through the executor's entry points --------------------
 def _act(x, G):
-    """The executor's activation quantizer for Q8_0 (G=None) or Q4_0 with group G, and the exact
-    numpy model of what the kernel then computes with (int8 values * block scales)."""
+    """The executor's activation quantizer for Q8_0 and Q4_0 (any group size G: the same natural-
+    order blocks), and the exact numpy model of what the kernel then computes with (int8 values *
+    block scales)."""
     K = x.shape[0]
     xq, xd, xs = np.empty(K, np.int8), np.empty(K // 32, np.float32), np.empty(K // 32, np.float32)
-    if G is None:
-        Q._quantize_act_q8v(x, xq, xd, xs)
-    else:
-        Q._quantize_act_q4(x, G, xq, xd, xs)
+    Q._quantize_act_q8v(x, xq, xd, xs)
     rq, rd = quantize_act_ref(x)
     return xq, xd, xs, (rq.astype(np.float64) * rd.astype(np.float64)[:, None]).reshape(-1)
 
 
 # (format, G, K): Q8_0 rows take 64-byte chunks in pairs, an odd chunk and a 32-byte tail block
-# (K = 7 blocks); Q4_0 rows take 128-element chunks in pairs, an odd chunk and a partial chunk of
-# 1..3 blocks (G=32: 15 and 13 blocks, G=64: 14 blocks, G=128: no partial chunk)
+# (K = 7 blocks); Q4_0's il16 GEMV takes 32-weight blocks in pairs and an odd last block (G=32:
+# 15 and 13 blocks, G=64: 14, G=128: 12; G > 32 repacked as 32-blocks with repeated scales)
 Q_CASES = [("q8_0", None, 224), ("q8_0", None, 64), ("q4_0", 32, 480), ("q4_0", 32, 416),
            ("q4_0", 64, 448), ("q4_0", 128, 384)]
 
@@ -100,7 +98,7 @@ Q_CASES = [("q8_0", None, 224), ("q8_0", None, 64), ("q4_0", 32, 480), ("q4_0", 
 @pytest.mark.parametrize("fmt,G,K", Q_CASES)
 def test_q8_0_q4_0_rows(fmt, G, K):
     rng = np.random.default_rng(K)
-    N = 7
+    N = 7 if fmt == "q8_0" else 37           # Q4_0: two 16-row groups and a group of 5 rows
     w = rng.standard_normal((N, K)).astype(np.float32)
     w[0, ::7] *= 40.0                                       # outliers: extreme scales and values
     X = rng.standard_normal((M, K)).astype(np.float32)
@@ -109,21 +107,24 @@ def test_q8_0_q4_0_rows(fmt, G, K):
         qs, d = Q.quantize_q8_0_ref(w)
         wd = Q.dequantize_q8_0_ref(qs, d).astype(np.float64)
         rows, rows_m = E._q8_groups, E._q8_groups_rows
+        ng = 2
     else:
         qs, d = Q.quantize_q4_0_ref(w, G)
         qs[-1, :] = 0xF0                                    # nibbles 0 and 15: -8*d and +7*d
         wd = Q.dequantize_q4_0_ref(qs, d).astype(np.float64)
-        rows, rows_m = E._q4_kernels(())          # every group size in one pair (a model: its own)
+        rows, rows_m = E._q4_groups, E._q4_groups_rows    # on the il16 layout, every group size
+        qs, d = Q.repack_q4_0(qs, d)
+        ng = qs.shape[0]
     du = d.view(np.uint16)
     acts = [_act(X[m], G) for m in range(M)]
     one = np.full((M, N), np.nan, np.float32)
     for m, (xq, xd, xs, xdeq) in enumerate(acts):
-        rows(xq, xd, xs, qs, du, one[m], 0, 2)
+        rows(xq, xd, xs, qs, du, one[m], 0, ng)
         ref = wd @ xdeq                                     # the kernel's exact model, in float64
         assert (np.abs(one[m] - ref) <= 2e-6 * (np.abs(wd) @ np.abs(xdeq)) + 1e-30).all(), (m, one[m], ref)
     XQ, XD, XS = (np.stack([a[i] for a in acts]) for i in range(3))
     many = np.full((M, N), np.nan, np.float32)
-    rows_m(XQ, XD, XS, qs, du, many, M, 0, 2)
+    rows_m(XQ, XD, XS, qs, du, many, M, 0, ng)
     _rows_equal_gemv(one, many)
 
 
