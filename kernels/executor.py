@@ -274,7 +274,7 @@ def _raw_chain(specs, kind):
     (fid, spec), rest = specs[0], _raw_chain(specs[1:], kind)
     tag = "-".join(str(f) for f, _ in specs)        # the formats this link and the rest dispatch
     if kind == "rows":
-        rows, mrows = spec.exec_gemv_groups, spec.exec_gemm_groups    # on Linear.exec_raw's layout
+        rows, mrows = spec.exec_gemv_groups, spec.exec_gemm_groups    # on Linear.exec_arrays's layout
 
         def one(f, raw, XQ, XD, XS, M, out, g0, g1):
             if f == fid:

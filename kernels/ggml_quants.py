@@ -92,7 +92,7 @@ Kernel design and what inspect_asm showed (2-vCPU Xeon with AVX-512 VNNI, numba 
     unpacked once for the tokens; the per-(row, token) integer sums and float step are the
     GEMV's code, so prefill is bit-identical to decode.
   * Q4_K runs in the executor from a repacked copy built at load (repack_q4_k, section "Repacked
-    Q4_K"; Linear.exec_raw): 4 rows' super-blocks side by side as one linear stream, nibbles
+    Q4_K"; Linear.exec_arrays): 4 rows' super-blocks side by side as one linear stream, nibbles
     stored in the paired order, scales and mins as bytes, the 4 rows' d/dmin converted and
     multiplied by xd once; same integer lanes and float steps, so the bits of the ggml-layout
     kernels. The file keeps ggml's layout; TypeSpec.repack / exec_*_groups name the layout.

@@ -60,6 +60,9 @@ class Format:
     grid: Callable | None = None     # arrays -> (s, o f32[N, Kp], q int32[N, Kp], (lo, hi)):
                                      # value = s * q + o, lo <= q <= hi
     codes: Callable | None = None    # (arrays, q int[N, Kp]) -> arrays with those codes, scales kept
+    # Formats the executor runs from another layout, built once per matrix at load (Linear.exec_arrays):
+    repack: Callable | None = None   # stored arrays -> the executor's arrays, or None (run them as stored)
+    unrepack: Callable | None = None  # (executor's arrays, N, group, rows=None) -> the stored arrays (of rows)
 
     def bits(self, group: int = 32) -> float:
         """Bits per weight (q4_0: 4 + 16 / group)."""
@@ -271,7 +274,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
            _q4_pack, lambda a: _qm.dequantize_q4_0_ref(a["qs"], a["d"]),
            _q4_dot, _qm.gemv_q4_0, _qm.gemm_q4_0, _qm.gemv_q4_0_groups, _q4_grid,
            lambda a, q: {"qs": _q4_nibbles(_checked_codes(q, -8, 7), 2 * a["qs"].shape[1] // a["d"].shape[1]),
-                         "d": a["d"]}),
+                         "d": a["d"]},
+           lambda a: _qm.repack_q4_0(a["qs"], a["d"]),                    # 16 rows interleaved per block
+           lambda e, N, g, rows=None: dict(zip(("qs", "d"), _qm.unrepack_q4_0(*e, N, g, rows)))),
 ]}
 
 
@@ -298,7 +303,9 @@ def _raw_format(fid, name, gname, gtype, block, nbytes, act) -> Format:
                   None,                       # the executor takes SPECS[ggml_name].exec_gemv_groups
                   (lambda a: spec().grid(a["raw"], a["raw"].shape[1] // nbytes * block) + (spec().limits,))
                   if affine else None,
-                  (lambda a, q: {"raw": spec().codes(a["raw"], q)}) if affine else None)
+                  (lambda a, q: {"raw": spec().codes(a["raw"], q)}) if affine else None,
+                  lambda a: None if spec().repack is None else spec().repack(a["raw"]),   # e.g. Q4_K's row groups
+                  lambda e, N, g, rows=None: {"raw": spec().unrepack(e, rows)})
 
 
 for _i, _r in enumerate([("q4_1", "Q4_1", 3, 32, 20, "q8_1"), ("q5_0", "Q5_0", 6, 32, 22, "q8_0"),
@@ -422,41 +429,29 @@ class Linear:
         in-memory copy freed, a file mapping's pages handed back) and `arrays` rebuilds them from
         the repacked copy where they are still needed (export, save, embedding rows)."""
         if self._exec is None:
-            if self.fmt == "q4_0":
-                qs, d = self._arrays["qs"], self._arrays["d"]
-                self._exec = _qm.repack_q4_0(qs, d)
+            f, a = FORMATS[self.fmt], self._arrays
+            e = f.repack(a) if f.repack is not None else None
+            if e is None:                               # a raw ggml format run from its own bytes
+                self._exec = a["raw"]
+            else:
+                self._exec = e
                 self._arrays = self._args = self._gemv_pre = None
-                _release_mapped(qs)
-                _release_mapped(d)
-                return self._exec
-            raw = self.arrays["raw"]
-            rp = self._spec().repack
-            self._exec = raw if rp is None else rp(raw)
-            if rp is not None:
-                self._arrays = self._args = self._gemv_pre = None
-                _release_mapped(raw)
+                for v in a.values():
+                    _release_mapped(v)
         return self._exec
-
-    exec_raw = exec_arrays
 
     @property
     def arrays(self) -> dict:
-        """Name -> stored array (see FORMATS). A raw ggml format whose in-memory bytes exec_raw
+        """Name -> stored array (see FORMATS). A matrix whose in-memory arrays exec_arrays
         dropped after repacking them gives ggml's bytes rebuilt from the repacked copy (a new
         array on each access: export, save; the embedding lookup rebuilds only its rows)."""
         if self._arrays is None:
-            if self.fmt == "q4_0":
-                qs, d = _qm.unrepack_q4_0(*self._exec, self.N, self._g)
-                return {"qs": qs, "d": d}
-            return {"raw": self._spec().unrepack(self._exec)}
+            return FORMATS[self.fmt].unrepack(self._exec, self.N, self._g)
         return self._arrays
 
     @arrays.setter
     def arrays(self, v: dict) -> None:
         self._arrays = v
-
-    def _spec(self):
-        return _gq().SPECS[FORMATS[self.fmt].ggml_name]
 
     @classmethod
     def quantize(cls, w: np.ndarray, fmt: str = "f32", group: int = 32, name: str = "",
@@ -516,23 +511,18 @@ class Linear:
         """out: f32[len(ids), K] <- rows `ids` of W as float32 (embedding lookup)."""
         if self.fmt == "f32" and self.Kp == self.K:
             np.take(self.arrays["w"], ids, axis=0, out=out)
-        elif self._arrays is None and self.fmt == "q4_0":   # repacked only: rebuild just these rows
-            qs, d = _qm.unrepack_q4_0(*self._exec, self.N, self._g, ids)
-            out[:] = FORMATS["q4_0"].unpack({"qs": qs, "d": d})[:, :self.K]
-        elif self._arrays is None:
-            out[:] = FORMATS[self.fmt].unpack({"raw": self._spec().unrepack(self._exec, ids)})[:, :self.K]
+        elif self._arrays is None:                      # repacked only: rebuild just these rows
+            f = FORMATS[self.fmt]
+            out[:] = f.unpack(f.unrepack(self._exec, self.N, self._g, ids))[:, :self.K]
         else:
             sub = {k: a[ids] for k, a in self.arrays.items()}
             out[:] = FORMATS[self.fmt].unpack(sub)[:, :self.K]
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored arrays (ggml's bytes for the raw formats, also when repacked)."""
+        """Bytes of the stored arrays (the file's bytes, also when the executor runs a repacked copy)."""
         if self._arrays is None:
-            f = FORMATS[self.fmt]
-            if self.fmt == "q4_0":
-                return self.N * (self.Kp // 2 + 2 * (self.Kp // self._g))
-            return self.N * (self.Kp // f.block * f.block_bytes)
+            return round(self.N * self.Kp * FORMATS[self.fmt].bits(self._g) / 8)
         return sum(a.nbytes for a in self.arrays.values())
 
     @property

@@ -1,4 +1,4 @@
-"""The executor's repacked Q4_K layout (ggml_quants.repack_q4_k, Linear.exec_raw): the repack is
+"""The executor's repacked Q4_K layout (ggml_quants.repack_q4_k, Linear.exec_arrays): the repack is
 lossless, its kernels give the bits of the ggml-layout kernels (same integer lanes, same float
 steps) and so agree with the numpy reference dot product, prefill rows equal decode rows bit for
 bit, partial row groups and odd N work, and a model runs it."""
@@ -118,8 +118,8 @@ def test_repack_bad_input():
 
 
 @pytest.mark.parametrize("mode", ["r", "c"])
-def test_linear_exec_raw_from_a_map(tmp_path, mode):
-    """Linear.exec_raw builds the repack once; the GGUF-like mapping (read-only, or copy-on-write
+def test_linear_exec_arrays_from_a_map(tmp_path, mode):
+    """Linear.exec_arrays builds the repack once; the GGUF-like mapping (read-only, or copy-on-write
     as minilm maps GGUF files) it came from is handed back to the file (MADV_DONTNEED), and the
     Linear's ggml bytes and the mapping still read the same afterwards."""
     rng = np.random.default_rng(5)
@@ -131,15 +131,15 @@ def test_linear_exec_raw_from_a_map(tmp_path, mode):
     mm = np.memmap(tmp_path / "w.bin", dtype=np.uint8, mode=mode)
     view = mm[5000:5000 + raw.size].reshape(raw.shape)
     lin = Linear("q4_k", N, K, {"raw": view})
-    e = lin.exec_raw()
-    assert e is lin.exec_raw() and np.array_equal(e, GQ.repack_q4_k(raw))
+    e = lin.exec_arrays()
+    assert e is lin.exec_arrays() and np.array_equal(e, GQ.repack_q4_k(raw))
     assert np.array_equal(np.asarray(lin.arrays["raw"]), raw) and lin._arrays is None
     assert np.array_equal(view, raw)
     w, _ = FORMATS["q4_k"].row_arrays(lin)
     assert w is e
     q6 = Linear("q6_k", 4, 256, {"raw": GQ.SPECS["Q6_K"].quantize_ref(np.ones((4, 256), np.float32))})
     if GQ.SPECS["Q6_K"].repack is None:
-        assert q6.exec_raw() is q6.arrays["raw"]
+        assert q6.exec_arrays() is q6.arrays["raw"]
 
 
 def test_release_mapped_drops_exactly_the_whole_pages(tmp_path):
@@ -236,7 +236,7 @@ def test_linear_in_memory_bytes_kept_once():
     before1, beforeM = np.zeros((1, N), np.float32), np.zeros((3, N), np.float32)
     lin(x[:1], before1)
     lin(x, beforeM)
-    e = lin.exec_raw()
+    e = lin.exec_arrays()
     assert lin._arrays is None and lin._args is None            # the ggml copy is not kept
     assert np.array_equal(lin.arrays["raw"], raw) and lin.nbytes == nb
     ids = np.array([12, 0, 5, 12, 3, 11])
