@@ -76,7 +76,7 @@ OP_QKV = 5         # q/k norm (w, b = q/k norm weights), RoPE, k/v -> cache   ta
 OP_ATTEND = 6      # attention of the q heads of src over the cache -> parts  tasks: M x splits x H
 OP_MERGE = 7       # merge each token's splits into dst                       tasks: M
 OP_SILU_MUL = 8    # dst[:F] = silu(src[:F]) * src[F:2F], F = I0              tasks: M
-OP_GELU = 9        # dst = gelu(dst) in place (I0: 0 erf, 1 tanh)             tasks: M
+OP_GELU = 9        # dst = gelu(dst) in place (I0: ACT_GELU / ACT_GELU_TANH)  tasks: M
                    #   (the plans fuse GELU into the matmul before it: ACT_GELU*)
 OP_ADD_ROWS = 10   # dst[m] += table mat (f32 [P, D]) row pos[m]               tasks: M
 OP_SCALE = 11      # dst *= scale (Granite multipliers, Gemma's sqrt(D))      tasks: M
@@ -205,6 +205,15 @@ def _q4_groups_rows(XQ, XD, XS, qs, d, out, M, g0, g1):
     """16-row groups g0..g1-1 of M tokens (gemm_q4_0_groups: tiles of 4 tokens), every token's
     row as decode computes it."""
     gemm_q4_0_groups(XQ, XD, XS, qs, d, out, M, g0, g1)
+
+
+@njit(**_JC)
+def _act_row(act, d):
+    """d = act(d) in place (ACT_*: a matmul step's epilogue, or an OP_GELU step)."""
+    if act == ACT_GELU_TANH:
+        gelu_tanh_row(d)
+    elif act == ACT_GELU:
+        gelu_row(d)
 
 
 @njit(**_JC)
@@ -638,11 +647,7 @@ def _task_impl(ops):
                     continue
             if has_gelu:
                 if op == OP_GELU:
-                    d = _buf(btab, steps[s, S_DST], M)[k]
-                    if steps[s, S_I0] == 1:
-                        gelu_tanh_row(d)
-                    else:
-                        gelu_row(d)
+                    _act_row(steps[s, S_I0], _buf(btab, steps[s, S_DST], M)[k])
                     continue
             if has_scale:
                 if op == OP_SCALE:
@@ -723,10 +728,7 @@ def _task_impl(ops):
                                 for r in range(r0, r1):
                                     o[r] += b[r]
                             if has_gelu:
-                                if act == ACT_GELU_TANH:
-                                    gelu_tanh_row(o[r0:r1])
-                                elif act == ACT_GELU:
-                                    gelu_row(o[r0:r1])
+                                _act_row(act, o[r0:r1])
                     continue
             if has_quant:
                 if op == OP_QUANT:

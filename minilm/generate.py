@@ -152,8 +152,7 @@ class PromptLookup:
         (greedy only, `timed`: a pass of k + 1 rows over the median of the last plain steps, with
         a plain step first and again after every REPLAIN drafts; c is the median of the last
         passes' figures, robust to a descheduled thread on a busy machine) and ROW_COST until
-        then. It
-        varies widely between machines and loads: on an idle core an extra row of a tiny model
+        then. It varies widely between machines and loads: on an idle core an extra row of a tiny model
         costs most of a step, on a busy machine a step is mostly waiting and a row is nearly free.
     A draft of k tokens then yields 1 + p + ... + p^k tokens on average for 1 + c k steps; the k
     with the best ratio is drafted if that ratio beats plain decoding by MARGIN. When no draft
